@@ -1,0 +1,48 @@
+//! Well-known names shared by every podmig component: API group, finalizer, annotations,
+//! runtime handler. Types only, no I/O (the CRD types join this crate with the API issue).
+
+/// API group of podmig's resources.
+pub const GROUP: &str = "podmig.dev";
+
+/// Finalizer on a Pod meaning "deleting me means migrating me".
+pub const MIGRATE_FINALIZER: &str = "podmig.dev/migrate";
+
+/// Runtime handler (and RuntimeClass name) whose containers run through `podmig-runc`.
+pub const RUNTIME_HANDLER: &str = "podmig";
+
+/// Prefix of every podmig annotation; containerd passes Pod annotations with it to the OCI spec
+/// (`pod_annotations = ["podmig.dev/*"]`).
+pub const ANNOTATION_PREFIX: &str = "podmig.dev/";
+
+/// Pod annotation on a migration target: uid of the Pod whose containers it restores.
+pub const ANNOTATION_MIGRATE_FROM: &str = "podmig.dev/migrate-from";
+
+/// Pod annotation on a migration target: node the source Pod runs on.
+pub const ANNOTATION_SOURCE_NODE: &str = "podmig.dev/source-node";
+
+/// Pod annotation on a migration target: id of the migration that created it.
+pub const ANNOTATION_MIGRATION_ID: &str = "podmig.dev/migration-id";
+
+/// Pod annotation carrying the Pod's own uid into the OCI spec. containerd 1.6 does not
+/// put the sandbox uid into container annotations, so podmig's controller sets it.
+pub const ANNOTATION_POD_UID: &str = "podmig.dev/pod-uid";
+
+/// Annotations containerd's CRI plugin writes into every OCI spec it generates.
+pub mod cri {
+    /// `sandbox` for the pause container, `container` for application containers.
+    pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+    /// Value of [`CONTAINER_TYPE`] for sandbox (pause) containers.
+    pub const CONTAINER_TYPE_SANDBOX: &str = "sandbox";
+    /// Id of the sandbox the container belongs to.
+    pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+    /// Name of the Pod.
+    pub const SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+    /// Namespace of the Pod.
+    pub const SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+    /// Uid of the Pod (containerd 1.7 and later).
+    pub const SANDBOX_UID: &str = "io.kubernetes.cri.sandbox-uid";
+    /// Log directory of the Pod; kubelet names it `<namespace>_<name>_<uid>`.
+    pub const SANDBOX_LOG_DIRECTORY: &str = "io.kubernetes.cri.sandbox-log-directory";
+    /// Name of the container within its Pod.
+    pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+}

@@ -1,0 +1,225 @@
+//! The checkpoint/restore engine: runc + CRIU on containers that containerd manages.
+//! runc is driven from outside the shim with the shim's own state root, as
+//! `runc checkpoint` supports (containerd then observes the task as stopped).
+//! See <https://github.com/opencontainers/runc/blob/main/man/runc-checkpoint.8.md>.
+
+use std::{
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::{Error, Result};
+
+/// Default runc state root of containerd's `k8s.io` namespace (runc shim v2 defaults).
+pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
+
+/// How to take a checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointOptions {
+    /// Directory the CRIU images are written to; created root-only (0700).
+    pub image_path: PathBuf,
+    /// Keep the container running after the dump.
+    pub leave_running: bool,
+    /// Dump established TCP connections instead of failing on them.
+    pub tcp_established: bool,
+}
+
+/// What a checkpoint cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Wall time of the dump; the container is frozen throughout.
+    pub duration: Duration,
+    /// Bytes of CRIU images written.
+    pub image_bytes: u64,
+}
+
+/// Checkpoints containers; a trait so daemon logic can be tested without runc.
+pub trait CheckpointEngine: Send + Sync + 'static {
+    /// Dumps container `id` into `opts.image_path`. On failure the directory is removed
+    /// and, unless the dump got to kill it, the container keeps running.
+    fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport>;
+}
+
+/// runc, pointed at the state root of the runtime that created the containers.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    /// The runc binary.
+    pub binary: PathBuf,
+    /// runc's `--root`.
+    pub root: PathBuf,
+}
+
+impl Runc {
+    /// runc from `PATH` with the given state root.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: PathBuf::from("runc"),
+            root: root.into(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root);
+        cmd
+    }
+}
+
+/// Runs a command to completion; a non-zero exit becomes [`Error::CommandFailed`] with
+/// stderr completed by the tail of `log` (CRIU writes its reasons there, not to stderr).
+pub fn run(mut cmd: Command, log: Option<&Path>) -> Result<std::process::Output> {
+    let command = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| Error::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if out.status.success() {
+        return Ok(out);
+    }
+    let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if let Some(tail) = log.and_then(log_tail) {
+        stderr.push_str("\n--- ");
+        stderr.push_str(&tail);
+    }
+    Err(Error::CommandFailed {
+        command,
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    })
+}
+
+/// The last error lines of a CRIU log, which say why a dump or restore failed.
+pub fn log_tail(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("error"))
+        .collect();
+    let lines = if errors.is_empty() {
+        text.lines().collect::<Vec<_>>()
+    } else {
+        errors
+    };
+    let tail = lines[lines.len().saturating_sub(5)..].join("\n");
+    Some(format!("{}: {tail}", path.display()))
+}
+
+/// Total size of the regular files below `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Creates `dir` (and parents) readable by root only: checkpoints hold process memory.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io("chmod", dir, e))
+}
+
+impl CheckpointEngine for Runc {
+    fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
+        let dir = &opts.image_path;
+        if dir.exists() {
+            // A stale image set would make CRIU mix old and new images.
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io("remove", dir, e))?;
+        }
+        create_private_dir(dir)?;
+        let mut cmd = self.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(dir)
+            .arg("--work-path")
+            .arg(dir);
+        if opts.leave_running {
+            cmd.arg("--leave-running");
+        }
+        if opts.tcp_established {
+            cmd.arg("--tcp-established");
+        }
+        cmd.arg(id);
+        let started = Instant::now();
+        let result = run(cmd, Some(&dir.join("dump.log")));
+        let duration = started.elapsed();
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+        Ok(CheckpointReport {
+            duration,
+            image_bytes: dir_size(dir),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_dir_is_root_only() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let d = tmp.path().join("a/b");
+        create_private_dir(&d).expect("create");
+        let mode = std::fs::metadata(&d).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn failing_command_reports_log_tail() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = tmp.path().join("dump.log");
+        std::fs::write(&log, "ok line\nError (criu/cr-dump.c:1): boom\n").expect("write");
+        let err = run(Command::new("false"), Some(&log)).expect_err("false fails");
+        let text = err.to_string();
+        assert!(text.contains("boom"), "{text}");
+        assert_eq!(err.metric_label(), "command_failed");
+    }
+
+    #[test]
+    fn checkpoint_of_unknown_container_fails_and_leaves_no_directory() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // `false` stands in for a runc that rejects the container.
+        let engine = Runc {
+            binary: PathBuf::from("false"),
+            root: tmp.path().into(),
+        };
+        let image_path = tmp.path().join("img");
+        let err = engine
+            .checkpoint(
+                "nope",
+                &CheckpointOptions {
+                    image_path: image_path.clone(),
+                    ..Default::default()
+                },
+            )
+            .expect_err("must fail");
+        assert_eq!(err.metric_label(), "command_failed");
+        assert!(!image_path.exists());
+    }
+
+    #[test]
+    fn dir_size_counts_nested_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(tmp.path().join("x")).expect("mkdir");
+        std::fs::write(tmp.path().join("x/a"), [0u8; 100]).expect("write");
+        std::fs::write(tmp.path().join("b"), [0u8; 23]).expect("write");
+        assert_eq!(dir_size(tmp.path()), 123);
+    }
+}

@@ -1,0 +1,182 @@
+//! Who a container is, read from what runc has on disk: the OCI bundle's `config.json`
+//! (at create) or runc's `state.json` (for later commands, whose command lines carry no
+//! bundle). containerd's CRI plugin writes the Pod's identity into the OCI annotations.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use podmig_api::{ANNOTATION_PREFIX, ANNOTATION_POD_UID, cri};
+use serde::Deserialize;
+
+use crate::{Error, Result, proto::hook::v1::ContainerIdentity};
+
+/// The OCI annotations of a container, as found on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Annotations(pub BTreeMap<String, String>);
+
+#[derive(Deserialize)]
+struct OciConfig {
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct RuncState {
+    config: RuncStateConfig,
+}
+
+#[derive(Deserialize)]
+struct RuncStateConfig {
+    #[serde(default)]
+    labels: Vec<String>,
+}
+
+impl Annotations {
+    /// Reads the annotations of an OCI bundle (`<bundle>/config.json`).
+    pub fn from_bundle(bundle: &Path) -> Result<Self> {
+        let path = bundle.join("config.json");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let config: OciConfig =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })?;
+        Ok(Self(config.annotations))
+    }
+
+    /// Reads the annotations runc saved for a created container
+    /// (`<root>/<id>/state.json`, where libcontainer keeps them as `key=value` labels).
+    /// Also returns the bundle directory runc recorded.
+    pub fn from_runc_state(root: &Path, id: &str) -> Result<(Self, Option<PathBuf>)> {
+        let path = root.join(id).join("state.json");
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+        let state: RuncState =
+            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path, source })?;
+        let mut map = BTreeMap::new();
+        let mut bundle = None;
+        for label in state.config.labels {
+            if let Some((k, v)) = label.split_once('=') {
+                if k == "bundle" {
+                    bundle = Some(PathBuf::from(v));
+                } else {
+                    map.insert(k.to_owned(), v.to_owned());
+                }
+            }
+        }
+        Ok((Self(map), bundle))
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// True for a Pod's sandbox (pause) container, which podmig never touches.
+    pub fn is_sandbox(&self) -> bool {
+        self.get(cri::CONTAINER_TYPE) == Some(cri::CONTAINER_TYPE_SANDBOX)
+    }
+
+    /// True when the container was created by a CRI runtime for a Pod.
+    pub fn is_pod_container(&self) -> bool {
+        self.get(cri::CONTAINER_TYPE).is_some()
+    }
+
+    /// Uid of the Pod: podmig's own annotation, else containerd's (1.7+), else the last
+    /// `_`-separated part of the Pod log directory kubelet names `<ns>_<name>_<uid>`.
+    pub fn pod_uid(&self) -> Option<String> {
+        self.get(ANNOTATION_POD_UID)
+            .or_else(|| self.get(cri::SANDBOX_UID))
+            .map(str::to_owned)
+            .or_else(|| {
+                let dir = self.get(cri::SANDBOX_LOG_DIRECTORY)?;
+                let last = Path::new(dir).file_name()?.to_str()?;
+                last.rsplit_once('_').map(|(_, uid)| uid.to_owned())
+            })
+            .filter(|uid| !uid.is_empty())
+    }
+
+    /// The `podmig.dev/*` annotations.
+    pub fn podmig(&self) -> HashMap<String, String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// True when this container is the target of a migration (its Pod names a source).
+    pub fn is_migration_target(&self) -> bool {
+        self.get(podmig_api::ANNOTATION_MIGRATE_FROM)
+            .is_some_and(|v| !v.is_empty())
+    }
+
+    /// The identity sent to the node daemon.
+    pub fn identity(&self, container_id: &str, bundle: &Path, runc_root: &Path) -> ContainerIdentity {
+        let s = |k| self.get(k).unwrap_or_default().to_owned();
+        ContainerIdentity {
+            container_id: container_id.to_owned(),
+            pod_uid: self.pod_uid().unwrap_or_default(),
+            pod_name: s(cri::SANDBOX_NAME),
+            pod_namespace: s(cri::SANDBOX_NAMESPACE),
+            container_name: s(cri::CONTAINER_NAME),
+            sandbox_id: s(cri::SANDBOX_ID),
+            annotations: self.podmig(),
+            bundle: bundle.display().to_string(),
+            runc_root: runc_root.display().to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> Annotations {
+        Annotations(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn pod_uid_prefers_podmig_annotation_then_log_directory() {
+        let a = ann(&[
+            (cri::SANDBOX_LOG_DIRECTORY, "/var/log/pods/default_web-0_1234-abcd"),
+            (ANNOTATION_POD_UID, "explicit"),
+        ]);
+        assert_eq!(a.pod_uid().as_deref(), Some("explicit"));
+        let a = ann(&[(cri::SANDBOX_LOG_DIRECTORY, "/var/log/pods/default_web-0_1234-abcd")]);
+        assert_eq!(a.pod_uid().as_deref(), Some("1234-abcd"));
+        assert_eq!(ann(&[]).pod_uid(), None);
+    }
+
+    #[test]
+    fn sandbox_and_target_are_recognised() {
+        assert!(ann(&[(cri::CONTAINER_TYPE, "sandbox")]).is_sandbox());
+        assert!(!ann(&[(cri::CONTAINER_TYPE, "container")]).is_sandbox());
+        assert!(ann(&[(podmig_api::ANNOTATION_MIGRATE_FROM, "u")]).is_migration_target());
+        assert!(!ann(&[(podmig_api::ANNOTATION_MIGRATE_FROM, "")]).is_migration_target());
+    }
+
+    #[test]
+    fn runc_state_labels_are_split_into_annotations_and_bundle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("c1")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("c1/state.json"),
+            r#"{"config":{"labels":["bundle=/b/c1","io.kubernetes.cri.container-name=app","podmig.dev/x=y=z"]}}"#,
+        )
+        .expect("write");
+        let (a, bundle) = Annotations::from_runc_state(dir.path(), "c1").expect("parse");
+        assert_eq!(bundle, Some(PathBuf::from("/b/c1")));
+        assert_eq!(a.get(cri::CONTAINER_NAME), Some("app"));
+        assert_eq!(a.podmig().get("podmig.dev/x").map(String::as_str), Some("y=z"));
+    }
+
+    #[test]
+    fn missing_state_is_an_io_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Annotations::from_runc_state(dir.path(), "nope").expect_err("must fail");
+        assert_eq!(err.metric_label(), "io");
+    }
+}

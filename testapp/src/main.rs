@@ -1,0 +1,120 @@
+//! The thesis' test app, so that state continuity is observable from outside:
+//! - allocates `--mem-mib N` MiB and touches every page (memory CRIU must carry),
+//! - serves `GET /count` on `--port` (default 8080): how often it was called, counted in
+//!   memory, so a restored copy continues the count,
+//! - prints `heartbeat seq=<n>` to stdout every 10 ms, a monotonic sequence a restored
+//!   copy continues in its new log,
+//! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable).
+//!
+//! Plain std threads and blocking sockets: nothing a checkpoint could find surprising.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+const PAGE: usize = 4096;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mem_mib: usize = match arg(&args, "--mem-mib").map(|v| v.parse()) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            eprintln!("testapp: --mem-mib: {e}");
+            std::process::exit(64);
+        }
+    };
+    let port: u16 = match arg(&args, "--port").map(|v| v.parse()) {
+        None => 8080,
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            eprintln!("testapp: --port: {e}");
+            std::process::exit(64);
+        }
+    };
+
+    // Touch every page with a value that depends on its index so it cannot be deduplicated.
+    let mut ballast = vec![0u8; mem_mib * 1024 * 1024];
+    for (i, page) in ballast.chunks_mut(PAGE).enumerate() {
+        page[0] = (i % 251) as u8 + 1;
+    }
+    let checksum: u64 = ballast.iter().step_by(PAGE).map(|&b| u64::from(b)).sum();
+
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("testapp: bind port {port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("testapp ready port={port} mem_mib={mem_mib} checksum={checksum}");
+
+    let term = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, term.clone()) {
+            eprintln!("testapp: signal handler: {e}");
+        }
+    }
+
+    let count = Arc::new(AtomicU64::new(0));
+    {
+        let count = count.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                serve(stream, &count);
+            }
+        });
+    }
+
+    let mut seq: u64 = 0;
+    let stdout = std::io::stdout();
+    loop {
+        if term.load(Ordering::Relaxed) {
+            println!("received SIGTERM seq={seq}");
+            std::process::exit(0);
+        }
+        seq += 1;
+        // A failing stdout (closed pipe) must not kill the app during a move.
+        let _ = writeln!(stdout.lock(), "heartbeat seq={seq}");
+        #[allow(clippy::disallowed_methods)] // a plain synchronous program
+        std::thread::sleep(Duration::from_millis(10));
+        std::hint::black_box(&ballast);
+    }
+}
+
+fn serve(stream: TcpStream, count: &AtomicU64) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut reader = BufReader::new(&stream);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // Drain the headers.
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    let (status, body) = match request_line.split_whitespace().nth(1) {
+        Some("/count") => ("200 OK", format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1)),
+        Some("/healthz") => ("200 OK", "ok\n".to_owned()),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    };
+    let mut stream = &stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
