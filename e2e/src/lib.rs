@@ -1,1 +1,12 @@
-//! placeholder
+//! podmig's test bed: real containerd instances with the `podmig` runtime handler, the
+//! node daemon as a real process, a CRI client playing kubelet, and probes of the test
+//! app. Everything started here is stopped by its own pid and cleaned up by guards, also
+//! when a test fails. The Kubernetes API server and kubelet stand-ins join in later issues.
+
+pub mod containerd;
+pub mod cri;
+pub mod daemon;
+pub mod paths;
+pub mod process;
+pub mod testapp;
+pub mod node;

@@ -1,0 +1,265 @@
+//! A private containerd instance (own root, state, socket, CNI network and runc root)
+//! configured with the `podmig` runtime handler → `podmig-runc`, as a node would be.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{paths, process::Proc};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One containerd with everything it made; torn down (containers, sandboxes, network
+/// namespaces, mounts, shims, bridge, directories) when dropped.
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    keep: bool,
+    bridge: String,
+    subnet: String,
+    proc: Option<Proc>,
+}
+
+impl Containerd {
+    /// Starts an instance whose `podmig-runc` talks to `hook_socket`, and imports the
+    /// test images into it.
+    pub fn start(hook_socket: &Path) -> anyhow::Result<Self> {
+        let n = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst)) % 200 + 20;
+        let dir = tempfile::Builder::new().prefix("podmig-ctrd-").tempdir_in("/var/tmp")?;
+        let bridge = format!("pmbr{n}");
+        let subnet = format!("10.77.{n}.0/24");
+        let me = Self {
+            dir,
+            keep: std::env::var_os("PODMIG_E2E_KEEP").is_some(),
+            bridge,
+            subnet,
+            proc: None,
+        };
+        me.write_config()?;
+        let mut me = me;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(me.dir.path().join("config.toml"))
+            .env_clear()
+            .env("PATH", paths::RUNTIME_PATH)
+            .env("PODMIG_HOOK_SOCKET", hook_socket)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(me.dir.path().join("containerd.log"))?);
+        me.proc = Some(Proc::spawn("containerd", cmd)?);
+        me.wait_ready()?;
+        for image in ["pause", "testapp"] {
+            me.ctr(&["images", "import", &paths::images_dir().join(format!("{image}.tar")).display().to_string()])
+                .with_context(|| format!("importing {image} (did scripts/setup run?)"))?;
+        }
+        Ok(me)
+    }
+
+    /// The instance's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's gRPC socket (CRI is served there).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// runc state root of the `k8s.io` namespace (what the node daemon checkpoints with).
+    pub fn runc_root(&self) -> PathBuf {
+        self.dir.path().join("runc").join("k8s.io")
+    }
+
+    /// The CNI bridge; the host reaches Pod IPs through it.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// containerd's own log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let cni = d.join("cni");
+        std::fs::create_dir_all(&cni)?;
+        let wrapper = paths::bin("podmig-runc");
+        if !wrapper.exists() {
+            bail!("{} is not built (cargo build --workspace)", wrapper.display());
+        }
+        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[{cri}]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_cdi = false
+  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE); kubelet-style -998 fails.
+  restrict_oom_score_adj = true
+[{cri}.cni]
+  bin_dir = "/usr/lib/cni"
+  conf_dir = "{cni}"
+[{cri}.containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+[{cri}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[{cri}.containerd.runtimes.runc.options]
+  Root = "{runc}"
+[{cri}.containerd.runtimes.podmig]
+  runtime_type = "io.containerd.runc.v2"
+  pod_annotations = ["podmig.dev/*"]
+[{cri}.containerd.runtimes.podmig.options]
+  BinaryName = "{wrapper}"
+  Root = "{runc}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = self.socket().display(),
+            opt = d.join("opt").display(),
+            pause = paths::PAUSE_IMAGE,
+            cni = cni.display(),
+            runc = d.join("runc").display(),
+            wrapper = wrapper.display(),
+        );
+        std::fs::write(d.join("config.toml"), config)?;
+        let net = serde_json::json!({
+            "cniVersion": "0.4.0",
+            "name": self.bridge,
+            "plugins": [
+                {
+                    "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
+                    "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
+                             "dataDir": d.join("cni-ipam").display().to_string()}
+                },
+                {"type": "loopback"}
+            ]
+        });
+        std::fs::write(cni.join("10-podmig.conflist"), serde_json::to_vec_pretty(&net)?)?;
+        Ok(())
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.socket().exists() && self.ctr(&["version"]).is_ok() {
+                return Ok(());
+            }
+            if !self.proc.as_mut().is_some_and(Proc::is_running) {
+                bail!("containerd exited:\n{}", self.log());
+            }
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("containerd not ready after 20 s:\n{}", self.log())
+    }
+
+    /// Runs `ctr` against this instance in the `k8s.io` namespace.
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Mount points below the instance directory (should be none after teardown).
+    pub fn mounts(&self) -> Vec<String> {
+        mounts_under(self.dir.path())
+    }
+
+    /// Containers runc still knows in this instance's state root.
+    pub fn runc_containers(&self) -> Vec<String> {
+        std::fs::read_dir(self.runc_root())
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    fn shim_pids(&self) -> Vec<u32> {
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task/k8s.io");
+        std::fs::read_dir(tasks)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())
+                    .filter_map(|p| p.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Stops every sandbox through CRI, then containerd, its shims, mounts and bridge.
+    fn teardown(&mut self) {
+        let sock = self.socket();
+        // Drop may run inside a test's runtime: do the async CRI cleanup on a thread of its own.
+        let cri = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut cri = crate::cri::Cri::connect(&sock).await.ok()?;
+                cri.remove_all_sandboxes().await.ok()
+            })
+        });
+        let _ = cri.join();
+        let shims = self.shim_pids();
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        for pid in shims {
+            crate::process::signal(pid, libc::SIGKILL);
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("PODMIG_E2E_KEEP: leaving {} running", self.dir.path().display());
+            if let Some(p) = self.proc.as_mut() {
+                p.detach();
+            }
+            self.dir.disable_cleanup(true);
+            return;
+        }
+        self.teardown();
+    }
+}
+
+/// Mount points at or below `dir`, from /proc/self/mountinfo.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&prefix))
+        .collect()
+}

@@ -1,0 +1,107 @@
+//! The node daemon (`podmig node`) as a real process bound to one containerd instance.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use podmig_cri_ext::proto::runtime::v1::{
+    CheckpointContainerOptions, CheckpointContainerRequest, CheckpointContainerResponse,
+    checkpoint_service_client::CheckpointServiceClient,
+};
+
+use crate::{paths, process::Proc};
+
+/// A running `podmig node`, stopped when dropped.
+pub struct NodeDaemon {
+    dir: PathBuf,
+    proc: Proc,
+}
+
+impl NodeDaemon {
+    /// Sockets and checkpoint store of a daemon rooted at `dir`.
+    pub fn hook_socket_in(dir: &Path) -> PathBuf {
+        dir.join("hook.sock")
+    }
+
+    /// Starts the daemon with its sockets and store in `dir`, checkpointing with `runc_root`.
+    pub fn start(dir: &Path, runc_root: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut cmd = Command::new(paths::bin("podmig"));
+        cmd.arg("node")
+            .arg("--hook-socket")
+            .arg(Self::hook_socket_in(dir))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .arg("--runc-root")
+            .arg(runc_root)
+            .arg("--checkpoint-dir")
+            .arg(dir.join("checkpoints"))
+            .env("PATH", paths::RUNTIME_PATH)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log"))?);
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            proc: Proc::spawn("podmig node", cmd)?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(me.api_socket().exists() && Self::hook_socket_in(dir).exists()) {
+            if !me.proc.is_running() || Instant::now() > deadline {
+                bail!("podmig node did not come up:\n{}", me.log());
+            }
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    /// The checkpoint/restore extension socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// The daemon's checkpoint store.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.dir.join("checkpoints")
+    }
+
+    /// Where the checkpoint of `container` of Pod `pod_uid` is kept.
+    pub fn checkpoint_path(&self, pod_uid: &str, container: &str) -> PathBuf {
+        self.checkpoint_dir().join(pod_uid).join(container)
+    }
+
+    /// The daemon's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon (a runtime going away).
+    pub fn stop(&mut self) {
+        self.proc.stop(Duration::from_secs(5));
+    }
+
+    /// CheckpointContainer through the daemon's CRI extension.
+    pub async fn checkpoint(
+        &self,
+        container_id: &str,
+        path: &Path,
+        leave_running: bool,
+    ) -> Result<CheckpointContainerResponse, tonic::Status> {
+        let channel = podmig_cri_ext::connect(self.api_socket())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let resp = CheckpointServiceClient::new(channel)
+            .checkpoint_container(CheckpointContainerRequest {
+                container_id: container_id.into(),
+                options: Some(CheckpointContainerOptions {
+                    checkpoint_path: path.display().to_string(),
+                    leave_running,
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        Ok(resp.into_inner())
+    }
+}

@@ -1,0 +1,33 @@
+//! Where the binaries and images the tests use are found.
+
+use std::path::PathBuf;
+
+/// Images built by `scripts/setup` (`scripts/build-images`).
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("PODMIG_IMAGES").map_or_else(|| PathBuf::from("/opt/podmig/images"), PathBuf::from)
+}
+
+/// The cargo target directory holding the workspace's binaries (next to the running
+/// test or tool executable, one level up from `deps/` for tests).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.parent().map(PathBuf::from).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+/// A workspace binary by name (`podmig`, `podmig-runc`).
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// `PATH` for the runtime stack: the CRIU 4 wrapper in /usr/local/sbin comes first.
+pub const RUNTIME_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Image reference of the test app.
+pub const TESTAPP_IMAGE: &str = "podmig.local/testapp:latest";
+/// Image reference of the sandbox container.
+pub const PAUSE_IMAGE: &str = "podmig.local/pause:latest";

@@ -1,0 +1,49 @@
+//! Probes of the test app: its in-memory counter over HTTP and its heartbeat log.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Port the test app listens on.
+pub const PORT: u16 = 8080;
+
+/// `GET /count` once: the counter after this call.
+pub async fn get_count(ip: &str) -> anyhow::Result<u64> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((ip, PORT)))
+        .await
+        .context("connect timed out")??;
+    s.write_all(b"GET /count HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
+        .await
+        .context("read timed out")??;
+    let body = buf.split("\r\n\r\n").nth(1).context("no body")?;
+    body.trim().parse().with_context(|| format!("bad count {body:?}"))
+}
+
+/// `GET /count` until the app answers (it may still be starting).
+pub async fn wait_count(ip: &str, within: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + within;
+    loop {
+        match get_count(ip).await {
+            Ok(n) => return Ok(n),
+            Err(e) if Instant::now() > deadline => bail!("test app at {ip} not answering: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Heartbeat sequence numbers in a CRI log file (`<time> stdout F heartbeat seq=N`).
+pub fn heartbeats(log: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split("heartbeat seq=").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
