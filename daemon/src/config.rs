@@ -17,8 +17,8 @@ pub struct NodeConfig {
     /// The runc binary.
     #[arg(long, env = "PODMIG_RUNC_BINARY", default_value = "runc")]
     pub runc_binary: PathBuf,
-    /// Where checkpoints are kept (root-only).
-    #[arg(long, env = "PODMIG_CHECKPOINT_DIR", default_value = "/var/lib/podmig/checkpoints")]
+    /// Where checkpoints are kept (root-only; best on tmpfs: dumps are then bound by page copies).
+    #[arg(long, env = "PODMIG_CHECKPOINT_DIR", default_value = "/run/podmig/checkpoints")]
     pub checkpoint_dir: PathBuf,
     /// How long a kill of a container being checkpointed is held, in milliseconds.
     #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 60_000)]

@@ -17,6 +17,7 @@ use crate::{paths, process::Proc};
 /// A running `podmig node`, stopped when dropped.
 pub struct NodeDaemon {
     dir: PathBuf,
+    checkpoints: PathBuf,
     proc: Proc,
 }
 
@@ -26,8 +27,9 @@ impl NodeDaemon {
         dir.join("hook.sock")
     }
 
-    /// Starts the daemon with its sockets and store in `dir`, checkpointing with `runc_root`.
-    pub fn start(dir: &Path, runc_root: &Path) -> anyhow::Result<Self> {
+    /// Starts the daemon with its sockets in `dir` and its checkpoint store in
+    /// `checkpoints`, checkpointing with `runc_root`.
+    pub fn start(dir: &Path, checkpoints: &Path, runc_root: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut cmd = Command::new(paths::bin("podmig"));
         cmd.arg("node")
@@ -38,12 +40,13 @@ impl NodeDaemon {
             .arg("--runc-root")
             .arg(runc_root)
             .arg("--checkpoint-dir")
-            .arg(dir.join("checkpoints"))
+            .arg(checkpoints)
             .env("PATH", paths::RUNTIME_PATH)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("daemon.log"))?);
         let mut me = Self {
             dir: dir.to_path_buf(),
+            checkpoints: checkpoints.to_path_buf(),
             proc: Proc::spawn("podmig node", cmd)?,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -64,7 +67,7 @@ impl NodeDaemon {
 
     /// The daemon's checkpoint store.
     pub fn checkpoint_dir(&self) -> PathBuf {
-        self.dir.join("checkpoints")
+        self.checkpoints.clone()
     }
 
     /// Where the checkpoint of `container` of Pod `pod_uid` is kept.

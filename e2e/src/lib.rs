@@ -10,3 +10,6 @@ pub mod paths;
 pub mod process;
 pub mod testapp;
 pub mod node;
+pub mod bench;
+pub mod demo;
+pub mod scenario;

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 
-use crate::{containerd::Containerd, cri::Cri, daemon::NodeDaemon};
+use crate::{containerd::Containerd, cri::Cri, daemon::NodeDaemon, paths};
 
 /// A node of the test bed.
 pub struct TestNode {
@@ -14,6 +14,7 @@ pub struct TestNode {
     /// The node daemon.
     pub daemon: NodeDaemon,
     dir: tempfile::TempDir,
+    _checkpoints: tempfile::TempDir,
 }
 
 impl TestNode {
@@ -22,9 +23,14 @@ impl TestNode {
         let dir = tempfile::Builder::new().prefix("podmig-node-").tempdir_in("/var/tmp")?;
         let hook = NodeDaemon::hook_socket_in(dir.path());
         let containerd = tokio::task::block_in_place(|| Containerd::start(&hook))?;
-        let daemon = tokio::task::block_in_place(|| NodeDaemon::start(dir.path(), &containerd.runc_root()))?;
+        // Checkpoints live in memory (tmpfs), as on a node whose /run is tmpfs: a dump is
+        // then bound by copying pages, not by the disk's writeback.
+        let checkpoints = tempfile::Builder::new().prefix("podmig-ckpt-").tempdir_in(paths::memory_dir())?;
+        let daemon = tokio::task::block_in_place(|| {
+            NodeDaemon::start(dir.path(), checkpoints.path(), &containerd.runc_root())
+        })?;
         let cri = Cri::connect(&containerd.socket()).await.context("CRI connect")?;
-        Ok(Self { cri, containerd, daemon, dir })
+        Ok(Self { cri, containerd, daemon, dir, _checkpoints: checkpoints })
     }
 
     /// Root for Pod log directories.

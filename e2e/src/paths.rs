@@ -31,3 +31,17 @@ pub const RUNTIME_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 pub const TESTAPP_IMAGE: &str = "podmig.local/testapp:latest";
 /// Image reference of the sandbox container.
 pub const PAUSE_IMAGE: &str = "podmig.local/pause:latest";
+
+/// The static test app binary built by `scripts/build-images` (for runs outside containers).
+pub fn testapp_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("PODMIG_TESTAPP_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = bin_dir().parent().map(PathBuf::from).unwrap_or_default();
+    target.join("testapp/x86_64-unknown-linux-gnu/release/testapp")
+}
+
+/// A memory-backed directory (tmpfs) for checkpoint images.
+pub fn memory_dir() -> PathBuf {
+    std::env::var_os("PODMIG_MEMORY_DIR").map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
+}

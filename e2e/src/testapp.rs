@@ -13,7 +13,12 @@ pub const PORT: u16 = 8080;
 
 /// `GET /count` once: the counter after this call.
 pub async fn get_count(ip: &str) -> anyhow::Result<u64> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((ip, PORT)))
+    get_count_at(ip, PORT).await
+}
+
+/// `GET /count` on another port.
+pub async fn get_count_at(ip: &str, port: u16) -> anyhow::Result<u64> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((ip, port)))
         .await
         .context("connect timed out")??;
     s.write_all(b"GET /count HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")

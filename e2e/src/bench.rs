@@ -1,0 +1,168 @@
+//! `make bench-engine`: podmig's checkpoint, restore and frozen time next to plain
+//! `criu dump` + `criu restore` of the same app, measured interleaved in one run.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{node::TestNode, paths, process::signal, scenario, testapp::get_count};
+
+/// One measurement of a method: checkpoint, restore, frozen (all wall time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    /// Dump.
+    pub checkpoint: Duration,
+    /// Restore.
+    pub restore: Duration,
+    /// Dump start to the process running again.
+    pub frozen: Duration,
+}
+
+/// Median of durations (upper median for even counts).
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// Runs the engine benchmark for every size and prints the table and one line per size.
+pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
+    let mut node = TestNode::start().await?;
+    let mut rows = Vec::new();
+    for &mem in sizes {
+        let (mut podmig, mut criu) = (Vec::new(), Vec::new());
+        for run in 0..runs {
+            // Interleaved so both methods see the same machine noise.
+            podmig.push(podmig_once(&mut node, mem, run).await?);
+            criu.push(tokio::task::block_in_place(|| criu_once(mem, run))?);
+            eprintln!(
+                "mem={mem}MiB run={run} podmig frozen={}ms criu frozen={}ms",
+                ms(podmig[run].frozen),
+                ms(criu[run].frozen)
+            );
+        }
+        let med = |s: &[Sample], f: fn(&Sample) -> Duration| median(s.iter().map(f).collect());
+        rows.push((
+            mem,
+            [
+                med(&podmig, |s| s.checkpoint),
+                med(&podmig, |s| s.restore),
+                med(&podmig, |s| s.frozen),
+                med(&criu, |s| s.checkpoint),
+                med(&criu, |s| s.restore),
+                med(&criu, |s| s.frozen),
+            ],
+        ));
+    }
+    println!("engine benchmark: medians of {runs} runs (ms); criu = plain criu dump + criu restore of the same app");
+    println!("| mem MiB | podmig checkpoint | podmig restore | podmig frozen | criu dump | criu restore | criu frozen | frozen ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (mem, m) in &rows {
+        let ratio = m[2].as_secs_f64() / m[5].as_secs_f64().max(1e-6);
+        println!(
+            "| {mem} | {} | {} | {} | {} | {} | {} | {ratio:.2} |",
+            ms(m[0]), ms(m[1]), ms(m[2]), ms(m[3]), ms(m[4]), ms(m[5])
+        );
+    }
+    for (mem, m) in &rows {
+        println!(
+            "podmig-bench-engine mem_mib={mem} runs={runs} podmig_frozen_ms={} criu_frozen_ms={}",
+            ms(m[2]),
+            ms(m[5])
+        );
+    }
+    Ok(())
+}
+
+async fn podmig_once(node: &mut TestNode, mem: u64, run: usize) -> anyhow::Result<Sample> {
+    let src = scenario::start_source(node, &format!("bench-{run}-a"), &format!("bench-{mem}-{run}-a"), mem).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let moved = scenario::move_app(node, &src, &format!("bench-{run}-b"), &format!("bench-{mem}-{run}-b"), mem).await?;
+    let before = get_count(&moved.ip).await?;
+    anyhow::ensure!(before >= 2, "restored app lost its count ({before})");
+    node.cri.remove_pod(&src.sandbox.id).await?;
+    node.cri.remove_pod(&moved.sandbox.id).await?;
+    let r = moved.report;
+    Ok(Sample { checkpoint: r.checkpoint, restore: r.restore, frozen: r.frozen })
+}
+
+fn criu(args: &[&str], dir: &Path, log: &str) -> anyhow::Result<()> {
+    let out = Command::new("criu")
+        .env("PATH", paths::RUNTIME_PATH)
+        .args(args)
+        .arg("-D")
+        .arg(dir)
+        .arg("-o")
+        .arg(log)
+        .stdin(Stdio::null())
+        .output()
+        .context("running criu")?;
+    if !out.status.success() {
+        let tail = podmig_cri_ext::engine::log_tail(&dir.join(log)).unwrap_or_default();
+        bail!("criu {args:?} failed: {} {tail}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
+    // Same storage as the node daemon's checkpoints, so only the engines differ.
+    let dir = tempfile::Builder::new().prefix("podmig-bench-criu-").tempdir_in(paths::memory_dir())?;
+    let port = 18_000 + run as u16;
+    let log = std::fs::File::create(dir.path().join("app.log"))?;
+    // setsid: the app leads its own session, so CRIU can dump it without --shell-job.
+    let mut child = Command::new("setsid")
+        .arg(paths::testapp_binary())
+        .args(["--mem-mib", &mem.to_string(), "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the test app")?;
+    let pid = child.id();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = (|| {
+        rt.block_on(wait_local(port, Duration::from_secs(60 + mem / 10)))?;
+        #[allow(clippy::disallowed_methods)] // synchronous benchmark step
+        std::thread::sleep(Duration::from_millis(200));
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images)?;
+        let t0 = Instant::now();
+        criu(&["dump", "-t", &pid.to_string()], &images, "dump.log")?;
+        let checkpoint = t0.elapsed();
+        let _ = child.wait();
+        let pidfile = dir.path().join("restored.pid");
+        let t1 = Instant::now();
+        criu(&["restore", "-d", "--pidfile", &pidfile.display().to_string()], &images, "restore.log")?;
+        let restore = t1.elapsed();
+        let frozen = t0.elapsed();
+        let restored: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+        let count = rt.block_on(wait_local(port, Duration::from_secs(10)));
+        signal(restored, libc::SIGKILL);
+        let count = count?;
+        anyhow::ensure!(count >= 2, "criu-restored app lost its count ({count})");
+        Ok(Sample { checkpoint, restore, frozen })
+    })();
+    if result.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+async fn wait_local(port: u16, within: Duration) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + within;
+    loop {
+        match crate::testapp::get_count_at("127.0.0.1", port).await {
+            Ok(n) => return Ok(n),
+            Err(e) if Instant::now() > deadline => bail!("app on port {port} not answering: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

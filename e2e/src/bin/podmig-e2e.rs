@@ -1,0 +1,33 @@
+//! `podmig-e2e`: the demo and the benchmarks of the local test bed.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "podmig-e2e", about = "podmig's local test bed: demo and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Move the test app between two Pod sandboxes on one node, narrated.
+    Demo,
+    /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
+    BenchEngine {
+        /// Ballast sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024])]
+        sizes: Vec<u64>,
+        /// Runs per size (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo => podmig_e2e::demo::run().await,
+        Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
+    }
+}
