@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Error, Result};
+use crate::{Error, Result, freezer::Freezer};
 
 /// Default runc state root of containerd's `k8s.io` namespace (runc shim v2 defaults).
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
@@ -155,7 +155,23 @@ impl CheckpointEngine for Runc {
         }
         cmd.arg(id);
         let started = Instant::now();
+        // Pre-freezing only saves time; without a freezer CRIU freezes by itself.
+        let freezer = Freezer::of(&self.root, id)
+            .ok()
+            .filter(|f| match f.freeze() {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(container_id = id, %error, "cannot pre-freeze; CRIU will freeze");
+                    false
+                }
+            });
         let result = run(cmd, Some(&dir.join("dump.log")));
+        if let Some(f) = &freezer {
+            // Resumes a container left running (or whose dump failed); lets killed tasks exit.
+            if let Err(error) = f.thaw() {
+                tracing::warn!(container_id = id, %error, "cannot thaw after checkpoint");
+            }
+        }
         let duration = started.elapsed();
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(dir);

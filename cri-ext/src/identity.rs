@@ -125,6 +125,33 @@ impl Annotations {
     }
 }
 
+/// Finds the running application container `container` of Pod `pod_uid` among the
+/// containers runc manages under `root` (a migration source on this node).
+pub fn find_container(root: &Path, pod_uid: &str, container: &str) -> Option<String> {
+    let entries = std::fs::read_dir(root).ok()?;
+    entries.flatten().find_map(|e| {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let (ann, _) = Annotations::from_runc_state(root, &id).ok()?;
+        let matches = !ann.is_sandbox()
+            && ann.pod_uid().as_deref() == Some(pod_uid)
+            && ann.get(cri::CONTAINER_NAME) == Some(container)
+            && is_running(&root.join(&id));
+        matches.then_some(id)
+    })
+}
+
+/// True while the init process runc recorded for a container still exists.
+fn is_running(state_dir: &Path) -> bool {
+    #[derive(Deserialize)]
+    struct Init {
+        init_process_pid: u32,
+    }
+    std::fs::read(state_dir.join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Init>(&b).ok())
+        .is_some_and(|s| s.init_process_pid > 0 && Path::new(&format!("/proc/{}", s.init_process_pid)).exists())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +198,28 @@ mod tests {
         assert_eq!(bundle, Some(PathBuf::from("/b/c1")));
         assert_eq!(a.get(cri::CONTAINER_NAME), Some("app"));
         assert_eq!(a.podmig().get("podmig.dev/x").map(String::as_str), Some("y=z"));
+    }
+
+    #[test]
+    fn find_container_matches_pod_uid_name_and_liveness() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = std::process::id();
+        let write = |id: &str, pid: u32, labels: &str| {
+            std::fs::create_dir_all(dir.path().join(id)).expect("mkdir");
+            std::fs::write(
+                dir.path().join(id).join("state.json"),
+                format!(r#"{{"init_process_pid":{pid},"config":{{"labels":[{labels}]}}}}"#),
+            )
+            .expect("write");
+        };
+        let app = r#""io.kubernetes.cri.container-type=container","io.kubernetes.cri.sandbox-uid=u1","io.kubernetes.cri.container-name=app""#;
+        write("sandbox", me, r#""io.kubernetes.cri.container-type=sandbox","io.kubernetes.cri.sandbox-uid=u1""#);
+        write("dead", 0, app);
+        assert_eq!(find_container(dir.path(), "u1", "app"), None, "a dead container is no source");
+        write("live", me, app);
+        assert_eq!(find_container(dir.path(), "u1", "app").as_deref(), Some("live"));
+        assert_eq!(find_container(dir.path(), "u2", "app"), None);
+        assert_eq!(find_container(dir.path(), "u1", "other"), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod freezer;
 pub mod hook;
 pub mod identity;
 pub mod wrapper;

@@ -7,17 +7,18 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use podmig_cri_ext::{
-    engine::{CheckpointEngine, CheckpointOptions, Runc},
+    engine::{CheckpointEngine, CheckpointOptions, CheckpointReport, Runc},
     hook::{Decision, HookHandler},
+    identity::find_container,
     proto::{
-        hook::v1::{Event, HookRequest, NoOp, Pass, hook_response::Decision as Answer},
+        hook::v1::{ContainerIdentity, Event, HookRequest, NoOp, Pass, Refuse, hook_response::Decision as Answer},
         runtime::v1::{
-            CheckpointContainerRequest, CheckpointContainerResponse, RestoreContainerRequest,
-            RestoreContainerResponse,
+            CheckpointContainerRequest, CheckpointContainerResponse, ListRestoresRequest,
+            ListRestoresResponse, RestoreContainerRequest, RestoreContainerResponse, RestoreRecord,
             checkpoint_service_server::{CheckpointService, CheckpointServiceServer},
         },
     },
@@ -47,9 +48,26 @@ pub struct Node<E> {
     armed: Mutex<HashMap<(String, String), PathBuf>>,
     /// Checkpoints being taken, by container id; the value turns `Some(left_running)`.
     in_flight: Mutex<HashMap<String, InFlight>>,
-    /// Restores handed to podmig-runc, by container id: the images to drop afterwards.
-    restoring: Mutex<HashMap<String, PathBuf>>,
+    /// Restores handed to podmig-runc, by container id.
+    restoring: Mutex<HashMap<String, PendingRestore>>,
+    /// Finished restores, oldest first (bounded).
+    restores: Mutex<Vec<RestoreRecord>>,
+    /// runc state root, where migration sources on this node are found.
+    runc_root: PathBuf,
 }
+
+/// A restore podmig-runc is performing.
+struct PendingRestore {
+    /// Images to drop after success.
+    images: PathBuf,
+    /// When this node froze the source, if it did.
+    frozen_at: Option<Instant>,
+    /// The record being filled in.
+    record: RestoreRecord,
+}
+
+/// How many finished restores are remembered.
+const RESTORE_HISTORY: usize = 256;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicking holder cannot leave these maps inconsistent: every update is one insert/remove.
@@ -58,7 +76,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl<E: CheckpointEngine> Node<E> {
     /// A node daemon using `engine` and keeping checkpoints in `store`.
-    pub fn new(engine: E, store: CheckpointStore, kill_hold: Duration) -> Self {
+    pub fn new(engine: E, store: CheckpointStore, runc_root: PathBuf, kill_hold: Duration) -> Self {
         Self {
             engine: Arc::new(engine),
             store,
@@ -66,7 +84,60 @@ impl<E: CheckpointEngine> Node<E> {
             armed: Mutex::default(),
             in_flight: Mutex::default(),
             restoring: Mutex::default(),
+            restores: Mutex::default(),
+            runc_root,
         }
+    }
+
+    /// Checkpoints container `id`; kills of it are held meanwhile.
+    pub async fn checkpoint(&self, id: &str, options: CheckpointOptions) -> podmig_cri_ext::Result<CheckpointReport> {
+        let (tx, rx) = watch::channel(None);
+        lock(&self.in_flight).insert(id.to_owned(), rx);
+        let leave_running = options.leave_running;
+        let engine = self.engine.clone();
+        let id2 = id.to_owned();
+        let result = tokio::task::spawn_blocking(move || engine.checkpoint(&id2, &options))
+            .await
+            .unwrap_or_else(|e| Err(podmig_cri_ext::Error::Usage(format!("checkpoint task: {e}"))));
+        lock(&self.in_flight).remove(id);
+        // A failed dump left the container running: held kills go ahead.
+        let _ = tx.send(Some(result.is_err() || leave_running));
+        match &result {
+            Ok(report) => tracing::info!(container_id = %id, dump_ms = report.duration.as_millis() as u64,
+                image_bytes = report.image_bytes, "container checkpointed"),
+            Err(error) => tracing::warn!(container_id = %id, %error, "checkpoint failed"),
+        }
+        result
+    }
+
+    /// The restores performed on this node, optionally only those into `pod_uid`.
+    pub fn restores(&self, pod_uid: &str) -> Vec<RestoreRecord> {
+        lock(&self.restores)
+            .iter()
+            .filter(|r| pod_uid.is_empty() || r.pod_uid == pod_uid)
+            .cloned()
+            .collect()
+    }
+
+    /// A migration target whose source runs on this node: take its checkpoint now, as late
+    /// as possible (the target's container is created and waiting).
+    async fn checkpoint_local_source(
+        &self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        dir: &Path,
+    ) -> Option<Result<(CheckpointReport, Instant), String>> {
+        let source_id = find_container(&self.runc_root, source_uid, &c.container_name)?;
+        tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid, source_pod_uid = %source_uid,
+            source_container_id = %source_id, "checkpointing local migration source");
+        let frozen_at = Instant::now();
+        let options = CheckpointOptions { image_path: dir.to_path_buf(), ..Default::default() };
+        Some(
+            self.checkpoint(&source_id, options)
+                .await
+                .map(|r| (r, frozen_at))
+                .map_err(|e| format!("checkpoint of source container {source_id} failed: {e}")),
+        )
     }
 
     fn lookup(&self, pod_uid: &str, container: &str, source_uid: Option<&str>) -> CheckpointLookup {
@@ -90,13 +161,44 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
         match req.event() {
             Event::Create => {
                 let source = c.annotations.get(podmig_api::ANNOTATION_MIGRATE_FROM).cloned();
-                let lookup = self.lookup(&c.pod_uid, &c.container_name, source.as_deref());
+                let mut lookup = self.lookup(&c.pod_uid, &c.container_name, source.as_deref());
+                let mut dumped = None;
+                if let (CheckpointLookup::Missing(Some(dir)), Some(src)) = (&lookup, &source) {
+                    match self.checkpoint_local_source(&c, src, dir).await {
+                        Some(Ok(report)) => {
+                            lookup = CheckpointLookup::Stored(dir.clone());
+                            dumped = Some(report);
+                        }
+                        Some(Err(reason)) => {
+                            return Decision::Reply(Answer::Refuse(Refuse { reason }));
+                        }
+                        None => {}
+                    }
+                }
                 let answer = decide::on_create(&c, &lookup);
                 match &answer {
                     Answer::RestoreFrom(r) => {
                         tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid,
-                            container = %c.container_name, images = %r.image_path, "restoring container");
-                        lock(&self.restoring).insert(c.container_id.clone(), PathBuf::from(&r.image_path));
+                            container = %c.container_name, images = %r.image_path,
+                            since_freeze_ms = dumped.map_or(0, |(_, at)| at.elapsed().as_millis() as u64),
+                            "restoring container");
+                        let record = RestoreRecord {
+                            pod_uid: c.pod_uid.clone(),
+                            container_name: c.container_name.clone(),
+                            container_id: c.container_id.clone(),
+                            source_pod_uid: source.clone().unwrap_or_default(),
+                            checkpoint_ms: dumped.map_or(0, |(r, _)| r.duration.as_millis() as u64),
+                            image_bytes: dumped.map_or(0, |(r, _)| r.image_bytes),
+                            ..Default::default()
+                        };
+                        lock(&self.restoring).insert(
+                            c.container_id.clone(),
+                            PendingRestore {
+                                images: PathBuf::from(&r.image_path),
+                                frozen_at: dumped.map(|(_, at)| at),
+                                record,
+                            },
+                        );
                     }
                     Answer::Refuse(r) => tracing::warn!(container_id = %c.container_id,
                         pod_uid = %c.pod_uid, reason = %r.reason, "refusing create"),
@@ -132,14 +234,27 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
     async fn restored(&self, req: HookRequest) {
         let c = req.container.unwrap_or_default();
         let result = req.restore_result.unwrap_or_default();
-        let images = lock(&self.restoring).remove(&c.container_id);
+        let Some(pending) = lock(&self.restoring).remove(&c.container_id) else {
+            tracing::warn!(container_id = %c.container_id, "restore report for an unknown restore");
+            return;
+        };
+        let mut record = pending.record;
+        record.ok = result.ok;
+        record.error = result.error.clone();
+        record.restore_ms = result.duration_ms;
+        record.frozen_ms = pending.frozen_at.map_or(0, |at| at.elapsed().as_millis() as u64);
+        {
+            let mut restores = lock(&self.restores);
+            if restores.len() == RESTORE_HISTORY {
+                restores.remove(0);
+            }
+            restores.push(record.clone());
+        }
         if result.ok {
             tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid,
-                restore_ms = result.duration_ms, "container restored");
+                restore_ms = record.restore_ms, frozen_ms = record.frozen_ms, "container restored");
             lock(&self.armed).remove(&(c.pod_uid.clone(), c.container_name.clone()));
-            if let Some(dir) = images {
-                self.store.remove(&dir);
-            }
+            self.store.remove(&pending.images);
         } else {
             // Kept: the same checkpoint is what a rollback resumes the source from.
             tracing::warn!(container_id = %c.container_id, pod_uid = %c.pod_uid,
@@ -165,37 +280,19 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
         if opts.checkpoint_path.is_empty() {
             return Err(Status::invalid_argument("options.checkpoint_path is required"));
         }
-        let node = self.0.clone();
-        let id = req.container_id.clone();
-        let (tx, rx) = watch::channel(None);
-        lock(&node.in_flight).insert(id.clone(), rx);
         let options = CheckpointOptions {
             image_path: PathBuf::from(&opts.checkpoint_path),
             leave_running: opts.leave_running,
             tcp_established: opts.tcp_established,
         };
-        let engine = node.engine.clone();
-        let id2 = id.clone();
-        let result = tokio::task::spawn_blocking(move || engine.checkpoint(&id2, &options))
-            .await
-            .map_err(|e| Status::internal(format!("checkpoint task: {e}")))?;
-        lock(&node.in_flight).remove(&id);
-        // A failed dump left the container running: held kills go ahead.
-        let _ = tx.send(Some(result.is_err() || opts.leave_running));
+        let result = self.0.checkpoint(&req.container_id, options).await;
         match result {
-            Ok(report) => {
-                tracing::info!(container_id = %id, dump_ms = report.duration.as_millis() as u64,
-                    image_bytes = report.image_bytes, "container checkpointed");
-                Ok(Response::new(CheckpointContainerResponse {
-                    checkpoint_path: opts.checkpoint_path,
-                    duration_ms: report.duration.as_millis() as u64,
-                    image_bytes: report.image_bytes,
-                }))
-            }
-            Err(e) => {
-                tracing::warn!(container_id = %id, error = %e, "checkpoint failed");
-                Err(Status::failed_precondition(e.to_string()))
-            }
+            Ok(report) => Ok(Response::new(CheckpointContainerResponse {
+                checkpoint_path: opts.checkpoint_path,
+                duration_ms: report.duration.as_millis() as u64,
+                image_bytes: report.image_bytes,
+            })),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
         }
     }
 
@@ -215,6 +312,14 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
         }
         lock(&self.0.armed).insert((req.pod_uid, req.container_name), PathBuf::from(path));
         Ok(Response::new(RestoreContainerResponse {}))
+    }
+
+    async fn list_restores(
+        &self,
+        request: Request<ListRestoresRequest>,
+    ) -> Result<Response<ListRestoresResponse>, Status> {
+        let restores = self.0.restores(&request.into_inner().pod_uid);
+        Ok(Response::new(ListRestoresResponse { restores }))
     }
 }
 
@@ -243,6 +348,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let node = Arc::new(Node::new(
         engine,
         CheckpointStore::new(&cfg.checkpoint_dir),
+        cfg.runc_root.clone(),
         Duration::from_millis(cfg.kill_hold_ms),
     ));
     let hook = bind(&cfg.hook_socket)?;
@@ -263,10 +369,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use podmig_cri_ext::{
-        engine::CheckpointReport,
-        proto::hook::v1::{ContainerIdentity, RestoreResult},
-    };
+    use podmig_cri_ext::proto::hook::v1::RestoreResult;
 
     /// Engine that writes an inventory image after a delay, or fails.
     struct FakeEngine {
@@ -291,6 +394,7 @@ mod tests {
         Arc::new(Node::new(
             FakeEngine { delay: Duration::from_millis(100), fail },
             CheckpointStore::new(tmp),
+            tmp.join("runc"),
             Duration::from_secs(5),
         ))
     }
@@ -389,6 +493,53 @@ mod tests {
         done.restore_result = Some(RestoreResult { ok: false, error: "boom".into(), ..Default::default() });
         n.restored(done).await;
         assert!(dir.join("inventory.img").exists());
+    }
+
+    fn live_source(tmp: &Path, pod_uid: &str) {
+        let dir = tmp.join("runc").join("src-ctr");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("state.json"),
+            format!(
+                r#"{{"init_process_pid":{},"config":{{"labels":["io.kubernetes.cri.container-type=container","io.kubernetes.cri.sandbox-uid={pod_uid}","io.kubernetes.cri.container-name=app"]}}}}"#,
+                std::process::id()
+            ),
+        )
+        .expect("write");
+    }
+
+    #[tokio::test]
+    async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        live_source(tmp.path(), "src");
+        let n = node(tmp.path(), false);
+        let a = answer(n.decide(req(Event::Create, "c2", "dst", Some("src"))).await).await;
+        let image_path = match a {
+            Answer::RestoreFrom(r) => r.image_path,
+            other => panic!("expected a restore, got {other:?}"),
+        };
+        assert_eq!(Path::new(&image_path), tmp.path().join("src/app"));
+        let mut done = req(Event::Restored, "c2", "dst", Some("src"));
+        done.restore_result = Some(RestoreResult { ok: true, duration_ms: 40, ..Default::default() });
+        n.restored(done).await;
+        let records = n.restores("dst");
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert!(r.ok && r.source_pod_uid == "src" && r.restore_ms == 40);
+        assert!(r.checkpoint_ms >= 100, "fake dump takes 100 ms: {r:?}");
+        assert!(r.frozen_ms >= r.checkpoint_ms, "{r:?}");
+        assert!(n.restores("other").is_empty());
+    }
+
+    #[tokio::test]
+    async fn failing_local_source_checkpoint_refuses_the_target() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        live_source(tmp.path(), "src");
+        let n = node(tmp.path(), true);
+        match answer(n.decide(req(Event::Create, "c2", "dst", Some("src"))).await).await {
+            Answer::Refuse(r) => assert!(r.reason.contains("src-ctr") && r.reason.contains("dump failed"), "{}", r.reason),
+            other => panic!("expected refuse, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ async fn podmig_once(node: &mut TestNode, mem: u64, run: usize) -> anyhow::Resul
     let src = scenario::start_source(node, &format!("bench-{run}-a"), &format!("bench-{mem}-{run}-a"), mem).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let moved = scenario::move_app(node, &src, &format!("bench-{run}-b"), &format!("bench-{mem}-{run}-b"), mem).await?;
+    if std::env::var_os("PODMIG_BENCH_DEBUG").is_some() {
+        eprintln!("{}", node.daemon.log());
+    }
     let before = get_count(&moved.ip).await?;
     anyhow::ensure!(before >= 2, "restored app lost its count ({before})");
     node.cri.remove_pod(&src.sandbox.id).await?;

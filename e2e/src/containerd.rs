@@ -49,6 +49,10 @@ impl Containerd {
             .env("PODMIG_HOOK_SOCKET", hook_socket)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(me.dir.path().join("containerd.log"))?);
+        // Debugging aid: run podmig-runc over another runc (e.g. one under strace).
+        if let Some(runc) = std::env::var_os("PODMIG_RUNC_BINARY") {
+            cmd.env("PODMIG_RUNC_BINARY", runc);
+        }
         me.proc = Some(Proc::spawn("containerd", cmd)?);
         me.wait_ready()?;
         for image in ["pause", "testapp"] {

@@ -9,7 +9,7 @@ use std::{
 use anyhow::bail;
 use podmig_cri_ext::proto::runtime::v1::{
     CheckpointContainerOptions, CheckpointContainerRequest, CheckpointContainerResponse,
-    checkpoint_service_client::CheckpointServiceClient,
+    ListRestoresRequest, RestoreRecord, checkpoint_service_client::CheckpointServiceClient,
 };
 
 use crate::{paths, process::Proc};
@@ -85,6 +85,23 @@ impl NodeDaemon {
         self.proc.stop(Duration::from_secs(5));
     }
 
+    async fn client(&self) -> Result<CheckpointServiceClient<tonic::transport::Channel>, tonic::Status> {
+        let channel = podmig_cri_ext::connect(self.api_socket())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(CheckpointServiceClient::new(channel))
+    }
+
+    /// The restores the daemon performed into Pod `pod_uid`.
+    pub async fn restores(&self, pod_uid: &str) -> Result<Vec<RestoreRecord>, tonic::Status> {
+        let resp = self
+            .client()
+            .await?
+            .list_restores(ListRestoresRequest { pod_uid: pod_uid.into() })
+            .await?;
+        Ok(resp.into_inner().restores)
+    }
+
     /// CheckpointContainer through the daemon's CRI extension.
     pub async fn checkpoint(
         &self,
@@ -92,10 +109,9 @@ impl NodeDaemon {
         path: &Path,
         leave_running: bool,
     ) -> Result<CheckpointContainerResponse, tonic::Status> {
-        let channel = podmig_cri_ext::connect(self.api_socket())
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let resp = CheckpointServiceClient::new(channel)
+        let resp = self
+            .client()
+            .await?
             .checkpoint_container(CheckpointContainerRequest {
                 container_id: container_id.into(),
                 options: Some(CheckpointContainerOptions {

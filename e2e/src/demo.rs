@@ -22,7 +22,7 @@ pub async fn run() -> anyhow::Result<()> {
     let moved = scenario::move_app(&mut node, &source, "demo-1", "demo-uid-1", 64).await?;
     let r = moved.report;
     println!(
-        "3. checkpointed with runc+CRIU in {} ms ({} MiB of images); Pod demo-1 restored it in {} ms",
+        "3. created Pod demo-1 as its migration target: podmig froze demo-0, dumped it in {} ms ({} MiB of images) and restored it in demo-1 in {} ms",
         r.checkpoint.as_millis(),
         r.image_bytes >> 20,
         r.restore.as_millis()
@@ -36,6 +36,7 @@ pub async fn run() -> anyhow::Result<()> {
         moved.ip
     );
     let ok = count_after > count_before && first_b > last_a;
+    if std::env::var_os("PODMIG_DEMO_DEBUG").is_some() { eprintln!("{}", node.daemon.log()); }
     node.cri.remove_all_sandboxes().await?;
     println!("5. cleaned up: sandboxes, containers and checkpoint removed");
     println!(

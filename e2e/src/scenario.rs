@@ -24,12 +24,16 @@ pub struct Source {
 /// What one move measured.
 #[derive(Debug, Clone, Copy)]
 pub struct MoveReport {
-    /// From the start of the dump to the restored process running (StartContainer returned).
+    /// From the freeze of the source to the restored process running, as the daemon
+    /// recorded it.
     pub frozen: Duration,
     /// The dump alone, as the daemon measured it.
     pub checkpoint: Duration,
-    /// Restore through CRI (create + start of the target container).
+    /// `runc restore`, as podmig-runc measured it.
     pub restore: Duration,
+    /// CreateContainer + StartContainer of the target as kubelet sees them (includes
+    /// everything the runtime does before the freeze).
+    pub start_container: Duration,
     /// Size of the checkpoint images.
     pub image_bytes: u64,
 }
@@ -57,38 +61,39 @@ pub async fn start_source(node: &mut TestNode, name: &str, uid: &str, mem_mib: u
     Ok(Source { sandbox, container, ip })
 }
 
-/// Moves `source` into a new sandbox `name`/`uid`: the target sandbox is prepared first,
-/// then the source is frozen and dumped, then the target container is created through CRI
-/// (podmig-runc restores it).
+/// Moves `source` into a new sandbox `name`/`uid` the way a migration target runs: the
+/// target sandbox and container are created through CRI first; when the runtime creates
+/// the container, podmig-runc asks the node daemon, which freezes and dumps the source
+/// (still running until then) and answers with the checkpoint to restore.
 pub async fn move_app(node: &mut TestNode, source: &Source, name: &str, uid: &str, mem_mib: u64) -> anyhow::Result<Moved> {
     let source_uid = source.sandbox.pod.uid.clone();
     let pod = TestPod::new(name, uid, &node.logs_root()).migrating_from(&source_uid);
     let sandbox = node.cri.run_pod(&pod).await?;
-    let images = node.daemon.checkpoint_path(&source_uid, "app");
-    let frozen = Instant::now();
-    let dump = node
-        .daemon
-        .checkpoint(&source.container, &images, false)
-        .await
-        .map_err(|e| anyhow::anyhow!("checkpoint failed: {}", e.message()))?;
-    let restore_started = Instant::now();
+    let started = Instant::now();
     let container = node
         .cri
         .run_container(&sandbox, &TestContainer::testapp(mem_mib))
         .await
-        .with_context(|| format!("restore failed\n{}", node.diagnostics()))?;
-    let restore = restore_started.elapsed();
-    let frozen = frozen.elapsed();
+        .with_context(|| format!("migration target did not start\n{}", node.diagnostics()))?;
+    let cri_elapsed = started.elapsed();
     let ip = node.cri.pod_ip(&sandbox).await?;
+    let record = node
+        .daemon
+        .restores(uid)
+        .await?
+        .pop()
+        .context("the daemon recorded no restore")?;
+    anyhow::ensure!(record.ok, "restore failed: {}", record.error);
     Ok(Moved {
         sandbox,
         container,
         ip,
         report: MoveReport {
-            frozen,
-            checkpoint: Duration::from_millis(dump.duration_ms),
-            restore,
-            image_bytes: dump.image_bytes,
+            frozen: Duration::from_millis(record.frozen_ms),
+            checkpoint: Duration::from_millis(record.checkpoint_ms),
+            restore: Duration::from_millis(record.restore_ms),
+            image_bytes: record.image_bytes,
+            start_container: cri_elapsed,
         },
     })
 }
