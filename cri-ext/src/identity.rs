@@ -142,6 +142,11 @@ pub fn find_container(root: &Path, pod_uid: &str, container: &str) -> Option<Str
 
 /// True while the init process runc recorded for a container still exists.
 fn is_running(state_dir: &Path) -> bool {
+    init_pid(state_dir).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// The host pid of a container's init process, from runc's state directory.
+pub fn init_pid(state_dir: &Path) -> Option<u32> {
     #[derive(Deserialize)]
     struct Init {
         init_process_pid: u32,
@@ -149,7 +154,8 @@ fn is_running(state_dir: &Path) -> bool {
     std::fs::read(state_dir.join("state.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Init>(&b).ok())
-        .is_some_and(|s| s.init_process_pid > 0 && Path::new(&format!("/proc/{}", s.init_process_pid)).exists())
+        .map(|s| s.init_process_pid)
+        .filter(|pid| *pid > 0)
 }
 
 #[cfg(test)]

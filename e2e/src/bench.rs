@@ -28,6 +28,9 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// Pause between measurements so one run's teardown does not slow the next.
+const SETTLE: Duration = Duration::from_secs(1);
+
 fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
@@ -39,12 +42,19 @@ pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
     for &mem in sizes {
         let (mut podmig, mut criu) = (Vec::new(), Vec::new());
         for run in 0..runs {
-            // Interleaved so both methods see the same machine noise.
+            // Interleaved so both methods see the same machine noise; each starts on a
+            // settled machine (the previous run's processes have freed their memory).
             podmig.push(podmig_once(&mut node, mem, run).await?);
+            tokio::time::sleep(SETTLE).await;
             criu.push(tokio::task::block_in_place(|| criu_once(mem, run))?);
+            tokio::time::sleep(SETTLE).await;
             eprintln!(
-                "mem={mem}MiB run={run} podmig frozen={}ms criu frozen={}ms",
+                "mem={mem}MiB run={run} podmig dump={}ms restore={}ms frozen={}ms | criu dump={}ms restore={}ms frozen={}ms",
+                ms(podmig[run].checkpoint),
+                ms(podmig[run].restore),
                 ms(podmig[run].frozen),
+                ms(criu[run].checkpoint),
+                ms(criu[run].restore),
                 ms(criu[run].frozen)
             );
         }

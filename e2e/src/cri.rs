@@ -128,6 +128,11 @@ impl TestContainer {
                     namespace_options: Some(TestPod::namespaces()),
                     ..Default::default()
                 }),
+                // What kubelet sets for a Pod requesting one CPU.
+                resources: Some(cri::LinuxContainerResources {
+                    cpu_shares: 1024,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
