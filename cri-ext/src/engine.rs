@@ -114,7 +114,12 @@ pub fn wait_exit(pid: u32, limit: Duration) -> bool {
     while Instant::now() < deadline {
         match std::fs::read_to_string(&status) {
             Err(_) => return true,
-            Ok(s) if s.lines().any(|l| l.starts_with("State:") && l.contains('Z')) => return true,
+            Ok(s)
+                if s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z')) =>
+            {
+                return true;
+            }
             Ok(_) => {
                 #[allow(clippy::disallowed_methods)] // synchronous engine, off the async runtime
                 std::thread::sleep(Duration::from_millis(1));
@@ -190,13 +195,11 @@ impl CheckpointEngine for Runc {
                 tracing::warn!(container_id = id, %error, "cannot thaw after checkpoint");
             }
         }
-        if result.is_ok() && !opts.leave_running {
-            if let Some(pid) = init {
-                // NB: the dumped process is killed but frees its memory as it exits; a
-                // restore running meanwhile competes with that for the memory allocator
-                // and runs up to twice as slow. Waiting is cheaper than that contention.
-                wait_exit(pid, Duration::from_secs(5));
-            }
+        if let (Ok(_), false, Some(pid)) = (&result, opts.leave_running, init) {
+            // NB: the dumped process is killed but frees its memory as it exits; a
+            // restore running meanwhile competes with that for the memory allocator
+            // and runs up to twice as slow. Waiting is cheaper than that contention.
+            wait_exit(pid, Duration::from_secs(5));
         }
         let duration = started.elapsed();
         if let Err(e) = result {

@@ -39,8 +39,10 @@ impl Freezer {
     pub fn of(root: &Path, id: &str) -> Result<Self> {
         let path = root.join(id).join("state.json");
         let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-        let state: State =
-            serde_json::from_slice(&bytes).map_err(|source| Error::Json { path: path.clone(), source })?;
+        let state: State = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
         if let Some(p) = state.cgroup_paths.get("freezer") {
             return Ok(Freezer::V1(PathBuf::from(p)));
         }
@@ -56,7 +58,10 @@ impl Freezer {
 
     fn write(&self, frozen: bool) -> Result<()> {
         let (file, value) = match self {
-            Freezer::V1(d) => (d.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+            Freezer::V1(d) => (
+                d.join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            ),
             Freezer::V2(d) => (d.join("cgroup.freeze"), if frozen { "1" } else { "0" }),
         };
         std::fs::write(&file, value).map_err(|e| Error::io("write", file, e))
@@ -83,7 +88,8 @@ impl Freezer {
             match self.is_frozen() {
                 Ok(true) => return Ok(()),
                 Ok(false) if Instant::now() < deadline => {
-                    #[allow(clippy::disallowed_methods)] // synchronous engine, runs off the async runtime
+                    #[allow(clippy::disallowed_methods)]
+                    // synchronous engine, runs off the async runtime
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(false) => {
@@ -105,7 +111,9 @@ impl Freezer {
     /// Thaws the cgroup; a cgroup that is already gone counts as thawed.
     pub fn thaw(&self) -> Result<()> {
         match self.write(false) {
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
             other => other,
         }
     }
@@ -135,9 +143,15 @@ mod tests {
             Freezer::V1("/sys/fs/cgroup/freezer/k8s.io/a".into())
         );
         std::fs::create_dir_all(tmp.path().join("b")).expect("mkdir");
-        std::fs::write(tmp.path().join("b/state.json"), r#"{"cgroup_paths":{"":"/sys/fs/cgroup/k8s.io/b"}}"#)
-            .expect("write");
-        assert_eq!(Freezer::of(tmp.path(), "b").expect("v2"), Freezer::V2("/sys/fs/cgroup/k8s.io/b".into()));
+        std::fs::write(
+            tmp.path().join("b/state.json"),
+            r#"{"cgroup_paths":{"":"/sys/fs/cgroup/k8s.io/b"}}"#,
+        )
+        .expect("write");
+        assert_eq!(
+            Freezer::of(tmp.path(), "b").expect("v2"),
+            Freezer::V2("/sys/fs/cgroup/k8s.io/b".into())
+        );
     }
 
     #[test]
@@ -147,7 +161,10 @@ mod tests {
         std::fs::write(tmp.path().join("cgroup.events"), "populated 1\nfrozen 1\n").expect("write");
         let f = Freezer::V2(tmp.path().into());
         f.freeze().expect("freeze");
-        assert_eq!(std::fs::read_to_string(tmp.path().join("cgroup.freeze")).expect("read"), "1");
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("cgroup.freeze")).expect("read"),
+            "1"
+        );
         assert!(Freezer::V2(tmp.path().join("gone")).thaw().is_ok());
     }
 
@@ -155,8 +172,13 @@ mod tests {
     fn freeze_that_never_completes_times_out_and_thaws() {
         let tmp = tempfile::tempdir().expect("tempdir");
         std::fs::write(tmp.path().join("cgroup.events"), "populated 1\nfrozen 0\n").expect("write");
-        let err = Freezer::V2(tmp.path().into()).freeze().expect_err("must time out");
+        let err = Freezer::V2(tmp.path().into())
+            .freeze()
+            .expect_err("must time out");
         assert!(err.to_string().contains("did not freeze"), "{err}");
-        assert_eq!(std::fs::read_to_string(tmp.path().join("cgroup.freeze")).expect("read"), "0");
+        assert_eq!(
+            std::fs::read_to_string(tmp.path().join("cgroup.freeze")).expect("read"),
+            "0"
+        );
     }
 }

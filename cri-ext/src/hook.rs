@@ -154,10 +154,7 @@ pub async fn serve<H: HookHandler>(listener: UnixListener, handler: Arc<H>) {
     }
 }
 
-async fn write_answer(
-    stream: &mut tokio::net::UnixStream,
-    answer: Answer,
-) -> std::io::Result<()> {
+async fn write_answer(stream: &mut tokio::net::UnixStream, answer: Answer) -> std::io::Result<()> {
     let resp = HookResponse {
         decision: Some(answer),
     };
@@ -263,7 +260,10 @@ mod tests {
 
     #[test]
     fn unreachable_socket_is_a_hook_error() {
-        let err = match HookClient::connect(Path::new("/nonexistent/hook.sock"), Duration::from_millis(10)) {
+        let err = match HookClient::connect(
+            Path::new("/nonexistent/hook.sock"),
+            Duration::from_millis(10),
+        ) {
             Ok(_) => panic!("must fail"),
             Err(e) => e,
         };

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use podmig_api::{ANNOTATION_PREFIX, ANNOTATION_POD_UID, cri};
+use podmig_api::{ANNOTATION_POD_UID, ANNOTATION_PREFIX, cri};
 use serde::Deserialize;
 
 use crate::{Error, Result, proto::hook::v1::ContainerIdentity};
@@ -109,7 +109,12 @@ impl Annotations {
     }
 
     /// The identity sent to the node daemon.
-    pub fn identity(&self, container_id: &str, bundle: &Path, runc_root: &Path) -> ContainerIdentity {
+    pub fn identity(
+        &self,
+        container_id: &str,
+        bundle: &Path,
+        runc_root: &Path,
+    ) -> ContainerIdentity {
         let s = |k| self.get(k).unwrap_or_default().to_owned();
         ContainerIdentity {
             container_id: container_id.to_owned(),
@@ -174,11 +179,17 @@ mod tests {
     #[test]
     fn pod_uid_prefers_podmig_annotation_then_log_directory() {
         let a = ann(&[
-            (cri::SANDBOX_LOG_DIRECTORY, "/var/log/pods/default_web-0_1234-abcd"),
+            (
+                cri::SANDBOX_LOG_DIRECTORY,
+                "/var/log/pods/default_web-0_1234-abcd",
+            ),
             (ANNOTATION_POD_UID, "explicit"),
         ]);
         assert_eq!(a.pod_uid().as_deref(), Some("explicit"));
-        let a = ann(&[(cri::SANDBOX_LOG_DIRECTORY, "/var/log/pods/default_web-0_1234-abcd")]);
+        let a = ann(&[(
+            cri::SANDBOX_LOG_DIRECTORY,
+            "/var/log/pods/default_web-0_1234-abcd",
+        )]);
         assert_eq!(a.pod_uid().as_deref(), Some("1234-abcd"));
         assert_eq!(ann(&[]).pod_uid(), None);
     }
@@ -203,7 +214,10 @@ mod tests {
         let (a, bundle) = Annotations::from_runc_state(dir.path(), "c1").expect("parse");
         assert_eq!(bundle, Some(PathBuf::from("/b/c1")));
         assert_eq!(a.get(cri::CONTAINER_NAME), Some("app"));
-        assert_eq!(a.podmig().get("podmig.dev/x").map(String::as_str), Some("y=z"));
+        assert_eq!(
+            a.podmig().get("podmig.dev/x").map(String::as_str),
+            Some("y=z")
+        );
     }
 
     #[test]
@@ -219,11 +233,22 @@ mod tests {
             .expect("write");
         };
         let app = r#""io.kubernetes.cri.container-type=container","io.kubernetes.cri.sandbox-uid=u1","io.kubernetes.cri.container-name=app""#;
-        write("sandbox", me, r#""io.kubernetes.cri.container-type=sandbox","io.kubernetes.cri.sandbox-uid=u1""#);
+        write(
+            "sandbox",
+            me,
+            r#""io.kubernetes.cri.container-type=sandbox","io.kubernetes.cri.sandbox-uid=u1""#,
+        );
         write("dead", 0, app);
-        assert_eq!(find_container(dir.path(), "u1", "app"), None, "a dead container is no source");
+        assert_eq!(
+            find_container(dir.path(), "u1", "app"),
+            None,
+            "a dead container is no source"
+        );
         write("live", me, app);
-        assert_eq!(find_container(dir.path(), "u1", "app").as_deref(), Some("live"));
+        assert_eq!(
+            find_container(dir.path(), "u1", "app").as_deref(),
+            Some("live")
+        );
         assert_eq!(find_container(dir.path(), "u2", "app"), None);
         assert_eq!(find_container(dir.path(), "u1", "other"), None);
     }

@@ -32,9 +32,7 @@ pub mod proto {
 }
 
 /// Connects a gRPC client channel to a server listening on a unix socket.
-pub async fn connect(
-    uds_path: impl AsRef<std::path::Path>,
-) -> Result<tonic::transport::Channel> {
+pub async fn connect(uds_path: impl AsRef<std::path::Path>) -> Result<tonic::transport::Channel> {
     let path = uds_path.as_ref().to_path_buf();
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let path = path.clone();

@@ -202,7 +202,12 @@ impl CreateArgs {
     }
 
     /// The `runc restore` command line that replaces this create.
-    pub fn restore_args(&self, globals: &[OsString], from: &RestoreFrom, work: &Path) -> Vec<OsString> {
+    pub fn restore_args(
+        &self,
+        globals: &[OsString],
+        from: &RestoreFrom,
+        work: &Path,
+    ) -> Vec<OsString> {
         let mut a: Vec<OsString> = globals.to_vec();
         a.push("restore".into());
         a.push("--detach".into());
@@ -269,7 +274,11 @@ enum Step {
 
 fn exec_runc(cfg: &Config, inv: &Invocation, args: &[OsString]) -> i32 {
     let err = Command::new(&cfg.runc).args(args).exec();
-    log(inv, "error", &format!("cannot exec {}: {err}", cfg.runc.display()));
+    log(
+        inv,
+        "error",
+        &format!("cannot exec {}: {err}", cfg.runc.display()),
+    );
     127
 }
 
@@ -353,7 +362,14 @@ fn restore(
             create_private_dir(parent)?;
         }
         std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
-        log(inv, "info", &format!("restored {} from {} in {duration_ms} ms", create.id, from.image_path));
+        log(
+            inv,
+            "info",
+            &format!(
+                "restored {} from {} in {duration_ms} ms",
+                create.id, from.image_path
+            ),
+        );
         Ok(Step::Exit(0))
     } else {
         let why = log_tail(&work.join("restore.log")).unwrap_or_default();
@@ -373,13 +389,21 @@ fn restore(
         container: Some(identity.clone()),
         restore_result: Some(RestoreResult {
             ok: result.is_ok(),
-            error: result.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            error: result
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             duration_ms,
         }),
         ..Default::default()
     };
     if let Err(e) = client.send(&report) {
-        log(inv, "warning", &format!("cannot report restore outcome: {e}"));
+        log(
+            inv,
+            "warning",
+            &format!("cannot report restore outcome: {e}"),
+        );
     }
     if from.work_path.is_empty() && result.is_ok() {
         let _ = std::fs::remove_dir_all(&work);
@@ -394,7 +418,11 @@ fn start(inv: &Invocation) -> Result<Step> {
     let marker = restored_marker(&inv.root(), &id);
     if marker.exists() {
         let _ = std::fs::remove_file(&marker);
-        log(inv, "info", &format!("start of restored container {id} is a no-op"));
+        log(
+            inv,
+            "info",
+            &format!("start of restored container {id} is a no-op"),
+        );
         return Ok(Step::Exit(0));
     }
     Ok(Step::Exec)
@@ -425,7 +453,11 @@ fn kill(cfg: &Config, inv: &Invocation) -> Result<Step> {
     let answer = match answer {
         Answer::Hold(h) => {
             let wait = Duration::from_millis(h.timeout_ms) + Duration::from_secs(1);
-            log(inv, "info", &format!("kill of {id} held until its checkpoint is taken"));
+            log(
+                inv,
+                "info",
+                &format!("kill of {id} held until its checkpoint is taken"),
+            );
             client
                 .recv(wait)
                 .ok()
@@ -437,7 +469,11 @@ fn kill(cfg: &Config, inv: &Invocation) -> Result<Step> {
     Ok(match answer {
         Answer::NoOp(_) => Step::Exit(0),
         Answer::Refuse(r) => {
-            log(inv, "error", &format!("podmig refused to kill {id}: {}", r.reason));
+            log(
+                inv,
+                "error",
+                &format!("podmig refused to kill {id}: {}", r.reason),
+            );
             Step::Exit(1)
         }
         _ => Step::Exec,
@@ -446,10 +482,18 @@ fn kill(cfg: &Config, inv: &Invocation) -> Result<Step> {
 
 fn delete(cfg: &Config, inv: &Invocation, args: &[OsString]) -> i32 {
     let id = inv.single_id();
-    let out = match Command::new(&cfg.runc).args(args).stdin(Stdio::null()).output() {
+    let out = match Command::new(&cfg.runc)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(o) => o,
         Err(e) => {
-            log(inv, "error", &format!("cannot run {}: {e}", cfg.runc.display()));
+            log(
+                inv,
+                "error",
+                &format!("cannot run {}: {e}", cfg.runc.display()),
+            );
             return 127;
         }
     };
@@ -487,9 +531,16 @@ fn log(inv: &Invocation, level: &str, msg: &str) {
         serde_json::json!({"level": level, "msg": format!("podmig-runc: {msg}"), "time": time})
             .to_string()
     } else {
-        format!("time=\"{time}\" level={level} msg=\"podmig-runc: {}\"", msg.replace('"', "'"))
+        format!(
+            "time=\"{time}\" level={level} msg=\"podmig-runc: {}\"",
+            msg.replace('"', "'")
+        )
     };
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
         let _ = writeln!(f, "{line}");
     }
 }
@@ -543,8 +594,19 @@ mod tests {
     use super::*;
 
     const SHIM_CREATE: &[&str] = &[
-        "--root", "/run/containerd/runc/k8s.io", "--log", "/b/log.json", "--log-format", "json",
-        "create", "--bundle", "/b", "--pid-file", "/b/init.pid", "--no-pivot", "abc",
+        "--root",
+        "/run/containerd/runc/k8s.io",
+        "--log",
+        "/b/log.json",
+        "--log-format",
+        "json",
+        "create",
+        "--bundle",
+        "/b",
+        "--pid-file",
+        "/b/init.pid",
+        "--no-pivot",
+        "abc",
     ];
 
     #[test]
@@ -564,16 +626,40 @@ mod tests {
         };
         let restore = c.restore_args(&inv.globals, &from, Path::new("/w"));
         let expected = os_args([
-            "--root", "/run/containerd/runc/k8s.io", "--log", "/b/log.json", "--log-format", "json",
-            "restore", "--detach", "--bundle", "/b", "--image-path", "/ckpt", "--work-path", "/w",
-            "--pid-file", "/b/init.pid", "--no-pivot", "--tcp-established", "abc",
+            "--root",
+            "/run/containerd/runc/k8s.io",
+            "--log",
+            "/b/log.json",
+            "--log-format",
+            "json",
+            "restore",
+            "--detach",
+            "--bundle",
+            "/b",
+            "--image-path",
+            "/ckpt",
+            "--work-path",
+            "/w",
+            "--pid-file",
+            "/b/init.pid",
+            "--no-pivot",
+            "--tcp-established",
+            "abc",
         ]);
         assert_eq!(restore, expected);
     }
 
     #[test]
     fn equals_form_and_bool_globals_are_understood() {
-        let inv = Invocation::parse(&os_args(["--debug", "--root=/r", "--systemd-cgroup", "kill", "--all", "c1", "9"]));
+        let inv = Invocation::parse(&os_args([
+            "--debug",
+            "--root=/r",
+            "--systemd-cgroup",
+            "kill",
+            "--all",
+            "c1",
+            "9",
+        ]));
         assert_eq!(inv.command, "kill");
         assert_eq!(inv.root(), PathBuf::from("/r"));
         assert_eq!(inv.kill_target(), Some(("c1".into(), "9".into())));
@@ -609,6 +695,9 @@ mod tests {
     fn timestamp_is_rfc3339() {
         let t = rfc3339_now();
         assert_eq!(t.len(), 30, "{t}");
-        assert!(t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T", "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
     }
 }

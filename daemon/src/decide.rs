@@ -72,7 +72,10 @@ mod tests {
 
     #[test]
     fn target_with_checkpoint_restores() {
-        let a = on_create(&container(Some("u1")), &CheckpointLookup::Stored("/s/u1/app".into()));
+        let a = on_create(
+            &container(Some("u1")),
+            &CheckpointLookup::Stored("/s/u1/app".into()),
+        );
         assert!(matches!(a, Answer::RestoreFrom(r) if r.image_path == "/s/u1/app"));
         let a = on_create(&container(None), &CheckpointLookup::Armed("/armed".into()));
         assert!(matches!(a, Answer::RestoreFrom(r) if r.image_path == "/armed"));
@@ -86,7 +89,11 @@ mod tests {
         );
         match a {
             Answer::Refuse(r) => {
-                assert!(r.reason.contains("u1") && r.reason.contains("/s/u1/app"), "{}", r.reason)
+                assert!(
+                    r.reason.contains("u1") && r.reason.contains("/s/u1/app"),
+                    "{}",
+                    r.reason
+                )
             }
             other => panic!("expected refuse, got {other:?}"),
         }

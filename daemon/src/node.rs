@@ -15,7 +15,10 @@ use podmig_cri_ext::{
     hook::{Decision, HookHandler},
     identity::find_container,
     proto::{
-        hook::v1::{ContainerIdentity, Event, HookRequest, NoOp, Pass, Refuse, hook_response::Decision as Answer},
+        hook::v1::{
+            ContainerIdentity, Event, HookRequest, NoOp, Pass, Refuse,
+            hook_response::Decision as Answer,
+        },
         runtime::v1::{
             CheckpointContainerRequest, CheckpointContainerResponse, ListRestoresRequest,
             ListRestoresResponse, RestoreContainerRequest, RestoreContainerResponse, RestoreRecord,
@@ -90,7 +93,11 @@ impl<E: CheckpointEngine> Node<E> {
     }
 
     /// Checkpoints container `id`; kills of it are held meanwhile.
-    pub async fn checkpoint(&self, id: &str, options: CheckpointOptions) -> podmig_cri_ext::Result<CheckpointReport> {
+    pub async fn checkpoint(
+        &self,
+        id: &str,
+        options: CheckpointOptions,
+    ) -> podmig_cri_ext::Result<CheckpointReport> {
         let (tx, rx) = watch::channel(None);
         lock(&self.in_flight).insert(id.to_owned(), rx);
         let leave_running = options.leave_running;
@@ -98,13 +105,19 @@ impl<E: CheckpointEngine> Node<E> {
         let id2 = id.to_owned();
         let result = tokio::task::spawn_blocking(move || engine.checkpoint(&id2, &options))
             .await
-            .unwrap_or_else(|e| Err(podmig_cri_ext::Error::Usage(format!("checkpoint task: {e}"))));
+            .unwrap_or_else(|e| {
+                Err(podmig_cri_ext::Error::Usage(format!(
+                    "checkpoint task: {e}"
+                )))
+            });
         lock(&self.in_flight).remove(id);
         // A failed dump left the container running: held kills go ahead.
         let _ = tx.send(Some(result.is_err() || leave_running));
         match &result {
-            Ok(report) => tracing::info!(container_id = %id, dump_ms = report.duration.as_millis() as u64,
-                image_bytes = report.image_bytes, "container checkpointed"),
+            Ok(report) => {
+                tracing::info!(container_id = %id, dump_ms = report.duration.as_millis() as u64,
+                image_bytes = report.image_bytes, "container checkpointed")
+            }
             Err(error) => tracing::warn!(container_id = %id, %error, "checkpoint failed"),
         }
         result
@@ -131,7 +144,10 @@ impl<E: CheckpointEngine> Node<E> {
         tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid, source_pod_uid = %source_uid,
             source_container_id = %source_id, "checkpointing local migration source");
         let frozen_at = Instant::now();
-        let options = CheckpointOptions { image_path: dir.to_path_buf(), ..Default::default() };
+        let options = CheckpointOptions {
+            image_path: dir.to_path_buf(),
+            ..Default::default()
+        };
         Some(
             self.checkpoint(&source_id, options)
                 .await
@@ -160,7 +176,10 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
         let c = req.container.clone().unwrap_or_default();
         match req.event() {
             Event::Create => {
-                let source = c.annotations.get(podmig_api::ANNOTATION_MIGRATE_FROM).cloned();
+                let source = c
+                    .annotations
+                    .get(podmig_api::ANNOTATION_MIGRATE_FROM)
+                    .cloned();
                 let mut lookup = self.lookup(&c.pod_uid, &c.container_name, source.as_deref());
                 let mut dumped = None;
                 if let (CheckpointLookup::Missing(Some(dir)), Some(src)) = (&lookup, &source) {
@@ -242,7 +261,9 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
         record.ok = result.ok;
         record.error = result.error.clone();
         record.restore_ms = result.duration_ms;
-        record.frozen_ms = pending.frozen_at.map_or(0, |at| at.elapsed().as_millis() as u64);
+        record.frozen_ms = pending
+            .frozen_at
+            .map_or(0, |at| at.elapsed().as_millis() as u64);
         {
             let mut restores = lock(&self.restores);
             if restores.len() == RESTORE_HISTORY {
@@ -278,7 +299,9 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
             return Err(Status::invalid_argument("container_id is required"));
         }
         if opts.checkpoint_path.is_empty() {
-            return Err(Status::invalid_argument("options.checkpoint_path is required"));
+            return Err(Status::invalid_argument(
+                "options.checkpoint_path is required",
+            ));
         }
         let options = CheckpointOptions {
             image_path: PathBuf::from(&opts.checkpoint_path),
@@ -358,7 +381,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let hook_task = tokio::spawn(podmig_cri_ext::hook::serve(hook, node.clone()));
     let served = tonic::transport::Server::builder()
         .add_service(CheckpointServiceServer::new(CheckpointApi(node)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(api), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(api),
+            shutdown,
+        )
         .await;
     hook_task.abort();
     let _ = std::fs::remove_file(&cfg.hook_socket);
@@ -378,7 +404,11 @@ mod tests {
     }
 
     impl CheckpointEngine for FakeEngine {
-        fn checkpoint(&self, _id: &str, opts: &CheckpointOptions) -> podmig_cri_ext::Result<CheckpointReport> {
+        fn checkpoint(
+            &self,
+            _id: &str,
+            opts: &CheckpointOptions,
+        ) -> podmig_cri_ext::Result<CheckpointReport> {
             #[allow(clippy::disallowed_methods)] // runs in spawn_blocking, like runc does
             std::thread::sleep(self.delay);
             if self.fail {
@@ -386,13 +416,19 @@ mod tests {
             }
             std::fs::create_dir_all(&opts.image_path).expect("mkdir");
             std::fs::write(opts.image_path.join("inventory.img"), b"x").expect("write");
-            Ok(CheckpointReport { duration: self.delay, image_bytes: 1 })
+            Ok(CheckpointReport {
+                duration: self.delay,
+                image_bytes: 1,
+            })
         }
     }
 
     fn node(tmp: &Path, fail: bool) -> Arc<Node<FakeEngine>> {
         Arc::new(Node::new(
-            FakeEngine { delay: Duration::from_millis(100), fail },
+            FakeEngine {
+                delay: Duration::from_millis(100),
+                fail,
+            },
             CheckpointStore::new(tmp),
             tmp.join("runc"),
             Duration::from_secs(5),
@@ -426,10 +462,12 @@ mod tests {
     fn ckpt_req(id: &str, path: &Path) -> Request<CheckpointContainerRequest> {
         Request::new(CheckpointContainerRequest {
             container_id: id.into(),
-            options: Some(podmig_cri_ext::proto::runtime::v1::CheckpointContainerOptions {
-                checkpoint_path: path.display().to_string(),
-                ..Default::default()
-            }),
+            options: Some(
+                podmig_cri_ext::proto::runtime::v1::CheckpointContainerOptions {
+                    checkpoint_path: path.display().to_string(),
+                    ..Default::default()
+                },
+            ),
         })
     }
 
@@ -470,11 +508,21 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let n = node(tmp.path(), false);
         let dir = tmp.path().join("src-uid/app");
-        CheckpointApi(n.clone()).checkpoint_container(ckpt_req("c1", &dir)).await.expect("ok");
-        let a = answer(n.decide(req(Event::Create, "c2", "dst-uid", Some("src-uid"))).await).await;
+        CheckpointApi(n.clone())
+            .checkpoint_container(ckpt_req("c1", &dir))
+            .await
+            .expect("ok");
+        let a = answer(
+            n.decide(req(Event::Create, "c2", "dst-uid", Some("src-uid")))
+                .await,
+        )
+        .await;
         assert!(matches!(&a, Answer::RestoreFrom(r) if Path::new(&r.image_path) == dir));
         let mut done = req(Event::Restored, "c2", "dst-uid", Some("src-uid"));
-        done.restore_result = Some(RestoreResult { ok: true, ..Default::default() });
+        done.restore_result = Some(RestoreResult {
+            ok: true,
+            ..Default::default()
+        });
         n.restored(done).await;
         assert!(!dir.exists(), "checkpoint must be deleted after a restore");
         assert!(!tmp.path().join("src-uid").exists());
@@ -484,13 +532,24 @@ mod tests {
     async fn failed_restore_keeps_checkpoint_and_missing_one_is_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let n = node(tmp.path(), false);
-        let a = answer(n.decide(req(Event::Create, "c2", "dst", Some("gone"))).await).await;
+        let a = answer(
+            n.decide(req(Event::Create, "c2", "dst", Some("gone")))
+                .await,
+        )
+        .await;
         assert!(matches!(a, Answer::Refuse(_)));
         let dir = tmp.path().join("src/app");
-        CheckpointApi(n.clone()).checkpoint_container(ckpt_req("c1", &dir)).await.expect("ok");
+        CheckpointApi(n.clone())
+            .checkpoint_container(ckpt_req("c1", &dir))
+            .await
+            .expect("ok");
         let _ = answer(n.decide(req(Event::Create, "c2", "dst", Some("src"))).await).await;
         let mut done = req(Event::Restored, "c2", "dst", Some("src"));
-        done.restore_result = Some(RestoreResult { ok: false, error: "boom".into(), ..Default::default() });
+        done.restore_result = Some(RestoreResult {
+            ok: false,
+            error: "boom".into(),
+            ..Default::default()
+        });
         n.restored(done).await;
         assert!(dir.join("inventory.img").exists());
     }
@@ -520,7 +579,11 @@ mod tests {
         };
         assert_eq!(Path::new(&image_path), tmp.path().join("src/app"));
         let mut done = req(Event::Restored, "c2", "dst", Some("src"));
-        done.restore_result = Some(RestoreResult { ok: true, duration_ms: 40, ..Default::default() });
+        done.restore_result = Some(RestoreResult {
+            ok: true,
+            duration_ms: 40,
+            ..Default::default()
+        });
         n.restored(done).await;
         let records = n.restores("dst");
         assert_eq!(records.len(), 1);
@@ -537,7 +600,11 @@ mod tests {
         live_source(tmp.path(), "src");
         let n = node(tmp.path(), true);
         match answer(n.decide(req(Event::Create, "c2", "dst", Some("src"))).await).await {
-            Answer::Refuse(r) => assert!(r.reason.contains("src-ctr") && r.reason.contains("dump failed"), "{}", r.reason),
+            Answer::Refuse(r) => assert!(
+                r.reason.contains("src-ctr") && r.reason.contains("dump failed"),
+                "{}",
+                r.reason
+            ),
             other => panic!("expected refuse, got {other:?}"),
         }
     }
@@ -555,10 +622,12 @@ mod tests {
             .restore_container(Request::new(RestoreContainerRequest {
                 pod_uid: "u".into(),
                 container_name: "app".into(),
-                options: Some(podmig_cri_ext::proto::runtime::v1::RestoreContainerOptions {
-                    checkpoint_path: tmp.path().join("none").display().to_string(),
-                    ..Default::default()
-                }),
+                options: Some(
+                    podmig_cri_ext::proto::runtime::v1::RestoreContainerOptions {
+                        checkpoint_path: tmp.path().join("none").display().to_string(),
+                        ..Default::default()
+                    },
+                ),
             }))
             .await
             .expect_err("no checkpoint");

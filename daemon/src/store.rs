@@ -35,12 +35,15 @@ impl CheckpointStore {
 
     /// Removes a checkpoint and its Pod directory when that became empty.
     pub fn remove(&self, dir: &Path) {
-        if let Err(error) = std::fs::remove_dir_all(dir) {
-            if error.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %dir.display(), %error, "cannot remove checkpoint");
-            }
+        if let Err(error) = std::fs::remove_dir_all(dir)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), %error, "cannot remove checkpoint");
         }
-        if let Some(parent) = dir.parent().filter(|p| p.starts_with(&self.root) && *p != self.root) {
+        if let Some(parent) = dir
+            .parent()
+            .filter(|p| p.starts_with(&self.root) && *p != self.root)
+        {
             let _ = std::fs::remove_dir(parent); // only succeeds when empty
         }
     }

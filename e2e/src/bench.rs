@@ -71,14 +71,23 @@ pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             ],
         ));
     }
-    println!("engine benchmark: medians of {runs} runs (ms); criu = plain criu dump + criu restore of the same app");
-    println!("| mem MiB | podmig checkpoint | podmig restore | podmig frozen | criu dump | criu restore | criu frozen | frozen ratio |");
+    println!(
+        "engine benchmark: medians of {runs} runs (ms); criu = plain criu dump + criu restore of the same app"
+    );
+    println!(
+        "| mem MiB | podmig checkpoint | podmig restore | podmig frozen | criu dump | criu restore | criu frozen | frozen ratio |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (mem, m) in &rows {
         let ratio = m[2].as_secs_f64() / m[5].as_secs_f64().max(1e-6);
         println!(
             "| {mem} | {} | {} | {} | {} | {} | {} | {ratio:.2} |",
-            ms(m[0]), ms(m[1]), ms(m[2]), ms(m[3]), ms(m[4]), ms(m[5])
+            ms(m[0]),
+            ms(m[1]),
+            ms(m[2]),
+            ms(m[3]),
+            ms(m[4]),
+            ms(m[5])
         );
     }
     for (mem, m) in &rows {
@@ -92,9 +101,22 @@ pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
 }
 
 async fn podmig_once(node: &mut TestNode, mem: u64, run: usize) -> anyhow::Result<Sample> {
-    let src = scenario::start_source(node, &format!("bench-{run}-a"), &format!("bench-{mem}-{run}-a"), mem).await?;
+    let src = scenario::start_source(
+        node,
+        &format!("bench-{run}-a"),
+        &format!("bench-{mem}-{run}-a"),
+        mem,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let moved = scenario::move_app(node, &src, &format!("bench-{run}-b"), &format!("bench-{mem}-{run}-b"), mem).await?;
+    let moved = scenario::move_app(
+        node,
+        &src,
+        &format!("bench-{run}-b"),
+        &format!("bench-{mem}-{run}-b"),
+        mem,
+    )
+    .await?;
     if std::env::var_os("PODMIG_BENCH_DEBUG").is_some() {
         eprintln!("{}", node.daemon.log());
     }
@@ -103,7 +125,11 @@ async fn podmig_once(node: &mut TestNode, mem: u64, run: usize) -> anyhow::Resul
     node.cri.remove_pod(&src.sandbox.id).await?;
     node.cri.remove_pod(&moved.sandbox.id).await?;
     let r = moved.report;
-    Ok(Sample { checkpoint: r.checkpoint, restore: r.restore, frozen: r.frozen })
+    Ok(Sample {
+        checkpoint: r.checkpoint,
+        restore: r.restore,
+        frozen: r.frozen,
+    })
 }
 
 fn criu(args: &[&str], dir: &Path, log: &str) -> anyhow::Result<()> {
@@ -119,14 +145,19 @@ fn criu(args: &[&str], dir: &Path, log: &str) -> anyhow::Result<()> {
         .context("running criu")?;
     if !out.status.success() {
         let tail = podmig_cri_ext::engine::log_tail(&dir.join(log)).unwrap_or_default();
-        bail!("criu {args:?} failed: {} {tail}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "criu {args:?} failed: {} {tail}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
     // Same storage as the node daemon's checkpoints, so only the engines differ.
-    let dir = tempfile::Builder::new().prefix("podmig-bench-criu-").tempdir_in(paths::memory_dir())?;
+    let dir = tempfile::Builder::new()
+        .prefix("podmig-bench-criu-")
+        .tempdir_in(paths::memory_dir())?;
     let port = 18_000 + run as u16;
     let log = std::fs::File::create(dir.path().join("app.log"))?;
     // setsid: the app leads its own session, so CRIU can dump it without --shell-job.
@@ -139,7 +170,9 @@ fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
         .spawn()
         .context("starting the test app")?;
     let pid = child.id();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = (|| {
         rt.block_on(wait_local(port, Duration::from_secs(60 + mem / 10)))?;
         #[allow(clippy::disallowed_methods)] // synchronous benchmark step
@@ -152,7 +185,11 @@ fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
         let _ = child.wait();
         let pidfile = dir.path().join("restored.pid");
         let t1 = Instant::now();
-        criu(&["restore", "-d", "--pidfile", &pidfile.display().to_string()], &images, "restore.log")?;
+        criu(
+            &["restore", "-d", "--pidfile", &pidfile.display().to_string()],
+            &images,
+            "restore.log",
+        )?;
         let restore = t1.elapsed();
         let frozen = t0.elapsed();
         let restored: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
@@ -160,7 +197,11 @@ fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
         signal(restored, libc::SIGKILL);
         let count = count?;
         anyhow::ensure!(count >= 2, "criu-restored app lost its count ({count})");
-        Ok(Sample { checkpoint, restore, frozen })
+        Ok(Sample {
+            checkpoint,
+            restore,
+            frozen,
+        })
     })();
     if result.is_err() {
         let _ = child.kill();

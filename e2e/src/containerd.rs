@@ -29,7 +29,9 @@ impl Containerd {
     /// test images into it.
     pub fn start(hook_socket: &Path) -> anyhow::Result<Self> {
         let n = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst)) % 200 + 20;
-        let dir = tempfile::Builder::new().prefix("podmig-ctrd-").tempdir_in("/var/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("podmig-ctrd-")
+            .tempdir_in("/var/tmp")?;
         let bridge = format!("pmbr{n}");
         let subnet = format!("10.77.{n}.0/24");
         let me = Self {
@@ -56,8 +58,15 @@ impl Containerd {
         me.proc = Some(Proc::spawn("containerd", cmd)?);
         me.wait_ready()?;
         for image in ["pause", "testapp"] {
-            me.ctr(&["images", "import", &paths::images_dir().join(format!("{image}.tar")).display().to_string()])
-                .with_context(|| format!("importing {image} (did scripts/setup run?)"))?;
+            me.ctr(&[
+                "images",
+                "import",
+                &paths::images_dir()
+                    .join(format!("{image}.tar"))
+                    .display()
+                    .to_string(),
+            ])
+            .with_context(|| format!("importing {image} (did scripts/setup run?)"))?;
         }
         Ok(me)
     }
@@ -93,7 +102,10 @@ impl Containerd {
         std::fs::create_dir_all(&cni)?;
         let wrapper = paths::bin("podmig-runc");
         if !wrapper.exists() {
-            bail!("{} is not built (cargo build --workspace)", wrapper.display());
+            bail!(
+                "{} is not built (cargo build --workspace)",
+                wrapper.display()
+            );
         }
         let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
         let config = format!(
@@ -155,7 +167,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 {"type": "loopback"}
             ]
         });
-        std::fs::write(cni.join("10-podmig.conflist"), serde_json::to_vec_pretty(&net)?)?;
+        std::fs::write(
+            cni.join("10-podmig.conflist"),
+            serde_json::to_vec_pretty(&net)?,
+        )?;
         Ok(())
     }
 
@@ -196,12 +211,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Containers runc still knows in this instance's state root.
     pub fn runc_containers(&self) -> Vec<String> {
         std::fs::read_dir(self.runc_root())
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     fn shim_pids(&self) -> Vec<u32> {
-        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task/k8s.io");
+        let tasks = self
+            .dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task/k8s.io");
         std::fs::read_dir(tasks)
             .map(|d| {
                 d.flatten()
@@ -217,7 +239,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         let sock = self.socket();
         // Drop may run inside a test's runtime: do the async CRI cleanup on a thread of its own.
         let cri = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut cri = crate::cri::Cri::connect(&sock).await.ok()?;
                 cri.remove_all_sandboxes().await.ok()
@@ -246,7 +271,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 impl Drop for Containerd {
     fn drop(&mut self) {
         if self.keep {
-            eprintln!("PODMIG_E2E_KEEP: leaving {} running", self.dir.path().display());
+            eprintln!(
+                "PODMIG_E2E_KEEP: leaving {} running",
+                self.dir.path().display()
+            );
             if let Some(p) = self.proc.as_mut() {
                 p.detach();
             }

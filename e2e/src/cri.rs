@@ -1,7 +1,10 @@
 //! A CRI client that plays kubelet: sandboxes and containers shaped the way kubelet
 //! shapes them (per-container PID namespace, Pod log directory, runtime handler).
 
-use std::{collections::HashMap, path::{Path, PathBuf}};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use k8s_cri::v1::{
@@ -44,8 +47,10 @@ impl TestPod {
 
     /// Marks the Pod as the migration target of Pod `source_uid`.
     pub fn migrating_from(mut self, source_uid: &str) -> Self {
-        self.annotations
-            .insert(podmig_api::ANNOTATION_MIGRATE_FROM.into(), source_uid.into());
+        self.annotations.insert(
+            podmig_api::ANNOTATION_MIGRATE_FROM.into(),
+            source_uid.into(),
+        );
         self
     }
 
@@ -107,7 +112,11 @@ impl TestContainer {
         Self {
             name: "app".into(),
             image: crate::paths::TESTAPP_IMAGE.into(),
-            command: vec!["/bin/testapp".into(), "--mem-mib".into(), mem_mib.to_string()],
+            command: vec![
+                "/bin/testapp".into(),
+                "--mem-mib".into(),
+                mem_mib.to_string(),
+            ],
         }
     }
 
@@ -133,7 +142,6 @@ impl TestContainer {
                     cpu_shares: 1024,
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         }

@@ -85,7 +85,9 @@ impl NodeDaemon {
         self.proc.stop(Duration::from_secs(5));
     }
 
-    async fn client(&self) -> Result<CheckpointServiceClient<tonic::transport::Channel>, tonic::Status> {
+    async fn client(
+        &self,
+    ) -> Result<CheckpointServiceClient<tonic::transport::Channel>, tonic::Status> {
         let channel = podmig_cri_ext::connect(self.api_socket())
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -97,7 +99,9 @@ impl NodeDaemon {
         let resp = self
             .client()
             .await?
-            .list_restores(ListRestoresRequest { pod_uid: pod_uid.into() })
+            .list_restores(ListRestoresRequest {
+                pod_uid: pod_uid.into(),
+            })
             .await?;
         Ok(resp.into_inner().restores)
     }

@@ -2,13 +2,21 @@
 
 use std::time::Duration;
 
-use crate::{node::TestNode, scenario, testapp::{get_count, heartbeats}};
+use crate::{
+    node::TestNode,
+    scenario,
+    testapp::{get_count, heartbeats},
+};
 
 /// Runs the demo; prints its narration and the result line to stdout.
 pub async fn run() -> anyhow::Result<()> {
-    println!("podmig demo: move a running container into another Pod sandbox without restarting it");
+    println!(
+        "podmig demo: move a running container into another Pod sandbox without restarting it"
+    );
     let mut node = TestNode::start().await?;
-    println!("1. started containerd (runtime handler 'podmig' -> podmig-runc) and the podmig node daemon");
+    println!(
+        "1. started containerd (runtime handler 'podmig' -> podmig-runc) and the podmig node daemon"
+    );
     let source = scenario::start_source(&mut node, "demo-0", "demo-uid-0", 64).await?;
     for _ in 0..9 {
         get_count(&source.ip).await?;
@@ -29,14 +37,22 @@ pub async fn run() -> anyhow::Result<()> {
     );
     let count_after = get_count(&moved.ip).await?;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let last_a = heartbeats(&source.sandbox.log_path("app")).last().copied().unwrap_or(0);
-    let first_b = heartbeats(&moved.sandbox.log_path("app")).first().copied().unwrap_or(0);
+    let last_a = heartbeats(&source.sandbox.log_path("app"))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    let first_b = heartbeats(&moved.sandbox.log_path("app"))
+        .first()
+        .copied()
+        .unwrap_or(0);
     println!(
         "4. demo-1 at {} answers GET /count -> {count_after}; its heartbeat continues at seq {first_b} (demo-0 stopped at {last_a})",
         moved.ip
     );
     let ok = count_after > count_before && first_b > last_a;
-    if std::env::var_os("PODMIG_DEMO_DEBUG").is_some() { eprintln!("{}", node.daemon.log()); }
+    if std::env::var_os("PODMIG_DEMO_DEBUG").is_some() {
+        eprintln!("{}", node.daemon.log());
+    }
     node.cri.remove_all_sandboxes().await?;
     println!("5. cleaned up: sandboxes, containers and checkpoint removed");
     println!(

@@ -3,13 +3,13 @@
 //! app. Everything started here is stopped by its own pid and cleaned up by guards, also
 //! when a test fails. The Kubernetes API server and kubelet stand-ins join in later issues.
 
+pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
+pub mod demo;
+pub mod node;
 pub mod paths;
 pub mod process;
-pub mod testapp;
-pub mod node;
-pub mod bench;
-pub mod demo;
 pub mod scenario;
+pub mod testapp;

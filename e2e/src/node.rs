@@ -20,17 +20,29 @@ pub struct TestNode {
 impl TestNode {
     /// Starts containerd and `podmig node` for one node.
     pub async fn start() -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("podmig-node-").tempdir_in("/var/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("podmig-node-")
+            .tempdir_in("/var/tmp")?;
         let hook = NodeDaemon::hook_socket_in(dir.path());
         let containerd = tokio::task::block_in_place(|| Containerd::start(&hook))?;
         // Checkpoints live in memory (tmpfs), as on a node whose /run is tmpfs: a dump is
         // then bound by copying pages, not by the disk's writeback.
-        let checkpoints = tempfile::Builder::new().prefix("podmig-ckpt-").tempdir_in(paths::memory_dir())?;
+        let checkpoints = tempfile::Builder::new()
+            .prefix("podmig-ckpt-")
+            .tempdir_in(paths::memory_dir())?;
         let daemon = tokio::task::block_in_place(|| {
             NodeDaemon::start(dir.path(), checkpoints.path(), &containerd.runc_root())
         })?;
-        let cri = Cri::connect(&containerd.socket()).await.context("CRI connect")?;
-        Ok(Self { cri, containerd, daemon, dir, _checkpoints: checkpoints })
+        let cri = Cri::connect(&containerd.socket())
+            .await
+            .context("CRI connect")?;
+        Ok(Self {
+            cri,
+            containerd,
+            daemon,
+            dir,
+            _checkpoints: checkpoints,
+        })
     }
 
     /// Root for Pod log directories.

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 /// Images built by `scripts/setup` (`scripts/build-images`).
 pub fn images_dir() -> PathBuf {
-    std::env::var_os("PODMIG_IMAGES").map_or_else(|| PathBuf::from("/opt/podmig/images"), PathBuf::from)
+    std::env::var_os("PODMIG_IMAGES")
+        .map_or_else(|| PathBuf::from("/opt/podmig/images"), PathBuf::from)
 }
 
 /// The cargo target directory holding the workspace's binaries (next to the running

@@ -51,21 +51,39 @@ pub struct Moved {
 }
 
 /// Starts the test app with `mem_mib` MiB in a new sandbox `name`/`uid` and waits until it serves.
-pub async fn start_source(node: &mut TestNode, name: &str, uid: &str, mem_mib: u64) -> anyhow::Result<Source> {
+pub async fn start_source(
+    node: &mut TestNode,
+    name: &str,
+    uid: &str,
+    mem_mib: u64,
+) -> anyhow::Result<Source> {
     let pod = TestPod::new(name, uid, &node.logs_root());
     let sandbox = node.cri.run_pod(&pod).await?;
-    let container = node.cri.run_container(&sandbox, &TestContainer::testapp(mem_mib)).await?;
+    let container = node
+        .cri
+        .run_container(&sandbox, &TestContainer::testapp(mem_mib))
+        .await?;
     let ip = node.cri.pod_ip(&sandbox).await?;
     // Touching 1 GiB takes a while on a busy machine.
     wait_count(&ip, Duration::from_secs(60 + mem_mib / 10)).await?;
-    Ok(Source { sandbox, container, ip })
+    Ok(Source {
+        sandbox,
+        container,
+        ip,
+    })
 }
 
 /// Moves `source` into a new sandbox `name`/`uid` the way a migration target runs: the
 /// target sandbox and container are created through CRI first; when the runtime creates
 /// the container, podmig-runc asks the node daemon, which freezes and dumps the source
 /// (still running until then) and answers with the checkpoint to restore.
-pub async fn move_app(node: &mut TestNode, source: &Source, name: &str, uid: &str, mem_mib: u64) -> anyhow::Result<Moved> {
+pub async fn move_app(
+    node: &mut TestNode,
+    source: &Source,
+    name: &str,
+    uid: &str,
+    mem_mib: u64,
+) -> anyhow::Result<Moved> {
     let source_uid = source.sandbox.pod.uid.clone();
     let pod = TestPod::new(name, uid, &node.logs_root()).migrating_from(&source_uid);
     let sandbox = node.cri.run_pod(&pod).await?;

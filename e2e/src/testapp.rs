@@ -28,7 +28,9 @@ pub async fn get_count_at(ip: &str, port: u16) -> anyhow::Result<u64> {
         .await
         .context("read timed out")??;
     let body = buf.split("\r\n\r\n").nth(1).context("no body")?;
-    body.trim().parse().with_context(|| format!("bad count {body:?}"))
+    body.trim()
+        .parse()
+        .with_context(|| format!("bad count {body:?}"))
 }
 
 /// `GET /count` until the app answers (it may still be starting).

@@ -107,7 +107,10 @@ fn serve(stream: TcpStream, count: &AtomicU64) {
         line.clear();
     }
     let (status, body) = match request_line.split_whitespace().nth(1) {
-        Some("/count") => ("200 OK", format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1)),
+        Some("/count") => (
+            "200 OK",
+            format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1),
+        ),
         Some("/healthz") => ("200 OK", "ok\n".to_owned()),
         _ => ("404 Not Found", "not found\n".to_owned()),
     };

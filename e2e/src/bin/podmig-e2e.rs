@@ -3,7 +3,10 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "podmig-e2e", about = "podmig's local test bed: demo and benchmarks")]
+#[command(
+    name = "podmig-e2e",
+    about = "podmig's local test bed: demo and benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +22,7 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024])]
         sizes: Vec<u64>,
         /// Runs per size (the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         runs: usize,
     },
 }
