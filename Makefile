@@ -16,7 +16,7 @@ build:
 test: setup build
 	$(CARGO) test --workspace
 
-lint:
+lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

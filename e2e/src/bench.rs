@@ -38,6 +38,7 @@ fn ms(d: Duration) -> u128 {
 /// Runs the engine benchmark for every size and prints the table and one line per size.
 pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
     let mut node = TestNode::start().await?;
+    wrapper_overhead(&mut node, runs).await?;
     let mut rows = Vec::new();
     for &mem in sizes {
         let (mut podmig, mut criu) = (Vec::new(), Vec::new());
@@ -97,6 +98,46 @@ pub async fn engine(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             ms(m[5])
         );
     }
+    Ok(())
+}
+
+/// CreateContainer + StartContainer of an ordinary container under the plain `runc`
+/// handler and under `podmig` (through podmig-runc and one hook round-trip), interleaved.
+async fn wrapper_overhead(node: &mut TestNode, runs: usize) -> anyhow::Result<()> {
+    let (mut plain, mut wrapped) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        for handler in ["runc", podmig_api::RUNTIME_HANDLER] {
+            let pod = crate::cri::TestPod::new(
+                &format!("start-{handler}-{run}"),
+                &format!("start-{handler}-{run}"),
+                &node.logs_root(),
+            )
+            .with_handler(handler);
+            let sandbox = node.cri.run_pod(&pod).await?;
+            let started = Instant::now();
+            node.cri
+                .run_container(&sandbox, &crate::cri::TestContainer::testapp(0))
+                .await?;
+            let took = started.elapsed();
+            if handler == "runc" {
+                plain.push(took)
+            } else {
+                wrapped.push(took)
+            }
+            node.cri.remove_pod(&sandbox.id).await?;
+        }
+    }
+    let (p, w) = (median(plain), median(wrapped));
+    println!(
+        "container start (CreateContainer+StartContainer, ordinary container), median of {runs}: runc {} ms, podmig-runc {} ms",
+        p.as_millis(),
+        w.as_millis()
+    );
+    println!(
+        "podmig-bench-wrapper runs={runs} runc_start_ms={} podmig_start_ms={}",
+        p.as_millis(),
+        w.as_millis()
+    );
     Ok(())
 }
 
