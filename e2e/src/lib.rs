@@ -3,6 +3,7 @@
 //! app. Everything started here is stopped by its own pid and cleaned up by guards, also
 //! when a test fails. The Kubernetes API server and kubelet stand-ins join in later issues.
 
+pub mod apiserver;
 pub mod bench;
 pub mod containerd;
 pub mod cri;

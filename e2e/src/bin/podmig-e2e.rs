@@ -16,6 +16,15 @@ struct Cli {
 enum Command {
     /// Move the test app between two Pod sandboxes on one node, narrated.
     Demo,
+    /// Serve the Kubernetes API for tests until interrupted; prints the kubeconfig path.
+    Apiserver {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// Directory for the certificate and kubeconfig.
+        #[arg(long, default_value = "/var/tmp/podmig-apiserver")]
+        dir: std::path::PathBuf,
+    },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
         /// Ballast sizes in MiB.
@@ -31,6 +40,19 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => podmig_e2e::demo::run().await,
+        Command::Apiserver { listen, dir } => {
+            let server = podmig_e2e::apiserver::ApiServer::start(podmig_e2e::apiserver::Options {
+                listen,
+                extra_sans: vec![],
+                dir,
+                bookmark_interval: std::time::Duration::from_secs(60),
+            })
+            .await?;
+            println!("{}", server.kubeconfig.display());
+            tokio::signal::ctrl_c().await?;
+            server.stop().await;
+            Ok(())
+        }
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
     }
 }

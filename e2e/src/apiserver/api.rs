@@ -1,0 +1,524 @@
+//! The API semantics, independent of HTTP: create/update/patch/delete with optimistic
+//! concurrency, status subresources, finalizers and graceful Pod deletion, owner-reference
+//! garbage collection, and CRDs turning into served resources.
+
+use std::sync::RwLock;
+
+use serde_json::{Value, json};
+
+use super::{
+    resources::{self, ResourceDef},
+    store::{Key, Store},
+};
+
+/// An API error, answered as a `metav1.Status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub code: u16,
+    /// `reason` of the Status (`NotFound`, `Conflict`, …).
+    pub reason: &'static str,
+    /// Human message.
+    pub message: String,
+}
+
+/// Result with [`ApiError`].
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiError {
+    /// A new error.
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { code, reason, message: message.into() }
+    }
+    /// 404.
+    pub fn not_found(def: &ResourceDef, name: &str) -> Self {
+        let what = if def.group.is_empty() { def.plural.clone() } else { format!("{}.{}", def.plural, def.group) };
+        Self::new(404, "NotFound", format!("{what} \"{name}\" not found"))
+    }
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+    /// 422.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
+    }
+    /// The error as a `Status` object.
+    pub fn status(&self) -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code})
+    }
+}
+
+/// Options of a deletion (query parameters or a DeleteOptions body).
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOptions {
+    /// Grace period in seconds; None = the object's default.
+    pub grace_period: Option<i64>,
+    /// `Background` (default), `Foreground` or `Orphan`.
+    pub propagation: Option<String>,
+    /// Precondition on the uid.
+    pub uid: Option<String>,
+    /// Precondition on the resourceVersion.
+    pub resource_version: Option<String>,
+}
+
+impl DeleteOptions {
+    /// Reads a DeleteOptions body (absent fields stay as they are).
+    pub fn merge_body(mut self, body: &Value) -> Self {
+        if let Some(g) = body["gracePeriodSeconds"].as_i64() {
+            self.grace_period = Some(g);
+        }
+        if let Some(p) = body["propagationPolicy"].as_str() {
+            self.propagation = Some(p.to_owned());
+        }
+        if body["orphanDependents"].as_bool() == Some(true) {
+            self.propagation = Some("Orphan".into());
+        }
+        if let Some(u) = body["preconditions"]["uid"].as_str() {
+            self.uid = Some(u.to_owned());
+        }
+        if let Some(r) = body["preconditions"]["resourceVersion"].as_str() {
+            self.resource_version = Some(r.to_owned());
+        }
+        self
+    }
+}
+
+/// How a patch body is to be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchType {
+    /// RFC 7386.
+    Merge,
+    /// RFC 6902.
+    Json,
+    /// Kubernetes strategic merge (lists of known kinds merged by key).
+    Strategic,
+    /// Server-side apply (simplified: the applied fields are merged in; created if absent).
+    Apply,
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn finalizers(obj: &Value) -> usize {
+    obj["metadata"]["finalizers"].as_array().map_or(0, Vec::len)
+}
+
+/// The served API.
+pub struct Api {
+    /// Objects.
+    pub store: Store,
+    resources: RwLock<Vec<ResourceDef>>,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Api {
+    /// The API with the built-in resources and the `default`, `kube-system` namespaces.
+    pub fn new() -> Self {
+        let api = Self { store: Store::new(), resources: RwLock::new(resources::builtins()) };
+        for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+            let def = api.resource("", "v1", "namespaces").expect("namespaces are built in");
+            let _ = api.create(&def, "", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+        }
+        api
+    }
+
+    /// Every served resource.
+    pub fn resources(&self) -> Vec<ResourceDef> {
+        self.resources.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The resource at `group/version/plural`.
+    pub fn resource(&self, group: &str, version: &str, plural: &str) -> Option<ResourceDef> {
+        self.resources()
+            .into_iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+    }
+
+    fn key(def: &ResourceDef, ns: &str, name: &str) -> Key {
+        (def.key(), if def.namespaced { ns.to_owned() } else { String::new() }, name.to_owned())
+    }
+
+    /// One object.
+    pub fn get(&self, def: &ResourceDef, ns: &str, name: &str) -> ApiResult<Value> {
+        self.store.get(&Self::key(def, ns, name)).ok_or_else(|| ApiError::not_found(def, name))
+    }
+
+    /// Creates an object: name or generateName, uid, timestamps, defaults.
+    pub fn create(&self, def: &ResourceDef, ns: &str, mut obj: Value) -> ApiResult<Value> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the body is not a JSON object"));
+        }
+        if def.namespaced {
+            let nsdef = self.resource("", "v1", "namespaces").expect("built in");
+            match self.store.get(&Self::key(&nsdef, "", ns)) {
+                None => return Err(ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))),
+                Some(n) if !n["metadata"]["deletionTimestamp"].is_null() => {
+                    return Err(ApiError::new(403, "Forbidden", format!(
+                        "unable to create new content in namespace {ns} because it is being terminated")));
+                }
+                Some(_) => {}
+            }
+        }
+        let meta = &mut obj["metadata"];
+        if !meta.is_object() {
+            *meta = json!({});
+        }
+        let mut name = meta["name"].as_str().unwrap_or_default().to_owned();
+        if name.is_empty() {
+            let prefix = meta["generateName"].as_str().unwrap_or_default();
+            if prefix.is_empty() {
+                return Err(ApiError::invalid(format!("{} is invalid: metadata.name: Required value: name or generateName is required", def.kind)));
+            }
+            let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_owned();
+            name = format!("{prefix}{suffix}");
+        }
+        if let Some(body_ns) = meta["namespace"].as_str().filter(|n| !n.is_empty())
+            && def.namespaced
+            && body_ns != ns
+        {
+            return Err(ApiError::bad_request(format!(
+                "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})")));
+        }
+        meta["name"] = json!(name);
+        if def.namespaced {
+            meta["namespace"] = json!(ns);
+        } else if let Some(m) = meta.as_object_mut() {
+            m.remove("namespace");
+        }
+        meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        meta["creationTimestamp"] = json!(now());
+        meta["generation"] = json!(1);
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("deletionTimestamp");
+            m.remove("resourceVersion");
+        }
+        obj["apiVersion"] = json!(def.api_version());
+        obj["kind"] = json!(def.kind);
+        self.defaults(def, &mut obj);
+        if def.group == "apiextensions.k8s.io" {
+            self.accept_crd(&mut obj)?;
+        }
+        let key = Self::key(def, ns, &name);
+        let created = self
+            .store
+            .write(&key, |old| match old {
+                Some(_) => Err(ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", def.plural))),
+                None => Ok(Some(obj)),
+            })?
+            .expect("written");
+        if def.group == "apiextensions.k8s.io" {
+            self.register_crd(&created);
+        }
+        Ok(created)
+    }
+
+    fn defaults(&self, def: &ResourceDef, obj: &mut Value) {
+        if def.is_pod() {
+            let spec = &mut obj["spec"];
+            if spec["restartPolicy"].is_null() {
+                spec["restartPolicy"] = json!("Always");
+            }
+            if spec["terminationGracePeriodSeconds"].is_null() {
+                spec["terminationGracePeriodSeconds"] = json!(30);
+            }
+            if spec["schedulerName"].is_null() {
+                spec["schedulerName"] = json!("default-scheduler");
+            }
+            if obj["status"]["phase"].is_null() {
+                obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
+            }
+        }
+        if def.group.is_empty() && def.plural == "namespaces" {
+            obj["status"] = json!({"phase": "Active"});
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        }
+    }
+
+    fn accept_crd(&self, crd: &mut Value) -> ApiResult<()> {
+        let spec = &crd["spec"];
+        let plural = spec["names"]["plural"].as_str().unwrap_or_default();
+        let group = spec["group"].as_str().unwrap_or_default();
+        if plural.is_empty() || group.is_empty() || spec["versions"].as_array().is_none_or(Vec::is_empty) {
+            return Err(ApiError::invalid("CustomResourceDefinition is invalid: spec.group, spec.names.plural and spec.versions are required"));
+        }
+        let expected = format!("{plural}.{group}");
+        if crd["metadata"]["name"].as_str() != Some(expected.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: metadata.name: Invalid value: must be spec.names.plural+\".\"+spec.group ({expected})",
+                crd["metadata"]["name"].as_str().unwrap_or_default())));
+        }
+        let t = now();
+        crd["status"] = json!({
+            "acceptedNames": spec["names"].clone(),
+            "storedVersions": spec["versions"].as_array().map(|v| v.iter().filter(|x| x["storage"].as_bool() == Some(true)).map(|x| x["name"].clone()).collect::<Vec<_>>()).unwrap_or_default(),
+            "conditions": [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts", "message": "no conflicts found", "lastTransitionTime": t},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted", "message": "the initial names have been accepted", "lastTransitionTime": t},
+            ],
+        });
+        Ok(())
+    }
+
+    fn register_crd(&self, crd: &Value) {
+        let defs = resources::from_crd(crd);
+        let mut all = self.resources.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|r| !defs.iter().any(|d| d.group == r.group && d.plural == r.plural));
+        all.extend(defs);
+    }
+
+    fn unregister_crd(&self, crd: &Value) {
+        let group = crd["spec"]["group"].as_str().unwrap_or_default().to_owned();
+        let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default().to_owned();
+        self.resources
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|r| !(r.group == group && r.plural == plural));
+        let key = format!("{group}/{plural}");
+        for ((r, ns, name), _) in self.store.all() {
+            if r == key {
+                let _ = self.store.write::<ApiError>(&(r, ns, name), |_| Ok(None));
+            }
+        }
+    }
+
+    /// Replaces an object (PUT) or, with `status_only`, its status.
+    pub fn replace(&self, def: &ResourceDef, ns: &str, name: &str, obj: Value, status_only: bool) -> ApiResult<Value> {
+        if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
+            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})",
+                obj["metadata"]["name"].as_str().unwrap_or_default())));
+        }
+        let rv = obj["metadata"]["resourceVersion"].as_str().map(str::to_owned).filter(|s| !s.is_empty());
+        self.update_with(def, ns, name, rv.as_deref(), status_only, |_| Ok(obj))
+    }
+
+    /// Patches an object (or its status).
+    pub fn patch(&self, def: &ResourceDef, ns: &str, name: &str, kind: PatchType, body: &Value, status_only: bool) -> ApiResult<Value> {
+        if kind == PatchType::Apply && self.store.get(&Self::key(def, ns, name)).is_none() {
+            let mut obj = body.clone();
+            obj["metadata"]["name"] = json!(name);
+            return self.create(def, ns, obj);
+        }
+        let rv = body["metadata"]["resourceVersion"].as_str().map(str::to_owned).filter(|s| !s.is_empty());
+        self.update_with(def, ns, name, rv.as_deref(), status_only, |current| {
+            let mut doc = current.clone();
+            match kind {
+                PatchType::Merge | PatchType::Apply => json_patch::merge(&mut doc, body),
+                PatchType::Strategic => super::patch::strategic_merge(&mut doc, body),
+                PatchType::Json => {
+                    let ops: json_patch::Patch = serde_json::from_value(body.clone())
+                        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+                    json_patch::patch(&mut doc, &ops).map_err(|e| ApiError::invalid(format!("the JSON patch could not be applied: {e}")))?;
+                }
+            }
+            Ok(doc)
+        })
+    }
+
+    /// The core of every update: precondition on rv, immutable metadata, status rules,
+    /// generation, and finalization when the last finalizer of a deleted object goes.
+    fn update_with(
+        &self,
+        def: &ResourceDef,
+        ns: &str,
+        name: &str,
+        rv: Option<&str>,
+        status_only: bool,
+        change: impl FnOnce(&Value) -> ApiResult<Value>,
+    ) -> ApiResult<Value> {
+        let key = Self::key(def, ns, name);
+        let written = self.store.write(&key, |old| {
+            let old = old.ok_or_else(|| ApiError::not_found(def, name))?;
+            if let Some(rv) = rv
+                && old["metadata"]["resourceVersion"].as_str() != Some(rv)
+            {
+                return Err(ApiError::new(409, "Conflict", format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                    if def.group.is_empty() { def.plural.clone() } else { format!("{}.{}", def.plural, def.group) })));
+            }
+            let mut new = change(old)?;
+            if !new.is_object() {
+                return Err(ApiError::bad_request("the object is not a JSON object"));
+            }
+            // Immutable and server-owned fields.
+            for f in ["uid", "creationTimestamp", "name", "namespace", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+                match old["metadata"].get(f) {
+                    Some(v) => new["metadata"][f] = v.clone(),
+                    None => {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove(f);
+                        }
+                    }
+                }
+            }
+            new["apiVersion"] = json!(def.api_version());
+            new["kind"] = json!(def.kind);
+            if status_only {
+                let mut kept = old.clone();
+                kept["status"] = new["status"].clone();
+                new = kept;
+            } else if def.status {
+                new["status"] = old["status"].clone();
+                if new["status"].is_null()
+                    && let Some(o) = new.as_object_mut()
+                {
+                    o.remove("status");
+                }
+            }
+            let spec_changed = {
+                let strip = |v: &Value| {
+                    let mut v = v.clone();
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("metadata");
+                        o.remove("status");
+                    }
+                    v
+                };
+                strip(&new) != strip(old)
+            };
+            if spec_changed {
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1) + 1;
+                new["metadata"]["generation"] = json!(g);
+            }
+            if Self::may_remove(def, &new) {
+                return Ok(None);
+            }
+            Ok(Some(new))
+        })?;
+        match written {
+            Some(obj) if obj["metadata"]["deletionTimestamp"].is_null() || self.store.get(&key).is_some() => {
+                if def.group == "apiextensions.k8s.io" {
+                    self.register_crd(&obj);
+                }
+                Ok(obj)
+            }
+            Some(removed) => {
+                self.after_removal(def, &removed, "Background");
+                Ok(removed)
+            }
+            None => Err(ApiError::not_found(def, name)),
+        }
+    }
+
+    /// An object marked for deletion goes when no finalizer is left and, for a Pod bound to
+    /// a node, its kubelet has confirmed (grace period 0).
+    fn may_remove(def: &ResourceDef, obj: &Value) -> bool {
+        let meta = &obj["metadata"];
+        if meta["deletionTimestamp"].is_null() || finalizers(obj) > 0 {
+            return false;
+        }
+        !(def.is_pod() && !obj["spec"]["nodeName"].is_null() && meta["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
+    }
+
+    /// Deletes an object with the Kubernetes rules for finalizers and graceful Pod deletion.
+    pub fn delete(&self, def: &ResourceDef, ns: &str, name: &str, opts: &DeleteOptions) -> ApiResult<Value> {
+        let key = Self::key(def, ns, name);
+        let propagation = opts.propagation.clone().unwrap_or_else(|| "Background".into());
+        let mut removed = false;
+        let result = self.store.write(&key, |old| {
+            let old = old.ok_or_else(|| ApiError::not_found(def, name))?;
+            if let Some(uid) = &opts.uid
+                && old["metadata"]["uid"].as_str() != Some(uid)
+            {
+                return Err(ApiError::new(409, "Conflict", format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    old["metadata"]["uid"].as_str().unwrap_or_default())));
+            }
+            if let Some(rv) = &opts.resource_version
+                && old["metadata"]["resourceVersion"].as_str() != Some(rv)
+            {
+                return Err(ApiError::new(409, "Conflict", format!("Precondition failed: ResourceVersion in precondition: {rv}")));
+            }
+            let mut new = old.clone();
+            let bound_pod = def.is_pod() && !old["spec"]["nodeName"].is_null();
+            let grace = if bound_pod {
+                let default = old["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
+                let asked = opts.grace_period.unwrap_or(default).max(0);
+                // A deletion in progress can only shorten its grace period.
+                old["metadata"]["deletionGracePeriodSeconds"].as_i64().map_or(asked, |g| g.min(asked))
+            } else {
+                0
+            };
+            if new["metadata"]["deletionTimestamp"].is_null() {
+                let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
+                new["metadata"]["deletionTimestamp"] = json!(at.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+            }
+            new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            if Self::may_remove(def, &new) {
+                removed = true;
+                return Ok(None);
+            }
+            if new == *old {
+                return Err(ApiError::new(0, "Unchanged", ""));
+            }
+            Ok(Some(new))
+        });
+        let obj = match result {
+            Err(e) if e.code == 0 => return self.get(def, ns, name),
+            other => other?.ok_or_else(|| ApiError::not_found(def, name))?,
+        };
+        if removed {
+            self.after_removal(def, &obj, &propagation);
+        }
+        Ok(obj)
+    }
+
+    /// Cascades a removal: dependents (owner references), a CRD's resources, a
+    /// namespace's contents.
+    fn after_removal(&self, def: &ResourceDef, obj: &Value, propagation: &str) {
+        if def.group == "apiextensions.k8s.io" {
+            self.unregister_crd(obj);
+        }
+        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        let in_ns = (def.group.is_empty() && def.plural == "namespaces").then(|| obj["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+        let defs = self.resources();
+        for ((res, ns, name), dep) in self.store.all() {
+            let owned = dep["metadata"]["ownerReferences"]
+                .as_array()
+                .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid.as_str())));
+            let in_namespace = in_ns.as_deref().is_some_and(|n| !n.is_empty() && n == ns);
+            if !(owned || in_namespace) {
+                continue;
+            }
+            let Some(ddef) = defs.iter().find(|d| d.key() == res).cloned() else { continue };
+            if owned && propagation == "Orphan" {
+                let _ = self.update_with(&ddef, &ns, &name, None, false, |cur| {
+                    let mut cur = cur.clone();
+                    if let Some(refs) = cur["metadata"]["ownerReferences"].as_array_mut() {
+                        refs.retain(|r| r["uid"].as_str() != Some(uid.as_str()));
+                    }
+                    Ok(cur)
+                });
+            } else {
+                let _ = self.delete(&ddef, &ns, &name, &DeleteOptions::default());
+            }
+        }
+    }
+
+    /// Binds a Pod to a node (the `binding` subresource).
+    pub fn bind(&self, def: &ResourceDef, ns: &str, name: &str, node: &str) -> ApiResult<Value> {
+        if node.is_empty() {
+            return Err(ApiError::invalid("Binding is invalid: target.name: Required value"));
+        }
+        let key = Self::key(def, ns, name);
+        self.store
+            .write(&key, |old| {
+                let old = old.ok_or_else(|| ApiError::not_found(def, name))?;
+                if !old["spec"]["nodeName"].is_null() {
+                    return Err(ApiError::new(409, "Conflict", format!(
+                        "Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{}\"",
+                        old["spec"]["nodeName"].as_str().unwrap_or_default())));
+                }
+                let mut new = old.clone();
+                new["spec"]["nodeName"] = json!(node);
+                Ok(Some(new))
+            })?
+            .ok_or_else(|| ApiError::not_found(def, name))
+    }
+}

@@ -1,0 +1,124 @@
+//! A Kubernetes API server for tests: faithful for what podmig, kube-rs and kubectl use
+//! (discovery, CRUD with selectors, watch with resourceVersion and bookmarks, optimistic
+//! concurrency, finalizers and graceful Pod deletion, status subresources, eviction,
+//! binding, CRDs, TokenReview/SubjectAccessReview with RBAC), served over HTTPS with a
+//! kubeconfig for clients. No kube-apiserver can be installed on these machines.
+
+pub mod api;
+pub mod auth;
+pub mod http;
+pub mod patch;
+pub mod resources;
+pub mod selectors;
+pub mod store;
+pub mod table;
+pub mod tls;
+
+use std::{net::SocketAddr, path::{Path, PathBuf}, sync::Arc, time::Duration};
+
+use anyhow::Context;
+
+pub use api::Api;
+use auth::{Tokens, User};
+
+/// A running API server.
+pub struct ApiServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The API (for tests that look behind the HTTP face).
+    pub api: Arc<Api>,
+    /// Tokens it accepts.
+    pub tokens: Arc<Tokens>,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The CA certificate clients trust.
+    pub ca: PathBuf,
+    handle: axum_server::Handle<SocketAddr>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How to start the server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Address to listen on (port 0 = any).
+    pub listen: SocketAddr,
+    /// Names and addresses the certificate is valid for, besides the listen address.
+    pub extra_sans: Vec<String>,
+    /// Directory for the certificate, key and kubeconfig.
+    pub dir: PathBuf,
+    /// Interval of watch bookmarks.
+    pub bookmark_interval: Duration,
+}
+
+impl ApiServer {
+    /// Starts serving; returns once the socket is bound.
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        std::fs::create_dir_all(&opts.dir)?;
+        let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), opts.listen.ip().to_string()];
+        sans.extend(opts.extra_sans.iter().cloned());
+        let certs = tls::Certs::generate(&sans)?;
+        let ca = opts.dir.join("ca.crt");
+        std::fs::write(&ca, &certs.cert_pem)?;
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem(certs.cert_pem.clone().into_bytes(), certs.key_pem.clone().into_bytes())
+            .await
+            .context("TLS configuration")?;
+        let api = Arc::new(Api::new());
+        let tokens = Arc::new(Tokens::default());
+        let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
+        tokens.add(&admin_token, User { name: "kubernetes-admin".into(), uid: "admin".into(),
+            groups: vec!["system:masters".into(), "system:authenticated".into()] });
+        let state = Arc::new(http::ServerState { api: api.clone(), tokens: tokens.clone(), bookmark_interval: opts.bookmark_interval });
+        let app = axum::Router::new().fallback(http::handle).with_state(state);
+        let handle = axum_server::Handle::new();
+        let listener = std::net::TcpListener::bind(opts.listen).with_context(|| format!("bind {}", opts.listen))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
+        let task = tokio::spawn(async move {
+            if let Err(error) = server.serve(app.into_make_service()).await {
+                tracing::error!(%error, "API server stopped");
+            }
+        });
+        let kubeconfig = opts.dir.join("kubeconfig");
+        write_kubeconfig(&kubeconfig, &format!("https://{addr}"), &ca, &admin_token)?;
+        Ok(Self { addr, api, tokens, kubeconfig, ca, handle, task })
+    }
+
+    /// `https://addr`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Issues a token for `user` and writes a kubeconfig using it at `path`.
+    pub fn kubeconfig_for(&self, user: User, path: &Path) -> anyhow::Result<String> {
+        let token = self.tokens.issue(user);
+        write_kubeconfig(path, &self.url(), &self.ca, &token)?;
+        Ok(token)
+    }
+
+    /// Stops serving.
+    pub async fn stop(mut self) {
+        self.handle.graceful_shutdown(Some(Duration::from_secs(1)));
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        self.task.abort();
+    }
+}
+
+/// Writes a kubeconfig for `server` trusting `ca` and authenticating with `token`.
+pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow::Result<()> {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: podmig-e2e\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: podmig-e2e\n  context:\n    cluster: podmig-e2e\n    user: user\n    namespace: default\ncurrent-context: podmig-e2e\n",
+        ca = ca.display()
+    );
+    std::fs::write(path, text)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Server-side printing (`meta.k8s.io/v1 Table`), which `kubectl get` asks for.
+
+use serde_json::{Value, json};
+
+use super::{resources::ResourceDef, selectors::field};
+
+/// A duration in kubectl's short form (`45s`, `3m12s`, `5h`, `2d`).
+pub fn age(created: &str) -> String {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(created) else {
+        return "<unknown>".into();
+    };
+    let s = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..600 => format!("{}m{}s", s / 60, s % 60),
+        600..10_800 => format!("{}m", s / 60),
+        10_800..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+fn col(name: &str, type_: &str, priority: i64) -> Value {
+    let format = if name == "Name" { "name" } else { "" };
+    json!({"name": name, "type": type_, "format": format, "description": "", "priority": priority})
+}
+
+fn pod_cells(p: &Value) -> Vec<Value> {
+    let statuses = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+    let total = p["spec"]["containers"].as_array().map_or(0, Vec::len);
+    let ready = statuses.iter().filter(|s| s["ready"].as_bool() == Some(true)).count();
+    let restarts: i64 = statuses.iter().map(|s| s["restartCount"].as_i64().unwrap_or(0)).sum();
+    let mut status = p["status"]["phase"].as_str().unwrap_or("Pending").to_owned();
+    for s in &statuses {
+        if let Some(r) = s["state"]["waiting"]["reason"].as_str().or(s["state"]["terminated"]["reason"].as_str()) {
+            status = r.to_owned();
+        }
+    }
+    if !p["metadata"]["deletionTimestamp"].is_null() {
+        status = "Terminating".into();
+    }
+    let or_none = |v: &Value| json!(v.as_str().unwrap_or("<none>"));
+    vec![
+        json!(p["metadata"]["name"]),
+        json!(format!("{ready}/{total}")),
+        json!(status),
+        json!(restarts),
+        json!(age(p["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+        or_none(&p["status"]["podIP"]),
+        or_none(&p["spec"]["nodeName"]),
+        json!("<none>"),
+        json!("<none>"),
+    ]
+}
+
+fn node_cells(n: &Value) -> Vec<Value> {
+    let ready = n["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+        .map(|c| if c["status"] == "True" { "Ready" } else { "NotReady" })
+        .unwrap_or("Unknown");
+    let mut status = ready.to_owned();
+    if n["spec"]["unschedulable"].as_bool() == Some(true) {
+        status.push_str(",SchedulingDisabled");
+    }
+    vec![
+        json!(n["metadata"]["name"]),
+        json!(status),
+        json!("<none>"),
+        json!(age(n["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+        json!(n["status"]["nodeInfo"]["kubeletVersion"].as_str().unwrap_or("")),
+    ]
+}
+
+/// Column definitions and a function from object to cells for a resource.
+fn layout(def: &ResourceDef) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) {
+    if def.is_pod() {
+        let cols = vec![
+            col("Name", "string", 0), col("Ready", "string", 0), col("Status", "string", 0),
+            col("Restarts", "string", 0), col("Age", "string", 0), col("IP", "string", 1),
+            col("Node", "string", 1), col("Nominated Node", "string", 1), col("Readiness Gates", "string", 1),
+        ];
+        return (cols, Box::new(pod_cells));
+    }
+    if def.group.is_empty() && def.plural == "nodes" {
+        let cols = vec![col("Name", "string", 0), col("Status", "string", 0), col("Roles", "string", 0),
+            col("Age", "string", 0), col("Version", "string", 0)];
+        return (cols, Box::new(node_cells));
+    }
+    if !def.columns.is_empty() {
+        let columns = def.columns.clone();
+        let mut cols = vec![col("Name", "string", 0)];
+        cols.extend(columns.iter().map(|c| col(&c.name, &c.type_, c.priority)));
+        return (
+            cols,
+            Box::new(move |o: &Value| {
+                let mut cells = vec![json!(o["metadata"]["name"])];
+                for c in &columns {
+                    let v = field(o, &c.json_path);
+                    cells.push(if c.type_ == "date" && !v.is_empty() { json!(age(&v)) } else { json!(v) });
+                }
+                cells
+            }),
+        );
+    }
+    let cols = vec![col("Name", "string", 0), col("Age", "string", 0)];
+    (cols, Box::new(|o: &Value| vec![json!(o["metadata"]["name"]), json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default()))]))
+}
+
+/// A Table of `items`.
+pub fn table(def: &ResourceDef, items: &[Value], rv: u64) -> Value {
+    let (cols, cells) = layout(def);
+    let rows: Vec<Value> = items.iter().map(|o| json!({"cells": cells(o), "object": o})).collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv.to_string()},
+           "columnDefinitions": cols, "rows": rows})
+}
