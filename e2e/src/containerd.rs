@@ -14,13 +14,28 @@ use crate::{paths, process::Proc};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Where and how a containerd instance runs.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerdOptions {
+    /// The node daemon's hook socket podmig-runc talks to.
+    pub hook_socket: PathBuf,
+    /// Directory of the instance (a fresh temporary one when None).
+    pub dir: Option<PathBuf>,
+    /// Network namespace to run in (a node of the local cluster), or the host's.
+    pub netns: Option<String>,
+    /// CNI bridge name and Pod subnet (derived from a counter when None).
+    pub network: Option<(String, String)>,
+}
+
 /// One containerd with everything it made; torn down (containers, sandboxes, network
 /// namespaces, mounts, shims, bridge, directories) when dropped.
 pub struct Containerd {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
+    tmp: Option<tempfile::TempDir>,
     keep: bool,
     bridge: String,
     subnet: String,
+    netns: Option<String>,
     proc: Option<Proc>,
 }
 
@@ -28,29 +43,50 @@ impl Containerd {
     /// Starts an instance whose `podmig-runc` talks to `hook_socket`, and imports the
     /// test images into it.
     pub fn start(hook_socket: &Path) -> anyhow::Result<Self> {
+        Self::start_with(ContainerdOptions { hook_socket: hook_socket.to_path_buf(), ..Default::default() })
+    }
+
+    /// Starts an instance as `opts` says.
+    pub fn start_with(opts: ContainerdOptions) -> anyhow::Result<Self> {
         let n = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst)) % 200 + 20;
-        let dir = tempfile::Builder::new()
-            .prefix("podmig-ctrd-")
-            .tempdir_in("/var/tmp")?;
-        let bridge = format!("pmbr{n}");
-        let subnet = format!("10.77.{n}.0/24");
-        let me = Self {
+        let (dir, tmp) = match opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d)?;
+                (d, None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("podmig-ctrd-").tempdir_in("/var/tmp")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let (bridge, subnet) = opts.network.unwrap_or_else(|| (format!("pmbr{n}"), format!("10.77.{n}.0/24")));
+        let mut me = Self {
             dir,
+            tmp,
             keep: std::env::var_os("PODMIG_E2E_KEEP").is_some(),
             bridge,
             subnet,
+            netns: opts.netns.clone(),
             proc: None,
         };
         me.write_config()?;
-        let mut me = me;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = match &opts.netns {
+            Some(ns) => {
+                // NB: not `ip netns exec`, which remounts /sys and so hides the cgroup
+                // mounts runc needs; nsenter switches the network namespace only.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
         cmd.arg("--config")
-            .arg(me.dir.path().join("config.toml"))
+            .arg(me.dir.join("config.toml"))
             .env_clear()
             .env("PATH", paths::RUNTIME_PATH)
-            .env("PODMIG_HOOK_SOCKET", hook_socket)
+            .env("PODMIG_HOOK_SOCKET", &opts.hook_socket)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(me.dir.path().join("containerd.log"))?);
+            .stderr(std::fs::File::create(me.dir.join("containerd.log"))?);
         // Debugging aid: run podmig-runc over another runc (e.g. one under strace).
         if let Some(runc) = std::env::var_os("PODMIG_RUNC_BINARY") {
             cmd.env("PODMIG_RUNC_BINARY", runc);
@@ -71,19 +107,24 @@ impl Containerd {
         Ok(me)
     }
 
+    /// The pid of the containerd process.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
+    }
+
     /// The instance's directory.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_path()
     }
 
     /// containerd's gRPC socket (CRI is served there).
     pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("containerd.sock")
+        self.dir.as_path().join("containerd.sock")
     }
 
     /// runc state root of the `k8s.io` namespace (what the node daemon checkpoints with).
     pub fn runc_root(&self) -> PathBuf {
-        self.dir.path().join("runc").join("k8s.io")
+        self.dir.as_path().join("runc").join("k8s.io")
     }
 
     /// The CNI bridge; the host reaches Pod IPs through it.
@@ -93,11 +134,11 @@ impl Containerd {
 
     /// containerd's own log (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.as_path().join("containerd.log")).unwrap_or_default()
     }
 
     fn write_config(&self) -> anyhow::Result<()> {
-        let d = self.dir.path();
+        let d = self.dir.as_path();
         let cni = d.join("cni");
         std::fs::create_dir_all(&cni)?;
         let wrapper = paths::bin("podmig-runc");
@@ -161,7 +202,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "plugins": [
                 {
                     "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
-                    "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]],
+                    "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}],
                              "dataDir": d.join("cni-ipam").display().to_string()}
                 },
                 {"type": "loopback"}
@@ -205,7 +246,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Mount points below the instance directory (should be none after teardown).
     pub fn mounts(&self) -> Vec<String> {
-        mounts_under(self.dir.path())
+        mounts_under(self.dir.as_path())
     }
 
     /// Containers runc still knows in this instance's state root.
@@ -222,7 +263,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     fn shim_pids(&self) -> Vec<u32> {
         let tasks = self
             .dir
-            .path()
             .join("state/io.containerd.runtime.v2.task/k8s.io");
         std::fs::read_dir(tasks)
             .map(|d| {
@@ -261,10 +301,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for m in mounts {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .stderr(Stdio::null())
-            .status();
+        let mut del = Command::new("ip");
+        if let Some(ns) = &self.netns {
+            del.args(["-n", ns]);
+        }
+        let _ = del.args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
     }
 }
 
@@ -273,12 +314,14 @@ impl Drop for Containerd {
         if self.keep {
             eprintln!(
                 "PODMIG_E2E_KEEP: leaving {} running",
-                self.dir.path().display()
+                self.dir.as_path().display()
             );
             if let Some(p) = self.proc.as_mut() {
                 p.detach();
             }
-            self.dir.disable_cleanup(true);
+            if let Some(t) = self.tmp.as_mut() {
+                t.disable_cleanup(true);
+            }
             return;
         }
         self.teardown();

@@ -60,6 +60,11 @@ impl NodeDaemon {
         Ok(me)
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// The checkpoint/restore extension socket.
     pub fn api_socket(&self) -> PathBuf {
         self.dir.join("api.sock")

@@ -5,11 +5,14 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
 pub mod demo;
+pub mod kubelet;
 pub mod node;
+pub mod scheduler;
 pub mod paths;
 pub mod process;
 pub mod scenario;

@@ -25,6 +25,15 @@ enum Command {
         #[arg(long, default_value = "/var/tmp/podmig-apiserver")]
         dir: std::path::PathBuf,
     },
+    /// The local cluster: `up` starts it in the background and prints the kubeconfig path,
+    /// `down` removes it (also what a crashed run left), `run` serves it in the foreground.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+        /// Directory of the cluster's state.
+        #[arg(long, global = true, default_value = "/var/tmp/podmig-cluster")]
+        dir: std::path::PathBuf,
+    },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
         /// Ballast sizes in MiB.
@@ -33,6 +42,24 @@ enum Command {
         /// Runs per size (the median is reported).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Start the cluster in the background; prints the kubeconfig path when Nodes are Ready.
+    Up {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+    },
+    /// Stop the cluster and remove everything it made.
+    Down,
+    /// Run the cluster in the foreground until SIGTERM.
+    Run {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
     },
 }
 
@@ -53,6 +80,11 @@ async fn main() -> anyhow::Result<()> {
             server.stop().await;
             Ok(())
         }
+        Command::Cluster { action, dir } => match action {
+            ClusterAction::Up { nodes } => podmig_e2e::cluster::up_background(&dir, nodes),
+            ClusterAction::Down => tokio::task::block_in_place(|| podmig_e2e::cluster::sweep(&dir)),
+            ClusterAction::Run { nodes } => podmig_e2e::cluster::run_foreground(&dir, nodes).await,
+        },
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
     }
 }

@@ -1,0 +1,430 @@
+//! The local test cluster: the test API server, and per node a network namespace joined
+//! to the others by veth through a bridge, its own containerd (with the `podmig` runtime
+//! handler), the podmig node daemon and a kubelet stand-in; plus a trivial scheduler.
+//! Everything it makes is recorded in `<dir>/state.json` so `cluster down` can remove it
+//! even after a crash.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::{
+    apiserver::{ApiServer, Options, auth::User},
+    containerd::{Containerd, ContainerdOptions},
+    daemon::NodeDaemon,
+    kubelet::{self, KubeletConfig},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs `ip` (or another command) and fails with its stderr.
+fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// Addresses and names of one cluster's network.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Network {
+    /// Bridge in the root namespace.
+    pub bridge: String,
+    /// Second octet of the cluster's 10.x.0.0/16.
+    pub octet: u32,
+    /// Name prefix of netns and veths.
+    pub prefix: String,
+}
+
+impl Network {
+    fn new() -> Self {
+        let k = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 90;
+        Self { bridge: format!("pmc{k}"), octet: 150 + k, prefix: format!("pmc{k}") }
+    }
+    /// The bridge's (API server's) address.
+    pub fn gateway(&self) -> String {
+        format!("10.{}.0.1", self.octet)
+    }
+    /// Node `i`'s address.
+    pub fn node_ip(&self, i: usize) -> String {
+        format!("10.{}.0.{}", self.octet, 10 + i)
+    }
+    /// Node `i`'s Pod subnet.
+    pub fn pod_cidr(&self, i: usize) -> String {
+        format!("10.{}.{}.0/24", self.octet, i + 1)
+    }
+    /// Node `i`'s network namespace.
+    pub fn netns(&self, i: usize) -> String {
+        format!("{}-n{i}", self.prefix)
+    }
+    fn veth(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    fn create_bridge(&self) -> anyhow::Result<()> {
+        sh("ip", &["link", "add", &self.bridge, "type", "bridge"])?;
+        sh("ip", &["addr", "add", &format!("{}/24", self.gateway()), "dev", &self.bridge])?;
+        sh("ip", &["link", "set", &self.bridge, "up"])
+    }
+
+    fn create_node(&self, i: usize, nodes: usize) -> anyhow::Result<()> {
+        let (ns, veth, ip) = (self.netns(i), self.veth(i), self.node_ip(i));
+        sh("ip", &["netns", "add", &ns])?;
+        sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
+        sh("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        sh("ip", &["-n", &ns, "route", "add", "default", "via", &self.gateway()])?;
+        sh("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The root namespace routes each node's Pod subnet to that node.
+        sh("ip", &["route", "replace", &self.pod_cidr(i), "via", &ip])?;
+        let _ = nodes;
+        Ok(())
+    }
+
+    /// Removes namespaces, veths, routes and the bridge (whatever of them exists).
+    pub fn remove(&self, nodes: usize) {
+        for i in 0..nodes {
+            quiet("ip", &["route", "del", &self.pod_cidr(i)]);
+            quiet("ip", &["netns", "del", &self.netns(i)]);
+            quiet("ip", &["link", "del", &self.veth(i)]);
+        }
+        quiet("ip", &["link", "del", &self.bridge]);
+    }
+}
+
+/// What `state.json` records.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct State {
+    network: Network,
+    nodes: usize,
+    pids: Vec<u32>,
+}
+
+/// One node of the cluster.
+pub struct ClusterNode {
+    /// Node name (`node-0`).
+    pub name: String,
+    /// Address.
+    pub ip: String,
+    /// Network namespace.
+    pub netns: String,
+    /// containerd (dropped first).
+    pub containerd: Containerd,
+    /// The podmig node daemon.
+    pub daemon: NodeDaemon,
+    kubelet: tokio::task::JoinHandle<()>,
+}
+
+/// A running cluster, torn down when dropped.
+pub struct Cluster {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Network layout.
+    pub network: Network,
+    /// Nodes.
+    pub nodes: Vec<ClusterNode>,
+    /// The API server.
+    pub apiserver: Option<ApiServer>,
+    /// An admin client.
+    pub client: kube::Client,
+    scheduler: tokio::task::JoinHandle<()>,
+    _checkpoints: tempfile::TempDir,
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
+    std::fs::write(dir.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+    Ok(())
+}
+
+impl Cluster {
+    /// Brings up a cluster of `nodes` nodes in `dir` (created; must not hold a running cluster).
+    pub async fn up(dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        std::fs::create_dir_all(dir)?;
+        let network = Network::new();
+        let mut state = State { network: network.clone(), nodes, pids: vec![std::process::id()] };
+        write_state(dir, &state)?;
+        network.remove(nodes); // leftovers of a crashed run with the same names
+        network.create_bridge()?;
+        for i in 0..nodes {
+            network.create_node(i, nodes)?;
+        }
+        let apiserver = ApiServer::start(Options {
+            listen: format!("{}:6443", network.gateway()).parse()?,
+            extra_sans: vec![],
+            dir: dir.join("apiserver"),
+            bookmark_interval: Duration::from_secs(5),
+        })
+        .await?;
+        let client = client_from(&apiserver.kubeconfig).await?;
+        bootstrap(&client).await?;
+        let scheduler = {
+            let path = dir.join("scheduler.kubeconfig");
+            apiserver.kubeconfig_for(User { name: "system:kube-scheduler".into(), uid: "scheduler".into(), groups: vec!["system:authenticated".into()] }, &path)?;
+            let c = client_from(&path).await?;
+            tokio::spawn(crate::scheduler::run(c))
+        };
+        let checkpoints = tempfile::Builder::new().prefix("podmig-ckpt-").tempdir_in(crate::paths::memory_dir())?;
+        let mut cluster = Self { dir: dir.to_path_buf(), network: network.clone(), nodes: vec![], apiserver: Some(apiserver), client, scheduler, _checkpoints: checkpoints };
+        for i in 0..nodes {
+            let name = format!("node-{i}");
+            let ndir = dir.join(&name);
+            std::fs::create_dir_all(&ndir)?;
+            let ckpts = cluster._checkpoints.path().join(&name);
+            let hook = NodeDaemon::hook_socket_in(&ndir.join("daemon"));
+            let netns = network.netns(i);
+            let containerd = tokio::task::block_in_place(|| {
+                Containerd::start_with(ContainerdOptions {
+                    hook_socket: hook.clone(),
+                    dir: Some(ndir.join("containerd")),
+                    netns: Some(netns.clone()),
+                    network: Some(("cni0".into(), network.pod_cidr(i))),
+                })
+            })?;
+            let daemon = tokio::task::block_in_place(|| NodeDaemon::start(&ndir.join("daemon"), &ckpts, &containerd.runc_root()))?;
+            state.pids.extend(containerd.pid());
+            state.pids.extend(daemon.pid());
+            write_state(dir, &state)?;
+            let kc = ndir.join("kubelet.kubeconfig");
+            let api = cluster.apiserver.as_ref().context("api server")?;
+            api.kubeconfig_for(User { name: format!("system:node:{name}"), uid: name.clone(), groups: vec!["system:nodes".into(), "system:authenticated".into()] }, &kc)?;
+            let kclient = client_from(&kc).await?;
+            let cfg = KubeletConfig {
+                node: name.clone(),
+                node_ip: network.node_ip(i),
+                pod_cidr: network.pod_cidr(i),
+                cri_socket: containerd.socket(),
+                logs_root: ndir.join("logs"),
+            };
+            let kubelet = tokio::spawn(async move {
+                if let Err(error) = kubelet::run(kclient, cfg).await {
+                    tracing::error!(%error, "kubelet stand-in stopped");
+                }
+            });
+            cluster.nodes.push(ClusterNode { name, ip: network.node_ip(i), netns, containerd, daemon, kubelet });
+        }
+        cluster.wait_nodes_ready(Duration::from_secs(20)).await?;
+        Ok(cluster)
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("apiserver").join("kubeconfig")
+    }
+
+    async fn wait_nodes_ready(&self, within: Duration) -> anyhow::Result<()> {
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(self.client.clone());
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = nodes
+                .list(&Default::default())
+                .await
+                .map(|l| {
+                    l.items.iter().filter(|n| n.status.as_ref().and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))).count()
+                })
+                .unwrap_or(0);
+            if ready == self.nodes.len() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {ready} of {} nodes became Ready", self.nodes.len());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs `kubectl` with the admin kubeconfig; returns stdout, fails with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        kubectl(&self.kubeconfig(), args)
+    }
+
+    /// Stops everything and removes what the cluster made.
+    pub fn down(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        self.scheduler.abort();
+        for n in &self.nodes {
+            n.kubelet.abort();
+        }
+        // containerd first (its sandboxes go through CRI), then the daemons.
+        let nodes = std::mem::take(&mut self.nodes);
+        let count = nodes.len().max(self.network_nodes());
+        drop(nodes);
+        if let Some(api) = self.apiserver.take() {
+            drop(api);
+        }
+        self.network.remove(count);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    fn network_nodes(&self) -> usize {
+        std::fs::read(self.dir.join("state.json")).ok().and_then(|b| serde_json::from_slice::<State>(&b).ok()).map_or(0, |s| s.nodes)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Runs kubectl against `kubeconfig`.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
+    if !out.status.success() {
+        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// RBAC every cluster starts with: what nodes and the scheduler may do.
+async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
+    let objects = [
+        ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", json!({"metadata": {"name": "system:node"}, "rules": [
+            {"apiGroups": [""], "resources": ["pods", "pods/status", "nodes", "nodes/status", "events", "secrets", "configmaps", "services", "endpoints"], "verbs": ["*"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
+            {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]}]})),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", json!({"metadata": {"name": "system:node"},
+            "subjects": [{"kind": "Group", "name": "system:nodes", "apiGroup": "rbac.authorization.k8s.io"}],
+            "roleRef": {"kind": "ClusterRole", "name": "system:node", "apiGroup": "rbac.authorization.k8s.io"}})),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", json!({"metadata": {"name": "system:kube-scheduler"}, "rules": [
+            {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]}]})),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", json!({"metadata": {"name": "system:kube-scheduler"},
+            "subjects": [{"kind": "User", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}],
+            "roleRef": {"kind": "ClusterRole", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}})),
+        // The nodes' containerd has a `podmig` runtime handler.
+        ("node.k8s.io/v1", "RuntimeClass", "runtimeclasses", json!({"metadata": {"name": podmig_api::RUNTIME_HANDLER}, "handler": podmig_api::RUNTIME_HANDLER})),
+    ];
+    for (api_version, kind, plural, mut obj) in objects {
+        obj["apiVersion"] = json!(api_version);
+        obj["kind"] = json!(kind);
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = kube::api::ApiResource { group: group.into(), version: version.into(), api_version: api_version.into(), kind: kind.into(), plural: plural.into() };
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(client.clone(), &ar);
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
+        api.create(&Default::default(), &obj).await.with_context(|| format!("bootstrap {kind}"))?;
+    }
+    Ok(())
+}
+
+/// `cluster down` for a directory: stops a running cluster and sweeps what a crashed one
+/// left (processes, sandboxes, mounts, namespaces, links, the directory).
+pub fn sweep(dir: &Path) -> anyhow::Result<()> {
+    let Ok(bytes) = std::fs::read(dir.join("state.json")) else {
+        let _ = std::fs::remove_dir_all(dir);
+        return Ok(());
+    };
+    let state: State = serde_json::from_slice(&bytes)?;
+    // The cluster's own process first: it tears down in order.
+    if let Some(&main) = state.pids.first() {
+        crate::process::signal(main, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Path::new(&format!("/proc/{main}")).exists() && Instant::now() < deadline && main != std::process::id() {
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for &pid in state.pids.iter().skip(1) {
+        crate::process::signal(pid, libc::SIGKILL);
+    }
+    // Sandboxes of a crashed cluster: restart its containerd and let CRI remove them.
+    for i in 0..state.nodes {
+        let cdir = dir.join(format!("node-{i}")).join("containerd");
+        if cdir.join("config.toml").exists() {
+            for pid in shim_pids(&cdir) {
+                crate::process::signal(pid, libc::SIGKILL);
+            }
+            let netns = state.network.netns(i);
+            let ns_alive = Path::new("/var/run/netns").join(&netns).exists();
+            let restarted = Containerd::start_with(ContainerdOptions {
+                hook_socket: dir.join("none.sock"),
+                dir: Some(cdir.clone()),
+                netns: ns_alive.then_some(netns),
+                network: Some(("cni0".into(), state.network.pod_cidr(i))),
+            });
+            drop(restarted);
+        }
+    }
+    for m in crate::containerd::mounts_under(dir) {
+        quiet("umount", &["-l", &m]);
+    }
+    state.network.remove(state.nodes);
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(dir.with_extension("log"));
+    Ok(())
+}
+
+fn shim_pids(containerd_dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(containerd_dir.join("state/io.containerd.runtime.v2.task/k8s.io"))
+        .map(|d| d.flatten().filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok()).filter_map(|p| p.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// `cluster run`: brings the cluster up, marks it ready, serves until SIGTERM or SIGINT.
+pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+    let cluster = Cluster::up(dir, nodes).await?;
+    std::fs::write(dir.join("ready"), cluster.kubeconfig().display().to_string())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tokio::task::block_in_place(|| cluster.down());
+    Ok(())
+}
+
+/// `cluster up`: starts `cluster run` detached, waits until it is ready, prints the kubeconfig.
+pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+    if dir.join("state.json").exists() {
+        bail!("{} holds a cluster already; run `podmig-e2e cluster down --dir {}` first", dir.display(), dir.display());
+    }
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::File::create(dir.with_extension("log"))?;
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new("setsid")
+        .arg(exe)
+        .args(["cluster", "run", "--nodes", &nodes.to_string(), "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dir.join("ready").exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the cluster failed to start ({status}); see {}", dir.with_extension("log").display());
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not become ready in 60 s; see {}", dir.with_extension("log").display());
+        }
+        #[allow(clippy::disallowed_methods)]
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("{}", dir.join("apiserver").join("kubeconfig").display());
+    Ok(())
+}

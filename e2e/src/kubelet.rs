@@ -1,0 +1,485 @@
+//! A kubelet stand-in for one node of the local cluster: registers its Node, keeps its
+//! Ready condition and Lease fresh, watches the Pods bound to it and runs them through
+//! real CRI calls (sandbox with the RuntimeClass's handler, containers in order, restart
+//! policy, graceful stop with the deletion grace period, final deletion with grace 0),
+//! reporting their status. It mirrors what kubelet does closely enough that podmig
+//! cannot tell — and nothing more.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_cri::v1 as cri;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::watcher,
+};
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::cri::Cri;
+
+/// What a kubelet stand-in needs to know about its node.
+#[derive(Debug, Clone)]
+pub struct KubeletConfig {
+    /// Node name.
+    pub node: String,
+    /// The node's address.
+    pub node_ip: String,
+    /// The node's Pod subnet.
+    pub pod_cidr: String,
+    /// containerd's socket.
+    pub cri_socket: PathBuf,
+    /// Root of the Pod log directories.
+    pub logs_root: PathBuf,
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Registers the node and runs its Pods until the task is dropped.
+pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()> {
+    let cri = Arc::new(Mutex::new(Cri::connect(&cfg.cri_socket).await?));
+    register(&client, &cfg).await?;
+    tokio::spawn(heartbeat(client.clone(), cfg.clone()));
+    let pods: Api<Pod> = Api::all(client.clone());
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node));
+    let mut stream = watcher(pods, wc).boxed();
+    let mut workers: HashMap<String, mpsc::UnboundedSender<Pod>> = HashMap::new();
+    while let Some(ev) = stream.next().await {
+        let pods = match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
+            Ok(watcher::Event::Delete(_)) | Ok(watcher::Event::Init) | Ok(watcher::Event::InitDone) => vec![],
+            Err(error) => {
+                tracing::warn!(node = %cfg.node, %error, "pod watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                vec![]
+            }
+        };
+        for pod in pods {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            workers.retain(|_, tx| !tx.is_closed());
+            let tx = workers.entry(uid).or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(PodWorker::new(client.clone(), cri.clone(), cfg.clone()).run(rx));
+                tx
+            });
+            let _ = tx.send(pod);
+        }
+    }
+    Ok(())
+}
+
+async fn register(client: &kube::Client, cfg: &KubeletConfig) -> anyhow::Result<()> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": cfg.node, "labels": {"kubernetes.io/hostname": cfg.node, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
+        "spec": {"podCIDR": cfg.pod_cidr, "podCIDRs": [cfg.pod_cidr]},
+    });
+    let pp = PatchParams::apply("kubelet").force();
+    nodes.patch(&cfg.node, &pp, &Patch::Apply(&node)).await?;
+    nodes.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(node_status(cfg))).await?;
+    Ok(())
+}
+
+fn node_status(cfg: &KubeletConfig) -> Value {
+    let t = now();
+    json!({"status": {
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet stand-in is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t},
+            {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": t, "lastTransitionTime": t},
+        ],
+        "addresses": [{"type": "InternalIP", "address": cfg.node_ip}, {"type": "Hostname", "address": cfg.node}],
+        "capacity": {"cpu": "2", "memory": "24Gi", "pods": "110"},
+        "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "110"},
+        "nodeInfo": {"kubeletVersion": "v1.32.0-podmig-e2e", "containerRuntimeVersion": "containerd://1.6.20", "osImage": "Debian GNU/Linux 12",
+                     "operatingSystem": "linux", "architecture": "amd64", "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
+    }})
+}
+
+async fn heartbeat(client: kube::Client, cfg: KubeletConfig) {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        let _ = nodes.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(node_status(&cfg))).await;
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": cfg.node},
+            "spec": {"holderIdentity": cfg.node, "leaseDurationSeconds": 40, "renewTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}});
+        let _ = leases.patch(&cfg.node, &PatchParams::apply("kubelet").force(), &Patch::Apply(&lease)).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// One container the worker started.
+#[derive(Debug, Clone)]
+struct Running {
+    id: String,
+    restarts: i32,
+}
+
+/// Handles one Pod, one update at a time, like kubelet's pod worker.
+struct PodWorker {
+    client: kube::Client,
+    cri: Arc<Mutex<Cri>>,
+    cfg: KubeletConfig,
+    sandbox: Option<(String, cri::PodSandboxConfig, String)>,
+    containers: BTreeMap<String, Running>,
+    init_done: bool,
+    last_status: Value,
+    started_at: String,
+}
+
+impl PodWorker {
+    fn new(client: kube::Client, cri: Arc<Mutex<Cri>>, cfg: KubeletConfig) -> Self {
+        Self { client, cri, cfg, sandbox: None, containers: BTreeMap::new(), init_done: false, last_status: Value::Null, started_at: now() }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pod>) {
+        let Some(mut pod) = rx.recv().await else { return };
+        loop {
+            // Only the newest version of the Pod matters.
+            while let Ok(p) = rx.try_recv() {
+                pod = p;
+            }
+            match self.sync(&pod).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(error) => tracing::warn!(pod = ?pod.metadata.name, %error, "pod sync failed"),
+            }
+            tokio::select! {
+                p = rx.recv() => match p { Some(p) => pod = p, None => return },
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    fn pods(&self, pod: &Pod) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"))
+    }
+
+    /// One sync; true when the Pod is gone and the worker ends.
+    async fn sync(&mut self, pod: &Pod) -> anyhow::Result<bool> {
+        if pod.metadata.deletion_timestamp.is_some() {
+            self.kill(pod).await?;
+            return Ok(true);
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            return Ok(false);
+        }
+        if self.sandbox.is_none() {
+            if let Err(e) = self.start_sandbox(pod).await {
+                self.report(pod, Some(("CreatePodSandboxError", e.to_string()))).await?;
+                return Ok(false);
+            }
+        }
+        let spec = pod.spec.clone().unwrap_or_default();
+        if !self.init_done {
+            for c in spec.init_containers.clone().unwrap_or_default() {
+                let key = format!("init:{}", c.name);
+                if !self.containers.contains_key(&key) {
+                    let id = self.start_container(pod, &c, 0).await?;
+                    self.containers.insert(key.clone(), Running { id, restarts: 0 });
+                }
+                let id = self.containers[&key].id.clone();
+                let st = self.status_of(&id).await?;
+                if st.state() != cri::ContainerState::ContainerExited {
+                    self.report(pod, None).await?;
+                    return Ok(false);
+                }
+            }
+            self.init_done = true;
+        }
+        let mut problem = None;
+        for c in &spec.containers {
+            match self.containers.get(&c.name).cloned() {
+                None => match self.start_container(pod, c, 0).await {
+                    Ok(id) => {
+                        self.containers.insert(c.name.clone(), Running { id, restarts: 0 });
+                    }
+                    Err(e) => problem = Some(("CreateContainerError", e.to_string())),
+                },
+                Some(r) => {
+                    let st = self.status_of(&r.id).await?;
+                    let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+                    let restart = st.state() == cri::ContainerState::ContainerExited
+                        && (policy == "Always" || (policy == "OnFailure" && st.exit_code != 0));
+                    if restart {
+                        let attempt = r.restarts + 1;
+                        if let Ok(id) = self.start_container(pod, c, attempt as u32).await {
+                            self.containers.insert(c.name.clone(), Running { id, restarts: attempt });
+                        }
+                    }
+                }
+            }
+        }
+        self.report(pod, problem).await?;
+        Ok(false)
+    }
+
+    async fn handler(&self, pod: &Pod) -> anyhow::Result<String> {
+        let Some(rc) = pod.spec.as_ref().and_then(|s| s.runtime_class_name.clone()) else {
+            return Ok(String::new());
+        };
+        let rcs: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(self.client.clone());
+        let rc = rcs.get(&rc).await.map_err(|e| anyhow::anyhow!("RuntimeClass {rc:?}: {e}"))?;
+        Ok(rc.handler)
+    }
+
+    async fn start_sandbox(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let m = &pod.metadata;
+        let (ns, name, uid) = (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default(), m.uid.clone().unwrap_or_default());
+        let log_dir = self.cfg.logs_root.join(format!("{ns}_{name}_{uid}"));
+        std::fs::create_dir_all(&log_dir)?;
+        let mut labels: HashMap<String, String> = m.labels.clone().unwrap_or_default().into_iter().collect();
+        labels.insert("io.kubernetes.pod.name".into(), name.clone());
+        labels.insert("io.kubernetes.pod.namespace".into(), ns.clone());
+        labels.insert("io.kubernetes.pod.uid".into(), uid.clone());
+        let mut annotations: HashMap<String, String> = m.annotations.clone().unwrap_or_default().into_iter().collect();
+        annotations.insert(podmig_api::ANNOTATION_POD_UID.into(), uid.clone());
+        let config = cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata { name: name.clone(), uid, namespace: ns, attempt: 0 }),
+            hostname: name,
+            log_directory: log_dir.display().to_string(),
+            labels,
+            annotations,
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let handler = self.handler(pod).await?;
+        let mut cri = self.cri.lock().await;
+        let id = cri
+            .runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler })
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let ip = cri
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false })
+            .await?
+            .into_inner()
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        self.sandbox = Some((id, config, ip));
+        Ok(())
+    }
+
+    async fn start_container(&mut self, pod: &Pod, c: &Container, attempt: u32) -> anyhow::Result<String> {
+        let (sandbox_id, sandbox_config, _) = self.sandbox.clone().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
+        let image = c.image.clone().unwrap_or_default();
+        let env = c.env.clone().unwrap_or_default().into_iter()
+            .map(|e| cri::KeyValue { key: e.name, value: e.value.unwrap_or_default() })
+            .collect();
+        let shares = c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get("cpu"))
+            .map(|q| cpu_shares(&q.0)).unwrap_or(2);
+        let m = &pod.metadata;
+        let labels = HashMap::from([
+            ("io.kubernetes.container.name".to_owned(), c.name.clone()),
+            ("io.kubernetes.pod.name".to_owned(), m.name.clone().unwrap_or_default()),
+            ("io.kubernetes.pod.namespace".to_owned(), m.namespace.clone().unwrap_or_default()),
+            ("io.kubernetes.pod.uid".to_owned(), m.uid.clone().unwrap_or_default()),
+        ]);
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt }),
+            image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+            command: c.command.clone().unwrap_or_default(),
+            args: c.args.clone().unwrap_or_default(),
+            working_dir: c.working_dir.clone().unwrap_or_default(),
+            envs: env,
+            labels,
+            log_path: format!("{}/{attempt}.log", c.name),
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources { cpu_shares: shares, ..Default::default() }),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: cri::NamespaceMode::Pod as i32,
+                        pid: cri::NamespaceMode::Container as i32,
+                        ipc: cri::NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let mut cri = self.cri.lock().await;
+        let present = cri
+            .images
+            .image_status(cri::ImageStatusRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), verbose: false })
+            .await?
+            .into_inner()
+            .image
+            .is_some();
+        anyhow::ensure!(present, "image {image:?} is not present on the node (nothing can be pulled here)");
+        let id = cri
+            .runtime
+            .create_container(cri::CreateContainerRequest { pod_sandbox_id: sandbox_id, config: Some(config), sandbox_config: Some(sandbox_config) })
+            .await?
+            .into_inner()
+            .container_id;
+        cri.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+        Ok(id)
+    }
+
+    async fn status_of(&self, id: &str) -> anyhow::Result<cri::ContainerStatus> {
+        let mut cri = self.cri.lock().await;
+        cri.runtime
+            .container_status(cri::ContainerStatusRequest { container_id: id.into(), verbose: false })
+            .await?
+            .into_inner()
+            .status
+            .ok_or_else(|| anyhow::anyhow!("no status for container {id}"))
+    }
+
+    /// Builds and, when it changed, writes the Pod's status.
+    async fn report(&mut self, pod: &Pod, problem: Option<(&str, String)>) -> anyhow::Result<()> {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let mut statuses = Vec::new();
+        let (mut running, mut succeeded, mut failed) = (0, 0, 0);
+        for c in &spec.containers {
+            let Some(r) = self.containers.get(&c.name).cloned() else {
+                let (reason, message) = problem.clone().unwrap_or(("ContainerCreating", String::new()));
+                statuses.push(json!({"name": c.name, "ready": false, "started": false, "restartCount": 0, "image": c.image,
+                    "imageID": "", "state": {"waiting": {"reason": reason, "message": message}}}));
+                continue;
+            };
+            let st = self.status_of(&r.id).await?;
+            let ts = |ns: i64| chrono::DateTime::from_timestamp(ns / 1_000_000_000, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+            let state = match st.state() {
+                cri::ContainerState::ContainerRunning => {
+                    running += 1;
+                    json!({"running": {"startedAt": ts(st.started_at)}})
+                }
+                cri::ContainerState::ContainerExited => {
+                    if st.exit_code == 0 { succeeded += 1 } else { failed += 1 }
+                    json!({"terminated": {"exitCode": st.exit_code, "reason": if st.reason.is_empty() { "Completed".to_owned() } else { st.reason.clone() },
+                        "message": st.message, "startedAt": ts(st.started_at), "finishedAt": ts(st.finished_at), "containerID": format!("containerd://{}", r.id)}})
+                }
+                _ => json!({"waiting": {"reason": "ContainerCreating"}}),
+            };
+            let ready = st.state() == cri::ContainerState::ContainerRunning;
+            statuses.push(json!({"name": c.name, "ready": ready, "started": ready, "restartCount": r.restarts, "image": c.image,
+                "imageID": st.image_ref, "containerID": format!("containerd://{}", r.id), "state": state}));
+        }
+        let total = spec.containers.len();
+        let policy = spec.restart_policy.as_deref().unwrap_or("Always");
+        let phase = if running == total && total > 0 {
+            "Running"
+        } else if policy != "Always" && succeeded + failed == total && total > 0 {
+            if failed > 0 { "Failed" } else { "Succeeded" }
+        } else if running > 0 || succeeded + failed > 0 {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let all_ready = running == total && total > 0;
+        let t = now();
+        let cond = |ty: &str, ok: bool| json!({"type": ty, "status": if ok { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": t});
+        let ip = self.sandbox.as_ref().map(|s| s.2.clone()).unwrap_or_default();
+        let mut status = json!({
+            "phase": phase, "hostIP": self.cfg.node_ip, "hostIPs": [{"ip": self.cfg.node_ip}], "startTime": self.started_at,
+            "conditions": [cond("PodScheduled", true), cond("Initialized", self.init_done), cond("ContainersReady", all_ready), cond("Ready", all_ready)],
+            "containerStatuses": statuses, "qosClass": "BestEffort",
+        });
+        if !ip.is_empty() {
+            status["podIP"] = json!(ip);
+            status["podIPs"] = json!([{"ip": ip}]);
+        }
+        // Timestamps of conditions change on every pass; compare without them.
+        let mut cmp = status.clone();
+        if let Some(cs) = cmp["conditions"].as_array_mut() {
+            for c in cs {
+                c["lastTransitionTime"] = Value::Null;
+            }
+        }
+        if cmp == self.last_status {
+            return Ok(());
+        }
+        self.pods(pod).patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+        self.last_status = cmp;
+        Ok(())
+    }
+
+    /// Stops the Pod's containers with its grace period, removes its sandbox, reports the
+    /// containers terminated and confirms the deletion with grace period 0.
+    async fn kill(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30).max(0);
+        let ids: Vec<String> = self.containers.values().map(|r| r.id.clone()).collect();
+        {
+            let cri = self.cri.lock().await;
+            // Stop containers in parallel, each with the full grace period, as kubelet does.
+            let stops = ids.iter().map(|id| {
+                let mut rt = cri.runtime.clone();
+                let id = id.clone();
+                async move { rt.stop_container(cri::StopContainerRequest { container_id: id, timeout: grace }).await }
+            });
+            for r in futures::future::join_all(stops).await {
+                if let Err(error) = r {
+                    tracing::warn!(%error, "stop container failed");
+                }
+            }
+        }
+        if !ids.is_empty() {
+            let _ = self.report(pod, None).await;
+        }
+        if let Some((id, _, _)) = self.sandbox.take() {
+            let mut cri = self.cri.lock().await;
+            cri.remove_pod(&id).await?;
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let dp = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }), ..Default::default() };
+        match self.pods(pod).delete(&name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// CPU shares for a CPU request (`500m`, `2`), as kubelet computes them.
+pub fn cpu_shares(q: &str) -> i64 {
+    let milli = match q.strip_suffix('m') {
+        Some(m) => m.parse::<i64>().unwrap_or(0),
+        None => (q.parse::<f64>().unwrap_or(0.0) * 1000.0) as i64,
+    };
+    (milli * 1024 / 1000).max(2)
+}
+
+/// Binds Pod `ns/pod` to `node` through the `binding` subresource (what a scheduler does).
+pub async fn post_binding(client: &kube::Client, ns: &str, pod: &str, node: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+    pods.create_subresource::<Value, Value>("binding", pod, &PostParams::default(), &binding).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cpu_shares_follow_kubelet() {
+        assert_eq!(super::cpu_shares("1"), 1024);
+        assert_eq!(super::cpu_shares("500m"), 512);
+        assert_eq!(super::cpu_shares("1m"), 2);
+    }
+}

@@ -1,0 +1,77 @@
+//! A trivial scheduler: binds unscheduled Pods to a Ready, schedulable Node that matches
+//! their nodeSelector, the one running the fewest Pods.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::{Api, api::ListParams};
+
+/// Picks a node for `pod` among `nodes`, given how many Pods each runs. Plain function so
+/// the rules are unit-tested.
+pub fn pick(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) -> Option<String> {
+    let selector = pod.spec.as_ref().and_then(|s| s.node_selector.clone()).unwrap_or_default();
+    nodes
+        .iter()
+        .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true))
+        .filter(|n| {
+            n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter(|n| {
+            let labels = n.metadata.labels.clone().unwrap_or_default();
+            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .filter_map(|n| n.metadata.name.clone())
+        .min_by_key(|name| (load.get(name).copied().unwrap_or(0), name.clone()))
+}
+
+/// Binds Pods until the task is dropped (polls every 100 ms: simple and fast enough).
+pub async fn run(client: kube::Client) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    loop {
+        if let (Ok(pl), Ok(nl)) = (pods.list(&ListParams::default()).await, nodes.list(&ListParams::default()).await) {
+            let mut load: BTreeMap<String, usize> = BTreeMap::new();
+            for p in &pl.items {
+                if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                    *load.entry(n).or_default() += 1;
+                }
+            }
+            for p in pl.items.iter().filter(|p| {
+                p.spec.as_ref().is_some_and(|s| s.node_name.is_none()) && p.metadata.deletion_timestamp.is_none()
+            }) {
+                if let Some(node) = pick(p, &nl.items, &load) {
+                    let ns = p.metadata.namespace.clone().unwrap_or_default();
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    match crate::kubelet::post_binding(&client, &ns, &name, &node).await {
+                        Ok(()) => *load.entry(node).or_default() += 1,
+                        Err(error) => tracing::warn!(pod = %name, %error, "binding failed"),
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, ready: bool, unschedulable: bool, zone: &str) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {"zone": zone}}, "spec": {"unschedulable": unschedulable},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})).expect("node")
+    }
+
+    #[test]
+    fn picks_ready_schedulable_matching_least_loaded() {
+        let nodes = vec![node("a", true, false, "x"), node("b", true, false, "y"), node("c", false, false, "x"), node("d", true, true, "x")];
+        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).expect("pod");
+        let load = BTreeMap::from([("a".to_owned(), 3)]);
+        assert_eq!(pick(&pod, &nodes, &load).as_deref(), Some("b"));
+        let pinned: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelector": {"zone": "x"}}})).expect("pod");
+        assert_eq!(pick(&pinned, &nodes, &load).as_deref(), Some("a"), "c is not ready, d is cordoned");
+        let nowhere: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelector": {"zone": "z"}}})).expect("pod");
+        assert_eq!(pick(&nowhere, &nodes, &load), None);
+    }
+}
