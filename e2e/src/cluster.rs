@@ -25,15 +25,26 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Runs `ip` (or another command) and fails with its stderr.
 fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 fn quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let _ = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Addresses and names of one cluster's network.
@@ -50,7 +61,11 @@ pub struct Network {
 impl Network {
     fn new() -> Self {
         let k = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 90;
-        Self { bridge: format!("pmc{k}"), octet: 150 + k, prefix: format!("pmc{k}") }
+        Self {
+            bridge: format!("pmc{k}"),
+            octet: 150 + k,
+            prefix: format!("pmc{k}"),
+        }
     }
     /// The bridge's (API server's) address.
     pub fn gateway(&self) -> String {
@@ -74,20 +89,50 @@ impl Network {
 
     fn create_bridge(&self) -> anyhow::Result<()> {
         sh("ip", &["link", "add", &self.bridge, "type", "bridge"])?;
-        sh("ip", &["addr", "add", &format!("{}/24", self.gateway()), "dev", &self.bridge])?;
+        sh(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", self.gateway()),
+                "dev",
+                &self.bridge,
+            ],
+        )?;
         sh("ip", &["link", "set", &self.bridge, "up"])
     }
 
     fn create_node(&self, i: usize, nodes: usize) -> anyhow::Result<()> {
         let (ns, veth, ip) = (self.netns(i), self.veth(i), self.node_ip(i));
         sh("ip", &["netns", "add", &ns])?;
-        sh("ip", &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
         sh("ip", &["link", "set", &veth, "master", &self.bridge, "up"])?;
-        sh("ip", &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        sh(
+            "ip",
+            &["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
         sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
         sh("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-        sh("ip", &["-n", &ns, "route", "add", "default", "via", &self.gateway()])?;
-        sh("ip", &["netns", "exec", &ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        sh(
+            "ip",
+            &["-n", &ns, "route", "add", "default", "via", &self.gateway()],
+        )?;
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
         // The root namespace routes each node's Pod subnet to that node.
         sh("ip", &["route", "replace", &self.pod_cidr(i), "via", &ip])?;
         let _ = nodes;
@@ -142,12 +187,16 @@ pub struct Cluster {
     pub client: kube::Client,
     scheduler: tokio::task::JoinHandle<()>,
     _checkpoints: tempfile::TempDir,
+    /// A temporary parent directory the cluster owns (removed after the teardown).
+    _tmp: Option<tempfile::TempDir>,
 }
 
 /// A kube client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
+    let config =
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+            .await?;
     Ok(kube::Client::try_from(config)?)
 }
 
@@ -162,7 +211,11 @@ impl Cluster {
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(dir)?;
         let network = Network::new();
-        let mut state = State { network: network.clone(), nodes, pids: vec![std::process::id()] };
+        let mut state = State {
+            network: network.clone(),
+            nodes,
+            pids: vec![std::process::id()],
+        };
         write_state(dir, &state)?;
         network.remove(nodes); // leftovers of a crashed run with the same names
         network.create_bridge()?;
@@ -180,12 +233,30 @@ impl Cluster {
         bootstrap(&client).await?;
         let scheduler = {
             let path = dir.join("scheduler.kubeconfig");
-            apiserver.kubeconfig_for(User { name: "system:kube-scheduler".into(), uid: "scheduler".into(), groups: vec!["system:authenticated".into()] }, &path)?;
+            apiserver.kubeconfig_for(
+                User {
+                    name: "system:kube-scheduler".into(),
+                    uid: "scheduler".into(),
+                    groups: vec!["system:authenticated".into()],
+                },
+                &path,
+            )?;
             let c = client_from(&path).await?;
             tokio::spawn(crate::scheduler::run(c))
         };
-        let checkpoints = tempfile::Builder::new().prefix("podmig-ckpt-").tempdir_in(crate::paths::memory_dir())?;
-        let mut cluster = Self { dir: dir.to_path_buf(), network: network.clone(), nodes: vec![], apiserver: Some(apiserver), client, scheduler, _checkpoints: checkpoints };
+        let checkpoints = tempfile::Builder::new()
+            .prefix("podmig-ckpt-")
+            .tempdir_in(crate::paths::memory_dir())?;
+        let mut cluster = Self {
+            dir: dir.to_path_buf(),
+            network: network.clone(),
+            nodes: vec![],
+            apiserver: Some(apiserver),
+            client,
+            scheduler,
+            _checkpoints: checkpoints,
+            _tmp: None,
+        };
         for i in 0..nodes {
             let name = format!("node-{i}");
             let ndir = dir.join(&name);
@@ -201,13 +272,22 @@ impl Cluster {
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                 })
             })?;
-            let daemon = tokio::task::block_in_place(|| NodeDaemon::start(&ndir.join("daemon"), &ckpts, &containerd.runc_root()))?;
+            let daemon = tokio::task::block_in_place(|| {
+                NodeDaemon::start(&ndir.join("daemon"), &ckpts, &containerd.runc_root())
+            })?;
             state.pids.extend(containerd.pid());
             state.pids.extend(daemon.pid());
             write_state(dir, &state)?;
             let kc = ndir.join("kubelet.kubeconfig");
             let api = cluster.apiserver.as_ref().context("api server")?;
-            api.kubeconfig_for(User { name: format!("system:node:{name}"), uid: name.clone(), groups: vec!["system:nodes".into(), "system:authenticated".into()] }, &kc)?;
+            api.kubeconfig_for(
+                User {
+                    name: format!("system:node:{name}"),
+                    uid: name.clone(),
+                    groups: vec!["system:nodes".into(), "system:authenticated".into()],
+                },
+                &kc,
+            )?;
             let kclient = client_from(&kc).await?;
             let cfg = KubeletConfig {
                 node: name.clone(),
@@ -221,10 +301,27 @@ impl Cluster {
                     tracing::error!(%error, "kubelet stand-in stopped");
                 }
             });
-            cluster.nodes.push(ClusterNode { name, ip: network.node_ip(i), netns, containerd, daemon, kubelet });
+            cluster.nodes.push(ClusterNode {
+                name,
+                ip: network.node_ip(i),
+                netns,
+                containerd,
+                daemon,
+                kubelet,
+            });
         }
         cluster.wait_nodes_ready(Duration::from_secs(20)).await?;
         Ok(cluster)
+    }
+
+    /// Brings up a cluster in a fresh temporary directory it owns (tests).
+    pub async fn up_temp(nodes: usize) -> anyhow::Result<Self> {
+        let tmp = tempfile::Builder::new()
+            .prefix("podmig-cluster-")
+            .tempdir_in("/var/tmp")?;
+        let mut c = Self::up(&tmp.path().join("c"), nodes).await?;
+        c._tmp = Some(tmp);
+        Ok(c)
     }
 
     /// The admin kubeconfig.
@@ -233,15 +330,25 @@ impl Cluster {
     }
 
     async fn wait_nodes_ready(&self, within: Duration) -> anyhow::Result<()> {
-        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(self.client.clone());
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(self.client.clone());
         let deadline = Instant::now() + within;
         loop {
             let ready = nodes
                 .list(&Default::default())
                 .await
                 .map(|l| {
-                    l.items.iter().filter(|n| n.status.as_ref().and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))).count()
+                    l.items
+                        .iter()
+                        .filter(|n| {
+                            n.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| {
+                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                })
+                        })
+                        .count()
                 })
                 .unwrap_or(0);
             if ready == self.nodes.len() {
@@ -281,7 +388,10 @@ impl Cluster {
     }
 
     fn network_nodes(&self) -> usize {
-        std::fs::read(self.dir.join("state.json")).ok().and_then(|b| serde_json::from_slice::<State>(&b).ok()).map_or(0, |s| s.nodes)
+        std::fs::read(self.dir.join("state.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<State>(&b).ok())
+            .map_or(0, |s| s.nodes)
     }
 }
 
@@ -293,9 +403,18 @@ impl Drop for Cluster {
 
 /// Runs kubectl against `kubeconfig`.
 pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("kubectl").arg("--kubeconfig").arg(kubeconfig).args(args).output().context("running kubectl")?;
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .context("running kubectl")?;
     if !out.status.success() {
-        bail!("kubectl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -303,31 +422,64 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
 /// RBAC every cluster starts with: what nodes and the scheduler may do.
 async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
     let objects = [
-        ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", json!({"metadata": {"name": "system:node"}, "rules": [
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            "clusterroles",
+            json!({"metadata": {"name": "system:node"}, "rules": [
             {"apiGroups": [""], "resources": ["pods", "pods/status", "nodes", "nodes/status", "events", "secrets", "configmaps", "services", "endpoints"], "verbs": ["*"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
             {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]}]})),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", json!({"metadata": {"name": "system:node"},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]}]}),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            json!({"metadata": {"name": "system:node"},
             "subjects": [{"kind": "Group", "name": "system:nodes", "apiGroup": "rbac.authorization.k8s.io"}],
-            "roleRef": {"kind": "ClusterRole", "name": "system:node", "apiGroup": "rbac.authorization.k8s.io"}})),
-        ("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", json!({"metadata": {"name": "system:kube-scheduler"}, "rules": [
+            "roleRef": {"kind": "ClusterRole", "name": "system:node", "apiGroup": "rbac.authorization.k8s.io"}}),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            "clusterroles",
+            json!({"metadata": {"name": "system:kube-scheduler"}, "rules": [
             {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]}]})),
-        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", json!({"metadata": {"name": "system:kube-scheduler"},
+            {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]}]}),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            json!({"metadata": {"name": "system:kube-scheduler"},
             "subjects": [{"kind": "User", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}],
-            "roleRef": {"kind": "ClusterRole", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}})),
+            "roleRef": {"kind": "ClusterRole", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}}),
+        ),
         // The nodes' containerd has a `podmig` runtime handler.
-        ("node.k8s.io/v1", "RuntimeClass", "runtimeclasses", json!({"metadata": {"name": podmig_api::RUNTIME_HANDLER}, "handler": podmig_api::RUNTIME_HANDLER})),
+        (
+            "node.k8s.io/v1",
+            "RuntimeClass",
+            "runtimeclasses",
+            json!({"metadata": {"name": podmig_api::RUNTIME_HANDLER}, "handler": podmig_api::RUNTIME_HANDLER}),
+        ),
     ];
     for (api_version, kind, plural, mut obj) in objects {
         obj["apiVersion"] = json!(api_version);
         obj["kind"] = json!(kind);
         let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let ar = kube::api::ApiResource { group: group.into(), version: version.into(), api_version: api_version.into(), kind: kind.into(), plural: plural.into() };
+        let ar = kube::api::ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
         let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(client.clone(), &ar);
         let obj: kube::api::DynamicObject = serde_json::from_value(obj)?;
-        api.create(&Default::default(), &obj).await.with_context(|| format!("bootstrap {kind}"))?;
+        api.create(&Default::default(), &obj)
+            .await
+            .with_context(|| format!("bootstrap {kind}"))?;
     }
     Ok(())
 }
@@ -344,7 +496,10 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     if let Some(&main) = state.pids.first() {
         crate::process::signal(main, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while Path::new(&format!("/proc/{main}")).exists() && Instant::now() < deadline && main != std::process::id() {
+        while Path::new(&format!("/proc/{main}")).exists()
+            && Instant::now() < deadline
+            && main != std::process::id()
+        {
             #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -381,14 +536,22 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
 
 fn shim_pids(containerd_dir: &Path) -> Vec<u32> {
     std::fs::read_dir(containerd_dir.join("state/io.containerd.runtime.v2.task/k8s.io"))
-        .map(|d| d.flatten().filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok()).filter_map(|p| p.trim().parse().ok()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())
+                .filter_map(|p| p.trim().parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// `cluster run`: brings the cluster up, marks it ready, serves until SIGTERM or SIGINT.
 pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let cluster = Cluster::up(dir, nodes).await?;
-    std::fs::write(dir.join("ready"), cluster.kubeconfig().display().to_string())?;
+    std::fs::write(
+        dir.join("ready"),
+        cluster.kubeconfig().display().to_string(),
+    )?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
@@ -401,7 +564,11 @@ pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
 /// `cluster up`: starts `cluster run` detached, waits until it is ready, prints the kubeconfig.
 pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     if dir.join("state.json").exists() {
-        bail!("{} holds a cluster already; run `podmig-e2e cluster down --dir {}` first", dir.display(), dir.display());
+        bail!(
+            "{} holds a cluster already; run `podmig-e2e cluster down --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir)?;
     let log = std::fs::File::create(dir.with_extension("log"))?;
@@ -417,10 +584,16 @@ pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !dir.join("ready").exists() {
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("the cluster failed to start ({status}); see {}", dir.with_extension("log").display());
+            bail!(
+                "the cluster failed to start ({status}); see {}",
+                dir.with_extension("log").display()
+            );
         }
         if Instant::now() > deadline {
-            bail!("the cluster did not become ready in 60 s; see {}", dir.with_extension("log").display());
+            bail!(
+                "the cluster did not become ready in 60 s; see {}",
+                dir.with_extension("log").display()
+            );
         }
         #[allow(clippy::disallowed_methods)]
         std::thread::sleep(Duration::from_millis(50));

@@ -43,7 +43,10 @@ impl Containerd {
     /// Starts an instance whose `podmig-runc` talks to `hook_socket`, and imports the
     /// test images into it.
     pub fn start(hook_socket: &Path) -> anyhow::Result<Self> {
-        Self::start_with(ContainerdOptions { hook_socket: hook_socket.to_path_buf(), ..Default::default() })
+        Self::start_with(ContainerdOptions {
+            hook_socket: hook_socket.to_path_buf(),
+            ..Default::default()
+        })
     }
 
     /// Starts an instance as `opts` says.
@@ -55,11 +58,15 @@ impl Containerd {
                 (d, None)
             }
             None => {
-                let t = tempfile::Builder::new().prefix("podmig-ctrd-").tempdir_in("/var/tmp")?;
+                let t = tempfile::Builder::new()
+                    .prefix("podmig-ctrd-")
+                    .tempdir_in("/var/tmp")?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let (bridge, subnet) = opts.network.unwrap_or_else(|| (format!("pmbr{n}"), format!("10.77.{n}.0/24")));
+        let (bridge, subnet) = opts
+            .network
+            .unwrap_or_else(|| (format!("pmbr{n}"), format!("10.77.{n}.0/24")));
         let mut me = Self {
             dir,
             tmp,
@@ -75,7 +82,8 @@ impl Containerd {
                 // NB: not `ip netns exec`, which remounts /sys and so hides the cgroup
                 // mounts runc needs; nsenter switches the network namespace only.
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}")).arg("containerd");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("containerd");
                 c
             }
             None => Command::new("containerd"),
@@ -261,9 +269,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     }
 
     fn shim_pids(&self) -> Vec<u32> {
-        let tasks = self
-            .dir
-            .join("state/io.containerd.runtime.v2.task/k8s.io");
+        let tasks = self.dir.join("state/io.containerd.runtime.v2.task/k8s.io");
         std::fs::read_dir(tasks)
             .map(|d| {
                 d.flatten()
@@ -277,6 +283,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Stops every sandbox through CRI, then containerd, its shims, mounts and bridge.
     fn teardown(&mut self) {
         let sock = self.socket();
+        let mut shims = self.shim_pids();
+        let socket = sock.clone();
         // Drop may run inside a test's runtime: do the async CRI cleanup on a thread of its own.
         let cri = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -289,7 +297,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             })
         });
         let _ = cri.join();
-        let shims = self.shim_pids();
+        shims.extend(self.shim_pids());
+        shims.extend(shims_serving(&socket));
+        // Containers CRI could not stop (containerd already gone): by their runc init pid.
+        for id in self.runc_containers() {
+            if let Some(pid) = podmig_cri_ext::identity::init_pid(&self.runc_root().join(&id)) {
+                crate::process::signal(pid, libc::SIGKILL);
+            }
+        }
         if let Some(mut p) = self.proc.take() {
             p.stop(Duration::from_secs(10));
         }
@@ -305,7 +320,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         if let Some(ns) = &self.netns {
             del.args(["-n", ns]);
         }
-        let _ = del.args(["link", "del", &self.bridge]).stderr(Stdio::null()).status();
+        let _ = del
+            .args(["link", "del", &self.bridge])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -326,6 +344,25 @@ impl Drop for Containerd {
         }
         self.teardown();
     }
+}
+
+/// Shims started for the containerd at `socket` (their command line names its address),
+/// found even when the instance's state directory is gone.
+fn shims_serving(socket: &Path) -> Vec<u32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                        let c = String::from_utf8_lossy(&c);
+                        c.starts_with("/usr/bin/containerd-shim") && c.contains(&needle)
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Mount points at or below `dir`, from /proc/self/mountinfo.

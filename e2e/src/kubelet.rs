@@ -56,7 +56,9 @@ pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()>
     while let Some(ev) = stream.next().await {
         let pods = match ev {
             Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
-            Ok(watcher::Event::Delete(_)) | Ok(watcher::Event::Init) | Ok(watcher::Event::InitDone) => vec![],
+            Ok(watcher::Event::Delete(_))
+            | Ok(watcher::Event::Init)
+            | Ok(watcher::Event::InitDone) => vec![],
             Err(error) => {
                 tracing::warn!(node = %cfg.node, %error, "pod watch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -86,7 +88,13 @@ async fn register(client: &kube::Client, cfg: &KubeletConfig) -> anyhow::Result<
     });
     let pp = PatchParams::apply("kubelet").force();
     nodes.patch(&cfg.node, &pp, &Patch::Apply(&node)).await?;
-    nodes.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(node_status(cfg))).await?;
+    nodes
+        .patch_status(
+            &cfg.node,
+            &PatchParams::default(),
+            &Patch::Merge(node_status(cfg)),
+        )
+        .await?;
     Ok(())
 }
 
@@ -107,12 +115,25 @@ fn node_status(cfg: &KubeletConfig) -> Value {
 
 async fn heartbeat(client: kube::Client, cfg: KubeletConfig) {
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, "kube-node-lease");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client, "kube-node-lease");
     loop {
-        let _ = nodes.patch_status(&cfg.node, &PatchParams::default(), &Patch::Merge(node_status(&cfg))).await;
+        let _ = nodes
+            .patch_status(
+                &cfg.node,
+                &PatchParams::default(),
+                &Patch::Merge(node_status(&cfg)),
+            )
+            .await;
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": cfg.node},
             "spec": {"holderIdentity": cfg.node, "leaseDurationSeconds": 40, "renewTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}});
-        let _ = leases.patch(&cfg.node, &PatchParams::apply("kubelet").force(), &Patch::Apply(&lease)).await;
+        let _ = leases
+            .patch(
+                &cfg.node,
+                &PatchParams::apply("kubelet").force(),
+                &Patch::Apply(&lease),
+            )
+            .await;
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
 }
@@ -138,11 +159,22 @@ struct PodWorker {
 
 impl PodWorker {
     fn new(client: kube::Client, cri: Arc<Mutex<Cri>>, cfg: KubeletConfig) -> Self {
-        Self { client, cri, cfg, sandbox: None, containers: BTreeMap::new(), init_done: false, last_status: Value::Null, started_at: now() }
+        Self {
+            client,
+            cri,
+            cfg,
+            sandbox: None,
+            containers: BTreeMap::new(),
+            init_done: false,
+            last_status: Value::Null,
+            started_at: now(),
+        }
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pod>) {
-        let Some(mut pod) = rx.recv().await else { return };
+        let Some(mut pod) = rx.recv().await else {
+            return;
+        };
         loop {
             // Only the newest version of the Pod matters.
             while let Ok(p) = rx.try_recv() {
@@ -161,7 +193,10 @@ impl PodWorker {
     }
 
     fn pods(&self, pod: &Pod) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), pod.metadata.namespace.as_deref().unwrap_or("default"))
+        Api::namespaced(
+            self.client.clone(),
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        )
     }
 
     /// One sync; true when the Pod is gone and the worker ends.
@@ -170,15 +205,20 @@ impl PodWorker {
             self.kill(pod).await?;
             return Ok(true);
         }
-        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
         if phase == "Succeeded" || phase == "Failed" {
             return Ok(false);
         }
-        if self.sandbox.is_none() {
-            if let Err(e) = self.start_sandbox(pod).await {
-                self.report(pod, Some(("CreatePodSandboxError", e.to_string()))).await?;
-                return Ok(false);
-            }
+        if self.sandbox.is_none()
+            && let Err(e) = self.start_sandbox(pod).await
+        {
+            self.report(pod, Some(("CreatePodSandboxError", e.to_string())))
+                .await?;
+            return Ok(false);
         }
         let spec = pod.spec.clone().unwrap_or_default();
         if !self.init_done {
@@ -186,7 +226,8 @@ impl PodWorker {
                 let key = format!("init:{}", c.name);
                 if !self.containers.contains_key(&key) {
                     let id = self.start_container(pod, &c, 0).await?;
-                    self.containers.insert(key.clone(), Running { id, restarts: 0 });
+                    self.containers
+                        .insert(key.clone(), Running { id, restarts: 0 });
                 }
                 let id = self.containers[&key].id.clone();
                 let st = self.status_of(&id).await?;
@@ -202,7 +243,8 @@ impl PodWorker {
             match self.containers.get(&c.name).cloned() {
                 None => match self.start_container(pod, c, 0).await {
                     Ok(id) => {
-                        self.containers.insert(c.name.clone(), Running { id, restarts: 0 });
+                        self.containers
+                            .insert(c.name.clone(), Running { id, restarts: 0 });
                     }
                     Err(e) => problem = Some(("CreateContainerError", e.to_string())),
                 },
@@ -214,7 +256,13 @@ impl PodWorker {
                     if restart {
                         let attempt = r.restarts + 1;
                         if let Ok(id) = self.start_container(pod, c, attempt as u32).await {
-                            self.containers.insert(c.name.clone(), Running { id, restarts: attempt });
+                            self.containers.insert(
+                                c.name.clone(),
+                                Running {
+                                    id,
+                                    restarts: attempt,
+                                },
+                            );
                         }
                     }
                 }
@@ -229,23 +277,41 @@ impl PodWorker {
             return Ok(String::new());
         };
         let rcs: Api<k8s_openapi::api::node::v1::RuntimeClass> = Api::all(self.client.clone());
-        let rc = rcs.get(&rc).await.map_err(|e| anyhow::anyhow!("RuntimeClass {rc:?}: {e}"))?;
+        let rc = rcs
+            .get(&rc)
+            .await
+            .map_err(|e| anyhow::anyhow!("RuntimeClass {rc:?}: {e}"))?;
         Ok(rc.handler)
     }
 
     async fn start_sandbox(&mut self, pod: &Pod) -> anyhow::Result<()> {
         let m = &pod.metadata;
-        let (ns, name, uid) = (m.namespace.clone().unwrap_or_default(), m.name.clone().unwrap_or_default(), m.uid.clone().unwrap_or_default());
+        let (ns, name, uid) = (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+            m.uid.clone().unwrap_or_default(),
+        );
         let log_dir = self.cfg.logs_root.join(format!("{ns}_{name}_{uid}"));
         std::fs::create_dir_all(&log_dir)?;
-        let mut labels: HashMap<String, String> = m.labels.clone().unwrap_or_default().into_iter().collect();
+        let mut labels: HashMap<String, String> =
+            m.labels.clone().unwrap_or_default().into_iter().collect();
         labels.insert("io.kubernetes.pod.name".into(), name.clone());
         labels.insert("io.kubernetes.pod.namespace".into(), ns.clone());
         labels.insert("io.kubernetes.pod.uid".into(), uid.clone());
-        let mut annotations: HashMap<String, String> = m.annotations.clone().unwrap_or_default().into_iter().collect();
+        let mut annotations: HashMap<String, String> = m
+            .annotations
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         annotations.insert(podmig_api::ANNOTATION_POD_UID.into(), uid.clone());
         let config = cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata { name: name.clone(), uid, namespace: ns, attempt: 0 }),
+            metadata: Some(cri::PodSandboxMetadata {
+                name: name.clone(),
+                uid,
+                namespace: ns,
+                attempt: 0,
+            }),
             hostname: name,
             log_directory: log_dir.display().to_string(),
             labels,
@@ -268,13 +334,19 @@ impl PodWorker {
         let mut cri = self.cri.lock().await;
         let id = cri
             .runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: handler })
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler,
+            })
             .await?
             .into_inner()
             .pod_sandbox_id;
         let ip = cri
             .runtime
-            .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: id.clone(), verbose: false })
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            })
             .await?
             .into_inner()
             .status
@@ -285,24 +357,59 @@ impl PodWorker {
         Ok(())
     }
 
-    async fn start_container(&mut self, pod: &Pod, c: &Container, attempt: u32) -> anyhow::Result<String> {
-        let (sandbox_id, sandbox_config, _) = self.sandbox.clone().ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
+    async fn start_container(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        attempt: u32,
+    ) -> anyhow::Result<String> {
+        let (sandbox_id, sandbox_config, _) = self
+            .sandbox
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = c.image.clone().unwrap_or_default();
-        let env = c.env.clone().unwrap_or_default().into_iter()
-            .map(|e| cri::KeyValue { key: e.name, value: e.value.unwrap_or_default() })
+        let env = c
+            .env
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| cri::KeyValue {
+                key: e.name,
+                value: e.value.unwrap_or_default(),
+            })
             .collect();
-        let shares = c.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get("cpu"))
-            .map(|q| cpu_shares(&q.0)).unwrap_or(2);
+        let shares = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("cpu"))
+            .map(|q| cpu_shares(&q.0))
+            .unwrap_or(2);
         let m = &pod.metadata;
         let labels = HashMap::from([
             ("io.kubernetes.container.name".to_owned(), c.name.clone()),
-            ("io.kubernetes.pod.name".to_owned(), m.name.clone().unwrap_or_default()),
-            ("io.kubernetes.pod.namespace".to_owned(), m.namespace.clone().unwrap_or_default()),
-            ("io.kubernetes.pod.uid".to_owned(), m.uid.clone().unwrap_or_default()),
+            (
+                "io.kubernetes.pod.name".to_owned(),
+                m.name.clone().unwrap_or_default(),
+            ),
+            (
+                "io.kubernetes.pod.namespace".to_owned(),
+                m.namespace.clone().unwrap_or_default(),
+            ),
+            (
+                "io.kubernetes.pod.uid".to_owned(),
+                m.uid.clone().unwrap_or_default(),
+            ),
         ]);
         let config = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata { name: c.name.clone(), attempt }),
-            image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+            metadata: Some(cri::ContainerMetadata {
+                name: c.name.clone(),
+                attempt,
+            }),
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
             command: c.command.clone().unwrap_or_default(),
             args: c.args.clone().unwrap_or_default(),
             working_dir: c.working_dir.clone().unwrap_or_default(),
@@ -310,7 +417,10 @@ impl PodWorker {
             labels,
             log_path: format!("{}/{attempt}.log", c.name),
             linux: Some(cri::LinuxContainerConfig {
-                resources: Some(cri::LinuxContainerResources { cpu_shares: shares, ..Default::default() }),
+                resources: Some(cri::LinuxContainerResources {
+                    cpu_shares: shares,
+                    ..Default::default()
+                }),
                 security_context: Some(cri::LinuxContainerSecurityContext {
                     namespace_options: Some(cri::NamespaceOption {
                         network: cri::NamespaceMode::Pod as i32,
@@ -326,26 +436,46 @@ impl PodWorker {
         let mut cri = self.cri.lock().await;
         let present = cri
             .images
-            .image_status(cri::ImageStatusRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), verbose: false })
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
             .await?
             .into_inner()
             .image
             .is_some();
-        anyhow::ensure!(present, "image {image:?} is not present on the node (nothing can be pulled here)");
+        anyhow::ensure!(
+            present,
+            "image {image:?} is not present on the node (nothing can be pulled here)"
+        );
         let id = cri
             .runtime
-            .create_container(cri::CreateContainerRequest { pod_sandbox_id: sandbox_id, config: Some(config), sandbox_config: Some(sandbox_config) })
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox_id,
+                config: Some(config),
+                sandbox_config: Some(sandbox_config),
+            })
             .await?
             .into_inner()
             .container_id;
-        cri.runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+        cri.runtime
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await?;
         Ok(id)
     }
 
     async fn status_of(&self, id: &str) -> anyhow::Result<cri::ContainerStatus> {
         let mut cri = self.cri.lock().await;
         cri.runtime
-            .container_status(cri::ContainerStatusRequest { container_id: id.into(), verbose: false })
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
             .await?
             .into_inner()
             .status
@@ -359,20 +489,30 @@ impl PodWorker {
         let (mut running, mut succeeded, mut failed) = (0, 0, 0);
         for c in &spec.containers {
             let Some(r) = self.containers.get(&c.name).cloned() else {
-                let (reason, message) = problem.clone().unwrap_or(("ContainerCreating", String::new()));
+                let (reason, message) = problem
+                    .clone()
+                    .unwrap_or(("ContainerCreating", String::new()));
                 statuses.push(json!({"name": c.name, "ready": false, "started": false, "restartCount": 0, "image": c.image,
                     "imageID": "", "state": {"waiting": {"reason": reason, "message": message}}}));
                 continue;
             };
             let st = self.status_of(&r.id).await?;
-            let ts = |ns: i64| chrono::DateTime::from_timestamp(ns / 1_000_000_000, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+            let ts = |ns: i64| {
+                chrono::DateTime::from_timestamp(ns / 1_000_000_000, 0)
+                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                    .unwrap_or_default()
+            };
             let state = match st.state() {
                 cri::ContainerState::ContainerRunning => {
                     running += 1;
                     json!({"running": {"startedAt": ts(st.started_at)}})
                 }
                 cri::ContainerState::ContainerExited => {
-                    if st.exit_code == 0 { succeeded += 1 } else { failed += 1 }
+                    if st.exit_code == 0 {
+                        succeeded += 1
+                    } else {
+                        failed += 1
+                    }
                     json!({"terminated": {"exitCode": st.exit_code, "reason": if st.reason.is_empty() { "Completed".to_owned() } else { st.reason.clone() },
                         "message": st.message, "startedAt": ts(st.started_at), "finishedAt": ts(st.finished_at), "containerID": format!("containerd://{}", r.id)}})
                 }
@@ -396,7 +536,11 @@ impl PodWorker {
         let all_ready = running == total && total > 0;
         let t = now();
         let cond = |ty: &str, ok: bool| json!({"type": ty, "status": if ok { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": t});
-        let ip = self.sandbox.as_ref().map(|s| s.2.clone()).unwrap_or_default();
+        let ip = self
+            .sandbox
+            .as_ref()
+            .map(|s| s.2.clone())
+            .unwrap_or_default();
         let mut status = json!({
             "phase": phase, "hostIP": self.cfg.node_ip, "hostIPs": [{"ip": self.cfg.node_ip}], "startTime": self.started_at,
             "conditions": [cond("PodScheduled", true), cond("Initialized", self.init_done), cond("ContainersReady", all_ready), cond("Ready", all_ready)],
@@ -416,7 +560,13 @@ impl PodWorker {
         if cmp == self.last_status {
             return Ok(());
         }
-        self.pods(pod).patch_status(pod.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+        self.pods(pod)
+            .patch_status(
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await?;
         self.last_status = cmp;
         Ok(())
     }
@@ -424,7 +574,11 @@ impl PodWorker {
     /// Stops the Pod's containers with its grace period, removes its sandbox, reports the
     /// containers terminated and confirms the deletion with grace period 0.
     async fn kill(&mut self, pod: &Pod) -> anyhow::Result<()> {
-        let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30).max(0);
+        let grace = pod
+            .metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(30)
+            .max(0);
         let ids: Vec<String> = self.containers.values().map(|r| r.id.clone()).collect();
         {
             let cri = self.cri.lock().await;
@@ -432,7 +586,13 @@ impl PodWorker {
             let stops = ids.iter().map(|id| {
                 let mut rt = cri.runtime.clone();
                 let id = id.clone();
-                async move { rt.stop_container(cri::StopContainerRequest { container_id: id, timeout: grace }).await }
+                async move {
+                    rt.stop_container(cri::StopContainerRequest {
+                        container_id: id,
+                        timeout: grace,
+                    })
+                    .await
+                }
             });
             for r in futures::future::join_all(stops).await {
                 if let Err(error) = r {
@@ -448,7 +608,14 @@ impl PodWorker {
             cri.remove_pod(&id).await?;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let dp = DeleteParams { grace_period_seconds: Some(0), preconditions: Some(Preconditions { uid: pod.metadata.uid.clone(), resource_version: None }), ..Default::default() };
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
         match self.pods(pod).delete(&name, &dp).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
@@ -467,10 +634,16 @@ pub fn cpu_shares(q: &str) -> i64 {
 }
 
 /// Binds Pod `ns/pod` to `node` through the `binding` subresource (what a scheduler does).
-pub async fn post_binding(client: &kube::Client, ns: &str, pod: &str, node: &str) -> anyhow::Result<()> {
+pub async fn post_binding(
+    client: &kube::Client,
+    ns: &str,
+    pod: &str,
+    node: &str,
+) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    pods.create_subresource::<Value, Value>("binding", pod, &PostParams::default(), &binding).await?;
+    pods.create_subresource::<Value, Value>("binding", pod, &PostParams::default(), &binding)
+        .await?;
     Ok(())
 }
 

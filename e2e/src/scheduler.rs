@@ -9,12 +9,19 @@ use kube::{Api, api::ListParams};
 /// Picks a node for `pod` among `nodes`, given how many Pods each runs. Plain function so
 /// the rules are unit-tested.
 pub fn pick(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) -> Option<String> {
-    let selector = pod.spec.as_ref().and_then(|s| s.node_selector.clone()).unwrap_or_default();
+    let selector = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
     nodes
         .iter()
         .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true))
         .filter(|n| {
-            n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
         })
         .filter(|n| {
             let labels = n.metadata.labels.clone().unwrap_or_default();
@@ -29,7 +36,10 @@ pub async fn run(client: kube::Client) {
     let pods: Api<Pod> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     loop {
-        if let (Ok(pl), Ok(nl)) = (pods.list(&ListParams::default()).await, nodes.list(&ListParams::default()).await) {
+        if let (Ok(pl), Ok(nl)) = (
+            pods.list(&ListParams::default()).await,
+            nodes.list(&ListParams::default()).await,
+        ) {
             let mut load: BTreeMap<String, usize> = BTreeMap::new();
             for p in &pl.items {
                 if let Some(n) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
@@ -37,7 +47,8 @@ pub async fn run(client: kube::Client) {
                 }
             }
             for p in pl.items.iter().filter(|p| {
-                p.spec.as_ref().is_some_and(|s| s.node_name.is_none()) && p.metadata.deletion_timestamp.is_none()
+                p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
+                    && p.metadata.deletion_timestamp.is_none()
             }) {
                 if let Some(node) = pick(p, &nl.items, &load) {
                     let ns = p.metadata.namespace.clone().unwrap_or_default();
@@ -65,12 +76,23 @@ mod tests {
 
     #[test]
     fn picks_ready_schedulable_matching_least_loaded() {
-        let nodes = vec![node("a", true, false, "x"), node("b", true, false, "y"), node("c", false, false, "x"), node("d", true, true, "x")];
-        let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": []}})).expect("pod");
+        let nodes = vec![
+            node("a", true, false, "x"),
+            node("b", true, false, "y"),
+            node("c", false, false, "x"),
+            node("d", true, true, "x"),
+        ];
+        let pod: Pod =
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": []}}))
+                .expect("pod");
         let load = BTreeMap::from([("a".to_owned(), 3)]);
         assert_eq!(pick(&pod, &nodes, &load).as_deref(), Some("b"));
         let pinned: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelector": {"zone": "x"}}})).expect("pod");
-        assert_eq!(pick(&pinned, &nodes, &load).as_deref(), Some("a"), "c is not ready, d is cordoned");
+        assert_eq!(
+            pick(&pinned, &nodes, &load).as_deref(),
+            Some("a"),
+            "c is not ready, d is cordoned"
+        );
         let nowhere: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelector": {"zone": "z"}}})).expect("pod");
         assert_eq!(pick(&nowhere, &nodes, &load), None);
     }

@@ -28,11 +28,19 @@ pub type ApiResult<T> = Result<T, ApiError>;
 impl ApiError {
     /// A new error.
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { code, reason, message: message.into() }
+        Self {
+            code,
+            reason,
+            message: message.into(),
+        }
     }
     /// 404.
     pub fn not_found(def: &ResourceDef, name: &str) -> Self {
-        let what = if def.group.is_empty() { def.plural.clone() } else { format!("{}.{}", def.plural, def.group) };
+        let what = if def.group.is_empty() {
+            def.plural.clone()
+        } else {
+            format!("{}.{}", def.plural, def.group)
+        };
         Self::new(404, "NotFound", format!("{what} \"{name}\" not found"))
     }
     /// 400.
@@ -122,17 +130,29 @@ impl Default for Api {
 impl Api {
     /// The API with the built-in resources and the `default`, `kube-system` namespaces.
     pub fn new() -> Self {
-        let api = Self { store: Store::new(), resources: RwLock::new(resources::builtins()) };
+        let api = Self {
+            store: Store::new(),
+            resources: RwLock::new(resources::builtins()),
+        };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-            let def = api.resource("", "v1", "namespaces").expect("namespaces are built in");
-            let _ = api.create(&def, "", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+            let def = api
+                .resource("", "v1", "namespaces")
+                .expect("namespaces are built in");
+            let _ = api.create(
+                &def,
+                "",
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            );
         }
         api
     }
 
     /// Every served resource.
     pub fn resources(&self) -> Vec<ResourceDef> {
-        self.resources.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.resources
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The resource at `group/version/plural`.
@@ -143,12 +163,22 @@ impl Api {
     }
 
     fn key(def: &ResourceDef, ns: &str, name: &str) -> Key {
-        (def.key(), if def.namespaced { ns.to_owned() } else { String::new() }, name.to_owned())
+        (
+            def.key(),
+            if def.namespaced {
+                ns.to_owned()
+            } else {
+                String::new()
+            },
+            name.to_owned(),
+        )
     }
 
     /// One object.
     pub fn get(&self, def: &ResourceDef, ns: &str, name: &str) -> ApiResult<Value> {
-        self.store.get(&Self::key(def, ns, name)).ok_or_else(|| ApiError::not_found(def, name))
+        self.store
+            .get(&Self::key(def, ns, name))
+            .ok_or_else(|| ApiError::not_found(def, name))
     }
 
     /// Creates an object: name or generateName, uid, timestamps, defaults.
@@ -159,10 +189,21 @@ impl Api {
         if def.namespaced {
             let nsdef = self.resource("", "v1", "namespaces").expect("built in");
             match self.store.get(&Self::key(&nsdef, "", ns)) {
-                None => return Err(ApiError::new(404, "NotFound", format!("namespaces \"{ns}\" not found"))),
+                None => {
+                    return Err(ApiError::new(
+                        404,
+                        "NotFound",
+                        format!("namespaces \"{ns}\" not found"),
+                    ));
+                }
                 Some(n) if !n["metadata"]["deletionTimestamp"].is_null() => {
-                    return Err(ApiError::new(403, "Forbidden", format!(
-                        "unable to create new content in namespace {ns} because it is being terminated")));
+                    return Err(ApiError::new(
+                        403,
+                        "Forbidden",
+                        format!(
+                            "unable to create new content in namespace {ns} because it is being terminated"
+                        ),
+                    ));
                 }
                 Some(_) => {}
             }
@@ -175,7 +216,10 @@ impl Api {
         if name.is_empty() {
             let prefix = meta["generateName"].as_str().unwrap_or_default();
             if prefix.is_empty() {
-                return Err(ApiError::invalid(format!("{} is invalid: metadata.name: Required value: name or generateName is required", def.kind)));
+                return Err(ApiError::invalid(format!(
+                    "{} is invalid: metadata.name: Required value: name or generateName is required",
+                    def.kind
+                )));
             }
             let suffix: String = uuid::Uuid::new_v4().simple().to_string()[..5].to_owned();
             name = format!("{prefix}{suffix}");
@@ -185,7 +229,8 @@ impl Api {
             && body_ns != ns
         {
             return Err(ApiError::bad_request(format!(
-                "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})")));
+                "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({ns})"
+            )));
         }
         meta["name"] = json!(name);
         if def.namespaced {
@@ -210,7 +255,11 @@ impl Api {
         let created = self
             .store
             .write(&key, |old| match old {
-                Some(_) => Err(ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", def.plural))),
+                Some(_) => Err(ApiError::new(
+                    409,
+                    "AlreadyExists",
+                    format!("{} \"{name}\" already exists", def.plural),
+                )),
                 None => Ok(Some(obj)),
             })?
             .expect("written");
@@ -246,14 +295,20 @@ impl Api {
         let spec = &crd["spec"];
         let plural = spec["names"]["plural"].as_str().unwrap_or_default();
         let group = spec["group"].as_str().unwrap_or_default();
-        if plural.is_empty() || group.is_empty() || spec["versions"].as_array().is_none_or(Vec::is_empty) {
-            return Err(ApiError::invalid("CustomResourceDefinition is invalid: spec.group, spec.names.plural and spec.versions are required"));
+        if plural.is_empty()
+            || group.is_empty()
+            || spec["versions"].as_array().is_none_or(Vec::is_empty)
+        {
+            return Err(ApiError::invalid(
+                "CustomResourceDefinition is invalid: spec.group, spec.names.plural and spec.versions are required",
+            ));
         }
         let expected = format!("{plural}.{group}");
         if crd["metadata"]["name"].as_str() != Some(expected.as_str()) {
             return Err(ApiError::invalid(format!(
                 "CustomResourceDefinition.apiextensions.k8s.io \"{}\" is invalid: metadata.name: Invalid value: must be spec.names.plural+\".\"+spec.group ({expected})",
-                crd["metadata"]["name"].as_str().unwrap_or_default())));
+                crd["metadata"]["name"].as_str().unwrap_or_default()
+            )));
         }
         let t = now();
         crd["status"] = json!({
@@ -269,14 +324,24 @@ impl Api {
 
     fn register_crd(&self, crd: &Value) {
         let defs = resources::from_crd(crd);
-        let mut all = self.resources.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        all.retain(|r| !defs.iter().any(|d| d.group == r.group && d.plural == r.plural));
+        let mut all = self
+            .resources
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|r| {
+            !defs
+                .iter()
+                .any(|d| d.group == r.group && d.plural == r.plural)
+        });
         all.extend(defs);
     }
 
     fn unregister_crd(&self, crd: &Value) {
         let group = crd["spec"]["group"].as_str().unwrap_or_default().to_owned();
-        let plural = crd["spec"]["names"]["plural"].as_str().unwrap_or_default().to_owned();
+        let plural = crd["spec"]["names"]["plural"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         self.resources
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -290,23 +355,46 @@ impl Api {
     }
 
     /// Replaces an object (PUT) or, with `status_only`, its status.
-    pub fn replace(&self, def: &ResourceDef, ns: &str, name: &str, obj: Value, status_only: bool) -> ApiResult<Value> {
+    pub fn replace(
+        &self,
+        def: &ResourceDef,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        status_only: bool,
+    ) -> ApiResult<Value> {
         if obj["metadata"]["name"].as_str().is_some_and(|n| n != name) {
-            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({name})",
-                obj["metadata"]["name"].as_str().unwrap_or_default())));
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                obj["metadata"]["name"].as_str().unwrap_or_default()
+            )));
         }
-        let rv = obj["metadata"]["resourceVersion"].as_str().map(str::to_owned).filter(|s| !s.is_empty());
+        let rv = obj["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_owned)
+            .filter(|s| !s.is_empty());
         self.update_with(def, ns, name, rv.as_deref(), status_only, |_| Ok(obj))
     }
 
     /// Patches an object (or its status).
-    pub fn patch(&self, def: &ResourceDef, ns: &str, name: &str, kind: PatchType, body: &Value, status_only: bool) -> ApiResult<Value> {
+    pub fn patch(
+        &self,
+        def: &ResourceDef,
+        ns: &str,
+        name: &str,
+        kind: PatchType,
+        body: &Value,
+        status_only: bool,
+    ) -> ApiResult<Value> {
         if kind == PatchType::Apply && self.store.get(&Self::key(def, ns, name)).is_none() {
             let mut obj = body.clone();
             obj["metadata"]["name"] = json!(name);
             return self.create(def, ns, obj);
         }
-        let rv = body["metadata"]["resourceVersion"].as_str().map(str::to_owned).filter(|s| !s.is_empty());
+        let rv = body["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_owned)
+            .filter(|s| !s.is_empty());
         self.update_with(def, ns, name, rv.as_deref(), status_only, |current| {
             let mut doc = current.clone();
             match kind {
@@ -315,7 +403,9 @@ impl Api {
                 PatchType::Json => {
                     let ops: json_patch::Patch = serde_json::from_value(body.clone())
                         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-                    json_patch::patch(&mut doc, &ops).map_err(|e| ApiError::invalid(format!("the JSON patch could not be applied: {e}")))?;
+                    json_patch::patch(&mut doc, &ops).map_err(|e| {
+                        ApiError::invalid(format!("the JSON patch could not be applied: {e}"))
+                    })?;
                 }
             }
             Ok(doc)
@@ -393,7 +483,10 @@ impl Api {
             Ok(Some(new))
         })?;
         match written {
-            Some(obj) if obj["metadata"]["deletionTimestamp"].is_null() || self.store.get(&key).is_some() => {
+            Some(obj)
+                if obj["metadata"]["deletionTimestamp"].is_null()
+                    || self.store.get(&key).is_some() =>
+            {
                 if def.group == "apiextensions.k8s.io" {
                     self.register_crd(&obj);
                 }
@@ -414,40 +507,66 @@ impl Api {
         if meta["deletionTimestamp"].is_null() || finalizers(obj) > 0 {
             return false;
         }
-        !(def.is_pod() && !obj["spec"]["nodeName"].is_null() && meta["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
+        !(def.is_pod()
+            && !obj["spec"]["nodeName"].is_null()
+            && meta["deletionGracePeriodSeconds"].as_i64().unwrap_or(0) > 0)
     }
 
     /// Deletes an object with the Kubernetes rules for finalizers and graceful Pod deletion.
-    pub fn delete(&self, def: &ResourceDef, ns: &str, name: &str, opts: &DeleteOptions) -> ApiResult<Value> {
+    pub fn delete(
+        &self,
+        def: &ResourceDef,
+        ns: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Value> {
         let key = Self::key(def, ns, name);
-        let propagation = opts.propagation.clone().unwrap_or_else(|| "Background".into());
+        let propagation = opts
+            .propagation
+            .clone()
+            .unwrap_or_else(|| "Background".into());
         let mut removed = false;
         let result = self.store.write(&key, |old| {
             let old = old.ok_or_else(|| ApiError::not_found(def, name))?;
             if let Some(uid) = &opts.uid
                 && old["metadata"]["uid"].as_str() != Some(uid)
             {
-                return Err(ApiError::new(409, "Conflict", format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    old["metadata"]["uid"].as_str().unwrap_or_default())));
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        old["metadata"]["uid"].as_str().unwrap_or_default()
+                    ),
+                ));
             }
             if let Some(rv) = &opts.resource_version
                 && old["metadata"]["resourceVersion"].as_str() != Some(rv)
             {
-                return Err(ApiError::new(409, "Conflict", format!("Precondition failed: ResourceVersion in precondition: {rv}")));
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!("Precondition failed: ResourceVersion in precondition: {rv}"),
+                ));
             }
             let mut new = old.clone();
             let bound_pod = def.is_pod() && !old["spec"]["nodeName"].is_null();
             let grace = if bound_pod {
-                let default = old["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
+                let default = old["spec"]["terminationGracePeriodSeconds"]
+                    .as_i64()
+                    .unwrap_or(30);
                 let asked = opts.grace_period.unwrap_or(default).max(0);
                 // A deletion in progress can only shorten its grace period.
-                old["metadata"]["deletionGracePeriodSeconds"].as_i64().map_or(asked, |g| g.min(asked))
+                old["metadata"]["deletionGracePeriodSeconds"]
+                    .as_i64()
+                    .map_or(asked, |g| g.min(asked))
             } else {
                 0
             };
             if new["metadata"]["deletionTimestamp"].is_null() {
                 let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
-                new["metadata"]["deletionTimestamp"] = json!(at.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                new["metadata"]["deletionTimestamp"] =
+                    json!(at.format("%Y-%m-%dT%H:%M:%SZ").to_string());
             }
             new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
             if Self::may_remove(def, &new) {
@@ -475,8 +594,16 @@ impl Api {
         if def.group == "apiextensions.k8s.io" {
             self.unregister_crd(obj);
         }
-        let uid = obj["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
-        let in_ns = (def.group.is_empty() && def.plural == "namespaces").then(|| obj["metadata"]["name"].as_str().unwrap_or_default().to_owned());
+        let uid = obj["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let in_ns = (def.group.is_empty() && def.plural == "namespaces").then(|| {
+            obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        });
         let defs = self.resources();
         for ((res, ns, name), dep) in self.store.all() {
             let owned = dep["metadata"]["ownerReferences"]
@@ -486,7 +613,9 @@ impl Api {
             if !(owned || in_namespace) {
                 continue;
             }
-            let Some(ddef) = defs.iter().find(|d| d.key() == res).cloned() else { continue };
+            let Some(ddef) = defs.iter().find(|d| d.key() == res).cloned() else {
+                continue;
+            };
             if owned && propagation == "Orphan" {
                 let _ = self.update_with(&ddef, &ns, &name, None, false, |cur| {
                     let mut cur = cur.clone();
@@ -504,7 +633,9 @@ impl Api {
     /// Binds a Pod to a node (the `binding` subresource).
     pub fn bind(&self, def: &ResourceDef, ns: &str, name: &str, node: &str) -> ApiResult<Value> {
         if node.is_empty() {
-            return Err(ApiError::invalid("Binding is invalid: target.name: Required value"));
+            return Err(ApiError::invalid(
+                "Binding is invalid: target.name: Required value",
+            ));
         }
         let key = Self::key(def, ns, name);
         self.store

@@ -40,7 +40,10 @@ pub struct Tokens(RwLock<HashMap<String, User>>);
 impl Tokens {
     /// Registers `token` for `user`.
     pub fn add(&self, token: &str, user: User) {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(token.to_owned(), user);
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(token.to_owned(), user);
     }
 
     /// Issues a fresh random token for `user`.
@@ -52,7 +55,11 @@ impl Tokens {
 
     /// The user a token belongs to.
     pub fn authenticate(&self, token: &str) -> Option<User> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(token).cloned()
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(token)
+            .cloned()
     }
 }
 
@@ -76,8 +83,10 @@ pub struct Attributes {
 }
 
 fn matches(list: &Value, want: &str) -> bool {
-    list.as_array()
-        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("*") || v.as_str() == Some(want)))
+    list.as_array().is_some_and(|a| {
+        a.iter()
+            .any(|v| v.as_str() == Some("*") || v.as_str() == Some(want))
+    })
 }
 
 fn rule_allows(rule: &Value, a: &Attributes) -> bool {
@@ -94,11 +103,13 @@ fn rule_allows(rule: &Value, a: &Attributes) -> bool {
         format!("{}/{}", a.resource, a.subresource)
     };
     let names_ok = rule["resourceNames"].as_array().is_none_or(|n| {
-        n.is_empty() || (!a.name.is_empty() && n.iter().any(|x| x.as_str() == Some(a.name.as_str())))
+        n.is_empty()
+            || (!a.name.is_empty() && n.iter().any(|x| x.as_str() == Some(a.name.as_str())))
     });
     matches(&rule["apiGroups"], &a.group)
         && (matches(&rule["resources"], &resource)
-            || (!a.subresource.is_empty() && matches(&rule["resources"], &format!("{}/*", a.resource))))
+            || (!a.subresource.is_empty()
+                && matches(&rule["resources"], &format!("{}/*", a.resource))))
         && matches(&rule["verbs"], &a.verb)
         && names_ok
 }
@@ -123,15 +134,25 @@ pub fn authorize(api: &Api, user: &User, a: &Attributes) -> (bool, String) {
     }
     // Discovery, version and health are open to every authenticated user (system:discovery).
     if let Some(p) = &a.path
-        && (p == "/api" || p == "/apis" || p.starts_with("/api/") || p.starts_with("/apis/")
-            || p == "/version" || p.starts_with("/healthz") || p.starts_with("/livez")
-            || p.starts_with("/readyz") || p.starts_with("/openapi"))
+        && (p == "/api"
+            || p == "/apis"
+            || p.starts_with("/api/")
+            || p.starts_with("/apis/")
+            || p == "/version"
+            || p.starts_with("/healthz")
+            || p.starts_with("/livez")
+            || p.starts_with("/readyz")
+            || p.starts_with("/openapi"))
         && a.verb == "get"
     {
         return (true, "system:discovery".into());
     }
     let role = |kind: &str, name: &str, ns: &str| -> Option<Value> {
-        let (plural, ns) = if kind == "ClusterRole" { ("clusterroles", "") } else { ("roles", ns) };
+        let (plural, ns) = if kind == "ClusterRole" {
+            ("clusterroles", "")
+        } else {
+            ("roles", ns)
+        };
         let def = api.resource("rbac.authorization.k8s.io", "v1", plural)?;
         api.get(&def, ns, name).ok()
     };
@@ -141,23 +162,43 @@ pub fn authorize(api: &Api, user: &User, a: &Attributes) -> (bool, String) {
             .unwrap_or_default()
     };
     let check = |binding: &Value, ns: &str| -> bool {
-        if !binding["subjects"].as_array().is_some_and(|s| s.iter().any(|s| subject_matches(s, user))) {
+        if !binding["subjects"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| subject_matches(s, user)))
+        {
             return false;
         }
         let r = &binding["roleRef"];
-        role(r["kind"].as_str().unwrap_or_default(), r["name"].as_str().unwrap_or_default(), ns)
-            .and_then(|role| role["rules"].as_array().cloned())
-            .is_some_and(|rules| rules.iter().any(|rule| rule_allows(rule, a)))
+        role(
+            r["kind"].as_str().unwrap_or_default(),
+            r["name"].as_str().unwrap_or_default(),
+            ns,
+        )
+        .and_then(|role| role["rules"].as_array().cloned())
+        .is_some_and(|rules| rules.iter().any(|rule| rule_allows(rule, a)))
     };
     for b in bindings("clusterrolebindings", None) {
         if check(&b, "") {
-            return (true, format!("allowed by ClusterRoleBinding {:?}", b["metadata"]["name"].as_str().unwrap_or_default()));
+            return (
+                true,
+                format!(
+                    "allowed by ClusterRoleBinding {:?}",
+                    b["metadata"]["name"].as_str().unwrap_or_default()
+                ),
+            );
         }
     }
     if !a.namespace.is_empty() {
         for b in bindings("rolebindings", Some(&a.namespace)) {
             if check(&b, &a.namespace) {
-                return (true, format!("allowed by RoleBinding {:?} in {}", b["metadata"]["name"].as_str().unwrap_or_default(), a.namespace));
+                return (
+                    true,
+                    format!(
+                        "allowed by RoleBinding {:?} in {}",
+                        b["metadata"]["name"].as_str().unwrap_or_default(),
+                        a.namespace
+                    ),
+                );
             }
         }
     }
@@ -170,13 +211,22 @@ mod tests {
     use serde_json::json;
 
     fn attrs(verb: &str, resource: &str, sub: &str, ns: &str) -> Attributes {
-        Attributes { verb: verb.into(), resource: resource.into(), subresource: sub.into(), namespace: ns.into(), ..Default::default() }
+        Attributes {
+            verb: verb.into(),
+            resource: resource.into(),
+            subresource: sub.into(),
+            namespace: ns.into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn role_bindings_grant_only_their_rules() {
         let api = Api::new();
-        let rbac = |p: &str| api.resource("rbac.authorization.k8s.io", "v1", p).expect("rbac");
+        let rbac = |p: &str| {
+            api.resource("rbac.authorization.k8s.io", "v1", p)
+                .expect("rbac")
+        };
         api.create(&rbac("roles"), "default", json!({"metadata": {"name": "pod-reader"},
             "rules": [{"apiGroups": [""], "resources": ["pods", "pods/status"], "verbs": ["get", "list", "watch"]}]})).expect("role");
         api.create(&rbac("rolebindings"), "default", json!({"metadata": {"name": "rb"},
@@ -189,7 +239,11 @@ mod tests {
         assert!(!authorize(&api, &sa, &attrs("list", "pods", "", "other")).0);
         let stranger = User::service_account("default", "other", "u2");
         assert!(!authorize(&api, &stranger, &attrs("list", "pods", "", "default")).0);
-        let admin = User { name: "admin".into(), uid: "a".into(), groups: vec!["system:masters".into()] };
+        let admin = User {
+            name: "admin".into(),
+            uid: "a".into(),
+            groups: vec!["system:masters".into()],
+        };
         assert!(authorize(&api, &admin, &attrs("delete", "nodes", "", "")).0);
     }
 }

@@ -36,7 +36,12 @@ pub struct ServerState {
 
 fn json_response(code: u16, body: &Value) -> Response {
     let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn error(e: &ApiError) -> Response {
@@ -61,13 +66,20 @@ fn parse_target(api: &Api, segs: &[&str]) -> Option<Target> {
         _ => return None,
     };
     let namespaced = |plural: &str| {
-        api.resource(&group, &version, plural).is_some_and(|d| d.namespaced)
+        api.resource(&group, &version, plural)
+            .is_some_and(|d| d.namespaced)
     };
-    let mut t = Target { group: group.clone(), version: version.clone(), ..Default::default() };
+    let mut t = Target {
+        group: group.clone(),
+        version: version.clone(),
+        ..Default::default()
+    };
     let rest: Vec<&str> = match rest {
         ["namespaces", ns, plural, tail @ ..] if namespaced(plural) => {
             t.namespace = (*ns).to_owned();
-            std::iter::once(*plural).chain(tail.iter().copied()).collect()
+            std::iter::once(*plural)
+                .chain(tail.iter().copied())
+                .collect()
         }
         other => other.to_vec(),
     };
@@ -106,7 +118,8 @@ fn parse_body(body: &Bytes) -> ApiResult<Value> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
 /// The single handler behind every path.
@@ -118,12 +131,17 @@ pub async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().trim_end_matches('/').to_owned();
-    let query: HashMap<String, String> = Query::try_from_uri(&uri).map(|q: Query<HashMap<String, String>>| q.0).unwrap_or_default();
+    let query: HashMap<String, String> = Query::try_from_uri(&uri)
+        .map(|q: Query<HashMap<String, String>>| q.0)
+        .unwrap_or_default();
     match path.as_str() {
         "/healthz" | "/livez" | "/readyz" => return (StatusCode::OK, "ok").into_response(),
         "/version" => {
-            return json_response(200, &json!({"major": "1", "minor": "32", "gitVersion": VERSION,
-                "platform": "linux/amd64", "goVersion": "n/a", "compiler": "podmig-e2e"}));
+            return json_response(
+                200,
+                &json!({"major": "1", "minor": "32", "gitVersion": VERSION,
+                "platform": "linux/amd64", "goVersion": "n/a", "compiler": "podmig-e2e"}),
+            );
         }
         _ => {}
     }
@@ -131,19 +149,56 @@ pub async fn handle(
         return error(&ApiError::new(401, "Unauthorized", "Unauthorized"));
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let discovery = matches!(segs.as_slice(), ["api"] | ["apis"] | ["api", _] | ["apis", _] | ["apis", _, _]) || segs.first() == Some(&"openapi");
+    let discovery = matches!(
+        segs.as_slice(),
+        ["api"] | ["apis"] | ["api", _] | ["apis", _] | ["apis", _, _]
+    ) || segs.first() == Some(&"openapi");
     if discovery {
-        let a = Attributes { verb: "get".into(), path: Some(path.clone()), ..Default::default() };
+        let a = Attributes {
+            verb: "get".into(),
+            path: Some(path.clone()),
+            ..Default::default()
+        };
         if !auth::authorize(&st.api, &user, &a).0 {
-            return error(&ApiError::new(403, "Forbidden", format!("forbidden: User \"{}\" cannot get path \"{path}\"", user.name)));
+            return error(&ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "forbidden: User \"{}\" cannot get path \"{path}\"",
+                    user.name
+                ),
+            ));
         }
         return discovery_response(&st.api, &segs);
     }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !body.is_empty() && content_type.contains("protobuf") {
+        // NB: this server speaks JSON only (like a server without the protobuf codec);
+        // client-go then retries in JSON.
+        return error(&ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/merge-patch+json, application/json-patch+json (got {content_type})"
+            ),
+        ));
+    }
     let Some(t) = parse_target(&st.api, &segs) else {
-        return error(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return error(&ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     };
     let Some(def) = st.api.resource(&t.group, &t.version, &t.plural) else {
-        return error(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return error(&ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, t.name.is_empty()) {
@@ -155,7 +210,13 @@ pub async fn handle(
         (&Method::PATCH, _) => "patch",
         (&Method::DELETE, true) => "deletecollection",
         (&Method::DELETE, false) => "delete",
-        _ => return error(&ApiError::new(405, "MethodNotAllowed", format!("method {method} is not allowed"))),
+        _ => {
+            return error(&ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("method {method} is not allowed"),
+            ));
+        }
     };
     let attrs = Attributes {
         verb: verb.into(),
@@ -168,9 +229,21 @@ pub async fn handle(
     };
     let (allowed, _) = auth::authorize(&st.api, &user, &attrs);
     if !allowed {
-        let res = if t.subresource.is_empty() { t.plural.clone() } else { format!("{}/{}", t.plural, t.subresource) };
-        let mut msg = format!("{res}{} is forbidden: User \"{}\" cannot {verb} resource \"{res}\" in API group \"{}\"",
-            if t.name.is_empty() { String::new() } else { format!(" \"{}\"", t.name) }, user.name, t.group);
+        let res = if t.subresource.is_empty() {
+            t.plural.clone()
+        } else {
+            format!("{}/{}", t.plural, t.subresource)
+        };
+        let mut msg = format!(
+            "{res}{} is forbidden: User \"{}\" cannot {verb} resource \"{res}\" in API group \"{}\"",
+            if t.name.is_empty() {
+                String::new()
+            } else {
+                format!(" \"{}\"", t.name)
+            },
+            user.name,
+            t.group
+        );
         if !t.namespace.is_empty() {
             msg.push_str(&format!(" in the namespace \"{}\"", t.namespace));
         } else {
@@ -179,7 +252,11 @@ pub async fn handle(
         return error(&ApiError::new(403, "Forbidden", msg));
     }
     if def.namespaced && t.namespace.is_empty() && !t.name.is_empty() {
-        return error(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return error(&ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     let table = wants_table(&headers);
     let result = match verb {
@@ -188,22 +265,40 @@ pub async fn handle(
             if table {
                 (200, table::table(&def, &items, rv))
             } else {
-                (200, json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(),
-                    "metadata": {"resourceVersion": rv.to_string()}, "items": items}))
+                (
+                    200,
+                    json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(),
+                    "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                )
             }
         }),
-        "get" if t.subresource.is_empty() || t.subresource == "status" => st.api.get(&def, &t.namespace, &t.name).map(|o| {
-            if table { (200, table::table(&def, std::slice::from_ref(&o), st.api.store.rv())) } else { (200, o) }
-        }),
+        "get" if t.subresource.is_empty() || t.subresource == "status" => {
+            st.api.get(&def, &t.namespace, &t.name).map(|o| {
+                if table {
+                    (
+                        200,
+                        table::table(&def, std::slice::from_ref(&o), st.api.store.rv()),
+                    )
+                } else {
+                    (200, o)
+                }
+            })
+        }
         "create" => create(&st, &def, &t, &user, &body).await,
         "update" => parse_body(&body).and_then(|obj| {
             subresource_ok(&def, &t, &["status"])?;
-            st.api.replace(&def, &t.namespace, &t.name, obj, t.subresource == "status").map(|o| (200, o))
+            st.api
+                .replace(&def, &t.namespace, &t.name, obj, t.subresource == "status")
+                .map(|o| (200, o))
         }),
         "patch" => patch(&st.api, &def, &t, &headers, &body),
         "delete" => {
             let opts = delete_options(&query);
-            parse_body(&body).and_then(|b| st.api.delete(&def, &t.namespace, &t.name, &opts.merge_body(&b)).map(|o| (200, o)))
+            parse_body(&body).and_then(|b| {
+                st.api
+                    .delete(&def, &t.namespace, &t.name, &opts.merge_body(&b))
+                    .map(|o| (200, o))
+            })
         }
         "deletecollection" => list(&st.api, &def, &t, &query).map(|(items, rv)| {
             let opts = delete_options(&query);
@@ -215,10 +310,17 @@ pub async fn handle(
                     st.api.delete(&def, ns, name, &opts).ok()
                 })
                 .collect();
-            (200, json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}))
+            (
+                200,
+                json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(),
+                "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
+            )
         }),
-        _ => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+        _ => Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )),
     };
     match result {
         Ok((code, v)) => json_response(code, &v),
@@ -227,10 +329,16 @@ pub async fn handle(
 }
 
 fn subresource_ok(def: &ResourceDef, t: &Target, allowed: &[&str]) -> ApiResult<()> {
-    if t.subresource.is_empty() || (allowed.contains(&t.subresource.as_str()) && (t.subresource != "status" || def.status)) {
+    if t.subresource.is_empty()
+        || (allowed.contains(&t.subresource.as_str()) && (t.subresource != "status" || def.status))
+    {
         Ok(())
     } else {
-        Err(ApiError::new(404, "NotFound", format!("{}/{} is not served", def.plural, t.subresource)))
+        Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("{}/{} is not served", def.plural, t.subresource),
+        ))
     }
 }
 
@@ -243,99 +351,198 @@ fn delete_options(query: &HashMap<String, String>) -> DeleteOptions {
 }
 
 fn selectors(query: &HashMap<String, String>) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
-    let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
+    let labels = LabelSelector::parse(query.get("labelSelector").map_or("", String::as_str))
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(query.get("fieldSelector").map_or("", String::as_str))
+        .map_err(ApiError::bad_request)?;
     Ok((labels, fields))
 }
 
-fn list(api: &Api, def: &ResourceDef, t: &Target, query: &HashMap<String, String>) -> ApiResult<(Vec<Value>, u64)> {
+fn list(
+    api: &Api,
+    def: &ResourceDef,
+    t: &Target,
+    query: &HashMap<String, String>,
+) -> ApiResult<(Vec<Value>, u64)> {
     let (labels, fields) = selectors(query)?;
     let ns = (def.namespaced && !t.namespace.is_empty()).then_some(t.namespace.as_str());
     let (items, rv) = api.store.list(&def.key(), ns);
-    Ok((items.into_iter().filter(|o| labels.matches(o) && fields.matches(o)).collect(), rv))
+    Ok((
+        items
+            .into_iter()
+            .filter(|o| labels.matches(o) && fields.matches(o))
+            .collect(),
+        rv,
+    ))
 }
 
-fn patch(api: &Api, def: &ResourceDef, t: &Target, headers: &HeaderMap, body: &Bytes) -> ApiResult<(u16, Value)> {
+fn patch(
+    api: &Api,
+    def: &ResourceDef,
+    t: &Target,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<(u16, Value)> {
     subresource_ok(def, t, &["status"])?;
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     let kind = match ct.split(';').next().unwrap_or_default().trim() {
         "application/merge-patch+json" => PatchType::Merge,
         "application/json-patch+json" => PatchType::Json,
         "application/strategic-merge-patch+json" if def.custom => {
-            return Err(ApiError::new(415, "UnsupportedMediaType",
-                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"));
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+            ));
         }
         "application/strategic-merge-patch+json" => PatchType::Strategic,
         "application/apply-patch+yaml" | "application/apply-patch+json" => PatchType::Apply,
         other => {
-            return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format ({other:?}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml")));
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format ({other:?}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                ),
+            ));
         }
     };
     let body: Value = serde_json::from_slice(body).map_err(|e| {
         if kind == PatchType::Apply {
-            ApiError::new(415, "UnsupportedMediaType", format!("server-side apply bodies must be JSON here: {e}"))
+            ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!("server-side apply bodies must be JSON here: {e}"),
+            )
         } else {
             ApiError::bad_request(format!("the patch is not valid JSON: {e}"))
         }
     })?;
     let created = kind == PatchType::Apply && api.get(def, &t.namespace, &t.name).is_err();
-    api.patch(def, &t.namespace, &t.name, kind, &body, t.subresource == "status")
-        .map(|o| (if created { 201 } else { 200 }, o))
+    api.patch(
+        def,
+        &t.namespace,
+        &t.name,
+        kind,
+        &body,
+        t.subresource == "status",
+    )
+    .map(|o| (if created { 201 } else { 200 }, o))
 }
 
-async fn create(st: &ServerState, def: &ResourceDef, t: &Target, user: &User, body: &Bytes) -> ApiResult<(u16, Value)> {
+async fn create(
+    st: &ServerState,
+    def: &ResourceDef,
+    t: &Target,
+    user: &User,
+    body: &Bytes,
+) -> ApiResult<(u16, Value)> {
     let obj = parse_body(body)?;
     let api = &st.api;
     match (def.plural.as_str(), t.subresource.as_str()) {
         ("tokenreviews", _) => {
             let token = obj["spec"]["token"].as_str().unwrap_or_default();
             let status = match st.tokens.authenticate(token) {
-                Some(u) => json!({"authenticated": true, "user": {"username": u.name, "uid": u.uid, "groups": u.groups}, "audiences": obj["spec"]["audiences"]}),
+                Some(u) => {
+                    json!({"authenticated": true, "user": {"username": u.name, "uid": u.uid, "groups": u.groups}, "audiences": obj["spec"]["audiences"]})
+                }
                 None => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
-            return Ok((201, json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": obj["spec"], "status": status})));
+            return Ok((
+                201,
+                json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": obj["spec"], "status": status}),
+            ));
         }
         ("subjectaccessreviews" | "selfsubjectaccessreviews", _) => {
             let spec = &obj["spec"];
             let subject = if def.plural == "selfsubjectaccessreviews" {
                 user.clone()
             } else {
-                let groups = spec["groups"].as_array().map(|g| g.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect()).unwrap_or_default();
-                User { name: spec["user"].as_str().unwrap_or_default().to_owned(), uid: spec["uid"].as_str().unwrap_or_default().to_owned(), groups }
+                let groups = spec["groups"]
+                    .as_array()
+                    .map(|g| {
+                        g.iter()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                User {
+                    name: spec["user"].as_str().unwrap_or_default().to_owned(),
+                    uid: spec["uid"].as_str().unwrap_or_default().to_owned(),
+                    groups,
+                }
             };
             let r = &spec["resourceAttributes"];
             let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
             let attrs = if r.is_object() {
-                Attributes { verb: s(&r["verb"]), group: s(&r["group"]), resource: s(&r["resource"]), subresource: s(&r["subresource"]),
-                    namespace: s(&r["namespace"]), name: s(&r["name"]), path: None }
+                Attributes {
+                    verb: s(&r["verb"]),
+                    group: s(&r["group"]),
+                    resource: s(&r["resource"]),
+                    subresource: s(&r["subresource"]),
+                    namespace: s(&r["namespace"]),
+                    name: s(&r["name"]),
+                    path: None,
+                }
             } else {
                 let n = &spec["nonResourceAttributes"];
-                Attributes { verb: s(&n["verb"]), path: Some(s(&n["path"])), ..Default::default() }
+                Attributes {
+                    verb: s(&n["verb"]),
+                    path: Some(s(&n["path"])),
+                    ..Default::default()
+                }
             };
             let (allowed, reason) = auth::authorize(api, &subject, &attrs);
-            return Ok((201, json!({"kind": def.kind, "apiVersion": "authorization.k8s.io/v1", "metadata": {}, "spec": spec,
-                "status": {"allowed": allowed, "reason": reason}})));
+            return Ok((
+                201,
+                json!({"kind": def.kind, "apiVersion": "authorization.k8s.io/v1", "metadata": {}, "spec": spec,
+                "status": {"allowed": allowed, "reason": reason}}),
+            ));
         }
         ("pods", "eviction") => {
             let opts = DeleteOptions::default().merge_body(&obj["deleteOptions"]);
             api.delete(def, &t.namespace, &t.name, &opts)?;
-            return Ok((201, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})));
+            return Ok((
+                201,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ));
         }
         ("pods", "binding") => {
             let node = obj["target"]["name"].as_str().unwrap_or_default();
             api.bind(def, &t.namespace, &t.name, node)?;
-            return Ok((201, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})));
+            return Ok((
+                201,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+            ));
         }
         ("serviceaccounts", "token") => {
             let sa = api.get(def, &t.namespace, &t.name)?;
-            let u = User::service_account(&t.namespace, &t.name, sa["metadata"]["uid"].as_str().unwrap_or_default());
+            let u = User::service_account(
+                &t.namespace,
+                &t.name,
+                sa["metadata"]["uid"].as_str().unwrap_or_default(),
+            );
             let token = st.tokens.issue(u);
-            let exp = (chrono::Utc::now() + chrono::Duration::hours(1)).format("%Y-%m-%dT%H:%M:%SZ").to_string();
-            return Ok((201, json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1", "metadata": {"name": t.name, "namespace": t.namespace},
-                "spec": obj["spec"], "status": {"token": token, "expirationTimestamp": exp}})));
+            let exp = (chrono::Utc::now() + chrono::Duration::hours(1))
+                .format("%Y-%m-%dT%H:%M:%SZ")
+                .to_string();
+            return Ok((
+                201,
+                json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1", "metadata": {"name": t.name, "namespace": t.namespace},
+                "spec": obj["spec"], "status": {"token": token, "expirationTimestamp": exp}}),
+            ));
         }
         (_, "") if t.name.is_empty() => {}
-        _ => return Err(ApiError::new(405, "MethodNotAllowed", "POST is not supported here")),
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "POST is not supported here",
+            ));
+        }
     }
     api.create(def, &t.namespace, obj).map(|o| (201, o))
 }
@@ -354,17 +561,34 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
         seen
     };
     let group_json = |g: &str, vs: &[String]| {
-        let versions: Vec<Value> = vs.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+        let versions: Vec<Value> = vs
+            .iter()
+            .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+            .collect();
         json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
     };
     let resource_list = |g: &str, v: &str| {
-        let list: Vec<Value> = resources.iter().filter(|r| r.group == g && r.version == v).flat_map(ResourceDef::discovery).collect();
-        let gv = if g.is_empty() { v.to_owned() } else { format!("{g}/{v}") };
+        let list: Vec<Value> = resources
+            .iter()
+            .filter(|r| r.group == g && r.version == v)
+            .flat_map(ResourceDef::discovery)
+            .collect();
+        let gv = if g.is_empty() {
+            v.to_owned()
+        } else {
+            format!("{g}/{v}")
+        };
         json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})
     };
     let (code, body) = match segs {
-        ["api"] => (200, json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})),
-        ["apis"] => (200, json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups().iter().map(|(g, vs)| group_json(g, vs)).collect::<Vec<_>>()})),
+        ["api"] => (
+            200,
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}),
+        ),
+        ["apis"] => (
+            200,
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups().iter().map(|(g, vs)| group_json(g, vs)).collect::<Vec<_>>()}),
+        ),
         ["api", "v1"] => (200, resource_list("", "v1")),
         ["apis", g] => match groups().into_iter().find(|(x, _)| x == g) {
             Some((g, vs)) => {
@@ -373,22 +597,50 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
                 j["apiVersion"] = json!("v1");
                 (200, j)
             }
-            None => (404, ApiError::new(404, "NotFound", "the server could not find the requested resource").status()),
+            None => (
+                404,
+                ApiError::new(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                )
+                .status(),
+            ),
         },
-        ["apis", g, v] if resources.iter().any(|r| r.group == *g && r.version == *v) => (200, resource_list(g, v)),
+        ["apis", g, v] if resources.iter().any(|r| r.group == *g && r.version == *v) => {
+            (200, resource_list(g, v))
+        }
         ["openapi", "v3"] => {
             let mut paths = serde_json::Map::new();
-            let mut gvs: Vec<(String, String)> = resources.iter().map(|r| (r.group.clone(), r.version.clone())).collect();
+            let mut gvs: Vec<(String, String)> = resources
+                .iter()
+                .map(|r| (r.group.clone(), r.version.clone()))
+                .collect();
             gvs.dedup();
             for (g, v) in gvs {
-                let key = if g.is_empty() { format!("api/{v}") } else { format!("apis/{g}/{v}") };
-                paths.insert(key.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{key}")}));
+                let key = if g.is_empty() {
+                    format!("api/{v}")
+                } else {
+                    format!("apis/{g}/{v}")
+                };
+                paths.insert(
+                    key.clone(),
+                    json!({"serverRelativeURL": format!("/openapi/v3/{key}")}),
+                );
             }
             (200, json!({"paths": paths}))
         }
         ["openapi", "v3", "api", v] => (200, openapi_doc(&resources, "", v)),
         ["openapi", "v3", "apis", g, v] => (200, openapi_doc(&resources, g, v)),
-        _ => (404, ApiError::new(404, "NotFound", "the server could not find the requested resource").status()),
+        _ => (
+            404,
+            ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+            .status(),
+        ),
     };
     json_response(code, &body)
 }
@@ -402,9 +654,18 @@ fn openapi_doc(resources: &[ResourceDef], g: &str, v: &str) -> Value {
     let param = json!([{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}]);
     for r in resources.iter().filter(|r| r.group == g && r.version == v) {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let base = if g.is_empty() { format!("/api/{v}") } else { format!("/apis/{g}/{v}") };
-        let coll = if r.namespaced { format!("{base}/namespaces/{{namespace}}/{}", r.plural) } else { format!("{base}/{}", r.plural) };
-        let op = json!({"x-kubernetes-group-version-kind": gvk, "parameters": param, "responses": {}});
+        let base = if g.is_empty() {
+            format!("/api/{v}")
+        } else {
+            format!("/apis/{g}/{v}")
+        };
+        let coll = if r.namespaced {
+            format!("{base}/namespaces/{{namespace}}/{}", r.plural)
+        } else {
+            format!("{base}/{}", r.plural)
+        };
+        let op =
+            json!({"x-kubernetes-group-version-kind": gvk, "parameters": param, "responses": {}});
         paths.insert(coll.clone(), json!({"post": op}));
         paths.insert(format!("{coll}/{{name}}"), json!({"put": op, "patch": op}));
     }
@@ -412,24 +673,48 @@ fn openapi_doc(resources: &[ResourceDef], g: &str, v: &str) -> Value {
 }
 
 fn watch_event(kind: &str, obj: &Value, def: &ResourceDef, table: bool, rv: u64) -> String {
-    let object = if table && kind != "BOOKMARK" && kind != "ERROR" { table::table(def, std::slice::from_ref(obj), rv) } else { obj.clone() };
+    let object = if table && kind != "BOOKMARK" && kind != "ERROR" {
+        table::table(def, std::slice::from_ref(obj), rv)
+    } else {
+        obj.clone()
+    };
     let mut line = json!({"type": kind, "object": object}).to_string();
     line.push('\n');
     line
 }
 
-fn watch_response(st: &Arc<ServerState>, def: &ResourceDef, t: &Target, query: &HashMap<String, String>, table: bool) -> Response {
+fn watch_response(
+    st: &Arc<ServerState>,
+    def: &ResourceDef,
+    t: &Target,
+    query: &HashMap<String, String>,
+    table: bool,
+) -> Response {
     let (labels, fields) = match selectors(query) {
         Ok(s) => s,
         Err(e) => return error(&e),
     };
     let ns = (def.namespaced && !t.namespace.is_empty()).then(|| t.namespace.clone());
     let in_scope = move |o: &Value| {
-        ns.as_deref().is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n)) && labels.matches(o) && fields.matches(o)
+        ns.as_deref()
+            .is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n))
+            && labels.matches(o)
+            && fields.matches(o)
     };
-    let since = query.get("resourceVersion").filter(|v| !v.is_empty() && *v != "0").map(|v| v.parse::<u64>());
-    let bookmarks = matches!(query.get("allowWatchBookmarks").map(String::as_str), Some("true" | "1"));
-    let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|s| s.parse().ok()).unwrap_or(1800));
+    let since = query
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && *v != "0")
+        .map(|v| v.parse::<u64>());
+    let bookmarks = matches!(
+        query.get("allowWatchBookmarks").map(String::as_str),
+        Some("true" | "1")
+    );
+    let timeout = Duration::from_secs(
+        query
+            .get("timeoutSeconds")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1800),
+    );
     let (tx, rx) = mpsc::channel::<Result<String, std::io::Error>>(256);
     let (initial, start_rv, mut events) = match since {
         Some(Err(_)) => return error(&ApiError::bad_request("resourceVersion must be an integer")),
@@ -438,19 +723,36 @@ fn watch_response(st: &Arc<ServerState>, def: &ResourceDef, t: &Target, query: &
                 let past: Vec<String> = past
                     .iter()
                     .filter(|e| e.resource == def.key())
-                    .filter_map(|e| transition(e.kind, &e.object, e.old.as_ref(), &in_scope).map(|k| watch_event(k, &e.object, def, table, e.rv)))
+                    .filter_map(|e| {
+                        transition(e.kind, &e.object, e.old.as_ref(), &in_scope)
+                            .map(|k| watch_event(k, &e.object, def, table, e.rv))
+                    })
                     .collect();
                 (past, rv.max(1), events)
             }
             Err(oldest) => {
-                let status = ApiError::new(410, "Expired", format!("too old resource version: {rv} ({oldest})")).status();
+                let status = ApiError::new(
+                    410,
+                    "Expired",
+                    format!("too old resource version: {rv} ({oldest})"),
+                )
+                .status();
                 let line = watch_event("ERROR", &status, def, false, 0);
-                return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], line).into_response();
+                return (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    line,
+                )
+                    .into_response();
             }
         },
         None => {
             let (items, rv, events) = st.api.store.snapshot_watch(&def.key());
-            let added = items.iter().filter(|o| in_scope(o)).map(|o| watch_event("ADDED", o, def, table, rv)).collect();
+            let added = items
+                .iter()
+                .filter(|o| in_scope(o))
+                .map(|o| watch_event("ADDED", o, def, table, rv))
+                .collect();
             (added, rv, events)
         }
     };
@@ -501,7 +803,12 @@ fn watch_response(st: &Arc<ServerState>, def: &ResourceDef, t: &Target, query: &
 }
 
 /// The event a filtered watch sees: objects entering the selection are ADDED, leaving it DELETED.
-fn transition(kind: EventType, new: &Value, old: Option<&Value>, in_scope: &impl Fn(&Value) -> bool) -> Option<&'static str> {
+fn transition(
+    kind: EventType,
+    new: &Value,
+    old: Option<&Value>,
+    in_scope: &impl Fn(&Value) -> bool,
+) -> Option<&'static str> {
     let now = in_scope(new);
     let before = old.is_some_and(in_scope);
     match kind {

@@ -14,7 +14,12 @@ pub mod store;
 pub mod table;
 pub mod tls;
 
-use std::{net::SocketAddr, path::{Path, PathBuf}, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 
@@ -55,23 +60,41 @@ impl ApiServer {
     pub async fn start(opts: Options) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(&opts.dir)?;
-        let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), opts.listen.ip().to_string()];
+        let mut sans = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            opts.listen.ip().to_string(),
+        ];
         sans.extend(opts.extra_sans.iter().cloned());
         let certs = tls::Certs::generate(&sans)?;
         let ca = opts.dir.join("ca.crt");
         std::fs::write(&ca, &certs.cert_pem)?;
-        let config = axum_server::tls_rustls::RustlsConfig::from_pem(certs.cert_pem.clone().into_bytes(), certs.key_pem.clone().into_bytes())
-            .await
-            .context("TLS configuration")?;
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem(
+            certs.cert_pem.clone().into_bytes(),
+            certs.key_pem.clone().into_bytes(),
+        )
+        .await
+        .context("TLS configuration")?;
         let api = Arc::new(Api::new());
         let tokens = Arc::new(Tokens::default());
         let admin_token = format!("admin-{}", uuid::Uuid::new_v4().simple());
-        tokens.add(&admin_token, User { name: "kubernetes-admin".into(), uid: "admin".into(),
-            groups: vec!["system:masters".into(), "system:authenticated".into()] });
-        let state = Arc::new(http::ServerState { api: api.clone(), tokens: tokens.clone(), bookmark_interval: opts.bookmark_interval });
+        tokens.add(
+            &admin_token,
+            User {
+                name: "kubernetes-admin".into(),
+                uid: "admin".into(),
+                groups: vec!["system:masters".into(), "system:authenticated".into()],
+            },
+        );
+        let state = Arc::new(http::ServerState {
+            api: api.clone(),
+            tokens: tokens.clone(),
+            bookmark_interval: opts.bookmark_interval,
+        });
         let app = axum::Router::new().fallback(http::handle).with_state(state);
         let handle = axum_server::Handle::new();
-        let listener = std::net::TcpListener::bind(opts.listen).with_context(|| format!("bind {}", opts.listen))?;
+        let listener = std::net::TcpListener::bind(opts.listen)
+            .with_context(|| format!("bind {}", opts.listen))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
@@ -82,7 +105,15 @@ impl ApiServer {
         });
         let kubeconfig = opts.dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &format!("https://{addr}"), &ca, &admin_token)?;
-        Ok(Self { addr, api, tokens, kubeconfig, ca, handle, task })
+        Ok(Self {
+            addr,
+            api,
+            tokens,
+            kubeconfig,
+            ca,
+            handle,
+            task,
+        })
     }
 
     /// `https://addr`.

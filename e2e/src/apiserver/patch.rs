@@ -9,7 +9,12 @@ use serde_json::{Map, Value};
 /// The merge key of list fields whose elements are merged rather than replaced.
 fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets" => "name",
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets" => "name",
         "ports" => "containerPort",
         "volumeMounts" => "mountPath",
         "conditions" => "type",
@@ -60,7 +65,11 @@ pub fn strategic_merge(doc: &mut Value, patch: &Value) {
                         }
                         cur
                     }
-                    _ => items.iter().filter(|i| i.get("$patch").is_none()).cloned().collect(),
+                    _ => items
+                        .iter()
+                        .filter(|i| i.get("$patch").is_none())
+                        .cloned()
+                        .collect(),
                 };
                 d.insert(k.clone(), Value::Array(merged));
             }
@@ -102,19 +111,28 @@ mod tests {
     fn containers_merge_by_name_and_finalizers_as_a_set() {
         let mut doc = json!({"metadata": {"finalizers": ["a"], "labels": {"x": "1"}},
             "spec": {"unschedulable": false, "containers": [{"name": "app", "image": "i1"}, {"name": "side", "image": "s"}]}});
-        strategic_merge(&mut doc, &json!({"metadata": {"finalizers": ["b"], "labels": {"x": null, "y": "2"}},
-            "spec": {"unschedulable": true, "containers": [{"name": "app", "image": "i2"}, {"name": "side", "$patch": "delete"}]}}));
+        strategic_merge(
+            &mut doc,
+            &json!({"metadata": {"finalizers": ["b"], "labels": {"x": null, "y": "2"}},
+            "spec": {"unschedulable": true, "containers": [{"name": "app", "image": "i2"}, {"name": "side", "$patch": "delete"}]}}),
+        );
         assert_eq!(doc["metadata"]["finalizers"], json!(["a", "b"]));
         assert_eq!(doc["metadata"]["labels"], json!({"y": "2"}));
         assert_eq!(doc["spec"]["unschedulable"], json!(true));
-        assert_eq!(doc["spec"]["containers"], json!([{"name": "app", "image": "i2"}]));
+        assert_eq!(
+            doc["spec"]["containers"],
+            json!([{"name": "app", "image": "i2"}])
+        );
     }
 
     #[test]
     fn directives_are_honoured() {
         let mut doc = json!({"metadata": {"finalizers": ["a", "b"]}, "spec": {"x": {"old": 1}}});
-        strategic_merge(&mut doc, &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"], "$setElementOrder/finalizers": ["b"]},
-            "spec": {"x": {"$patch": "replace", "new": 2}}}));
+        strategic_merge(
+            &mut doc,
+            &json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"], "$setElementOrder/finalizers": ["b"]},
+            "spec": {"x": {"$patch": "replace", "new": 2}}}),
+        );
         assert_eq!(doc["metadata"], json!({"finalizers": ["b"]}));
         assert_eq!(doc["spec"]["x"], json!({"new": 2}));
     }

@@ -110,7 +110,16 @@ impl ResourceDef {
         if self.create_only {
             vec!["create"]
         } else {
-            vec!["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
+            vec![
+                "create",
+                "delete",
+                "deletecollection",
+                "get",
+                "list",
+                "patch",
+                "update",
+                "watch",
+            ]
         }
     }
 
@@ -153,29 +162,96 @@ impl ResourceDef {
 /// The built-in resources.
 pub fn builtins() -> Vec<ResourceDef> {
     vec![
-        ResourceDef::new("", "v1", "Pod", "pods", true).short(&["po"]).with_status().all().sub("eviction").sub("binding"),
-        ResourceDef::new("", "v1", "Node", "nodes", false).short(&["no"]).with_status(),
-        ResourceDef::new("", "v1", "Namespace", "namespaces", false).short(&["ns"]).with_status(),
-        ResourceDef::new("", "v1", "Service", "services", true).short(&["svc"]).with_status().all(),
+        ResourceDef::new("", "v1", "Pod", "pods", true)
+            .short(&["po"])
+            .with_status()
+            .all()
+            .sub("eviction")
+            .sub("binding"),
+        ResourceDef::new("", "v1", "Node", "nodes", false)
+            .short(&["no"])
+            .with_status(),
+        ResourceDef::new("", "v1", "Namespace", "namespaces", false)
+            .short(&["ns"])
+            .with_status(),
+        ResourceDef::new("", "v1", "Service", "services", true)
+            .short(&["svc"])
+            .with_status()
+            .all(),
         ResourceDef::new("", "v1", "Endpoints", "endpoints", true).short(&["ep"]),
         ResourceDef::new("", "v1", "Event", "events", true).short(&["ev"]),
         ResourceDef::new("", "v1", "ConfigMap", "configmaps", true).short(&["cm"]),
         ResourceDef::new("", "v1", "Secret", "secrets", true),
-        ResourceDef::new("", "v1", "ServiceAccount", "serviceaccounts", true).short(&["sa"]).sub("token"),
+        ResourceDef::new("", "v1", "ServiceAccount", "serviceaccounts", true)
+            .short(&["sa"])
+            .sub("token"),
         ResourceDef::new("events.k8s.io", "v1", "Event", "events", true).short(&["ev"]),
         ResourceDef::new("coordination.k8s.io", "v1", "Lease", "leases", true),
         ResourceDef::new("node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", false),
-        ResourceDef::new("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", false)
-            .short(&["crd", "crds"])
-            .with_status(),
+        ResourceDef::new(
+            "apiextensions.k8s.io",
+            "v1",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        )
+        .short(&["crd", "crds"])
+        .with_status(),
         ResourceDef::new("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
-        ResourceDef::new("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", true),
-        ResourceDef::new("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", false),
-        ResourceDef::new("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", false),
-        ResourceDef::new("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", true).short(&["pdb"]).with_status(),
-        ResourceDef::new("authentication.k8s.io", "v1", "TokenReview", "tokenreviews", false).review(),
-        ResourceDef::new("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", false).review(),
-        ResourceDef::new("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", false).review(),
+        ResourceDef::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "RoleBinding",
+            "rolebindings",
+            true,
+        ),
+        ResourceDef::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRole",
+            "clusterroles",
+            false,
+        ),
+        ResourceDef::new(
+            "rbac.authorization.k8s.io",
+            "v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            false,
+        ),
+        ResourceDef::new(
+            "policy",
+            "v1",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+        )
+        .short(&["pdb"])
+        .with_status(),
+        ResourceDef::new(
+            "authentication.k8s.io",
+            "v1",
+            "TokenReview",
+            "tokenreviews",
+            false,
+        )
+        .review(),
+        ResourceDef::new(
+            "authorization.k8s.io",
+            "v1",
+            "SubjectAccessReview",
+            "subjectaccessreviews",
+            false,
+        )
+        .review(),
+        ResourceDef::new(
+            "authorization.k8s.io",
+            "v1",
+            "SelfSubjectAccessReview",
+            "selfsubjectaccessreviews",
+            false,
+        )
+        .review(),
     ]
 }
 
@@ -186,7 +262,11 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceDef> {
     let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
     let strings = |v: &Value| {
         v.as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let versions = spec["versions"].as_array().cloned().unwrap_or_default();
@@ -198,7 +278,9 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceDef> {
             version: s(&v["name"]),
             kind: s(&names["kind"]),
             plural: s(&names["plural"]),
-            singular: names["singular"].as_str().map_or_else(|| s(&names["kind"]).to_lowercase(), str::to_owned),
+            singular: names["singular"]
+                .as_str()
+                .map_or_else(|| s(&names["kind"]).to_lowercase(), str::to_owned),
             namespaced: spec["scope"].as_str() != Some("Cluster"),
             short_names: strings(&names["shortNames"]),
             categories: strings(&names["categories"]),

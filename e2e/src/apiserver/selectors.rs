@@ -33,7 +33,10 @@ fn split_top(s: &str) -> Vec<String> {
         cur.push(ch);
     }
     out.push(cur);
-    out.into_iter().map(|p| p.trim().to_owned()).filter(|p| !p.is_empty()).collect()
+    out.into_iter()
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 fn set(values: &str) -> Result<Vec<String>, String> {
@@ -62,7 +65,10 @@ impl LabelSelector {
                 Req::NotIn(k.trim().into(), set(v)?)
             } else if let Some((k, v)) = part.split_once(" in ") {
                 Req::In(k.trim().into(), set(v)?)
-            } else if part.chars().all(|c| c.is_alphanumeric() || "-_./".contains(c)) {
+            } else if part
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-_./".contains(c))
+            {
                 Req::Exists(part)
             } else {
                 return Err(format!("unable to parse requirement: {part:?}"));
@@ -146,7 +152,11 @@ mod tests {
             ("!missing,app in (web)", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).expect(sel).matches(&obj), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).expect(sel).matches(&obj),
+                want,
+                "{sel}"
+            );
         }
         assert!(LabelSelector::parse("a in b").is_err());
     }
@@ -154,9 +164,21 @@ mod tests {
     #[test]
     fn field_selectors_read_dotted_paths() {
         let pod = json!({"metadata": {"name": "p", "namespace": "default"}, "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
-        assert!(FieldSelector::parse("spec.nodeName=n1,status.phase!=Failed").expect("parse").matches(&pod));
-        assert!(!FieldSelector::parse("metadata.name=q").expect("parse").matches(&pod));
-        assert!(FieldSelector::parse("spec.nodeName=").expect("parse").matches(&json!({"spec": {}})));
+        assert!(
+            FieldSelector::parse("spec.nodeName=n1,status.phase!=Failed")
+                .expect("parse")
+                .matches(&pod)
+        );
+        assert!(
+            !FieldSelector::parse("metadata.name=q")
+                .expect("parse")
+                .matches(&pod)
+        );
+        assert!(
+            FieldSelector::parse("spec.nodeName=")
+                .expect("parse")
+                .matches(&json!({"spec": {}}))
+        );
         assert!(FieldSelector::parse("nonsense").is_err());
     }
 }

@@ -85,7 +85,9 @@ impl Store {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The current resourceVersion.
@@ -135,12 +137,23 @@ impl Store {
         let rv = inner.rv;
         new["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         inner.objects.insert(key.clone(), new.clone());
-        let kind = if old.is_some() { EventType::Modified } else { EventType::Added };
+        let kind = if old.is_some() {
+            EventType::Modified
+        } else {
+            EventType::Added
+        };
         self.publish(&mut inner, key, kind, new.clone(), old);
         Ok(Some(new))
     }
 
-    fn publish(&self, inner: &mut Inner, key: &Key, kind: EventType, object: Value, old: Option<Value>) {
+    fn publish(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        kind: EventType,
+        object: Value,
+        old: Option<Value>,
+    ) {
         let ev = Arc::new(Event {
             rv: inner.rv,
             resource: key.0.clone(),
@@ -159,19 +172,30 @@ impl Store {
     /// Starts a watch: the events after `since` (Err with the oldest resumable rv when
     /// `since` is too old) and a receiver for everything after them, without gap.
     #[allow(clippy::type_complexity)]
-    pub fn watch(&self, since: u64) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), u64> {
+    pub fn watch(
+        &self,
+        since: u64,
+    ) -> Result<(Vec<Arc<Event>>, broadcast::Receiver<Arc<Event>>), u64> {
         let inner = self.lock();
         let oldest = inner.history.front().map_or(inner.rv, |e| e.rv);
         if since + 1 < oldest && since < inner.rv {
             return Err(oldest);
         }
-        let past = inner.history.iter().filter(|e| e.rv > since).cloned().collect();
+        let past = inner
+            .history
+            .iter()
+            .filter(|e| e.rv > since)
+            .cloned()
+            .collect();
         Ok((past, self.tx.subscribe()))
     }
 
     /// The objects of a resource and a receiver of every later change, atomically (a watch
     /// without resourceVersion starts with the current state).
-    pub fn snapshot_watch(&self, resource: &str) -> (Vec<Value>, u64, broadcast::Receiver<Arc<Event>>) {
+    pub fn snapshot_watch(
+        &self,
+        resource: &str,
+    ) -> (Vec<Value>, u64, broadcast::Receiver<Arc<Event>>) {
         let inner = self.lock();
         let items = inner
             .objects
@@ -184,6 +208,10 @@ impl Store {
 
     /// Every stored object (for cascading deletion and namespace cleanup).
     pub fn all(&self) -> Vec<(Key, Value)> {
-        self.lock().objects.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.lock()
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }

@@ -9,7 +9,9 @@ pub fn age(created: &str) -> String {
     let Ok(t) = chrono::DateTime::parse_from_rfc3339(created) else {
         return "<unknown>".into();
     };
-    let s = (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds().max(0);
+    let s = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+        .num_seconds()
+        .max(0);
     match s {
         0..120 => format!("{s}s"),
         120..600 => format!("{}m{}s", s / 60, s % 60),
@@ -25,13 +27,28 @@ fn col(name: &str, type_: &str, priority: i64) -> Value {
 }
 
 fn pod_cells(p: &Value) -> Vec<Value> {
-    let statuses = p["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
+    let statuses = p["status"]["containerStatuses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let total = p["spec"]["containers"].as_array().map_or(0, Vec::len);
-    let ready = statuses.iter().filter(|s| s["ready"].as_bool() == Some(true)).count();
-    let restarts: i64 = statuses.iter().map(|s| s["restartCount"].as_i64().unwrap_or(0)).sum();
-    let mut status = p["status"]["phase"].as_str().unwrap_or("Pending").to_owned();
+    let ready = statuses
+        .iter()
+        .filter(|s| s["ready"].as_bool() == Some(true))
+        .count();
+    let restarts: i64 = statuses
+        .iter()
+        .map(|s| s["restartCount"].as_i64().unwrap_or(0))
+        .sum();
+    let mut status = p["status"]["phase"]
+        .as_str()
+        .unwrap_or("Pending")
+        .to_owned();
     for s in &statuses {
-        if let Some(r) = s["state"]["waiting"]["reason"].as_str().or(s["state"]["terminated"]["reason"].as_str()) {
+        if let Some(r) = s["state"]["waiting"]["reason"]
+            .as_str()
+            .or(s["state"]["terminated"]["reason"].as_str())
+        {
             status = r.to_owned();
         }
     }
@@ -44,7 +61,9 @@ fn pod_cells(p: &Value) -> Vec<Value> {
         json!(format!("{ready}/{total}")),
         json!(status),
         json!(restarts),
-        json!(age(p["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
+        json!(age(p["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default())),
         or_none(&p["status"]["podIP"]),
         or_none(&p["spec"]["nodeName"]),
         json!("<none>"),
@@ -56,7 +75,13 @@ fn node_cells(n: &Value) -> Vec<Value> {
     let ready = n["status"]["conditions"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-        .map(|c| if c["status"] == "True" { "Ready" } else { "NotReady" })
+        .map(|c| {
+            if c["status"] == "True" {
+                "Ready"
+            } else {
+                "NotReady"
+            }
+        })
         .unwrap_or("Unknown");
     let mut status = ready.to_owned();
     if n["spec"]["unschedulable"].as_bool() == Some(true) {
@@ -66,24 +91,44 @@ fn node_cells(n: &Value) -> Vec<Value> {
         json!(n["metadata"]["name"]),
         json!(status),
         json!("<none>"),
-        json!(age(n["metadata"]["creationTimestamp"].as_str().unwrap_or_default())),
-        json!(n["status"]["nodeInfo"]["kubeletVersion"].as_str().unwrap_or("")),
+        json!(age(n["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default())),
+        json!(
+            n["status"]["nodeInfo"]["kubeletVersion"]
+                .as_str()
+                .unwrap_or("")
+        ),
     ]
 }
 
+/// Renders one object into the cells of its row.
+type Cells = Box<dyn Fn(&Value) -> Vec<Value>>;
+
 /// Column definitions and a function from object to cells for a resource.
-fn layout(def: &ResourceDef) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) {
+fn layout(def: &ResourceDef) -> (Vec<Value>, Cells) {
     if def.is_pod() {
         let cols = vec![
-            col("Name", "string", 0), col("Ready", "string", 0), col("Status", "string", 0),
-            col("Restarts", "string", 0), col("Age", "string", 0), col("IP", "string", 1),
-            col("Node", "string", 1), col("Nominated Node", "string", 1), col("Readiness Gates", "string", 1),
+            col("Name", "string", 0),
+            col("Ready", "string", 0),
+            col("Status", "string", 0),
+            col("Restarts", "string", 0),
+            col("Age", "string", 0),
+            col("IP", "string", 1),
+            col("Node", "string", 1),
+            col("Nominated Node", "string", 1),
+            col("Readiness Gates", "string", 1),
         ];
         return (cols, Box::new(pod_cells));
     }
     if def.group.is_empty() && def.plural == "nodes" {
-        let cols = vec![col("Name", "string", 0), col("Status", "string", 0), col("Roles", "string", 0),
-            col("Age", "string", 0), col("Version", "string", 0)];
+        let cols = vec![
+            col("Name", "string", 0),
+            col("Status", "string", 0),
+            col("Roles", "string", 0),
+            col("Age", "string", 0),
+            col("Version", "string", 0),
+        ];
         return (cols, Box::new(node_cells));
     }
     if !def.columns.is_empty() {
@@ -96,20 +141,37 @@ fn layout(def: &ResourceDef) -> (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) 
                 let mut cells = vec![json!(o["metadata"]["name"])];
                 for c in &columns {
                     let v = field(o, &c.json_path);
-                    cells.push(if c.type_ == "date" && !v.is_empty() { json!(age(&v)) } else { json!(v) });
+                    cells.push(if c.type_ == "date" && !v.is_empty() {
+                        json!(age(&v))
+                    } else {
+                        json!(v)
+                    });
                 }
                 cells
             }),
         );
     }
     let cols = vec![col("Name", "string", 0), col("Age", "string", 0)];
-    (cols, Box::new(|o: &Value| vec![json!(o["metadata"]["name"]), json!(age(o["metadata"]["creationTimestamp"].as_str().unwrap_or_default()))]))
+    (
+        cols,
+        Box::new(|o: &Value| {
+            vec![
+                json!(o["metadata"]["name"]),
+                json!(age(o["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or_default())),
+            ]
+        }),
+    )
 }
 
 /// A Table of `items`.
 pub fn table(def: &ResourceDef, items: &[Value], rv: u64) -> Value {
     let (cols, cells) = layout(def);
-    let rows: Vec<Value> = items.iter().map(|o| json!({"cells": cells(o), "object": o})).collect();
+    let rows: Vec<Value> = items
+        .iter()
+        .map(|o| json!({"cells": cells(o), "object": o}))
+        .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv.to_string()},
            "columnDefinitions": cols, "rows": rows})
 }

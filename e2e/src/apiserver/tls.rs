@@ -15,6 +15,9 @@ impl Certs {
         sans.sort();
         sans.dedup();
         let ck = rcgen::generate_simple_self_signed(sans)?;
-        Ok(Self { cert_pem: ck.cert.pem(), key_pem: ck.signing_key.serialize_pem() })
+        Ok(Self {
+            cert_pem: ck.cert.pem(),
+            key_pem: ck.signing_key.serialize_pem(),
+        })
     }
 }

@@ -1,0 +1,466 @@
+//! The local cluster as users see it: kubectl and kube-rs against the test API server,
+//! Pods run by the kubelet stand-ins through each node's real containerd.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams},
+};
+use podmig_e2e::cluster::Cluster;
+use serde_json::json;
+
+async fn cluster(nodes: usize) -> anyhow::Result<Cluster> {
+    Cluster::up_temp(nodes).await
+}
+
+fn pod_yaml(name: &str, node: Option<&str>, extra_meta: &str) -> String {
+    let node = node
+        .map(|n| format!("  nodeName: {n}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{extra_meta}spec:\n{node}  terminationGracePeriodSeconds: 5\n  containers:\n  - name: app\n    image: podmig.local/testapp:latest\n"
+    )
+}
+
+fn apply(c: &Cluster, yaml: &str) -> anyhow::Result<String> {
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn wait_for<T>(
+    what: &str,
+    within: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn running_ip(pods: &Api<Pod>, name: &str) -> anyhow::Result<String> {
+    wait_for(
+        &format!("{name} Running"),
+        Duration::from_secs(30),
+        async || {
+            let p = pods.get(name).await.ok()?;
+            let st = p.status?;
+            (st.phase.as_deref() == Some("Running"))
+                .then_some(st.pod_ip)
+                .flatten()
+        },
+    )
+    .await
+}
+
+/// `GET /count` from inside a node's network namespace.
+fn count_from_node(netns: &str, ip: &str) -> anyhow::Result<u64> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{netns}"))
+        .args(["curl", "--noproxy", "*", "-sS", "--max-time", "3"])
+        .arg(format!("http://{ip}:8080/count"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl from {netns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_run_on_both_nodes_reach_each_other_and_stop_gracefully() -> anyhow::Result<()> {
+    let c = cluster(2).await?;
+    let out = c.kubectl(&["get", "nodes"])?;
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" Ready ")).count(),
+        2,
+        "{out}"
+    );
+    apply(&c, &pod_yaml("a", Some("node-0"), ""))?;
+    apply(&c, &pod_yaml("b", Some("node-1"), ""))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let ip_a = running_ip(&pods, "a").await?;
+    let ip_b = running_ip(&pods, "b").await?;
+    // Across nodes, both ways.
+    assert_eq!(count_from_node(&c.nodes[0].netns, &ip_b)?, 1);
+    assert_eq!(count_from_node(&c.nodes[1].netns, &ip_a)?, 1);
+    let listed = c.kubectl(&["get", "pods", "-o", "wide"])?;
+    assert!(
+        listed.contains("node-0") && listed.contains("node-1") && listed.contains("Running"),
+        "{listed}"
+    );
+
+    // kubectl delete: the app sees SIGTERM and the object goes.
+    let started = Instant::now();
+    c.kubectl(&["delete", "pod", "a"])?;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the app stops on SIGTERM, not at the grace period's end"
+    );
+    let err = c.kubectl(&["get", "pod", "a"]).expect_err("deleted");
+    assert!(
+        err.to_string().contains("NotFound") || err.to_string().contains("not found"),
+        "{err}"
+    );
+    let log = std::fs::read_dir(c.dir.join("node-0/logs"))?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("default_a_"))
+        .map(|e| std::fs::read_to_string(e.path().join("app/0.log")))
+        .transpose()?
+        .unwrap_or_default();
+    assert!(
+        log.contains("received SIGTERM"),
+        "graceful stop reached the app"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_shows_transitions_and_finalizer_holds_a_deleted_pod() -> anyhow::Result<()> {
+    let c = cluster(1).await?;
+    let mut watch = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(c.kubeconfig())
+        .args(["get", "pods", "-w", "--no-headers"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = watch.stdout.take().expect("stdout");
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    apply(
+        &c,
+        &pod_yaml("held", None, "  finalizers: [podmig.dev/migrate]\n"),
+    )?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    running_ip(&pods, "held").await?;
+    c.kubectl(&["delete", "pod", "held", "--wait=false"])?;
+    // The kubelet stops the containers and confirms, but the finalizer keeps the object.
+    let p = wait_for("containers stopped", Duration::from_secs(15), async || {
+        let p = pods.get("held").await.ok()?;
+        let stopped = p
+            .status
+            .as_ref()?
+            .container_statuses
+            .as_ref()?
+            .iter()
+            .all(|s| s.state.as_ref().is_some_and(|st| st.terminated.is_some()));
+        stopped.then_some(p)
+    })
+    .await?;
+    assert!(p.metadata.deletion_timestamp.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        pods.get("held").await.is_ok(),
+        "the finalizer keeps the Pod"
+    );
+    c.kubectl(&[
+        "patch",
+        "pod",
+        "held",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])?;
+    wait_for("pod gone", Duration::from_secs(5), async || {
+        pods.get_opt("held").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    watch.kill()?;
+    let _ = watch.wait();
+    let seen = lines.join().expect("reader").join("\n");
+    for state in ["Pending", "Running", "Terminating"] {
+        assert!(
+            seen.contains(state),
+            "kubectl get -w shows {state}:\n{seen}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crd_applied_with_kubectl_is_served_with_status_and_watch() -> anyhow::Result<()> {
+    let c = cluster(1).await?;
+    apply(
+        &c,
+        r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.dev}
+spec:
+  group: example.dev
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wd]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Size, type: integer, jsonPath: .spec.size}
+    - {name: State, type: string, jsonPath: .status.state}
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+"#,
+    )?;
+    apply(
+        &c,
+        "apiVersion: example.dev/v1\nkind: Widget\nmetadata: {name: w1}\nspec: {size: 3}\n",
+    )?;
+    let ar = kube::api::ApiResource {
+        group: "example.dev".into(),
+        version: "v1".into(),
+        api_version: "example.dev/v1".into(),
+        kind: "Widget".into(),
+        plural: "widgets".into(),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::default_namespaced_with(c.client.clone(), &ar);
+    let w = api.get("w1").await?;
+    let rv = w.metadata.resource_version.clone().expect("rv");
+    let mut stream = api.watch(&WatchParams::default(), &rv).await?.boxed();
+    c.kubectl(&[
+        "patch",
+        "wd",
+        "w1",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"size":5}}"#,
+    ])?;
+    c.kubectl(&[
+        "patch",
+        "wd",
+        "w1",
+        "--subresource",
+        "status",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"status":{"state":"Ready"}}"#,
+    ])?;
+    let mut sizes = vec![];
+    while sizes.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await? {
+            Some(Ok(WatchEvent::Modified(o))) => sizes.push((
+                o.data["spec"]["size"].clone(),
+                o.data["status"]["state"].clone(),
+            )),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("watch ended: {other:?}"),
+        }
+    }
+    assert_eq!(
+        sizes,
+        vec![
+            (json!(5), serde_json::Value::Null),
+            (json!(5), json!("Ready"))
+        ]
+    );
+    let table = c.kubectl(&["get", "wd"])?;
+    assert!(
+        table.contains("SIZE") && table.contains("w1") && table.contains("Ready"),
+        "{table}"
+    );
+    // A main-resource update cannot change the status.
+    let mut w = api.get("w1").await?;
+    w.data["status"] = json!({"state": "Hacked"});
+    let w = api.replace("w1", &PostParams::default(), &w).await?;
+    assert_eq!(w.data["status"]["state"], json!("Ready"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_evicts_and_cordons() -> anyhow::Result<()> {
+    let c = cluster(2).await?;
+    apply(&c, &pod_yaml("d1", Some("node-1"), ""))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    running_ip(&pods, "d1").await?;
+    let out = c.kubectl(&[
+        "drain",
+        "node-1",
+        "--force",
+        "--ignore-daemonsets",
+        "--timeout=30s",
+    ])?;
+    assert!(out.contains("evicted") && out.contains("drained"), "{out}");
+    assert!(pods.get_opt("d1").await?.is_none());
+    let nodes = c.kubectl(&["get", "node", "node-1"])?;
+    assert!(nodes.contains("SchedulingDisabled"), "{nodes}");
+    // New Pods go to the other node.
+    apply(&c, &pod_yaml("d2", None, ""))?;
+    running_ip(&pods, "d2").await?;
+    assert_eq!(
+        pods.get("d2")
+            .await?
+            .spec
+            .and_then(|s| s.node_name)
+            .as_deref(),
+        Some("node-0")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_resumed_watches_and_authorization() -> anyhow::Result<()> {
+    let c = cluster(1).await?;
+    let cms: Api<ConfigMap> = Api::default_namespaced(c.client.clone());
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "c1"}, "data": {"v": "0"}}))?;
+    let first = cms.create(&PostParams::default(), &cm).await?;
+    let rv = first.metadata.resource_version.clone().expect("rv");
+    for i in 1..=3 {
+        cms.patch(
+            "c1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"v": i.to_string()}})),
+        )
+        .await?;
+    }
+    // A stale update gets 409.
+    let err = cms
+        .replace("c1", &PostParams::default(), &first)
+        .await
+        .expect_err("stale");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 409),
+        "{err:?}"
+    );
+    // A watch resumed from the first version gets every later change, in order.
+    let mut stream = cms.watch(&WatchParams::default(), &rv).await?.boxed();
+    let mut seen = vec![];
+    while seen.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), stream.next()).await? {
+            Some(Ok(WatchEvent::Modified(o))) => {
+                seen.push(o.data.and_then(|d| d.get("v").cloned()).unwrap_or_default())
+            }
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("watch ended: {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["1", "2", "3"]);
+
+    // No token: 401. A ServiceAccount without RBAC: 403; with a Role: allowed.
+    let url = c.apiserver.as_ref().expect("api").url();
+    let out = Command::new("curl")
+        .args(["--noproxy", "*", "-sk"])
+        .arg(format!("{url}/api/v1/namespaces/default/pods"))
+        .output()?;
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(body["code"], json!(401), "{body}");
+    // NB: the test API server speaks JSON only; kubectl's typed `create` commands send
+    // protobuf (415 here), so objects go in with `kubectl apply` and the token through kube-rs.
+    apply(
+        &c,
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: viewer}\n",
+    )?;
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::default_namespaced(c.client.clone());
+    let tr: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": []}}))?;
+    let token = sas
+        .create_token_request("viewer", &PostParams::default(), &tr)
+        .await?
+        .status
+        .expect("status")
+        .token;
+    let as_viewer = |args: &[&str]| {
+        let mut a = vec!["--token", token.as_str()];
+        a.extend_from_slice(args);
+        c.kubectl(&a)
+    };
+    let err = as_viewer(&["get", "pods"]).expect_err("no RBAC yet");
+    assert!(
+        err.to_string().contains("Forbidden") || err.to_string().contains("forbidden"),
+        "{err}"
+    );
+    apply(
+        &c,
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: pod-reader}
+rules: [{apiGroups: [""], resources: [pods], verbs: [get, list, watch]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: viewer-reads}
+subjects: [{kind: ServiceAccount, name: viewer, namespace: default}]
+roleRef: {kind: Role, name: pod-reader, apiGroup: rbac.authorization.k8s.io}
+"#,
+    )?;
+    as_viewer(&["get", "pods"])?;
+    let err = as_viewer(&["delete", "configmap", "c1"]).expect_err("not granted");
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    // What a node daemon does with a caller's token: TokenReview, then SubjectAccessReview.
+    let reviews: Api<kube::api::DynamicObject> = Api::all_with(
+        c.client.clone(),
+        &kube::api::ApiResource {
+            group: "authentication.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "authentication.k8s.io/v1".into(),
+            kind: "TokenReview".into(),
+            plural: "tokenreviews".into(),
+        },
+    );
+    let review: kube::api::DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": {"token": token}}),
+    )?;
+    let r = reviews.create(&PostParams::default(), &review).await?;
+    assert_eq!(
+        r.data["status"]["user"]["username"],
+        json!("system:serviceaccount:default:viewer")
+    );
+    let sars: Api<kube::api::DynamicObject> = Api::all_with(
+        c.client.clone(),
+        &kube::api::ApiResource {
+            group: "authorization.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "authorization.k8s.io/v1".into(),
+            kind: "SubjectAccessReview".into(),
+            plural: "subjectaccessreviews".into(),
+        },
+    );
+    for (verb, allowed) in [("list", true), ("delete", false)] {
+        let sar: kube::api::DynamicObject = serde_json::from_value(
+            json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "metadata": {},
+            "spec": {"user": "system:serviceaccount:default:viewer", "groups": ["system:serviceaccounts"], "resourceAttributes": {"namespace": "default", "verb": verb, "resource": "pods"}}}),
+        )?;
+        let r = sars.create(&PostParams::default(), &sar).await?;
+        assert_eq!(r.data["status"]["allowed"], json!(allowed), "{verb}");
+    }
+    Ok(())
+}
