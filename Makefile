@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench-engine crds clean
+.PHONY: setup build test lint demo bench-engine bench-cluster clean
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -27,6 +27,10 @@ demo: setup
 bench-engine: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e bench-engine
+
+bench-cluster: setup
+	$(CARGO) build --release --workspace --bins
+	target/release/podmig-e2e bench-cluster
 
 clean:
 	$(CARGO) clean

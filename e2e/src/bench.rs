@@ -261,3 +261,109 @@ async fn wait_local(port: u16, within: Duration) -> anyhow::Result<u64> {
         }
     }
 }
+
+/// `make bench-cluster`: `cluster up`/`down` of a 2-node cluster (medians of `runs`), and
+/// the API server's watch latency (write issued → event delivered) at 50 writes/s.
+pub async fn cluster(runs: usize) -> anyhow::Result<()> {
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        let c = crate::cluster::Cluster::up_temp(2).await?;
+        ups.push(t.elapsed());
+        let t = Instant::now();
+        tokio::task::block_in_place(|| drop(c));
+        downs.push(t.elapsed());
+    }
+    let (up, down) = (median(ups), median(downs));
+    println!(
+        "cluster of 2 nodes, median of {runs}: up {} ms, down {} ms",
+        up.as_millis(),
+        down.as_millis()
+    );
+    println!(
+        "podmig-bench-cluster nodes=2 runs={runs} up_ms={} down_ms={}",
+        up.as_millis(),
+        down.as_millis()
+    );
+
+    let c = crate::cluster::Cluster::up_temp(1).await?;
+    let (p50, p99, max, n) = watch_latency(&c.client, 50, Duration::from_secs(10)).await?;
+    println!(
+        "watch latency at 50 writes/s over {n} writes: p50 {} us, p99 {} us, max {} us",
+        p50.as_micros(),
+        p99.as_micros(),
+        max.as_micros()
+    );
+    println!(
+        "podmig-bench-watch writes={n} rate=50 p50_us={} p99_us={} max_us={}",
+        p50.as_micros(),
+        p99.as_micros(),
+        max.as_micros()
+    );
+    tokio::task::block_in_place(|| drop(c));
+    Ok(())
+}
+
+/// Patches a ConfigMap `rate` times a second for `span` while a watch receives the events;
+/// returns p50, p99 and max of write-issued → event-received, and the number of writes.
+async fn watch_latency(
+    client: &kube::Client,
+    rate: u32,
+    span: Duration,
+) -> anyhow::Result<(Duration, Duration, Duration, usize)> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+    let cms: kube::Api<ConfigMap> = kube::Api::default_namespaced(client.clone());
+    let cm: ConfigMap = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "latency"}, "data": {"seq": "0"}}),
+    )?;
+    let created = cms.create(&PostParams::default(), &cm).await?;
+    let rv = created.metadata.resource_version.unwrap_or_default();
+    let mut stream = cms
+        .watch(&WatchParams::default().fields("metadata.name=latency"), &rv)
+        .await?
+        .boxed();
+    let total = (span.as_secs_f64() * f64::from(rate)) as usize;
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(vec![None::<Instant>; total + 1]));
+    let writer = {
+        let (cms, sent) = (cms.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            for i in 1..=total {
+                tick.tick().await;
+                if let Ok(mut s) = sent.lock() {
+                    s[i] = Some(Instant::now());
+                }
+                let _ = cms
+                    .patch(
+                        "latency",
+                        &PatchParams::default(),
+                        &Patch::Merge(serde_json::json!({"data": {"seq": i.to_string()}})),
+                    )
+                    .await;
+            }
+        })
+    };
+    let mut lat = Vec::with_capacity(total);
+    while lat.len() < total {
+        let ev = tokio::time::timeout(Duration::from_secs(5), stream.next()).await?;
+        let Some(Ok(WatchEvent::Modified(o))) = ev else {
+            continue;
+        };
+        let received = Instant::now();
+        let seq: usize = o
+            .data
+            .as_ref()
+            .and_then(|d| d.get("seq"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if let Some(at) = sent.lock().ok().and_then(|s| s.get(seq).copied().flatten()) {
+            lat.push(received - at);
+        }
+    }
+    writer.await?;
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Ok((pct(0.5), pct(0.99), lat[lat.len() - 1], lat.len()))
+}

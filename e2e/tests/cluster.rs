@@ -464,3 +464,101 @@ roleRef: {kind: Role, name: pod-reader, apiGroup: rbac.authorization.k8s.io}
     }
     Ok(())
 }
+
+#[test]
+fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()> {
+    let parent = tempfile::Builder::new()
+        .prefix("podmig-cli-")
+        .tempdir_in("/var/tmp")?;
+    let dir = parent.path().join("cluster");
+    let bin = podmig_e2e::paths::bin("podmig-e2e");
+    let up = Command::new(&bin)
+        .args(["cluster", "up", "--nodes", "2", "--dir"])
+        .arg(&dir)
+        .output()?;
+    anyhow::ensure!(
+        up.status.success(),
+        "cluster up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let kubeconfig = String::from_utf8_lossy(&up.stdout).trim().to_owned();
+    assert!(
+        kubeconfig.ends_with("kubeconfig") && std::path::Path::new(&kubeconfig).exists(),
+        "{kubeconfig}"
+    );
+    let nodes = podmig_e2e::cluster::kubectl(std::path::Path::new(&kubeconfig), &["get", "nodes"])?;
+    assert_eq!(
+        nodes.lines().filter(|l| l.contains(" Ready ")).count(),
+        2,
+        "{nodes}"
+    );
+    let netns_before =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .matches("cni-")
+            .count();
+    podmig_e2e::cluster::kubectl(
+        std::path::Path::new(&kubeconfig),
+        &["run", "crashme", "--image=podmig.local/testapp:latest"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while podmig_e2e::cluster::kubectl(
+        std::path::Path::new(&kubeconfig),
+        &["get", "pod", "crashme", "-o", "jsonpath={.status.phase}"],
+    )? != "Running"
+    {
+        anyhow::ensure!(Instant::now() < deadline, "crashme did not run");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A second `up` on the same directory is refused with a clear message.
+    let again = Command::new(&bin)
+        .args(["cluster", "up", "--dir"])
+        .arg(&dir)
+        .output()?;
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("cluster down")
+    );
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+    let pids: Vec<u32> = state["pids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_u64())
+        .map(|p| p as u32)
+        .collect();
+    let prefix = state["network"]["prefix"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // Crash: the cluster process dies without tearing anything down.
+    podmig_e2e::process::signal(pids[0], libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let down = Command::new(&bin)
+        .args(["cluster", "down", "--dir"])
+        .arg(&dir)
+        .output()?;
+    anyhow::ensure!(
+        down.status.success(),
+        "cluster down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!dir.exists(), "state directory removed");
+    for pid in &pids {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"));
+        assert!(!alive, "process {pid} still runs");
+    }
+    let netns =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .into_owned();
+    assert!(!netns.contains(&prefix), "{netns}");
+    let links =
+        String::from_utf8_lossy(&Command::new("ip").args(["link"]).output()?.stdout).into_owned();
+    assert!(!links.contains(&prefix), "{links}");
+    assert!(podmig_e2e::containerd::mounts_under(parent.path()).is_empty());
+    let netns_after = netns.matches("cni-").count();
+    assert!(
+        netns_after <= netns_before,
+        "the Pod's network namespace is removed: {netns}"
+    );
+    Ok(())
+}

@@ -34,6 +34,12 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/tmp/podmig-cluster")]
         dir: std::path::PathBuf,
     },
+    /// `cluster up`/`down` times and the API server's watch latency.
+    BenchCluster {
+        /// Runs of up/down (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
         /// Ballast sizes in MiB.
@@ -85,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             ClusterAction::Down => tokio::task::block_in_place(|| podmig_e2e::cluster::sweep(&dir)),
             ClusterAction::Run { nodes } => podmig_e2e::cluster::run_foreground(&dir, nodes).await,
         },
+        Command::BenchCluster { runs } => podmig_e2e::bench::cluster(runs).await,
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
     }
 }
