@@ -466,6 +466,7 @@ roleRef: {kind: Role, name: pod-reader, apiGroup: rbac.authorization.k8s.io}
 }
 
 #[test]
+#[allow(clippy::disallowed_methods)] // a synchronous test driving CLI processes
 fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()> {
     let parent = tempfile::Builder::new()
         .prefix("podmig-cli-")
