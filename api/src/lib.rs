@@ -1,5 +1,8 @@
-//! Well-known names shared by every podmig component: API group, finalizer, annotations,
-//! runtime handler. Types only, no I/O (the CRD types join this crate with the API issue).
+//! podmig's API: the `MigratingPod` and `Migration` resources (`podmig.dev/v1alpha1`),
+//! their status types, the contract between node daemons and the controller, and the
+//! well-known names every component shares. Types only, no I/O.
+
+pub mod v1alpha1;
 
 /// API group of podmig's resources.
 pub const GROUP: &str = "podmig.dev";
@@ -22,6 +25,20 @@ pub const ANNOTATION_SOURCE_NODE: &str = "podmig.dev/source-node";
 
 /// Pod annotation on a migration target: id of the migration that created it.
 pub const ANNOTATION_MIGRATION_ID: &str = "podmig.dev/migration-id";
+
+/// Finalizer on a MigratingPod: its Pods' finalizers are released before it goes.
+pub const CLEANUP_FINALIZER: &str = "podmig.dev/cleanup";
+
+/// Label on Pods of a MigratingPod: its name.
+pub const LABEL_MIGRATING_POD: &str = "podmig.dev/migratingpod";
+
+/// Target-Pod annotation the node daemons write: the phase of the move they run
+/// (`Checkpointing`, `Transferring`, `Restoring`, `Restored`, `Failed`).
+pub const ANNOTATION_MIGRATION_PHASE: &str = "podmig.dev/migration-phase";
+
+/// Target-Pod annotation the node daemons write when the move ended: a JSON
+/// [`v1alpha1::MigrationReport`].
+pub const ANNOTATION_MIGRATION_REPORT: &str = "podmig.dev/migration-report";
 
 /// Pod annotation carrying the Pod's own uid into the OCI spec. containerd 1.6 does not
 /// put the sandbox uid into container annotations, so podmig's controller sets it.

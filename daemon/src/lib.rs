@@ -1,6 +1,7 @@
-//! The podmig node daemon and (later) controller: library behind the `podmig` binary.
+//! The podmig node daemon and controller: the library behind the `podmig` binary.
 
 pub mod config;
+pub mod controller;
 pub mod decide;
 pub mod error;
 pub mod node;

@@ -1,0 +1,294 @@
+//! `podmig.dev/v1alpha1`: MigratingPod (a one-replica workload whose Pod may move) and
+//! Migration (a one-shot request to move one Pod now).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::core::v1::PodTemplateSpec,
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How a Pod's state is carried to its new place.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Freeze, dump every container, carry the images, restore (thesis §4.5).
+    #[default]
+    Full,
+    /// Post-copy: resume first, fault memory in from the source (not implemented yet).
+    Lazy,
+    /// Pre-copy: iterative dumps while running, short final freeze (not implemented yet).
+    Precopy,
+}
+
+fn default_timeout() -> u32 {
+    300
+}
+
+/// A workload like a one-replica ReplicaSet whose Pod is moved, not restarted, when it is
+/// deleted (drain, eviction) or when a Migration asks for it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "podmig.dev",
+    version = "v1alpha1",
+    kind = "MigratingPod",
+    namespaced,
+    shortname = "mpod",
+    category = "podmig",
+    status = "MigratingPodStatus",
+    printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Active Pod","type":"string","jsonPath":".status.activePod"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MigratingPodSpec {
+    /// The Pod to run (its init containers run once; a moved Pod does not repeat them).
+    pub template: PodTemplateSpec,
+    /// How moves carry the Pod's state.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Placement hint for the Pod and its moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// How long a migrate-on-delete may take before the source is let go and a fresh Pod
+    /// is started instead.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1))]
+    pub migration_timeout_seconds: u32,
+}
+
+/// Where a MigratingPod is in its life (thesis fig. 5.4, plus Failed).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MigratingPodState {
+    /// Its Pod is being created.
+    Creating,
+    /// Its Pod runs.
+    Running,
+    /// Its Pod is being deleted; the target Pod is being created.
+    MigrationPending,
+    /// Source and target exist; the state is moving.
+    Migrating,
+    /// The last move failed or was given up (a fresh Pod is started).
+    Failed,
+    /// The object cannot be acted on (see the Ready condition).
+    Invalid,
+}
+
+/// Observed state of a MigratingPod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigratingPodStatus {
+    /// Lifecycle state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<MigratingPodState>,
+    /// Name of the Pod that serves now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_pod: Option<String>,
+    /// Node of the active Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The generation this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Conditions (`Ready`, `Migrating`), per the API conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The last move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_migration: Option<MigrationRecord>,
+}
+
+/// How a move ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Outcome {
+    /// The target runs with the source's state.
+    Succeeded,
+    /// The move failed; the source keeps or resumes running where it could.
+    Failed,
+    /// The move did not finish in time; the source was let go and a fresh Pod started.
+    GivenUp,
+}
+
+/// The record of one move.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationRecord {
+    /// Source Pod.
+    pub source_pod: String,
+    /// Target Pod.
+    pub target_pod: String,
+    /// Source node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// Target node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// When the move started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// Outcome (None while running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Figures the node daemons reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+    /// Why it ended so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What the node daemons report about a move (annotation
+/// [`crate::ANNOTATION_MIGRATION_REPORT`] on the target Pod, JSON).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationReport {
+    /// Dump of the source, ms.
+    #[serde(default)]
+    pub checkpoint_ms: u64,
+    /// Carrying the images, ms.
+    #[serde(default)]
+    pub transfer_ms: u64,
+    /// Restore on the target, ms.
+    #[serde(default)]
+    pub restore_ms: u64,
+    /// From the freeze of the source to the resume of the target, ms.
+    #[serde(default)]
+    pub frozen_ms: u64,
+    /// Bytes of state moved.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Failure reason, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A one-shot request to move one Pod of a MigratingPod now, without deleting it first:
+/// the source serves until the freeze and a failure rolls back (thesis §7.2.5).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "podmig.dev",
+    version = "v1alpha1",
+    kind = "Migration",
+    namespaced,
+    shortname = "mig",
+    category = "podmig",
+    status = "MigrationStatus",
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.podName"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.sourceNode"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetNode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Frozen ms","type":"integer","jsonPath":".status.frozenMs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSpec {
+    /// The Pod to move (it must belong to a MigratingPod in the same namespace).
+    #[schemars(length(min = 1))]
+    pub pod_name: String,
+    /// Node to move to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Or: labels the target node must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// How to carry the state.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// The move fails (and rolls back) when not done within this time.
+    #[serde(default = "default_timeout")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: u32,
+}
+
+/// Phases of a Migration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+pub enum MigrationPhase {
+    /// Accepted, nothing done yet.
+    Pending,
+    /// The target Pod is created and waits for a node.
+    Scheduling,
+    /// The source is being dumped.
+    Checkpointing,
+    /// The state travels to the target node.
+    Transferring,
+    /// The target restores.
+    Restoring,
+    /// The target runs with the source's state; the source is gone.
+    Succeeded,
+    /// The move failed or was refused (see reason); the source keeps running.
+    Failed,
+}
+
+impl MigrationPhase {
+    /// True once nothing will change any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, MigrationPhase::Succeeded | MigrationPhase::Failed)
+    }
+
+    /// The phase a node daemon's annotation value names.
+    pub fn from_annotation(v: &str) -> Option<Self> {
+        Some(match v {
+            "Checkpointing" => MigrationPhase::Checkpointing,
+            "Transferring" => MigrationPhase::Transferring,
+            "Restoring" | "Restored" => MigrationPhase::Restoring,
+            "Failed" => MigrationPhase::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// When a Migration entered a phase.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTransition {
+    /// The phase.
+    pub phase: MigrationPhase,
+    /// When.
+    pub at: Time,
+}
+
+/// Observed state of a Migration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// Current phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// Machine-readable reason of the phase (`PodNotFound`, `NodeUnschedulable`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// MigratingPod the Pod belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrating_pod: Option<String>,
+    /// Source node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// Target Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pod: Option<String>,
+    /// Target node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Frozen time the daemons reported, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<u64>,
+    /// Figures the daemons reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+    /// Phase history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transitions: Vec<PhaseTransition>,
+    /// Conditions per the API conventions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

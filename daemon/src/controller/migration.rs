@@ -1,0 +1,310 @@
+//! The Migration decision: validate the request, create the target Pod next to the still
+//! running source, follow the phases the node daemons report on it, and fail (rolling
+//! back: the target goes, the source stays) on error or timeout.
+
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kube::ResourceExt;
+use podmig_api::{
+    ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE, ANNOTATION_MIGRATION_REPORT,
+    v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationReport, MigrationStatus, PhaseTransition},
+};
+
+use super::migratingpod::{Action, pod_from_template, pod_index};
+
+/// What the Migration controller sees.
+pub struct Observed<'a> {
+    /// The Migration.
+    pub migration: &'a Migration,
+    /// The Pod to move, if it exists.
+    pub pod: Option<&'a Pod>,
+    /// The MigratingPod controlling it, if any.
+    pub owner: Option<&'a MigratingPod>,
+    /// All Pods of that MigratingPod (for the next index).
+    pub siblings: &'a [Pod],
+    /// The target Pod, once created.
+    pub target: Option<&'a Pod>,
+    /// Nodes.
+    pub nodes: &'a [Node],
+    /// Other Migrations in the namespace.
+    pub others: &'a [Migration],
+}
+
+fn fail(status: &mut MigrationStatus, reason: &str, message: String, now: Timestamp) {
+    set_phase(status, MigrationPhase::Failed, now);
+    status.reason = Some(reason.into());
+    status.message = Some(message.clone());
+    status.conditions = vec![Condition {
+        type_: "Succeeded".into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: Time(now),
+        observed_generation: None,
+    }];
+}
+
+fn set_phase(status: &mut MigrationStatus, phase: MigrationPhase, now: Timestamp) {
+    if status.phase != Some(phase) {
+        status.phase = Some(phase);
+        status.transitions.push(PhaseTransition { phase, at: Time(now) });
+    }
+}
+
+fn schedulable(n: &Node) -> bool {
+    n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true)
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status.as_ref().is_some_and(|s| {
+        s.phase.as_deref() == Some("Running")
+            && s.conditions.as_ref().is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+}
+
+/// Decides the next step of a Migration.
+pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
+    let m = o.migration;
+    let mut status = m.status.clone().unwrap_or_default();
+    let mut actions = Vec::new();
+    if status.phase.is_some_and(MigrationPhase::is_terminal) {
+        return (actions, status);
+    }
+    let name = m.name_any();
+    let pod_name = &m.spec.pod_name;
+    if status.phase.is_none() || status.phase == Some(MigrationPhase::Pending) {
+        set_phase(&mut status, MigrationPhase::Pending, now);
+        let Some(pod) = o.pod else {
+            fail(&mut status, "PodNotFound", format!("Pod {pod_name:?} does not exist"), now);
+            return (actions, status);
+        };
+        let Some(owner) = o.owner else {
+            fail(&mut status, "NotMigratable", format!("Pod {pod_name:?} is not controlled by a MigratingPod"), now);
+            return (actions, status);
+        };
+        if pod.metadata.deletion_timestamp.is_some() {
+            fail(&mut status, "PodTerminating", format!("Pod {pod_name:?} is being deleted"), now);
+            return (actions, status);
+        }
+        let earlier = o.others.iter().find(|x| {
+            x.name_any() != name
+                && x.spec.pod_name == *pod_name
+                && !x.status.as_ref().and_then(|s| s.phase).is_some_and(MigrationPhase::is_terminal)
+                && (x.metadata.creation_timestamp.as_ref().map(|t| t.0), x.name_any()) < (m.metadata.creation_timestamp.as_ref().map(|t| t.0), name.clone())
+        });
+        if let Some(e) = earlier {
+            fail(&mut status, "AlreadyMigrating", format!("Migration {:?} is already moving Pod {pod_name:?}", e.name_any()), now);
+            return (actions, status);
+        }
+        if let Some(t) = &m.spec.target_node {
+            match o.nodes.iter().find(|n| n.name_any() == *t) {
+                None => {
+                    fail(&mut status, "NodeNotFound", format!("target node {t:?} does not exist"), now);
+                    return (actions, status);
+                }
+                Some(n) if !schedulable(n) => {
+                    fail(&mut status, "NodeUnschedulable", format!("target node {t:?} is cordoned"), now);
+                    return (actions, status);
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(sel) = &m.spec.node_selector {
+            let fits = o.nodes.iter().any(|n| schedulable(n) && sel.iter().all(|(k, v)| n.labels().get(k) == Some(v)));
+            if !fits {
+                fail(&mut status, "NoMatchingNode", format!("no schedulable node matches {sel:?}"), now);
+                return (actions, status);
+            }
+        }
+        let owner_name = owner.name_any();
+        let index = o.siblings.iter().filter_map(|p| pod_index(&owner_name, &p.name_any()))
+            .chain(owner.status.as_ref().and_then(|s| s.active_pod.as_deref()).and_then(|a| pod_index(&owner_name, a)))
+            .max()
+            .map_or(0, |i| i + 1);
+        let mut target = pod_from_template(owner, index, Some(pod));
+        target.metadata.annotations.get_or_insert_default().insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
+        let spec = target.spec.get_or_insert_default();
+        if let Some(t) = &m.spec.target_node {
+            spec.node_name = Some(t.clone());
+        }
+        if let Some(sel) = &m.spec.node_selector {
+            spec.node_selector.get_or_insert_default().extend(sel.clone());
+        }
+        status.migrating_pod = Some(owner_name);
+        status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        status.target_pod = target.metadata.name.clone();
+        status.target_node = m.spec.target_node.clone();
+        status.reason = None;
+        status.message = Some(format!("creating target Pod {}", target.metadata.name.clone().unwrap_or_default()));
+        actions.push(Action::Event { reason: "MigrationStarted", message: format!("moving {pod_name} to {}", target.metadata.name.clone().unwrap_or_default()), warning: false });
+        actions.push(Action::CreatePod(Box::new(target)));
+        set_phase(&mut status, MigrationPhase::Scheduling, now);
+        return (actions, status);
+    }
+
+    let started = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+    let target_name = status.target_pod.clone().unwrap_or_default();
+    let Some(target) = o.target else {
+        fail(&mut status, "TargetPodDeleted", format!("target Pod {target_name:?} disappeared"), now);
+        return (actions, status);
+    };
+    status.target_node = target.spec.as_ref().and_then(|s| s.node_name.clone()).or(status.target_node);
+    let annotations = target.metadata.annotations.clone().unwrap_or_default();
+    let report: Option<MigrationReport> = annotations.get(ANNOTATION_MIGRATION_REPORT).and_then(|r| serde_json::from_str(r).ok());
+    if let Some(r) = &report {
+        status.frozen_ms = Some(r.frozen_ms);
+        status.report = Some(r.clone());
+    }
+    let reported = annotations.get(ANNOTATION_MIGRATION_PHASE).and_then(|p| MigrationPhase::from_annotation(p));
+    let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed") || reported == Some(MigrationPhase::Failed);
+    if is_ready(target) {
+        // Phases the daemons moved through too fast to be seen still count.
+        for p in [MigrationPhase::Checkpointing, MigrationPhase::Transferring, MigrationPhase::Restoring] {
+            if status.phase.is_some_and(|cur| cur < p) {
+                set_phase(&mut status, p, now);
+            }
+        }
+        set_phase(&mut status, MigrationPhase::Succeeded, now);
+        status.message = Some(format!("{pod_name} runs as {target_name}"));
+        status.conditions = vec![Condition { type_: "Succeeded".into(), status: "True".into(), reason: "Moved".into(),
+            message: status.message.clone().unwrap_or_default(), last_transition_time: Time(now), observed_generation: None }];
+        actions.push(Action::Event { reason: "MigrationSucceeded", message: format!("{pod_name} moved to {target_name}"), warning: false });
+    } else if target_failed {
+        let why = report.and_then(|r| r.error).unwrap_or_else(|| "the target failed to restore".into());
+        actions.push(Action::ReleaseFinalizer(target_name.clone()));
+        actions.push(Action::DeletePod(target_name));
+        actions.push(Action::Event { reason: "MigrationFailed", message: why.clone(), warning: true });
+        fail(&mut status, "RestoreFailed", why, now);
+    } else if (now - started).get_seconds() > i64::from(m.spec.timeout_seconds) {
+        let why = format!("not done within {}s; rolled back: {pod_name} keeps running", m.spec.timeout_seconds);
+        actions.push(Action::ReleaseFinalizer(target_name.clone()));
+        actions.push(Action::DeletePod(target_name));
+        actions.push(Action::Event { reason: "MigrationTimedOut", message: why.clone(), warning: true });
+        fail(&mut status, "Timeout", why, now);
+    } else if let Some(p) = reported.filter(|p| status.phase.is_some_and(|cur| cur < *p)) {
+        set_phase(&mut status, p, now);
+    }
+    (actions, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> Timestamp {
+        "2026-11-22T01:00:00Z".parse().expect("time")
+    }
+
+    fn mig(name: &str, pod: &str, extra: serde_json::Value) -> Migration {
+        let mut spec = json!({"podName": pod});
+        if let Some(o) = extra.as_object() {
+            for (k, v) in o {
+                spec[k] = v.clone();
+            }
+        }
+        serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "Migration",
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": "2026-11-22T00:59:00Z"}, "spec": spec})).expect("mig")
+    }
+
+    fn owner() -> MigratingPod {
+        serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "MigratingPod", "metadata": {"name": "x", "namespace": "ns", "uid": "mp"},
+            "spec": {"template": {"spec": {"containers": [{"name": "app"}]}}}})).expect("mpod")
+    }
+
+    fn pod(name: &str, v: serde_json::Value) -> Pod {
+        let mut p = json!({"metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": {"containers": [{"name": "app"}], "nodeName": "n1"}});
+        if let Some(o) = v.as_object() {
+            for (k, val) in o {
+                p[k] = val.clone();
+            }
+        }
+        serde_json::from_value(p).expect("pod")
+    }
+
+    fn node(name: &str, unschedulable: bool) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": name, "labels": {"zone": name}}, "spec": {"unschedulable": unschedulable}})).expect("node")
+    }
+
+    fn observe<'a>(m: &'a Migration, p: Option<&'a Pod>, own: Option<&'a MigratingPod>, target: Option<&'a Pod>, nodes: &'a [Node], others: &'a [Migration]) -> Observed<'a> {
+        Observed { migration: m, pod: p, owner: own, siblings: p.map(std::slice::from_ref).unwrap_or_default(), target, nodes, others }
+    }
+
+    #[test]
+    fn bad_requests_fail_with_precise_reasons() {
+        let nodes = [node("n1", false), node("n2", true)];
+        let own = owner();
+        let src = pod("x-0", json!({}));
+        let cases = [
+            (mig("m", "nope", json!({})), None, Some(&own), "PodNotFound"),
+            (mig("m", "x-0", json!({})), Some(&src), None, "NotMigratable"),
+            (mig("m", "x-0", json!({"targetNode": "ghost"})), Some(&src), Some(&own), "NodeNotFound"),
+            (mig("m", "x-0", json!({"targetNode": "n2"})), Some(&src), Some(&own), "NodeUnschedulable"),
+            (mig("m", "x-0", json!({"nodeSelector": {"zone": "n2"}})), Some(&src), Some(&own), "NoMatchingNode"),
+        ];
+        for (m, p, o, reason) in cases {
+            let (actions, st) = decide(&observe(&m, p, o, None, &nodes, &[]), now());
+            assert!(actions.is_empty(), "{reason}");
+            assert_eq!((st.phase, st.reason.as_deref()), (Some(MigrationPhase::Failed), Some(reason)));
+            assert_eq!(st.conditions[0].reason, reason);
+        }
+    }
+
+    #[test]
+    fn a_second_migration_of_the_same_pod_is_rejected() {
+        let nodes = [node("n1", false)];
+        let (own, src) = (owner(), pod("x-0", json!({})));
+        let first = mig("a", "x-0", json!({}));
+        let second = mig("b", "x-0", json!({}));
+        let others = [first.clone(), second.clone()];
+        let (_, st) = decide(&observe(&second, Some(&src), Some(&own), None, &nodes, &others), now());
+        assert_eq!(st.reason.as_deref(), Some("AlreadyMigrating"));
+        let (actions, st) = decide(&observe(&first, Some(&src), Some(&own), None, &nodes, &others), now());
+        assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
+        assert_eq!(actions.len(), 2);
+    }
+
+    #[test]
+    fn target_is_created_pinned_and_phases_follow_the_daemons() {
+        let nodes = [node("n1", false), node("n3", false)];
+        let (own, src) = (owner(), pod("x-0", json!({})));
+        let m = mig("m", "x-0", json!({"targetNode": "n3"}));
+        let (actions, st) = decide(&observe(&m, Some(&src), Some(&own), None, &nodes, &[]), now());
+        let Some(Action::CreatePod(t)) = actions.iter().find(|a| matches!(a, Action::CreatePod(_))) else { panic!("no target") };
+        assert_eq!(t.metadata.name.as_deref(), Some("x-1"));
+        assert_eq!(t.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("n3"));
+        assert_eq!(t.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_MIGRATION_ID)).map(String::as_str), Some("m"));
+        assert_eq!((st.source_node.as_deref(), st.target_pod.as_deref()), (Some("n1"), Some("x-1")));
+
+        let mut m2 = m.clone();
+        m2.status = Some(st);
+        let checkpointing = pod("x-1", json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_PHASE: "Checkpointing"}}}));
+        let (_, st) = decide(&observe(&m2, Some(&src), Some(&own), Some(&checkpointing), &nodes, &[]), now());
+        assert_eq!(st.phase, Some(MigrationPhase::Checkpointing));
+        m2.status = Some(st);
+        let done = pod("x-1", json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_REPORT: "{\"frozenMs\":42}"}},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}));
+        let (_, st) = decide(&observe(&m2, Some(&src), Some(&own), Some(&done), &nodes, &[]), now());
+        assert_eq!(st.phase, Some(MigrationPhase::Succeeded));
+        assert_eq!(st.frozen_ms, Some(42));
+        let phases: Vec<_> = st.transitions.iter().map(|t| t.phase).collect();
+        assert_eq!(phases, [MigrationPhase::Pending, MigrationPhase::Scheduling, MigrationPhase::Checkpointing,
+            MigrationPhase::Transferring, MigrationPhase::Restoring, MigrationPhase::Succeeded]);
+    }
+
+    #[test]
+    fn timeout_rolls_back_by_removing_the_target() {
+        let nodes = [node("n1", false)];
+        let (own, src) = (owner(), pod("x-0", json!({})));
+        let mut m = mig("m", "x-0", json!({"timeoutSeconds": 30}));
+        m.status = Some(MigrationStatus { phase: Some(MigrationPhase::Scheduling), target_pod: Some("x-1".into()), ..Default::default() });
+        let stuck = pod("x-1", json!({"metadata": {"name": "x-1"}}));
+        let (actions, st) = decide(&observe(&m, Some(&src), Some(&own), Some(&stuck), &nodes, &[]), now());
+        assert_eq!(st.reason.as_deref(), Some("Timeout"));
+        assert!(actions.contains(&Action::DeletePod("x-1".into())));
+        assert!(!actions.contains(&Action::DeletePod("x-0".into())), "the source keeps running");
+    }
+}

@@ -1,0 +1,219 @@
+//! `podmig controller`: reconciles MigratingPods (migrate-on-delete) and Migrations (moves
+//! on request), leader-elected on a Lease so that two replicas are safe.
+
+pub mod leader;
+pub mod migratingpod;
+pub mod migration;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::{Node, Pod}, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::{
+        Controller,
+        controller::Action as Requeue,
+        events::{Event, EventType, Recorder, Reporter},
+        finalizer::{Event as Finalizer, finalizer},
+        watcher,
+    },
+};
+use podmig_api::{
+    CLEANUP_FINALIZER, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
+    v1alpha1::{MigratingPod, Migration},
+};
+
+use migratingpod::Action;
+
+/// Errors of the controllers.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    /// An object lacks its namespace.
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Short stable label for failure counters.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+            Error::NoNamespace(_) => "no_namespace",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+}
+
+/// How often objects are looked at again when nothing happens (timeouts, give-ups).
+const REQUEUE: Duration = Duration::from_secs(2);
+
+async fn apply_actions<K>(ctx: &Context, ns: &str, obj: &K, actions: Vec<Action>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()>,
+{
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    for action in actions {
+        match action {
+            Action::CreatePod(pod) => match pods.create(&PostParams::default(), &pod).await {
+                // A name collision means the Pod was created before: exactly once.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                other => {
+                    other?;
+                }
+            },
+            Action::ReleaseFinalizer(name) => {
+                let Some(pod) = pods.get_opt(&name).await? else { continue };
+                let kept: Vec<String> = pod.finalizers().iter().filter(|f| *f != MIGRATE_FINALIZER).cloned().collect();
+                let patch = serde_json::json!({"metadata": {"finalizers": kept, "resourceVersion": pod.resource_version()}});
+                match pods.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
+            }
+            Action::DeletePod(name) => match pods.delete(&name, &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                other => {
+                    other?;
+                }
+            },
+            Action::Event { reason, message, warning } => {
+                let ev = Event {
+                    type_: if warning { EventType::Warning } else { EventType::Normal },
+                    reason: reason.into(),
+                    note: Some(message),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(error) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+                    tracing::warn!(%error, "cannot record event");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let ns = mpod.namespace().ok_or_else(|| Error::NoNamespace(mpod.name_any()))?;
+    let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, CLEANUP_FINALIZER, mpod, |event| async {
+        match event {
+            Finalizer::Apply(m) | Finalizer::Cleanup(m) => sync_mpod(&m, &ctx, &ns).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+#[tracing::instrument(skip(m, ctx), fields(migratingpod = %m.name_any(), namespace = %ns))]
+async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue, Error> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let uid = m.uid().unwrap_or_default();
+    let owned: Vec<Pod> = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_MIGRATING_POD}={}", m.name_any())))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)))
+        .collect();
+    let decision = migratingpod::decide(m, &owned, Timestamp::now());
+    if !decision.actions.is_empty() {
+        tracing::info!(actions = ?decision.actions.iter().map(short).collect::<Vec<_>>(), "reconciling");
+    }
+    apply_actions(ctx, ns, m, decision.actions).await?;
+    if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&decision.status) {
+        let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
+        api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": decision.status}))).await?;
+    }
+    Ok(Requeue::requeue(REQUEUE))
+}
+
+fn short(a: &Action) -> String {
+    match a {
+        Action::CreatePod(p) => format!("create {}", p.name_any()),
+        Action::ReleaseFinalizer(n) => format!("release {n}"),
+        Action::DeletePod(n) => format!("delete {n}"),
+        Action::Event { reason, .. } => format!("event {reason}"),
+    }
+}
+
+#[tracing::instrument(skip(m, ctx), fields(migration = %m.name_any()))]
+async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let ns = m.namespace().ok_or_else(|| Error::NoNamespace(m.name_any()))?;
+    if m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal()) {
+        return Ok(Requeue::await_change());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod = pods.get_opt(&m.spec.pod_name).await?;
+    let owner_name = pod.as_ref().and_then(|p| {
+        p.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "MigratingPod").map(|o| o.name.clone())
+    });
+    let mpods: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), &ns);
+    let owner = match &owner_name {
+        Some(n) => mpods.get_opt(n).await?,
+        None => None,
+    };
+    let siblings = match &owner_name {
+        Some(n) => pods.list(&ListParams::default().labels(&format!("{LABEL_MIGRATING_POD}={n}"))).await?.items,
+        None => vec![],
+    };
+    let target = match m.status.as_ref().and_then(|s| s.target_pod.clone()) {
+        Some(t) => pods.get_opt(&t).await?,
+        None => None,
+    };
+    let nodes = Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()).await?.items;
+    let migrations: Api<Migration> = Api::namespaced(ctx.client.clone(), &ns);
+    let others = migrations.list(&ListParams::default()).await?.items;
+    let observed = migration::Observed { migration: &m, pod: pod.as_ref(), owner: owner.as_ref(), siblings: &siblings, target: target.as_ref(), nodes: &nodes, others: &others };
+    let (actions, status) = migration::decide(&observed, Timestamp::now());
+    apply_actions(&ctx, &ns, m.as_ref(), actions).await?;
+    if m.status.as_ref() != Some(&status) {
+        tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
+        migrations.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": status}))).await?;
+    }
+    Ok(Requeue::requeue(Duration::from_millis(500)))
+}
+
+fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(%error, reason = error.metric_label(), "reconcile failed");
+    Requeue::requeue(Duration::from_secs(1))
+}
+
+/// Runs both controllers until the future is dropped.
+pub async fn run(client: Client, identity: &str) {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), Reporter { controller: "podmig-controller".into(), instance: Some(identity.into()) }),
+    });
+    let mpods = Controller::new(Api::<MigratingPod>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_MIGRATING_POD))
+        .shutdown_on_signal()
+        .run(reconcile_mpod, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let migrations = Controller::new(Api::<Migration>::all(client.clone()), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile_migration, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(mpods, migrations);
+}
