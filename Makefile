@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench-engine bench-cluster clean
+.PHONY: setup build test lint demo bench-engine bench-cluster crds clean
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -31,6 +31,10 @@ bench-engine: setup
 bench-cluster: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e bench-cluster
+
+# Regenerate the committed CRDs from the types in api/.
+crds:
+	$(CARGO) run -q -p podmig-daemon --bin podmig -- crds --write helm/podmig/crds
 
 clean:
 	$(CARGO) clean

@@ -32,3 +32,24 @@ pub struct NodeConfig {
     #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 60_000)]
     pub kill_hold_ms: u64,
 }
+
+/// Flags of `podmig controller` (the Kubernetes connection comes from KUBECONFIG or the
+/// in-cluster service account).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerConfig {
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "PODMIG_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "PODMIG_LEASE_NAME", default_value = "podmig-controller")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "PODMIG_IDENTITY", default_value_t = default_identity())]
+    pub identity: String,
+}
+
+fn default_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| format!("{}-{}", h.trim(), std::process::id()))
+        .unwrap_or_else(|_| format!("podmig-{}", std::process::id()))
+}

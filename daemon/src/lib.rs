@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod controller;
+pub mod crds;
 pub mod decide;
 pub mod error;
 pub mod node;

@@ -14,6 +14,14 @@ struct Cli {
 enum Command {
     /// Run the per-node daemon (runtime hook + checkpoint/restore extension).
     Node(podmig_daemon::config::NodeConfig),
+    /// Run the MigratingPod and Migration controllers (leader-elected).
+    Controller(podmig_daemon::config::ControllerConfig),
+    /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
+    Crds {
+        /// Directory to write `<plural>.<group>.yaml` files into.
+        #[arg(long)]
+        write: Option<std::path::PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -27,6 +35,24 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Node(cfg) => podmig_daemon::node::run(cfg, shutdown()).await?,
+        Command::Controller(cfg) => {
+            let client = kube::Client::try_default().await?;
+            let identity = cfg.identity.clone();
+            podmig_daemon::controller::leader::lead(
+                client.clone(),
+                &cfg.lease_namespace,
+                &cfg.lease_name,
+                &identity,
+                podmig_daemon::controller::run(client, &identity),
+            )
+            .await;
+        }
+        Command::Crds { write: None } => print!("{}", podmig_daemon::crds::yaml()?),
+        Command::Crds { write: Some(dir) } => {
+            for (name, yaml) in podmig_daemon::crds::files()? {
+                std::fs::write(dir.join(name), yaml)?;
+            }
+        }
     }
     Ok(())
 }

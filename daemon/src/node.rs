@@ -57,7 +57,14 @@ pub struct Node<E> {
     restores: Mutex<Vec<RestoreRecord>>,
     /// runc state root, where migration sources on this node are found.
     runc_root: PathBuf,
+    /// Containers dumped away from this node, by (pod uid, container name): the runtime
+    /// must not start them again (kubelet would restart the dumped container), or two
+    /// copies would run.
+    migrated: Mutex<HashMap<(String, String), Instant>>,
 }
+
+/// How long a migrated container is refused a restart (its Pod is deleted well before).
+const MIGRATED_TTL: Duration = Duration::from_secs(600);
 
 /// A restore podmig-runc is performing.
 struct PendingRestore {
@@ -89,6 +96,7 @@ impl<E: CheckpointEngine> Node<E> {
             restoring: Mutex::default(),
             restores: Mutex::default(),
             runc_root,
+            migrated: Mutex::default(),
         }
     }
 
@@ -101,6 +109,10 @@ impl<E: CheckpointEngine> Node<E> {
         let (tx, rx) = watch::channel(None);
         lock(&self.in_flight).insert(id.to_owned(), rx);
         let leave_running = options.leave_running;
+        // Read before the dump: runc forgets a container it dumped without --leave-running.
+        let owner = podmig_cri_ext::identity::Annotations::from_runc_state(&self.runc_root, id)
+            .ok()
+            .and_then(|(ann, _)| Some((ann.pod_uid()?, ann.identity(id, Path::new(""), &self.runc_root).container_name)));
         let engine = self.engine.clone();
         let id2 = id.to_owned();
         let result = tokio::task::spawn_blocking(move || engine.checkpoint(&id2, &options))
@@ -111,6 +123,14 @@ impl<E: CheckpointEngine> Node<E> {
                 )))
             });
         lock(&self.in_flight).remove(id);
+        if result.is_ok()
+            && !leave_running
+            && let Some(key) = owner
+        {
+            let mut migrated = lock(&self.migrated);
+            migrated.retain(|_, at| at.elapsed() < MIGRATED_TTL);
+            migrated.insert(key, Instant::now());
+        }
         // A failed dump left the container running: held kills go ahead.
         let _ = tx.send(Some(result.is_err() || leave_running));
         match &result {
@@ -180,6 +200,18 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
                     .annotations
                     .get(podmig_api::ANNOTATION_MIGRATE_FROM)
                     .cloned();
+                if source.is_none()
+                    && lock(&self.migrated)
+                        .get(&(c.pod_uid.clone(), c.container_name.clone()))
+                        .is_some_and(|at| at.elapsed() < MIGRATED_TTL)
+                {
+                    let reason = format!(
+                        "container {:?} of pod {} was migrated away; it is not started again here",
+                        c.container_name, c.pod_uid
+                    );
+                    tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid, "refusing restart of a migrated container");
+                    return Decision::Reply(Answer::Refuse(Refuse { reason }));
+                }
                 let mut lookup = self.lookup(&c.pod_uid, &c.container_name, source.as_deref());
                 let mut dumped = None;
                 if let (CheckpointLookup::Missing(Some(dir)), Some(src)) = (&lookup, &source) {
@@ -592,6 +624,13 @@ mod tests {
         assert!(r.checkpoint_ms >= 100, "fake dump takes 100 ms: {r:?}");
         assert!(r.frozen_ms >= r.checkpoint_ms, "{r:?}");
         assert!(n.restores("other").is_empty());
+        // kubelet restarting the dumped source container is refused: one copy only.
+        match answer(n.decide(req(Event::Create, "c3", "src", None)).await).await {
+            Answer::Refuse(r) => assert!(r.reason.contains("migrated away"), "{}", r.reason),
+            other => panic!("expected refuse, got {other:?}"),
+        }
+        let other = answer(n.decide(req(Event::Create, "c4", "unrelated", None)).await).await;
+        assert!(matches!(other, Answer::Pass(_)));
     }
 
     #[tokio::test]
