@@ -94,6 +94,9 @@ pub struct MigratingPodStatus {
     /// The generation this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Index `n` of the newest Pod `<name>-<n>` created; names are never reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pod_index: Option<u32>,
     /// Conditions (`Ready`, `Migrating`), per the API conventions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -208,7 +211,9 @@ pub struct MigrationSpec {
 }
 
 /// Phases of a Migration.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
 pub enum MigrationPhase {
     /// Accepted, nothing done yet.
     Pending,

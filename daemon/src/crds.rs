@@ -6,14 +6,24 @@ use podmig_api::v1alpha1::{MigratingPod, Migration};
 
 /// Both CRDs as one YAML stream.
 pub fn yaml() -> Result<String, serde_yaml::Error> {
-    Ok(format!("{}---\n{}", serde_yaml::to_string(&MigratingPod::crd())?, serde_yaml::to_string(&Migration::crd())?))
+    Ok(format!(
+        "{}---\n{}",
+        serde_yaml::to_string(&MigratingPod::crd())?,
+        serde_yaml::to_string(&Migration::crd())?
+    ))
 }
 
 /// File name and YAML of each CRD, as committed under `helm/podmig/crds/`.
 pub fn files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
     Ok(vec![
-        ("migratingpods.podmig.dev.yaml", serde_yaml::to_string(&MigratingPod::crd())?),
-        ("migrations.podmig.dev.yaml", serde_yaml::to_string(&Migration::crd())?),
+        (
+            "migratingpods.podmig.dev.yaml",
+            serde_yaml::to_string(&MigratingPod::crd())?,
+        ),
+        (
+            "migrations.podmig.dev.yaml",
+            serde_yaml::to_string(&Migration::crd())?,
+        ),
     ])
 }
 
@@ -34,7 +44,15 @@ mod tests {
     #[test]
     fn crds_carry_names_columns_and_status() {
         let y = super::yaml().expect("yaml");
-        for needle in ["shortNames:\n    - mpod", "- mig", "categories:\n    - podmig", "status: {}", "name: Active Pod", "name: Frozen ms", "minimum: 1.0"] {
+        for needle in [
+            "shortNames:\n    - mpod",
+            "- mig",
+            "categories:\n    - podmig",
+            "status: {}",
+            "name: Active Pod",
+            "name: Frozen ms",
+            "minimum: 1.0",
+        ] {
             assert!(y.contains(needle), "missing {needle:?}");
         }
     }

@@ -112,7 +112,13 @@ impl<E: CheckpointEngine> Node<E> {
         // Read before the dump: runc forgets a container it dumped without --leave-running.
         let owner = podmig_cri_ext::identity::Annotations::from_runc_state(&self.runc_root, id)
             .ok()
-            .and_then(|(ann, _)| Some((ann.pod_uid()?, ann.identity(id, Path::new(""), &self.runc_root).container_name)));
+            .and_then(|(ann, _)| {
+                Some((
+                    ann.pod_uid()?,
+                    ann.identity(id, Path::new(""), &self.runc_root)
+                        .container_name,
+                ))
+            });
         let engine = self.engine.clone();
         let id2 = id.to_owned();
         let result = tokio::task::spawn_blocking(move || engine.checkpoint(&id2, &options))

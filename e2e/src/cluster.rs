@@ -156,6 +156,9 @@ struct State {
     network: Network,
     nodes: usize,
     pids: Vec<u32>,
+    /// The nodes' checkpoint directory (on tmpfs, outside the cluster directory).
+    #[serde(default)]
+    checkpoints: Option<PathBuf>,
 }
 
 /// One node of the cluster.
@@ -215,6 +218,7 @@ impl Cluster {
             network: network.clone(),
             nodes,
             pids: vec![std::process::id()],
+            checkpoints: None,
         };
         write_state(dir, &state)?;
         network.remove(nodes); // leftovers of a crashed run with the same names
@@ -247,6 +251,8 @@ impl Cluster {
         let checkpoints = tempfile::Builder::new()
             .prefix("podmig-ckpt-")
             .tempdir_in(crate::paths::memory_dir())?;
+        state.checkpoints = Some(checkpoints.path().to_path_buf());
+        write_state(dir, &state)?;
         let mut cluster = Self {
             dir: dir.to_path_buf(),
             network: network.clone(),
@@ -364,6 +370,58 @@ impl Cluster {
     /// Runs `kubectl` with the admin kubeconfig; returns stdout, fails with stderr.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
         kubectl(&self.kubeconfig(), args)
+    }
+
+    /// Starts `podmig controller` against this cluster (admin credentials, Lease in
+    /// `default`) as a tracked process.
+    pub fn start_controller(&self, identity: &str) -> anyhow::Result<crate::process::Proc> {
+        let mut cmd = Command::new(crate::paths::bin("podmig"));
+        cmd.args([
+            "controller",
+            "--lease-namespace",
+            "default",
+            "--identity",
+            identity,
+        ])
+        .env("KUBECONFIG", self.kubeconfig())
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(
+            self.dir.join(format!("controller-{identity}.log")),
+        )?);
+        crate::process::Proc::spawn("podmig controller", cmd)
+    }
+
+    /// Installs podmig's CRDs (`helm/podmig/crds`).
+    pub fn install_crds(&self) -> anyhow::Result<()> {
+        let dir = crate::paths::repo_root().join("helm/podmig/crds");
+        self.kubectl(&["apply", "-f", &dir.display().to_string()])?;
+        Ok(())
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Stops everything and removes what the cluster made.
@@ -529,6 +587,9 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
         quiet("umount", &["-l", &m]);
     }
     state.network.remove(state.nodes);
+    if let Some(c) = &state.checkpoints {
+        let _ = std::fs::remove_dir_all(c);
+    }
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_file(dir.with_extension("log"));
     Ok(())

@@ -17,3 +17,4 @@ pub mod process;
 pub mod scenario;
 pub mod scheduler;
 pub mod testapp;
+pub mod wait;

@@ -46,3 +46,8 @@ pub fn testapp_binary() -> PathBuf {
 pub fn memory_dir() -> PathBuf {
     std::env::var_os("PODMIG_MEMORY_DIR").map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from)
 }
+
+/// The repository's root (where `helm/`, `examples/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

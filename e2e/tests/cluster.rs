@@ -30,43 +30,10 @@ fn pod_yaml(name: &str, node: Option<&str>, extra_meta: &str) -> String {
 }
 
 fn apply(c: &Cluster, yaml: &str) -> anyhow::Result<String> {
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(c.kubeconfig())
-        .args(["apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    c.apply(yaml)
 }
 
-async fn wait_for<T>(
-    what: &str,
-    within: Duration,
-    mut f: impl AsyncFnMut() -> Option<T>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use podmig_e2e::wait::until as wait_for;
 
 async fn running_ip(pods: &Api<Pod>, name: &str) -> anyhow::Result<String> {
     wait_for(
@@ -556,6 +523,11 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
         String::from_utf8_lossy(&Command::new("ip").args(["link"]).output()?.stdout).into_owned();
     assert!(!links.contains(&prefix), "{links}");
     assert!(podmig_e2e::containerd::mounts_under(parent.path()).is_empty());
+    let checkpoints = state["checkpoints"].as_str().unwrap_or_default();
+    assert!(
+        !checkpoints.is_empty() && !std::path::Path::new(checkpoints).exists(),
+        "checkpoint directory {checkpoints} removed"
+    );
     let netns_after = netns.matches("cni-").count();
     assert!(
         netns_after <= netns_before,

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use k8s_openapi::{api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp};
+use k8s_openapi::{
+    api::coordination::v1::Lease, apimachinery::pkg::apis::meta::v1::MicroTime, jiff::Timestamp,
+};
 use kube::{Api, Client, api::PostParams};
 
 /// Lease duration: a dead leader's lease is taken over after this.
@@ -28,7 +30,8 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
     let mut lease = match api.get_opt(name).await? {
         Some(l) => l,
         None => {
-            let l: Lease = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap_or_default();
+            let l: Lease = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+                .unwrap_or_default();
             match api.create(&PostParams::default(), &l).await {
                 Ok(l) => l,
                 Err(kube::Error::Api(e)) if e.code == 409 => return Ok(false),
@@ -56,7 +59,13 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
 }
 
 /// Waits until this replica leads, then keeps renewing; resolves when leadership is lost.
-pub async fn lead(client: Client, namespace: &str, name: &str, me: &str, while_leading: impl std::future::Future<Output = ()>) {
+pub async fn lead(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    me: &str,
+    while_leading: impl std::future::Future<Output = ()>,
+) {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, me).await {
@@ -95,9 +104,24 @@ mod tests {
     #[test]
     fn only_free_own_or_expired_leases_are_taken() {
         let now: Timestamp = "2026-11-22T01:00:00Z".parse().expect("now");
-        assert!(may_hold(&lease("", "2026-11-22T00:59:59.000000Z"), "a", now));
-        assert!(may_hold(&lease("a", "2026-11-22T00:59:59.000000Z"), "a", now));
-        assert!(!may_hold(&lease("b", "2026-11-22T00:59:59.000000Z"), "a", now));
-        assert!(may_hold(&lease("b", "2026-11-22T00:59:00.000000Z"), "a", now), "expired");
+        assert!(may_hold(
+            &lease("", "2026-11-22T00:59:59.000000Z"),
+            "a",
+            now
+        ));
+        assert!(may_hold(
+            &lease("a", "2026-11-22T00:59:59.000000Z"),
+            "a",
+            now
+        ));
+        assert!(!may_hold(
+            &lease("b", "2026-11-22T00:59:59.000000Z"),
+            "a",
+            now
+        ));
+        assert!(
+            may_hold(&lease("b", "2026-11-22T00:59:00.000000Z"), "a", now),
+            "expired"
+        );
     }
 }

@@ -10,9 +10,13 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 use podmig_api::{
-    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE, ANNOTATION_MIGRATION_REPORT,
-    ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER, RUNTIME_HANDLER,
-    v1alpha1::{MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, MigrationReport, Outcome},
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE,
+    ANNOTATION_MIGRATION_REPORT, ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
+    RUNTIME_HANDLER,
+    v1alpha1::{
+        MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, MigrationReport,
+        Outcome,
+    },
 };
 
 /// Something the controller does to the cluster.
@@ -50,12 +54,18 @@ pub fn pod_index(mpod: &str, pod: &str) -> Option<u32> {
 }
 
 fn phase(p: &Pod) -> &str {
-    p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
 }
 
 fn ready(p: &Pod) -> bool {
     phase(p) == "Running"
-        && p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn deleting(p: &Pod) -> bool {
@@ -71,10 +81,21 @@ fn node(p: &Pod) -> Option<String> {
 }
 
 fn annotation<'a>(p: &'a Pod, key: &str) -> Option<&'a str> {
-    p.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: &str, now: Timestamp, generation: Option<i64>) -> Condition {
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+    generation: Option<i64>,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status: if ok { "True" } else { "False" }.into(),
@@ -95,7 +116,9 @@ pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) ->
     meta.name = Some(name.clone());
     meta.namespace = mpod.namespace();
     meta.generate_name = None;
-    meta.labels.get_or_insert_with(BTreeMap::new).insert(LABEL_MIGRATING_POD.into(), mpod.name_any());
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(LABEL_MIGRATING_POD.into(), mpod.name_any());
     meta.finalizers = Some(vec![MIGRATE_FINALIZER.into()]);
     meta.owner_references = Some(vec![OwnerReference {
         api_version: MigratingPod::api_version(&()).into(),
@@ -108,18 +131,27 @@ pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) ->
     let mut spec = template.spec.clone().unwrap_or_default();
     spec.runtime_class_name = Some(RUNTIME_HANDLER.into());
     if let Some(sel) = &mpod.spec.node_selector {
-        spec.node_selector.get_or_insert_with(BTreeMap::new).extend(sel.clone());
+        spec.node_selector
+            .get_or_insert_with(BTreeMap::new)
+            .extend(sel.clone());
     }
     if let Some(source) = from {
         spec.init_containers = None;
         let a = meta.annotations.get_or_insert_with(BTreeMap::new);
-        a.insert(ANNOTATION_MIGRATE_FROM.into(), source.uid().unwrap_or_default());
+        a.insert(
+            ANNOTATION_MIGRATE_FROM.into(),
+            source.uid().unwrap_or_default(),
+        );
         a.insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
         if let Some(n) = node(source) {
             a.insert(ANNOTATION_SOURCE_NODE.into(), n);
         }
     }
-    Pod { metadata: meta, spec: Some(spec), status: None }
+    Pod {
+        metadata: meta,
+        spec: Some(spec),
+        status: None,
+    }
 }
 
 /// Decides what to do for `mpod` given the Pods it controls, at time `now`.
@@ -128,11 +160,17 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
     let mut status = mpod.status.clone().unwrap_or_default();
     status.observed_generation = generation;
     let mut actions = Vec::new();
-    let set = |status: &mut MigratingPodStatus, state: MigratingPodState, ok: bool, reason: &str, message: &str| {
+    let set = |status: &mut MigratingPodStatus,
+               state: MigratingPodState,
+               ok: bool,
+               reason: &str,
+               message: &str| {
         status.state = Some(state);
         let c = condition("Ready", ok, reason, message, now, generation);
         match status.conditions.iter_mut().find(|x| x.type_ == "Ready") {
-            Some(old) if old.status == c.status && old.reason == c.reason => old.message = c.message,
+            Some(old) if old.status == c.status && old.reason == c.reason => {
+                old.message = c.message
+            }
             Some(old) => *old = c,
             None => status.conditions.push(c),
         }
@@ -150,20 +188,46 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
         }
         return Decision { actions, status };
     }
-    if mpod.spec.template.spec.as_ref().is_none_or(|s| s.containers.is_empty()) {
-        set(&mut status, MigratingPodState::Invalid, false, "NoContainers", "spec.template.spec.containers must name at least one container");
+    if mpod
+        .spec
+        .template
+        .spec
+        .as_ref()
+        .is_none_or(|s| s.containers.is_empty())
+    {
+        set(
+            &mut status,
+            MigratingPodState::Invalid,
+            false,
+            "NoContainers",
+            "spec.template.spec.containers must name at least one container",
+        );
         return Decision { actions, status };
     }
     if pods.len() > 2 {
-        set(&mut status, MigratingPodState::Invalid, false, "TooManyPods",
-            &format!("{} Pods belong to this MigratingPod; at most a source and a target may exist", pods.len()));
+        set(
+            &mut status,
+            MigratingPodState::Invalid,
+            false,
+            "TooManyPods",
+            &format!(
+                "{} Pods belong to this MigratingPod; at most a source and a target may exist",
+                pods.len()
+            ),
+        );
         return Decision { actions, status };
     }
     let name = mpod.name_any();
     let last_index = pods
         .iter()
         .filter_map(|p| pod_index(&name, &p.name_any()))
-        .chain(status.active_pod.as_deref().and_then(|a| pod_index(&name, a)))
+        .chain(
+            status
+                .active_pod
+                .as_deref()
+                .and_then(|a| pod_index(&name, a)),
+        )
+        .chain(status.last_pod_index)
         .max();
     let next_index = last_index.map_or(0, |i| i + 1);
     let timeout = i64::from(mpod.spec.migration_timeout_seconds);
@@ -175,16 +239,34 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
     });
     match (pods, pair) {
         ([], _) => {
-            actions.push(Action::CreatePod(Box::new(pod_from_template(mpod, next_index, None))));
+            actions.push(Action::CreatePod(Box::new(pod_from_template(
+                mpod, next_index, None,
+            ))));
             status.active_pod = Some(format!("{name}-{next_index}"));
             status.node = None;
-            set(&mut status, MigratingPodState::Creating, false, "Creating", "creating the Pod");
+            set(
+                &mut status,
+                MigratingPodState::Creating,
+                false,
+                "Creating",
+                "creating the Pod",
+            );
+        }
+        (_, Some((target, Some(_)))) if deleting(target) => {
+            // A move being unwound: wait until its Pods are gone.
         }
         (_, Some((target, Some(source)))) => {
-            let started = source.metadata.deletion_timestamp.as_ref().or(target.metadata.creation_timestamp.as_ref()).map(|t| t.0);
+            let started = source
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .or(target.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0);
             let elapsed = started.map_or(0, |s| (now - s).get_seconds());
-            let failed = phase(target) == "Failed" || annotation(target, ANNOTATION_MIGRATION_PHASE) == Some("Failed");
-            let report: Option<MigrationReport> = annotation(target, ANNOTATION_MIGRATION_REPORT).and_then(|r| serde_json::from_str(r).ok());
+            let failed = phase(target) == "Failed"
+                || annotation(target, ANNOTATION_MIGRATION_PHASE) == Some("Failed");
+            let report: Option<MigrationReport> = annotation(target, ANNOTATION_MIGRATION_REPORT)
+                .and_then(|r| serde_json::from_str(r).ok());
             let mut record = MigrationRecord {
                 source_pod: source.name_any(),
                 target_pod: target.name_any(),
@@ -203,17 +285,51 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                 }
                 record.outcome = Some(Outcome::Succeeded);
                 record.finished_at = Some(Time(now));
-                let frozen = report.as_ref().map(|r| format!(", frozen {} ms", r.frozen_ms)).unwrap_or_default();
-                actions.push(Action::Event { reason: "MigrationSucceeded", message: format!("{} moved to {} on {}{frozen}", source.name_any(), target.name_any(), node(target).unwrap_or_default()), warning: false });
+                let frozen = report
+                    .as_ref()
+                    .map(|r| format!(", frozen {} ms", r.frozen_ms))
+                    .unwrap_or_default();
+                actions.push(Action::Event {
+                    reason: "MigrationSucceeded",
+                    message: format!(
+                        "{} moved to {} on {}{frozen}",
+                        source.name_any(),
+                        target.name_any(),
+                        node(target).unwrap_or_default()
+                    ),
+                    warning: false,
+                });
                 status.active_pod = Some(target.name_any());
                 status.node = node(target);
                 status.last_migration = Some(record);
-                set(&mut status, MigratingPodState::Running, true, "Running", "the Pod runs");
+                set(
+                    &mut status,
+                    MigratingPodState::Running,
+                    true,
+                    "Running",
+                    "the Pod runs",
+                );
             } else if failed || elapsed > timeout {
                 let (outcome, why) = if failed {
-                    (Outcome::Failed, format!("target {} failed: {}", target.name_any(), report.as_ref().and_then(|r| r.error.clone()).unwrap_or_else(|| "restore failed".into())))
+                    (
+                        Outcome::Failed,
+                        format!(
+                            "target {} failed: {}",
+                            target.name_any(),
+                            report
+                                .as_ref()
+                                .and_then(|r| r.error.clone())
+                                .unwrap_or_else(|| "restore failed".into())
+                        ),
+                    )
                 } else {
-                    (Outcome::GivenUp, format!("the move of {} did not finish within {timeout}s", source.name_any()))
+                    (
+                        Outcome::GivenUp,
+                        format!(
+                            "the move of {} did not finish within {timeout}s",
+                            source.name_any()
+                        ),
+                    )
                 };
                 // Given up means not lost: the source is let go (or keeps running when nothing
                 // deleted it) and a fresh Pod replaces a deleted one.
@@ -224,58 +340,145 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                     actions.push(Action::ReleaseFinalizer(target.name_any()));
                 }
                 actions.push(Action::DeletePod(target.name_any()));
-                actions.push(Action::Event { reason: if failed { "MigrationFailed" } else { "MigrationGivenUp" }, message: why.clone(), warning: true });
+                actions.push(Action::Event {
+                    reason: if failed {
+                        "MigrationFailed"
+                    } else {
+                        "MigrationGivenUp"
+                    },
+                    message: why.clone(),
+                    warning: true,
+                });
                 record.outcome = Some(outcome);
                 record.finished_at = Some(Time(now));
                 record.message = Some(why.clone());
                 status.last_migration = Some(record);
                 status.active_pod = Some(source.name_any());
-                set(&mut status, MigratingPodState::Failed, false, "MigrationFailed", &why);
+                set(
+                    &mut status,
+                    MigratingPodState::Failed,
+                    false,
+                    "MigrationFailed",
+                    &why,
+                );
             } else {
-                let state = if node(target).is_some() { MigratingPodState::Migrating } else { MigratingPodState::MigrationPending };
+                let state = if node(target).is_some() {
+                    MigratingPodState::Migrating
+                } else {
+                    MigratingPodState::MigrationPending
+                };
                 record.outcome = None;
                 status.last_migration = Some(record);
-                set(&mut status, state, false, "Migrating", &format!("moving {} to {}", source.name_any(), target.name_any()));
+                set(
+                    &mut status,
+                    state,
+                    false,
+                    "Migrating",
+                    &format!("moving {} to {}", source.name_any(), target.name_any()),
+                );
             }
         }
-        (_, Some((target, None))) if !ready(target) => {
+        (_, Some((target, None))) if !ready(target) && !deleting(target) => {
             // The source vanished before its state was taken: the target can never restore.
-            let why = format!("source of {} vanished before its checkpoint", target.name_any());
+            let why = format!(
+                "source of {} vanished before its checkpoint",
+                target.name_any()
+            );
             if has_finalizer(target) {
                 actions.push(Action::ReleaseFinalizer(target.name_any()));
             }
             actions.push(Action::DeletePod(target.name_any()));
-            actions.push(Action::Event { reason: "MigrationFailed", message: why.clone(), warning: true });
-            set(&mut status, MigratingPodState::Failed, false, "SourceVanished", &why);
+            actions.push(Action::Event {
+                reason: "MigrationFailed",
+                message: why.clone(),
+                warning: true,
+            });
+            set(
+                &mut status,
+                MigratingPodState::Failed,
+                false,
+                "SourceVanished",
+                &why,
+            );
         }
         ([p], _) if deleting(p) && has_finalizer(p) => {
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
             let target = pod_from_template(mpod, next_index, Some(p));
-            actions.push(Action::Event { reason: "MigrationStarted", message: format!("{} is being deleted; moving it to {}", p.name_any(), target.name_any()), warning: false });
+            actions.push(Action::Event {
+                reason: "MigrationStarted",
+                message: format!(
+                    "{} is being deleted; moving it to {}",
+                    p.name_any(),
+                    target.name_any()
+                ),
+                warning: false,
+            });
             actions.push(Action::CreatePod(Box::new(target)));
-            set(&mut status, MigratingPodState::MigrationPending, false, "MigrationPending", &format!("{} is being deleted; its move is starting", p.name_any()));
+            set(
+                &mut status,
+                MigratingPodState::MigrationPending,
+                false,
+                "MigrationPending",
+                &format!("{} is being deleted; its move is starting", p.name_any()),
+            );
         }
         ([p], _) if deleting(p) || matches!(phase(p), "Failed" | "Succeeded") => {
             // Going away without a move: replace it, like a ReplicaSet.
             if !deleting(p) {
                 actions.push(Action::DeletePod(p.name_any()));
             }
-            actions.push(Action::CreatePod(Box::new(pod_from_template(mpod, next_index, None))));
+            actions.push(Action::CreatePod(Box::new(pod_from_template(
+                mpod, next_index, None,
+            ))));
             status.active_pod = Some(format!("{name}-{next_index}"));
-            set(&mut status, MigratingPodState::Creating, false, "Replacing", &format!("{} is gone; creating a fresh Pod", p.name_any()));
+            set(
+                &mut status,
+                MigratingPodState::Creating,
+                false,
+                "Replacing",
+                &format!("{} is gone; creating a fresh Pod", p.name_any()),
+            );
         }
         ([p], _) | ([p, _], None) | ([_, p], None) if !deleting(p) || pods.len() == 1 => {
             status.active_pod = Some(p.name_any());
             status.node = node(p);
             if ready(p) {
-                set(&mut status, MigratingPodState::Running, true, "Running", "the Pod runs");
+                set(
+                    &mut status,
+                    MigratingPodState::Running,
+                    true,
+                    "Running",
+                    "the Pod runs",
+                );
             } else {
-                set(&mut status, MigratingPodState::Creating, false, "Creating", "the Pod is starting");
+                set(
+                    &mut status,
+                    MigratingPodState::Creating,
+                    false,
+                    "Creating",
+                    "the Pod is starting",
+                );
             }
         }
         _ => {
-            set(&mut status, MigratingPodState::Invalid, false, "TooManyPods", "two unrelated Pods belong to this MigratingPod");
+            set(
+                &mut status,
+                MigratingPodState::Invalid,
+                false,
+                "TooManyPods",
+                "two unrelated Pods belong to this MigratingPod",
+            );
         }
+    }
+    if let Some(n) = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreatePod(p) => p.metadata.name.as_deref().and_then(|n| pod_index(&name, n)),
+            _ => None,
+        })
+        .max()
+    {
+        status.last_pod_index = Some(n);
     }
     Decision { actions, status }
 }
@@ -290,7 +493,11 @@ mod tests {
     }
 
     fn mpod(containers: bool) -> MigratingPod {
-        let c = if containers { json!([{"name": "app", "image": "img"}]) } else { json!([]) };
+        let c = if containers {
+            json!([{"name": "app", "image": "img"}])
+        } else {
+            json!([])
+        };
         serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "MigratingPod",
             "metadata": {"name": "x", "namespace": "ns", "uid": "mp-uid", "generation": 2},
             "spec": {"template": {"metadata": {"labels": {"app": "x"}}, "spec": {"containers": c, "initContainers": [{"name": "init", "image": "img"}]}}}}))
@@ -302,11 +509,14 @@ mod tests {
 
     impl TestPod {
         fn new(name: &str) -> Self {
-            Self(json!({"metadata": {"name": name, "uid": format!("uid-{name}"), "finalizers": [MIGRATE_FINALIZER],
-                "creationTimestamp": "2026-11-22T00:59:00Z"}, "spec": {"containers": [{"name": "app"}]}, "status": {"phase": "Pending"}}))
+            Self(
+                json!({"metadata": {"name": name, "uid": format!("uid-{name}"), "finalizers": [MIGRATE_FINALIZER],
+                "creationTimestamp": "2026-11-22T00:59:00Z"}, "spec": {"containers": [{"name": "app"}]}, "status": {"phase": "Pending"}}),
+            )
         }
         fn running(mut self) -> Self {
-            self.0["status"] = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+            self.0["status"] =
+                json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
             self
         }
         fn on_node(mut self, n: &str) -> Self {
@@ -322,7 +532,8 @@ mod tests {
             self
         }
         fn target_of(mut self, source: &str) -> Self {
-            self.0["metadata"]["annotations"] = json!({ANNOTATION_MIGRATE_FROM: format!("uid-{source}")});
+            self.0["metadata"]["annotations"] =
+                json!({ANNOTATION_MIGRATE_FROM: format!("uid-{source}")});
             self
         }
         fn annotated(mut self, k: &str, v: &str) -> Self {
@@ -339,7 +550,13 @@ mod tests {
     }
 
     fn created(d: &Decision) -> Vec<Pod> {
-        d.actions.iter().filter_map(|a| match a { Action::CreatePod(p) => Some((**p).clone()), _ => None }).collect()
+        d.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CreatePod(p) => Some((**p).clone()),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
@@ -349,37 +566,74 @@ mod tests {
         assert_eq!(pods.len(), 1);
         let p = &pods[0];
         assert_eq!(p.metadata.name.as_deref(), Some("x-0"));
-        assert_eq!(p.metadata.finalizers, Some(vec![MIGRATE_FINALIZER.to_owned()]));
+        assert_eq!(
+            p.metadata.finalizers,
+            Some(vec![MIGRATE_FINALIZER.to_owned()])
+        );
         let owner = &p.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!((owner.uid.as_str(), owner.controller), ("mp-uid", Some(true)));
-        assert_eq!(p.spec.as_ref().and_then(|s| s.runtime_class_name.as_deref()), Some("podmig"));
-        assert!(p.spec.as_ref().is_some_and(|s| s.init_containers.is_some()), "a fresh Pod runs its init containers");
+        assert_eq!(
+            (owner.uid.as_str(), owner.controller),
+            ("mp-uid", Some(true))
+        );
+        assert_eq!(
+            p.spec
+                .as_ref()
+                .and_then(|s| s.runtime_class_name.as_deref()),
+            Some("podmig")
+        );
+        assert!(
+            p.spec.as_ref().is_some_and(|s| s.init_containers.is_some()),
+            "a fresh Pod runs its init containers"
+        );
         assert_eq!(d.status.state, Some(MigratingPodState::Creating));
         assert_eq!(d.status.observed_generation, Some(2));
     }
 
     #[test]
     fn running_pod_makes_state_running() {
-        let d = decide(&mpod(true), &[TestPod::new("x-0").running().on_node("n1").build()], now());
+        let d = decide(
+            &mpod(true),
+            &[TestPod::new("x-0").running().on_node("n1").build()],
+            now(),
+        );
         assert!(d.actions.is_empty());
         assert_eq!(d.status.state, Some(MigratingPodState::Running));
-        assert_eq!((d.status.active_pod.as_deref(), d.status.node.as_deref()), (Some("x-0"), Some("n1")));
+        assert_eq!(
+            (d.status.active_pod.as_deref(), d.status.node.as_deref()),
+            (Some("x-0"), Some("n1"))
+        );
         assert_eq!(d.status.conditions[0].status, "True");
     }
 
     #[test]
     fn deleting_the_active_pod_creates_the_target_once() {
-        let src = TestPod::new("x-0").running().on_node("n1").deleted_at("2026-11-22T00:59:50Z").build();
+        let src = TestPod::new("x-0")
+            .running()
+            .on_node("n1")
+            .deleted_at("2026-11-22T00:59:50Z")
+            .build();
         let d = decide(&mpod(true), std::slice::from_ref(&src), now());
         let pods = created(&d);
         assert_eq!(pods.len(), 1);
         let t = &pods[0];
         assert_eq!(t.metadata.name.as_deref(), Some("x-1"));
         let a = t.metadata.annotations.as_ref().expect("annotations");
-        assert_eq!(a.get(ANNOTATION_MIGRATE_FROM).map(String::as_str), Some("uid-x-0"));
-        assert_eq!(a.get(ANNOTATION_SOURCE_NODE).map(String::as_str), Some("n1"));
-        assert_eq!(a.get(ANNOTATION_MIGRATION_ID).map(String::as_str), Some("x-1"));
-        assert!(t.spec.as_ref().is_some_and(|s| s.init_containers.is_none()), "init containers are stripped");
+        assert_eq!(
+            a.get(ANNOTATION_MIGRATE_FROM).map(String::as_str),
+            Some("uid-x-0")
+        );
+        assert_eq!(
+            a.get(ANNOTATION_SOURCE_NODE).map(String::as_str),
+            Some("n1")
+        );
+        assert_eq!(
+            a.get(ANNOTATION_MIGRATION_ID).map(String::as_str),
+            Some("x-1")
+        );
+        assert!(
+            t.spec.as_ref().is_some_and(|s| s.init_containers.is_none()),
+            "init containers are stripped"
+        );
         assert_eq!(d.status.state, Some(MigratingPodState::MigrationPending));
         // Once the target exists, nothing is created again.
         let tgt = TestPod::new("x-1").target_of("x-0").on_node("n2").build();
@@ -390,9 +644,16 @@ mod tests {
 
     #[test]
     fn running_target_releases_the_source() {
-        let src = TestPod::new("x-0").on_node("n1").deleted_at("2026-11-22T00:59:50Z").build();
-        let tgt = TestPod::new("x-1").target_of("x-0").running().on_node("n2")
-            .annotated(ANNOTATION_MIGRATION_REPORT, r#"{"frozenMs": 321}"#).build();
+        let src = TestPod::new("x-0")
+            .on_node("n1")
+            .deleted_at("2026-11-22T00:59:50Z")
+            .build();
+        let tgt = TestPod::new("x-1")
+            .target_of("x-0")
+            .running()
+            .on_node("n2")
+            .annotated(ANNOTATION_MIGRATION_REPORT, r#"{"frozenMs": 321}"#)
+            .build();
         let d = decide(&mpod(true), &[src, tgt], now());
         assert_eq!(d.actions[0], Action::ReleaseFinalizer("x-0".into()));
         assert_eq!(d.status.state, Some(MigratingPodState::Running));
@@ -404,24 +665,64 @@ mod tests {
 
     #[test]
     fn target_failure_or_timeout_lets_the_source_go_with_an_event() {
-        let src = || TestPod::new("x-0").on_node("n1").deleted_at("2026-11-22T00:59:50Z").build();
+        let src = || {
+            TestPod::new("x-0")
+                .on_node("n1")
+                .deleted_at("2026-11-22T00:59:50Z")
+                .build()
+        };
         let failed = TestPod::new("x-1").target_of("x-0").failed().build();
         let d = decide(&mpod(true), &[src(), failed], now());
         assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())));
         assert!(d.actions.contains(&Action::DeletePod("x-1".into())));
-        assert!(d.actions.iter().any(|a| matches!(a, Action::Event { reason: "MigrationFailed", warning: true, .. })));
+        assert!(d.actions.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                reason: "MigrationFailed",
+                warning: true,
+                ..
+            }
+        )));
         assert_eq!(d.status.state, Some(MigratingPodState::Failed));
 
-        let slow_src = TestPod::new("x-0").deleted_at("2026-11-22T00:50:00Z").build();
+        let slow_src = TestPod::new("x-0")
+            .deleted_at("2026-11-22T00:50:00Z")
+            .build();
         let pending = TestPod::new("x-1").target_of("x-0").build();
         let d = decide(&mpod(true), &[slow_src, pending], now());
-        assert!(d.actions.iter().any(|a| matches!(a, Action::Event { reason: "MigrationGivenUp", .. })));
-        assert_eq!(d.status.last_migration.and_then(|r| r.outcome), Some(Outcome::GivenUp));
+        assert!(d.actions.iter().any(|a| matches!(
+            a,
+            Action::Event {
+                reason: "MigrationGivenUp",
+                ..
+            }
+        )));
+        assert_eq!(
+            d.status.last_migration.and_then(|r| r.outcome),
+            Some(Outcome::GivenUp)
+        );
         // The source is gone after that: a fresh Pod with the next index replaces it.
         let mut mp = mpod(true);
-        mp.status = Some(MigratingPodStatus { active_pod: Some("x-0".into()), ..Default::default() });
+        mp.status = Some(MigratingPodStatus {
+            active_pod: Some("x-0".into()),
+            ..Default::default()
+        });
         let d = decide(&mp, &[], now());
         assert_eq!(created(&d)[0].metadata.name.as_deref(), Some("x-1"));
+        assert_eq!(d.status.last_pod_index, Some(1));
+        // Names are never reused: after a target x-1 was given up, the fresh Pod is x-2.
+        mp.status = Some(MigratingPodStatus {
+            active_pod: Some("x-0".into()),
+            last_pod_index: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(
+            created(&decide(&mp, &[], now()))[0]
+                .metadata
+                .name
+                .as_deref(),
+            Some("x-2")
+        );
     }
 
     #[test]
@@ -438,7 +739,9 @@ mod tests {
         assert!(d.actions.is_empty());
         assert_eq!(d.status.state, Some(MigratingPodState::Invalid));
         assert_eq!(d.status.conditions[0].reason, "NoContainers");
-        let three: Vec<Pod> = (0..3).map(|i| TestPod::new(&format!("x-{i}")).build()).collect();
+        let three: Vec<Pod> = (0..3)
+            .map(|i| TestPod::new(&format!("x-{i}")).build())
+            .collect();
         let d = decide(&mpod(true), &three, now());
         assert_eq!(d.status.state, Some(MigratingPodState::Invalid));
         assert_eq!(d.status.conditions[0].reason, "TooManyPods");
@@ -446,15 +749,30 @@ mod tests {
 
     #[test]
     fn deleted_pod_without_finalizer_is_replaced_and_deleted_mpod_releases_everything() {
-        let gone = TestPod::new("x-3").without_finalizer().deleted_at("2026-11-22T00:59:59Z").build();
+        let gone = TestPod::new("x-3")
+            .without_finalizer()
+            .deleted_at("2026-11-22T00:59:59Z")
+            .build();
         let d = decide(&mpod(true), &[gone], now());
         assert_eq!(created(&d)[0].metadata.name.as_deref(), Some("x-4"));
         let mut mp = mpod(true);
         mp.metadata.deletion_timestamp = Some(Time(now()));
-        let d = decide(&mp, &[TestPod::new("x-0").running().build(), TestPod::new("x-1").target_of("x-0").build()], now());
-        assert_eq!(d.actions, vec![
-            Action::ReleaseFinalizer("x-0".into()), Action::DeletePod("x-0".into()),
-            Action::ReleaseFinalizer("x-1".into()), Action::DeletePod("x-1".into()),
-        ]);
+        let d = decide(
+            &mp,
+            &[
+                TestPod::new("x-0").running().build(),
+                TestPod::new("x-1").target_of("x-0").build(),
+            ],
+            now(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::ReleaseFinalizer("x-0".into()),
+                Action::DeletePod("x-0".into()),
+                Action::ReleaseFinalizer("x-1".into()),
+                Action::DeletePod("x-1".into()),
+            ]
+        );
     }
 }

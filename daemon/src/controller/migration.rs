@@ -10,7 +10,9 @@ use k8s_openapi::{
 use kube::ResourceExt;
 use podmig_api::{
     ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE, ANNOTATION_MIGRATION_REPORT,
-    v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationReport, MigrationStatus, PhaseTransition},
+    v1alpha1::{
+        MigratingPod, Migration, MigrationPhase, MigrationReport, MigrationStatus, PhaseTransition,
+    },
 };
 
 use super::migratingpod::{Action, pod_from_template, pod_index};
@@ -50,7 +52,10 @@ fn fail(status: &mut MigrationStatus, reason: &str, message: String, now: Timest
 fn set_phase(status: &mut MigrationStatus, phase: MigrationPhase, now: Timestamp) {
     if status.phase != Some(phase) {
         status.phase = Some(phase);
-        status.transitions.push(PhaseTransition { phase, at: Time(now) });
+        status.transitions.push(PhaseTransition {
+            phase,
+            at: Time(now),
+        });
     }
 }
 
@@ -61,7 +66,9 @@ fn schedulable(n: &Node) -> bool {
 fn is_ready(p: &Pod) -> bool {
     p.status.as_ref().is_some_and(|s| {
         s.phase.as_deref() == Some("Running")
-            && s.conditions.as_ref().is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            && s.conditions
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     })
 }
 
@@ -78,68 +85,144 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
     if status.phase.is_none() || status.phase == Some(MigrationPhase::Pending) {
         set_phase(&mut status, MigrationPhase::Pending, now);
         let Some(pod) = o.pod else {
-            fail(&mut status, "PodNotFound", format!("Pod {pod_name:?} does not exist"), now);
+            fail(
+                &mut status,
+                "PodNotFound",
+                format!("Pod {pod_name:?} does not exist"),
+                now,
+            );
             return (actions, status);
         };
         let Some(owner) = o.owner else {
-            fail(&mut status, "NotMigratable", format!("Pod {pod_name:?} is not controlled by a MigratingPod"), now);
+            fail(
+                &mut status,
+                "NotMigratable",
+                format!("Pod {pod_name:?} is not controlled by a MigratingPod"),
+                now,
+            );
             return (actions, status);
         };
         if pod.metadata.deletion_timestamp.is_some() {
-            fail(&mut status, "PodTerminating", format!("Pod {pod_name:?} is being deleted"), now);
+            fail(
+                &mut status,
+                "PodTerminating",
+                format!("Pod {pod_name:?} is being deleted"),
+                now,
+            );
             return (actions, status);
         }
         let earlier = o.others.iter().find(|x| {
             x.name_any() != name
                 && x.spec.pod_name == *pod_name
-                && !x.status.as_ref().and_then(|s| s.phase).is_some_and(MigrationPhase::is_terminal)
-                && (x.metadata.creation_timestamp.as_ref().map(|t| t.0), x.name_any()) < (m.metadata.creation_timestamp.as_ref().map(|t| t.0), name.clone())
+                && !x
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(MigrationPhase::is_terminal)
+                && (
+                    x.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    x.name_any(),
+                ) < (
+                    m.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    name.clone(),
+                )
         });
         if let Some(e) = earlier {
-            fail(&mut status, "AlreadyMigrating", format!("Migration {:?} is already moving Pod {pod_name:?}", e.name_any()), now);
+            fail(
+                &mut status,
+                "AlreadyMigrating",
+                format!(
+                    "Migration {:?} is already moving Pod {pod_name:?}",
+                    e.name_any()
+                ),
+                now,
+            );
             return (actions, status);
         }
         if let Some(t) = &m.spec.target_node {
             match o.nodes.iter().find(|n| n.name_any() == *t) {
                 None => {
-                    fail(&mut status, "NodeNotFound", format!("target node {t:?} does not exist"), now);
+                    fail(
+                        &mut status,
+                        "NodeNotFound",
+                        format!("target node {t:?} does not exist"),
+                        now,
+                    );
                     return (actions, status);
                 }
                 Some(n) if !schedulable(n) => {
-                    fail(&mut status, "NodeUnschedulable", format!("target node {t:?} is cordoned"), now);
+                    fail(
+                        &mut status,
+                        "NodeUnschedulable",
+                        format!("target node {t:?} is cordoned"),
+                        now,
+                    );
                     return (actions, status);
                 }
                 Some(_) => {}
             }
         }
         if let Some(sel) = &m.spec.node_selector {
-            let fits = o.nodes.iter().any(|n| schedulable(n) && sel.iter().all(|(k, v)| n.labels().get(k) == Some(v)));
+            let fits = o
+                .nodes
+                .iter()
+                .any(|n| schedulable(n) && sel.iter().all(|(k, v)| n.labels().get(k) == Some(v)));
             if !fits {
-                fail(&mut status, "NoMatchingNode", format!("no schedulable node matches {sel:?}"), now);
+                fail(
+                    &mut status,
+                    "NoMatchingNode",
+                    format!("no schedulable node matches {sel:?}"),
+                    now,
+                );
                 return (actions, status);
             }
         }
         let owner_name = owner.name_any();
-        let index = o.siblings.iter().filter_map(|p| pod_index(&owner_name, &p.name_any()))
-            .chain(owner.status.as_ref().and_then(|s| s.active_pod.as_deref()).and_then(|a| pod_index(&owner_name, a)))
+        let index = o
+            .siblings
+            .iter()
+            .filter_map(|p| pod_index(&owner_name, &p.name_any()))
+            .chain(
+                owner
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.active_pod.as_deref())
+                    .and_then(|a| pod_index(&owner_name, a)),
+            )
             .max()
             .map_or(0, |i| i + 1);
         let mut target = pod_from_template(owner, index, Some(pod));
-        target.metadata.annotations.get_or_insert_default().insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
+        target
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
         let spec = target.spec.get_or_insert_default();
         if let Some(t) = &m.spec.target_node {
             spec.node_name = Some(t.clone());
         }
         if let Some(sel) = &m.spec.node_selector {
-            spec.node_selector.get_or_insert_default().extend(sel.clone());
+            spec.node_selector
+                .get_or_insert_default()
+                .extend(sel.clone());
         }
         status.migrating_pod = Some(owner_name);
         status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         status.target_pod = target.metadata.name.clone();
         status.target_node = m.spec.target_node.clone();
         status.reason = None;
-        status.message = Some(format!("creating target Pod {}", target.metadata.name.clone().unwrap_or_default()));
-        actions.push(Action::Event { reason: "MigrationStarted", message: format!("moving {pod_name} to {}", target.metadata.name.clone().unwrap_or_default()), warning: false });
+        status.message = Some(format!(
+            "creating target Pod {}",
+            target.metadata.name.clone().unwrap_or_default()
+        ));
+        actions.push(Action::Event {
+            reason: "MigrationStarted",
+            message: format!(
+                "moving {pod_name} to {}",
+                target.metadata.name.clone().unwrap_or_default()
+            ),
+            warning: false,
+        });
         actions.push(Action::CreatePod(Box::new(target)));
         set_phase(&mut status, MigrationPhase::Scheduling, now);
         return (actions, status);
@@ -148,41 +231,82 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
     let started = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     let target_name = status.target_pod.clone().unwrap_or_default();
     let Some(target) = o.target else {
-        fail(&mut status, "TargetPodDeleted", format!("target Pod {target_name:?} disappeared"), now);
+        fail(
+            &mut status,
+            "TargetPodDeleted",
+            format!("target Pod {target_name:?} disappeared"),
+            now,
+        );
         return (actions, status);
     };
-    status.target_node = target.spec.as_ref().and_then(|s| s.node_name.clone()).or(status.target_node);
+    status.target_node = target
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .or(status.target_node);
     let annotations = target.metadata.annotations.clone().unwrap_or_default();
-    let report: Option<MigrationReport> = annotations.get(ANNOTATION_MIGRATION_REPORT).and_then(|r| serde_json::from_str(r).ok());
+    let report: Option<MigrationReport> = annotations
+        .get(ANNOTATION_MIGRATION_REPORT)
+        .and_then(|r| serde_json::from_str(r).ok());
     if let Some(r) = &report {
         status.frozen_ms = Some(r.frozen_ms);
         status.report = Some(r.clone());
     }
-    let reported = annotations.get(ANNOTATION_MIGRATION_PHASE).and_then(|p| MigrationPhase::from_annotation(p));
-    let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed") || reported == Some(MigrationPhase::Failed);
+    let reported = annotations
+        .get(ANNOTATION_MIGRATION_PHASE)
+        .and_then(|p| MigrationPhase::from_annotation(p));
+    let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
+        || reported == Some(MigrationPhase::Failed);
     if is_ready(target) {
         // Phases the daemons moved through too fast to be seen still count.
-        for p in [MigrationPhase::Checkpointing, MigrationPhase::Transferring, MigrationPhase::Restoring] {
+        for p in [
+            MigrationPhase::Checkpointing,
+            MigrationPhase::Transferring,
+            MigrationPhase::Restoring,
+        ] {
             if status.phase.is_some_and(|cur| cur < p) {
                 set_phase(&mut status, p, now);
             }
         }
         set_phase(&mut status, MigrationPhase::Succeeded, now);
         status.message = Some(format!("{pod_name} runs as {target_name}"));
-        status.conditions = vec![Condition { type_: "Succeeded".into(), status: "True".into(), reason: "Moved".into(),
-            message: status.message.clone().unwrap_or_default(), last_transition_time: Time(now), observed_generation: None }];
-        actions.push(Action::Event { reason: "MigrationSucceeded", message: format!("{pod_name} moved to {target_name}"), warning: false });
+        status.conditions = vec![Condition {
+            type_: "Succeeded".into(),
+            status: "True".into(),
+            reason: "Moved".into(),
+            message: status.message.clone().unwrap_or_default(),
+            last_transition_time: Time(now),
+            observed_generation: None,
+        }];
+        actions.push(Action::Event {
+            reason: "MigrationSucceeded",
+            message: format!("{pod_name} moved to {target_name}"),
+            warning: false,
+        });
     } else if target_failed {
-        let why = report.and_then(|r| r.error).unwrap_or_else(|| "the target failed to restore".into());
+        let why = report
+            .and_then(|r| r.error)
+            .unwrap_or_else(|| "the target failed to restore".into());
         actions.push(Action::ReleaseFinalizer(target_name.clone()));
         actions.push(Action::DeletePod(target_name));
-        actions.push(Action::Event { reason: "MigrationFailed", message: why.clone(), warning: true });
+        actions.push(Action::Event {
+            reason: "MigrationFailed",
+            message: why.clone(),
+            warning: true,
+        });
         fail(&mut status, "RestoreFailed", why, now);
     } else if (now - started).get_seconds() > i64::from(m.spec.timeout_seconds) {
-        let why = format!("not done within {}s; rolled back: {pod_name} keeps running", m.spec.timeout_seconds);
+        let why = format!(
+            "not done within {}s; rolled back: {pod_name} keeps running",
+            m.spec.timeout_seconds
+        );
         actions.push(Action::ReleaseFinalizer(target_name.clone()));
         actions.push(Action::DeletePod(target_name));
-        actions.push(Action::Event { reason: "MigrationTimedOut", message: why.clone(), warning: true });
+        actions.push(Action::Event {
+            reason: "MigrationTimedOut",
+            message: why.clone(),
+            warning: true,
+        });
         fail(&mut status, "Timeout", why, now);
     } else if let Some(p) = reported.filter(|p| status.phase.is_some_and(|cur| cur < *p)) {
         set_phase(&mut status, p, now);
@@ -229,8 +353,23 @@ mod tests {
         serde_json::from_value(json!({"metadata": {"name": name, "labels": {"zone": name}}, "spec": {"unschedulable": unschedulable}})).expect("node")
     }
 
-    fn observe<'a>(m: &'a Migration, p: Option<&'a Pod>, own: Option<&'a MigratingPod>, target: Option<&'a Pod>, nodes: &'a [Node], others: &'a [Migration]) -> Observed<'a> {
-        Observed { migration: m, pod: p, owner: own, siblings: p.map(std::slice::from_ref).unwrap_or_default(), target, nodes, others }
+    fn observe<'a>(
+        m: &'a Migration,
+        p: Option<&'a Pod>,
+        own: Option<&'a MigratingPod>,
+        target: Option<&'a Pod>,
+        nodes: &'a [Node],
+        others: &'a [Migration],
+    ) -> Observed<'a> {
+        Observed {
+            migration: m,
+            pod: p,
+            owner: own,
+            siblings: p.map(std::slice::from_ref).unwrap_or_default(),
+            target,
+            nodes,
+            others,
+        }
     }
 
     #[test]
@@ -240,15 +379,38 @@ mod tests {
         let src = pod("x-0", json!({}));
         let cases = [
             (mig("m", "nope", json!({})), None, Some(&own), "PodNotFound"),
-            (mig("m", "x-0", json!({})), Some(&src), None, "NotMigratable"),
-            (mig("m", "x-0", json!({"targetNode": "ghost"})), Some(&src), Some(&own), "NodeNotFound"),
-            (mig("m", "x-0", json!({"targetNode": "n2"})), Some(&src), Some(&own), "NodeUnschedulable"),
-            (mig("m", "x-0", json!({"nodeSelector": {"zone": "n2"}})), Some(&src), Some(&own), "NoMatchingNode"),
+            (
+                mig("m", "x-0", json!({})),
+                Some(&src),
+                None,
+                "NotMigratable",
+            ),
+            (
+                mig("m", "x-0", json!({"targetNode": "ghost"})),
+                Some(&src),
+                Some(&own),
+                "NodeNotFound",
+            ),
+            (
+                mig("m", "x-0", json!({"targetNode": "n2"})),
+                Some(&src),
+                Some(&own),
+                "NodeUnschedulable",
+            ),
+            (
+                mig("m", "x-0", json!({"nodeSelector": {"zone": "n2"}})),
+                Some(&src),
+                Some(&own),
+                "NoMatchingNode",
+            ),
         ];
         for (m, p, o, reason) in cases {
             let (actions, st) = decide(&observe(&m, p, o, None, &nodes, &[]), now());
             assert!(actions.is_empty(), "{reason}");
-            assert_eq!((st.phase, st.reason.as_deref()), (Some(MigrationPhase::Failed), Some(reason)));
+            assert_eq!(
+                (st.phase, st.reason.as_deref()),
+                (Some(MigrationPhase::Failed), Some(reason))
+            );
             assert_eq!(st.conditions[0].reason, reason);
         }
     }
@@ -260,9 +422,15 @@ mod tests {
         let first = mig("a", "x-0", json!({}));
         let second = mig("b", "x-0", json!({}));
         let others = [first.clone(), second.clone()];
-        let (_, st) = decide(&observe(&second, Some(&src), Some(&own), None, &nodes, &others), now());
+        let (_, st) = decide(
+            &observe(&second, Some(&src), Some(&own), None, &nodes, &others),
+            now(),
+        );
         assert_eq!(st.reason.as_deref(), Some("AlreadyMigrating"));
-        let (actions, st) = decide(&observe(&first, Some(&src), Some(&own), None, &nodes, &others), now());
+        let (actions, st) = decide(
+            &observe(&first, Some(&src), Some(&own), None, &nodes, &others),
+            now(),
+        );
         assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
         assert_eq!(actions.len(), 2);
     }
@@ -272,27 +440,74 @@ mod tests {
         let nodes = [node("n1", false), node("n3", false)];
         let (own, src) = (owner(), pod("x-0", json!({})));
         let m = mig("m", "x-0", json!({"targetNode": "n3"}));
-        let (actions, st) = decide(&observe(&m, Some(&src), Some(&own), None, &nodes, &[]), now());
-        let Some(Action::CreatePod(t)) = actions.iter().find(|a| matches!(a, Action::CreatePod(_))) else { panic!("no target") };
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        let Some(Action::CreatePod(t)) = actions.iter().find(|a| matches!(a, Action::CreatePod(_)))
+        else {
+            panic!("no target")
+        };
         assert_eq!(t.metadata.name.as_deref(), Some("x-1"));
-        assert_eq!(t.spec.as_ref().and_then(|s| s.node_name.as_deref()), Some("n3"));
-        assert_eq!(t.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_MIGRATION_ID)).map(String::as_str), Some("m"));
-        assert_eq!((st.source_node.as_deref(), st.target_pod.as_deref()), (Some("n1"), Some("x-1")));
+        assert_eq!(
+            t.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some("n3")
+        );
+        assert_eq!(
+            t.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_MIGRATION_ID))
+                .map(String::as_str),
+            Some("m")
+        );
+        assert_eq!(
+            (st.source_node.as_deref(), st.target_pod.as_deref()),
+            (Some("n1"), Some("x-1"))
+        );
 
         let mut m2 = m.clone();
         m2.status = Some(st);
-        let checkpointing = pod("x-1", json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_PHASE: "Checkpointing"}}}));
-        let (_, st) = decide(&observe(&m2, Some(&src), Some(&own), Some(&checkpointing), &nodes, &[]), now());
+        let checkpointing = pod(
+            "x-1",
+            json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_PHASE: "Checkpointing"}}}),
+        );
+        let (_, st) = decide(
+            &observe(
+                &m2,
+                Some(&src),
+                Some(&own),
+                Some(&checkpointing),
+                &nodes,
+                &[],
+            ),
+            now(),
+        );
         assert_eq!(st.phase, Some(MigrationPhase::Checkpointing));
         m2.status = Some(st);
-        let done = pod("x-1", json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_REPORT: "{\"frozenMs\":42}"}},
-            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}));
-        let (_, st) = decide(&observe(&m2, Some(&src), Some(&own), Some(&done), &nodes, &[]), now());
+        let done = pod(
+            "x-1",
+            json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_REPORT: "{\"frozenMs\":42}"}},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let (_, st) = decide(
+            &observe(&m2, Some(&src), Some(&own), Some(&done), &nodes, &[]),
+            now(),
+        );
         assert_eq!(st.phase, Some(MigrationPhase::Succeeded));
         assert_eq!(st.frozen_ms, Some(42));
         let phases: Vec<_> = st.transitions.iter().map(|t| t.phase).collect();
-        assert_eq!(phases, [MigrationPhase::Pending, MigrationPhase::Scheduling, MigrationPhase::Checkpointing,
-            MigrationPhase::Transferring, MigrationPhase::Restoring, MigrationPhase::Succeeded]);
+        assert_eq!(
+            phases,
+            [
+                MigrationPhase::Pending,
+                MigrationPhase::Scheduling,
+                MigrationPhase::Checkpointing,
+                MigrationPhase::Transferring,
+                MigrationPhase::Restoring,
+                MigrationPhase::Succeeded
+            ]
+        );
     }
 
     #[test]
@@ -300,11 +515,21 @@ mod tests {
         let nodes = [node("n1", false)];
         let (own, src) = (owner(), pod("x-0", json!({})));
         let mut m = mig("m", "x-0", json!({"timeoutSeconds": 30}));
-        m.status = Some(MigrationStatus { phase: Some(MigrationPhase::Scheduling), target_pod: Some("x-1".into()), ..Default::default() });
+        m.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Scheduling),
+            target_pod: Some("x-1".into()),
+            ..Default::default()
+        });
         let stuck = pod("x-1", json!({"metadata": {"name": "x-1"}}));
-        let (actions, st) = decide(&observe(&m, Some(&src), Some(&own), Some(&stuck), &nodes, &[]), now());
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), Some(&stuck), &nodes, &[]),
+            now(),
+        );
         assert_eq!(st.reason.as_deref(), Some("Timeout"));
         assert!(actions.contains(&Action::DeletePod("x-1".into())));
-        assert!(!actions.contains(&Action::DeletePod("x-0".into())), "the source keeps running");
+        assert!(
+            !actions.contains(&Action::DeletePod("x-0".into())),
+            "the source keeps running"
+        );
     }
 }

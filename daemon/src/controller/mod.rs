@@ -8,7 +8,10 @@ pub mod migration;
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::{api::core::v1::{Node, Pod}, jiff::Timestamp};
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
@@ -63,7 +66,12 @@ pub struct Context {
 /// How often objects are looked at again when nothing happens (timeouts, give-ups).
 const REQUEUE: Duration = Duration::from_secs(2);
 
-async fn apply_actions<K>(ctx: &Context, ns: &str, obj: &K, actions: Vec<Action>) -> Result<(), Error>
+async fn apply_actions<K>(
+    ctx: &Context,
+    ns: &str,
+    obj: &K,
+    actions: Vec<Action>,
+) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()>,
 {
@@ -78,10 +86,20 @@ where
                 }
             },
             Action::ReleaseFinalizer(name) => {
-                let Some(pod) = pods.get_opt(&name).await? else { continue };
-                let kept: Vec<String> = pod.finalizers().iter().filter(|f| *f != MIGRATE_FINALIZER).cloned().collect();
+                let Some(pod) = pods.get_opt(&name).await? else {
+                    continue;
+                };
+                let kept: Vec<String> = pod
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != MIGRATE_FINALIZER)
+                    .cloned()
+                    .collect();
                 let patch = serde_json::json!({"metadata": {"finalizers": kept, "resourceVersion": pod.resource_version()}});
-                match pods.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                match pods
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     other => {
                         other?;
@@ -94,9 +112,17 @@ where
                     other?;
                 }
             },
-            Action::Event { reason, message, warning } => {
+            Action::Event {
+                reason,
+                message,
+                warning,
+            } => {
                 let ev = Event {
-                    type_: if warning { EventType::Warning } else { EventType::Normal },
+                    type_: if warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
                     reason: reason.into(),
                     note: Some(message),
                     action: "Reconcile".into(),
@@ -112,7 +138,9 @@ where
 }
 
 async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let ns = mpod.namespace().ok_or_else(|| Error::NoNamespace(mpod.name_any()))?;
+    let ns = mpod
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(mpod.name_any()))?;
     let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, CLEANUP_FINALIZER, mpod, |event| async {
         match event {
@@ -121,7 +149,8 @@ async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Re
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     })
 }
@@ -135,7 +164,11 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
         .await?
         .items
         .into_iter()
-        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)))
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+        })
         .collect();
     let decision = migratingpod::decide(m, &owned, Timestamp::now());
     if !decision.actions.is_empty() {
@@ -144,7 +177,12 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
     apply_actions(ctx, ns, m, decision.actions).await?;
     if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&decision.status) {
         let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": decision.status}))).await?;
+        api.patch_status(
+            &m.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": decision.status})),
+        )
+        .await?;
     }
     Ok(Requeue::requeue(REQUEUE))
 }
@@ -160,14 +198,23 @@ fn short(a: &Action) -> String {
 
 #[tracing::instrument(skip(m, ctx), fields(migration = %m.name_any()))]
 async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let ns = m.namespace().ok_or_else(|| Error::NoNamespace(m.name_any()))?;
-    if m.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal()) {
+    let ns = m
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(m.name_any()))?;
+    if m.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_terminal())
+    {
         return Ok(Requeue::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod = pods.get_opt(&m.spec.pod_name).await?;
     let owner_name = pod.as_ref().and_then(|p| {
-        p.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "MigratingPod").map(|o| o.name.clone())
+        p.owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true) && o.kind == "MigratingPod")
+            .map(|o| o.name.clone())
     });
     let mpods: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = match &owner_name {
@@ -175,22 +222,43 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         None => None,
     };
     let siblings = match &owner_name {
-        Some(n) => pods.list(&ListParams::default().labels(&format!("{LABEL_MIGRATING_POD}={n}"))).await?.items,
+        Some(n) => {
+            pods.list(&ListParams::default().labels(&format!("{LABEL_MIGRATING_POD}={n}")))
+                .await?
+                .items
+        }
         None => vec![],
     };
     let target = match m.status.as_ref().and_then(|s| s.target_pod.clone()) {
         Some(t) => pods.get_opt(&t).await?,
         None => None,
     };
-    let nodes = Api::<Node>::all(ctx.client.clone()).list(&ListParams::default()).await?.items;
+    let nodes = Api::<Node>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
     let migrations: Api<Migration> = Api::namespaced(ctx.client.clone(), &ns);
     let others = migrations.list(&ListParams::default()).await?.items;
-    let observed = migration::Observed { migration: &m, pod: pod.as_ref(), owner: owner.as_ref(), siblings: &siblings, target: target.as_ref(), nodes: &nodes, others: &others };
+    let observed = migration::Observed {
+        migration: &m,
+        pod: pod.as_ref(),
+        owner: owner.as_ref(),
+        siblings: &siblings,
+        target: target.as_ref(),
+        nodes: &nodes,
+        others: &others,
+    };
     let (actions, status) = migration::decide(&observed, Timestamp::now());
     apply_actions(&ctx, &ns, m.as_ref(), actions).await?;
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
-        migrations.patch_status(&m.name_any(), &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": status}))).await?;
+        migrations
+            .patch_status(
+                &m.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": status})),
+            )
+            .await?;
     }
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
@@ -204,16 +272,31 @@ fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Requeue {
 pub async fn run(client: Client, identity: &str) {
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), Reporter { controller: "podmig-controller".into(), instance: Some(identity.into()) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "podmig-controller".into(),
+                instance: Some(identity.into()),
+            },
+        ),
     });
-    let mpods = Controller::new(Api::<MigratingPod>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), watcher::Config::default().labels(LABEL_MIGRATING_POD))
-        .shutdown_on_signal()
-        .run(reconcile_mpod, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-    let migrations = Controller::new(Api::<Migration>::all(client.clone()), watcher::Config::default())
-        .shutdown_on_signal()
-        .run(reconcile_migration, error_policy, ctx)
-        .for_each(|_| futures::future::ready(()));
+    let mpods = Controller::new(
+        Api::<MigratingPod>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_MIGRATING_POD),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_mpod, error_policy, ctx.clone())
+    .for_each(|_| futures::future::ready(()));
+    let migrations = Controller::new(
+        Api::<Migration>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .shutdown_on_signal()
+    .run(reconcile_migration, error_policy, ctx)
+    .for_each(|_| futures::future::ready(()));
     tokio::join!(mpods, migrations);
 }

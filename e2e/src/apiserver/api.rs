@@ -401,7 +401,19 @@ impl Api {
                 PatchType::Merge | PatchType::Apply => json_patch::merge(&mut doc, body),
                 PatchType::Strategic => super::patch::strategic_merge(&mut doc, body),
                 PatchType::Json => {
-                    let ops: json_patch::Patch = serde_json::from_value(body.clone())
+                    // NB: like kube-apiserver (evanphx/json-patch), a `test` for null passes
+                    // on a missing path; kube-runtime's finalizer helper relies on it.
+                    let mut body = body.clone();
+                    if let Some(ops) = body.as_array_mut() {
+                        ops.retain(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && op["path"]
+                                    .as_str()
+                                    .is_some_and(|p| doc.pointer(p).is_none()))
+                        });
+                    }
+                    let ops: json_patch::Patch = serde_json::from_value(body)
                         .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
                     json_patch::patch(&mut doc, &ops).map_err(|e| {
                         ApiError::invalid(format!("the JSON patch could not be applied: {e}"))

@@ -1,0 +1,273 @@
+//! The controller on the local cluster, driven with kubectl as a user would: MigratingPods,
+//! Migrations, migrate-on-delete and its give-up path, cleanup and bad input.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt};
+use podmig_api::{
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_SOURCE_NODE, MIGRATE_FINALIZER,
+    v1alpha1::{MigratingPod, MigratingPodState, Migration, MigrationPhase},
+};
+use podmig_e2e::{cluster::Cluster, testapp::get_count, wait::until};
+
+fn mpod_yaml(name: &str, timeout: u32) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  migrationTimeoutSeconds: {timeout}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '16']}}\n"
+    )
+}
+
+async fn setup(nodes: usize) -> anyhow::Result<(Cluster, podmig_e2e::process::Proc)> {
+    let c = Cluster::up_temp(nodes).await?;
+    c.install_crds()?;
+    let ctl = c.start_controller("a")?;
+    Ok((c, ctl))
+}
+
+async fn state(mpods: &Api<MigratingPod>, name: &str) -> Option<(MigratingPodState, String)> {
+    let s = mpods.get(name).await.ok()?.status?;
+    Some((s.state?, s.active_pod.unwrap_or_default()))
+}
+
+async fn running(pods: &Api<Pod>, name: &str) -> anyhow::Result<Pod> {
+    until(
+        &format!("{name} ready"),
+        Duration::from_secs(60),
+        async || {
+            let p = pods.get(name).await.ok()?;
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then_some(p)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
+    let (c, _ctl) = setup(1).await?;
+    c.apply(&mpod_yaml("counter", 120))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let p0 = running(&pods, "counter-0").await?;
+    assert!(p0.finalizers().contains(&MIGRATE_FINALIZER.to_owned()));
+    assert_eq!(
+        p0.spec
+            .as_ref()
+            .and_then(|s| s.runtime_class_name.as_deref()),
+        Some("podmig")
+    );
+    let owner = &p0.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("MigratingPod", Some(true))
+    );
+    until("mpod Running", Duration::from_secs(10), async || {
+        (state(&mpods, "counter").await? == (MigratingPodState::Running, "counter-0".into()))
+            .then_some(())
+    })
+    .await?;
+    let ip0 = p0.status.and_then(|s| s.pod_ip).unwrap_or_default();
+    for _ in 0..3 {
+        get_count(&ip0).await?;
+    }
+    assert_eq!(get_count(&ip0).await?, 4);
+
+    // Move it (same node: the node daemon dumps the source and restores it in the target).
+    c.apply("apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {name: move-1}\nspec: {podName: counter-0, targetNode: node-0}\n")?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let m = until("migration done", Duration::from_secs(60), async || {
+        let m = migs.get("move-1").await.ok()?;
+        m.status
+            .as_ref()?
+            .phase
+            .filter(|p| p.is_terminal())
+            .map(|_| m)
+    })
+    .await?;
+    let st = m.status.expect("status");
+    assert_eq!(st.phase, Some(MigrationPhase::Succeeded), "{st:?}");
+    assert_eq!(
+        (st.target_pod.as_deref(), st.source_node.as_deref()),
+        (Some("counter-1"), Some("node-0"))
+    );
+    let p1 = running(&pods, "counter-1").await?;
+    assert_eq!(
+        p1.annotations().get(ANNOTATION_MIGRATE_FROM),
+        p0.metadata.uid.as_ref()
+    );
+    let ip1 = p1.status.and_then(|s| s.pod_ip).unwrap_or_default();
+    assert_eq!(
+        get_count(&ip1).await?,
+        5,
+        "the moved Pod continues the count"
+    );
+    until("source gone", Duration::from_secs(30), async || {
+        pods.get_opt("counter-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    until("mpod follows", Duration::from_secs(10), async || {
+        (state(&mpods, "counter").await? == (MigratingPodState::Running, "counter-1".into()))
+            .then_some(())
+    })
+    .await?;
+    let table = c.kubectl(&["get", "mpod,mig"])?;
+    for needle in [
+        "STATE",
+        "ACTIVE POD",
+        "counter-1",
+        "PHASE",
+        "Succeeded",
+        "node-0",
+    ] {
+        assert!(table.contains(needle), "{needle} missing in:\n{table}");
+    }
+
+    // Deleting the MigratingPod releases the finalizers and its Pods go.
+    c.kubectl(&["delete", "mpod", "counter", "--wait=false"])?;
+    until("pods gone", Duration::from_secs(30), async || {
+        pods.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await?;
+    until("mpod gone", Duration::from_secs(10), async || {
+        mpods.get_opt("counter").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_on_delete_holds_the_source_and_gives_up_to_a_fresh_pod() -> anyhow::Result<()> {
+    let (c, _ctl) = setup(2).await?;
+    c.apply(&mpod_yaml("web", 4))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = running(&pods, "web-0").await?;
+    let node0 = p0
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    c.kubectl(&["delete", "pod", "web-0", "--wait=false"])?;
+    // The target is created once, with the annotations naming its source.
+    let p1 = until("target", Duration::from_secs(10), async || {
+        pods.get_opt("web-1").await.ok()?
+    })
+    .await?;
+    let a = p1.annotations();
+    assert_eq!(a.get(ANNOTATION_MIGRATE_FROM), p0.metadata.uid.as_ref());
+    assert_eq!(a.get(ANNOTATION_SOURCE_NODE), Some(&node0));
+    assert!(
+        p1.spec
+            .as_ref()
+            .and_then(|s| s.init_containers.as_ref())
+            .is_none()
+    );
+    let held = pods.get("web-0").await?;
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "the source is being deleted…"
+    );
+    // No node daemon carries state across nodes yet, so the move cannot finish: after the
+    // timeout the source is let go and a fresh Pod takes over, with an Event saying why.
+    let p2 = running(&pods, "web-2").await?;
+    assert!(
+        p2.annotations().get(ANNOTATION_MIGRATE_FROM).is_none(),
+        "a fresh Pod, not a target"
+    );
+    until(
+        "source and target gone",
+        Duration::from_secs(30),
+        async || {
+            let names: Vec<String> = pods
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|p| p.name_any())
+                .collect();
+            (names == ["web-2"]).then_some(())
+        },
+    )
+    .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::default_namespaced(c.client.clone());
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains(&"MigrationStarted".to_owned())
+            && reasons.contains(&"MigrationGivenUp".to_owned()),
+        "{reasons:?}"
+    );
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let mp = mpods.get("web").await?.status.expect("status");
+    assert_eq!(
+        mp.last_migration.and_then(|r| r.outcome),
+        Some(podmig_api::v1alpha1::Outcome::GivenUp)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::Result<()> {
+    let (c, _ctl) = setup(1).await?;
+    let _second = c.start_controller("b")?;
+    c.apply("apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: empty}\nspec: {template: {spec: {containers: []}}}\n")?;
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let st = until("invalid", Duration::from_secs(10), async || {
+        mpods
+            .get("empty")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.state.is_some())
+    })
+    .await?;
+    assert_eq!(st.state, Some(MigratingPodState::Invalid));
+    assert_eq!(st.conditions[0].reason, "NoContainers");
+    c.kubectl(&["cordon", "node-0"])?;
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: plain}\nspec: {containers: [{name: app, image: 'podmig.local/testapp:latest'}]}\n")?;
+    c.apply("apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {name: ghost}\nspec: {podName: nope}\n---\napiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {name: plain}\nspec: {podName: plain}\n")?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    for (name, reason) in [("ghost", "PodNotFound"), ("plain", "NotMigratable")] {
+        let st = until(name, Duration::from_secs(10), async || {
+            migs.get(name)
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(MigrationPhase::Failed))
+        })
+        .await?;
+        assert_eq!(st.reason.as_deref(), Some(reason));
+    }
+    // Exactly one replica holds the Lease.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::default_namespaced(c.client.clone());
+    let holder = leases
+        .get("podmig-controller")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    assert!(holder == "a" || holder == "b", "{holder}");
+    Ok(())
+}
