@@ -43,6 +43,9 @@ pub struct ControllerConfig {
     /// Name of the leader-election Lease.
     #[arg(long, env = "PODMIG_LEASE_NAME", default_value = "podmig-controller")]
     pub lease_name: String,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "PODMIG_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: std::net::SocketAddr,
     /// This replica's identity in the Lease.
     #[arg(long, env = "PODMIG_IDENTITY", default_value_t = default_identity())]
     pub identity: String,

@@ -38,12 +38,21 @@ async fn main() -> anyhow::Result<()> {
         Command::Controller(cfg) => {
             let client = kube::Client::try_default().await?;
             let identity = cfg.identity.clone();
+            let metrics =
+                std::sync::Arc::new(podmig_daemon::controller::metrics::Metrics::default());
+            let served = metrics.clone();
+            let addr = cfg.metrics_addr;
+            tokio::spawn(async move {
+                if let Err(error) = podmig_daemon::controller::metrics::serve(addr, served).await {
+                    tracing::error!(%error, %addr, "metrics endpoint failed");
+                }
+            });
             podmig_daemon::controller::leader::lead(
                 client.clone(),
                 &cfg.lease_namespace,
                 &cfg.lease_name,
                 &identity,
-                podmig_daemon::controller::run(client, &identity),
+                podmig_daemon::controller::run(client, &identity, metrics),
             )
             .await;
         }

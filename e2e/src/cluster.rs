@@ -373,8 +373,11 @@ impl Cluster {
     }
 
     /// Starts `podmig controller` against this cluster (admin credentials, Lease in
-    /// `default`) as a tracked process.
-    pub fn start_controller(&self, identity: &str) -> anyhow::Result<crate::process::Proc> {
+    /// `default`) as a tracked process; returns it and the port of its `/metrics`.
+    pub fn start_controller(&self, identity: &str) -> anyhow::Result<(crate::process::Proc, u16)> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut cmd = Command::new(crate::paths::bin("podmig"));
         cmd.args([
             "controller",
@@ -383,13 +386,15 @@ impl Cluster {
             "--identity",
             identity,
         ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
         .env("KUBECONFIG", self.kubeconfig())
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(
             self.dir.join(format!("controller-{identity}.log")),
         )?);
-        crate::process::Proc::spawn("podmig controller", cmd)
+        Ok((crate::process::Proc::spawn("podmig controller", cmd)?, port))
     }
 
     /// Installs podmig's CRDs (`helm/podmig/crds`).

@@ -17,11 +17,19 @@ fn mpod_yaml(name: &str, timeout: u32) -> String {
     )
 }
 
-async fn setup(nodes: usize) -> anyhow::Result<(Cluster, podmig_e2e::process::Proc)> {
+async fn setup(nodes: usize) -> anyhow::Result<(Cluster, (podmig_e2e::process::Proc, u16))> {
     let c = Cluster::up_temp(nodes).await?;
     c.install_crds()?;
     let ctl = c.start_controller("a")?;
     Ok((c, ctl))
+}
+
+fn metrics(port: u16) -> anyhow::Result<String> {
+    let out = std::process::Command::new("curl")
+        .args(["--noproxy", "*", "-sS"])
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn state(mpods: &Api<MigratingPod>, name: &str) -> Option<(MigratingPodState, String)> {
@@ -50,7 +58,7 @@ async fn running(pods: &Api<Pod>, name: &str) -> anyhow::Result<Pod> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
-    let (c, _ctl) = setup(1).await?;
+    let (c, (_ctl, port)) = setup(1).await?;
     c.apply(&mpod_yaml("counter", 120))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
@@ -132,6 +140,16 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
         assert!(table.contains(needle), "{needle} missing in:\n{table}");
     }
 
+    let m = metrics(port)?;
+    assert!(
+        m.contains("podmig_controller_reconciliations_total{kind=\"migratingpod\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("podmig_controller_moves_total{outcome=\"MigrationSucceeded\"}"),
+        "{m}"
+    );
+
     // Deleting the MigratingPod releases the finalizers and its Pods go.
     c.kubectl(&["delete", "mpod", "counter", "--wait=false"])?;
     until("pods gone", Duration::from_secs(30), async || {
@@ -152,7 +170,7 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_on_delete_holds_the_source_and_gives_up_to_a_fresh_pod() -> anyhow::Result<()> {
-    let (c, _ctl) = setup(2).await?;
+    let (c, (_ctl, _)) = setup(2).await?;
     c.apply(&mpod_yaml("web", 4))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = running(&pods, "web-0").await?;
@@ -229,7 +247,7 @@ async fn migrate_on_delete_holds_the_source_and_gives_up_to_a_fresh_pod() -> any
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::Result<()> {
-    let (c, _ctl) = setup(1).await?;
+    let (c, (_ctl, _)) = setup(1).await?;
     let _second = c.start_controller("b")?;
     c.apply("apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: empty}\nspec: {template: {spec: {containers: []}}}\n")?;
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());

@@ -2,6 +2,7 @@
 //! on request), leader-elected on a Lease so that two replicas are safe.
 
 pub mod leader;
+pub mod metrics;
 pub mod migratingpod;
 pub mod migration;
 
@@ -61,6 +62,8 @@ pub struct Context {
     pub client: Client,
     /// Event recorder.
     pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 /// How often objects are looked at again when nothing happens (timeouts, give-ups).
@@ -117,6 +120,14 @@ where
                 message,
                 warning,
             } => {
+                if reason != "MigrationStarted" {
+                    ctx.metrics
+                        .moves
+                        .get_or_create(&metrics::OutcomeLabels {
+                            outcome: reason.into(),
+                        })
+                        .inc();
+                }
                 let ev = Event {
                     type_: if warning {
                         EventType::Warning
@@ -138,6 +149,12 @@ where
 }
 
 async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics
+        .reconciliations
+        .get_or_create(&metrics::KindLabels {
+            kind: "migratingpod".into(),
+        })
+        .inc();
     let ns = mpod
         .namespace()
         .ok_or_else(|| Error::NoNamespace(mpod.name_any()))?;
@@ -198,6 +215,12 @@ fn short(a: &Action) -> String {
 
 #[tracing::instrument(skip(m, ctx), fields(migration = %m.name_any()))]
 async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics
+        .reconciliations
+        .get_or_create(&metrics::KindLabels {
+            kind: "migration".into(),
+        })
+        .inc();
     let ns = m
         .namespace()
         .ok_or_else(|| Error::NoNamespace(m.name_any()))?;
@@ -263,14 +286,27 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     Ok(Requeue::requeue(Duration::from_millis(500)))
 }
 
-fn error_policy<K>(_obj: Arc<K>, error: &Error, _ctx: Arc<Context>) -> Requeue {
+fn error_policy<K: Resource<DynamicType = ()>>(
+    _obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Requeue {
     tracing::warn!(%error, reason = error.metric_label(), "reconcile failed");
+    let kind = K::kind(&()).to_lowercase();
+    ctx.metrics
+        .failures
+        .get_or_create(&metrics::FailureLabels {
+            kind,
+            reason: error.metric_label().into(),
+        })
+        .inc();
     Requeue::requeue(Duration::from_secs(1))
 }
 
 /// Runs both controllers until the future is dropped.
-pub async fn run(client: Client, identity: &str) {
+pub async fn run(client: Client, identity: &str, metrics: Arc<metrics::Metrics>) {
     let ctx = Arc::new(Context {
+        metrics,
         client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
