@@ -67,7 +67,8 @@ impl Freezer {
         std::fs::write(&file, value).map_err(|e| Error::io("write", file, e))
     }
 
-    fn is_frozen(&self) -> Result<bool> {
+    /// True when every task of the cgroup is frozen.
+    pub fn is_frozen(&self) -> Result<bool> {
         let (file, want) = match self {
             Freezer::V1(d) => (d.join("freezer.state"), "FROZEN"),
             Freezer::V2(d) => (d.join("cgroup.events"), "frozen 1"),

@@ -460,10 +460,6 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
         2,
         "{nodes}"
     );
-    let netns_before =
-        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
-            .matches("cni-")
-            .count();
     podmig_e2e::cluster::kubectl(
         std::path::Path::new(&kubeconfig),
         &["run", "crashme", "--image=podmig.local/testapp:latest"],
@@ -477,6 +473,25 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
         anyhow::ensure!(Instant::now() < deadline, "crashme did not run");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The Pod's network namespace (other tests' clusters run meanwhile: find ours by its IP).
+    let ip = podmig_e2e::cluster::kubectl(
+        std::path::Path::new(&kubeconfig),
+        &["get", "pod", "crashme", "-o", "jsonpath={.status.podIP}"],
+    )?;
+    let pod_netns =
+        String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .filter(|n| n.starts_with("cni-"))
+            .find(|n| {
+                Command::new("ip")
+                    .args(["-n", n, "-4", "addr"])
+                    .output()
+                    .is_ok_and(|o| {
+                        String::from_utf8_lossy(&o.stdout).contains(&format!("inet {ip}/"))
+                    })
+            })
+            .ok_or_else(|| anyhow::anyhow!("no network namespace holds {ip}"))?;
     // A second `up` on the same directory is refused with a clear message.
     let again = Command::new(&bin)
         .args(["cluster", "up", "--dir"])
@@ -518,20 +533,22 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
     let netns =
         String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
             .into_owned();
-    assert!(!netns.contains(&prefix), "{netns}");
+    assert!(!netns.contains(&format!("{prefix}-n")), "{netns}");
     let links =
         String::from_utf8_lossy(&Command::new("ip").args(["link"]).output()?.stdout).into_owned();
-    assert!(!links.contains(&prefix), "{links}");
+    assert!(
+        !links.contains(&format!(" {prefix}:")) && !links.contains(&format!(" {prefix}n")),
+        "{links}"
+    );
     assert!(podmig_e2e::containerd::mounts_under(parent.path()).is_empty());
     let checkpoints = state["checkpoints"].as_str().unwrap_or_default();
     assert!(
         !checkpoints.is_empty() && !std::path::Path::new(checkpoints).exists(),
         "checkpoint directory {checkpoints} removed"
     );
-    let netns_after = netns.matches("cni-").count();
     assert!(
-        netns_after <= netns_before,
-        "the Pod's network namespace is removed: {netns}"
+        !netns.contains(&pod_netns),
+        "the Pod's network namespace {pod_netns} is removed: {netns}"
     );
     Ok(())
 }

@@ -345,17 +345,24 @@ async fn kill_during_checkpoint_is_held_until_the_dump_is_taken() -> anyhow::Res
     wait_count(&node.cri.pod_ip(&sb).await?, Duration::from_secs(30)).await?;
 
     let images = node.daemon.checkpoint_path("uid-a", "app");
+    let runc_root = node.containerd.runc_root();
     let dump = node.daemon.checkpoint(&ctr, &images, false);
     let mut runtime = node.cri.runtime.clone();
     let stop = async {
-        // Let the dump start, then do what kubelet does on Pod deletion.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Once the dump has begun (the daemon freezes the cgroup first), do what kubelet
+        // does on Pod deletion.
+        let freezer = podmig_cri_ext::freezer::Freezer::of(&runc_root, &ctr)?;
+        let started = Instant::now();
+        while !freezer.is_frozen().unwrap_or(false) && started.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         runtime
             .stop_container(k8s_cri::v1::StopContainerRequest {
                 container_id: ctr.clone(),
                 timeout: 30,
             })
             .await
+            .map_err(anyhow::Error::from)
     };
     let (dumped, stopped) = tokio::join!(dump, stop);
     let report = dumped.map_err(|e| anyhow::anyhow!("dump failed: {e}\n{}", node.diagnostics()))?;
