@@ -574,7 +574,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     for i in 0..state.nodes {
         let cdir = dir.join(format!("node-{i}")).join("containerd");
         if cdir.join("config.toml").exists() {
-            for pid in shim_pids(&cdir) {
+            for pid in crate::containerd::shim_pids_in(&cdir) {
                 crate::process::signal(pid, libc::SIGKILL);
             }
             let netns = state.network.netns(i);
@@ -598,17 +598,6 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     let _ = std::fs::remove_file(dir.with_extension("log"));
     Ok(())
-}
-
-fn shim_pids(containerd_dir: &Path) -> Vec<u32> {
-    std::fs::read_dir(containerd_dir.join("state/io.containerd.runtime.v2.task/k8s.io"))
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())
-                .filter_map(|p| p.trim().parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// `cluster run`: brings the cluster up, marks it ready, serves until SIGTERM or SIGINT.

@@ -269,15 +269,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     }
 
     fn shim_pids(&self) -> Vec<u32> {
-        let tasks = self.dir.join("state/io.containerd.runtime.v2.task/k8s.io");
-        std::fs::read_dir(tasks)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())
-                    .filter_map(|p| p.trim().parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        shim_pids_in(&self.dir)
     }
 
     /// Stops every sandbox through CRI, then containerd, its shims, mounts and bridge.
@@ -344,6 +336,18 @@ impl Drop for Containerd {
         }
         self.teardown();
     }
+}
+
+/// Pids of the shims an instance in `dir` started (from its state directory).
+pub fn shim_pids_in(dir: &Path) -> Vec<u32> {
+    std::fs::read_dir(dir.join("state/io.containerd.runtime.v2.task/k8s.io"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())
+                .filter_map(|p| p.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Shims started for the containerd at `socket` (their command line names its address),

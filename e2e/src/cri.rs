@@ -13,6 +13,17 @@ use k8s_cri::v1::{
 };
 use tonic::transport::Channel;
 
+/// What kubelet asks for by default: Pod network and IPC, a PID namespace per container
+/// (which CRIU needs: it dumps a process tree with its own PID namespace).
+pub fn kubelet_namespaces() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
 /// A Pod as the tests describe it.
 #[derive(Debug, Clone)]
 pub struct TestPod {
@@ -61,13 +72,7 @@ impl TestPod {
     }
 
     fn namespaces() -> cri::NamespaceOption {
-        // What kubelet asks for by default: Pod network and IPC, a PID namespace per container.
-        cri::NamespaceOption {
-            network: cri::NamespaceMode::Pod as i32,
-            pid: cri::NamespaceMode::Container as i32,
-            ipc: cri::NamespaceMode::Pod as i32,
-            ..Default::default()
-        }
+        kubelet_namespaces()
     }
 
     /// The sandbox configuration kubelet would send.
