@@ -158,9 +158,6 @@ async fn podmig_once(node: &mut TestNode, mem: u64, run: usize) -> anyhow::Resul
         mem,
     )
     .await?;
-    if std::env::var_os("PODMIG_BENCH_DEBUG").is_some() {
-        eprintln!("{}", node.daemon.log());
-    }
     let before = get_count(&moved.ip).await?;
     anyhow::ensure!(before >= 2, "restored app lost its count ({before})");
     node.cri.remove_pod(&src.sandbox.id).await?;

@@ -50,9 +50,6 @@ pub async fn run() -> anyhow::Result<()> {
         moved.ip
     );
     let ok = count_after > count_before && first_b > last_a;
-    if std::env::var_os("PODMIG_DEMO_DEBUG").is_some() {
-        eprintln!("{}", node.daemon.log());
-    }
     node.cri.remove_all_sandboxes().await?;
     println!("5. cleaned up: sandboxes, containers and checkpoint removed");
     println!(
