@@ -28,6 +28,10 @@ pub struct NodeConfig {
         default_value = "/run/podmig/checkpoints"
     )]
     pub checkpoint_dir: PathBuf,
+    /// Kubeconfig of the node's API credentials; progress of moves is then written on the
+    /// target Pods (the contract with the controller). Without it nothing is reported.
+    #[arg(long, env = "PODMIG_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// How long a kill of a container being checkpointed is held, in milliseconds.
     #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 60_000)]
     pub kill_hold_ms: u64,

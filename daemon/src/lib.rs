@@ -6,6 +6,7 @@ pub mod crds;
 pub mod decide;
 pub mod error;
 pub mod node;
+pub mod report;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -61,6 +61,8 @@ pub struct Node<E> {
     /// must not start them again (kubelet would restart the dumped container), or two
     /// copies would run.
     migrated: Mutex<HashMap<(String, String), Instant>>,
+    /// Writes move progress on target Pods, when the daemon has API credentials.
+    reporter: Option<crate::report::PodReporter>,
 }
 
 /// How long a migrated container is refused a restart (its Pod is deleted well before).
@@ -97,6 +99,19 @@ impl<E: CheckpointEngine> Node<E> {
             restores: Mutex::default(),
             runc_root,
             migrated: Mutex::default(),
+            reporter: None,
+        }
+    }
+
+    /// Reports move progress on target Pods through `reporter`.
+    pub fn with_reporter(mut self, reporter: crate::report::PodReporter) -> Self {
+        self.reporter = Some(reporter);
+        self
+    }
+
+    fn report_phase(&self, c: &ContainerIdentity, phase: &str) {
+        if let Some(r) = &self.reporter {
+            r.phase(&c.pod_namespace, &c.pod_name, phase);
         }
     }
 
@@ -221,12 +236,23 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
                 let mut lookup = self.lookup(&c.pod_uid, &c.container_name, source.as_deref());
                 let mut dumped = None;
                 if let (CheckpointLookup::Missing(Some(dir)), Some(src)) = (&lookup, &source) {
+                    self.report_phase(&c, "Checkpointing");
                     match self.checkpoint_local_source(&c, src, dir).await {
                         Some(Ok(report)) => {
                             lookup = CheckpointLookup::Stored(dir.clone());
                             dumped = Some(report);
                         }
                         Some(Err(reason)) => {
+                            if let Some(r) = &self.reporter {
+                                r.done(
+                                    &c.pod_namespace,
+                                    &c.pod_name,
+                                    &podmig_api::v1alpha1::MigrationReport {
+                                        error: Some(reason.clone()),
+                                        ..Default::default()
+                                    },
+                                );
+                            }
                             return Decision::Reply(Answer::Refuse(Refuse { reason }));
                         }
                         None => {}
@@ -248,6 +274,7 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
                             image_bytes: dumped.map_or(0, |(r, _)| r.image_bytes),
                             ..Default::default()
                         };
+                        self.report_phase(&c, "Restoring");
                         lock(&self.restoring).insert(
                             c.container_id.clone(),
                             PendingRestore {
@@ -308,6 +335,24 @@ impl<E: CheckpointEngine> HookHandler for Node<E> {
                 restores.remove(0);
             }
             restores.push(record.clone());
+        }
+        if let Some(r) = self
+            .reporter
+            .as_ref()
+            .filter(|_| !record.source_pod_uid.is_empty())
+        {
+            r.done(
+                &c.pod_namespace,
+                &c.pod_name,
+                &podmig_api::v1alpha1::MigrationReport {
+                    checkpoint_ms: record.checkpoint_ms,
+                    transfer_ms: 0,
+                    restore_ms: record.restore_ms,
+                    frozen_ms: record.frozen_ms,
+                    bytes: record.image_bytes,
+                    error: (!result.ok).then(|| result.error.clone()),
+                },
+            );
         }
         if result.ok {
             tracing::info!(container_id = %c.container_id, pod_uid = %c.pod_uid,
@@ -406,12 +451,33 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         binary: cfg.runc_binary.clone(),
         root: cfg.runc_root.clone(),
     };
-    let node = Arc::new(Node::new(
+    let reporter = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                Error::InvalidRequest(format!("kubeconfig {}: {e}", path.display()))
+            })?;
+            let config = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .map_err(|e| Error::InvalidRequest(format!("kubeconfig {}: {e}", path.display())))?;
+            Some(crate::report::PodReporter::new(
+                kube::Client::try_from(config).map_err(|e| Error::InvalidRequest(e.to_string()))?,
+            ))
+        }
+        None => None,
+    };
+    let node = Node::new(
         engine,
         CheckpointStore::new(&cfg.checkpoint_dir),
         cfg.runc_root.clone(),
         Duration::from_millis(cfg.kill_hold_ms),
-    ));
+    );
+    let node = Arc::new(match reporter {
+        Some(r) => node.with_reporter(r),
+        None => node,
+    });
     let hook = bind(&cfg.hook_socket)?;
     let api = bind(&cfg.api_socket)?;
     tracing::info!(hook = %cfg.hook_socket.display(), api = %cfg.api_socket.display(),

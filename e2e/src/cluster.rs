@@ -278,12 +278,6 @@ impl Cluster {
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                 })
             })?;
-            let daemon = tokio::task::block_in_place(|| {
-                NodeDaemon::start(&ndir.join("daemon"), &ckpts, &containerd.runc_root())
-            })?;
-            state.pids.extend(containerd.pid());
-            state.pids.extend(daemon.pid());
-            write_state(dir, &state)?;
             let kc = ndir.join("kubelet.kubeconfig");
             let api = cluster.apiserver.as_ref().context("api server")?;
             api.kubeconfig_for(
@@ -294,6 +288,17 @@ impl Cluster {
                 },
                 &kc,
             )?;
+            let daemon = tokio::task::block_in_place(|| {
+                NodeDaemon::start(
+                    &ndir.join("daemon"),
+                    &ckpts,
+                    &containerd.runc_root(),
+                    Some(&kc),
+                )
+            })?;
+            state.pids.extend(containerd.pid());
+            state.pids.extend(daemon.pid());
+            write_state(dir, &state)?;
             let kclient = client_from(&kc).await?;
             let cfg = KubeletConfig {
                 node: name.clone(),

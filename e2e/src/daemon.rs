@@ -29,7 +29,13 @@ impl NodeDaemon {
 
     /// Starts the daemon with its sockets in `dir` and its checkpoint store in
     /// `checkpoints`, checkpointing with `runc_root`.
-    pub fn start(dir: &Path, checkpoints: &Path, runc_root: &Path) -> anyhow::Result<Self> {
+    /// With `kubeconfig`, the daemon reports move progress on target Pods.
+    pub fn start(
+        dir: &Path,
+        checkpoints: &Path,
+        runc_root: &Path,
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut cmd = Command::new(paths::bin("podmig"));
         cmd.arg("node")
@@ -42,8 +48,12 @@ impl NodeDaemon {
             .arg("--checkpoint-dir")
             .arg(checkpoints)
             .env("PATH", paths::RUNTIME_PATH)
+            .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("daemon.log"))?);
+        if let Some(kc) = kubeconfig {
+            cmd.arg("--kubeconfig").arg(kc);
+        }
         let mut me = Self {
             dir: dir.to_path_buf(),
             checkpoints: checkpoints.to_path_buf(),

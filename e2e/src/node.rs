@@ -31,7 +31,12 @@ impl TestNode {
             .prefix("podmig-ckpt-")
             .tempdir_in(paths::memory_dir())?;
         let daemon = tokio::task::block_in_place(|| {
-            NodeDaemon::start(dir.path(), checkpoints.path(), &containerd.runc_root())
+            NodeDaemon::start(
+                dir.path(),
+                checkpoints.path(),
+                &containerd.runc_root(),
+                None,
+            )
         })?;
         let cri = Cri::connect(&containerd.socket())
             .await

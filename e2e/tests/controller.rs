@@ -104,7 +104,39 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
         (st.target_pod.as_deref(), st.source_node.as_deref()),
         (Some("counter-1"), Some("node-0"))
     );
+    // The node daemon reports its figures on the target Pod; the Migration shows them.
+    let st = until(
+        "frozen time reported",
+        Duration::from_secs(10),
+        async || {
+            migs.get("move-1")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.frozen_ms.is_some())
+        },
+    )
+    .await?;
+    let report = st.report.clone().expect("report");
+    eprintln!(
+        "Migration on node-0 (16 MiB app): frozen {:?} ms, {report:?}",
+        st.frozen_ms
+    );
+    assert!(
+        report.checkpoint_ms > 0 && report.restore_ms > 0 && report.bytes > 16 << 20,
+        "{report:?}"
+    );
+    assert!(
+        st.frozen_ms >= Some(report.checkpoint_ms + report.restore_ms),
+        "{st:?}"
+    );
     let p1 = running(&pods, "counter-1").await?;
+    assert_eq!(
+        p1.annotations()
+            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
+            .map(String::as_str),
+        Some("Restored")
+    );
     assert_eq!(
         p1.annotations().get(ANNOTATION_MIGRATE_FROM),
         p0.metadata.uid.as_ref()

@@ -78,6 +78,22 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
     let mut status = m.status.clone().unwrap_or_default();
     let mut actions = Vec::new();
     if status.phase.is_some_and(MigrationPhase::is_terminal) {
+        // The daemons' figures may land just after the target turned Ready.
+        if status.phase == Some(MigrationPhase::Succeeded)
+            && status.report.is_none()
+            && let Some(r) = o
+                .target
+                .and_then(|t| {
+                    t.metadata
+                        .annotations
+                        .as_ref()?
+                        .get(ANNOTATION_MIGRATION_REPORT)
+                })
+                .and_then(|r| serde_json::from_str::<MigrationReport>(r).ok())
+        {
+            status.frozen_ms = Some(r.frozen_ms);
+            status.report = Some(r);
+        }
         return (actions, status);
     }
     let name = m.name_any();

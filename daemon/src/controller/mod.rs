@@ -26,7 +26,7 @@ use kube::{
 };
 use podmig_api::{
     CLEANUP_FINALIZER, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
-    v1alpha1::{MigratingPod, Migration},
+    v1alpha1::{MigratingPod, Migration, MigrationPhase},
 };
 
 use migratingpod::Action;
@@ -224,10 +224,19 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     let ns = m
         .namespace()
         .ok_or_else(|| Error::NoNamespace(m.name_any()))?;
+    let waiting_for_report = m
+        .status
+        .as_ref()
+        .is_some_and(|s| s.phase == Some(MigrationPhase::Succeeded) && s.report.is_none())
+        && m.metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| (Timestamp::now() - t.0).get_seconds() < 120);
     if m.status
         .as_ref()
         .and_then(|s| s.phase)
         .is_some_and(|p| p.is_terminal())
+        && !waiting_for_report
     {
         return Ok(Requeue::await_change());
     }
