@@ -242,10 +242,9 @@ impl Cri {
         Ok(id)
     }
 
-    /// The container's state as CRI reports it.
-    pub async fn container_state(&mut self, id: &str) -> anyhow::Result<cri::ContainerState> {
-        let status = self
-            .runtime
+    /// The container's status as CRI reports it.
+    pub async fn container_status(&mut self, id: &str) -> anyhow::Result<cri::ContainerStatus> {
+        self.runtime
             .container_status(cri::ContainerStatusRequest {
                 container_id: id.into(),
                 verbose: false,
@@ -253,25 +252,34 @@ impl Cri {
             .await?
             .into_inner()
             .status
-            .context("no container status")?;
-        Ok(status.state())
+            .with_context(|| format!("no status for container {id}"))
+    }
+
+    /// The container's state as CRI reports it.
+    pub async fn container_state(&mut self, id: &str) -> anyhow::Result<cri::ContainerState> {
+        Ok(self.container_status(id).await?.state())
     }
 
     /// The sandbox's Pod IP.
     pub async fn pod_ip(&mut self, sandbox: &Sandbox) -> anyhow::Result<String> {
+        let ip = self.sandbox_ip(&sandbox.id).await?;
+        anyhow::ensure!(!ip.is_empty(), "sandbox {} has no IP", sandbox.id);
+        Ok(ip)
+    }
+
+    /// The IP of sandbox `id` (empty when it has none, e.g. host network).
+    pub async fn sandbox_ip(&mut self, id: &str) -> anyhow::Result<String> {
         let status = self
             .runtime
             .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: sandbox.id.clone(),
+                pod_sandbox_id: id.into(),
                 verbose: false,
             })
             .await?
             .into_inner()
             .status
             .context("no sandbox status")?;
-        let ip = status.network.map(|n| n.ip).unwrap_or_default();
-        anyhow::ensure!(!ip.is_empty(), "sandbox {} has no IP", sandbox.id);
-        Ok(ip)
+        Ok(status.network.map(|n| n.ip).unwrap_or_default())
     }
 
     /// Ids of all containers.

@@ -336,18 +336,7 @@ impl PodWorker {
             .await?
             .into_inner()
             .pod_sandbox_id;
-        let ip = cri
-            .runtime
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: id.clone(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .and_then(|s| s.network)
-            .map(|n| n.ip)
-            .unwrap_or_default();
+        let ip = cri.sandbox_ip(&id).await?;
         self.sandbox = Some((id, config, ip));
         Ok(())
     }
@@ -460,16 +449,7 @@ impl PodWorker {
     }
 
     async fn status_of(&self, id: &str) -> anyhow::Result<cri::ContainerStatus> {
-        let mut cri = self.cri.lock().await;
-        cri.runtime
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .ok_or_else(|| anyhow::anyhow!("no status for container {id}"))
+        self.cri.lock().await.container_status(id).await
     }
 
     /// Builds and, when it changed, writes the Pod's status.
