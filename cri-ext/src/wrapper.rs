@@ -248,7 +248,7 @@ pub fn restored_marker(root: &Path, id: &str) -> PathBuf {
 pub fn run(cfg: &Config, args: Vec<OsString>) -> i32 {
     let inv = Invocation::parse(&args);
     let outcome = match inv.command.as_str() {
-        "create" => create(cfg, &inv, &args),
+        "create" => create(cfg, &inv),
         "start" => start(&inv),
         "kill" => kill(cfg, &inv),
         "delete" => return delete(cfg, &inv, &args),
@@ -292,7 +292,7 @@ fn hook_call(cfg: &Config, req: &HookRequest) -> Result<(HookClient, Answer)> {
     Ok((client, answer))
 }
 
-fn create(cfg: &Config, inv: &Invocation, args: &[OsString]) -> Result<Step> {
+fn create(cfg: &Config, inv: &Invocation) -> Result<Step> {
     let Ok(create) = CreateArgs::parse(&inv.args) else {
         return Ok(Step::Exec); // runc reports its own usage errors
     };
@@ -322,7 +322,7 @@ fn create(cfg: &Config, inv: &Invocation, args: &[OsString]) -> Result<Step> {
         Err(_) => return Ok(Step::Exec),
     };
     match answer {
-        Answer::RestoreFrom(from) => restore(cfg, inv, &create, &identity, &from, client, args),
+        Answer::RestoreFrom(from) => restore(cfg, inv, &create, &identity, &from, client),
         Answer::Refuse(r) => Err(Error::Usage(format!(
             "podmig refused to create container {}: {}",
             identity.container_name, r.reason
@@ -338,7 +338,6 @@ fn restore(
     identity: &ContainerIdentity,
     from: &RestoreFrom,
     mut client: HookClient,
-    _args: &[OsString],
 ) -> Result<Step> {
     let root = inv.root();
     let marker = restored_marker(&root, &create.id);

@@ -8,6 +8,7 @@ use podmig_e2e::{
     containerd::mounts_under,
     cri::{TestContainer, TestPod},
     node::TestNode,
+    scenario::{Source, start_source},
     testapp::{get_count, heartbeats, wait_count},
 };
 
@@ -233,15 +234,9 @@ async fn missing_or_corrupt_checkpoint_fails_the_restore_cleanly() -> anyhow::Re
     );
 
     // A checkpoint whose memory image is damaged.
-    let src = node
-        .cri
-        .run_pod(&TestPod::new("app-0", "uid-a", &logs))
-        .await?;
-    let ctr = node
-        .cri
-        .run_container(&src, &TestContainer::testapp(0))
-        .await?;
-    wait_count(&node.cri.pod_ip(&src).await?, Duration::from_secs(20)).await?;
+    let ctr = start_source(&mut node, "app-0", "uid-a", 0)
+        .await?
+        .container;
     let images = node.daemon.checkpoint_path("uid-a", "app");
     node.daemon
         .checkpoint(&ctr, &images, true)
@@ -300,16 +295,9 @@ impl Drop for Immutable {
 async fn checkpoint_into_unwritable_directory_fails_and_source_keeps_running() -> anyhow::Result<()>
 {
     let mut node = TestNode::start().await?;
-    let sb = node
-        .cri
-        .run_pod(&TestPod::new("app-0", "uid-a", &node.logs_root()))
-        .await?;
-    let ctr = node
-        .cri
-        .run_container(&sb, &TestContainer::testapp(0))
-        .await?;
-    let ip = node.cri.pod_ip(&sb).await?;
-    wait_count(&ip, Duration::from_secs(20)).await?;
+    let Source {
+        container: ctr, ip, ..
+    } = start_source(&mut node, "app-0", "uid-a", 0).await?;
 
     let locked = Immutable::new(node.logs_root().join("locked"))?;
     let err = node
@@ -334,15 +322,11 @@ async fn checkpoint_into_unwritable_directory_fails_and_source_keeps_running() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_during_checkpoint_is_held_until_the_dump_is_taken() -> anyhow::Result<()> {
     let mut node = TestNode::start().await?;
-    let sb = node
-        .cri
-        .run_pod(&TestPod::new("app-0", "uid-a", &node.logs_root()))
-        .await?;
-    let ctr = node
-        .cri
-        .run_container(&sb, &TestContainer::testapp(256))
-        .await?;
-    wait_count(&node.cri.pod_ip(&sb).await?, Duration::from_secs(30)).await?;
+    let Source {
+        sandbox: sb,
+        container: ctr,
+        ..
+    } = start_source(&mut node, "app-0", "uid-a", 256).await?;
 
     let images = node.daemon.checkpoint_path("uid-a", "app");
     let runc_root = node.containerd.runc_root();
@@ -388,7 +372,7 @@ async fn kill_during_checkpoint_is_held_until_the_dump_is_taken() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn creating_the_target_freezes_the_local_source_and_moves_it() -> anyhow::Result<()> {
     let mut node = TestNode::start().await?;
-    let source = podmig_e2e::scenario::start_source(&mut node, "app-0", "uid-a", 32).await?;
+    let source = start_source(&mut node, "app-0", "uid-a", 32).await?;
     for _ in 0..2 {
         get_count(&source.ip).await?;
     }

@@ -43,6 +43,14 @@ impl ApiError {
         };
         Self::new(404, "NotFound", format!("{what} \"{name}\" not found"))
     }
+    /// 404 for a path no resource is served at (kube-apiserver's wording).
+    pub fn no_route() -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    }
     /// 400.
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(400, "BadRequest", message)

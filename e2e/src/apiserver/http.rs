@@ -187,18 +187,10 @@ pub async fn handle(
         ));
     }
     let Some(t) = parse_target(&st.api, &segs) else {
-        return error(&ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        ));
+        return error(&ApiError::no_route());
     };
     let Some(def) = st.api.resource(&t.group, &t.version, &t.plural) else {
-        return error(&ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        ));
+        return error(&ApiError::no_route());
     };
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (&method, t.name.is_empty()) {
@@ -252,11 +244,7 @@ pub async fn handle(
         return error(&ApiError::new(403, "Forbidden", msg));
     }
     if def.namespaced && t.namespace.is_empty() && !t.name.is_empty() {
-        return error(&ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        ));
+        return error(&ApiError::no_route());
     }
     let table = wants_table(&headers);
     let result = match verb {
@@ -316,11 +304,7 @@ pub async fn handle(
                 "metadata": {"resourceVersion": rv.to_string()}, "items": deleted}),
             )
         }),
-        _ => Err(ApiError::new(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        )),
+        _ => Err(ApiError::no_route()),
     };
     match result {
         Ok((code, v)) => json_response(code, &v),
@@ -597,15 +581,7 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
                 j["apiVersion"] = json!("v1");
                 (200, j)
             }
-            None => (
-                404,
-                ApiError::new(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                )
-                .status(),
-            ),
+            None => (404, ApiError::no_route().status()),
         },
         ["apis", g, v] if resources.iter().any(|r| r.group == *g && r.version == *v) => {
             (200, resource_list(g, v))
@@ -616,6 +592,7 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
                 .iter()
                 .map(|r| (r.group.clone(), r.version.clone()))
                 .collect();
+            gvs.sort();
             gvs.dedup();
             for (g, v) in gvs {
                 let key = if g.is_empty() {
@@ -632,15 +609,7 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
         }
         ["openapi", "v3", "api", v] => (200, openapi_doc(&resources, "", v)),
         ["openapi", "v3", "apis", g, v] => (200, openapi_doc(&resources, g, v)),
-        _ => (
-            404,
-            ApiError::new(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            )
-            .status(),
-        ),
+        _ => (404, ApiError::no_route().status()),
     };
     json_response(code, &body)
 }
