@@ -63,3 +63,17 @@ pub mod cri {
     /// Name of the container within its Pod.
     pub const CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 }
+
+pub mod contract;
+pub mod nodeapi;
+
+/// Reason on the container statuses of a Pod whose containers were moved to another Pod.
+pub const REASON_MIGRATED: &str = "Migrated";
+
+/// Pod annotation naming the Migration that claimed the Pod (written with optimistic
+/// concurrency, so exactly one Migration of a Pod proceeds).
+pub const ANNOTATION_CLAIMED_BY: &str = "podmig.dev/claimed-by";
+
+/// Target-Pod annotation set by the controller: when the move is given up (RFC 3339). The
+/// node daemons bound their waits by it (the target's create, the source's handover).
+pub const ANNOTATION_MIGRATION_DEADLINE: &str = "podmig.dev/migration-deadline";

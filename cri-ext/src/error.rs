@@ -68,6 +68,16 @@ pub enum Error {
     /// A runc command line the wrapper must understand was malformed.
     #[error("bad runc command line: {0}")]
     Usage(String),
+    /// podmig refused the operation (a migration target without a checkpoint, a container
+    /// migrated away); the reason says why.
+    #[error("{0}")]
+    Refused(String),
+    /// CRIU could not restore a checkpoint; carries CRIU's own reason.
+    #[error("{0}")]
+    RestoreFailed(String),
+    /// A checkpoint could not be taken; carries CRIU's own reason.
+    #[error("checkpoint failed: {0}")]
+    CheckpointFailed(String),
 }
 
 impl Error {
@@ -81,6 +91,9 @@ impl Error {
             Error::Hook { .. } | Error::HookDecode(_) => "hook",
             Error::Connect { .. } => "connect",
             Error::Usage(_) => "usage",
+            Error::Refused(_) => "refused",
+            Error::RestoreFailed(_) => "restore_failed",
+            Error::CheckpointFailed(_) => "checkpoint_failed",
         }
     }
 

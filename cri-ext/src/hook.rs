@@ -166,7 +166,8 @@ async fn serve_conn<H: HookHandler>(
     handler: Arc<H>,
 ) -> std::io::Result<()> {
     while let Some(req) = read_frame::<HookRequest>(&mut stream).await? {
-        if req.event() == Event::Restored {
+        let event = req.event();
+        if event == Event::Restored {
             handler.restored(req).await;
             continue;
         }
@@ -179,6 +180,10 @@ async fn serve_conn<H: HookHandler>(
                 write_answer(&mut stream, Answer::Hold(hold)).await?;
                 let answer = match tokio::time::timeout(timeout, release).await {
                     Ok(Ok(answer)) => answer,
+                    // A held create that got no answer must not start a container fresh.
+                    _ if event == Event::Create => Answer::Refuse(crate::proto::hook::v1::Refuse {
+                        reason: format!("no answer within the hold of {} ms", timeout.as_millis()),
+                    }),
                     _ => Answer::Pass(Default::default()),
                 };
                 write_answer(&mut stream, answer).await?;

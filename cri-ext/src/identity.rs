@@ -145,6 +145,27 @@ pub fn find_container(root: &Path, pod_uid: &str, container: &str) -> Option<Str
     })
 }
 
+/// The running application containers of Pod `pod_uid` under `root`: (id, name) pairs.
+pub fn running_containers(root: &Path, pod_uid: &str) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let (ann, _) = Annotations::from_runc_state(root, &id).ok()?;
+            let name = ann.get(cri::CONTAINER_NAME)?.to_owned();
+            (!ann.is_sandbox()
+                && ann.pod_uid().as_deref() == Some(pod_uid)
+                && is_running(&root.join(&id)))
+            .then_some((id, name))
+        })
+        .collect();
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out
+}
+
 /// True while the init process runc recorded for a container still exists.
 fn is_running(state_dir: &Path) -> bool {
     init_pid(state_dir).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())

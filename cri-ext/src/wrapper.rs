@@ -313,7 +313,7 @@ fn create(cfg: &Config, inv: &Invocation) -> Result<Step> {
         Ok(x) => x,
         // Fail-safe: never start a migration target fresh while its other copy may run.
         Err(e) if target => {
-            return Err(Error::Usage(format!(
+            return Err(Error::Refused(format!(
                 "container {} of pod {}/{} is a migration target and the podmig node daemon \
                  cannot be asked for its checkpoint ({e}); refusing to start it fresh",
                 identity.container_name, identity.pod_namespace, identity.pod_name
@@ -321,9 +321,39 @@ fn create(cfg: &Config, inv: &Invocation) -> Result<Step> {
         }
         Err(_) => return Ok(Step::Exec),
     };
+    let (client, answer) = match answer {
+        // The daemon fetches the checkpoint (a dump, maybe on another node): wait as long
+        // as the move's own deadline says, not the short round-trip bound.
+        Answer::Hold(h) => {
+            log(
+                inv,
+                "info",
+                &format!(
+                    "create of {} waits up to {} ms for its checkpoint",
+                    create.id, h.timeout_ms
+                ),
+            );
+            let mut client = client;
+            let wait = Duration::from_millis(h.timeout_ms) + Duration::from_secs(1);
+            match client.recv(wait).map(|r| r.decision) {
+                Ok(Some(a)) => (client, a),
+                Ok(None) | Err(_) => {
+                    return Err(Error::Refused(format!(
+                        "container {} of pod {}/{} is a migration target and no checkpoint \
+                         arrived within {} ms; refusing to start it fresh",
+                        identity.container_name,
+                        identity.pod_namespace,
+                        identity.pod_name,
+                        h.timeout_ms
+                    )));
+                }
+            }
+        }
+        other => (client, other),
+    };
     match answer {
         Answer::RestoreFrom(from) => restore(cfg, inv, &create, &identity, &from, client),
-        Answer::Refuse(r) => Err(Error::Usage(format!(
+        Answer::Refuse(r) => Err(Error::Refused(format!(
             "podmig refused to create container {}: {}",
             identity.container_name, r.reason
         ))),
@@ -378,7 +408,7 @@ fn restore(
             .args(["delete", "--force", &create.id])
             .stderr(Stdio::null())
             .status();
-        Err(Error::Usage(format!(
+        Err(Error::RestoreFailed(format!(
             "restore of container {} (pod {}/{}) from {} failed ({status}): {why}",
             identity.container_name, identity.pod_namespace, identity.pod_name, from.image_path
         )))

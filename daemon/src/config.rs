@@ -32,9 +32,29 @@ pub struct NodeConfig {
     /// target Pods (the contract with the controller). Without it nothing is reported.
     #[arg(long, env = "PODMIG_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// How long a kill of a container being checkpointed is held, in milliseconds.
-    #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 60_000)]
+    /// Upper bound, in milliseconds, of a held kill (a Pod being checkpointed, or deleted
+    /// and about to be migrated) and of a held create without a move deadline of its own.
+    #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 300_000)]
     pub kill_hold_ms: u64,
+    /// This node's name (in the chart: from the downward API, `spec.nodeName`). Needed to
+    /// watch the node's Pods and for moves across nodes.
+    #[arg(long, env = "PODMIG_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address of the HTTPS migration API.
+    #[arg(long, env = "PODMIG_LISTEN", default_value = "0.0.0.0:10443")]
+    pub listen: std::net::SocketAddr,
+    /// Port other nodes' daemons serve their migration API on.
+    #[arg(long, env = "PODMIG_PEER_PORT", default_value_t = podmig_api::nodeapi::DEFAULT_API_PORT)]
+    pub peer_port: u16,
+    /// Serving certificate of the migration API (PEM).
+    #[arg(long, env = "PODMIG_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "PODMIG_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA bundle the other daemons' certificates are checked against (PEM).
+    #[arg(long, env = "PODMIG_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// Flags of `podmig controller` (the Kubernetes connection comes from KUBECONFIG or the

@@ -3,10 +3,8 @@
 pub mod config;
 pub mod controller;
 pub mod crds;
-pub mod decide;
 pub mod error;
 pub mod node;
-pub mod report;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,155 @@
+//! The node daemon's HTTP API (`podmig node`, HTTPS): request and answer bodies of
+//! `POST /migrate/{pod-uid}`, `GET /migrations`, `POST /migrations/{id}/complete`, and the
+//! JSON error every endpoint answers with. Shared by the daemon, its peers and the tests.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::v1alpha1::{MigrationPhase, MigrationReport, PhaseTransition, Strategy};
+
+/// Body of `POST /migrate/{pod-uid}`. Without `handover` it is a person's or a scheduler's
+/// request: the move is recorded as a `Migration` object. With `handover` it comes from the
+/// peer daemon whose node holds the target Pod: the answer streams the checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// Node to move to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Or: labels the target node must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// How to carry the state (default `full`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// The move fails and rolls back when not done within this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    /// Containers to move; empty means all of the Pod's containers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
+    /// Set by a peer daemon: hand the checkpoint over to this target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+}
+
+/// The target of a peer-to-peer handover.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Handover {
+    /// Id of the move (the target Pod's `podmig.dev/migration-id`).
+    pub migration_id: String,
+    /// Namespace of the target Pod.
+    pub target_namespace: String,
+    /// Name of the target Pod.
+    pub target_pod: String,
+    /// Uid of the target Pod.
+    pub target_pod_uid: String,
+    /// Node of the target Pod.
+    pub target_node: String,
+    /// Seconds the source waits for the target's verdict before it resumes.
+    #[serde(default)]
+    pub timeout_seconds: u32,
+}
+
+/// Answer to a person's `POST /migrate/{pod-uid}`: the Migration that records the move
+/// and, with `?wait=true`, how it ended.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrateResponse {
+    /// Name of the Migration object.
+    pub migration: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The Pod being moved.
+    pub pod: String,
+    /// Phase when answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// Reason of a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The target Pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pod: Option<String>,
+    /// The target node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Per-phase figures the daemons reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+    /// Phase history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transitions: Vec<PhaseTransition>,
+}
+
+/// Body of `POST /migrations/{id}/complete`: the target's verdict on a handover.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// True when the target runs with the handed-over state.
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One move a node daemon took part in (`GET /migrations`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveInfo {
+    /// Id of the move.
+    pub id: String,
+    /// `source` or `target`.
+    pub role: String,
+    /// Namespace of this node's Pod.
+    pub namespace: String,
+    /// This node's Pod.
+    pub pod: String,
+    /// Its uid.
+    pub pod_uid: String,
+    /// The other side's node, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_node: Option<String>,
+    /// Where the move stands (`Checkpointing`, `Transferring`, `Restoring`, `Succeeded`,
+    /// `Failed`, `RolledBack`).
+    pub state: String,
+    /// When it began (RFC 3339).
+    pub started_at: String,
+    /// Figures so far.
+    pub report: MigrationReport,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct ApiError {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// A stable CamelCase reason (`PodNotFound`, `NotMigratable`, `AlreadyMigrating`, …).
+    pub reason: String,
+}
+
+/// Media type of a streamed checkpoint (see the daemon's `transfer` module).
+pub const CHECKPOINT_MEDIA_TYPE: &str = "application/vnd.podmig.checkpoint.v1";
+
+/// Default port of the node daemon's HTTPS API.
+pub const DEFAULT_API_PORT: u16 = 10443;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = serde_json::from_str::<MigrateRequest>(r#"{"targetNode":"n","bogus":1}"#)
+            .expect_err("unknown field");
+        assert!(err.to_string().contains("bogus"), "{err}");
+        let ok: MigrateRequest =
+            serde_json::from_str(r#"{"targetNode":"n","strategy":"full"}"#).expect("ok");
+        assert_eq!(ok.target_node.as_deref(), Some("n"));
+    }
+}

@@ -1,0 +1,167 @@
+//! Authentication and authorization of the HTTP API, as kubelet does it: the bearer token
+//! is checked with a TokenReview, the request with a SubjectAccessReview. Decisions are
+//! cached for a short while so a burst of requests costs two API calls, not two each.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+};
+use kube::api::PostParams;
+
+/// How long a decision is reused.
+const CACHE_TTL: Duration = Duration::from_secs(30);
+
+/// What a request does, in RBAC terms.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attributes {
+    /// `create`, `get`, `list`.
+    pub verb: &'static str,
+    /// `pods` or `nodes`.
+    pub resource: &'static str,
+    /// `migrate`, `migrations`, `metrics`.
+    pub subresource: &'static str,
+    /// Namespace (empty for cluster-scoped resources).
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+}
+
+/// Why a request was turned away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token, or one the API server does not know (401).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Known caller, not allowed (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The API server could not be asked (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Checks callers against the API server.
+pub struct Authorizer {
+    client: kube::Client,
+    cache: Mutex<HashMap<(Vec<u8>, Attributes), (Instant, Result<String, AuthError>)>>,
+}
+
+impl Authorizer {
+    /// An authorizer asking through `client` (needs `create` on tokenreviews and
+    /// subjectaccessreviews).
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The caller's user name when `token` may do `attrs`.
+    pub async fn check(
+        &self,
+        token: Option<&str>,
+        attrs: &Attributes,
+    ) -> Result<String, AuthError> {
+        let token = token
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| AuthError::Unauthenticated("a bearer token is required".into()))?;
+        let key = (
+            ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+                .as_ref()
+                .to_vec(),
+            attrs.clone(),
+        );
+        {
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+            if let Some((_, d)) = cache.get(&key) {
+                return d.clone();
+            }
+        }
+        let decision = self.ask(token, attrs).await;
+        if !matches!(decision, Err(AuthError::Unavailable(_))) {
+            self.cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(key, (Instant::now(), decision.clone()));
+        }
+        decision
+    }
+
+    async fn ask(&self, token: &str, attrs: &Attributes) -> Result<String, AuthError> {
+        let unavailable =
+            |e: kube::Error| AuthError::Unavailable(format!("cannot reach the API server: {e}"));
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let reviewed = kube::Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(unavailable)?;
+        let status = reviewed.status.unwrap_or_default();
+        let user = status
+            .user
+            .filter(|_| status.authenticated == Some(true))
+            .ok_or_else(|| {
+                AuthError::Unauthenticated(
+                    status
+                        .error
+                        .unwrap_or_else(|| "the bearer token is not valid".into()),
+                )
+            })?;
+        let name = user.username.clone().unwrap_or_default();
+        let sar = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: user.username,
+                groups: user.groups,
+                uid: user.uid,
+                extra: user.extra,
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(attrs.verb.into()),
+                    resource: Some(attrs.resource.into()),
+                    subresource: Some(attrs.subresource.into()),
+                    namespace: (!attrs.namespace.is_empty()).then(|| attrs.namespace.clone()),
+                    name: (!attrs.name.is_empty()).then(|| attrs.name.clone()),
+                    group: Some(String::new()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let decided = kube::Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &sar)
+            .await
+            .map_err(unavailable)?;
+        let s = decided.status.unwrap_or_default();
+        if s.allowed {
+            Ok(name)
+        } else {
+            let ns = if attrs.namespace.is_empty() {
+                String::new()
+            } else {
+                format!(" in namespace {:?}", attrs.namespace)
+            };
+            Err(AuthError::Forbidden(format!(
+                "user {name:?} cannot {} resource \"{}/{}\"{ns}{}",
+                attrs.verb,
+                attrs.resource,
+                attrs.subresource,
+                s.reason.map(|r| format!(": {r}")).unwrap_or_default()
+            )))
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! The node daemon's HTTPS API (axum over rustls):
+//! - `POST /migrate/{pod-uid}`: a person or a scheduler asks to move a Pod of this node
+//!   (recorded as a `Migration`), or a peer daemon asks for the hand-over of a checkpoint
+//!   (the answer streams it, see [`super::transfer`]);
+//! - `POST /migrations/{id}/complete`: a peer's verdict on a hand-over;
+//! - `GET /migrations`, `GET /migrations/{id}`, `GET /metrics`, `GET /healthz`, `GET /readyz`.
+//!
+//! Every endpoint but health needs a bearer token (TokenReview) allowed by a
+//! SubjectAccessReview: `create` on `pods/migrate` in the Pod's namespace for moves and
+//! verdicts; `get` on `nodes/migrations` resp. `nodes/metrics` of this node for reading.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path as UrlPath, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt, api::PostParams};
+use podmig_api::{
+    RUNTIME_HANDLER,
+    nodeapi::{ApiError, CHECKPOINT_MEDIA_TYPE, CompleteRequest, MigrateRequest, MigrateResponse},
+    v1alpha1::{Migration, MigrationSpec, Strategy},
+};
+use podmig_cri_ext::engine::CheckpointEngine;
+use tokio::sync::oneshot;
+
+use super::{
+    Node, PodUpdate,
+    auth::{Attributes, AuthError, Authorizer},
+    migration::Verdict,
+    peer::{HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS},
+    podsync::{MigrateOrder, MoveError, TargetRef},
+    transfer::send_images,
+};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+/// Bound on reading a request body.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Annotation on a Migration created through this API: who asked.
+const ANNOTATION_REQUESTED_BY: &str = "podmig.dev/requested-by";
+
+struct AppState<E> {
+    node: Arc<Node<E>>,
+    auth: Authorizer,
+}
+
+/// An error answer: status, stable reason, message.
+#[derive(Debug)]
+pub struct Failure {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<AuthError> for Failure {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated(m) => {
+                Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", m)
+            }
+            AuthError::Forbidden(m) => Failure::new(StatusCode::FORBIDDEN, "Forbidden", m),
+            AuthError::Unavailable(m) => {
+                Failure::new(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", m)
+            }
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(ApiError {
+                error: self.message,
+                reason: self.reason.into(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn unavailable(e: kube::Error) -> Failure {
+    Failure::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Unavailable",
+        format!("the API server could not be asked: {e}"),
+    )
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Starts the HTTPS API on `listen` with the serving certificate and key (PEM files).
+pub async fn serve<E: CheckpointEngine>(
+    node: Arc<Node<E>>,
+    listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> crate::Result<axum_server::Handle<SocketAddr>> {
+    let client = node
+        .kube
+        .clone()
+        .ok_or_else(|| crate::Error::InvalidRequest("the HTTP API needs API access".into()))?;
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+        .await
+        .map_err(|source| crate::Error::Listen {
+            path: cert.to_path_buf(),
+            source,
+        })?;
+    let state = Arc::new(AppState {
+        node,
+        auth: Authorizer::new(client),
+    });
+    let app = router(state);
+    let handle = axum_server::Handle::new();
+    let listener = std::net::TcpListener::bind(listen).map_err(|source| crate::Error::Listen {
+        path: listen.to_string().into(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| crate::Error::Listen {
+            path: listen.to_string().into(),
+            source,
+        })?;
+    let server = axum_server::from_tcp_rustls(listener, tls)
+        .map_err(|source| crate::Error::Listen {
+            path: listen.to_string().into(),
+            source,
+        })?
+        .handle(handle.clone());
+    tokio::spawn(async move {
+        if let Err(error) = server.serve(app.into_make_service()).await {
+            tracing::error!(%error, "migration API stopped");
+        }
+    });
+    Ok(handle)
+}
+
+fn router<E: CheckpointEngine>(state: Arc<AppState<E>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::<E>))
+        .route("/migrate/{uid}", post(migrate::<E>))
+        .route("/migrations", get(list::<E>))
+        .route("/migrations/{id}", get(one::<E>))
+        .route("/migrations/{id}/complete", post(complete::<E>))
+        .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
+        .with_state(state)
+}
+
+fn node_attrs<E>(s: &AppState<E>, verb: &'static str, sub: &'static str) -> Attributes {
+    Attributes {
+        verb,
+        resource: "nodes",
+        subresource: sub,
+        namespace: String::new(),
+        name: s.node.settings.node_name.clone(),
+    }
+}
+
+async fn metrics<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    s.auth
+        .check(bearer(&headers), &node_attrs(&s, "get", "metrics"))
+        .await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.node.metrics.render(),
+    )
+        .into_response())
+}
+
+async fn list<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    s.auth
+        .check(bearer(&headers), &node_attrs(&s, "get", "migrations"))
+        .await?;
+    Ok(Json(s.node.manager.list()).into_response())
+}
+
+async fn one<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    s.auth
+        .check(bearer(&headers), &node_attrs(&s, "get", "migrations"))
+        .await?;
+    let found = s.node.manager.get(&id);
+    if found.is_empty() {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "MigrationNotFound",
+            format!("no move {id:?} on this node"),
+        ));
+    }
+    Ok(Json(found).into_response())
+}
+
+async fn read_json<T: serde::de::DeserializeOwned + Default>(body: Body) -> Result<T, Failure> {
+    let bytes = tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
+        .await
+        .map_err(|_| {
+            Failure::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "Timeout",
+                "the request body did not arrive in time",
+            )
+        })?
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BodyTooLarge",
+                format!("request body over {MAX_BODY} bytes or unreadable: {e}"),
+            )
+        })?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("malformed JSON body: {e}"),
+        )
+    })
+}
+
+fn not_migratable(message: String) -> Failure {
+    Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable", message)
+}
+
+/// Why `pod` cannot be moved with `containers`, if it cannot.
+pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), String> {
+    let name = pod.name_any();
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.runtime_class_name.as_deref() != Some(RUNTIME_HANDLER) {
+        return Err(format!(
+            "Pod {name:?} does not run with runtimeClassName {RUNTIME_HANDLER:?}"
+        ));
+    }
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    if phase != "Running" {
+        return Err(format!("Pod {name:?} is {phase:?}, not Running"));
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(format!("Pod {name:?} is being deleted"));
+    }
+    for c in containers {
+        if !spec.containers.iter().any(|s| &s.name == c) {
+            return Err(format!("Pod {name:?} has no container {c:?}"));
+        }
+    }
+    Ok(())
+}
+
+#[derive(serde::Deserialize, Default)]
+struct MigrateQuery {
+    #[serde(default)]
+    wait: bool,
+}
+
+async fn migrate<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    UrlPath(uid): UrlPath<String>,
+    Query(q): Query<MigrateQuery>,
+    request: Request,
+) -> Result<Response, Failure> {
+    let token = bearer(request.headers()).map(str::to_owned);
+    // Authenticate before anything is revealed about the Pod.
+    let pod = s.node.pod(&uid);
+    let (ns, name) = pod
+        .as_ref()
+        .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
+        .unwrap_or_default();
+    let attrs = Attributes {
+        verb: "create",
+        resource: "pods",
+        subresource: "migrate",
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+    let user = s.auth.check(token.as_deref(), &attrs).await?;
+    let body: MigrateRequest = read_json(request.into_body()).await?;
+    let Some(pod) = pod else {
+        return Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "PodNotFound",
+            format!(
+                "no Pod with uid {uid:?} runs on node {:?}",
+                s.node.settings.node_name
+            ),
+        ));
+    };
+    if let Some(strategy) = body.strategy.filter(|st| *st != Strategy::Full) {
+        return Err(not_migratable(format!(
+            "strategy {strategy:?} is not implemented yet; use full"
+        )));
+    }
+    if body.handover.is_some() {
+        return handover(&s, &uid, &pod, body).await;
+    }
+    check_migratable(&pod, &body.containers).map_err(not_migratable)?;
+    let owned = pod
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && o.kind == "MigratingPod");
+    if !owned {
+        return Err(not_migratable(format!(
+            "Pod {name:?} is not controlled by a MigratingPod"
+        )));
+    }
+    if let Some(id) = s.node.manager.active_for(&uid) {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "AlreadyMigrating",
+            format!("move {id:?} of Pod {name:?} is already running"),
+        ));
+    }
+    let client = s.node.kube.clone().ok_or_else(|| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "no API access",
+        )
+    })?;
+    let migrations: Api<Migration> = Api::namespaced(client, &ns);
+    let running = migrations
+        .list(&Default::default())
+        .await
+        .map_err(unavailable)?
+        .items
+        .into_iter()
+        .find(|m| {
+            m.spec.pod_name == name
+                && !m
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.phase)
+                    .is_some_and(|p| p.is_terminal())
+        });
+    if let Some(m) = running {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "AlreadyMigrating",
+            format!(
+                "Migration {:?} is already moving Pod {name:?}",
+                m.name_any()
+            ),
+        ));
+    }
+    let suffix: String = uuid::Uuid::new_v4()
+        .simple()
+        .to_string()
+        .chars()
+        .take(6)
+        .collect();
+    let mut m = Migration::new(
+        &format!("{name}-{suffix}"),
+        MigrationSpec {
+            pod_name: name.clone(),
+            target_node: body.target_node.clone(),
+            node_selector: body.node_selector.clone(),
+            strategy: body.strategy.unwrap_or_default(),
+            timeout_seconds: body.timeout_seconds.unwrap_or(300).max(1),
+        },
+    );
+    m.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(ANNOTATION_REQUESTED_BY.into(), user.clone());
+    let created = migrations
+        .create(&PostParams::default(), &m)
+        .await
+        .map_err(unavailable)?;
+    let mig_name = created.name_any();
+    tracing::info!(pod_uid = %uid, migration = %mig_name, %user, "move requested over HTTP");
+    let mut answer = MigrateResponse {
+        migration: mig_name.clone(),
+        namespace: ns.clone(),
+        pod: name.clone(),
+        ..Default::default()
+    };
+    if !q.wait {
+        return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
+    }
+    let bound = Duration::from_secs(u64::from(created.spec.timeout_seconds) + 30);
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(m)) = migrations.get_opt(&mig_name).await
+            && let Some(st) = m.status
+        {
+            answer.phase = st.phase;
+            answer.reason = st.reason;
+            answer.message = st.message;
+            answer.target_pod = st.target_pod;
+            answer.target_node = st.target_node;
+            answer.report = st.report;
+            answer.transitions = st.transitions;
+            let done = answer.phase.is_some_and(|p| p.is_terminal());
+            // A success is complete once the daemons' figures are in.
+            let figures = answer.phase != Some(podmig_api::v1alpha1::MigrationPhase::Succeeded)
+                || answer.report.is_some()
+                || started.elapsed() > bound;
+            if done && figures {
+                return Ok((StatusCode::OK, Json(answer)).into_response());
+            }
+        }
+        if started.elapsed() > bound {
+            return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A peer daemon's request: checkpoint the Pod now and stream the images in the answer.
+async fn handover<E: CheckpointEngine>(
+    s: &AppState<E>,
+    uid: &str,
+    pod: &Pod,
+    body: MigrateRequest,
+) -> Result<Response, Failure> {
+    let h = body.handover.unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_none() {
+        check_migratable(pod, &body.containers).map_err(not_migratable)?;
+    } else {
+        // Migrate-on-delete: a deleted Pod held by its finalizer is exactly what moves.
+        check_migratable(&running_copy(pod), &body.containers).map_err(not_migratable)?;
+    }
+    let hold = if h.timeout_seconds > 0 {
+        Duration::from_secs(u64::from(h.timeout_seconds))
+    } else {
+        s.node.settings.hold
+    };
+    let target = TargetRef {
+        namespace: h.target_namespace.clone(),
+        pod: h.target_pod.clone(),
+        node: h.target_node.clone(),
+    };
+    let (tx, rx) = oneshot::channel();
+    s.node.dispatch(
+        uid,
+        PodUpdate::Migrate {
+            order: MigrateOrder {
+                migration: h.migration_id.clone(),
+                containers: body.containers,
+                target: target.clone(),
+                deadline: Instant::now() + hold,
+                remote: true,
+            },
+            prepared: tx,
+        },
+    );
+    let prepared = match tokio::time::timeout(hold, rx).await {
+        Err(_) => {
+            return Err(Failure::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                "the checkpoint was not taken in time",
+            ));
+        }
+        Ok(Err(_)) => {
+            return Err(Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Unavailable",
+                "the Pod's worker went away",
+            ));
+        }
+        Ok(Ok(Err(e))) => {
+            let (status, reason) = match &e {
+                MoveError::NotRunning(_) => (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable"),
+                MoveError::Busy(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
+                MoveError::Checkpoint(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CheckpointFailed"),
+            };
+            return Err(Failure::new(status, reason, e.to_string()));
+        }
+        Ok(Ok(Ok(p))) => p,
+    };
+    let frozen_ms = prepared.frozen_at.elapsed().as_millis() as u64;
+    let (chunks, stream_rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+    let node = s.node.clone();
+    let id = h.migration_id.clone();
+    let images = prepared.images.clone();
+    let verdict = prepared.verdict;
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let sent = send_images(&images, |b| chunks.blocking_send(Ok(b)).is_ok());
+        match sent {
+            Ok(bytes) => {
+                let ms = started.elapsed().as_millis() as u64;
+                node.metrics.phase_ms("transfer", ms);
+                tracing::info!(migration = %id, target = %target, bytes, transfer_ms = ms, "checkpoint streamed");
+            }
+            Err(error) => {
+                tracing::warn!(migration = %id, target = %target, %error, "checkpoint transfer broke");
+                node.manager.deliver(
+                    &id,
+                    Verdict::Abort(format!("the transfer to {target} broke: {error}")),
+                );
+            }
+        }
+        drop(verdict);
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx));
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, CHECKPOINT_MEDIA_TYPE.to_owned()),
+            (
+                header::HeaderName::from_static(HEADER_CHECKPOINT_MS),
+                prepared.checkpoint_ms.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_FROZEN_MS),
+                frozen_ms.to_string(),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The Pod as if not deleted (for the checks of a migrate-on-delete hand-over).
+fn running_copy(pod: &Pod) -> Pod {
+    let mut p = pod.clone();
+    p.metadata.deletion_timestamp = None;
+    p
+}
+
+async fn complete<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    UrlPath(id): UrlPath<String>,
+    request: Request,
+) -> Result<Response, Failure> {
+    let token = bearer(request.headers()).map(str::to_owned);
+    let record = s
+        .node
+        .manager
+        .get(&id)
+        .into_iter()
+        .find(|m| m.role == "source");
+    let attrs = Attributes {
+        verb: "create",
+        resource: "pods",
+        subresource: "migrate",
+        namespace: record
+            .as_ref()
+            .map(|r| r.namespace.clone())
+            .unwrap_or_default(),
+        name: record.as_ref().map(|r| r.pod.clone()).unwrap_or_default(),
+    };
+    s.auth.check(token.as_deref(), &attrs).await?;
+    let body: CompleteRequest = read_json(request.into_body()).await?;
+    let verdict = if body.ok {
+        Verdict::Commit
+    } else {
+        Verdict::Abort(body.error.unwrap_or_else(|| "the target failed".into()))
+    };
+    if s.node.manager.deliver(&id, verdict) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(Failure::new(
+            StatusCode::NOT_FOUND,
+            "MigrationNotFound",
+            format!("no hand-over {id:?} waits for a verdict on this node"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        let mut base = json!({"metadata": {"name": "x-0", "uid": "u"},
+            "spec": {"runtimeClassName": "podmig", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running"}});
+        for (k, val) in v.as_object().cloned().unwrap_or_default() {
+            base[k] = val;
+        }
+        serde_json::from_value(base).expect("pod")
+    }
+
+    #[test]
+    fn only_running_podmig_pods_with_known_containers_move() {
+        assert!(check_migratable(&pod(json!({})), &["app".into()]).is_ok());
+        let e = check_migratable(
+            &pod(json!({"spec": {"containers": [{"name": "app"}]}})),
+            &[],
+        )
+        .expect_err("runtime class");
+        assert!(e.contains("runtimeClassName"), "{e}");
+        let e = check_migratable(&pod(json!({"status": {"phase": "Pending"}})), &[])
+            .expect_err("pending");
+        assert!(e.contains("Pending"), "{e}");
+        let e = check_migratable(&pod(json!({})), &["db".into()]).expect_err("container");
+        assert!(e.contains("\"db\""), "{e}");
+    }
+
+    #[test]
+    fn failures_answer_json_with_a_reason() {
+        let r = Failure::from(AuthError::Unauthenticated("no token".into())).into_response();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let r = not_migratable("nope".into()).into_response();
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+}

@@ -1,0 +1,332 @@
+//! The client side of daemon-to-daemon calls: a target node's daemon asks the source
+//! node's daemon to hand over a Pod's checkpoint (`POST /migrate/{uid}` with a
+//! `handover`) and later tells it the verdict (`POST /migrations/{id}/complete`). HTTPS
+//! verified against the daemons' CA; authenticated with this daemon's own token.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use podmig_api::nodeapi::{ApiError, CHECKPOINT_MEDIA_TYPE, CompleteRequest, MigrateRequest};
+use secrecy::ExposeSecret;
+
+use super::transfer::{Receiver, TransferError};
+
+/// Response header: milliseconds the source spent dumping.
+pub const HEADER_CHECKPOINT_MS: &str = "x-podmig-checkpoint-ms";
+/// Response header: milliseconds since the source was frozen, when the headers left it.
+pub const HEADER_FROZEN_MS: &str = "x-podmig-frozen-ms";
+
+/// Where this daemon's bearer token comes from.
+#[derive(Clone)]
+pub enum TokenSource {
+    /// A fixed token (kubeconfig).
+    Fixed(String),
+    /// A file read at every use (a projected service-account token rotates).
+    File(PathBuf),
+}
+
+impl TokenSource {
+    /// The token of a kube client configuration, if it has one.
+    pub fn from_config(config: &kube::Config) -> Option<Self> {
+        if let Some(t) = &config.auth_info.token {
+            return Some(TokenSource::Fixed(t.expose_secret().to_owned()));
+        }
+        config
+            .auth_info
+            .token_file
+            .as_ref()
+            .map(|f| TokenSource::File(f.into()))
+    }
+
+    fn token(&self) -> String {
+        match self {
+            TokenSource::Fixed(t) => t.clone(),
+            TokenSource::File(f) => std::fs::read_to_string(f)
+                .map(|t| t.trim().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a call to a peer daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer answered with an error.
+    #[error("source daemon at {peer} answered {status}: {} ({})", .body.error, .body.reason)]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// HTTP status.
+        status: u16,
+        /// Its JSON error.
+        body: ApiError,
+    },
+    /// The peer could not be reached or the connection broke.
+    #[error("cannot reach the podmig daemon at {peer}: {message}")]
+    Transport {
+        /// The peer.
+        peer: String,
+        /// Why.
+        message: String,
+    },
+    /// The checkpoint stream was cut or corrupt.
+    #[error("checkpoint from {peer}: {source}")]
+    Transfer {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: TransferError,
+    },
+    /// Nothing arrived in time.
+    #[error("the podmig daemon at {peer} did not answer within {secs} s")]
+    Timeout {
+        /// The peer.
+        peer: String,
+        /// The limit.
+        secs: u64,
+    },
+}
+
+/// A checkpoint that arrived.
+#[derive(Debug)]
+pub struct Fetched {
+    /// Image directories per container.
+    pub dirs: Vec<(String, PathBuf)>,
+    /// Bytes of images.
+    pub bytes: u64,
+    /// Milliseconds the source's dump took.
+    pub checkpoint_ms: u64,
+    /// Milliseconds the stream took, from the answer's headers to its end.
+    pub transfer_ms: u64,
+    /// When the source was frozen, as seen from here.
+    pub frozen_at: std::time::Instant,
+}
+
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// HTTPS client to the other nodes' daemons.
+#[derive(Clone)]
+pub struct PeerClient {
+    client: Client<Https, Full<Bytes>>,
+    token: Arc<TokenSource>,
+    port: u16,
+}
+
+impl PeerClient {
+    /// A client trusting the CA certificates in `ca_pem`, authenticating with `token`,
+    /// calling peers on `port`.
+    pub fn new(ca_pem: &[u8], token: TokenSource, port: u16) -> Result<Self, String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            let cert = cert.map_err(|e| format!("CA bundle: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("the CA bundle holds no certificate".into());
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            client: Client::builder(TokioExecutor::new()).build(https),
+            token: Arc::new(token),
+            port,
+        })
+    }
+
+    fn request(
+        &self,
+        host: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<hyper::Request<Full<Bytes>>, PeerError> {
+        hyper::Request::post(format!("https://{host}:{}{path}", self.port))
+            .header("authorization", format!("Bearer {}", self.token.token()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| PeerError::Transport {
+                peer: host.into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Asks the daemon on `host` to hand over Pod `source_uid`'s checkpoint and writes it
+    /// into `dest(container)`. `on_dumped` runs when the source answers (its dump is done).
+    /// The whole exchange is bounded by `limit`.
+    pub async fn fetch(
+        &self,
+        host: &str,
+        source_uid: &str,
+        req: &MigrateRequest,
+        limit: Duration,
+        on_dumped: impl FnOnce(),
+        dest: impl FnMut(&str) -> Option<PathBuf>,
+    ) -> Result<Fetched, PeerError> {
+        let peer = host.to_owned();
+        let body = serde_json::to_vec(req).unwrap_or_default();
+        let request = self.request(host, &format!("/migrate/{source_uid}"), body)?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let timeout = || PeerError::Timeout {
+            peer: peer.clone(),
+            secs: limit.as_secs(),
+        };
+        let transport = |e: &dyn std::fmt::Display| PeerError::Transport {
+            peer: peer.clone(),
+            message: e.to_string(),
+        };
+        let resp = tokio::time::timeout_at(deadline, self.client.request(request))
+            .await
+            .map_err(|_| timeout())?
+            .map_err(|e| transport(&e))?;
+        let status = resp.status();
+        let header_ms = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let checkpoint_ms = header_ms(HEADER_CHECKPOINT_MS);
+        let frozen_at = std::time::Instant::now()
+            .checked_sub(Duration::from_millis(header_ms(HEADER_FROZEN_MS)))
+            .unwrap_or_else(std::time::Instant::now);
+        let is_checkpoint = resp
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes() == CHECKPOINT_MEDIA_TYPE.as_bytes());
+        let mut body = resp.into_body();
+        if !status.is_success() || !is_checkpoint {
+            let bytes = tokio::time::timeout_at(deadline, body.collect())
+                .await
+                .map_err(|_| timeout())?
+                .map_err(|e| transport(&e))?
+                .to_bytes();
+            let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| ApiError {
+                error: String::from_utf8_lossy(&bytes).into_owned(),
+                reason: "Unknown".into(),
+            });
+            return Err(PeerError::Refused {
+                peer,
+                status: status.as_u16(),
+                body,
+            });
+        }
+        on_dumped();
+        let started = std::time::Instant::now();
+        let mut receiver = Receiver::new(dest);
+        let result: Result<(), PeerError> = async {
+            loop {
+                let frame = tokio::time::timeout_at(deadline, body.frame())
+                    .await
+                    .map_err(|_| timeout())?;
+                match frame {
+                    None => return Ok(()),
+                    Some(Err(e)) => {
+                        return Err(PeerError::Transfer {
+                            peer: peer.clone(),
+                            source: TransferError::Cut(e.to_string()),
+                        });
+                    }
+                    Some(Ok(f)) => {
+                        if let Ok(data) = f.into_data() {
+                            receiver.feed(&data).map_err(|source| PeerError::Transfer {
+                                peer: peer.clone(),
+                                source,
+                            })?;
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        let written = receiver.written();
+        let finished = result.and_then(|()| {
+            receiver.finish().map_err(|source| PeerError::Transfer {
+                peer: peer.clone(),
+                source,
+            })
+        });
+        match finished {
+            Ok((dirs, bytes)) => Ok(Fetched {
+                dirs,
+                bytes,
+                checkpoint_ms,
+                transfer_ms: started.elapsed().as_millis() as u64,
+                frozen_at,
+            }),
+            Err(e) => {
+                for d in written {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells the daemon on `host` the verdict on move `id`; retried a few times.
+    pub async fn complete(
+        &self,
+        host: &str,
+        id: &str,
+        verdict: &CompleteRequest,
+    ) -> Result<(), PeerError> {
+        let body = serde_json::to_vec(verdict).unwrap_or_default();
+        let mut last = None;
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            let request =
+                self.request(host, &format!("/migrations/{id}/complete"), body.clone())?;
+            match tokio::time::timeout(Duration::from_secs(5), self.client.request(request)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => return Ok(()),
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let bytes = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let body = serde_json::from_slice(&bytes).unwrap_or_default();
+                    // A refusal is final: retrying changes nothing.
+                    return Err(PeerError::Refused {
+                        peer: host.into(),
+                        status,
+                        body,
+                    });
+                }
+                Ok(Err(e)) => {
+                    last = Some(PeerError::Transport {
+                        peer: host.into(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(_) => {
+                    last = Some(PeerError::Timeout {
+                        peer: host.into(),
+                        secs: 5,
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or(PeerError::Timeout {
+            peer: host.into(),
+            secs: 5,
+        }))
+    }
+}

@@ -1,0 +1,1187 @@
+//! The Pod workers, mirroring kubelet's pod sync loop: one thread per Pod applies that
+//! Pod's updates one at a time, in order — the API server's view of it, the runtime's
+//! create/kill/restored events from `podmig-runc`, and moves. A move of a source Pod
+//! (thesis §5.5.3) takes the first channel back to its requester once the checkpoint
+//! exists, then blocks on a second channel until the target's verdict: meanwhile nothing
+//! else — a restart, a kill — touches the Pod; those updates wait in its queue.
+//!
+//! Workers are threads because dumps and restores are blocking calls to runc; the async
+//! side hands them updates through `crossbeam-channel` and awaits `tokio` oneshot answers.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use k8s_openapi::api::core::v1::Pod;
+use podmig_api::{
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    ANNOTATION_MIGRATION_PHASE, ANNOTATION_SOURCE_NODE, MIGRATE_FINALIZER, REASON_MIGRATED,
+    contract::DaemonPhase,
+    nodeapi::{CompleteRequest, Handover, MigrateRequest, MoveInfo},
+    v1alpha1::MigrationReport,
+};
+use podmig_cri_ext::{
+    engine::{CheckpointEngine, CheckpointOptions, CheckpointReport, dir_size},
+    identity::{find_container, running_containers},
+    proto::{
+        hook::v1::{
+            ContainerIdentity, NoOp, Pass, Refuse, RestoreFrom, RestoreResult,
+            hook_response::Decision as Answer,
+        },
+        runtime::v1::RestoreRecord,
+    },
+};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use super::{
+    Node,
+    migration::{Role, Verdict},
+    state::{CreateAnswer, InvalidTransition, KillAnswer, MoveState, PodMoves},
+};
+
+/// One update of a Pod, like kubelet's `SyncPodType` plus a migrate kind.
+pub enum PodUpdate {
+    /// The API server's current version of the Pod.
+    Sync(Box<Pod>),
+    /// The Pod was removed from the API server.
+    Gone,
+    /// The runtime is about to create one of its containers.
+    Create {
+        /// The container.
+        container: ContainerIdentity,
+        /// The answer for `podmig-runc`.
+        reply: oneshot::Sender<Answer>,
+    },
+    /// The runtime is about to signal one of its containers.
+    Kill {
+        /// The container.
+        container: ContainerIdentity,
+        /// The answer for `podmig-runc`.
+        reply: oneshot::Sender<Answer>,
+    },
+    /// A restore this worker answered with ended.
+    Restored {
+        /// The container.
+        container: ContainerIdentity,
+        /// How it went.
+        result: RestoreResult,
+    },
+    /// Checkpoint containers of this Pod for a move (source side).
+    Migrate {
+        /// What to move, where.
+        order: MigrateOrder,
+        /// The first channel: the checkpoint, or why there is none.
+        prepared: oneshot::Sender<Result<Prepared, MoveError>>,
+    },
+    /// CRI `CheckpointContainer`: dump one container into a given directory.
+    Checkpoint {
+        /// runc id.
+        container_id: String,
+        /// Name within the Pod.
+        container: String,
+        /// Where and how.
+        options: CheckpointOptions,
+        /// The outcome.
+        reply: oneshot::Sender<podmig_cri_ext::Result<CheckpointReport>>,
+    },
+    /// CRI `RestoreContainer`: the next create of `container` restores `images`.
+    Arm {
+        /// Name within the Pod.
+        container: String,
+        /// The images.
+        images: PathBuf,
+        /// The outcome.
+        reply: oneshot::Sender<Result<(), InvalidTransition>>,
+    },
+}
+
+/// Where a moved Pod goes.
+#[derive(Debug, Clone, Default)]
+pub struct TargetRef {
+    /// Namespace of the target Pod.
+    pub namespace: String,
+    /// Name of the target Pod.
+    pub pod: String,
+    /// Its node.
+    pub node: String,
+}
+
+impl std::fmt::Display for TargetRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} on {}", self.namespace, self.pod, self.node)
+    }
+}
+
+/// A request to checkpoint a source Pod for a move.
+#[derive(Debug, Clone)]
+pub struct MigrateOrder {
+    /// Id of the move.
+    pub migration: String,
+    /// Containers to move; empty for all that run.
+    pub containers: Vec<String>,
+    /// The target.
+    pub target: TargetRef,
+    /// When the source stops waiting for the target's verdict and resumes.
+    pub deadline: Instant,
+    /// True when the verdict arrives over HTTP (the manager delivers it).
+    pub remote: bool,
+}
+
+/// A checkpoint ready to hand over.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Image directories per container.
+    pub images: Vec<(String, PathBuf)>,
+    /// When the source was frozen.
+    pub frozen_at: Instant,
+    /// Dump time.
+    pub checkpoint_ms: u64,
+    /// Bytes of images.
+    pub bytes: u64,
+    /// The second channel: the target's verdict.
+    pub verdict: Sender<Verdict>,
+}
+
+/// Why a source could not be checkpointed; nothing was frozen unless said.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MoveError {
+    /// A container to move does not run here.
+    #[error("{0}")]
+    NotRunning(String),
+    /// A move of the Pod is already under way.
+    #[error("{0}")]
+    Busy(String),
+    /// The dump failed (CRIU's reason); the containers keep running.
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
+}
+
+/// Where a restore's checkpoint came from, and so who learns its outcome.
+enum Handback {
+    /// An armed or stored checkpoint: delete it after success.
+    Drop,
+    /// The source's worker on this node waits for the verdict.
+    Local(Sender<Verdict>),
+    /// The source's daemon on `host` waits for the verdict on move `id`.
+    Remote { host: String, id: String },
+    /// A source resuming on its own node after a failed move.
+    Rollback,
+}
+
+struct PendingRestore {
+    handback: Handback,
+    images: PathBuf,
+    migration: String,
+    frozen_at: Option<Instant>,
+    report: MigrationReport,
+    source_uid: String,
+}
+
+struct ParkedKill {
+    container: String,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// A checkpoint that arrived for a target container.
+struct Arrival {
+    dir: PathBuf,
+    handback: Handback,
+    frozen_at: Option<Instant>,
+    report: MigrationReport,
+}
+
+fn deleting_with_finalizer(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_some()
+        && p.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|f| f == MIGRATE_FINALIZER))
+}
+
+fn has_finalizer(p: &Pod) -> bool {
+    p.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|f| f == MIGRATE_FINALIZER))
+}
+
+/// The deadline an RFC 3339 annotation names, as an `Instant`.
+pub fn deadline_from(annotation: Option<&String>, fallback: Duration) -> Instant {
+    let now = Instant::now();
+    annotation
+        .and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .map(|t| {
+            let left = (t - k8s_openapi::jiff::Timestamp::now()).get_milliseconds();
+            now + Duration::from_millis(left.max(1_000) as u64)
+        })
+        .unwrap_or(now + fallback)
+}
+
+/// The worker of one Pod.
+pub struct PodWorker<E> {
+    node: Arc<Node<E>>,
+    uid: String,
+    pod: Option<Pod>,
+    moves: PodMoves,
+    parked: Vec<ParkedKill>,
+    pending: HashMap<String, PendingRestore>,
+    gone: bool,
+}
+
+impl<E: CheckpointEngine> PodWorker<E> {
+    /// Starts the worker of Pod `uid` on its own thread.
+    pub fn spawn(node: Arc<Node<E>>, uid: String, rx: Receiver<PodUpdate>) {
+        let name = format!("pod-{}", uid.chars().take(8).collect::<String>());
+        let worker = Self {
+            node,
+            uid,
+            pod: None,
+            moves: PodMoves::default(),
+            parked: Vec::new(),
+            pending: HashMap::new(),
+            gone: false,
+        };
+        if let Err(error) = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker.run(rx))
+        {
+            tracing::error!(%error, "cannot start a pod worker");
+        }
+    }
+
+    fn run(mut self, rx: Receiver<PodUpdate>) {
+        loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(update) => self.handle(update),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.expire_parked();
+            if self.gone && self.node.retire_worker(&self.uid, &rx) {
+                return;
+            }
+        }
+    }
+
+    fn handle(&mut self, update: PodUpdate) {
+        match update {
+            PodUpdate::Sync(pod) => {
+                self.pod = Some(*pod);
+                self.reconsider_parked();
+                self.assert_migrated_status();
+            }
+            PodUpdate::Gone => {
+                for p in self.parked.drain(..) {
+                    let _ = p.reply.send(Answer::Pass(Pass {}));
+                    self.node.metrics.held_kills.dec();
+                }
+                for images in self.moves.drain_images() {
+                    self.node.store.remove(&images);
+                }
+                self.gone = true;
+            }
+            PodUpdate::Create { container, reply } => self.on_create(container, reply),
+            PodUpdate::Kill { container, reply } => self.on_kill(container, reply),
+            PodUpdate::Restored { container, result } => self.on_restored(&container, result),
+            PodUpdate::Migrate { order, prepared } => self.migrate(order, prepared),
+            PodUpdate::Checkpoint {
+                container_id,
+                container,
+                options,
+                reply,
+            } => {
+                let _ = reply.send(self.checkpoint_for_cri(&container_id, &container, &options));
+                self.reconsider_parked();
+            }
+            PodUpdate::Arm {
+                container,
+                images,
+                reply,
+            } => {
+                let _ = reply.send(self.moves.arm(&container, images));
+            }
+        }
+    }
+
+    // ---- kills ------------------------------------------------------------------------
+
+    /// True when kills of this Pod wait: it is being deleted and its finalizer says that
+    /// means migrating it. With `fresh`, a Pod the cache does not show as deleting is
+    /// read from the API server (kubelet may act on a deletion before our watch shows it).
+    fn held_by_finalizer(&mut self, c: Option<&ContainerIdentity>, fresh: bool) -> bool {
+        if self.pod.as_ref().is_some_and(deleting_with_finalizer) {
+            return true;
+        }
+        if !fresh || self.pod.as_ref().is_some_and(|p| !has_finalizer(p)) {
+            return false;
+        }
+        let Some(client) = self.node.kube.clone() else {
+            return false;
+        };
+        let (ns, name) = match (&self.pod, c) {
+            (Some(p), _) => (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone().unwrap_or_default(),
+            ),
+            (None, Some(c)) => (c.pod_namespace.clone(), c.pod_name.clone()),
+            (None, None) => return false,
+        };
+        if ns.is_empty() || name.is_empty() {
+            return false;
+        }
+        let api: kube::Api<Pod> = kube::Api::namespaced(client, &ns);
+        let got = self.node.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(3), api.get_opt(&name)).await
+        });
+        match got {
+            Ok(Ok(Some(p))) if p.metadata.uid.as_deref() == Some(self.uid.as_str()) => {
+                let held = deleting_with_finalizer(&p);
+                self.pod = Some(p);
+                held
+            }
+            Ok(Ok(_)) => false,
+            Ok(Err(error)) => {
+                tracing::warn!(pod_uid = %self.uid, %error, "cannot read the Pod; kill passes");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn on_kill(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
+        let answer = match MoveState::kill_answer(self.moves.get(&c.container_name)) {
+            KillAnswer::NoOp => Answer::NoOp(NoOp {}),
+            KillAnswer::Pass if !self.held_by_finalizer(Some(&c), true) => Answer::Pass(Pass {}),
+            KillAnswer::Pass | KillAnswer::Wait => {
+                tracing::info!(pod_uid = %self.uid, container = %c.container_name,
+                    "holding kill: the Pod is being deleted and will be migrated");
+                self.node.metrics.held_kills.inc();
+                self.parked.push(ParkedKill {
+                    container: c.container_name,
+                    reply,
+                });
+                return;
+            }
+        };
+        let _ = reply.send(answer);
+    }
+
+    /// Answers parked kills whose container or Pod no longer holds them.
+    fn reconsider_parked(&mut self) {
+        let held = self.held_by_finalizer(None, false);
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            let answer = match MoveState::kill_answer(self.moves.get(&p.container)) {
+                KillAnswer::NoOp => Some(Answer::NoOp(NoOp {})),
+                KillAnswer::Pass if !held => Some(Answer::Pass(Pass {})),
+                _ => None,
+            };
+            match answer {
+                Some(a) => {
+                    let _ = p.reply.send(a);
+                    self.node.metrics.held_kills.dec();
+                }
+                None => self.parked.push(p),
+            }
+        }
+    }
+
+    /// Drops parked kills whose runtime call gave up waiting (the hold timed out).
+    fn expire_parked(&mut self) {
+        let before = self.parked.len();
+        self.parked.retain(|p| !p.reply.is_closed());
+        for _ in self.parked.len()..before {
+            self.node.metrics.held_kills.dec();
+        }
+    }
+
+    // ---- creates and restores ---------------------------------------------------------
+
+    fn on_create(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
+        let name = c.container_name.clone();
+        let target = c
+            .annotations
+            .get(ANNOTATION_MIGRATE_FROM)
+            .is_some_and(|v| !v.is_empty());
+        let state = self.moves.get(&name).cloned();
+        match MoveState::create_answer(state.as_ref(), target) {
+            CreateAnswer::Pass => {
+                let _ = reply.send(Answer::Pass(Pass {}));
+            }
+            CreateAnswer::Wait => {
+                // Cannot happen while this worker handles the create (it is not dumping).
+                let _ = reply.send(Answer::Refuse(Refuse {
+                    reason: "the container is being checkpointed".into(),
+                }));
+            }
+            CreateAnswer::Refuse(reason) => {
+                tracing::info!(pod_uid = %self.uid, container = %name, %reason, "refusing create");
+                let _ = reply.send(Answer::Refuse(Refuse { reason }));
+            }
+            CreateAnswer::Restore(images) => {
+                let rollback = matches!(state, Some(MoveState::RollingBack { .. }));
+                let migration = match &state {
+                    Some(MoveState::RollingBack { migration, .. }) => migration.clone(),
+                    _ => String::new(),
+                };
+                if let Err(e) = self.moves.begin_restore(&name, images.clone()) {
+                    let _ = reply.send(Answer::Refuse(Refuse {
+                        reason: e.to_string(),
+                    }));
+                    return;
+                }
+                tracing::info!(pod_uid = %self.uid, container = %name, images = %images.display(),
+                    rollback, "restoring container");
+                self.pending.insert(
+                    name,
+                    PendingRestore {
+                        handback: if rollback {
+                            Handback::Rollback
+                        } else {
+                            Handback::Drop
+                        },
+                        images: images.clone(),
+                        migration,
+                        frozen_at: None,
+                        report: MigrationReport::default(),
+                        source_uid: String::new(),
+                    },
+                );
+                let _ = reply.send(restore_from(&images));
+            }
+            CreateAnswer::Fetch => self.fetch(c, reply),
+        }
+    }
+
+    /// A migration target's container: get the source's checkpoint — from the store, from
+    /// the source's worker on this node, or from the source node's daemon — and restore it.
+    fn fetch(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
+        let name = c.container_name.clone();
+        let ann = &c.annotations;
+        let source_uid = ann
+            .get(ANNOTATION_MIGRATE_FROM)
+            .cloned()
+            .unwrap_or_default();
+        let source_node = ann
+            .get(ANNOTATION_SOURCE_NODE)
+            .filter(|n| !n.is_empty())
+            .cloned();
+        let id = ann
+            .get(ANNOTATION_MIGRATION_ID)
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| self.uid.clone());
+        let deadline = deadline_from(
+            ann.get(ANNOTATION_MIGRATION_DEADLINE),
+            self.node.settings.hold,
+        );
+        if let Err(e) = self.moves.begin_receive(&name, &id) {
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: e.to_string(),
+            }));
+            return;
+        }
+        let info = MoveInfo {
+            id: id.clone(),
+            namespace: c.pod_namespace.clone(),
+            pod: c.pod_name.clone(),
+            pod_uid: self.uid.clone(),
+            peer_node: source_node.clone(),
+            state: "Checkpointing".into(),
+            ..Default::default()
+        };
+        if let Err(busy) = self.node.manager.begin(Role::Target, info)
+            && busy.0 != id
+        {
+            let _ = self.moves.abandon(&name, &busy.to_string());
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: busy.to_string(),
+            }));
+            return;
+        }
+        self.node
+            .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Checkpointing);
+        tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
+            source_pod_uid = %source_uid, source_node = ?source_node, "fetching checkpoint for a migration target");
+        let local_node = self.node.settings.node_name.clone();
+        let stored = self
+            .node
+            .store
+            .path_for(&source_uid, &name)
+            .filter(|d| self.node.store.has_checkpoint(d));
+        let running_here =
+            find_container(&self.node.settings.runc_root, &source_uid, &name).is_some();
+        let result = if source_uid == self.uid {
+            Err("a Pod cannot be its own migration source".to_owned())
+        } else if let Some(dir) = stored {
+            let bytes = dir_size(&dir);
+            Ok(Arrival {
+                dir,
+                handback: Handback::Drop,
+                frozen_at: None,
+                report: MigrationReport {
+                    bytes,
+                    ..Default::default()
+                },
+            })
+        } else if running_here {
+            self.fetch_local(&c, &source_uid, &id, deadline)
+        } else if let Some(node) = source_node.filter(|n| *n != local_node) {
+            self.fetch_remote(&c, &source_uid, &node, &id, deadline)
+        } else {
+            Err(format!(
+                "no checkpoint of container {name:?} of source pod {source_uid} on this node and \
+                 no running source to take one from"
+            ))
+        };
+        let arrival = match result {
+            Ok(a) if reply.is_closed() => {
+                // The runtime stopped waiting: nobody will restore this; resume the source.
+                self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
+                if matches!(a.handback, Handback::Remote { .. }) {
+                    self.node.store.remove(&a.dir);
+                }
+                Err("the target's runtime stopped waiting for the checkpoint".to_owned())
+            }
+            other => other,
+        };
+        match arrival {
+            Err(reason) => {
+                tracing::warn!(pod_uid = %self.uid, container = %name, migration = %id, %reason, "migration target refused");
+                let _ = self.moves.abandon(&name, &reason);
+                self.node
+                    .manager
+                    .finish(Role::Target, &id, "Failed", Some(reason.clone()));
+                self.node.metrics.moved("target", "failed");
+                self.node.report_done(
+                    &c.pod_namespace,
+                    &c.pod_name,
+                    &MigrationReport {
+                        error: Some(reason.clone()),
+                        ..Default::default()
+                    },
+                );
+                let _ = reply.send(Answer::Refuse(Refuse { reason }));
+            }
+            Ok(a) => {
+                if let Err(e) = self.moves.begin_restore(&name, a.dir.clone()) {
+                    let _ = reply.send(Answer::Refuse(Refuse {
+                        reason: e.to_string(),
+                    }));
+                    return;
+                }
+                self.node.manager.update(Role::Target, &id, |i| {
+                    i.state = "Restoring".into();
+                    i.report = a.report.clone();
+                });
+                self.node
+                    .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Restoring);
+                tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
+                    since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    "restoring container");
+                let _ = reply.send(restore_from(&a.dir));
+                self.pending.insert(
+                    name,
+                    PendingRestore {
+                        handback: a.handback,
+                        images: a.dir,
+                        migration: id,
+                        frozen_at: a.frozen_at,
+                        report: a.report,
+                        source_uid,
+                    },
+                );
+            }
+        }
+    }
+
+    fn fetch_local(
+        &mut self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<Arrival, String> {
+        let (tx, rx) = oneshot::channel();
+        let order = MigrateOrder {
+            migration: id.into(),
+            containers: vec![c.container_name.clone()],
+            target: TargetRef {
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                node: self.node.settings.node_name.clone(),
+            },
+            deadline,
+            remote: false,
+        };
+        self.node.dispatch(
+            source_uid,
+            PodUpdate::Migrate {
+                order,
+                prepared: tx,
+            },
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        let prepared = match self
+            .node
+            .rt
+            .block_on(async { tokio::time::timeout(left, rx).await })
+        {
+            Err(_) => return Err("the source's checkpoint did not come before the deadline".into()),
+            Ok(Err(_)) => return Err("the source's worker went away".into()),
+            Ok(Ok(Err(e))) => return Err(e.to_string()),
+            Ok(Ok(Ok(p))) => p,
+        };
+        let dir = prepared
+            .images
+            .first()
+            .map(|(_, d)| d.clone())
+            .ok_or("the source handed over no images")?;
+        Ok(Arrival {
+            dir,
+            frozen_at: Some(prepared.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: prepared.checkpoint_ms,
+                bytes: prepared.bytes,
+                ..Default::default()
+            },
+            handback: Handback::Local(prepared.verdict),
+        })
+    }
+
+    fn fetch_remote(
+        &mut self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        source_node: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<Arrival, String> {
+        let peers = self
+            .node
+            .peers
+            .clone()
+            .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
+        let host = self.node.node_address(source_node)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let req = MigrateRequest {
+            containers: vec![c.container_name.clone()],
+            handover: Some(Handover {
+                migration_id: id.into(),
+                target_namespace: c.pod_namespace.clone(),
+                target_pod: c.pod_name.clone(),
+                target_pod_uid: self.uid.clone(),
+                target_node: self.node.settings.node_name.clone(),
+                timeout_seconds: left.as_secs().max(1) as u32,
+            }),
+            ..Default::default()
+        };
+        let node = self.node.clone();
+        let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
+        let (target_uid, want) = (self.uid.clone(), c.container_name.clone());
+        let store = self.node.store.clone();
+        let fetched = self.node.rt.block_on(peers.fetch(
+            &host,
+            source_uid,
+            &req,
+            left,
+            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
+            move |container| {
+                (container == want)
+                    .then(|| store.path_for(&target_uid, container))
+                    .flatten()
+            },
+        ));
+        let f = fetched.map_err(|e| e.to_string())?;
+        self.node.metrics.phase_ms("transfer", f.transfer_ms);
+        let dir = f
+            .dirs
+            .first()
+            .map(|(_, d)| d.clone())
+            .ok_or("the source handed over no images")?;
+        Ok(Arrival {
+            dir,
+            frozen_at: Some(f.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: f.checkpoint_ms,
+                transfer_ms: f.transfer_ms,
+                bytes: f.bytes,
+                ..Default::default()
+            },
+            handback: Handback::Remote {
+                host,
+                id: id.into(),
+            },
+        })
+    }
+
+    /// Tells the source how the restore of its checkpoint went.
+    fn hand_back(&self, handback: &Handback, ok: bool, error: &str) {
+        let verdict = if ok {
+            Verdict::Commit
+        } else {
+            Verdict::Abort(error.into())
+        };
+        match handback {
+            Handback::Local(tx) => {
+                let _ = tx.send(verdict);
+            }
+            Handback::Remote { host, id } => {
+                if let Some(peers) = &self.node.peers {
+                    let body = CompleteRequest {
+                        ok,
+                        error: (!ok).then(|| error.to_owned()),
+                    };
+                    if let Err(error) = self.node.rt.block_on(peers.complete(host, id, &body)) {
+                        tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
+                    }
+                }
+            }
+            Handback::Drop | Handback::Rollback => {}
+        }
+    }
+
+    fn on_restored(&mut self, c: &ContainerIdentity, result: RestoreResult) {
+        let name = &c.container_name;
+        let Some(p) = self.pending.remove(name) else {
+            tracing::warn!(pod_uid = %self.uid, container = %name, "restore report for an unknown restore");
+            return;
+        };
+        if let Err(e) = self.moves.restored(name, result.ok) {
+            tracing::warn!(pod_uid = %self.uid, error = %e, "restore outcome in an unexpected state");
+        }
+        let frozen_ms = p.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        self.node.manager.record_restore(RestoreRecord {
+            pod_uid: self.uid.clone(),
+            container_name: name.clone(),
+            container_id: c.container_id.clone(),
+            source_pod_uid: p.source_uid.clone(),
+            checkpoint_ms: p.report.checkpoint_ms,
+            restore_ms: result.duration_ms,
+            frozen_ms,
+            image_bytes: p.report.bytes,
+            ok: result.ok,
+            error: result.error.clone(),
+        });
+        self.node.metrics.phase_ms("restore", result.duration_ms);
+        match &p.handback {
+            Handback::Rollback => {
+                if result.ok {
+                    tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                        "container resumed on its own node after the failed move");
+                    self.node.store.remove(&p.images);
+                } else {
+                    tracing::warn!(pod_uid = %self.uid, container = %name, error = %result.error,
+                        "rollback restore failed; its checkpoint is kept for the next attempt");
+                }
+                return;
+            }
+            Handback::Drop => {
+                if result.ok {
+                    self.node.store.remove(&p.images);
+                } else {
+                    tracing::warn!(pod_uid = %self.uid, error = %result.error, "restore failed; checkpoint kept");
+                }
+            }
+            Handback::Remote { .. } => self.node.store.remove(&p.images),
+            Handback::Local(_) => {}
+        }
+        self.hand_back(&p.handback, result.ok, &result.error);
+        if p.migration.is_empty() || p.source_uid.is_empty() {
+            return;
+        }
+        let report = MigrationReport {
+            restore_ms: result.duration_ms,
+            frozen_ms,
+            error: (!result.ok).then(|| {
+                format!(
+                    "restore on {}: {}",
+                    self.node.settings.node_name, result.error
+                )
+            }),
+            ..p.report
+        };
+        if result.ok {
+            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                restore_ms = result.duration_ms, frozen_ms, "container restored");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+        } else {
+            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                error = %result.error, "restore failed; the source resumes");
+        }
+        let outcome = if result.ok { "Succeeded" } else { "Failed" };
+        self.node
+            .manager
+            .update(Role::Target, &p.migration, |i| i.report = report.clone());
+        self.node
+            .manager
+            .finish(Role::Target, &p.migration, outcome, report.error.clone());
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node
+            .report_done(&c.pod_namespace, &c.pod_name, &report);
+    }
+
+    // ---- the source side of a move ----------------------------------------------------
+
+    fn migrate(
+        &mut self,
+        order: MigrateOrder,
+        prepared: oneshot::Sender<Result<Prepared, MoveError>>,
+    ) {
+        let id = order.migration.clone();
+        let running = running_containers(&self.node.settings.runc_root, &self.uid);
+        let wanted: Vec<(String, String)> = if order.containers.is_empty() {
+            running
+        } else {
+            let mut out = Vec::new();
+            for name in &order.containers {
+                match running.iter().find(|(_, n)| n == name) {
+                    Some(c) => out.push(c.clone()),
+                    None => {
+                        let _ = prepared.send(Err(MoveError::NotRunning(format!(
+                            "container {name:?} of pod {} is not running on this node",
+                            self.uid
+                        ))));
+                        return;
+                    }
+                }
+            }
+            out
+        };
+        if wanted.is_empty() {
+            let _ = prepared.send(Err(MoveError::NotRunning(format!(
+                "no container of pod {} runs on this node",
+                self.uid
+            ))));
+            return;
+        }
+        for (i, (_, name)) in wanted.iter().enumerate() {
+            if let Err(e) = self.moves.begin_checkpoint(name, &id) {
+                for (_, n) in &wanted[..i] {
+                    let _ = self.moves.keep_running(n);
+                }
+                let _ = prepared.send(Err(MoveError::Busy(e.to_string())));
+                return;
+            }
+        }
+        let (ns, pod) = self.pod.as_ref().map_or_else(Default::default, |p| {
+            (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                p.metadata.name.clone().unwrap_or_default(),
+            )
+        });
+        let info = MoveInfo {
+            id: id.clone(),
+            namespace: ns,
+            pod,
+            pod_uid: self.uid.clone(),
+            peer_node: Some(order.target.node.clone()),
+            state: "Checkpointing".into(),
+            ..Default::default()
+        };
+        if let Err(busy) = self.node.manager.begin(Role::Source, info) {
+            for (_, n) in &wanted {
+                let _ = self.moves.keep_running(n);
+            }
+            let _ = prepared.send(Err(MoveError::Busy(busy.to_string())));
+            return;
+        }
+        tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target,
+            containers = ?wanted.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
+        let frozen_at = Instant::now();
+        let engine = self.node.engine.clone();
+        let jobs: Vec<(String, String, PathBuf)> = wanted
+            .iter()
+            .filter_map(|(cid, name)| {
+                Some((
+                    cid.clone(),
+                    name.clone(),
+                    self.node.store.path_for(&self.uid, name)?,
+                ))
+            })
+            .collect();
+        let results: Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> =
+            std::thread::scope(|s| {
+                let handles: Vec<_> = jobs
+                    .iter()
+                    .map(|(cid, name, dir)| {
+                        let engine = engine.clone();
+                        let options = CheckpointOptions {
+                            image_path: dir.clone(),
+                            ..Default::default()
+                        };
+                        (
+                            name.clone(),
+                            dir.clone(),
+                            s.spawn(move || engine.checkpoint(cid, &options)),
+                        )
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(name, dir, h)| {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(podmig_cri_ext::Error::CheckpointFailed(
+                                "dump thread panicked".into(),
+                            ))
+                        });
+                        (name, dir, r)
+                    })
+                    .collect()
+            });
+        let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
+        let failure = results
+            .iter()
+            .find_map(|(name, _, r)| r.as_ref().err().map(|e| format!("container {name:?}: {e}")))
+            .or_else(|| (results.len() != wanted.len()).then(|| "bad container name".to_owned()));
+        if let Some(reason) = failure {
+            for (name, dir, r) in &results {
+                if r.is_ok() {
+                    // Dumped (and so stopped) while another failed: resume it from its images.
+                    let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
+                    let _ = self.moves.roll_back(name);
+                } else {
+                    let _ = self.moves.keep_running(name);
+                }
+            }
+            tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
+            self.node
+                .manager
+                .finish(Role::Source, &id, "Failed", Some(reason.clone()));
+            self.node.metrics.moved("source", "failed");
+            let _ = prepared.send(Err(MoveError::Checkpoint(reason)));
+            self.reconsider_parked();
+            return;
+        }
+        let bytes: u64 = results
+            .iter()
+            .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.image_bytes))
+            .sum();
+        self.node.metrics.checkpoint_bytes.inc_by(bytes);
+        self.node.metrics.phase_ms("checkpoint", checkpoint_ms);
+        let images: Vec<(String, PathBuf)> = results.into_iter().map(|(n, d, _)| (n, d)).collect();
+        for (name, dir) in &images {
+            let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
+        }
+        self.node.manager.update(Role::Source, &id, |i| {
+            i.state = "Transferring".into();
+            i.report.checkpoint_ms = checkpoint_ms;
+            i.report.bytes = bytes;
+        });
+        tracing::info!(pod_uid = %self.uid, migration = %id, checkpoint_ms, bytes, "checkpoint handed over");
+        let (vtx, vrx) = crossbeam_channel::bounded(1);
+        if order.remote {
+            self.node.manager.await_verdict(&id, vtx.clone());
+        }
+        let sent = prepared.send(Ok(Prepared {
+            images: images.clone(),
+            frozen_at,
+            checkpoint_ms,
+            bytes,
+            verdict: vtx,
+        }));
+        let verdict = if sent.is_err() {
+            Verdict::Abort("the requester went away before the handover".into())
+        } else {
+            match vrx.recv_deadline(order.deadline) {
+                Ok(v) => v,
+                Err(_) => self.verdict_without_answer(&order),
+            }
+        };
+        if order.remote {
+            self.node.manager.deliver(&id, Verdict::Commit); // drops the kept sender
+        }
+        match verdict {
+            Verdict::Commit => {
+                for (name, _) in &images {
+                    match self.moves.commit(name, &order.target.to_string()) {
+                        Ok(dir) => self.node.store.remove(&dir),
+                        Err(e) => tracing::warn!(error = %e, "commit in an unexpected state"),
+                    }
+                }
+                tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
+                self.node
+                    .manager
+                    .finish(Role::Source, &id, "Succeeded", None);
+                self.node.metrics.moved("source", "succeeded");
+                self.assert_migrated_status();
+            }
+            Verdict::Abort(why) => {
+                for (name, _) in &images {
+                    let _ = self.moves.roll_back(name);
+                }
+                tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
+                    "move failed after the freeze; the source resumes from its checkpoint");
+                self.node
+                    .manager
+                    .finish(Role::Source, &id, "RolledBack", Some(why.clone()));
+                self.node.metrics.moved("source", "rolled_back");
+                if order.remote {
+                    // The target may be gone: make sure its Migration learns it.
+                    self.node.report_done(
+                        &order.target.namespace,
+                        &order.target.pod,
+                        &MigrationReport {
+                            checkpoint_ms,
+                            bytes,
+                            error: Some(format!("rolled back on the source: {why}")),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+        self.reconsider_parked();
+    }
+
+    /// No verdict came by the deadline: the target Pod's reported phase decides.
+    fn verdict_without_answer(&self, order: &MigrateOrder) -> Verdict {
+        let no_answer = Verdict::Abort("no verdict from the target before the deadline".into());
+        let Some(client) = self.node.kube.clone() else {
+            return no_answer;
+        };
+        let api: kube::Api<Pod> = kube::Api::namespaced(client, &order.target.namespace);
+        let got = self.node.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), api.get_opt(&order.target.pod)).await
+        });
+        let phase = match got {
+            Ok(Ok(Some(p))) => p
+                .metadata
+                .annotations
+                .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE).cloned()),
+            _ => None,
+        };
+        match phase.as_deref().and_then(DaemonPhase::parse) {
+            Some(DaemonPhase::Restored) => Verdict::Commit,
+            _ => no_answer,
+        }
+    }
+
+    fn checkpoint_for_cri(
+        &mut self,
+        container_id: &str,
+        container: &str,
+        options: &CheckpointOptions,
+    ) -> podmig_cri_ext::Result<CheckpointReport> {
+        self.moves
+            .begin_checkpoint(container, "cri")
+            .map_err(|e| podmig_cri_ext::Error::Refused(e.to_string()))?;
+        let result = self.node.engine.checkpoint(container_id, options);
+        match &result {
+            Ok(report) if !options.leave_running => {
+                let _ =
+                    self.moves
+                        .handed_over(container, options.image_path.clone(), Instant::now());
+                // The caller owns the images; the container is gone from here.
+                let _ = self.moves.commit(container, "a CRI CheckpointContainer");
+                self.node
+                    .metrics
+                    .checkpoint_bytes
+                    .inc_by(report.image_bytes);
+                tracing::info!(
+                    container_id,
+                    dump_ms = report.duration.as_millis() as u64,
+                    image_bytes = report.image_bytes,
+                    "container checkpointed"
+                );
+            }
+            Ok(_) => {
+                let _ = self.moves.keep_running(container);
+            }
+            Err(error) => {
+                let _ = self.moves.keep_running(container);
+                tracing::warn!(container_id, %error, "checkpoint failed");
+            }
+        }
+        result
+    }
+
+    /// The source Pod's containers that moved show `Terminated` with reason `Migrated`
+    /// and the Pod is not Ready, so Services drop it and nobody alerts on a crash loop.
+    /// Written again whenever the kubelet's own status write changed it back.
+    fn assert_migrated_status(&self) {
+        let migrated: HashMap<&String, &String> = self
+            .moves
+            .iter()
+            .filter_map(|(n, s)| match s {
+                MoveState::MigratedAway { target, .. } => Some((n, target)),
+                _ => None,
+            })
+            .collect();
+        let Some(pod) = &self.pod else { return };
+        if migrated.is_empty() {
+            return;
+        }
+        let status = pod.status.clone().unwrap_or_default();
+        let statuses = status.container_statuses.clone().unwrap_or_default();
+        let shows = |name: &String| {
+            statuses.iter().any(|s| {
+                &s.name == name
+                    && s.state
+                        .as_ref()
+                        .and_then(|st| st.terminated.as_ref())
+                        .is_some_and(|t| t.reason.as_deref() == Some(REASON_MIGRATED))
+            })
+        };
+        if migrated.keys().all(|n| shows(n)) {
+            return;
+        }
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let spec_names: Vec<String> = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default();
+        let new_statuses: Vec<serde_json::Value> = spec_names
+            .iter()
+            .map(|name| {
+                let old = statuses.iter().find(|s| &s.name == name);
+                let mut v = old
+                    .and_then(|o| serde_json::to_value(o).ok())
+                    .unwrap_or_else(
+                        || json!({"name": name, "image": "", "imageID": "", "restartCount": 0}),
+                    );
+                if let Some(target) = migrated.get(name) {
+                    v["ready"] = json!(false);
+                    v["started"] = json!(false);
+                    v["state"] = json!({"terminated": {"exitCode": 0, "reason": REASON_MIGRATED,
+                        "message": format!("moved to {target}"), "finishedAt": now}});
+                }
+                v
+            })
+            .collect();
+        let mut conditions: Vec<serde_json::Value> = status
+            .conditions
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .filter(|c| c["type"] != "Ready" && c["type"] != "ContainersReady")
+            .collect();
+        for ty in ["Ready", "ContainersReady"] {
+            conditions.push(
+                json!({"type": ty, "status": "False", "reason": REASON_MIGRATED,
+                "message": "the Pod's containers were migrated", "lastTransitionTime": now}),
+            );
+        }
+        if let Some(r) = &self.node.reporter {
+            r.status(
+                pod.metadata.namespace.as_deref().unwrap_or_default(),
+                pod.metadata.name.as_deref().unwrap_or_default(),
+                json!({"containerStatuses": new_statuses, "conditions": conditions}),
+            );
+        }
+    }
+}
+
+fn restore_from(images: &std::path::Path) -> Answer {
+    Answer::RestoreFrom(RestoreFrom {
+        image_path: images.display().to_string(),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,453 @@
+//! Carrying a checkpoint from node to node without shared storage: the source streams its
+//! image directories as one body of frames over the daemons' HTTPS connection; the target
+//! writes them root-only into its own store and checks a SHA-256 over the whole stream,
+//! so a cut or altered stream is never restored.
+//!
+//! Wire format (all integers big-endian):
+//! - file:  `b'F'`, u16 length + container name, u16 length + file name, u32 mode,
+//!   u64 size, then `size` bytes of content;
+//! - end:   `b'E'`, then 32 bytes: SHA-256 of every byte before them.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use bytes::Bytes;
+use ring::digest::{Context, SHA256};
+
+/// Size of the chunks the sender reads and sends.
+const CHUNK: usize = 1 << 20;
+/// Longest container or file name accepted.
+const MAX_NAME: usize = 255;
+
+/// What can go wrong while carrying a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    /// Reading or writing an image file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The other side went away before the stream ended.
+    #[error("the checkpoint stream was cut: {0}")]
+    Cut(String),
+    /// The stream does not follow the format, or names something it must not.
+    #[error("malformed checkpoint stream: {0}")]
+    Malformed(String),
+    /// The digest at the end does not match the bytes received.
+    #[error("checkpoint stream digest mismatch: the images were altered or cut")]
+    Digest,
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TransferError + 'a {
+    move |source| TransferError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME
+        && s != "."
+        && s != ".."
+        && !s.contains('/')
+        && !s.contains('\0')
+}
+
+/// Streams the image directories (container name, directory) into `send`, chunk by
+/// chunk; returns the bytes of image content sent. Blocking: run it off the async runtime.
+/// `send` returns false when the receiver is gone, which ends the stream with [`TransferError::Cut`].
+pub fn send_images(
+    dirs: &[(String, PathBuf)],
+    mut send: impl FnMut(Bytes) -> bool,
+) -> Result<u64, TransferError> {
+    let mut digest = Context::new(&SHA256);
+    let mut push = |b: Vec<u8>, digest: &mut Context| -> Result<(), TransferError> {
+        digest.update(&b);
+        if send(Bytes::from(b)) {
+            Ok(())
+        } else {
+            Err(TransferError::Cut("the receiver went away".into()))
+        }
+    };
+    let mut total = 0;
+    for (container, dir) in dirs {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .map_err(io("read", dir))?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .collect();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for entry in entries {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let meta = entry.metadata().map_err(io("stat", &path))?;
+            let mut header = vec![b'F'];
+            for s in [container.as_str(), name.as_str()] {
+                header.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                header.extend_from_slice(s.as_bytes());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            header.extend_from_slice(&(meta.permissions().mode() & 0o777).to_be_bytes());
+            header.extend_from_slice(&meta.len().to_be_bytes());
+            push(header, &mut digest)?;
+            let mut f = File::open(&path).map_err(io("open", &path))?;
+            let mut left = meta.len();
+            while left > 0 {
+                let mut buf = vec![0u8; CHUNK.min(left as usize)];
+                f.read_exact(&mut buf).map_err(io("read", &path))?;
+                left -= buf.len() as u64;
+                total += buf.len() as u64;
+                push(buf, &mut digest)?;
+            }
+        }
+    }
+    let mut end = vec![b'E'];
+    digest.update(&end);
+    end.extend_from_slice(digest.finish().as_ref());
+    if !send(Bytes::from(end)) {
+        return Err(TransferError::Cut("the receiver went away".into()));
+    }
+    Ok(total)
+}
+
+enum Parse {
+    /// Waiting for a frame header.
+    Header,
+    /// Inside a file's content.
+    Content {
+        file: File,
+        path: PathBuf,
+        left: u64,
+    },
+    /// The end frame's digest is being read.
+    Digest { expected: Vec<u8> },
+    /// The stream ended and checked out.
+    Done,
+}
+
+/// Receives a checkpoint stream chunk by chunk into directories of a root-only store.
+pub struct Receiver<F> {
+    dest: F,
+    buf: Vec<u8>,
+    digest: Option<Context>,
+    state: Parse,
+    bytes: u64,
+    dirs: Vec<(String, PathBuf)>,
+}
+
+impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
+    /// A receiver writing container `c`'s images into `dest(c)` (created 0700; `None`
+    /// refuses the container).
+    pub fn new(dest: F) -> Self {
+        Self {
+            dest,
+            buf: Vec::new(),
+            digest: Some(Context::new(&SHA256)),
+            state: Parse::Header,
+            bytes: 0,
+            dirs: Vec::new(),
+        }
+    }
+
+    /// Bytes of image content received so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn hash(&mut self, b: &[u8]) {
+        if let Some(d) = &mut self.digest {
+            d.update(b);
+        }
+    }
+
+    /// Feeds the next chunk of the stream.
+    pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), TransferError> {
+        while !chunk.is_empty() {
+            match &mut self.state {
+                Parse::Done => return Err(TransferError::Malformed("data after the end".into())),
+                Parse::Content { file, path, left } => {
+                    let n = chunk.len().min(*left as usize);
+                    file.write_all(&chunk[..n]).map_err(io("write", path))?;
+                    *left -= n as u64;
+                    self.bytes += n as u64;
+                    let (data, rest) = chunk.split_at(n);
+                    if *left == 0 {
+                        self.state = Parse::Header;
+                    }
+                    self.hash(data);
+                    chunk = rest;
+                }
+                Parse::Digest { expected } => {
+                    let n = chunk.len().min(32 - expected.len());
+                    expected.extend_from_slice(&chunk[..n]);
+                    chunk = &chunk[n..];
+                    if expected.len() == 32 {
+                        let expected = std::mem::take(expected);
+                        let got = self.digest.take().map(Context::finish);
+                        if got.as_ref().map(|d| d.as_ref()) != Some(expected.as_slice()) {
+                            return Err(TransferError::Digest);
+                        }
+                        self.state = Parse::Done;
+                    }
+                }
+                Parse::Header => {
+                    self.buf.extend_from_slice(chunk);
+                    chunk = &[];
+                    self.parse_headers()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes complete headers from `buf`; leftover content bytes are fed back.
+    fn parse_headers(&mut self) -> Result<(), TransferError> {
+        loop {
+            if !matches!(self.state, Parse::Header) || self.buf.is_empty() {
+                return Ok(());
+            }
+            match self.buf[0] {
+                b'E' => {
+                    let rest = self.buf.split_off(1);
+                    let tag = std::mem::take(&mut self.buf);
+                    self.hash(&tag);
+                    self.state = Parse::Digest {
+                        expected: Vec::new(),
+                    };
+                    return self.feed(&rest);
+                }
+                b'F' => {
+                    let Some((container, name, mode, size, used)) = parse_file_header(&self.buf)?
+                    else {
+                        return Ok(()); // incomplete: wait for more
+                    };
+                    let header: Vec<u8> = self.buf.drain(..used).collect();
+                    self.hash(&header);
+                    let dir = self.dir_for(&container)?;
+                    let path = dir.join(&name);
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode & 0o700)
+                        .open(&path)
+                        .map_err(io("create", &path))?;
+                    self.state = if size == 0 {
+                        Parse::Header
+                    } else {
+                        Parse::Content {
+                            file,
+                            path,
+                            left: size,
+                        }
+                    };
+                    let rest = std::mem::take(&mut self.buf);
+                    if !matches!(self.state, Parse::Header) {
+                        return self.feed(&rest);
+                    }
+                    self.buf = rest;
+                }
+                other => {
+                    return Err(TransferError::Malformed(format!(
+                        "unknown frame tag {other:#x}"
+                    )));
+                }
+            }
+        }
+    }
+
+    fn dir_for(&mut self, container: &str) -> Result<PathBuf, TransferError> {
+        if let Some((_, d)) = self.dirs.iter().find(|(c, _)| c == container) {
+            return Ok(d.clone());
+        }
+        let dir = (self.dest)(container).ok_or_else(|| {
+            TransferError::Malformed(format!("container {container:?} was not asked for"))
+        })?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
+        }
+        podmig_cri_ext::engine::create_private_dir(&dir).map_err(|e| TransferError::Io {
+            op: "create",
+            path: dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.dirs.push((container.into(), dir.clone()));
+        Ok(dir)
+    }
+
+    /// Ends the stream: the directories written, per container, when it was complete and
+    /// its digest matched. On error the caller removes [`Receiver::written`].
+    pub fn finish(self) -> Result<(Vec<(String, PathBuf)>, u64), TransferError> {
+        match self.state {
+            Parse::Done => Ok((self.dirs, self.bytes)),
+            _ => Err(TransferError::Cut(
+                "the stream ended before its end frame".into(),
+            )),
+        }
+    }
+
+    /// The directories written so far (to remove after a failure).
+    pub fn written(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.clone()).collect()
+    }
+}
+
+type FileHeader = (String, String, u32, u64, usize);
+
+fn parse_file_header(b: &[u8]) -> Result<Option<FileHeader>, TransferError> {
+    let mut at = 1;
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let Some(len) = b.get(at..at + 2) else {
+            return Ok(None);
+        };
+        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+        at += 2;
+        let Some(raw) = b.get(at..at + len) else {
+            return Ok(None);
+        };
+        let s = std::str::from_utf8(raw)
+            .map_err(|_| TransferError::Malformed("name is not UTF-8".into()))?;
+        if !safe_name(s) {
+            return Err(TransferError::Malformed(format!("unsafe name {s:?}")));
+        }
+        names.push(s.to_owned());
+        at += len;
+    }
+    let Some(fixed) = b.get(at..at + 12) else {
+        return Ok(None);
+    };
+    let mode = u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&fixed[4..12]);
+    let name = names.pop().unwrap_or_default();
+    let container = names.pop().unwrap_or_default();
+    Ok(Some((
+        container,
+        name,
+        mode,
+        u64::from_be_bytes(size),
+        at + 12,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images(root: &Path) -> Vec<(String, PathBuf)> {
+        let a = root.join("src/a");
+        let b = root.join("src/b");
+        std::fs::create_dir_all(&a).expect("mkdir");
+        std::fs::create_dir_all(&b).expect("mkdir");
+        std::fs::write(a.join("inventory.img"), b"inv").expect("w");
+        std::fs::write(
+            a.join("pages-1.img"),
+            (0..3_000_000u32).map(|i| i as u8).collect::<Vec<_>>(),
+        )
+        .expect("w");
+        std::fs::write(b.join("empty.img"), b"").expect("w");
+        vec![("a".into(), a), ("b".into(), b)]
+    }
+
+    fn stream(dirs: &[(String, PathBuf)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        send_images(dirs, |b| {
+            out.extend_from_slice(&b);
+            true
+        })
+        .expect("send");
+        out
+    }
+
+    fn receive(
+        root: &Path,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<(Vec<(String, PathBuf)>, u64), TransferError> {
+        let dst = root.join("dst");
+        let mut r = Receiver::new(|c: &str| Some(dst.join(c)));
+        for c in data.chunks(chunk) {
+            r.feed(c)?;
+        }
+        r.finish()
+    }
+
+    #[test]
+    fn images_arrive_intact_whatever_the_chunking() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dirs = images(tmp.path());
+        let data = stream(&dirs);
+        for chunk in [1, 7, 4096, 1 << 20, data.len()] {
+            let (got, bytes) = receive(tmp.path(), &data, chunk).expect("receive");
+            assert_eq!(bytes, 3_000_003);
+            assert_eq!(got.len(), 2);
+            let pages = std::fs::read(got[0].1.join("pages-1.img")).expect("read");
+            assert_eq!(
+                pages,
+                std::fs::read(dirs[0].1.join("pages-1.img")).expect("r")
+            );
+            assert!(got[1].1.join("empty.img").is_file());
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&got[0].1)
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "root-only");
+        }
+    }
+
+    #[test]
+    fn a_cut_or_altered_stream_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = stream(&images(tmp.path()));
+        let cut = receive(tmp.path(), &data[..data.len() - 10], 4096).expect_err("cut");
+        assert!(matches!(cut, TransferError::Cut(_)), "{cut}");
+        let mut bad = data.clone();
+        bad[200] ^= 1;
+        let err = receive(tmp.path(), &bad, 4096).expect_err("altered");
+        assert!(matches!(err, TransferError::Digest), "{err}");
+    }
+
+    #[test]
+    fn names_cannot_escape_the_store_and_unasked_containers_are_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut evil = vec![b'F'];
+        for s in ["a", "../x"] {
+            evil.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            evil.extend_from_slice(s.as_bytes());
+        }
+        evil.extend_from_slice(&[0; 12]);
+        let err = receive(tmp.path(), &evil, 64).expect_err("unsafe");
+        assert!(err.to_string().contains("unsafe name"), "{err}");
+        let data = stream(&images(tmp.path()));
+        let mut r = Receiver::new(|c: &str| (c == "a").then(|| tmp.path().join("only-a")));
+        let err = data
+            .chunks(4096)
+            .try_for_each(|c| r.feed(c))
+            .expect_err("b not asked for");
+        assert!(err.to_string().contains("\"b\""), "{err}");
+    }
+
+    #[test]
+    fn a_receiver_that_goes_away_cuts_the_sender() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut sent = 0;
+        let err = send_images(&images(tmp.path()), |_| {
+            sent += 1;
+            sent < 3
+        })
+        .expect_err("cut");
+        assert!(matches!(err, TransferError::Cut(_)));
+    }
+}
