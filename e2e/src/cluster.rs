@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::{
     apiserver::{ApiServer, Options, auth::User},
     containerd::{Containerd, ContainerdOptions},
-    daemon::NodeDaemon,
+    daemon::{DaemonOptions, NodeDaemon},
     kubelet::{self, KubeletConfig},
 };
 
@@ -263,6 +263,12 @@ impl Cluster {
             _checkpoints: checkpoints,
             _tmp: None,
         };
+        let tls = crate::pki::create(
+            &dir.join("pki"),
+            &(0..nodes)
+                .map(|i| (format!("node-{i}"), network.node_ip(i)))
+                .collect::<Vec<_>>(),
+        )?;
         for i in 0..nodes {
             let name = format!("node-{i}");
             let ndir = dir.join(&name);
@@ -289,12 +295,15 @@ impl Cluster {
                 &kc,
             )?;
             let daemon = tokio::task::block_in_place(|| {
-                NodeDaemon::start(
-                    &ndir.join("daemon"),
-                    &ckpts,
-                    &containerd.runc_root(),
-                    Some(&kc),
-                )
+                NodeDaemon::start_with(&DaemonOptions {
+                    dir: ndir.join("daemon"),
+                    checkpoints: ckpts.clone(),
+                    runc_root: containerd.runc_root(),
+                    kubeconfig: Some(kc.clone()),
+                    netns: Some(netns.clone()),
+                    node_name: Some(name.clone()),
+                    tls: tls.get(i).cloned(),
+                })
             })?;
             state.pids.extend(containerd.pid());
             state.pids.extend(daemon.pid());
@@ -333,6 +342,30 @@ impl Cluster {
         let mut c = Self::up(&tmp.path().join("c"), nodes).await?;
         c._tmp = Some(tmp);
         Ok(c)
+    }
+
+    /// The CA the node daemons' HTTPS certificates are signed by.
+    pub fn daemon_ca(&self) -> PathBuf {
+        self.dir.join("pki").join("ca.crt")
+    }
+
+    /// The migration API of node `i`'s daemon.
+    pub fn daemon_url(&self, i: usize) -> String {
+        format!(
+            "https://{}:{}",
+            self.network.node_ip(i),
+            podmig_api::nodeapi::DEFAULT_API_PORT
+        )
+    }
+
+    /// A bearer token for `user` (name, groups) that the API server accepts.
+    pub fn token_for(&self, name: &str, groups: &[&str]) -> anyhow::Result<String> {
+        let api = self.apiserver.as_ref().context("api server")?;
+        Ok(api.tokens.issue(User {
+            name: name.into(),
+            uid: name.into(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        }))
     }
 
     /// The admin kubeconfig.
@@ -498,7 +531,13 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             {"apiGroups": [""], "resources": ["pods", "pods/status", "nodes", "nodes/status", "events", "secrets", "configmaps", "services", "endpoints"], "verbs": ["*"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
             {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]}]}),
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]},
+            // The podmig node daemon runs with the node's credentials here (in the chart:
+            // its own ServiceAccount): it checks callers, hands over to peers, records moves.
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods/migrate"], "verbs": ["create"]},
+            {"apiGroups": ["podmig.dev"], "resources": ["migrations"], "verbs": ["get", "list", "create"]}]}),
         ),
         (
             "rbac.authorization.k8s.io/v1",

@@ -169,7 +169,9 @@ impl Sandbox {
     }
 }
 
-/// CRI runtime and image clients on one containerd socket.
+/// CRI runtime and image clients on one containerd socket (cheap to clone: the clients
+/// share one channel).
+#[derive(Clone)]
 pub struct Cri {
     /// RuntimeService.
     pub runtime: RuntimeServiceClient<Channel>,

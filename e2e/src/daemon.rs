@@ -19,6 +19,26 @@ pub struct NodeDaemon {
     dir: PathBuf,
     checkpoints: PathBuf,
     proc: Proc,
+    opts: DaemonOptions,
+}
+
+/// How to run a node daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Directory of its sockets and log.
+    pub dir: PathBuf,
+    /// Its checkpoint store.
+    pub checkpoints: PathBuf,
+    /// The runc root of its containerd.
+    pub runc_root: PathBuf,
+    /// API credentials (the node's).
+    pub kubeconfig: Option<PathBuf>,
+    /// Network namespace to run in (the node's).
+    pub netns: Option<String>,
+    /// The node's name.
+    pub node_name: Option<String>,
+    /// TLS identity of its HTTPS API.
+    pub tls: Option<crate::pki::DaemonTls>,
 }
 
 impl NodeDaemon {
@@ -36,28 +56,69 @@ impl NodeDaemon {
         runc_root: &Path,
         kubeconfig: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(&DaemonOptions {
+            dir: dir.to_path_buf(),
+            checkpoints: checkpoints.to_path_buf(),
+            runc_root: runc_root.to_path_buf(),
+            kubeconfig: kubeconfig.map(Path::to_path_buf),
+            ..Default::default()
+        })
+    }
+
+    /// Starts the daemon as `opts` say.
+    pub fn start_with(opts: &DaemonOptions) -> anyhow::Result<Self> {
+        let dir = opts.dir.as_path();
         std::fs::create_dir_all(dir)?;
-        let mut cmd = Command::new(paths::bin("podmig"));
+        let mut cmd = match &opts.netns {
+            // NB: nsenter, not `ip netns exec` (which remounts /sys): network namespace only.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg(paths::bin("podmig"));
+                c
+            }
+            None => Command::new(paths::bin("podmig")),
+        };
         cmd.arg("node")
             .arg("--hook-socket")
             .arg(Self::hook_socket_in(dir))
             .arg("--api-socket")
             .arg(dir.join("api.sock"))
             .arg("--runc-root")
-            .arg(runc_root)
+            .arg(&opts.runc_root)
             .arg("--checkpoint-dir")
-            .arg(checkpoints)
+            .arg(&opts.checkpoints)
             .env("PATH", paths::RUNTIME_PATH)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("daemon.log"))?);
-        if let Some(kc) = kubeconfig {
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("daemon.log"))?,
+            );
+        if let Some(kc) = &opts.kubeconfig {
             cmd.arg("--kubeconfig").arg(kc);
         }
+        if let Some(n) = &opts.node_name {
+            cmd.arg("--node-name").arg(n);
+        }
+        if let Some(tls) = &opts.tls {
+            cmd.arg("--tls-cert")
+                .arg(&tls.cert)
+                .arg("--tls-key")
+                .arg(&tls.key)
+                .arg("--tls-ca")
+                .arg(&tls.ca);
+        }
+        // A restart must not find the sockets of the previous run.
+        let _ = std::fs::remove_file(dir.join("api.sock"));
+        let _ = std::fs::remove_file(Self::hook_socket_in(dir));
         let mut me = Self {
             dir: dir.to_path_buf(),
-            checkpoints: checkpoints.to_path_buf(),
+            checkpoints: opts.checkpoints.clone(),
             proc: Proc::spawn("podmig node", cmd)?,
+            opts: opts.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(me.api_socket().exists() && Self::hook_socket_in(dir).exists()) {
@@ -68,6 +129,21 @@ impl NodeDaemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(me)
+    }
+
+    /// Starts the daemon again with the same options (after [`NodeDaemon::stop`]).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let fresh = Self::start_with(&self.opts)?;
+        *self = fresh;
+        Ok(())
+    }
+
+    /// Kills the daemon at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(pid) = self.proc.pid() {
+            crate::process::signal(pid, libc::SIGKILL);
+        }
+        self.proc.stop(Duration::from_secs(2));
     }
 
     /// The daemon's pid.

@@ -8,7 +8,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
-    sync::Arc,
     time::Duration,
 };
 
@@ -21,7 +20,7 @@ use kube::{
     runtime::watcher,
 };
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 
 use crate::cri::Cri;
 
@@ -46,19 +45,20 @@ fn now() -> String {
 
 /// Registers the node and runs its Pods until the task is dropped.
 pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()> {
-    let cri = Arc::new(Mutex::new(Cri::connect(&cfg.cri_socket).await?));
+    let cri = Cri::connect(&cfg.cri_socket).await?;
     register(&client, &cfg).await?;
     tokio::spawn(heartbeat(client.clone(), cfg.clone()));
     let pods: Api<Pod> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node));
     let mut stream = watcher(pods, wc).boxed();
-    let mut workers: HashMap<String, mpsc::UnboundedSender<Pod>> = HashMap::new();
+    let mut workers: HashMap<String, mpsc::UnboundedSender<PodEvent>> = HashMap::new();
     while let Some(ev) = stream.next().await {
         let pods = match ev {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![p],
-            Ok(watcher::Event::Delete(_))
-            | Ok(watcher::Event::Init)
-            | Ok(watcher::Event::InitDone) => vec![],
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => vec![PodEvent::Sync(p)],
+            // Force-deleted (or gone while the watch was down): stop what runs, like kubelet's
+            // pod workers do for a Pod the API server no longer has.
+            Ok(watcher::Event::Delete(p)) => vec![PodEvent::Removed(p)],
+            Ok(watcher::Event::Init) | Ok(watcher::Event::InitDone) => vec![],
             Err(error) => {
                 tracing::warn!(node = %cfg.node, %error, "pod watch failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -66,8 +66,11 @@ pub async fn run(client: kube::Client, cfg: KubeletConfig) -> anyhow::Result<()>
             }
         };
         for pod in pods {
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let uid = pod.pod().metadata.uid.clone().unwrap_or_default();
             workers.retain(|_, tx| !tx.is_closed());
+            if matches!(pod, PodEvent::Removed(_)) && !workers.contains_key(&uid) {
+                continue;
+            }
             let tx = workers.entry(uid).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 tokio::spawn(PodWorker::new(client.clone(), cri.clone(), cfg.clone()).run(rx));
@@ -138,6 +141,22 @@ async fn heartbeat(client: kube::Client, cfg: KubeletConfig) {
     }
 }
 
+/// What the watch tells a Pod worker.
+enum PodEvent {
+    /// The Pod's current version.
+    Sync(Pod),
+    /// The Pod is gone from the API server.
+    Removed(Pod),
+}
+
+impl PodEvent {
+    fn pod(&self) -> &Pod {
+        match self {
+            PodEvent::Sync(p) | PodEvent::Removed(p) => p,
+        }
+    }
+}
+
 /// One container the worker started.
 #[derive(Debug, Clone)]
 struct Running {
@@ -148,7 +167,7 @@ struct Running {
 /// Handles one Pod, one update at a time, like kubelet's pod worker.
 struct PodWorker {
     client: kube::Client,
-    cri: Arc<Mutex<Cri>>,
+    cri: Cri,
     cfg: KubeletConfig,
     sandbox: Option<(String, cri::PodSandboxConfig, String)>,
     containers: BTreeMap<String, Running>,
@@ -158,7 +177,7 @@ struct PodWorker {
 }
 
 impl PodWorker {
-    fn new(client: kube::Client, cri: Arc<Mutex<Cri>>, cfg: KubeletConfig) -> Self {
+    fn new(client: kube::Client, cri: Cri, cfg: KubeletConfig) -> Self {
         Self {
             client,
             cri,
@@ -171,22 +190,31 @@ impl PodWorker {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Pod>) {
-        let Some(mut pod) = rx.recv().await else {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<PodEvent>) {
+        let Some(mut event) = rx.recv().await else {
             return;
         };
         loop {
             // Only the newest version of the Pod matters.
-            while let Ok(p) = rx.try_recv() {
-                pod = p;
+            while let Ok(e) = rx.try_recv() {
+                event = e;
             }
+            let pod = match &event {
+                PodEvent::Sync(p) => p.clone(),
+                PodEvent::Removed(p) => {
+                    if let Err(error) = self.stop_all(p).await {
+                        tracing::warn!(pod = ?p.metadata.name, %error, "stopping a removed pod failed");
+                    }
+                    return;
+                }
+            };
             match self.sync(&pod).await {
                 Ok(true) => return,
                 Ok(false) => {}
                 Err(error) => tracing::warn!(pod = ?pod.metadata.name, %error, "pod sync failed"),
             }
             tokio::select! {
-                p = rx.recv() => match p { Some(p) => pod = p, None => return },
+                e = rx.recv() => match e { Some(e) => event = e, None => return },
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
@@ -326,7 +354,7 @@ impl PodWorker {
             ..Default::default()
         };
         let handler = self.handler(pod).await?;
-        let mut cri = self.cri.lock().await;
+        let mut cri = self.cri.clone();
         let id = cri
             .runtime
             .run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -412,7 +440,7 @@ impl PodWorker {
             }),
             ..Default::default()
         };
-        let mut cri = self.cri.lock().await;
+        let mut cri = self.cri.clone();
         let present = cri
             .images
             .image_status(cri::ImageStatusRequest {
@@ -449,7 +477,7 @@ impl PodWorker {
     }
 
     async fn status_of(&self, id: &str) -> anyhow::Result<cri::ContainerStatus> {
-        self.cri.lock().await.container_status(id).await
+        self.cri.clone().container_status(id).await
     }
 
     /// Builds and, when it changed, writes the Pod's status.
@@ -544,6 +572,25 @@ impl PodWorker {
     /// Stops the Pod's containers with its grace period, removes its sandbox, reports the
     /// containers terminated and confirms the deletion with grace period 0.
     async fn kill(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.stop_all(pod).await?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: pod.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match self.pods(pod).delete(&name, &dp).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops the Pod's containers with its grace period and removes its sandbox.
+    async fn stop_all(&mut self, pod: &Pod) -> anyhow::Result<()> {
         let grace = pod
             .metadata
             .deletion_grace_period_seconds
@@ -551,7 +598,7 @@ impl PodWorker {
             .max(0);
         let ids: Vec<String> = self.containers.values().map(|r| r.id.clone()).collect();
         {
-            let cri = self.cri.lock().await;
+            let cri = self.cri.clone();
             // Stop containers in parallel, each with the full grace period, as kubelet does.
             let stops = ids.iter().map(|id| {
                 let mut rt = cri.runtime.clone();
@@ -574,23 +621,10 @@ impl PodWorker {
             let _ = self.report(pod, None).await;
         }
         if let Some((id, _, _)) = self.sandbox.take() {
-            let mut cri = self.cri.lock().await;
+            let mut cri = self.cri.clone();
             cri.remove_pod(&id).await?;
         }
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        let dp = DeleteParams {
-            grace_period_seconds: Some(0),
-            preconditions: Some(Preconditions {
-                uid: pod.metadata.uid.clone(),
-                resource_version: None,
-            }),
-            ..Default::default()
-        };
-        match self.pods(pod).delete(&name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(())
     }
 }
 

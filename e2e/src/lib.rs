@@ -13,6 +13,7 @@ pub mod demo;
 pub mod kubelet;
 pub mod node;
 pub mod paths;
+pub mod pki;
 pub mod process;
 pub mod scenario;
 pub mod scheduler;

@@ -10,13 +10,10 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 use podmig_api::{
-    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE,
-    ANNOTATION_MIGRATION_REPORT, ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
-    RUNTIME_HANDLER,
-    v1alpha1::{
-        MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, MigrationReport,
-        Outcome,
-    },
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER, RUNTIME_HANDLER,
+    contract::DaemonPhase,
+    v1alpha1::{MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, Outcome},
 };
 
 /// Something the controller does to the cluster.
@@ -28,7 +25,14 @@ pub enum Action {
     ReleaseFinalizer(String),
     /// Delete a Pod.
     DeletePod(String),
-    /// Record an Event on the MigratingPod.
+    /// Record in MigratingPod `migrating_pod`'s status that Pod index `index` is taken.
+    RecordPodIndex {
+        /// The MigratingPod.
+        migrating_pod: String,
+        /// The index.
+        index: u32,
+    },
+    /// Record an Event on the object reconciled.
     Event {
         /// CamelCase reason.
         reason: &'static str,
@@ -48,45 +52,11 @@ pub struct Decision {
     pub status: MigratingPodStatus,
 }
 
-/// Index `n` of a Pod named `<mpod>-<n>`.
-pub fn pod_index(mpod: &str, pod: &str) -> Option<u32> {
-    pod.strip_prefix(mpod)?.strip_prefix('-')?.parse().ok()
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-}
-
-fn ready(p: &Pod) -> bool {
-    phase(p) == "Running"
-        && p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn deleting(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_some()
-}
-
-fn has_finalizer(p: &Pod) -> bool {
-    p.finalizers().iter().any(|f| f == MIGRATE_FINALIZER)
-}
-
-fn node(p: &Pod) -> Option<String> {
-    p.spec.as_ref().and_then(|s| s.node_name.clone())
-}
-
-fn annotation<'a>(p: &'a Pod, key: &str) -> Option<&'a str> {
-    p.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
-}
+pub use super::pod::pod_index;
+use super::pod::{
+    annotation, has_finalizer, is_deleting as deleting, is_migrate_on_delete_target,
+    is_ready as ready, node, phase, reported, reported_phase,
+};
 
 fn condition(
     type_: &str,
@@ -218,25 +188,39 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
         return Decision { actions, status };
     }
     let name = mpod.name_any();
-    let last_index = pods
-        .iter()
-        .filter_map(|p| pod_index(&name, &p.name_any()))
-        .chain(
-            status
-                .active_pod
-                .as_deref()
-                .and_then(|a| pod_index(&name, a)),
-        )
-        .chain(status.last_pod_index)
-        .max();
-    let next_index = last_index.map_or(0, |i| i + 1);
+    let next_index = super::pod::next_index(
+        &name,
+        pods,
+        status.active_pod.as_deref(),
+        status.last_pod_index,
+    );
     let timeout = i64::from(mpod.spec.migration_timeout_seconds);
 
-    // A target and its source, if a move is under way.
+    // A target and its source, if a move is under way. A `Migration`'s move is that
+    // Migration's to finish or roll back: here it is only reported.
     let pair = pods.iter().find_map(|t| {
         let from = annotation(t, ANNOTATION_MIGRATE_FROM)?;
         Some((t, pods.iter().find(|s| s.uid().as_deref() == Some(from))))
     });
+    if let Some((target, Some(source))) = pair
+        && !is_migrate_on_delete_target(target)
+    {
+        status.active_pod = Some(source.name_any());
+        status.node = node(source);
+        set(
+            &mut status,
+            MigratingPodState::Migrating,
+            false,
+            "Migrating",
+            &format!(
+                "Migration {} moves {} to {}",
+                annotation(target, ANNOTATION_MIGRATION_ID).unwrap_or_default(),
+                source.name_any(),
+                target.name_any()
+            ),
+        );
+        return Decision { actions, status };
+    }
     match (pods, pair) {
         ([], _) => {
             actions.push(Action::CreatePod(Box::new(pod_from_template(
@@ -263,10 +247,9 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                 .or(target.metadata.creation_timestamp.as_ref())
                 .map(|t| t.0);
             let elapsed = started.map_or(0, |s| (now - s).get_seconds());
-            let failed = phase(target) == "Failed"
-                || annotation(target, ANNOTATION_MIGRATION_PHASE) == Some("Failed");
-            let report: Option<MigrationReport> = annotation(target, ANNOTATION_MIGRATION_REPORT)
-                .and_then(|r| serde_json::from_str(r).ok());
+            let failed =
+                phase(target) == "Failed" || reported_phase(target) == Some(DaemonPhase::Failed);
+            let report = reported(target);
             let mut record = MigrationRecord {
                 source_pod: source.name_any(),
                 target_pod: target.name_any(),
@@ -277,6 +260,10 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                 ..Default::default()
             };
             if ready(target) {
+                // Recorded once: the source may take a while to go, reconciles repeat.
+                let known = status.last_migration.as_ref().is_some_and(|r| {
+                    r.target_pod == target.name_any() && r.outcome == Some(Outcome::Succeeded)
+                });
                 if has_finalizer(source) {
                     actions.push(Action::ReleaseFinalizer(source.name_any()));
                 }
@@ -289,16 +276,22 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                     .as_ref()
                     .map(|r| format!(", frozen {} ms", r.frozen_ms))
                     .unwrap_or_default();
-                actions.push(Action::Event {
-                    reason: "MigrationSucceeded",
-                    message: format!(
-                        "{} moved to {} on {}{frozen}",
-                        source.name_any(),
-                        target.name_any(),
-                        node(target).unwrap_or_default()
-                    ),
-                    warning: false,
-                });
+                if known {
+                    if let Some(old) = &status.last_migration {
+                        record.finished_at = old.finished_at.clone();
+                    }
+                } else {
+                    actions.push(Action::Event {
+                        reason: "MigrationSucceeded",
+                        message: format!(
+                            "{} moved to {} on {}{frozen}",
+                            source.name_any(),
+                            target.name_any(),
+                            node(target).unwrap_or_default()
+                        ),
+                        warning: false,
+                    });
+                }
                 status.active_pod = Some(target.name_any());
                 status.node = node(target);
                 status.last_migration = Some(record);
@@ -403,7 +396,12 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
         }
         ([p], _) if deleting(p) && has_finalizer(p) => {
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
-            let target = pod_from_template(mpod, next_index, Some(p));
+            let mut target = pod_from_template(mpod, next_index, Some(p));
+            let start = p.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
+            target.metadata.annotations.get_or_insert_default().insert(
+                ANNOTATION_MIGRATION_DEADLINE.into(),
+                super::pod::deadline(start, mpod.spec.migration_timeout_seconds),
+            );
             actions.push(Action::Event {
                 reason: "MigrationStarted",
                 message: format!(
@@ -652,7 +650,10 @@ mod tests {
             .target_of("x-0")
             .running()
             .on_node("n2")
-            .annotated(ANNOTATION_MIGRATION_REPORT, r#"{"frozenMs": 321}"#)
+            .annotated(
+                podmig_api::ANNOTATION_MIGRATION_REPORT,
+                r#"{"frozenMs": 321}"#,
+            )
             .build();
         let d = decide(&mpod(true), &[src, tgt], now());
         assert_eq!(d.actions[0], Action::ReleaseFinalizer("x-0".into()));
@@ -661,6 +662,46 @@ mod tests {
         let rec = d.status.last_migration.expect("record");
         assert_eq!(rec.outcome, Some(Outcome::Succeeded));
         assert_eq!(rec.report.map(|r| r.frozen_ms), Some(321));
+    }
+
+    #[test]
+    fn success_is_recorded_and_counted_once_while_the_source_goes() {
+        let src = TestPod::new("x-0")
+            .on_node("n1")
+            .deleted_at("2026-11-22T00:59:50Z")
+            .without_finalizer()
+            .build();
+        let tgt = TestPod::new("x-1")
+            .target_of("x-0")
+            .running()
+            .on_node("n2")
+            .build();
+        let first = decide(&mpod(true), &[src.clone(), tgt.clone()], now());
+        let events = |d: &Decision| {
+            d.actions
+                .iter()
+                .filter(|a| matches!(a, Action::Event { .. }))
+                .count()
+        };
+        assert_eq!(events(&first), 1);
+        let mut m = mpod(true);
+        m.status = Some(first.status);
+        let again = decide(&m, &[src, tgt], now());
+        assert_eq!(events(&again), 0, "{:?}", again.actions);
+    }
+
+    #[test]
+    fn a_migrations_move_is_left_to_the_migration() {
+        let src = TestPod::new("x-0").running().on_node("n1").build();
+        let failed = TestPod::new("x-1")
+            .target_of("x-0")
+            .annotated(ANNOTATION_MIGRATION_ID, "move-1")
+            .annotated(podmig_api::ANNOTATION_MIGRATION_PHASE, "Failed")
+            .build();
+        let d = decide(&mpod(true), &[src, failed], now());
+        assert!(d.actions.is_empty(), "{:?}", d.actions);
+        assert_eq!(d.status.state, Some(MigratingPodState::Migrating));
+        assert_eq!(d.status.active_pod.as_deref(), Some("x-0"));
     }
 
     #[test]

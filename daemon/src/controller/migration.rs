@@ -9,13 +9,15 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 use podmig_api::{
-    ANNOTATION_MIGRATION_ID, ANNOTATION_MIGRATION_PHASE, ANNOTATION_MIGRATION_REPORT,
-    v1alpha1::{
-        MigratingPod, Migration, MigrationPhase, MigrationReport, MigrationStatus, PhaseTransition,
-    },
+    ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    contract::DaemonPhase,
+    v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationStatus, PhaseTransition},
 };
 
-use super::migratingpod::{Action, pod_from_template, pod_index};
+use super::{
+    migratingpod::{Action, pod_from_template},
+    pod::{has_finalizer, is_deleting, is_ready, next_index, reported, reported_phase},
+};
 
 /// What the Migration controller sees.
 pub struct Observed<'a> {
@@ -63,15 +65,6 @@ fn schedulable(n: &Node) -> bool {
     n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true)
 }
 
-fn is_ready(p: &Pod) -> bool {
-    p.status.as_ref().is_some_and(|s| {
-        s.phase.as_deref() == Some("Running")
-            && s.conditions
-                .as_ref()
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    })
-}
-
 /// Decides the next step of a Migration.
 pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
     let m = o.migration;
@@ -81,15 +74,7 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
         // The daemons' figures may land just after the target turned Ready.
         if status.phase == Some(MigrationPhase::Succeeded)
             && status.report.is_none()
-            && let Some(r) = o
-                .target
-                .and_then(|t| {
-                    t.metadata
-                        .annotations
-                        .as_ref()?
-                        .get(ANNOTATION_MIGRATION_REPORT)
-                })
-                .and_then(|r| serde_json::from_str::<MigrationReport>(r).ok())
+            && let Some(r) = o.target.and_then(reported)
         {
             status.frozen_ms = Some(r.frozen_ms);
             status.report = Some(r);
@@ -194,25 +179,21 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
             }
         }
         let owner_name = owner.name_any();
-        let index = o
-            .siblings
-            .iter()
-            .filter_map(|p| pod_index(&owner_name, &p.name_any()))
-            .chain(
-                owner
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.active_pod.as_deref())
-                    .and_then(|a| pod_index(&owner_name, a)),
-            )
-            .max()
-            .map_or(0, |i| i + 1);
+        let owner_status = owner.status.clone().unwrap_or_default();
+        let index = next_index(
+            &owner_name,
+            o.siblings,
+            owner_status.active_pod.as_deref(),
+            owner_status.last_pod_index,
+        );
         let mut target = pod_from_template(owner, index, Some(pod));
-        target
-            .metadata
-            .annotations
-            .get_or_insert_default()
-            .insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
+        let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+        let annotations = target.metadata.annotations.get_or_insert_default();
+        annotations.insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
+        annotations.insert(
+            ANNOTATION_MIGRATION_DEADLINE.into(),
+            super::pod::deadline(start, m.spec.timeout_seconds),
+        );
         let spec = target.spec.get_or_insert_default();
         if let Some(t) = &m.spec.target_node {
             spec.node_name = Some(t.clone());
@@ -222,7 +203,7 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
                 .get_or_insert_default()
                 .extend(sel.clone());
         }
-        status.migrating_pod = Some(owner_name);
+        status.migrating_pod = Some(owner_name.clone());
         status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         status.target_pod = target.metadata.name.clone();
         status.target_node = m.spec.target_node.clone();
@@ -238,6 +219,11 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
                 target.metadata.name.clone().unwrap_or_default()
             ),
             warning: false,
+        });
+        // Recorded before the Pod exists, so the name is never handed out again.
+        actions.push(Action::RecordPodIndex {
+            migrating_pod: owner_name,
+            index,
         });
         actions.push(Action::CreatePod(Box::new(target)));
         set_phase(&mut status, MigrationPhase::Scheduling, now);
@@ -260,20 +246,24 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .or(status.target_node);
-    let annotations = target.metadata.annotations.clone().unwrap_or_default();
-    let report: Option<MigrationReport> = annotations
-        .get(ANNOTATION_MIGRATION_REPORT)
-        .and_then(|r| serde_json::from_str(r).ok());
+    let report = reported(target);
     if let Some(r) = &report {
         status.frozen_ms = Some(r.frozen_ms);
         status.report = Some(r.clone());
     }
-    let reported = annotations
-        .get(ANNOTATION_MIGRATION_PHASE)
-        .and_then(|p| MigrationPhase::from_annotation(p));
+    let daemon_phase = reported_phase(target);
     let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
-        || reported == Some(MigrationPhase::Failed);
+        || daemon_phase == Some(DaemonPhase::Failed);
     if is_ready(target) {
+        // The move is done: the source goes (its state runs in the target).
+        if let Some(source) = o.pod.filter(|p| p.metadata.uid != target.metadata.uid) {
+            if has_finalizer(source) {
+                actions.push(Action::ReleaseFinalizer(source.name_any()));
+            }
+            if !is_deleting(source) {
+                actions.push(Action::DeletePod(source.name_any()));
+            }
+        }
         // Phases the daemons moved through too fast to be seen still count.
         for p in [
             MigrationPhase::Checkpointing,
@@ -324,7 +314,10 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
             warning: true,
         });
         fail(&mut status, "Timeout", why, now);
-    } else if let Some(p) = reported.filter(|p| status.phase.is_some_and(|cur| cur < *p)) {
+    } else if let Some(p) = daemon_phase
+        .map(DaemonPhase::migration_phase)
+        .filter(|p| status.phase.is_some_and(|cur| cur < *p))
+    {
         set_phase(&mut status, p, now);
     }
     (actions, status)
@@ -448,7 +441,7 @@ mod tests {
             now(),
         );
         assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
-        assert_eq!(actions.len(), 2);
+        assert_eq!(actions.len(), 3, "{actions:?}");
     }
 
     #[test]
@@ -486,7 +479,7 @@ mod tests {
         m2.status = Some(st);
         let checkpointing = pod(
             "x-1",
-            json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_PHASE: "Checkpointing"}}}),
+            json!({"metadata": {"name": "x-1", "annotations": {podmig_api::ANNOTATION_MIGRATION_PHASE: "Checkpointing"}}}),
         );
         let (_, st) = decide(
             &observe(
@@ -503,7 +496,7 @@ mod tests {
         m2.status = Some(st);
         let done = pod(
             "x-1",
-            json!({"metadata": {"name": "x-1", "annotations": {ANNOTATION_MIGRATION_REPORT: "{\"frozenMs\":42}"}},
+            json!({"metadata": {"name": "x-1", "annotations": {podmig_api::ANNOTATION_MIGRATION_REPORT: "{\"frozenMs\":42}"}},
             "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
         );
         let (_, st) = decide(
@@ -524,6 +517,83 @@ mod tests {
                 MigrationPhase::Succeeded
             ]
         );
+    }
+
+    #[test]
+    fn success_lets_the_source_go_and_failure_keeps_its_finalizer() {
+        let nodes = [node("n1", false)];
+        let own = owner();
+        let src = pod(
+            "x-0",
+            json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "finalizers": [podmig_api::MIGRATE_FINALIZER]}}),
+        );
+        let mut m = mig("m", "x-0", json!({}));
+        m.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Restoring),
+            target_pod: Some("x-1".into()),
+            ..Default::default()
+        });
+        let ready = pod(
+            "x-1",
+            json!({"metadata": {"name": "x-1", "uid": "uid-x-1"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), Some(&ready), &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.phase, Some(MigrationPhase::Succeeded));
+        assert!(
+            actions.contains(&Action::ReleaseFinalizer("x-0".into())),
+            "{actions:?}"
+        );
+        assert!(
+            actions.contains(&Action::DeletePod("x-0".into())),
+            "{actions:?}"
+        );
+        let failed = pod(
+            "x-1",
+            json!({"metadata": {"name": "x-1", "uid": "uid-x-1", "annotations": {podmig_api::ANNOTATION_MIGRATION_PHASE: "Failed",
+                podmig_api::ANNOTATION_MIGRATION_REPORT: "{\"error\":\"restore on n2: CRIU: can't open file\"}"}}}),
+        );
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), Some(&failed), &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.reason.as_deref(), Some("RestoreFailed"));
+        assert!(
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("can't open file"),
+            "{st:?}"
+        );
+        assert!(
+            !actions.contains(&Action::ReleaseFinalizer("x-0".into())),
+            "{actions:?}"
+        );
+        assert!(actions.contains(&Action::DeletePod("x-1".into())));
+    }
+
+    #[test]
+    fn the_target_index_is_recorded_so_it_is_never_reused() {
+        let nodes = [node("n1", false)];
+        let mut own = owner();
+        own.status = Some(podmig_api::v1alpha1::MigratingPodStatus {
+            last_pod_index: Some(4),
+            ..Default::default()
+        });
+        let src = pod("x-0", json!({}));
+        let m = mig("m", "x-0", json!({}));
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.target_pod.as_deref(), Some("x-5"));
+        assert!(actions.contains(&Action::RecordPodIndex {
+            migrating_pod: "x".into(),
+            index: 5
+        }));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migratingpod;
 pub mod migration;
+pub mod pod;
 
 use std::{sync::Arc, time::Duration};
 
@@ -101,6 +102,26 @@ where
                 let patch = serde_json::json!({"metadata": {"finalizers": kept, "resourceVersion": pod.resource_version()}});
                 match pods
                     .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
+            }
+            Action::RecordPodIndex {
+                migrating_pod,
+                index,
+            } => {
+                let mpods: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
+                let patch = serde_json::json!({"status": {"lastPodIndex": index}});
+                match mpods
+                    .patch_status(
+                        &migrating_pod,
+                        &PatchParams::default(),
+                        &Patch::Merge(patch),
+                    )
                     .await
                 {
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -209,6 +230,7 @@ fn short(a: &Action) -> String {
         Action::CreatePod(p) => format!("create {}", p.name_any()),
         Action::ReleaseFinalizer(n) => format!("release {n}"),
         Action::DeletePod(n) => format!("delete {n}"),
+        Action::RecordPodIndex { index, .. } => format!("record index {index}"),
         Action::Event { reason, .. } => format!("event {reason}"),
     }
 }
