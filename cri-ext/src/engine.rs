@@ -24,6 +24,9 @@ pub struct CheckpointOptions {
     pub leave_running: bool,
     /// Dump established TCP connections instead of failing on them.
     pub tcp_established: bool,
+    /// Leave the container frozen (and running, not killed) after the dump: a move keeps
+    /// its source frozen until the target's verdict, then discards or resumes it.
+    pub keep_frozen: bool,
 }
 
 /// What a checkpoint cost.
@@ -40,6 +43,18 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     /// Dumps container `id` into `opts.image_path`. On failure the directory is removed
     /// and, unless the dump got to kill it, the container keeps running.
     fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport>;
+
+    /// Thaws a container left frozen by a `keep_frozen` checkpoint: it runs on where it
+    /// stopped (the rollback of a failed move).
+    fn resume(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Kills a container left frozen by a `keep_frozen` checkpoint without letting it run
+    /// another instruction (its state lives on elsewhere).
+    fn discard(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// runc, pointed at the state root of the runtime that created the containers.
@@ -156,6 +171,23 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 impl CheckpointEngine for Runc {
+    fn resume(&self, id: &str) -> Result<()> {
+        self.thaw(id)
+    }
+
+    fn discard(&self, id: &str) -> Result<()> {
+        let init = crate::identity::init_pid(&self.root.join(id));
+        let mut cmd = self.command();
+        cmd.args(["kill", id, "KILL"]);
+        let killed = run(cmd, None);
+        // The kill is delivered once the cgroup thaws: the tasks die without running.
+        let thawed = self.thaw(id);
+        if let Some(pid) = init {
+            wait_exit(pid, Duration::from_secs(5));
+        }
+        killed.and(thawed).map(|_| ())
+    }
+
     fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let dir = &opts.image_path;
         if dir.exists() {
@@ -169,7 +201,7 @@ impl CheckpointEngine for Runc {
             .arg(dir)
             .arg("--work-path")
             .arg(dir);
-        if opts.leave_running {
+        if opts.leave_running || opts.keep_frozen {
             cmd.arg("--leave-running");
         }
         if opts.tcp_established {
@@ -189,13 +221,20 @@ impl CheckpointEngine for Runc {
             });
         let init = crate::identity::init_pid(&self.root.join(id));
         let result = run(cmd, Some(&dir.join("dump.log")));
-        if let Some(f) = &freezer {
+        let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();
+        if let Some(f) = freezer.as_ref().filter(|_| !stay_frozen) {
             // Resumes a container left running (or whose dump failed); lets killed tasks exit.
             if let Err(error) = f.thaw() {
                 tracing::warn!(container_id = id, %error, "cannot thaw after checkpoint");
             }
         }
-        if let (Ok(_), false, Some(pid)) = (&result, opts.leave_running, init) {
+        if opts.keep_frozen && result.is_ok() && freezer.is_none() {
+            // Without a freezer the dumped container would run on: two copies. Stop it.
+            let _ = self.discard(id);
+        }
+        if let (Ok(_), false, false, Some(pid)) =
+            (&result, opts.leave_running, opts.keep_frozen, init)
+        {
             // NB: the dumped process is killed but frees its memory as it exits; a
             // restore running meanwhile competes with that for the memory allocator
             // and runs up to twice as slow. Waiting is cheaper than that contention.
@@ -210,6 +249,20 @@ impl CheckpointEngine for Runc {
             duration,
             image_bytes: dir_size(dir),
         })
+    }
+}
+
+impl Runc {
+    fn freezer(&self, id: &str) -> Result<Freezer> {
+        Freezer::of(&self.root, id)
+    }
+}
+
+/// The resume and discard of a source kept frozen.
+impl Runc {
+    /// Thaws container `id`.
+    pub fn thaw(&self, id: &str) -> Result<()> {
+        self.freezer(id)?.thaw()
     }
 }
 

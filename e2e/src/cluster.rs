@@ -647,6 +647,9 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
 /// `cluster run`: brings the cluster up, marks it ready, serves until SIGTERM or SIGINT.
 pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let cluster = Cluster::up(dir, nodes).await?;
+    // podmig itself, as a Helm install would bring it: CRDs and the controller.
+    tokio::task::block_in_place(|| cluster.install_crds())?;
+    let _controller = cluster.start_controller("podmig-controller")?;
     std::fs::write(
         dir.join("ready"),
         cluster.kubeconfig().display().to_string(),

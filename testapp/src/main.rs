@@ -4,7 +4,9 @@
 //!   memory, so a restored copy continues the count,
 //! - prints `heartbeat seq=<n>` to stdout every 10 ms, a monotonic sequence a restored
 //!   copy continues in its new log,
-//! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable).
+//! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable),
+//! - with `--hold-open PATH`, creates PATH and keeps it open (a file in the container's
+//!   writable layer: CRIU cannot restore the app where that file is missing).
 //!
 //! Plain std threads and blocking sockets: nothing a checkpoint could find surprising.
 
@@ -59,6 +61,19 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let _held = arg(&args, "--hold-open").map(|path| {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("testapp: --hold-open {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+    });
     println!("testapp ready port={port} mem_mib={mem_mib} checksum={checksum}");
 
     let term = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -198,10 +198,19 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
 
     // A target and its source, if a move is under way. A `Migration`'s move is that
     // Migration's to finish or roll back: here it is only reported.
-    let pair = pods.iter().find_map(|t| {
-        let from = annotation(t, ANNOTATION_MIGRATE_FROM)?;
-        Some((t, pods.iter().find(|s| s.uid().as_deref() == Some(from))))
-    });
+    // A Pod that was a target once and whose source is gone is an ordinary Pod now.
+    let pair = pods
+        .iter()
+        .find_map(|t| {
+            let from = annotation(t, ANNOTATION_MIGRATE_FROM)?;
+            let source = pods.iter().find(|s| s.uid().as_deref() == Some(from))?;
+            Some((t, Some(source)))
+        })
+        .or_else(|| {
+            pods.iter()
+                .find(|t| annotation(t, ANNOTATION_MIGRATE_FROM).is_some() && !ready(t))
+                .map(|t| (t, None))
+        });
     if let Some((target, Some(source))) = pair
         && !is_migrate_on_delete_target(target)
     {
@@ -688,6 +697,27 @@ mod tests {
         m.status = Some(first.status);
         let again = decide(&m, &[src, tgt], now());
         assert_eq!(events(&again), 0, "{:?}", again.actions);
+    }
+
+    #[test]
+    fn a_former_target_moves_again_on_delete() {
+        let old_target = TestPod::new("x-1")
+            .target_of("x-0")
+            .annotated(ANNOTATION_MIGRATION_ID, "move-1")
+            .running()
+            .on_node("n2")
+            .deleted_at("2026-11-22T00:59:50Z")
+            .build();
+        let d = decide(&mpod(true), std::slice::from_ref(&old_target), now());
+        assert_eq!(created(&d).len(), 1, "{:?}", d.actions);
+        let next = TestPod::new("x-2").target_of("x-1").on_node("n1").build();
+        let d = decide(&mpod(true), &[old_target, next], now());
+        assert_eq!(
+            d.status.state,
+            Some(MigratingPodState::Migrating),
+            "{:?}",
+            d.status
+        );
     }
 
     #[test]

@@ -64,6 +64,7 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
                     image_path: PathBuf::from(&opts.checkpoint_path),
                     leave_running: opts.leave_running,
                     tcp_established: opts.tcp_established,
+                    keep_frozen: false,
                 },
                 reply: tx,
             },

@@ -216,7 +216,7 @@ pub fn deadline_from(annotation: Option<&String>, fallback: Duration) -> Instant
     annotation
         .and_then(|v| v.parse::<k8s_openapi::jiff::Timestamp>().ok())
         .map(|t| {
-            let left = (t - k8s_openapi::jiff::Timestamp::now()).get_milliseconds();
+            let left = t.as_millisecond() - k8s_openapi::jiff::Timestamp::now().as_millisecond();
             now + Duration::from_millis(left.max(1_000) as u64)
         })
         .unwrap_or(now + fallback)
@@ -911,8 +911,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .iter()
                     .map(|(cid, name, dir)| {
                         let engine = engine.clone();
+                        // Frozen, not killed: a failed move resumes it where it stopped.
                         let options = CheckpointOptions {
                             image_path: dir.clone(),
+                            keep_frozen: true,
                             ..Default::default()
                         };
                         (
@@ -939,12 +941,18 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .iter()
             .find_map(|(name, _, r)| r.as_ref().err().map(|e| format!("container {name:?}: {e}")))
             .or_else(|| (results.len() != wanted.len()).then(|| "bad container name".to_owned()));
+        let container_id = |name: &str| {
+            jobs.iter()
+                .find(|(_, n, _)| n == name)
+                .map(|(cid, _, _)| cid.clone())
+                .unwrap_or_default()
+        };
         if let Some(reason) = failure {
             for (name, dir, r) in &results {
                 if r.is_ok() {
-                    // Dumped (and so stopped) while another failed: resume it from its images.
+                    // Dumped and frozen while another failed: it runs on.
                     let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
-                    let _ = self.moves.roll_back(name);
+                    self.resume_or_roll_back(name, &container_id(name));
                 } else {
                     let _ = self.moves.keep_running(name);
                 }
@@ -999,6 +1007,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         match verdict {
             Verdict::Commit => {
                 for (name, _) in &images {
+                    if let Err(error) = self.node.engine.discard(&container_id(name)) {
+                        tracing::warn!(pod_uid = %self.uid, container = %name, %error, "cannot stop the moved source");
+                    }
                     match self.moves.commit(name, &order.target.to_string()) {
                         Ok(dir) => self.node.store.remove(&dir),
                         Err(e) => tracing::warn!(error = %e, "commit in an unexpected state"),
@@ -1013,7 +1024,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
             Verdict::Abort(why) => {
                 for (name, _) in &images {
-                    let _ = self.moves.roll_back(name);
+                    self.resume_or_roll_back(name, &container_id(name));
                 }
                 tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
                     "move failed after the freeze; the source resumes from its checkpoint");
@@ -1037,6 +1048,25 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         }
         self.reconsider_parked();
+    }
+
+    /// A frozen source container runs on; if it cannot be thawed, its next create
+    /// restores it from its images instead.
+    fn resume_or_roll_back(&mut self, name: &str, container_id: &str) {
+        match self.node.engine.resume(container_id) {
+            Ok(()) => {
+                if let Ok(images) = self.moves.resume(name) {
+                    self.node.store.remove(&images);
+                }
+                tracing::info!(pod_uid = %self.uid, container = %name, "source resumed in place");
+            }
+            Err(error) => {
+                tracing::warn!(pod_uid = %self.uid, container = %name, %error,
+                    "cannot thaw the source; it resumes from its checkpoint when restarted");
+                let _ = self.node.engine.discard(container_id);
+                let _ = self.moves.roll_back(name);
+            }
+        }
     }
 
     /// No verdict came by the deadline: the target Pod's reported phase decides.
@@ -1147,10 +1177,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         || json!({"name": name, "image": "", "imageID": "", "restartCount": 0}),
                     );
                 if let Some(target) = migrated.get(name) {
+                    let started = v["state"]["running"]["startedAt"].clone();
                     v["ready"] = json!(false);
                     v["started"] = json!(false);
                     v["state"] = json!({"terminated": {"exitCode": 0, "reason": REASON_MIGRATED,
-                        "message": format!("moved to {target}"), "finishedAt": now}});
+                        "message": format!("moved to {target}"), "startedAt": started, "finishedAt": now}});
                 }
                 v
             })

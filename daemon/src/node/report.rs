@@ -38,14 +38,17 @@ enum Write {
 #[derive(Clone)]
 pub struct PodReporter {
     client: kube::Client,
+    rt: tokio::runtime::Handle,
     queues: Arc<Mutex<HashMap<(String, String), mpsc::UnboundedSender<Write>>>>,
 }
 
 impl PodReporter {
-    /// A reporter using `client` (the node's credentials).
+    /// A reporter using `client` (the node's credentials); call within a tokio runtime
+    /// (its tasks run there, whatever thread reports).
     pub fn new(client: kube::Client) -> Self {
         Self {
             client,
+            rt: tokio::runtime::Handle::current(),
             queues: Arc::default(),
         }
     }
@@ -63,7 +66,7 @@ impl PodReporter {
         let tx = queues.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-            tokio::spawn(apply_in_order(api, key.1.clone(), rx));
+            self.rt.spawn(apply_in_order(api, key.1.clone(), rx));
             tx
         });
         if let Err(mpsc::error::SendError(write)) = tx.send(write) {

@@ -272,7 +272,19 @@ impl PodMoves {
         Ok(images)
     }
 
-    /// Source: the move failed after the freeze; the container will resume from its images.
+    /// Source: the move failed after the freeze and the container, kept frozen, runs on
+    /// where it stopped; returns the images to delete.
+    pub fn resume(&mut self, container: &str) -> Result<PathBuf, InvalidTransition> {
+        let images = match self.get(container) {
+            Some(MoveState::HandedOver { images, .. }) => images.clone(),
+            _ => return Err(self.invalid(container, "resume")),
+        };
+        self.states.remove(container);
+        Ok(images)
+    }
+
+    /// Source: the move failed after the freeze and the container is gone (it could not
+    /// be kept frozen); its next create resumes it from its images.
     pub fn roll_back(&mut self, container: &str) -> Result<(), InvalidTransition> {
         let (migration, images) = match self.get(container) {
             Some(MoveState::HandedOver {
@@ -452,6 +464,18 @@ mod tests {
         m.restored("app", true).expect("resumed");
         assert_eq!(m.get("app"), None);
         assert!(m.begin_checkpoint("app", "m2").is_ok(), "movable again");
+    }
+
+    #[test]
+    fn a_frozen_source_resumes_in_place_after_a_failed_move() {
+        let mut m = PodMoves::default();
+        m.begin_checkpoint("app", "m1").expect("begin");
+        assert!(m.resume("app").is_err(), "nothing dumped yet");
+        m.handed_over("app", "/i".into(), Instant::now())
+            .expect("dumped");
+        assert_eq!(m.resume("app").expect("resume"), PathBuf::from("/i"));
+        assert_eq!(m.get("app"), None);
+        assert_eq!(MoveState::kill_answer(m.get("app")), KillAnswer::Pass);
     }
 
     #[test]

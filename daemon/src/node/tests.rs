@@ -21,13 +21,37 @@ use tonic::Request;
 use super::{Node, Settings, cri::CheckpointApi, hook::NodeHook};
 use crate::store::CheckpointStore;
 
-/// Engine that writes an inventory image after a delay, or fails.
+/// Engine that writes an inventory image after a delay, or fails; records resumes and
+/// discards of sources kept frozen.
 struct FakeEngine {
     delay: Duration,
     fail: bool,
+    cannot_thaw: bool,
+    calls: std::sync::Mutex<Vec<String>>,
 }
 
 impl CheckpointEngine for FakeEngine {
+    fn resume(&self, id: &str) -> podmig_cri_ext::Result<()> {
+        self.calls
+            .lock()
+            .expect("calls")
+            .push(format!("resume {id}"));
+        if self.cannot_thaw {
+            return Err(podmig_cri_ext::Error::CheckpointFailed(
+                "freezer gone".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn discard(&self, id: &str) -> podmig_cri_ext::Result<()> {
+        self.calls
+            .lock()
+            .expect("calls")
+            .push(format!("discard {id}"));
+        Ok(())
+    }
+
     fn checkpoint(
         &self,
         _id: &str,
@@ -50,10 +74,16 @@ impl CheckpointEngine for FakeEngine {
 }
 
 fn node(tmp: &Path, fail: bool) -> Arc<Node<FakeEngine>> {
+    node_with(tmp, fail, false)
+}
+
+fn node_with(tmp: &Path, fail: bool, cannot_thaw: bool) -> Arc<Node<FakeEngine>> {
     Arc::new(Node::new(
         FakeEngine {
             delay: Duration::from_millis(150),
             fail,
+            cannot_thaw,
+            calls: Default::default(),
         },
         CheckpointStore::new(tmp),
         Settings {
@@ -275,6 +305,11 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
         !tmp.path().join("src/app").exists(),
         "images deleted after the commit"
     );
+    assert_eq!(
+        calls(&n),
+        ["discard src-ctr"],
+        "the frozen source is stopped"
+    );
     // kubelet restarting the dumped source container is refused: one copy only.
     match answer(hook.decide(req(Event::Create, "c3", "src", None)).await).await {
         Answer::Refuse(r) => assert!(
@@ -306,8 +341,12 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
     );
 }
 
+fn calls(n: &Node<FakeEngine>) -> Vec<String> {
+    n.engine.calls.lock().expect("calls").clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_restore_rolls_the_source_back_from_its_own_checkpoint() {
+async fn a_failed_restore_resumes_the_frozen_source_in_place() {
     let tmp = tempfile::tempdir().expect("tempdir");
     live_source(tmp.path(), "src");
     let n = node(tmp.path(), false);
@@ -321,20 +360,14 @@ async fn a_failed_restore_rolls_the_source_back_from_its_own_checkpoint() {
     hook.restored(restored("c2", "dst", false)).await;
     settle(&n, "dst").await;
     settle(&n, "src").await;
-    let images = tmp.path().join("src/app");
+    assert_eq!(calls(&n), ["resume src-ctr"], "thawed, not killed");
     assert!(
-        images.join("inventory.img").exists(),
-        "kept for the rollback"
+        !tmp.path().join("src/app").exists(),
+        "its checkpoint is dropped"
     );
-    // The runtime restarts the source container: it resumes from its own checkpoint.
-    let a = answer(hook.decide(req(Event::Create, "c5", "src", None)).await).await;
-    assert!(
-        matches!(&a, Answer::RestoreFrom(r) if Path::new(&r.image_path) == images),
-        "{a:?}"
-    );
-    hook.restored(restored("c5", "src", true)).await;
-    settle(&n, "src").await;
-    assert!(!images.exists(), "rollback images deleted once resumed");
+    // Running again: kills pass.
+    let a = answer(hook.decide(req(Event::Kill, "src-ctr", "src", None)).await).await;
+    assert!(matches!(a, Answer::Pass(_)), "{a:?}");
     // The target is never started fresh afterwards.
     let a = answer(
         hook.decide(req(Event::Create, "c6", "dst", Some("src")))
@@ -357,6 +390,38 @@ async fn a_failed_restore_rolls_the_source_back_from_its_own_checkpoint() {
         text.contains("podmig_migrations_total{role=\"source\",outcome=\"rolled_back\"} 1"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_cannot_be_thawed_resumes_from_its_checkpoint_when_restarted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    live_source(tmp.path(), "src");
+    let n = node_with(tmp.path(), false, true);
+    let hook = NodeHook(n.clone());
+    let a = answer(
+        hook.decide(req(Event::Create, "c2", "dst", Some("src")))
+            .await,
+    )
+    .await;
+    assert!(matches!(a, Answer::RestoreFrom(_)), "{a:?}");
+    hook.restored(restored("c2", "dst", false)).await;
+    settle(&n, "dst").await;
+    settle(&n, "src").await;
+    assert_eq!(calls(&n), ["resume src-ctr", "discard src-ctr"]);
+    let images = tmp.path().join("src/app");
+    assert!(
+        images.join("inventory.img").exists(),
+        "kept for the rollback"
+    );
+    // The runtime restarts the source container: it resumes from its own checkpoint.
+    let a = answer(hook.decide(req(Event::Create, "c5", "src", None)).await).await;
+    assert!(
+        matches!(&a, Answer::RestoreFrom(r) if Path::new(&r.image_path) == images),
+        "{a:?}"
+    );
+    hook.restored(restored("c5", "src", true)).await;
+    settle(&n, "src").await;
+    assert!(!images.exists(), "rollback images deleted once resumed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

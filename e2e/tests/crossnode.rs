@@ -1,0 +1,518 @@
+//! Moves across nodes on the local two-node cluster, driven as a user would: `curl` to the
+//! node daemon's `POST /migrate/{uid}`, a `Migration`, `kubectl drain` and `kubectl delete
+//! pod`; and the failures: a restore refused on the target, the target's daemon killed
+//! mid-transfer. After each: exactly one copy ran, the count went on, nothing is left.
+
+use std::{process::Command, time::Duration};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt};
+use podmig_api::{
+    MIGRATE_FINALIZER,
+    nodeapi::{ApiError, MigrateResponse, MoveInfo},
+    v1alpha1::{MigratingPod, Migration, MigrationPhase},
+};
+use podmig_e2e::{cluster::Cluster, process::Proc, testapp::get_count, wait::until};
+
+fn mpod_yaml(name: &str, args: &str) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  migrationTimeoutSeconds: 60\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: [{args}]}}\n"
+    )
+}
+
+async fn setup() -> anyhow::Result<(Cluster, Proc)> {
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (ctl, _) = c.start_controller("a")?;
+    Ok((c, ctl))
+}
+
+/// Waits until Pod `name` is Ready; returns it.
+async fn ready(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<Pod> {
+    until(&format!("{name} ready"), within, async || {
+        let p = pods.get(name).await.ok()?;
+        let ok = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ok.then_some(p)
+    })
+    .await
+}
+
+fn ip(p: &Pod) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default()
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+fn index_of(c: &Cluster, node: &str) -> usize {
+    c.nodes.iter().position(|n| n.name == node).unwrap_or(0)
+}
+
+/// `curl` to a daemon: (HTTP status, body).
+fn curl(
+    c: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["--noproxy", "*", "-sS", "--max-time", "120", "-X", method])
+        .arg("--cacert")
+        .arg(c.daemon_ca())
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    cmd.arg(format!("{}{path}", c.daemon_url(node)));
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse()?, body.to_owned()))
+}
+
+fn error_reason(body: &str) -> String {
+    serde_json::from_str::<ApiError>(body)
+        .map(|e| e.reason)
+        .unwrap_or_else(|_| format!("not a JSON error: {body}"))
+}
+
+/// Nothing is left behind: no checkpoint images on any node.
+fn assert_no_checkpoints(c: &Cluster) {
+    for n in &c.nodes {
+        let dir = n.daemon.checkpoint_dir();
+        let left: Vec<_> = walk(&dir);
+        assert!(
+            left.is_empty(),
+            "{}: checkpoint files left: {left:?}",
+            n.name
+        );
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+fn diagnostics(c: &Cluster) -> String {
+    c.nodes
+        .iter()
+        .map(|n| {
+            let log = n.daemon.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            format!(
+                "--- {} daemon\n{}",
+                n.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    c.apply(&mpod_yaml("counter", "'--mem-mib', '16'"))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "counter-0", Duration::from_secs(60)).await?;
+    let (src_node, src_ip) = (node_of(&p0), ip(&p0));
+    let src = index_of(&c, &src_node);
+    let dst = 1 - src;
+    let uid = p0.uid().unwrap_or_default();
+    for _ in 0..3 {
+        get_count(&src_ip).await?;
+    }
+    let admin = c.token_for("alice", &["system:masters", "system:authenticated"])?;
+    let nobody = c.token_for("mallory", &["system:authenticated"])?;
+    let body = format!("{{\"targetNode\": \"{}\"}}", c.nodes[dst].name);
+
+    // Bad requests: precise codes, JSON bodies, nothing moves.
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}"),
+        None,
+        Some(&body),
+    )?;
+    assert_eq!(
+        (code, error_reason(&b)),
+        (401, "Unauthorized".into()),
+        "{b}"
+    );
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}"),
+        Some(&nobody),
+        Some(&body),
+    )?;
+    assert_eq!((code, error_reason(&b)), (403, "Forbidden".into()), "{b}");
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        "/migrate/no-such-uid",
+        Some(&admin),
+        Some(&body),
+    )?;
+    assert_eq!((code, error_reason(&b)), (404, "PodNotFound".into()), "{b}");
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}"),
+        Some(&admin),
+        Some("{\"targetNode\": 3"),
+    )?;
+    assert_eq!((code, error_reason(&b)), (400, "BadRequest".into()), "{b}");
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}"),
+        Some(&admin),
+        Some("{\"teleport\": true}"),
+    )?;
+    assert_eq!(code, 400, "{b}");
+    assert!(b.contains("teleport"), "{b}");
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}"),
+        Some(&admin),
+        Some("{\"containers\": [\"db\"]}"),
+    )?;
+    assert_eq!(
+        (code, error_reason(&b)),
+        (422, "NotMigratable".into()),
+        "{b}"
+    );
+    let (code, b) = curl(&c, src, "GET", "/healthz", None, None)?;
+    assert_eq!((code, b.as_str()), (200, "ok"));
+    assert_eq!(get_count(&src_ip).await?, 4, "nothing moved or restarted");
+
+    // The move, waited for.
+    let (code, b) = curl(
+        &c,
+        src,
+        "POST",
+        &format!("/migrate/{uid}?wait=true"),
+        Some(&admin),
+        Some(&body),
+    )?;
+    assert_eq!(code, 200, "{b}\n{}", diagnostics(&c));
+    let answer: MigrateResponse = serde_json::from_str(&b)?;
+    assert_eq!(
+        answer.phase,
+        Some(MigrationPhase::Succeeded),
+        "{b}\n{}",
+        diagnostics(&c)
+    );
+    assert_eq!(
+        answer.target_node.as_deref(),
+        Some(c.nodes[dst].name.as_str())
+    );
+    let report = answer.report.clone().expect("figures");
+    eprintln!("cross-node move over curl (16 MiB app): {report:?}");
+    assert!(
+        report.frozen_ms > 0 && report.bytes > 16 << 20 && report.restore_ms > 0,
+        "{report:?}"
+    );
+    let target = answer.target_pod.clone().expect("target pod");
+    let p1 = ready(&pods, &target, Duration::from_secs(10)).await?;
+    assert_eq!(node_of(&p1), c.nodes[dst].name);
+    assert_eq!(
+        get_count(&ip(&p1)).await?,
+        5,
+        "the moved Pod continues the count"
+    );
+    // The Migration object kubectl sees.
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let m = migs.get(&answer.migration).await?;
+    assert_eq!(
+        m.annotations()
+            .get("podmig.dev/requested-by")
+            .map(String::as_str),
+        Some("alice")
+    );
+    // The source goes; the MigratingPod follows; the source daemon kept the record.
+    until("source gone", Duration::from_secs(30), async || {
+        pods.get_opt("counter-0")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    until("mpod follows", Duration::from_secs(15), async || {
+        let s = mpods.get("counter").await.ok()?.status?;
+        (s.active_pod.as_deref() == Some(target.as_str())).then_some(())
+    })
+    .await?;
+    let (code, b) = curl(&c, src, "GET", "/migrations", Some(&admin), None)?;
+    assert_eq!(code, 200, "{b}");
+    let moves: Vec<MoveInfo> = serde_json::from_str(&b)?;
+    assert!(
+        moves
+            .iter()
+            .any(|m| m.role == "source" && m.state == "Succeeded" && m.pod_uid == uid),
+        "{moves:?}"
+    );
+    let (code, b) = curl(&c, dst, "GET", "/metrics", Some(&admin), None)?;
+    assert_eq!(code, 200);
+    assert!(
+        b.contains("podmig_migrations_total{role=\"target\",outcome=\"succeeded\"} 1"),
+        "{b}"
+    );
+    let (code, _) = curl(&c, dst, "GET", "/metrics", Some(&nobody), None)?;
+    assert_eq!(code, 403);
+    assert_no_checkpoints(&c);
+
+    // A second request while a move of the Pod runs: 409.
+    let uid1 = p1.uid().unwrap_or_default();
+    let back = format!("{{\"targetNode\": \"{}\"}}", c.nodes[src].name);
+    let (code, b) = curl(
+        &c,
+        dst,
+        "POST",
+        &format!("/migrate/{uid1}"),
+        Some(&admin),
+        Some(&back),
+    )?;
+    assert_eq!(code, 202, "{b}");
+    let (code, b) = curl(
+        &c,
+        dst,
+        "POST",
+        &format!("/migrate/{uid1}"),
+        Some(&admin),
+        Some(&back),
+    )?;
+    assert_eq!(
+        (code, error_reason(&b)),
+        (409, "AlreadyMigrating".into()),
+        "{b}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_delete_move_a_migratingpod_across_nodes_with_its_state() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    c.apply(&mpod_yaml("web", "'--mem-mib', '16'"))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "web-0", Duration::from_secs(60)).await?;
+    let node0 = node_of(&p0);
+    for _ in 0..2 {
+        get_count(&ip(&p0)).await?;
+    }
+    let started = std::time::Instant::now();
+    c.kubectl(&["drain", &node0, "--ignore-daemonsets", "--timeout=90s"])
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let drained_in = started.elapsed();
+    let p1 = ready(&pods, "web-1", Duration::from_secs(30)).await?;
+    assert_ne!(node_of(&p1), node0, "drained away");
+    assert_eq!(
+        get_count(&ip(&p1)).await?,
+        3,
+        "the drained Pod continues its count\n{}",
+        diagnostics(&c)
+    );
+    eprintln!("kubectl drain moved web-0 → web-1 in {drained_in:?}");
+    assert!(
+        pods.get_opt("web-0").await?.is_none(),
+        "drain waited for the source to go"
+    );
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let st = until("record", Duration::from_secs(15), async || {
+        mpods
+            .get("web")
+            .await
+            .ok()?
+            .status?
+            .last_migration
+            .filter(|r| r.outcome == Some(podmig_api::v1alpha1::Outcome::Succeeded))
+    })
+    .await?;
+    assert_eq!(st.target_pod, "web-1");
+
+    // Back with `kubectl delete pod`.
+    c.kubectl(&["uncordon", &node0])?;
+    c.kubectl(&["delete", "pod", "web-1", "--timeout=90s"])
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let p2 = ready(&pods, "web-2", Duration::from_secs(30)).await?;
+    assert_eq!(
+        get_count(&ip(&p2)).await?,
+        4,
+        "deleted and moved, not restarted"
+    );
+    assert!(
+        p2.finalizers().contains(&MIGRATE_FINALIZER.to_owned()),
+        "the moved Pod moves again next time"
+    );
+    assert_no_checkpoints(&c);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    // The app keeps a file of its writable layer open: the target's fresh root file
+    // system lacks it, so CRIU refuses the restore there (a real, common failure).
+    c.apply(&mpod_yaml(
+        "held",
+        "'--mem-mib', '8', '--hold-open', '/tmp/state.db'",
+    ))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "held-0", Duration::from_secs(60)).await?;
+    let src_ip = ip(&p0);
+    let other = &c.nodes[1 - index_of(&c, &node_of(&p0))].name;
+    for _ in 0..2 {
+        get_count(&src_ip).await?;
+    }
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: doomed}}\nspec: {{podName: held-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let started = std::time::Instant::now();
+    let st = until("migration failed", Duration::from_secs(60), async || {
+        migs.get("doomed")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Failed),
+        "{st:?}\n{}",
+        diagnostics(&c)
+    );
+    assert_eq!(st.reason.as_deref(), Some("RestoreFailed"), "{st:?}");
+    let msg = st.message.clone().unwrap_or_default();
+    assert!(
+        !msg.contains("bad runc command line") && msg.contains("restore"),
+        "the failing step and CRIU's reason: {msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "the failure reached the Migration in {:?}",
+        started.elapsed()
+    );
+    // The source resumed from its own checkpoint: same Pod, same address, count goes on.
+    let count = until("source resumed", Duration::from_secs(30), async || {
+        get_count(&src_ip).await.ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_eq!(count, 3, "the source resumed with its state");
+    let p0 = pods.get("held-0").await?;
+    assert!(
+        p0.finalizers().contains(&MIGRATE_FINALIZER.to_owned()),
+        "still migrate-on-delete"
+    );
+    until("target removed", Duration::from_secs(30), async || {
+        (pods.list(&Default::default()).await.ok()?.items.len() == 1).then_some(())
+    })
+    .await?;
+    until("no checkpoints", Duration::from_secs(10), async || {
+        c.nodes
+            .iter()
+            .all(|n| walk(&n.daemon.checkpoint_dir()).is_empty())
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    c.apply(&mpod_yaml("big", "'--mem-mib', '768'"))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "big-0", Duration::from_secs(120)).await?;
+    let src_ip = ip(&p0);
+    let dst = 1 - index_of(&c, &node_of(&p0));
+    let other = c.nodes[dst].name.clone();
+    // Touching 768 MiB takes a while before the app answers.
+    podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: cut}}\nspec: {{podName: big-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    // Kill the target node's daemon while the images stream to it.
+    until("transferring", Duration::from_secs(60), async || {
+        let t = pods.get_opt("big-1").await.ok()??;
+        (t.annotations()
+            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
+            .map(String::as_str)
+            == Some("Transferring"))
+        .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    c.nodes[dst].daemon.kill();
+    let count = until("source resumed", Duration::from_secs(60), async || {
+        get_count(&src_ip).await.ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_eq!(count, 2, "the source resumed with its state");
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = until("migration failed", Duration::from_secs(90), async || {
+        migs.get("cut")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
+    c.nodes[dst].daemon.restart()?;
+    until(
+        "no checkpoints on the source",
+        Duration::from_secs(10),
+        async || {
+            walk(&c.nodes[1 - dst].daemon.checkpoint_dir())
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
