@@ -99,7 +99,10 @@ impl Network {
                 &self.bridge,
             ],
         )?;
-        sh("ip", &["link", "set", &self.bridge, "up"])
+        sh("ip", &["link", "set", &self.bridge, "up"])?;
+        // Node to node traffic is routed through the bridge's host, like a top-of-rack
+        // router; hosts default to not forwarding.
+        sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
     }
 
     fn create_node(&self, i: usize, nodes: usize) -> anyhow::Result<()> {
