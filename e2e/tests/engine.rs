@@ -389,10 +389,13 @@ async fn creating_the_target_freezes_the_local_source_and_moves_it() -> anyhow::
         node.cri.container_state(&moved.container).await?,
         ContainerState::ContainerRunning
     );
-    assert_eq!(
-        node.cri.container_state(&source.container).await?,
-        ContainerState::ContainerExited
-    );
+    // The source stays frozen until the target's verdict, then is stopped for good.
+    let mut cri = node.cri.clone();
+    podmig_e2e::wait::until("source stopped", Duration::from_secs(10), async || {
+        (cri.container_state(&source.container).await.ok()? == ContainerState::ContainerExited)
+            .then_some(())
+    })
+    .await?;
     let r = moved.report;
     assert!(
         r.checkpoint > Duration::ZERO && r.restore > Duration::ZERO,

@@ -46,10 +46,13 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// A decision by (token digest, attributes), with when it was taken.
+type DecisionCache = HashMap<(Vec<u8>, Attributes), (Instant, Result<String, AuthError>)>;
+
 /// Checks callers against the API server.
 pub struct Authorizer {
     client: kube::Client,
-    cache: Mutex<HashMap<(Vec<u8>, Attributes), (Instant, Result<String, AuthError>)>>,
+    cache: Mutex<DecisionCache>,
 }
 
 impl Authorizer {

@@ -34,12 +34,15 @@ enum Write {
     Status(Value),
 }
 
+/// The queue of each Pod's reporter task, by (namespace, name).
+type Queues = HashMap<(String, String), mpsc::UnboundedSender<Write>>;
+
 /// Writes move progress on Pods, in order per Pod.
 #[derive(Clone)]
 pub struct PodReporter {
     client: kube::Client,
     rt: tokio::runtime::Handle,
-    queues: Arc<Mutex<HashMap<(String, String), mpsc::UnboundedSender<Write>>>>,
+    queues: Arc<Mutex<Queues>>,
 }
 
 impl PodReporter {
