@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench-engine bench-cluster crds clean
+.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -24,9 +24,21 @@ demo: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e demo
 
-bench-engine: setup
+# The static test app the engine benchmark runs outside containers (setup builds it for
+# the images; a fresh clone or `cargo clean` needs it built here).
+testapp-bin:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --quiet --release \
+	  -p podmig-testapp --target x86_64-unknown-linux-gnu --target-dir target/testapp
+
+# Cross-node moves: podmig vs delete-and-recreate vs the thesis' order (downtime).
+bench: setup
 	$(CARGO) build --release --workspace --bins
-	target/release/podmig-e2e bench-engine
+	target/release/podmig-e2e bench
+
+bench-engine: setup testapp-bin
+	$(CARGO) build --release --workspace --bins
+	PODMIG_TESTAPP_BIN=$(CURDIR)/target/testapp/x86_64-unknown-linux-gnu/release/testapp \
+	  target/release/podmig-e2e bench-engine
 
 bench-cluster: setup
 	$(CARGO) build --release --workspace --bins

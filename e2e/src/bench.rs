@@ -192,6 +192,13 @@ fn criu(args: &[&str], dir: &Path, log: &str) -> anyhow::Result<()> {
 }
 
 fn criu_once(mem: u64, run: usize) -> anyhow::Result<Sample> {
+    let app = paths::testapp_binary();
+    anyhow::ensure!(
+        app.is_file(),
+        "the static test app is missing at {}: `make bench-engine` builds it (or set \
+         PODMIG_TESTAPP_BIN)",
+        app.display()
+    );
     // Same storage as the node daemon's checkpoints, so only the engines differ.
     let dir = tempfile::Builder::new()
         .prefix("podmig-bench-criu-")

@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod bench_move;
 pub mod cluster;
 pub mod containerd;
 pub mod cri;

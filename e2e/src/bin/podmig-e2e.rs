@@ -40,6 +40,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Downtime of a cross-node move: podmig vs delete-and-recreate vs the thesis' order.
+    Bench {
+        /// Ballast sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024])]
+        sizes: Vec<u64>,
+        /// Runs per size and strategy (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
         /// Ballast sizes in MiB.
@@ -92,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
             ClusterAction::Run { nodes } => podmig_e2e::cluster::run_foreground(&dir, nodes).await,
         },
         Command::BenchCluster { runs } => podmig_e2e::bench::cluster(runs).await,
+        Command::Bench { sizes, runs } => podmig_e2e::bench_move::moves(&sizes, runs).await,
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
     }
 }

@@ -1,0 +1,350 @@
+//! `make bench`: downtime of moving the test app from node-0 to node-1 of the local
+//! cluster, as a client sees it, for three strategies measured interleaved in one run:
+//! - `podmig`: a `Migration` (target created first, source frozen late, state streamed
+//!   daemon to daemon, restored at once);
+//! - `restart`: what Kubernetes does today — delete the Pod, create a new one;
+//! - `thesis`: the thesis' order — dump the source fully into a shared directory (disk),
+//!   copy it to the target node, then create the target Pod, which restores it.
+//!
+//! A client probes the app every 10 ms at both the old and the new address; downtime is
+//! the longest gap between two answers during the move.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt, api::DeleteParams};
+use podmig_api::v1alpha1::{Migration, MigrationPhase};
+
+use crate::{bench::median, cluster::Cluster, testapp::wait_count, wait::until};
+
+/// One strategy's measurement.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    downtime: Duration,
+    frozen: Option<Duration>,
+    kept_state: bool,
+}
+
+/// Answers of the app: (when, count).
+type Answers = Arc<Mutex<Vec<(Instant, u64)>>>;
+
+/// Probes the app every 10 ms at every address in `addrs` until `stop` is set.
+fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool>) -> Answers {
+    let answers: Answers = Arc::default();
+    let out = answers.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tick.tick().await;
+            let targets = addrs.lock().map(|a| a.clone()).unwrap_or_default();
+            for ip in targets {
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let got = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        crate::testapp::get_count(&ip),
+                    )
+                    .await;
+                    if let Ok(Ok(n)) = got
+                        && let Ok(mut v) = out.lock()
+                    {
+                        v.push((Instant::now(), n));
+                    }
+                });
+            }
+        }
+    });
+    answers
+}
+
+/// The longest gap between answers after `from`, and whether the counts went on (the
+/// first answer after the gap continued the count before it).
+fn gap(answers: &Answers, from: Instant) -> (Duration, bool) {
+    let mut v = answers.lock().map(|a| a.clone()).unwrap_or_default();
+    v.sort();
+    let v: Vec<_> = v.into_iter().filter(|(t, _)| *t >= from).collect();
+    let mut worst = (Duration::ZERO, true);
+    for w in v.windows(2) {
+        let d = w[1].0 - w[0].0;
+        if d > worst.0 {
+            worst = (d, w[1].1 > w[0].1);
+        }
+    }
+    worst
+}
+
+fn pod_yaml(name: &str, mem: u64, node: &str, extra_meta: &str, runtime: bool) -> String {
+    let rc = if runtime {
+        "  runtimeClassName: podmig\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n{extra_meta}spec:\n  nodeName: {node}\n{rc}  terminationGracePeriodSeconds: 5\n  containers:\n  - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mem}']}}\n"
+    )
+}
+
+async fn ready_ip(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<String> {
+    until(&format!("{name} ready"), within, async || {
+        let p = pods.get(name).await.ok()?;
+        let s = p.status?;
+        let ready = s
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(s.pod_ip?)
+    })
+    .await
+}
+
+async fn gone(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
+    until(
+        &format!("{name} gone"),
+        Duration::from_secs(60),
+        async || pods.get_opt(name).await.ok()?.is_none().then_some(()),
+    )
+    .await
+}
+
+/// Starts the source on node-0 and its probe; returns its address.
+async fn source(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    yaml: &str,
+    name: &str,
+    mem: u64,
+) -> anyhow::Result<String> {
+    c.apply(yaml)?;
+    let ip = ready_ip(pods, name, Duration::from_secs(120)).await?;
+    wait_count(&ip, Duration::from_secs(60 + mem / 10)).await?;
+    Ok(ip)
+}
+
+async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample> {
+    let name = format!("pm{mem}r{run}");
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      nodeName: node-0\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mem}']}}\n"
+    ))?;
+    let pod0 = format!("{name}-0");
+    let ip0 = ready_ip(&pods, &pod0, Duration::from_secs(120)).await?;
+    wait_count(&ip0, Duration::from_secs(60 + mem / 10)).await?;
+    let addrs = Arc::new(Mutex::new(vec![ip0]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = probe(addrs.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = Instant::now();
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod0}, targetNode: node-1}}\n"
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    // The target's address is known once its sandbox runs; probe it from then on.
+    let target = until("target pod", Duration::from_secs(30), async || {
+        migs.get(&name).await.ok()?.status?.target_pod
+    })
+    .await?;
+    until("target address", Duration::from_secs(60), async || {
+        let ip = pods.get(&target).await.ok()?.status?.pod_ip?;
+        if let Ok(mut a) = addrs.lock() {
+            a.push(ip);
+        }
+        Some(())
+    })
+    .await?;
+    let st = until("migration done", Duration::from_secs(300), async || {
+        migs.get(&name).await.ok()?.status.filter(|s| {
+            s.phase.is_some_and(|p| p.is_terminal()) && s.report.is_some()
+                || s.phase == Some(MigrationPhase::Failed)
+        })
+    })
+    .await?;
+    anyhow::ensure!(
+        st.phase == Some(MigrationPhase::Succeeded),
+        "podmig move failed: {:?}",
+        st.message
+    );
+    ready_ip(&pods, &target, Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (downtime, kept_state) = gap(&answers, from);
+    c.kubectl(&["delete", "mpod", &name, "--wait=true", "--timeout=60s"])?;
+    Ok(Sample {
+        downtime,
+        frozen: st.frozen_ms.map(Duration::from_millis),
+        kept_state,
+    })
+}
+
+async fn restart_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample> {
+    let (old, new) = (format!("rs{mem}r{run}a"), format!("rs{mem}r{run}b"));
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let ip0 = source(
+        c,
+        &pods,
+        &pod_yaml(&old, mem, "node-0", "", false),
+        &old,
+        mem,
+    )
+    .await?;
+    let addrs = Arc::new(Mutex::new(vec![ip0]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = probe(addrs.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = Instant::now();
+    // A ReplicaSet creates the replacement as soon as the old Pod is being deleted.
+    pods.delete(&old, &DeleteParams::default()).await?;
+    c.apply(&pod_yaml(&new, mem, "node-1", "", false))?;
+    let ip1 = ready_ip(&pods, &new, Duration::from_secs(120)).await?;
+    if let Ok(mut a) = addrs.lock() {
+        a.push(ip1.clone());
+    }
+    wait_count(&ip1, Duration::from_secs(60 + mem / 10)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (downtime, kept_state) = gap(&answers, from);
+    gone(&pods, &old).await?;
+    pods.delete(&new, &DeleteParams::default()).await?;
+    gone(&pods, &new).await?;
+    Ok(Sample {
+        downtime,
+        frozen: None,
+        kept_state,
+    })
+}
+
+async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample> {
+    let (old, new) = (format!("th{mem}r{run}a"), format!("th{mem}r{run}b"));
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let ip0 = source(
+        c,
+        &pods,
+        &pod_yaml(&old, mem, "node-0", "", true),
+        &old,
+        mem,
+    )
+    .await?;
+    let p0 = pods.get(&old).await?;
+    let uid = p0.uid().unwrap_or_default();
+    let container = p0
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|s| s.first().and_then(|c| c.container_id.clone()))
+        .and_then(|id| id.strip_prefix("containerd://").map(str::to_owned))
+        .context("source container id")?;
+    let addrs = Arc::new(Mutex::new(vec![ip0]));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = probe(addrs.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let from = Instant::now();
+    // 1. Full dump into the shared directory (the thesis used NFS; here: local disk).
+    let shared = tempfile::Builder::new()
+        .prefix("podmig-bench-shared-")
+        .tempdir_in("/var/tmp")?;
+    let images = shared.path().join("app");
+    c.nodes[0]
+        .daemon
+        .checkpoint(&container, &images, false)
+        .await
+        .map_err(|e| anyhow::anyhow!("thesis dump: {e}"))?;
+    // 2. The target node reads it into its own checkpoint store.
+    let dest = c.nodes[1].daemon.checkpoint_path(&uid, "app");
+    let (src, dst) = (images.clone(), dest.clone());
+    tokio::task::spawn_blocking(move || copy_dir(&src, &dst)).await??;
+    // 3. Only now the target Pod is created; its container restores the images.
+    let meta = format!("  annotations: {{podmig.dev/migrate-from: '{uid}'}}\n");
+    c.apply(&pod_yaml(&new, mem, "node-1", &meta, true))?;
+    let ip1 = ready_ip(&pods, &new, Duration::from_secs(120))
+        .await
+        .with_context(|| format!("thesis target\n{}", c.nodes[1].daemon.log()))?;
+    if let Ok(mut a) = addrs.lock() {
+        a.push(ip1);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (downtime, kept_state) = gap(&answers, from);
+    for p in [&old, &new] {
+        pods.delete(p, &DeleteParams::default()).await?;
+        gone(&pods, p).await?;
+    }
+    Ok(Sample {
+        downtime,
+        frozen: None,
+        kept_state,
+    })
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    podmig_cri_ext::engine::create_private_dir(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the cross-node benchmark and prints the table and one line per strategy and size.
+pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (_ctl, _) = c.start_controller("bench")?;
+    let strategies = ["podmig", "restart", "thesis"];
+    let mut rows = Vec::new();
+    for &mem in sizes {
+        let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); strategies.len()];
+        for run in 0..runs {
+            for (i, s) in strategies.iter().enumerate() {
+                let sample = match *s {
+                    "podmig" => podmig_once(&c, mem, run).await,
+                    "restart" => restart_once(&c, mem, run).await,
+                    _ => thesis_once(&c, mem, run).await,
+                }
+                .with_context(|| format!("{s} mem={mem} run={run}"))?;
+                eprintln!(
+                    "mem={mem}MiB run={run} {s}: downtime {} ms, frozen {:?} ms, state kept: {}",
+                    sample.downtime.as_millis(),
+                    sample.frozen.map(|f| f.as_millis()),
+                    sample.kept_state
+                );
+                samples[i].push(sample);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        rows.push((mem, samples));
+    }
+    println!("cross-node move benchmark: medians of {runs} runs (ms), node-0 → node-1");
+    println!(
+        "| mem MiB | podmig downtime | podmig frozen | restart downtime | thesis downtime | podmig/thesis |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let med = |s: &[Sample]| median(s.iter().map(|x| x.downtime).collect());
+    let med_frozen = |s: &[Sample]| {
+        let f: Vec<Duration> = s.iter().filter_map(|x| x.frozen).collect();
+        (!f.is_empty()).then(|| median(f))
+    };
+    for (mem, s) in &rows {
+        let ratio = med(&s[0]).as_secs_f64() / med(&s[2]).as_secs_f64().max(1e-6);
+        println!(
+            "| {mem} | {} | {} | {} | {} | {ratio:.2} |",
+            med(&s[0]).as_millis(),
+            med_frozen(&s[0]).map_or("-".into(), |f| f.as_millis().to_string()),
+            med(&s[1]).as_millis(),
+            med(&s[2]).as_millis(),
+        );
+    }
+    for (mem, s) in &rows {
+        for (i, name) in strategies.iter().enumerate() {
+            println!(
+                "podmig-bench strategy={name} mem_mib={mem} runs={runs} downtime_ms={} frozen_ms={}",
+                med(&s[i]).as_millis(),
+                med_frozen(&s[i]).map_or("-".into(), |f| f.as_millis().to_string())
+            );
+        }
+    }
+    Ok(())
+}
