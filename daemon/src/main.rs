@@ -47,12 +47,14 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!(%error, %addr, "metrics endpoint failed");
                 }
             });
+            let lost = metrics.clone();
             podmig_daemon::controller::leader::lead(
                 client.clone(),
                 &cfg.lease_namespace,
                 &cfg.lease_name,
                 &identity,
-                podmig_daemon::controller::run(client, &identity, metrics),
+                || podmig_daemon::controller::run(client.clone(), &identity, metrics.clone()),
+                |why| lost.leadership_lost(why.label()),
             )
             .await;
         }

@@ -29,8 +29,8 @@ struct Sample {
     kept_state: bool,
 }
 
-/// Answers of the app: (when, count).
-type Answers = Arc<Mutex<Vec<(Instant, u64)>>>;
+/// Answers of the app: (when, count, address).
+type Answers = Arc<Mutex<Vec<(Instant, u64, String)>>>;
 
 /// Probes the app every 10 ms at every address in `addrs` until `stop` is set.
 fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool>) -> Answers {
@@ -52,7 +52,7 @@ fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool
                     if let Ok(Ok(n)) = got
                         && let Ok(mut v) = out.lock()
                     {
-                        v.push((Instant::now(), n));
+                        v.push((Instant::now(), n, ip));
                     }
                 });
             }
@@ -61,12 +61,17 @@ fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool
     answers
 }
 
-/// The longest gap between answers after `from`, and whether the counts went on (the
-/// first answer after the gap continued the count before it).
-fn gap(answers: &Answers, from: Instant) -> (Duration, bool) {
+/// The longest gap between two answers from just before `from` on, and whether the count
+/// went on across it. An error when the new address never answered.
+fn gap(answers: &Answers, from: Instant, new_ip: &str) -> anyhow::Result<(Duration, bool)> {
     let mut v = answers.lock().map(|a| a.clone()).unwrap_or_default();
-    v.sort();
-    let v: Vec<_> = v.into_iter().filter(|(t, _)| *t >= from).collect();
+    v.sort_by_key(|(t, _, _)| *t);
+    let before = v.iter().rposition(|(t, _, _)| *t < from).unwrap_or(0);
+    let v = &v[before..];
+    anyhow::ensure!(
+        v.iter().any(|(_, _, ip)| ip == new_ip),
+        "the app never answered at its new address {new_ip}"
+    );
     let mut worst = (Duration::ZERO, true);
     for w in v.windows(2) {
         let d = w[1].0 - w[0].0;
@@ -74,7 +79,7 @@ fn gap(answers: &Answers, from: Instant) -> (Duration, bool) {
             worst = (d, w[1].1 > w[0].1);
         }
     }
-    worst
+    Ok(worst)
 }
 
 fn pod_yaml(name: &str, mem: u64, node: &str, extra_meta: &str, runtime: bool) -> String {
@@ -147,12 +152,12 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         migs.get(&name).await.ok()?.status?.target_pod
     })
     .await?;
-    until("target address", Duration::from_secs(60), async || {
+    let new_ip = until("target address", Duration::from_secs(60), async || {
         let ip = pods.get(&target).await.ok()?.status?.pod_ip?;
         if let Ok(mut a) = addrs.lock() {
-            a.push(ip);
+            a.push(ip.clone());
         }
-        Some(())
+        Some(ip)
     })
     .await?;
     let st = until("migration done", Duration::from_secs(300), async || {
@@ -170,7 +175,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
     ready_ip(&pods, &target, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (downtime, kept_state) = gap(&answers, from);
+    let (downtime, kept_state) = gap(&answers, from, &new_ip)?;
     c.kubectl(&["delete", "mpod", &name, "--wait=true", "--timeout=60s"])?;
     Ok(Sample {
         downtime,
@@ -205,7 +210,7 @@ async fn restart_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sampl
     wait_count(&ip1, Duration::from_secs(60 + mem / 10)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (downtime, kept_state) = gap(&answers, from);
+    let (downtime, kept_state) = gap(&answers, from, &ip1)?;
     gone(&pods, &old).await?;
     pods.delete(&new, &DeleteParams::default()).await?;
     gone(&pods, &new).await?;
@@ -261,11 +266,14 @@ async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         .await
         .with_context(|| format!("thesis target\n{}", c.nodes[1].daemon.log()))?;
     if let Ok(mut a) = addrs.lock() {
-        a.push(ip1);
+        a.push(ip1.clone());
     }
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_count(&ip1, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("thesis target\n{}", c.nodes[1].daemon.log()))?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (downtime, kept_state) = gap(&answers, from);
+    let (downtime, kept_state) = gap(&answers, from, &ip1)?;
     for p in [&old, &new] {
         pods.delete(p, &DeleteParams::default()).await?;
         gone(&pods, p).await?;

@@ -516,3 +516,67 @@ async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::R
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart()
+-> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    c.apply(&mpod_yaml("crash", "'--mem-mib', '768'"))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "crash-0", Duration::from_secs(120)).await?;
+    let src_ip = ip(&p0);
+    let src = index_of(&c, &node_of(&p0));
+    let other = c.nodes[1 - src].name.clone();
+    podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: crash}}\nspec: {{podName: crash-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    until("transferring", Duration::from_secs(60), async || {
+        let t = pods.get_opt("crash-1").await.ok()??;
+        (t.annotations()
+            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
+            .map(String::as_str)
+            == Some("Transferring"))
+        .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    // The source's daemon dies while its Pod is frozen: no copy runs now.
+    c.nodes[src].daemon.kill();
+    assert!(
+        get_count(&src_ip).await.is_err(),
+        "a frozen source does not answer"
+    );
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    until("migration failed", Duration::from_secs(90), async || {
+        migs.get("crash")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase == Some(MigrationPhase::Failed))
+    })
+    .await?;
+    // Restarted, the daemon finds the frozen source in its state directory and resumes it.
+    c.nodes[src].daemon.restart()?;
+    let count = until("source resumed", Duration::from_secs(30), async || {
+        get_count(&src_ip).await.ok()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_eq!(count, 2, "resumed with its state");
+    assert!(
+        c.nodes[src]
+            .daemon
+            .log()
+            .contains("settled a source left frozen"),
+        "{}",
+        c.nodes[src].daemon.log()
+    );
+    until("no checkpoints", Duration::from_secs(10), async || {
+        walk(&c.nodes[src].daemon.checkpoint_dir())
+            .is_empty()
+            .then_some(())
+    })
+    .await?;
+    Ok(())
+}

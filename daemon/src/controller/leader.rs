@@ -11,6 +11,37 @@ use kube::{Api, Client, api::PostParams};
 
 /// Lease duration: a dead leader's lease is taken over after this.
 pub const LEASE_SECONDS: i32 = 15;
+/// How often the leader renews.
+pub const RENEW_INTERVAL: Duration = Duration::from_secs(5);
+/// A leader that could not renew for this long stops acting: before its lease can expire
+/// for the others (client-go's RenewDeadline), so two never act at once.
+pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+/// How often a standby replica tries to take the lease.
+pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
+
+/// Why a leader stopped leading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lost {
+    /// Another replica holds the lease.
+    TakenOver,
+    /// Renewals failed for longer than [`RENEW_DEADLINE`].
+    RenewalFailed(String),
+}
+
+impl Lost {
+    /// Short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Lost::TakenOver => "taken_over",
+            Lost::RenewalFailed(_) => "renewal_failed",
+        }
+    }
+}
+
+/// True when a leader whose last successful renewal was `since_ok` ago must stop acting.
+pub fn renewal_expired(since_ok: Duration) -> bool {
+    since_ok >= RENEW_DEADLINE
+}
 
 /// The decision for one attempt: take or renew the lease, or leave it to its holder.
 pub fn may_hold(lease: &Lease, me: &str, now: Timestamp) -> bool {
@@ -58,37 +89,52 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
     }
 }
 
-/// Waits until this replica leads, then keeps renewing; resolves when leadership is lost.
-pub async fn lead(
+/// Waits until this replica leads, runs `while_leading()` while it keeps renewing, stops
+/// it when leadership is lost (reporting why to `on_lost`) and goes back to standby.
+pub async fn lead<F, Fut>(
     client: Client,
     namespace: &str,
     name: &str,
     me: &str,
-    while_leading: impl std::future::Future<Output = ()>,
-) {
+    mut while_leading: F,
+    on_lost: impl Fn(&Lost),
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
-        match try_acquire(&api, name, me).await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(error) => tracing::warn!(%error, "lease acquisition failed"),
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    tracing::info!(identity = me, lease = name, "leading");
-    let renew = async {
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
             match try_acquire(&api, name, me).await {
-                Ok(true) => {}
-                Ok(false) => return tracing::error!("lease lost to another replica"),
-                Err(error) => tracing::warn!(%error, "lease renewal failed"),
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "lease acquisition failed"),
             }
+            tokio::time::sleep(RETRY_PERIOD).await;
         }
-    };
-    tokio::select! {
-        _ = renew => {}
-        _ = while_leading => {}
+        tracing::info!(identity = me, lease = name, "leading");
+        let renew = async {
+            let mut last_ok = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(RENEW_INTERVAL).await;
+                match try_acquire(&api, name, me).await {
+                    Ok(true) => last_ok = std::time::Instant::now(),
+                    Ok(false) => return Lost::TakenOver,
+                    Err(error) => {
+                        tracing::warn!(%error, "lease renewal failed");
+                        if renewal_expired(last_ok.elapsed()) {
+                            return Lost::RenewalFailed(error.to_string());
+                        }
+                    }
+                }
+            }
+        };
+        let lost = tokio::select! {
+            lost = renew => lost,
+            _ = while_leading() => return,
+        };
+        tracing::error!(identity = me, lease = name, reason = ?lost, "stopped leading; standing by");
+        on_lost(&lost);
     }
 }
 
@@ -99,6 +145,14 @@ mod tests {
 
     fn lease(holder: &str, renewed: &str) -> Lease {
         serde_json::from_value(json!({"metadata": {"name": "l"}, "spec": {"holderIdentity": holder, "renewTime": renewed, "leaseDurationSeconds": 15}})).expect("lease")
+    }
+
+    #[test]
+    fn a_leader_stops_before_its_lease_can_expire_for_others() {
+        assert!(!renewal_expired(RENEW_INTERVAL));
+        assert!(renewal_expired(RENEW_DEADLINE));
+        assert!(RENEW_DEADLINE < Duration::from_secs(LEASE_SECONDS as u64));
+        assert_eq!(Lost::RenewalFailed("x".into()).label(), "renewal_failed");
     }
 
     #[test]

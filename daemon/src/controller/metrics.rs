@@ -40,6 +40,15 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     /// Moves ended, by outcome.
     pub moves: Family<OutcomeLabels, Counter>,
+    /// Times this replica stopped leading, by reason.
+    pub leadership_lost: Family<ReasonLabels, Counter>,
+}
+
+/// Labels of the leadership counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `taken_over` or `renewal_failed`.
+    pub reason: String,
 }
 
 impl Default for Metrics {
@@ -55,16 +64,32 @@ impl Default for Metrics {
             failures.clone(),
         );
         registry.register("moves", "Moves that ended, by outcome", moves.clone());
+        let leadership_lost = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "leadership_lost",
+            "Times this replica stopped leading, by reason",
+            leadership_lost.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciliations,
             failures,
             moves,
+            leadership_lost,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a loss of leadership.
+    pub fn leadership_lost(&self, reason: &str) {
+        self.leadership_lost
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -25,6 +25,14 @@ pub enum Action {
     ReleaseFinalizer(String),
     /// Delete a Pod.
     DeletePod(String),
+    /// Claim Pod `pod` for the Migration reconciled (an annotation written only if the Pod
+    /// is still at `resource_version`).
+    ClaimPod {
+        /// The Pod.
+        pod: String,
+        /// The version the claim was decided on.
+        resource_version: String,
+    },
     /// Record in MigratingPod `migrating_pod`'s status that Pod index `index` is taken.
     RecordPodIndex {
         /// The MigratingPod.

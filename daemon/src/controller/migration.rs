@@ -9,7 +9,7 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 use podmig_api::{
-    ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    ANNOTATION_CLAIMED_BY, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
     contract::DaemonPhase,
     v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationStatus, PhaseTransition},
 };
@@ -112,34 +112,6 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
             );
             return (actions, status);
         }
-        let earlier = o.others.iter().find(|x| {
-            x.name_any() != name
-                && x.spec.pod_name == *pod_name
-                && !x
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.phase)
-                    .is_some_and(MigrationPhase::is_terminal)
-                && (
-                    x.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    x.name_any(),
-                ) < (
-                    m.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    name.clone(),
-                )
-        });
-        if let Some(e) = earlier {
-            fail(
-                &mut status,
-                "AlreadyMigrating",
-                format!(
-                    "Migration {:?} is already moving Pod {pod_name:?}",
-                    e.name_any()
-                ),
-                now,
-            );
-            return (actions, status);
-        }
         if let Some(t) = &m.spec.target_node {
             match o.nodes.iter().find(|n| n.name_any() == *t) {
                 None => {
@@ -175,6 +147,44 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
                     format!("no schedulable node matches {sel:?}"),
                     now,
                 );
+                return (actions, status);
+            }
+        }
+        // One move per Pod: the Pod is claimed with optimistic concurrency, so of two
+        // Migrations created together exactly one holds it, whatever their order.
+        let holder = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_CLAIMED_BY))
+            .filter(|h| {
+                **h == name
+                    || o.others.iter().any(|x| {
+                        x.name_any() == **h
+                            && !x
+                                .status
+                                .as_ref()
+                                .and_then(|s| s.phase)
+                                .is_some_and(MigrationPhase::is_terminal)
+                    })
+            });
+        match holder {
+            Some(h) if *h != name => {
+                fail(
+                    &mut status,
+                    "AlreadyMigrating",
+                    format!("Migration {h:?} is already moving Pod {pod_name:?}"),
+                    now,
+                );
+                return (actions, status);
+            }
+            Some(_) => {}
+            None => {
+                status.message = Some(format!("claiming Pod {pod_name:?}"));
+                actions.push(Action::ClaimPod {
+                    pod: pod_name.clone(),
+                    resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
+                });
                 return (actions, status);
             }
         }
@@ -349,7 +359,9 @@ mod tests {
     }
 
     fn pod(name: &str, v: serde_json::Value) -> Pod {
-        let mut p = json!({"metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": {"containers": [{"name": "app"}], "nodeName": "n1"}});
+        // Claimed by Migration "m" unless a test says otherwise.
+        let mut p = json!({"metadata": {"name": name, "uid": format!("uid-{name}"), "annotations": {ANNOTATION_CLAIMED_BY: "m"}},
+            "spec": {"containers": [{"name": "app"}], "nodeName": "n1"}});
         if let Some(o) = v.as_object() {
             for (k, val) in o {
                 p[k] = val.clone();
@@ -425,23 +437,79 @@ mod tests {
     }
 
     #[test]
-    fn a_second_migration_of_the_same_pod_is_rejected() {
+    fn one_migration_claims_the_pod_and_a_second_is_rejected_in_either_order() {
         let nodes = [node("n1", false)];
-        let (own, src) = (owner(), pod("x-0", json!({})));
-        let first = mig("a", "x-0", json!({}));
-        let second = mig("b", "x-0", json!({}));
-        let others = [first.clone(), second.clone()];
-        let (_, st) = decide(
-            &observe(&second, Some(&src), Some(&own), None, &nodes, &others),
+        let own = owner();
+        let src = pod(
+            "x-0",
+            json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "resourceVersion": "7"}}),
+        );
+        let (a, b) = (mig("a", "x-0", json!({})), mig("b", "x-0", json!({})));
+        let others = [a.clone(), b.clone()];
+        // Unclaimed: each asks to claim it, with the version it saw.
+        for m in [&a, &b] {
+            let (actions, st) = decide(
+                &observe(m, Some(&src), Some(&own), None, &nodes, &others),
+                now(),
+            );
+            assert_eq!(
+                actions,
+                [Action::ClaimPod {
+                    pod: "x-0".into(),
+                    resource_version: "7".into()
+                }]
+            );
+            assert_eq!(st.phase, Some(MigrationPhase::Pending));
+        }
+        // Whichever won, the other fails at once and the winner proceeds.
+        for (winner, loser) in [(&a, &b), (&b, &a)] {
+            let claimed = pod(
+                "x-0",
+                json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "annotations": {ANNOTATION_CLAIMED_BY: winner.name_any()}}}),
+            );
+            let (_, st) = decide(
+                &observe(loser, Some(&claimed), Some(&own), None, &nodes, &others),
+                now(),
+            );
+            assert_eq!(st.reason.as_deref(), Some("AlreadyMigrating"));
+            assert!(
+                st.message
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains(&winner.name_any())
+            );
+            let (actions, st) = decide(
+                &observe(winner, Some(&claimed), Some(&own), None, &nodes, &others),
+                now(),
+            );
+            assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
+            assert_eq!(actions.len(), 3, "{actions:?}");
+        }
+        // A claim by a Migration that ended is free again.
+        let mut done = a.clone();
+        done.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Failed),
+            ..Default::default()
+        });
+        let stale = pod(
+            "x-0",
+            json!({"metadata": {"name": "x-0", "resourceVersion": "9", "annotations": {ANNOTATION_CLAIMED_BY: "a"}}}),
+        );
+        let (actions, _) = decide(
+            &observe(
+                &b,
+                Some(&stale),
+                Some(&own),
+                None,
+                &nodes,
+                &[done, b.clone()],
+            ),
             now(),
         );
-        assert_eq!(st.reason.as_deref(), Some("AlreadyMigrating"));
-        let (actions, st) = decide(
-            &observe(&first, Some(&src), Some(&own), None, &nodes, &others),
-            now(),
+        assert!(
+            matches!(&actions[..], [Action::ClaimPod { .. }]),
+            "{actions:?}"
         );
-        assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
-        assert_eq!(actions.len(), 3, "{actions:?}");
     }
 
     #[test]

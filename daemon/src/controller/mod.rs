@@ -110,6 +110,25 @@ where
                     }
                 }
             }
+            Action::ClaimPod {
+                pod,
+                resource_version,
+            } => {
+                let patch = serde_json::json!({"metadata": {
+                    "annotations": {podmig_api::ANNOTATION_CLAIMED_BY: obj.meta().name},
+                    "resourceVersion": resource_version}});
+                match pods
+                    .patch(&pod, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
+                    // Somebody changed the Pod (maybe another Migration claimed it): the
+                    // next reconcile sees who holds it.
+                    Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+                    other => {
+                        other?;
+                    }
+                }
+            }
             Action::RecordPodIndex {
                 migrating_pod,
                 index,
@@ -231,6 +250,7 @@ fn short(a: &Action) -> String {
         Action::ReleaseFinalizer(n) => format!("release {n}"),
         Action::DeletePod(n) => format!("delete {n}"),
         Action::RecordPodIndex { index, .. } => format!("record index {index}"),
+        Action::ClaimPod { pod, .. } => format!("claim {pod}"),
         Action::Event { reason, .. } => format!("event {reason}"),
     }
 }
@@ -250,10 +270,9 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         .status
         .as_ref()
         .is_some_and(|s| s.phase == Some(MigrationPhase::Succeeded) && s.report.is_none())
-        && m.metadata
-            .creation_timestamp
-            .as_ref()
-            .is_some_and(|t| (Timestamp::now() - t.0).get_seconds() < 120);
+        && m.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+            (Timestamp::now() - t.0).get_seconds() < REPORT_GRACE.as_secs() as i64
+        });
     if m.status
         .as_ref()
         .and_then(|s| s.phase)
@@ -314,8 +333,16 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
             )
             .await?;
     }
-    Ok(Requeue::requeue(Duration::from_millis(500)))
+    // Watches of the Pods drive progress; this only bounds how late a timeout is seen.
+    Ok(Requeue::requeue(MIGRATION_RESYNC))
 }
+
+/// How often an unfinished Migration is looked at without any change (its timeout).
+pub const MIGRATION_RESYNC: Duration = Duration::from_secs(2);
+/// Back-off after a failed reconcile.
+pub const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a Migration that succeeded waits for the daemons' figures.
+pub const REPORT_GRACE: Duration = Duration::from_secs(120);
 
 fn error_policy<K: Resource<DynamicType = ()>>(
     _obj: Arc<K>,
@@ -331,7 +358,7 @@ fn error_policy<K: Resource<DynamicType = ()>>(
             reason: error.metric_label().into(),
         })
         .inc();
-    Requeue::requeue(Duration::from_secs(1))
+    Requeue::requeue(ERROR_BACKOFF)
 }
 
 /// Runs both controllers until the future is dropped.
@@ -361,6 +388,24 @@ pub async fn run(client: Client, identity: &str, metrics: Arc<metrics::Metrics>)
     let migrations = Controller::new(
         Api::<Migration>::all(client.clone()),
         watcher::Config::default(),
+    )
+    // A Migration follows its Pods (the source it claimed, the target it created):
+    // their changes wake it, not a polling loop.
+    .watches(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_MIGRATING_POD),
+        |pod: Pod| {
+            let ns = pod.namespace().unwrap_or_default();
+            let a = pod.annotations();
+            [
+                podmig_api::ANNOTATION_MIGRATION_ID,
+                podmig_api::ANNOTATION_CLAIMED_BY,
+            ]
+            .into_iter()
+            .filter_map(|k| a.get(k).cloned())
+            .map(|name| kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
+            .collect::<Vec<_>>()
+        },
     )
     .shutdown_on_signal()
     .run(reconcile_migration, error_policy, ctx)

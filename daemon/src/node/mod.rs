@@ -11,7 +11,8 @@
 //!   SubjectAccessReview;
 //! - [`watch`]: the Pods bound to this node → Pod updates;
 //! - [`podsync`]: the Pod workers; [`state`]: one container's place in a move;
-//!   [`migration`]: the moves in flight; [`transfer`] and [`peer`]: the data path.
+//!   [`migration`]: the moves in flight; [`transfer`] and [`peer`]: the data path;
+//!   [`recovery`]: sources a crashed run left frozen.
 
 pub mod auth;
 pub mod cri;
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod migration;
 pub mod peer;
 pub mod podsync;
+pub mod recovery;
 pub mod report;
 pub mod state;
 pub mod transfer;
@@ -252,6 +254,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let node = Arc::new(node);
     let hook = bind(&cfg.hook_socket)?;
     let api = bind(&cfg.api_socket)?;
+    // Sources a crashed run left frozen are settled before anything else moves.
+    recovery::run(node.clone()).await;
     let mut tasks = vec![tokio::spawn(podmig_cri_ext::hook::serve(
         hook,
         Arc::new(hook::NodeHook(node.clone())),

@@ -41,6 +41,7 @@ use tokio::sync::oneshot;
 use super::{
     Node,
     migration::{Role, Verdict},
+    recovery,
     state::{CreateAnswer, InvalidTransition, KillAnswer, MoveState, PodMoves},
 };
 
@@ -975,6 +976,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let images: Vec<(String, PathBuf)> = results.into_iter().map(|(n, d, _)| (n, d)).collect();
         for (name, dir) in &images {
             let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
+            recovery::remember(
+                self.node.store.root(),
+                &recovery::FrozenSource {
+                    container_id: container_id(name),
+                    pod_uid: self.uid.clone(),
+                    migration: id.clone(),
+                    target_namespace: order.target.namespace.clone(),
+                    target_pod: order.target.pod.clone(),
+                    images: dir.clone(),
+                },
+            );
         }
         self.node.manager.update(Role::Source, &id, |i| {
             i.state = "Transferring".into();
@@ -1003,6 +1015,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         };
         if order.remote {
             self.node.manager.deliver(&id, Verdict::Commit); // drops the kept sender
+        }
+        for (name, _) in &images {
+            recovery::forget(self.node.store.root(), &container_id(name));
         }
         match verdict {
             Verdict::Commit => {

@@ -274,6 +274,7 @@ impl Api {
         if def.group == "apiextensions.k8s.io" {
             self.register_crd(&created);
         }
+        self.mirror_event(def, ns, &name, Some(&created));
         Ok(created)
     }
 
@@ -510,6 +511,7 @@ impl Api {
                 if def.group == "apiextensions.k8s.io" {
                     self.register_crd(&obj);
                 }
+                self.mirror_event(def, ns, name, Some(&obj));
                 Ok(obj)
             }
             Some(removed) => {
@@ -604,8 +606,38 @@ impl Api {
         };
         if removed {
             self.after_removal(def, &obj, &propagation);
+            self.mirror_event(def, ns, name, None);
         }
         Ok(obj)
+    }
+
+    /// A real API server serves one set of Events through `events.k8s.io/v1` and core
+    /// `v1`: a write through either is seen through both, fields mapped as upstream does.
+    fn mirror_event(&self, def: &ResourceDef, ns: &str, name: &str, obj: Option<&Value>) {
+        let (other_group, to_core) = match (def.group.as_str(), def.plural.as_str()) {
+            ("events.k8s.io", "events") => ("", true),
+            ("", "events") => ("events.k8s.io", false),
+            _ => return,
+        };
+        let Some(other) = self
+            .resources()
+            .into_iter()
+            .find(|r| r.group == other_group && r.plural == "events")
+        else {
+            return;
+        };
+        let key = Self::key(&other, ns, name);
+        let mirrored = obj.map(|o| {
+            let mut m = if to_core {
+                super::events::to_core(o)
+            } else {
+                super::events::to_events_v1(o)
+            };
+            m["apiVersion"] = json!(other.api_version());
+            m["kind"] = json!(other.kind);
+            m
+        });
+        let _ = self.store.write(&key, |_| Ok::<_, ApiError>(mirrored));
     }
 
     /// Cascades a removal: dependents (owner references), a CRD's resources, a

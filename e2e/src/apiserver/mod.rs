@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod events;
 pub mod http;
 pub mod patch;
 pub mod resources;

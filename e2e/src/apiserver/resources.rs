@@ -17,7 +17,7 @@ pub struct PrinterColumn {
 }
 
 /// One served resource.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ResourceDef {
     /// API group (empty for core).
     pub group: String,

@@ -102,6 +102,53 @@ fn node_cells(n: &Value) -> Vec<Value> {
     ]
 }
 
+fn event_cells(e: &Value) -> Vec<Value> {
+    let last = e["lastTimestamp"]
+        .as_str()
+        .or(e["eventTime"].as_str())
+        .or(e["metadata"]["creationTimestamp"].as_str())
+        .unwrap_or_default();
+    let o = &e["involvedObject"];
+    vec![
+        json!(age(last)),
+        json!(e["type"]),
+        json!(e["reason"]),
+        json!(format!(
+            "{}/{}",
+            o["kind"].as_str().unwrap_or_default().to_lowercase(),
+            o["name"].as_str().unwrap_or_default()
+        )),
+        json!(e["message"]),
+    ]
+}
+
+/// Columns a real API server prints for the built-in kinds podmig's users list besides
+/// Pods, Nodes and Events: (group, plural) → (column, JSON path).
+const BUILTIN_COLUMNS: &[(&str, &str, &[(&str, &str)])] = &[
+    ("node.k8s.io", "runtimeclasses", &[("Handler", ".handler")]),
+    (
+        "coordination.k8s.io",
+        "leases",
+        &[("Holder", ".spec.holderIdentity")],
+    ),
+    (
+        "apps",
+        "deployments",
+        &[
+            ("Ready", ".status.readyReplicas"),
+            ("Up-to-date", ".status.updatedReplicas"),
+            ("Available", ".status.availableReplicas"),
+        ],
+    ),
+    (
+        "",
+        "services",
+        &[("Type", ".spec.type"), ("Cluster-IP", ".spec.clusterIP")],
+    ),
+    ("", "serviceaccounts", &[]),
+    ("", "configmaps", &[]),
+];
+
 /// Renders one object into the cells of its row.
 type Cells = Box<dyn Fn(&Value) -> Vec<Value>>;
 
@@ -130,6 +177,43 @@ fn layout(def: &ResourceDef) -> (Vec<Value>, Cells) {
             col("Version", "string", 0),
         ];
         return (cols, Box::new(node_cells));
+    }
+    if def.group.is_empty() && def.plural == "events" {
+        let cols = vec![
+            col("Last Seen", "string", 0),
+            col("Type", "string", 0),
+            col("Reason", "string", 0),
+            col("Object", "string", 0),
+            col("Message", "string", 0),
+        ];
+        return (cols, Box::new(event_cells));
+    }
+    if let Some((_, _, extra)) = BUILTIN_COLUMNS
+        .iter()
+        .find(|(g, p, _)| *g == def.group && *p == def.plural)
+        .filter(|(_, _, extra)| !extra.is_empty())
+    {
+        let extra: Vec<(String, String)> = extra
+            .iter()
+            .map(|(n, p)| ((*n).to_owned(), (*p).to_owned()))
+            .collect();
+        let mut cols = vec![col("Name", "string", 0)];
+        cols.extend(extra.iter().map(|(n, _)| col(n, "string", 0)));
+        cols.push(col("Age", "string", 0));
+        return (
+            cols,
+            Box::new(move |o: &Value| {
+                let mut cells = vec![json!(o["metadata"]["name"])];
+                for (_, path) in &extra {
+                    let v = field(o, path);
+                    cells.push(json!(if v.is_empty() { "<none>".to_owned() } else { v }));
+                }
+                cells.push(json!(age(o["metadata"]["creationTimestamp"]
+                    .as_str()
+                    .unwrap_or_default())));
+                cells
+            }),
+        );
     }
     if !def.columns.is_empty() {
         let columns = def.columns.clone();
@@ -174,4 +258,35 @@ pub fn table(def: &ResourceDef, items: &[Value], rv: u64) -> Value {
         .collect();
     json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": rv.to_string()},
            "columnDefinitions": cols, "rows": rows})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtimeclasses_and_leases_print_like_a_real_api_server() {
+        let def = |group: &str, plural: &str| ResourceDef {
+            group: group.into(),
+            plural: plural.into(),
+            ..ResourceDef::default()
+        };
+        let rc = json!({"metadata": {"name": "podmig", "creationTimestamp": "2026-01-01T00:00:00Z"}, "handler": "podmig"});
+        let t = table(&def("node.k8s.io", "runtimeclasses"), &[rc], 1);
+        let names: Vec<&str> = t["columnDefinitions"]
+            .as_array()
+            .expect("cols")
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(names, ["Name", "Handler", "Age"]);
+        assert_eq!(t["rows"][0]["cells"][1], "podmig");
+        let ev = json!({"type": "Normal", "reason": "MigrationSucceeded", "message": "moved",
+            "involvedObject": {"kind": "Migration", "name": "m"}, "lastTimestamp": "2026-01-01T00:00:00Z"});
+        let t = table(&def("", "events"), &[ev], 1);
+        assert_eq!(t["rows"][0]["cells"][3], "migration/m");
+        let lease = json!({"metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}});
+        let t = table(&def("coordination.k8s.io", "leases"), &[lease], 1);
+        assert_eq!(t["rows"][0]["cells"][1], "a");
+    }
 }
