@@ -176,6 +176,16 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
         assert!(table.contains(needle), "{needle} missing in:\n{table}");
     }
 
+    // The controller's Events, as kubectl shows them (one Event store, two APIs).
+    let described = c.kubectl(&["describe", "mig", "move-1"])?;
+    assert!(
+        described.contains("MigrationStarted") && described.contains("MigrationSucceeded"),
+        "{described}"
+    );
+    let events = c.kubectl(&["get", "events"])?;
+    assert!(events.contains("migration/move-1"), "{events}");
+    let rc = c.kubectl(&["get", "runtimeclass"])?;
+    assert!(rc.contains("HANDLER") && rc.contains("podmig"), "{rc}");
     let m = metrics(port)?;
     assert!(
         m.contains("podmig_controller_reconciliations_total{kind=\"migratingpod\"}"),

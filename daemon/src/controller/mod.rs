@@ -231,17 +231,49 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
     if !decision.actions.is_empty() {
         tracing::info!(actions = ?decision.actions.iter().map(short).collect::<Vec<_>>(), "reconciling");
     }
-    apply_actions(ctx, ns, m, decision.actions).await?;
+    let (events, effects) = split_events(decision.actions);
+    apply_actions(ctx, ns, m, effects).await?;
     if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&decision.status) {
         let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
-        api.patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": decision.status})),
-        )
-        .await?;
+        if !patch_status_from(&api, m, serde_json::json!(decision.status)).await? {
+            return Ok(Requeue::requeue(Duration::from_millis(200)));
+        }
     }
+    apply_actions(ctx, ns, m, events).await?;
     Ok(Requeue::requeue(REQUEUE))
+}
+
+/// Events apart from the other actions: they are recorded only once the status that
+/// explains them is written, so a reconcile on a stale copy never records them twice.
+fn split_events(actions: Vec<Action>) -> (Vec<Action>, Vec<Action>) {
+    actions
+        .into_iter()
+        .partition(|a| matches!(a, Action::Event { .. }))
+}
+
+/// Writes `status` on `obj` only if it is still the version this decision saw; false
+/// when it changed meanwhile (the next reconcile decides again on the new version).
+async fn patch_status_from<K>(
+    api: &Api<K>,
+    obj: &K,
+    status: serde_json::Value,
+) -> Result<bool, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({"metadata": {"resourceVersion": obj.resource_version()}, "status": status});
+    match api
+        .patch_status(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn short(a: &Action) -> String {
@@ -322,17 +354,15 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         others: &others,
     };
     let (actions, status) = migration::decide(&observed, Timestamp::now());
-    apply_actions(&ctx, &ns, m.as_ref(), actions).await?;
+    let (events, effects) = split_events(actions);
+    apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
-        migrations
-            .patch_status(
-                &m.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"status": status})),
-            )
-            .await?;
+        if !patch_status_from(&migrations, m.as_ref(), serde_json::json!(status)).await? {
+            return Ok(Requeue::requeue(Duration::from_millis(200)));
+        }
     }
+    apply_actions(&ctx, &ns, m.as_ref(), events).await?;
     // Watches of the Pods drive progress; this only bounds how late a timeout is seen.
     Ok(Requeue::requeue(MIGRATION_RESYNC))
 }
