@@ -16,7 +16,7 @@ use k8s_cri::v1 as cri;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use kube::{
     Api,
-    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::watcher,
 };
 use serde_json::{Value, json};
@@ -635,20 +635,6 @@ pub fn cpu_shares(q: &str) -> i64 {
         None => (q.parse::<f64>().unwrap_or(0.0) * 1000.0) as i64,
     };
     (milli * 1024 / 1000).max(2)
-}
-
-/// Binds Pod `ns/pod` to `node` through the `binding` subresource (what a scheduler does).
-pub async fn post_binding(
-    client: &kube::Client,
-    ns: &str,
-    pod: &str,
-    node: &str,
-) -> anyhow::Result<()> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
-    pods.create_subresource::<Value, Value>("binding", pod, &PostParams::default(), &binding)
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

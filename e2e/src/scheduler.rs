@@ -53,7 +53,7 @@ pub async fn run(client: kube::Client) {
                 if let Some(node) = pick(p, &nl.items, &load) {
                     let ns = p.metadata.namespace.clone().unwrap_or_default();
                     let name = p.metadata.name.clone().unwrap_or_default();
-                    match crate::kubelet::post_binding(&client, &ns, &name, &node).await {
+                    match post_binding(&client, &ns, &name, &node).await {
                         Ok(()) => *load.entry(node).or_default() += 1,
                         Err(error) => tracing::warn!(pod = %name, %error, "binding failed"),
                     }
@@ -62,6 +62,26 @@ pub async fn run(client: kube::Client) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Binds Pod `ns/pod` to `node` through the `binding` subresource (what a scheduler does).
+pub async fn post_binding(
+    client: &kube::Client,
+    ns: &str,
+    pod: &str,
+    node: &str,
+) -> anyhow::Result<()> {
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), ns);
+    let binding = serde_json::json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod}, "target": {"apiVersion": "v1", "kind": "Node", "name": node}});
+    pods.create_subresource::<serde_json::Value, serde_json::Value>(
+        "binding",
+        pod,
+        &kube::api::PostParams::default(),
+        &binding,
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -20,3 +20,23 @@ pub async fn until<T>(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Waits until Pod `name` is Ready (Running with the `Ready` condition); returns it.
+pub async fn ready_pod(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
+    until(&format!("{name} ready"), within, async || {
+        let p = pods.get(name).await.ok()?;
+        let ready = p
+            .status
+            .as_ref()?
+            .conditions
+            .as_ref()?
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ready.then_some(p)
+    })
+    .await
+}

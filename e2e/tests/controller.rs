@@ -42,22 +42,7 @@ async fn state(mpods: &Api<MigratingPod>, name: &str) -> Option<(MigratingPodSta
 }
 
 async fn running(pods: &Api<Pod>, name: &str) -> anyhow::Result<Pod> {
-    until(
-        &format!("{name} ready"),
-        Duration::from_secs(60),
-        async || {
-            let p = pods.get(name).await.ok()?;
-            let ready = p
-                .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True");
-            ready.then_some(p)
-        },
-    )
-    .await
+    podmig_e2e::wait::ready_pod(pods, name, Duration::from_secs(60)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

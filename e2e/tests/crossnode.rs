@@ -27,21 +27,7 @@ async fn setup() -> anyhow::Result<(Cluster, Proc)> {
     Ok((c, ctl))
 }
 
-/// Waits until Pod `name` is Ready; returns it.
-async fn ready(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<Pod> {
-    until(&format!("{name} ready"), within, async || {
-        let p = pods.get(name).await.ok()?;
-        let ok = p
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        ok.then_some(p)
-    })
-    .await
-}
+use podmig_e2e::wait::ready_pod as ready;
 
 fn ip(p: &Pod) -> String {
     p.status
@@ -138,6 +124,36 @@ fn diagnostics(c: &Cluster) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Starts a 768 MiB MigratingPod `name`, asks a Migration to move it to the other node
+/// and waits until its images stream; returns (source node index, source address).
+async fn big_move_in_transfer(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+) -> anyhow::Result<(usize, String)> {
+    c.apply(&mpod_yaml(name, "'--mem-mib', '768'"))?;
+    let p0 = ready(pods, &format!("{name}-0"), Duration::from_secs(120)).await?;
+    let src_ip = ip(&p0);
+    let src = index_of(c, &node_of(&p0));
+    let other = c.nodes[1 - src].name.clone();
+    podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    let target = format!("{name}-1");
+    until("transferring", Duration::from_secs(60), async || {
+        let t = pods.get_opt(&target).await.ok()??;
+        (t.annotations()
+            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
+            .map(String::as_str)
+            == Some("Transferring"))
+        .then_some(())
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    Ok((src, src_ip))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,28 +480,10 @@ async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
-    c.apply(&mpod_yaml("big", "'--mem-mib', '768'"))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let p0 = ready(&pods, "big-0", Duration::from_secs(120)).await?;
-    let src_ip = ip(&p0);
-    let dst = 1 - index_of(&c, &node_of(&p0));
-    let other = c.nodes[dst].name.clone();
-    // Touching 768 MiB takes a while before the app answers.
-    podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: cut}}\nspec: {{podName: big-0, targetNode: {other}, timeoutSeconds: 60}}\n"
-    ))?;
     // Kill the target node's daemon while the images stream to it.
-    until("transferring", Duration::from_secs(60), async || {
-        let t = pods.get_opt("big-1").await.ok()??;
-        (t.annotations()
-            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
-            .map(String::as_str)
-            == Some("Transferring"))
-        .then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let (src, src_ip) = big_move_in_transfer(&c, &pods, "cut").await?;
+    let dst = 1 - src;
     c.nodes[dst].daemon.kill();
     let count = until("source resumed", Duration::from_secs(60), async || {
         get_count(&src_ip).await.ok()
@@ -521,26 +519,8 @@ async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::R
 async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart()
 -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
-    c.apply(&mpod_yaml("crash", "'--mem-mib', '768'"))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let p0 = ready(&pods, "crash-0", Duration::from_secs(120)).await?;
-    let src_ip = ip(&p0);
-    let src = index_of(&c, &node_of(&p0));
-    let other = c.nodes[1 - src].name.clone();
-    podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: crash}}\nspec: {{podName: crash-0, targetNode: {other}, timeoutSeconds: 60}}\n"
-    ))?;
-    until("transferring", Duration::from_secs(60), async || {
-        let t = pods.get_opt("crash-1").await.ok()??;
-        (t.annotations()
-            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
-            .map(String::as_str)
-            == Some("Transferring"))
-        .then_some(())
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let (src, src_ip) = big_move_in_transfer(&c, &pods, "crash").await?;
     // The source's daemon dies while its Pod is frozen: no copy runs now.
     c.nodes[src].daemon.kill();
     assert!(

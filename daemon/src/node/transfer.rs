@@ -1,12 +1,17 @@
 //! Carrying a checkpoint from node to node without shared storage: the source streams its
 //! image directories as one body of frames over the daemons' HTTPS connection; the target
-//! writes them root-only into its own store and checks a SHA-256 over the whole stream,
-//! so a cut or altered stream is never restored.
+//! writes them root-only into its own store and checks a CRC-32 of the whole stream and
+//! its end frame, so a cut or damaged stream is never restored. Tampering is excluded by
+//! the TLS connection itself (every record is authenticated); the checksum guards the
+//! framing and the files end to end.
+//!
+//! NB: a SHA-256 over the stream cost ~0.6 s per GiB on each side here (measured), inside
+//! the frozen window; CRC-32 (SIMD) costs ~20 ms per GiB.
 //!
 //! Wire format (all integers big-endian):
 //! - file:  `b'F'`, u16 length + container name, u16 length + file name, u32 mode,
 //!   u64 size, then `size` bytes of content;
-//! - end:   `b'E'`, then 32 bytes: SHA-256 of every byte before them.
+//! - end:   `b'E'`, then 4 bytes: CRC-32 (IEEE) of every byte before them.
 
 use std::{
     fs::File,
@@ -16,10 +21,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use ring::digest::{Context, SHA256};
 
 /// Size of the chunks the sender reads and sends.
 const CHUNK: usize = 1 << 20;
+/// Write buffer of a received file.
+const WRITE_BUFFER: usize = 4 << 20;
 /// Longest container or file name accepted.
 const MAX_NAME: usize = 255;
 
@@ -42,8 +48,8 @@ pub enum TransferError {
     /// The stream does not follow the format, or names something it must not.
     #[error("malformed checkpoint stream: {0}")]
     Malformed(String),
-    /// The digest at the end does not match the bytes received.
-    #[error("checkpoint stream digest mismatch: the images were altered or cut")]
+    /// The checksum at the end does not match the bytes received.
+    #[error("checkpoint stream checksum mismatch: the images were damaged")]
     Digest,
 }
 
@@ -71,8 +77,8 @@ pub fn send_images(
     dirs: &[(String, PathBuf)],
     mut send: impl FnMut(Bytes) -> bool,
 ) -> Result<u64, TransferError> {
-    let mut digest = Context::new(&SHA256);
-    let mut push = |b: Vec<u8>, digest: &mut Context| -> Result<(), TransferError> {
+    let mut digest = crc32fast::Hasher::new();
+    let mut push = |b: Vec<u8>, digest: &mut crc32fast::Hasher| -> Result<(), TransferError> {
         digest.update(&b);
         if send(Bytes::from(b)) {
             Ok(())
@@ -114,7 +120,7 @@ pub fn send_images(
     }
     let mut end = vec![b'E'];
     digest.update(&end);
-    end.extend_from_slice(digest.finish().as_ref());
+    end.extend_from_slice(&digest.finalize().to_be_bytes());
     if !send(Bytes::from(end)) {
         return Err(TransferError::Cut("the receiver went away".into()));
     }
@@ -126,7 +132,8 @@ enum Parse {
     Header,
     /// Inside a file's content.
     Content {
-        file: File,
+        /// Buffered: TLS hands content over in 16 KiB records.
+        file: std::io::BufWriter<File>,
         path: PathBuf,
         left: u64,
     },
@@ -140,7 +147,7 @@ enum Parse {
 pub struct Receiver<F> {
     dest: F,
     buf: Vec<u8>,
-    digest: Option<Context>,
+    digest: Option<crc32fast::Hasher>,
     state: Parse,
     bytes: u64,
     dirs: Vec<(String, PathBuf)>,
@@ -153,7 +160,7 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
         Self {
             dest,
             buf: Vec::new(),
-            digest: Some(Context::new(&SHA256)),
+            digest: Some(crc32fast::Hasher::new()),
             state: Parse::Header,
             bytes: 0,
             dirs: Vec::new(),
@@ -183,19 +190,20 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
                     self.bytes += n as u64;
                     let (data, rest) = chunk.split_at(n);
                     if *left == 0 {
+                        file.flush().map_err(io("write", path))?;
                         self.state = Parse::Header;
                     }
                     self.hash(data);
                     chunk = rest;
                 }
                 Parse::Digest { expected } => {
-                    let n = chunk.len().min(32 - expected.len());
+                    let n = chunk.len().min(4 - expected.len());
                     expected.extend_from_slice(&chunk[..n]);
                     chunk = &chunk[n..];
-                    if expected.len() == 32 {
+                    if expected.len() == 4 {
                         let expected = std::mem::take(expected);
-                        let got = self.digest.take().map(Context::finish);
-                        if got.as_ref().map(|d| d.as_ref()) != Some(expected.as_slice()) {
+                        let got = self.digest.take().map(|d| d.finalize().to_be_bytes());
+                        if got.as_ref().map(|d| d.as_slice()) != Some(expected.as_slice()) {
                             return Err(TransferError::Digest);
                         }
                         self.state = Parse::Done;
@@ -246,7 +254,7 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
                         Parse::Header
                     } else {
                         Parse::Content {
-                            file,
+                            file: std::io::BufWriter::with_capacity(WRITE_BUFFER, file),
                             path,
                             left: size,
                         }

@@ -124,7 +124,13 @@ fn event_cells(e: &Value) -> Vec<Value> {
 
 /// Columns a real API server prints for the built-in kinds podmig's users list besides
 /// Pods, Nodes and Events: (group, plural) → (column, JSON path).
-const BUILTIN_COLUMNS: &[(&str, &str, &[(&str, &str)])] = &[
+type BuiltinColumns = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+const BUILTIN_COLUMNS: &[BuiltinColumns] = &[
     ("node.k8s.io", "runtimeclasses", &[("Handler", ".handler")]),
     (
         "coordination.k8s.io",
