@@ -70,7 +70,9 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
     })
     .await?;
     let ip0 = p0.status.and_then(|s| s.pod_ip).unwrap_or_default();
-    for _ in 0..3 {
+    // Ready means running; the app answers once it has touched its memory.
+    podmig_e2e::testapp::wait_count(&ip0, Duration::from_secs(60)).await?;
+    for _ in 0..2 {
         get_count(&ip0).await?;
     }
     assert_eq!(get_count(&ip0).await?, 4);

@@ -231,8 +231,10 @@ async fn one<E: CheckpointEngine>(
     Ok(Json(found).into_response())
 }
 
-async fn read_json<T: serde::de::DeserializeOwned + Default>(body: Body) -> Result<T, Failure> {
-    let bytes = tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
+/// Reads a whole (bounded) request body. Read before any answer: an HTTP/2 client whose
+/// body is left unread when the answer comes sees its stream reset.
+async fn read_body(body: Body) -> Result<Bytes, Failure> {
+    tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
         .await
         .map_err(|_| {
             Failure::new(
@@ -247,11 +249,14 @@ async fn read_json<T: serde::de::DeserializeOwned + Default>(body: Body) -> Resu
                 "BodyTooLarge",
                 format!("request body over {MAX_BODY} bytes or unreadable: {e}"),
             )
-        })?;
+        })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, Failure> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    serde_json::from_slice(bytes).map_err(|e| {
         Failure::new(
             StatusCode::BAD_REQUEST,
             "BadRequest",
@@ -305,6 +310,7 @@ async fn migrate<E: CheckpointEngine>(
     request: Request,
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
+    let raw = read_body(request.into_body()).await;
     // Authenticate before anything is revealed about the Pod.
     let pod = s.node.pod(&uid);
     let (ns, name) = pod
@@ -319,7 +325,7 @@ async fn migrate<E: CheckpointEngine>(
         name: name.clone(),
     };
     let user = s.auth.check(token.as_deref(), &attrs).await?;
-    let body: MigrateRequest = read_json(request.into_body()).await?;
+    let body: MigrateRequest = parse_json(&raw?)?;
     let Some(pod) = pod else {
         return Err(Failure::new(
             StatusCode::NOT_FOUND,
@@ -571,6 +577,7 @@ async fn complete<E: CheckpointEngine>(
     request: Request,
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
+    let raw = read_body(request.into_body()).await;
     let record = s
         .node
         .manager
@@ -588,7 +595,7 @@ async fn complete<E: CheckpointEngine>(
         name: record.as_ref().map(|r| r.pod.clone()).unwrap_or_default(),
     };
     s.auth.check(token.as_deref(), &attrs).await?;
-    let body: CompleteRequest = read_json(request.into_body()).await?;
+    let body: CompleteRequest = parse_json(&raw?)?;
     let verdict = if body.ok {
         Verdict::Commit
     } else {
