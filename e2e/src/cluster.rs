@@ -438,6 +438,14 @@ impl Cluster {
         Ok((crate::process::Proc::spawn("podmig controller", cmd)?, port))
     }
 
+    /// Records a process the cluster started in `state.json`, for `cluster down`.
+    pub fn track_pid(&self, pid: Option<u32>) -> anyhow::Result<()> {
+        let path = self.dir.join("state.json");
+        let mut state: State = serde_json::from_slice(&std::fs::read(&path)?)?;
+        state.pids.extend(pid);
+        write_state(&self.dir, &state)
+    }
+
     /// Installs podmig's CRDs (`helm/podmig/crds`).
     pub fn install_crds(&self) -> anyhow::Result<()> {
         let dir = crate::paths::repo_root().join("helm/podmig/crds");
@@ -652,7 +660,9 @@ pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     let cluster = Cluster::up(dir, nodes).await?;
     // podmig itself, as a Helm install would bring it: CRDs and the controller.
     tokio::task::block_in_place(|| cluster.install_crds())?;
-    let _controller = cluster.start_controller("podmig-controller")?;
+    let controller = cluster.start_controller("podmig-controller")?;
+    // Recorded so that `cluster down` stops it even after this process crashed.
+    cluster.track_pid(controller.0.pid())?;
     std::fs::write(
         dir.join("ready"),
         cluster.kubeconfig().display().to_string(),

@@ -306,7 +306,7 @@ async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::
     c.apply("apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {name: ghost}\nspec: {podName: nope}\n---\napiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {name: plain}\nspec: {podName: plain}\n")?;
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     for (name, reason) in [("ghost", "PodNotFound"), ("plain", "NotMigratable")] {
-        let st = until(name, Duration::from_secs(10), async || {
+        let st = until(name, Duration::from_secs(45), async || {
             migs.get(name)
                 .await
                 .ok()?

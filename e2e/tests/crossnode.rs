@@ -333,6 +333,7 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         Some(&back),
     )?;
     assert_eq!(code, 202, "{b}");
+    let accepted = b;
     let (code, b) = curl(
         &c,
         dst,
@@ -346,6 +347,24 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         (409, "AlreadyMigrating".into()),
         "{b}"
     );
+    // The first request's move goes on and brings the Pod back with its count.
+    let back: MigrateResponse = serde_json::from_str(&accepted)?;
+    let st = until("move back", Duration::from_secs(60), async || {
+        migs.get(&back.migration)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(st.phase, Some(MigrationPhase::Succeeded), "{st:?}");
+    let p2 = ready(
+        &pods,
+        st.target_pod.as_deref().unwrap_or_default(),
+        Duration::from_secs(30),
+    )
+    .await?;
+    assert_eq!(get_count(&ip(&p2)).await?, 6, "moved back with its count");
     Ok(())
 }
 

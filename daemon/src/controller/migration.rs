@@ -67,6 +67,26 @@ fn schedulable(n: &Node) -> bool {
 
 /// Decides the next step of a Migration.
 pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
+    let was = o.migration.status.as_ref().and_then(|s| s.phase);
+    let (mut actions, status) = decide_step(o, now);
+    // Every failure is told once, also the refusals of a bad request.
+    if status.phase == Some(MigrationPhase::Failed)
+        && was != Some(MigrationPhase::Failed)
+        && !actions.iter().any(|a| matches!(a, Action::Event { .. }))
+    {
+        actions.push(Action::Event {
+            reason: "MigrationFailed",
+            message: status.message.clone().unwrap_or_default(),
+            warning: true,
+        });
+    }
+    (actions, status)
+}
+
+/// How long a Migration waits for its Pod to appear (applied together with its workload).
+pub const POD_APPEAR_GRACE_SECONDS: i64 = 30;
+
+fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
     let m = o.migration;
     let mut status = m.status.clone().unwrap_or_default();
     let mut actions = Vec::new();
@@ -86,6 +106,15 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
     if status.phase.is_none() || status.phase == Some(MigrationPhase::Pending) {
         set_phase(&mut status, MigrationPhase::Pending, now);
         let Some(pod) = o.pod else {
+            let age = m
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(i64::MAX, |t| (now - t.0).get_seconds());
+            if age < POD_APPEAR_GRACE_SECONDS {
+                status.message = Some(format!("waiting for Pod {pod_name:?} to exist"));
+                return (actions, status);
+            }
             fail(
                 &mut status,
                 "PodNotFound",
@@ -103,6 +132,25 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
             );
             return (actions, status);
         };
+        if pod.metadata.deletion_timestamp.is_none() && !is_ready(pod) {
+            // Only a running Pod has state to move; one still starting is waited for.
+            let age = m
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(i64::MAX, |t| (now - t.0).get_seconds());
+            if age < i64::from(m.spec.timeout_seconds) {
+                status.message = Some(format!("waiting for Pod {pod_name:?} to be Ready"));
+                return (actions, status);
+            }
+            fail(
+                &mut status,
+                "NotMigratable",
+                format!("Pod {pod_name:?} did not become Ready"),
+                now,
+            );
+            return (actions, status);
+        }
         if pod.metadata.deletion_timestamp.is_some() {
             fail(
                 &mut status,
@@ -397,7 +445,10 @@ mod tests {
     fn bad_requests_fail_with_precise_reasons() {
         let nodes = [node("n1", false), node("n2", true)];
         let own = owner();
-        let src = pod("x-0", json!({}));
+        let src = pod(
+            "x-0",
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
         let cases = [
             (mig("m", "nope", json!({})), None, Some(&own), "PodNotFound"),
             (
@@ -427,7 +478,17 @@ mod tests {
         ];
         for (m, p, o, reason) in cases {
             let (actions, st) = decide(&observe(&m, p, o, None, &nodes, &[]), now());
-            assert!(actions.is_empty(), "{reason}");
+            assert!(
+                matches!(
+                    &actions[..],
+                    [Action::Event {
+                        reason: "MigrationFailed",
+                        warning: true,
+                        ..
+                    }]
+                ),
+                "{reason}: {actions:?}"
+            );
             assert_eq!(
                 (st.phase, st.reason.as_deref()),
                 (Some(MigrationPhase::Failed), Some(reason))
@@ -437,12 +498,50 @@ mod tests {
     }
 
     #[test]
+    fn a_starting_pod_is_waited_for_then_refused() {
+        let nodes = [node("n1", false)];
+        let own = owner();
+        let starting = pod("x-0", json!({"status": {"phase": "Pending"}}));
+        let mut m = mig("m", "x-0", json!({"timeoutSeconds": 120}));
+        let (actions, st) = decide(
+            &observe(&m, Some(&starting), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(st.phase, Some(MigrationPhase::Pending));
+        m.spec.timeout_seconds = 30;
+        let (_, st) = decide(
+            &observe(&m, Some(&starting), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.reason.as_deref(), Some("NotMigratable"));
+    }
+
+    #[test]
+    fn a_pod_applied_together_with_its_migration_is_waited_for() {
+        let nodes = [node("n1", false)];
+        let own = owner();
+        let mut m = mig("m", "x-0", json!({}));
+        m.metadata.creation_timestamp = Some(Time("2026-11-22T00:59:50Z".parse().expect("t")));
+        let (actions, st) = decide(&observe(&m, None, Some(&own), None, &nodes, &[]), now());
+        assert!(actions.is_empty());
+        assert_eq!(st.phase, Some(MigrationPhase::Pending));
+        assert!(
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("waiting")
+        );
+    }
+
+    #[test]
     fn one_migration_claims_the_pod_and_a_second_is_rejected_in_either_order() {
         let nodes = [node("n1", false)];
         let own = owner();
         let src = pod(
             "x-0",
-            json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "resourceVersion": "7"}}),
+            json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "resourceVersion": "7"},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
         );
         let (a, b) = (mig("a", "x-0", json!({})), mig("b", "x-0", json!({})));
         let others = [a.clone(), b.clone()];
@@ -465,7 +564,8 @@ mod tests {
         for (winner, loser) in [(&a, &b), (&b, &a)] {
             let claimed = pod(
                 "x-0",
-                json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "annotations": {ANNOTATION_CLAIMED_BY: winner.name_any()}}}),
+                json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "annotations": {ANNOTATION_CLAIMED_BY: winner.name_any()}},
+                    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
             );
             let (_, st) = decide(
                 &observe(loser, Some(&claimed), Some(&own), None, &nodes, &others),
@@ -493,7 +593,8 @@ mod tests {
         });
         let stale = pod(
             "x-0",
-            json!({"metadata": {"name": "x-0", "resourceVersion": "9", "annotations": {ANNOTATION_CLAIMED_BY: "a"}}}),
+            json!({"metadata": {"name": "x-0", "resourceVersion": "9", "annotations": {ANNOTATION_CLAIMED_BY: "a"}},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
         );
         let (actions, _) = decide(
             &observe(
@@ -515,7 +616,13 @@ mod tests {
     #[test]
     fn target_is_created_pinned_and_phases_follow_the_daemons() {
         let nodes = [node("n1", false), node("n3", false)];
-        let (own, src) = (owner(), pod("x-0", json!({})));
+        let (own, src) = (
+            owner(),
+            pod(
+                "x-0",
+                json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+            ),
+        );
         let m = mig("m", "x-0", json!({"targetNode": "n3"}));
         let (actions, st) = decide(
             &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
@@ -651,7 +758,10 @@ mod tests {
             last_pod_index: Some(4),
             ..Default::default()
         });
-        let src = pod("x-0", json!({}));
+        let src = pod(
+            "x-0",
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
         let m = mig("m", "x-0", json!({}));
         let (actions, st) = decide(
             &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
@@ -667,7 +777,13 @@ mod tests {
     #[test]
     fn timeout_rolls_back_by_removing_the_target() {
         let nodes = [node("n1", false)];
-        let (own, src) = (owner(), pod("x-0", json!({})));
+        let (own, src) = (
+            owner(),
+            pod(
+                "x-0",
+                json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+            ),
+        );
         let mut m = mig("m", "x-0", json!({"timeoutSeconds": 30}));
         m.status = Some(MigrationStatus {
             phase: Some(MigrationPhase::Scheduling),
