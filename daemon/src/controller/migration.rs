@@ -83,6 +83,28 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
     (actions, status)
 }
 
+/// The target Pod of Migration `m` for source `pod` of `owner`, named with `index`.
+fn build_target(m: &Migration, owner: &MigratingPod, pod: &Pod, index: u32, now: Timestamp) -> Pod {
+    let mut target = pod_from_template(owner, index, Some(pod));
+    let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+    let annotations = target.metadata.annotations.get_or_insert_default();
+    annotations.insert(ANNOTATION_MIGRATION_ID.into(), m.name_any());
+    annotations.insert(
+        ANNOTATION_MIGRATION_DEADLINE.into(),
+        super::pod::deadline(start, m.spec.timeout_seconds),
+    );
+    let spec = target.spec.get_or_insert_default();
+    if let Some(t) = &m.spec.target_node {
+        spec.node_name = Some(t.clone());
+    }
+    if let Some(sel) = &m.spec.node_selector {
+        spec.node_selector
+            .get_or_insert_default()
+            .extend(sel.clone());
+    }
+    target
+}
+
 /// How long a Migration waits for its Pod to appear (applied together with its workload).
 pub const POD_APPEAR_GRACE_SECONDS: i64 = 30;
 
@@ -244,23 +266,7 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             owner_status.active_pod.as_deref(),
             owner_status.last_pod_index,
         );
-        let mut target = pod_from_template(owner, index, Some(pod));
-        let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
-        let annotations = target.metadata.annotations.get_or_insert_default();
-        annotations.insert(ANNOTATION_MIGRATION_ID.into(), name.clone());
-        annotations.insert(
-            ANNOTATION_MIGRATION_DEADLINE.into(),
-            super::pod::deadline(start, m.spec.timeout_seconds),
-        );
-        let spec = target.spec.get_or_insert_default();
-        if let Some(t) = &m.spec.target_node {
-            spec.node_name = Some(t.clone());
-        }
-        if let Some(sel) = &m.spec.node_selector {
-            spec.node_selector
-                .get_or_insert_default()
-                .extend(sel.clone());
-        }
+        let target = build_target(m, owner, pod, index, now);
         status.migrating_pod = Some(owner_name.clone());
         status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         status.target_pod = target.metadata.name.clone();
@@ -291,6 +297,17 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
     let started = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     let target_name = status.target_pod.clone().unwrap_or_default();
     let Some(target) = o.target else {
+        // Recorded but not created yet (the status is written before the Pod): create it,
+        // under the recorded name, so a retry never makes a second target.
+        if status.phase == Some(MigrationPhase::Scheduling)
+            && let (Some(pod), Some(owner)) = (o.pod, o.owner)
+            && let Some(index) = super::pod::pod_index(&owner.name_any(), &target_name)
+        {
+            actions.push(Action::CreatePod(Box::new(build_target(
+                m, owner, pod, index, now,
+            ))));
+            return (actions, status);
+        }
         fail(
             &mut status,
             "TargetPodDeleted",
@@ -494,6 +511,31 @@ mod tests {
                 (Some(MigrationPhase::Failed), Some(reason))
             );
             assert_eq!(st.conditions[0].reason, reason);
+        }
+    }
+
+    #[test]
+    fn a_recorded_target_that_was_not_created_yet_is_created_under_its_name() {
+        let nodes = [node("n1", false)];
+        let own = owner();
+        let src = pod(
+            "x-0",
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let mut m = mig("m", "x-0", json!({}));
+        m.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Scheduling),
+            target_pod: Some("x-3".into()),
+            ..Default::default()
+        });
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
+        match &actions[..] {
+            [Action::CreatePod(p)] => assert_eq!(p.metadata.name.as_deref(), Some("x-3")),
+            other => panic!("{other:?}"),
         }
     }
 

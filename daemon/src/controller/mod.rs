@@ -355,12 +355,21 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     };
     let (actions, status) = migration::decide(&observed, Timestamp::now());
     let (events, effects) = split_events(actions);
-    apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
+    // A target is recorded (name, index) before it is created, so a decision taken on a
+    // stale copy can never create a second one; other steps act first, then record.
+    let record_first = status.phase == Some(MigrationPhase::Scheduling)
+        && m.status.as_ref().and_then(|s| s.phase) != Some(MigrationPhase::Scheduling);
+    if !record_first {
+        apply_actions(&ctx, &ns, m.as_ref(), effects.clone()).await?;
+    }
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
         if !patch_status_from(&migrations, m.as_ref(), serde_json::json!(status)).await? {
             return Ok(Requeue::requeue(Duration::from_millis(200)));
         }
+    }
+    if record_first {
+        apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
     }
     apply_actions(&ctx, &ns, m.as_ref(), events).await?;
     // Watches of the Pods drive progress; this only bounds how late a timeout is seen.
