@@ -172,7 +172,7 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 
 impl CheckpointEngine for Runc {
     fn resume(&self, id: &str) -> Result<()> {
-        self.thaw(id)
+        Freezer::of(&self.root, id)?.thaw()
     }
 
     fn discard(&self, id: &str) -> Result<()> {
@@ -181,7 +181,7 @@ impl CheckpointEngine for Runc {
         cmd.args(["kill", id, "KILL"]);
         let killed = run(cmd, None);
         // The kill is delivered once the cgroup thaws: the tasks die without running.
-        let thawed = self.thaw(id);
+        let thawed = self.resume(id);
         if let Some(pid) = init {
             wait_exit(pid, Duration::from_secs(5));
         }
@@ -249,20 +249,6 @@ impl CheckpointEngine for Runc {
             duration,
             image_bytes: dir_size(dir),
         })
-    }
-}
-
-impl Runc {
-    fn freezer(&self, id: &str) -> Result<Freezer> {
-        Freezer::of(&self.root, id)
-    }
-}
-
-/// The resume and discard of a source kept frozen.
-impl Runc {
-    /// Thaws container `id`.
-    pub fn thaw(&self, id: &str) -> Result<()> {
-        self.freezer(id)?.thaw()
     }
 }
 

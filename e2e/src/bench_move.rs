@@ -107,12 +107,7 @@ async fn ready_ip(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Resu
 }
 
 async fn gone(pods: &Api<Pod>, name: &str) -> anyhow::Result<()> {
-    until(
-        &format!("{name} gone"),
-        Duration::from_secs(60),
-        async || pods.get_opt(name).await.ok()?.is_none().then_some(()),
-    )
-    .await
+    crate::wait::pod_gone(pods, name, Duration::from_secs(60)).await
 }
 
 /// Starts the source on node-0 and its probe; returns its address.

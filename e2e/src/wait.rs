@@ -40,3 +40,15 @@ pub async fn ready_pod(
     })
     .await
 }
+
+/// Waits until Pod `name` no longer exists.
+pub async fn pod_gone(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    until(&format!("{name} gone"), within, async || {
+        pods.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await
+}

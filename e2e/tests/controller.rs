@@ -138,14 +138,7 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
         5,
         "the moved Pod continues the count"
     );
-    until("source gone", Duration::from_secs(30), async || {
-        pods.get_opt("counter-0")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await?;
+    podmig_e2e::wait::pod_gone(&pods, "counter-0", Duration::from_secs(30)).await?;
     until("mpod follows", Duration::from_secs(10), async || {
         (state(&mpods, "counter").await? == (MigratingPodState::Running, "counter-1".into()))
             .then_some(())

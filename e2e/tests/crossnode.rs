@@ -79,6 +79,24 @@ fn curl(
     Ok((code.trim().parse()?, body.to_owned()))
 }
 
+/// `curl -X POST <daemon of node>/migrate/{target}` with a JSON body.
+fn post_migrate(
+    c: &Cluster,
+    node: usize,
+    target: &str,
+    token: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    curl(
+        c,
+        node,
+        "POST",
+        &format!("/migrate/{target}"),
+        token,
+        Some(body),
+    )
+}
+
 fn error_reason(body: &str) -> String {
     serde_json::from_str::<ApiError>(body)
         .map(|e| e.reason)
@@ -176,64 +194,22 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     let body = format!("{{\"targetNode\": \"{}\"}}", c.nodes[dst].name);
 
     // Bad requests: precise codes, JSON bodies, nothing moves.
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}"),
-        None,
-        Some(&body),
-    )?;
+    let (code, b) = post_migrate(&c, src, &uid, None, &body)?;
     assert_eq!(
         (code, error_reason(&b)),
         (401, "Unauthorized".into()),
         "{b}"
     );
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}"),
-        Some(&nobody),
-        Some(&body),
-    )?;
+    let (code, b) = post_migrate(&c, src, &uid, Some(&nobody), &body)?;
     assert_eq!((code, error_reason(&b)), (403, "Forbidden".into()), "{b}");
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        "/migrate/no-such-uid",
-        Some(&admin),
-        Some(&body),
-    )?;
+    let (code, b) = post_migrate(&c, src, "no-such-uid", Some(&admin), &body)?;
     assert_eq!((code, error_reason(&b)), (404, "PodNotFound".into()), "{b}");
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}"),
-        Some(&admin),
-        Some("{\"targetNode\": 3"),
-    )?;
+    let (code, b) = post_migrate(&c, src, &uid, Some(&admin), "{\"targetNode\": 3")?;
     assert_eq!((code, error_reason(&b)), (400, "BadRequest".into()), "{b}");
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}"),
-        Some(&admin),
-        Some("{\"teleport\": true}"),
-    )?;
+    let (code, b) = post_migrate(&c, src, &uid, Some(&admin), "{\"teleport\": true}")?;
     assert_eq!(code, 400, "{b}");
     assert!(b.contains("teleport"), "{b}");
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}"),
-        Some(&admin),
-        Some("{\"containers\": [\"db\"]}"),
-    )?;
+    let (code, b) = post_migrate(&c, src, &uid, Some(&admin), "{\"containers\": [\"db\"]}")?;
     assert_eq!(
         (code, error_reason(&b)),
         (422, "NotMigratable".into()),
@@ -244,14 +220,7 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     assert_eq!(get_count(&src_ip).await?, 4, "nothing moved or restarted");
 
     // The move, waited for.
-    let (code, b) = curl(
-        &c,
-        src,
-        "POST",
-        &format!("/migrate/{uid}?wait=true"),
-        Some(&admin),
-        Some(&body),
-    )?;
+    let (code, b) = post_migrate(&c, src, &format!("{uid}?wait=true"), Some(&admin), &body)?;
     assert_eq!(code, 200, "{b}\n{}", diagnostics(&c));
     let answer: MigrateResponse = serde_json::from_str(&b)?;
     assert_eq!(
@@ -288,14 +257,7 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         Some("alice")
     );
     // The source goes; the MigratingPod follows; the source daemon kept the record.
-    until("source gone", Duration::from_secs(30), async || {
-        pods.get_opt("counter-0")
-            .await
-            .ok()?
-            .is_none()
-            .then_some(())
-    })
-    .await?;
+    podmig_e2e::wait::pod_gone(&pods, "counter-0", Duration::from_secs(30)).await?;
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
     until("mpod follows", Duration::from_secs(15), async || {
         let s = mpods.get("counter").await.ok()?.status?;
@@ -324,24 +286,10 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     // A second request while a move of the Pod runs: 409.
     let uid1 = p1.uid().unwrap_or_default();
     let back = format!("{{\"targetNode\": \"{}\"}}", c.nodes[src].name);
-    let (code, b) = curl(
-        &c,
-        dst,
-        "POST",
-        &format!("/migrate/{uid1}"),
-        Some(&admin),
-        Some(&back),
-    )?;
+    let (code, b) = post_migrate(&c, dst, &uid1, Some(&admin), &back)?;
     assert_eq!(code, 202, "{b}");
     let accepted = b;
-    let (code, b) = curl(
-        &c,
-        dst,
-        "POST",
-        &format!("/migrate/{uid1}"),
-        Some(&admin),
-        Some(&back),
-    )?;
+    let (code, b) = post_migrate(&c, dst, &uid1, Some(&admin), &back)?;
     assert_eq!(
         (code, error_reason(&b)),
         (409, "AlreadyMigrating".into()),

@@ -92,15 +92,7 @@ impl Metrics {
 
     /// The text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let registry = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if encode(&mut out, &registry).is_err() {
-            out.clear();
-        }
-        out
+        render(&self.registry)
     }
 }
 
@@ -125,4 +117,18 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io
         .route("/healthz", axum::routing::get(|| async { "ok" }));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await
+}
+
+/// The Prometheus text exposition of `registry` (shared by the controller and the node
+/// daemon); empty when it cannot be encoded.
+pub fn render(registry: &Mutex<Registry>) -> String {
+    let mut out = String::new();
+    let registry = registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(error) = encode(&mut out, &registry) {
+        tracing::warn!(%error, "cannot encode metrics");
+        out.clear();
+    }
+    out
 }

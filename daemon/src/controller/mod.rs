@@ -359,8 +359,9 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     // stale copy can never create a second one; other steps act first, then record.
     let record_first = status.phase == Some(MigrationPhase::Scheduling)
         && m.status.as_ref().and_then(|s| s.phase) != Some(MigrationPhase::Scheduling);
+    let mut effects = Some(effects);
     if !record_first {
-        apply_actions(&ctx, &ns, m.as_ref(), effects.clone()).await?;
+        apply_actions(&ctx, &ns, m.as_ref(), effects.take().unwrap_or_default()).await?;
     }
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
@@ -368,7 +369,7 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
             return Ok(Requeue::requeue(Duration::from_millis(200)));
         }
     }
-    if record_first {
+    if let Some(effects) = effects {
         apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
     }
     apply_actions(&ctx, &ns, m.as_ref(), events).await?;

@@ -269,7 +269,8 @@ fn not_migratable(message: String) -> Failure {
     Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable", message)
 }
 
-/// Why `pod` cannot be moved with `containers`, if it cannot.
+/// Why `pod` cannot be moved with `containers`, if it cannot (a Pod being deleted is
+/// exactly what migrate-on-delete moves: callers decide on deletion themselves).
 pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), String> {
     let name = pod.name_any();
     let spec = pod.spec.clone().unwrap_or_default();
@@ -285,9 +286,6 @@ pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), String> 
         .unwrap_or_default();
     if phase != "Running" {
         return Err(format!("Pod {name:?} is {phase:?}, not Running"));
-    }
-    if pod.metadata.deletion_timestamp.is_some() {
-        return Err(format!("Pod {name:?} is being deleted"));
     }
     for c in containers {
         if !spec.containers.iter().any(|s| &s.name == c) {
@@ -345,6 +343,9 @@ async fn migrate<E: CheckpointEngine>(
         return handover(&s, &uid, &pod, body).await;
     }
     check_migratable(&pod, &body.containers).map_err(not_migratable)?;
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(not_migratable(format!("Pod {name:?} is being deleted")));
+    }
     let owned = pod
         .owner_references()
         .iter()
@@ -465,12 +466,8 @@ async fn handover<E: CheckpointEngine>(
     body: MigrateRequest,
 ) -> Result<Response, Failure> {
     let h = body.handover.unwrap_or_default();
-    if pod.metadata.deletion_timestamp.is_none() {
-        check_migratable(pod, &body.containers).map_err(not_migratable)?;
-    } else {
-        // Migrate-on-delete: a deleted Pod held by its finalizer is exactly what moves.
-        check_migratable(&running_copy(pod), &body.containers).map_err(not_migratable)?;
-    }
+    // A Pod being deleted is fine here: migrate-on-delete moves exactly those.
+    check_migratable(pod, &body.containers).map_err(not_migratable)?;
     let hold = if h.timeout_seconds > 0 {
         Duration::from_secs(u64::from(h.timeout_seconds))
     } else {
@@ -562,13 +559,6 @@ async fn handover<E: CheckpointEngine>(
         body,
     )
         .into_response())
-}
-
-/// The Pod as if not deleted (for the checks of a migrate-on-delete hand-over).
-fn running_copy(pod: &Pod) -> Pod {
-    let mut p = pod.clone();
-    p.metadata.deletion_timestamp = None;
-    p
 }
 
 async fn complete<E: CheckpointEngine>(

@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
@@ -114,15 +114,7 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let registry = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Err(error) = encode(&mut out, &registry) {
-            tracing::warn!(%error, "cannot encode metrics");
-        }
-        out
+        crate::controller::metrics::render(&self.registry)
     }
 }
 

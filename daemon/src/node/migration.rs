@@ -10,7 +10,7 @@ use std::{
 };
 
 use crossbeam_channel::Sender;
-use podmig_api::{nodeapi::MoveInfo, v1alpha1::MigrationReport};
+use podmig_api::nodeapi::MoveInfo;
 use podmig_cri_ext::proto::runtime::v1::RestoreRecord;
 
 /// Which side of a move this node plays.
@@ -160,6 +160,11 @@ impl Manager {
         inner.verdicts.push((id.into(), tx));
     }
 
+    /// Drops the verdict channel of move `id` (its worker stopped waiting).
+    pub fn forget_verdict(&self, id: &str) {
+        self.lock().verdicts.retain(|(i, _)| i != id);
+    }
+
     /// Delivers the verdict on move `id`; false when nobody waits for one.
     pub fn deliver(&self, id: &str, verdict: Verdict) -> bool {
         let tx = {
@@ -185,16 +190,6 @@ impl Manager {
             .filter(|r| pod_uid.is_empty() || r.pod_uid == pod_uid)
             .cloned()
             .collect()
-    }
-}
-
-/// A report with the figures known so far.
-pub fn report(checkpoint_ms: u64, transfer_ms: u64, bytes: u64) -> MigrationReport {
-    MigrationReport {
-        checkpoint_ms,
-        transfer_ms,
-        bytes,
-        ..Default::default()
     }
 }
 

@@ -139,11 +139,6 @@ impl<E: CheckpointEngine> Node<E> {
         true
     }
 
-    /// Number of Pod workers (tests, metrics).
-    pub fn worker_count(&self) -> usize {
-        lock(&self.workers).len()
-    }
-
     pub(crate) fn report_phase(&self, ns: &str, pod: &str, phase: DaemonPhase) {
         if let Some(r) = &self.reporter {
             r.phase(ns, pod, phase);

@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use k8s_openapi::api::core::v1::Pod;
 use podmig_api::{
     ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
-    ANNOTATION_MIGRATION_PHASE, ANNOTATION_SOURCE_NODE, MIGRATE_FINALIZER, REASON_MIGRATED,
+    ANNOTATION_MIGRATION_PHASE, ANNOTATION_SOURCE_NODE, REASON_MIGRATED,
     contract::DaemonPhase,
     nodeapi::{CompleteRequest, Handover, MigrateRequest, MoveInfo},
     v1alpha1::MigrationReport,
@@ -37,6 +37,8 @@ use podmig_cri_ext::{
 };
 use serde_json::json;
 use tokio::sync::oneshot;
+
+use crate::controller::pod::{has_finalizer, is_deleting};
 
 use super::{
     Node,
@@ -197,18 +199,7 @@ struct Arrival {
 }
 
 fn deleting_with_finalizer(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_some()
-        && p.metadata
-            .finalizers
-            .as_ref()
-            .is_some_and(|f| f.iter().any(|f| f == MIGRATE_FINALIZER))
-}
-
-fn has_finalizer(p: &Pod) -> bool {
-    p.metadata
-        .finalizers
-        .as_ref()
-        .is_some_and(|f| f.iter().any(|f| f == MIGRATE_FINALIZER))
+    is_deleting(p) && has_finalizer(p)
 }
 
 /// The deadline an RFC 3339 annotation names, as an `Instant`.
@@ -516,7 +507,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .path_for(&source_uid, &name)
             .filter(|d| self.node.store.has_checkpoint(d));
         let running_here =
-            find_container(&self.node.settings.runc_root, &source_uid, &name).is_some();
+            || find_container(&self.node.settings.runc_root, &source_uid, &name).is_some();
         let result = if source_uid == self.uid {
             Err("a Pod cannot be its own migration source".to_owned())
         } else if let Some(dir) = stored {
@@ -530,7 +521,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     ..Default::default()
                 },
             })
-        } else if running_here {
+        } else if running_here() {
             self.fetch_local(&c, &source_uid, &id, deadline)
         } else if let Some(node) = source_node.filter(|n| *n != local_node) {
             self.fetch_remote(&c, &source_uid, &node, &id, deadline)
@@ -1014,7 +1005,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         };
         if order.remote {
-            self.node.manager.deliver(&id, Verdict::Commit); // drops the kept sender
+            self.node.manager.forget_verdict(&id);
         }
         for (name, _) in &images {
             recovery::forget(self.node.store.root(), &container_id(name));

@@ -254,14 +254,23 @@ impl PodMoves {
         Ok(())
     }
 
-    /// Source: the target runs; returns the images to delete.
-    pub fn commit(&mut self, container: &str, target: &str) -> Result<PathBuf, InvalidTransition> {
-        let (migration, images) = match self.get(container) {
+    /// The move and images of a handed-over container, or why `action` is not allowed.
+    fn handed_over_parts(
+        &self,
+        container: &str,
+        action: &'static str,
+    ) -> Result<(String, PathBuf), InvalidTransition> {
+        match self.get(container) {
             Some(MoveState::HandedOver {
                 migration, images, ..
-            }) => (migration.clone(), images.clone()),
-            _ => return Err(self.invalid(container, "commit")),
-        };
+            }) => Ok((migration.clone(), images.clone())),
+            _ => Err(self.invalid(container, action)),
+        }
+    }
+
+    /// Source: the target runs; returns the images to delete.
+    pub fn commit(&mut self, container: &str, target: &str) -> Result<PathBuf, InvalidTransition> {
+        let (migration, images) = self.handed_over_parts(container, "commit")?;
         self.states.insert(
             container.into(),
             MoveState::MigratedAway {
@@ -275,10 +284,7 @@ impl PodMoves {
     /// Source: the move failed after the freeze and the container, kept frozen, runs on
     /// where it stopped; returns the images to delete.
     pub fn resume(&mut self, container: &str) -> Result<PathBuf, InvalidTransition> {
-        let images = match self.get(container) {
-            Some(MoveState::HandedOver { images, .. }) => images.clone(),
-            _ => return Err(self.invalid(container, "resume")),
-        };
+        let (_, images) = self.handed_over_parts(container, "resume")?;
         self.states.remove(container);
         Ok(images)
     }
@@ -286,12 +292,7 @@ impl PodMoves {
     /// Source: the move failed after the freeze and the container is gone (it could not
     /// be kept frozen); its next create resumes it from its images.
     pub fn roll_back(&mut self, container: &str) -> Result<(), InvalidTransition> {
-        let (migration, images) = match self.get(container) {
-            Some(MoveState::HandedOver {
-                migration, images, ..
-            }) => (migration.clone(), images.clone()),
-            _ => return Err(self.invalid(container, "roll back")),
-        };
+        let (migration, images) = self.handed_over_parts(container, "roll back")?;
         self.states.insert(
             container.into(),
             MoveState::RollingBack { migration, images },

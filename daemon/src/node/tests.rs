@@ -134,6 +134,20 @@ async fn answer(d: Decision) -> Answer {
     }
 }
 
+/// What the hook answers `r`, waiting out a hold.
+async fn ask(hook: &NodeHook<FakeEngine>, r: HookRequest) -> Answer {
+    answer(hook.decide(r).await).await
+}
+
+/// (role, state) of every move the manager knows.
+fn states(n: &Node<FakeEngine>) -> Vec<(String, String)> {
+    n.manager
+        .list()
+        .into_iter()
+        .map(|i| (i.role, i.state))
+        .collect()
+}
+
 fn ckpt_req(id: &str, path: &Path) -> Request<CheckpointContainerRequest> {
     Request::new(CheckpointContainerRequest {
         container_id: id.into(),
@@ -192,7 +206,7 @@ async fn kill_during_checkpoint_is_held_then_becomes_noop() {
     assert!(matches!(answer(d).await, Answer::NoOp(_)));
     ck.await.expect("join").expect("checkpoint ok");
     // Dumped away: the runtime's restart is refused, a later kill is a no-op.
-    let a = answer(hook.decide(req(Event::Create, "c9", "src-uid", None)).await).await;
+    let a = ask(&hook, req(Event::Create, "c9", "src-uid", None)).await;
     assert!(
         matches!(a, Answer::Refuse(ref r) if r.reason.contains("migrated away")),
         "{a:?}"
@@ -229,11 +243,7 @@ async fn target_create_restores_from_store_and_cleans_up_after_success() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("inventory.img"), b"x").expect("write");
     let hook = NodeHook(n.clone());
-    let a = answer(
-        hook.decide(req(Event::Create, "c2", "dst-uid", Some("src-uid")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c2", "dst-uid", Some("src-uid"))).await;
     assert!(
         matches!(&a, Answer::RestoreFrom(r) if Path::new(&r.image_path) == dir),
         "{a:?}"
@@ -249,21 +259,13 @@ async fn target_without_any_source_is_refused_and_stays_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let n = node(tmp.path(), false);
     let hook = NodeHook(n.clone());
-    let a = answer(
-        hook.decide(req(Event::Create, "c2", "dst", Some("gone")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c2", "dst", Some("gone"))).await;
     assert!(
         matches!(&a, Answer::Refuse(r) if r.reason.contains("gone")),
         "{a:?}"
     );
     // A later attempt of the runtime does not start the target fresh.
-    let a = answer(
-        hook.decide(req(Event::Create, "c3", "dst", Some("gone")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c3", "dst", Some("gone"))).await;
     assert!(matches!(a, Answer::Refuse(_)), "{a:?}");
     let info = n.manager.list();
     assert_eq!(info.len(), 1);
@@ -279,11 +281,7 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
     live_source(tmp.path(), "src");
     let n = node(tmp.path(), false);
     let hook = NodeHook(n.clone());
-    let a = answer(
-        hook.decide(req(Event::Create, "c2", "dst", Some("src")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c2", "dst", Some("src"))).await;
     let image_path = match a {
         Answer::RestoreFrom(r) => r.image_path,
         other => panic!("expected a restore, got {other:?}"),
@@ -311,7 +309,7 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
         "the frozen source is stopped"
     );
     // kubelet restarting the dumped source container is refused: one copy only.
-    match answer(hook.decide(req(Event::Create, "c3", "src", None)).await).await {
+    match ask(&hook, req(Event::Create, "c3", "src", None)).await {
         Answer::Refuse(r) => assert!(
             r.reason.contains("migrated away to ns/pod-dst on n1"),
             "{}",
@@ -319,18 +317,9 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
         ),
         other => panic!("expected refuse, got {other:?}"),
     }
-    let other = answer(
-        hook.decide(req(Event::Create, "c4", "unrelated", None))
-            .await,
-    )
-    .await;
+    let other = ask(&hook, req(Event::Create, "c4", "unrelated", None)).await;
     assert!(matches!(other, Answer::Pass(_)));
-    let states: Vec<(String, String)> = n
-        .manager
-        .list()
-        .into_iter()
-        .map(|i| (i.role, i.state))
-        .collect();
+    let states = states(&n);
     assert!(
         states.contains(&("source".into(), "Succeeded".into())),
         "{states:?}"
@@ -351,11 +340,7 @@ async fn a_failed_restore_resumes_the_frozen_source_in_place() {
     live_source(tmp.path(), "src");
     let n = node(tmp.path(), false);
     let hook = NodeHook(n.clone());
-    let a = answer(
-        hook.decide(req(Event::Create, "c2", "dst", Some("src")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c2", "dst", Some("src"))).await;
     assert!(matches!(a, Answer::RestoreFrom(_)), "{a:?}");
     hook.restored(restored("c2", "dst", false)).await;
     settle(&n, "dst").await;
@@ -366,21 +351,12 @@ async fn a_failed_restore_resumes_the_frozen_source_in_place() {
         "its checkpoint is dropped"
     );
     // Running again: kills pass.
-    let a = answer(hook.decide(req(Event::Kill, "src-ctr", "src", None)).await).await;
+    let a = ask(&hook, req(Event::Kill, "src-ctr", "src", None)).await;
     assert!(matches!(a, Answer::Pass(_)), "{a:?}");
     // The target is never started fresh afterwards.
-    let a = answer(
-        hook.decide(req(Event::Create, "c6", "dst", Some("src")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c6", "dst", Some("src"))).await;
     assert!(matches!(a, Answer::Refuse(_)), "{a:?}");
-    let states: Vec<(String, String)> = n
-        .manager
-        .list()
-        .into_iter()
-        .map(|i| (i.role, i.state))
-        .collect();
+    let states = states(&n);
     assert!(
         states.contains(&("source".into(), "RolledBack".into())),
         "{states:?}"
@@ -398,11 +374,7 @@ async fn a_source_that_cannot_be_thawed_resumes_from_its_checkpoint_when_restart
     live_source(tmp.path(), "src");
     let n = node_with(tmp.path(), false, true);
     let hook = NodeHook(n.clone());
-    let a = answer(
-        hook.decide(req(Event::Create, "c2", "dst", Some("src")))
-            .await,
-    )
-    .await;
+    let a = ask(&hook, req(Event::Create, "c2", "dst", Some("src"))).await;
     assert!(matches!(a, Answer::RestoreFrom(_)), "{a:?}");
     hook.restored(restored("c2", "dst", false)).await;
     settle(&n, "dst").await;
@@ -414,7 +386,7 @@ async fn a_source_that_cannot_be_thawed_resumes_from_its_checkpoint_when_restart
         "kept for the rollback"
     );
     // The runtime restarts the source container: it resumes from its own checkpoint.
-    let a = answer(hook.decide(req(Event::Create, "c5", "src", None)).await).await;
+    let a = ask(&hook, req(Event::Create, "c5", "src", None)).await;
     assert!(
         matches!(&a, Answer::RestoreFrom(r) if Path::new(&r.image_path) == images),
         "{a:?}"
@@ -430,17 +402,12 @@ async fn failing_local_source_checkpoint_refuses_the_target_and_the_source_runs_
     live_source(tmp.path(), "src");
     let n = node(tmp.path(), true);
     let hook = NodeHook(n.clone());
-    match answer(
-        hook.decide(req(Event::Create, "c2", "dst", Some("src")))
-            .await,
-    )
-    .await
-    {
+    match ask(&hook, req(Event::Create, "c2", "dst", Some("src"))).await {
         Answer::Refuse(r) => assert!(r.reason.contains("CRIU says no"), "{}", r.reason),
         other => panic!("expected refuse, got {other:?}"),
     }
     // The source was not touched: its kills and restarts pass.
-    let a = answer(hook.decide(req(Event::Kill, "src-ctr", "src", None)).await).await;
+    let a = ask(&hook, req(Event::Kill, "src-ctr", "src", None)).await;
     assert!(matches!(a, Answer::Pass(_)));
 }
 
