@@ -19,6 +19,7 @@ use crate::{
     containerd::{Containerd, ContainerdOptions},
     daemon::{DaemonOptions, NodeDaemon},
     kubelet::{self, KubeletConfig},
+    kubelet_logs,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -177,6 +178,7 @@ pub struct ClusterNode {
     /// The podmig node daemon.
     pub daemon: NodeDaemon,
     kubelet: tokio::task::JoinHandle<()>,
+    logs: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// A running cluster, torn down when dropped.
@@ -272,6 +274,10 @@ impl Cluster {
                 .map(|i| (format!("node-{i}"), network.node_ip(i)))
                 .collect::<Vec<_>>(),
         )?;
+        let kubelet_token = format!("kubelet-client-{}", uuid::Uuid::new_v4().simple());
+        if let (Some(api), Some(first)) = (cluster.apiserver.as_ref(), tls.first()) {
+            api.set_kubelet_client(&std::fs::read(&first.ca)?, kubelet_token.clone())?;
+        }
         for i in 0..nodes {
             let name = format!("node-{i}");
             let ndir = dir.join(&name);
@@ -319,6 +325,19 @@ impl Cluster {
                 cri_socket: containerd.socket(),
                 logs_root: ndir.join("logs"),
             };
+            let logs = match tls.get(i) {
+                Some(t) => {
+                    let addr = format!("{}:{}", network.node_ip(i), kubelet_logs::KUBELET_PORT);
+                    let listener = kubelet_logs::bind_in_netns(&netns, addr.parse()?)
+                        .with_context(|| format!("kubelet log server on {addr}"))?;
+                    let server = kubelet_logs::LogServer {
+                        logs_root: cfg.logs_root.clone(),
+                        token: kubelet_token.clone(),
+                    };
+                    Some(kubelet_logs::serve(listener, t, server).await?)
+                }
+                None => None,
+            };
             let kubelet = tokio::spawn(async move {
                 if let Err(error) = kubelet::run(kclient, cfg).await {
                     tracing::error!(%error, "kubelet stand-in stopped");
@@ -331,6 +350,7 @@ impl Cluster {
                 containerd,
                 daemon,
                 kubelet,
+                logs,
             });
         }
         cluster.wait_nodes_ready(Duration::from_secs(20)).await?;
@@ -487,6 +507,9 @@ impl Cluster {
         self.scheduler.abort();
         for n in &self.nodes {
             n.kubelet.abort();
+            if let Some(logs) = &n.logs {
+                logs.abort();
+            }
         }
         // containerd first (its sandboxes go through CRI), then the daemons.
         let nodes = std::mem::take(&mut self.nodes);

@@ -109,6 +109,7 @@ fn node_status(cfg: &KubeletConfig) -> Value {
             {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": t, "lastTransitionTime": t},
         ],
         "addresses": [{"type": "InternalIP", "address": cfg.node_ip}, {"type": "Hostname", "address": cfg.node}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": crate::kubelet_logs::KUBELET_PORT}},
         "capacity": {"cpu": "2", "memory": "24Gi", "pods": "110"},
         "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "110"},
         "nodeInfo": {"kubeletVersion": "v1.32.0-podmig-e2e", "containerRuntimeVersion": "containerd://1.6.20", "osImage": "Debian GNU/Linux 12",

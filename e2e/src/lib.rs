@@ -12,6 +12,7 @@ pub mod cri;
 pub mod daemon;
 pub mod demo;
 pub mod kubelet;
+pub mod kubelet_logs;
 pub mod node;
 pub mod paths;
 pub mod pki;

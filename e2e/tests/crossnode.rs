@@ -247,6 +247,22 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         5,
         "the moved Pod continues the count"
     );
+    // `kubectl logs` of the target: the heartbeat goes on from where it was, no new start.
+    let log = until("target's log", Duration::from_secs(10), async || {
+        let out = c.kubectl(&["logs", &target]).ok()?;
+        out.contains("heartbeat").then_some(out)
+    })
+    .await?;
+    assert!(
+        !log.contains("testapp ready"),
+        "the target restarted the app"
+    );
+    let first: u64 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("heartbeat seq="))
+        .and_then(|s| s.trim().parse().ok())
+        .expect("a heartbeat");
+    assert!(first > 1, "the heartbeat restarted at {first}");
     // The Migration object kubectl sees.
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     let m = migs.get(&answer.migration).await?;

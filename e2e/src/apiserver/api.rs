@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     resources::{self, ResourceDef},
+    schema::{self, FieldError},
     store::{Key, Store},
 };
 
@@ -20,6 +21,8 @@ pub struct ApiError {
     pub reason: &'static str,
     /// Human message.
     pub message: String,
+    /// `details` of the Status (field causes of a 422).
+    pub details: Option<Value>,
 }
 
 /// Result with [`ApiError`].
@@ -32,6 +35,7 @@ impl ApiError {
             code,
             reason,
             message: message.into(),
+            details: None,
         }
     }
     /// 404.
@@ -59,11 +63,61 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(422, "Invalid", message)
     }
+    /// 422 for schema violations, with the causes kubectl prints field by field.
+    pub fn invalid_fields(def: &ResourceDef, name: &str, errors: &[FieldError]) -> Self {
+        let lines: Vec<String> = errors.iter().map(FieldError::line).collect();
+        let list = if lines.len() == 1 {
+            lines[0].clone()
+        } else {
+            format!("[{}]", lines.join(", "))
+        };
+        let qualified = if def.group.is_empty() {
+            def.kind.clone()
+        } else {
+            format!("{}.{}", def.kind, def.group)
+        };
+        let mut e = Self::invalid(format!("{qualified} \"{name}\" is invalid: {list}"));
+        e.details = Some(json!({"name": name, "group": def.group, "kind": def.kind,
+            "causes": errors.iter().map(FieldError::cause).collect::<Vec<_>>()}));
+        e
+    }
     /// The error as a `Status` object.
     pub fn status(&self) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": self.message, "reason": self.reason, "code": self.code})
+        let mut status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": self.message, "reason": self.reason, "code": self.code});
+        if let Some(details) = &self.details {
+            status["details"] = details.clone();
+        }
+        status
     }
+}
+
+/// Applies a patch of `kind` to `doc` (what PATCH stores, before the metadata rules).
+pub fn apply_patch(doc: &mut Value, kind: PatchType, body: &Value) -> ApiResult<()> {
+    match kind {
+        PatchType::Merge | PatchType::Apply => json_patch::merge(doc, body),
+        PatchType::Strategic => super::patch::strategic_merge(doc, body),
+        PatchType::Json => {
+            // NB: like kube-apiserver (evanphx/json-patch), a `test` for null passes
+            // on a missing path; kube-runtime's finalizer helper relies on it.
+            let mut body = body.clone();
+            if let Some(ops) = body.as_array_mut() {
+                ops.retain(|op| {
+                    !(op["op"] == "test"
+                        && op["value"].is_null()
+                        && op["path"]
+                            .as_str()
+                            .is_some_and(|p| doc.pointer(p).is_none()))
+                });
+            }
+            let ops: json_patch::Patch = serde_json::from_value(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            json_patch::patch(doc, &ops).map_err(|e| {
+                ApiError::invalid(format!("the JSON patch could not be applied: {e}"))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Options of a deletion (query parameters or a DeleteOptions body).
@@ -256,6 +310,7 @@ impl Api {
         obj["apiVersion"] = json!(def.api_version());
         obj["kind"] = json!(def.kind);
         self.defaults(def, &mut obj);
+        Self::structural(def, &name, &mut obj)?;
         if def.group == "apiextensions.k8s.io" {
             self.accept_crd(&mut obj)?;
         }
@@ -276,6 +331,22 @@ impl Api {
         }
         self.mirror_event(def, ns, &name, Some(&created));
         Ok(created)
+    }
+
+    /// A custom resource as storage keeps it: unknown fields pruned, defaults applied,
+    /// valid against its version's schema (422 with field causes otherwise).
+    fn structural(def: &ResourceDef, name: &str, obj: &mut Value) -> ApiResult<()> {
+        let Some(schema) = &def.schema else {
+            return Ok(());
+        };
+        schema::prune(schema, obj);
+        schema::apply_defaults(schema, obj);
+        let errors = schema::validate(schema, obj);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_fields(def, name, &errors))
+        }
     }
 
     fn defaults(&self, def: &ResourceDef, obj: &mut Value) {
@@ -406,29 +477,7 @@ impl Api {
             .filter(|s| !s.is_empty());
         self.update_with(def, ns, name, rv.as_deref(), status_only, |current| {
             let mut doc = current.clone();
-            match kind {
-                PatchType::Merge | PatchType::Apply => json_patch::merge(&mut doc, body),
-                PatchType::Strategic => super::patch::strategic_merge(&mut doc, body),
-                PatchType::Json => {
-                    // NB: like kube-apiserver (evanphx/json-patch), a `test` for null passes
-                    // on a missing path; kube-runtime's finalizer helper relies on it.
-                    let mut body = body.clone();
-                    if let Some(ops) = body.as_array_mut() {
-                        ops.retain(|op| {
-                            !(op["op"] == "test"
-                                && op["value"].is_null()
-                                && op["path"]
-                                    .as_str()
-                                    .is_some_and(|p| doc.pointer(p).is_none()))
-                        });
-                    }
-                    let ops: json_patch::Patch = serde_json::from_value(body)
-                        .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
-                    json_patch::patch(&mut doc, &ops).map_err(|e| {
-                        ApiError::invalid(format!("the JSON patch could not be applied: {e}"))
-                    })?;
-                }
-            }
+            apply_patch(&mut doc, kind, body)?;
             Ok(doc)
         })
     }
@@ -483,6 +532,7 @@ impl Api {
                     o.remove("status");
                 }
             }
+            Self::structural(def, name, &mut new)?;
             let spec_changed = {
                 let strip = |v: &Value| {
                     let mut v = v.clone();

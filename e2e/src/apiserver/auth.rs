@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::api::Api;
 
 /// An authenticated user.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct User {
     /// User name (`admin`, `system:serviceaccount:ns:name`, `system:node:n1`).
     pub name: String,

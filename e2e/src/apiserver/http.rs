@@ -13,8 +13,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::{
+    admission::{self, Operation},
     api::{Api, ApiError, ApiResult, DeleteOptions, PatchType},
     auth::{self, Attributes, Tokens, User},
+    outbound::KubeletClient,
     resources::ResourceDef,
     selectors::{FieldSelector, LabelSelector},
     store::EventType,
@@ -32,6 +34,8 @@ pub struct ServerState {
     pub tokens: Arc<Tokens>,
     /// How often watches with bookmarks get one.
     pub bookmark_interval: Duration,
+    /// How to reach kubelets (`pods/log`), once the cluster has nodes.
+    pub kubelet: Arc<std::sync::OnceLock<KubeletClient>>,
 }
 
 fn json_response(code: u16, body: &Value) -> Response {
@@ -57,6 +61,122 @@ struct Target {
     plural: String,
     name: String,
     subresource: String,
+}
+
+impl Target {
+    fn is_pod_log(&self, def: &ResourceDef) -> bool {
+        def.is_pod() && self.subresource == "log" && !self.name.is_empty()
+    }
+}
+
+/// `pods/log`: proxied to the kubelet of the Pod's node (its InternalIP and kubelet
+/// port from the Node's status), streamed back as kubelet sends it.
+async fn pod_log(st: &ServerState, def: &ResourceDef, t: &Target, uri: &Uri) -> Response {
+    let pod = match st.api.get(def, &t.namespace, &t.name) {
+        Ok(p) => p,
+        Err(e) => return error(&e),
+    };
+    let Some(node_name) = pod["spec"]["nodeName"].as_str() else {
+        return error(&ApiError::bad_request(format!(
+            "pod {} does not have a host assigned",
+            t.name
+        )));
+    };
+    let containers: Vec<&str> = pod["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    let query: HashMap<String, String> = Query::try_from_uri(uri)
+        .map(|q: Query<HashMap<String, String>>| q.0)
+        .unwrap_or_default();
+    let container = match query.get("container") {
+        Some(c) if containers.contains(&c.as_str()) => c.clone(),
+        Some(c) => {
+            return error(&ApiError::bad_request(format!(
+                "container {c} is not valid for pod {}",
+                t.name
+            )));
+        }
+        None if containers.len() == 1 => containers[0].to_owned(),
+        None => {
+            return error(&ApiError::bad_request(format!(
+                "a container name must be specified for pod {}, choose one of: [{}]",
+                t.name,
+                containers.join(" ")
+            )));
+        }
+    };
+    let Some(nodes) = st.api.resource("", "v1", "nodes") else {
+        return error(&ApiError::no_route());
+    };
+    let node = match st.api.get(&nodes, "", node_name) {
+        Ok(n) => n,
+        Err(e) => return error(&e),
+    };
+    let ip = node["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str());
+    let port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"].as_u64();
+    let (Some(ip), Some(port), Some(kubelet)) = (ip, port, st.kubelet.get()) else {
+        return error(&ApiError::new(
+            503,
+            "ServiceUnavailable",
+            format!("the kubelet of node {node_name} cannot be reached"),
+        ));
+    };
+    let forwarded: Vec<String> = [
+        "follow",
+        "previous",
+        "tailLines",
+        "timestamps",
+        "limitBytes",
+    ]
+    .iter()
+    .filter_map(|k| query.get(*k).map(|v| format!("{k}={v}")))
+    .collect();
+    let url = format!(
+        "https://{ip}:{port}/containerLogs/{}/{}/{container}?{}",
+        t.namespace,
+        t.name,
+        forwarded.join("&")
+    );
+    let request = axum::http::Request::get(url)
+        .header(header::AUTHORIZATION, format!("Bearer {}", kubelet.token))
+        .body(http_body_util::Full::new(Bytes::new()));
+    let Ok(request) = request else {
+        return error(&ApiError::bad_request("invalid log request"));
+    };
+    match kubelet.client.request(request).await {
+        Ok(resp) if resp.status().is_success() => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain")],
+            Body::new(resp.into_body()),
+        )
+            .into_response(),
+        Ok(resp) => {
+            let code = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+                .unwrap_or_default();
+            let reason = if code == 404 {
+                "NotFound"
+            } else {
+                "BadRequest"
+            };
+            error(&ApiError::new(code, reason, body))
+        }
+        Err(e) => error(&ApiError::new(
+            500,
+            "InternalError",
+            format!("Get kubelet logs of node {node_name}: {e}"),
+        )),
+    }
 }
 
 fn parse_target(api: &Api, segs: &[&str]) -> Option<Target> {
@@ -247,6 +367,32 @@ pub async fn handle(
         return error(&ApiError::no_route());
     }
     let table = wants_table(&headers);
+    let warnings = match field_validation(&def, verb, &query, &headers, &body) {
+        Ok(w) => w,
+        Err(e) => return error(&e),
+    };
+    let mut body = body;
+    if matches!(verb, "create" | "update" | "patch" | "delete")
+        && admission::any_configured(&st.api)
+    {
+        match admit(&st, &def, &t, &user, verb, &headers, &body).await {
+            Ok(Admitted::Unchanged) => {}
+            Ok(Admitted::Body(b)) => body = b,
+            Ok(Admitted::Replace(obj)) => {
+                return match st.api.replace(
+                    &def,
+                    &t.namespace,
+                    &t.name,
+                    obj,
+                    t.subresource == "status",
+                ) {
+                    Ok(o) => json_response(200, &o),
+                    Err(e) => error(&e),
+                };
+            }
+            Err(e) => return error(&e),
+        }
+    }
     let result = match verb {
         "watch" => return watch_response(&st, &def, &t, &query, table),
         "list" => list(&st.api, &def, &t, &query).map(|(items, rv)| {
@@ -260,6 +406,7 @@ pub async fn handle(
                 )
             }
         }),
+        "get" if t.is_pod_log(&def) => return pod_log(&st, &def, &t, &uri).await,
         "get" if t.subresource.is_empty() || t.subresource == "status" => {
             st.api.get(&def, &t.namespace, &t.name).map(|o| {
                 if table {
@@ -306,9 +453,170 @@ pub async fn handle(
         }),
         _ => Err(ApiError::no_route()),
     };
-    match result {
-        Ok((code, v)) => json_response(code, &v),
+    let mut response = match result {
+        Ok((code, mut v)) => {
+            if matches!(verb, "get" | "list") && !table {
+                default_on_read(&def, &mut v);
+            }
+            json_response(code, &v)
+        }
         Err(e) => error(&e),
+    };
+    for w in warnings {
+        if let Ok(value) = header::HeaderValue::from_str(&format!("299 - {w:?}")) {
+            response.headers_mut().append("warning", value);
+        }
+    }
+    response
+}
+
+/// What admission made of a write.
+enum Admitted {
+    /// Go on with the request as sent.
+    Unchanged,
+    /// Go on with this body (mutated).
+    Body(Bytes),
+    /// A patch whose result was mutated: store this object (precondition: the version the
+    /// patch was applied to).
+    Replace(Value),
+}
+
+/// Runs the admission webhooks on a write: builds the object as it would be stored (a
+/// patch applied to the current object), and the old object.
+async fn admit(
+    st: &ServerState,
+    def: &ResourceDef,
+    t: &Target,
+    user: &User,
+    verb: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<Admitted> {
+    let current = || st.api.get(def, &t.namespace, &t.name);
+    let (operation, object, old, parent) = match verb {
+        "create" if t.subresource.is_empty() => {
+            let mut obj = parse_body(body)?;
+            if def.namespaced && obj.is_object() {
+                obj["metadata"]["namespace"] = json!(t.namespace);
+            }
+            (Operation::Create, Some(obj), None, None)
+        }
+        "create" => {
+            let parent = current().ok();
+            (Operation::Create, Some(parse_body(body)?), None, parent)
+        }
+        "update" => (
+            Operation::Update,
+            Some(parse_body(body)?),
+            Some(current()?),
+            None,
+        ),
+        "patch" => {
+            let old = current()?;
+            let kind = match headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+            {
+                "application/json-patch+json" => PatchType::Json,
+                "application/strategic-merge-patch+json" => PatchType::Strategic,
+                "application/apply-patch+yaml" | "application/apply-patch+json" => PatchType::Apply,
+                _ => PatchType::Merge,
+            };
+            let mut new = old.clone();
+            super::api::apply_patch(&mut new, kind, &parse_body(body)?)?;
+            (Operation::Update, Some(new), Some(old), None)
+        }
+        _ => (Operation::Delete, None, current().ok(), None),
+    };
+    let name = object
+        .as_ref()
+        .and_then(|o| o["metadata"]["name"].as_str())
+        .unwrap_or(&t.name)
+        .to_owned();
+    let request = admission::Request {
+        def,
+        subresource: &t.subresource,
+        namespace: &t.namespace,
+        name: &name,
+        operation,
+        user,
+        object: object.clone(),
+        old_object: old.clone(),
+        parent,
+    };
+    let admitted = admission::admit(&st.api, request).await?;
+    Ok(match admitted {
+        Some(o) if Some(&o) != object.as_ref() => {
+            if verb == "patch" {
+                let mut o = o;
+                o["metadata"]["resourceVersion"] = old
+                    .map(|x| x["metadata"]["resourceVersion"].clone())
+                    .unwrap_or_default();
+                Admitted::Replace(o)
+            } else {
+                Admitted::Body(Bytes::from(o.to_string()))
+            }
+        }
+        _ => Admitted::Unchanged,
+    })
+}
+
+/// `fieldValidation` of a write to a custom resource: unknown fields in the body are
+/// rejected (`Strict`, as kubectl sends it), reported as warnings (`Warn`, the default) or
+/// dropped silently (`Ignore`); storage prunes them in every case.
+fn field_validation(
+    def: &ResourceDef,
+    verb: &str,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> ApiResult<Vec<String>> {
+    let Some(schema) = &def.schema else {
+        return Ok(vec![]);
+    };
+    let json_patch = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json-patch+json"));
+    if !matches!(verb, "create" | "update" | "patch") || json_patch || body.is_empty() {
+        return Ok(vec![]);
+    }
+    let Ok(obj) = serde_json::from_slice::<Value>(body) else {
+        return Ok(vec![]);
+    };
+    let unknown: Vec<String> = super::schema::unknown_fields(schema, &obj)
+        .into_iter()
+        .map(|f| format!("unknown field {f:?}"))
+        .collect();
+    match query.get("fieldValidation").map(String::as_str) {
+        Some("Strict") if !unknown.is_empty() => Err(ApiError::bad_request(format!(
+            "{kind} in version {v:?} cannot be handled as a {kind}: strict decoding error: {}",
+            unknown.join(", "),
+            kind = def.kind,
+            v = def.version
+        ))),
+        Some("Ignore") => Ok(vec![]),
+        _ => Ok(unknown),
+    }
+}
+
+/// Defaults of the schema on what is read, as the apiserver applies them when decoding
+/// from storage (objects written before a default was added get it too).
+fn default_on_read(def: &ResourceDef, v: &mut Value) {
+    let Some(schema) = &def.schema else {
+        return;
+    };
+    if v["kind"].as_str().is_some_and(|k| k.ends_with("List")) {
+        for item in v["items"].as_array_mut().into_iter().flatten() {
+            super::schema::apply_defaults(schema, item);
+        }
+    } else {
+        super::schema::apply_defaults(schema, v);
     }
 }
 
@@ -607,38 +915,13 @@ fn discovery_response(api: &Api, segs: &[&str]) -> Response {
             }
             (200, json!({"paths": paths}))
         }
-        ["openapi", "v3", "api", v] => (200, openapi_doc(&resources, "", v)),
-        ["openapi", "v3", "apis", g, v] => (200, openapi_doc(&resources, g, v)),
+        ["openapi", "v3", "api", v] => (200, super::openapi::document(&resources, "", v, VERSION)),
+        ["openapi", "v3", "apis", g, v] => {
+            (200, super::openapi::document(&resources, g, v, VERSION))
+        }
         _ => (404, ApiError::no_route().status()),
     };
     json_response(code, &body)
-}
-
-/// An OpenAPI v3 document for one group/version: no schemas, only the operations with
-/// their group-version-kind and the `fieldValidation` parameter, from which kubectl learns
-/// that validation happens on the server (it then needs no schema to apply objects).
-/// NB: this server accepts unknown fields; it does not validate against schemas.
-fn openapi_doc(resources: &[ResourceDef], g: &str, v: &str) -> Value {
-    let mut paths = serde_json::Map::new();
-    let param = json!([{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}]);
-    for r in resources.iter().filter(|r| r.group == g && r.version == v) {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let base = if g.is_empty() {
-            format!("/api/{v}")
-        } else {
-            format!("/apis/{g}/{v}")
-        };
-        let coll = if r.namespaced {
-            format!("{base}/namespaces/{{namespace}}/{}", r.plural)
-        } else {
-            format!("{base}/{}", r.plural)
-        };
-        let op =
-            json!({"x-kubernetes-group-version-kind": gvk, "parameters": param, "responses": {}});
-        paths.insert(coll.clone(), json!({"post": op}));
-        paths.insert(format!("{coll}/{{name}}"), json!({"put": op, "patch": op}));
-    }
-    json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": VERSION}, "paths": paths, "components": {"schemas": {}}})
 }
 
 fn watch_event(kind: &str, obj: &Value, def: &ResourceDef, table: bool, rv: u64) -> String {

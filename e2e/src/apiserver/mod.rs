@@ -4,12 +4,16 @@
 //! binding, CRDs, TokenReview/SubjectAccessReview with RBAC), served over HTTPS with a
 //! kubeconfig for clients. No kube-apiserver can be installed on these machines.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod events;
 pub mod http;
+pub mod openapi;
+pub mod outbound;
 pub mod patch;
 pub mod resources;
+pub mod schema;
 pub mod selectors;
 pub mod store;
 pub mod table;
@@ -39,6 +43,7 @@ pub struct ApiServer {
     pub kubeconfig: PathBuf,
     /// The CA certificate clients trust.
     pub ca: PathBuf,
+    kubelet: Arc<std::sync::OnceLock<outbound::KubeletClient>>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -87,10 +92,12 @@ impl ApiServer {
                 groups: vec!["system:masters".into(), "system:authenticated".into()],
             },
         );
+        let kubelet = Arc::new(std::sync::OnceLock::new());
         let state = Arc::new(http::ServerState {
             api: api.clone(),
             tokens: tokens.clone(),
             bookmark_interval: opts.bookmark_interval,
+            kubelet: kubelet.clone(),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(state);
         let handle = axum_server::Handle::new();
@@ -112,6 +119,7 @@ impl ApiServer {
             tokens,
             kubeconfig,
             ca,
+            kubelet,
             handle,
             task,
         })
@@ -127,6 +135,14 @@ impl ApiServer {
         let token = self.tokens.issue(user);
         write_kubeconfig(path, &self.url(), &self.ca, &token)?;
         Ok(token)
+    }
+
+    /// How to reach the kubelets: their serving CA and the token they accept from the API
+    /// server (set once, when the cluster's PKI exists).
+    pub fn set_kubelet_client(&self, ca_pem: &[u8], token: String) -> anyhow::Result<()> {
+        let client = outbound::https_client(ca_pem).map_err(anyhow::Error::msg)?;
+        let _ = self.kubelet.set(outbound::KubeletClient { client, token });
+        Ok(())
     }
 
     /// Stops serving.

@@ -45,6 +45,8 @@ pub struct ResourceDef {
     pub columns: Vec<PrinterColumn>,
     /// Declared by a CustomResourceDefinition.
     pub custom: bool,
+    /// The version's `openAPIV3Schema` (custom resources): pruning, defaults, validation.
+    pub schema: Option<std::sync::Arc<Value>>,
 }
 
 impl ResourceDef {
@@ -63,6 +65,7 @@ impl ResourceDef {
             create_only: false,
             columns: vec![],
             custom: false,
+            schema: None,
         }
     }
 
@@ -140,15 +143,16 @@ impl ResourceDef {
                 "namespaced": self.namespaced, "kind": self.kind, "verbs": ["get", "patch", "update"]}));
         }
         for sub in &self.extra_subresources {
-            let kind = match sub.as_str() {
-                "eviction" => "Eviction",
-                "binding" => "Binding",
-                "token" => "TokenRequest",
-                _ => "Status",
+            let (kind, verbs) = match sub.as_str() {
+                "eviction" => ("Eviction", json!(["create"])),
+                "binding" => ("Binding", json!(["create"])),
+                "token" => ("TokenRequest", json!(["create"])),
+                "log" => ("Pod", json!(["get"])),
+                _ => ("Status", json!(["create"])),
             };
             let group = if sub == "eviction" { "policy" } else { "" };
             let mut e = json!({"name": format!("{}/{sub}", self.plural), "singularName": "",
-                "namespaced": self.namespaced, "kind": kind, "verbs": ["create"]});
+                "namespaced": self.namespaced, "kind": kind, "verbs": verbs});
             if !group.is_empty() {
                 e["group"] = json!(group);
                 e["version"] = json!("v1");
@@ -167,7 +171,8 @@ pub fn builtins() -> Vec<ResourceDef> {
             .with_status()
             .all()
             .sub("eviction")
-            .sub("binding"),
+            .sub("binding")
+            .sub("log"),
         ResourceDef::new("", "v1", "Node", "nodes", false)
             .short(&["no"])
             .with_status(),
@@ -197,6 +202,20 @@ pub fn builtins() -> Vec<ResourceDef> {
         )
         .short(&["crd", "crds"])
         .with_status(),
+        ResourceDef::new(
+            "admissionregistration.k8s.io",
+            "v1",
+            "MutatingWebhookConfiguration",
+            "mutatingwebhookconfigurations",
+            false,
+        ),
+        ResourceDef::new(
+            "admissionregistration.k8s.io",
+            "v1",
+            "ValidatingWebhookConfiguration",
+            "validatingwebhookconfigurations",
+            false,
+        ),
         ResourceDef::new("rbac.authorization.k8s.io", "v1", "Role", "roles", true),
         ResourceDef::new(
             "rbac.authorization.k8s.io",
@@ -288,6 +307,9 @@ pub fn from_crd(crd: &Value) -> Vec<ResourceDef> {
             extra_subresources: vec![],
             create_only: false,
             custom: true,
+            schema: v["schema"]["openAPIV3Schema"]
+                .is_object()
+                .then(|| std::sync::Arc::new(v["schema"]["openAPIV3Schema"].clone())),
             columns: v["additionalPrinterColumns"]
                 .as_array()
                 .map(|cols| {
