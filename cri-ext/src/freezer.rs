@@ -34,6 +34,19 @@ pub enum Freezer {
     V2(PathBuf),
 }
 
+/// Memory the container's cgroup charges now (bytes): about what a dump of it writes.
+/// `None` when runc's state or the cgroup cannot be read.
+pub fn memory_usage(root: &Path, id: &str) -> Option<u64> {
+    let bytes = std::fs::read(root.join(id).join("state.json")).ok()?;
+    let state: State = serde_json::from_slice(&bytes).ok()?;
+    let file = match (state.cgroup_paths.get("memory"), state.cgroup_paths.get("")) {
+        (Some(v1), _) => PathBuf::from(v1).join("memory.usage_in_bytes"),
+        (None, Some(v2)) => PathBuf::from(v2).join("memory.current"),
+        _ => return None,
+    };
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 impl Freezer {
     /// The freezer of container `id` from runc's `state.json` under `root`.
     pub fn of(root: &Path, id: &str) -> Result<Self> {

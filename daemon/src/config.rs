@@ -28,6 +28,14 @@ pub struct NodeConfig {
         default_value = "/run/podmig/checkpoints"
     )]
     pub checkpoint_dir: PathBuf,
+    /// The daemon's state on the node's disk (root-only): the journal of the moves in
+    /// flight, read again after a restart.
+    #[arg(long, env = "PODMIG_STATE_DIR", default_value = "/var/lib/podmig")]
+    pub state_dir: PathBuf,
+    /// Checkpoint bytes the daemon may hold at once; a move that would exceed it (or the
+    /// free space of the checkpoint directory) is refused before anything is frozen.
+    #[arg(long, env = "PODMIG_CHECKPOINT_BUDGET_MIB", default_value_t = 16_384)]
+    pub checkpoint_budget_mib: u64,
     /// Kubeconfig of the node's API credentials; progress of moves is then written on the
     /// target Pods (the contract with the controller). Without it nothing is reported.
     #[arg(long, env = "PODMIG_KUBECONFIG")]

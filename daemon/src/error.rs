@@ -16,6 +16,14 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// The state directory (move journal) cannot be used.
+    #[error("state directory {path}: {source}")]
+    State {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The runtime extension failed (runc, CRIU, files).
     #[error(transparent)]
     Runtime(#[from] podmig_cri_ext::Error),
@@ -32,6 +40,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Listen { .. } => "listen",
+            Error::State { .. } => "state",
             Error::Runtime(e) => e.metric_label(),
             Error::Serve(_) => "serve",
             Error::InvalidRequest(_) => "invalid_request",

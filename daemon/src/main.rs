@@ -13,7 +13,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the per-node daemon (runtime hook + checkpoint/restore extension).
-    Node(podmig_daemon::config::NodeConfig),
+    Node(Box<podmig_daemon::config::NodeConfig>),
     /// Run the MigratingPod and Migration controllers (leader-elected).
     Controller(podmig_daemon::config::ControllerConfig),
     /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Node(cfg) => podmig_daemon::node::run(cfg, shutdown()).await?,
+        Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,
         Command::Controller(cfg) => {
             let client = kube::Client::try_default().await?;
             let identity = cfg.identity.clone();

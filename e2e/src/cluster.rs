@@ -293,6 +293,7 @@ impl Cluster {
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                 })
             })?;
+            track_pid_in(dir, containerd.pid())?;
             let kc = ndir.join("kubelet.kubeconfig");
             let api = cluster.apiserver.as_ref().context("api server")?;
             api.kubeconfig_for(
@@ -312,11 +313,10 @@ impl Cluster {
                     netns: Some(netns.clone()),
                     node_name: Some(name.clone()),
                     tls: tls.get(i).cloned(),
+                    supervise: true,
+                    cluster_dir: Some(dir.to_path_buf()),
                 })
             })?;
-            state.pids.extend(containerd.pid());
-            state.pids.extend(daemon.pid());
-            write_state(dir, &state)?;
             let kclient = client_from(&kc).await?;
             let cfg = KubeletConfig {
                 node: name.clone(),
@@ -460,10 +460,7 @@ impl Cluster {
 
     /// Records a process the cluster started in `state.json`, for `cluster down`.
     pub fn track_pid(&self, pid: Option<u32>) -> anyhow::Result<()> {
-        let path = self.dir.join("state.json");
-        let mut state: State = serde_json::from_slice(&std::fs::read(&path)?)?;
-        state.pids.extend(pid);
-        write_state(&self.dir, &state)
+        track_pid_in(&self.dir, pid)
     }
 
     /// Installs podmig's CRDs (`helm/podmig/crds`).
@@ -623,6 +620,18 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             .with_context(|| format!("bootstrap {kind}"))?;
     }
     Ok(())
+}
+
+/// Records a process started for the cluster in `dir`'s `state.json`, for `cluster down`.
+pub fn track_pid_in(dir: &Path, pid: Option<u32>) -> anyhow::Result<()> {
+    static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = WRITE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let path = dir.join("state.json");
+    let mut state: State = serde_json::from_slice(&std::fs::read(&path)?)?;
+    state.pids.extend(pid);
+    write_state(dir, &state)
 }
 
 /// `cluster down` for a directory: stops a running cluster and sweeps what a crashed one

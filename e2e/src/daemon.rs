@@ -1,8 +1,14 @@
-//! The node daemon (`podmig node`) as a real process bound to one containerd instance.
+//! The node daemon (`podmig node`) as a real process bound to one containerd instance,
+//! optionally supervised like a DaemonSet's Pod: restarted when it exits, with kubelet's
+//! back-off (at once the first time, then 10 s doubling up to 5 min).
 
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -18,8 +24,38 @@ use crate::{paths, process::Proc};
 pub struct NodeDaemon {
     dir: PathBuf,
     checkpoints: PathBuf,
-    proc: Proc,
+    proc: Arc<Mutex<Proc>>,
     opts: DaemonOptions,
+    supervisor: Option<Supervisor>,
+}
+
+/// The thread restarting a supervised daemon.
+struct Supervisor {
+    stop: Arc<AtomicBool>,
+    restarts: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock(p: &Mutex<Proc>) -> std::sync::MutexGuard<'_, Proc> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// kubelet's restart back-off after the `n`th restart (the first is immediate).
+pub fn restart_backoff(n: u32) -> Duration {
+    if n == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(10u64.saturating_mul(1 << (n - 1).min(5)).min(300))
+    }
 }
 
 /// How to run a node daemon.
@@ -39,6 +75,10 @@ pub struct DaemonOptions {
     pub node_name: Option<String>,
     /// TLS identity of its HTTPS API.
     pub tls: Option<crate::pki::DaemonTls>,
+    /// Restart it when it exits (a DaemonSet's restart policy).
+    pub supervise: bool,
+    /// A cluster directory whose `state.json` records each restarted daemon's pid.
+    pub cluster_dir: Option<PathBuf>,
 }
 
 impl NodeDaemon {
@@ -67,6 +107,51 @@ impl NodeDaemon {
 
     /// Starts the daemon as `opts` say.
     pub fn start_with(opts: &DaemonOptions) -> anyhow::Result<Self> {
+        let proc = Arc::new(Mutex::new(Self::spawn(opts)?));
+        let supervisor = opts.supervise.then(|| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let restarts = Arc::new(AtomicU32::new(0));
+            let (p, o, s, r) = (proc.clone(), opts.clone(), stop.clone(), restarts.clone());
+            let thread = std::thread::spawn(move || supervise(&p, &o, &s, &r));
+            Supervisor {
+                stop,
+                restarts,
+                thread: Some(thread),
+            }
+        });
+        Ok(Self {
+            dir: opts.dir.clone(),
+            checkpoints: opts.checkpoints.clone(),
+            proc,
+            opts: opts.clone(),
+            supervisor,
+        })
+    }
+
+    /// How often the supervisor restarted the daemon.
+    pub fn restarts(&self) -> u32 {
+        self.supervisor
+            .as_ref()
+            .map_or(0, |s| s.restarts.load(Ordering::SeqCst))
+    }
+
+    /// Waits until the daemon serves again after a crash (its sockets are back).
+    pub fn wait_serving(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let running = lock(&self.proc).is_running();
+            if running && self.api_socket().exists() && Self::hook_socket_in(&self.dir).exists() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("podmig node is not serving again:\n{}", self.log());
+            }
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(opts: &DaemonOptions) -> anyhow::Result<Proc> {
         let dir = opts.dir.as_path();
         std::fs::create_dir_all(dir)?;
         let mut cmd = match &opts.netns {
@@ -88,6 +173,8 @@ impl NodeDaemon {
             .arg(&opts.runc_root)
             .arg("--checkpoint-dir")
             .arg(&opts.checkpoints)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .env("PATH", paths::RUNTIME_PATH)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
@@ -114,41 +201,52 @@ impl NodeDaemon {
         // A restart must not find the sockets of the previous run.
         let _ = std::fs::remove_file(dir.join("api.sock"));
         let _ = std::fs::remove_file(Self::hook_socket_in(dir));
-        let mut me = Self {
-            dir: dir.to_path_buf(),
-            checkpoints: opts.checkpoints.clone(),
-            proc: Proc::spawn("podmig node", cmd)?,
-            opts: opts.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(me.api_socket().exists() && Self::hook_socket_in(dir).exists()) {
-            if !me.proc.is_running() || Instant::now() > deadline {
-                bail!("podmig node did not come up:\n{}", me.log());
+        let mut proc = Proc::spawn("podmig node", cmd)?;
+        if let (Some(cluster), Some(pid)) = (&opts.cluster_dir, proc.pid()) {
+            crate::cluster::track_pid_in(cluster, Some(pid))?;
+        }
+        let log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+        // Recovery of journaled moves may take a while before the sockets are served.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(dir.join("api.sock").exists() && Self::hook_socket_in(dir).exists()) {
+            if !proc.is_running() || Instant::now() > deadline {
+                bail!("podmig node did not come up:\n{}", log());
             }
             #[allow(clippy::disallowed_methods)]
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(me)
+        Ok(proc)
     }
 
     /// Starts the daemon again with the same options (after [`NodeDaemon::stop`]).
     pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.supervisor = None;
+        lock(&self.proc).stop(Duration::from_secs(5));
         let fresh = Self::start_with(&self.opts)?;
         *self = fresh;
         Ok(())
     }
 
-    /// Kills the daemon at once (SIGKILL), as a crash would.
+    /// Kills the daemon at once (SIGKILL), as a crash or an OOM kill would; a supervised
+    /// daemon is then restarted by its supervisor.
     pub fn kill(&mut self) {
-        if let Some(pid) = self.proc.pid() {
+        if let Some(pid) = self.pid() {
             crate::process::signal(pid, libc::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // Reaped here (or by the supervisor, which then restarts it).
+            while lock(&self.proc).pid() == Some(pid)
+                && lock(&self.proc).is_running()
+                && Instant::now() < deadline
+            {
+                #[allow(clippy::disallowed_methods)]
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
-        self.proc.stop(Duration::from_secs(2));
     }
 
     /// The daemon's pid.
     pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
+        lock(&self.proc).pid()
     }
 
     /// The checkpoint/restore extension socket.
@@ -171,9 +269,10 @@ impl NodeDaemon {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
 
-    /// Stops the daemon (a runtime going away).
+    /// Stops the daemon (a runtime going away); a supervised one stays stopped.
     pub fn stop(&mut self) {
-        self.proc.stop(Duration::from_secs(5));
+        self.supervisor = None;
+        lock(&self.proc).stop(Duration::from_secs(5));
     }
 
     async fn client(
@@ -217,5 +316,48 @@ impl NodeDaemon {
             })
             .await?;
         Ok(resp.into_inner())
+    }
+}
+
+/// The supervisor's loop: a daemon that exited is started again after the back-off.
+fn supervise(proc: &Mutex<Proc>, opts: &DaemonOptions, stop: &AtomicBool, restarts: &AtomicU32) {
+    let mut exited_at: Option<Instant> = None;
+    while !stop.load(Ordering::SeqCst) {
+        #[allow(clippy::disallowed_methods)] // a plain supervisor thread
+        std::thread::sleep(Duration::from_millis(100));
+        if lock(proc).is_running() {
+            continue;
+        }
+        let since = *exited_at.get_or_insert_with(Instant::now);
+        let n = restarts.load(Ordering::SeqCst);
+        if since.elapsed() < restart_backoff(n) || stop.load(Ordering::SeqCst) {
+            continue;
+        }
+        match NodeDaemon::spawn(opts) {
+            Ok(fresh) => {
+                *lock(proc) = fresh;
+                restarts.fetch_add(1, Ordering::SeqCst);
+                exited_at = None;
+            }
+            Err(error) => {
+                eprintln!("podmig node restart failed: {error:#}");
+                restarts.fetch_add(1, Ordering::SeqCst);
+                exited_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_like_kubelet() {
+        assert_eq!(restart_backoff(0), Duration::ZERO);
+        assert_eq!(restart_backoff(1), Duration::from_secs(10));
+        assert_eq!(restart_backoff(2), Duration::from_secs(20));
+        assert_eq!(restart_backoff(6), Duration::from_secs(300));
+        assert_eq!(restart_backoff(40), Duration::from_secs(300));
     }
 }

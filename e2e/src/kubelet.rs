@@ -172,6 +172,9 @@ struct PodWorker {
     cfg: KubeletConfig,
     sandbox: Option<(String, cri::PodSandboxConfig, String)>,
     containers: BTreeMap<String, Running>,
+    /// The attempt number the next create of a container uses after failed ones: like
+    /// kubelet, a retry never reuses the name of a container the runtime still holds.
+    next_attempt: HashMap<String, u32>,
     init_done: bool,
     last_status: Value,
     started_at: String,
@@ -185,6 +188,7 @@ impl PodWorker {
             cfg,
             sandbox: None,
             containers: BTreeMap::new(),
+            next_attempt: HashMap::new(),
             init_done: false,
             last_status: Value::Null,
             started_at: now(),
@@ -270,28 +274,46 @@ impl PodWorker {
         let mut problem = None;
         for c in &spec.containers {
             match self.containers.get(&c.name).cloned() {
-                None => match self.start_container(pod, c, 0).await {
-                    Ok(id) => {
-                        self.containers
-                            .insert(c.name.clone(), Running { id, restarts: 0 });
+                None => {
+                    let attempt = self.next_attempt.get(&c.name).copied().unwrap_or(0);
+                    match self.start_container(pod, c, attempt).await {
+                        Ok(id) => {
+                            self.containers.insert(
+                                c.name.clone(),
+                                Running {
+                                    id,
+                                    restarts: attempt as i32,
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            self.next_attempt.insert(c.name.clone(), attempt + 1);
+                            problem = Some(("CreateContainerError", e.to_string()));
+                        }
                     }
-                    Err(e) => problem = Some(("CreateContainerError", e.to_string())),
-                },
+                }
                 Some(r) => {
                     let st = self.status_of(&r.id).await?;
                     let policy = spec.restart_policy.as_deref().unwrap_or("Always");
                     let restart = st.state() == cri::ContainerState::ContainerExited
                         && (policy == "Always" || (policy == "OnFailure" && st.exit_code != 0));
                     if restart {
-                        let attempt = r.restarts + 1;
-                        if let Ok(id) = self.start_container(pod, c, attempt as u32).await {
-                            self.containers.insert(
-                                c.name.clone(),
-                                Running {
-                                    id,
-                                    restarts: attempt,
-                                },
-                            );
+                        let attempt = (r.restarts as u32 + 1)
+                            .max(self.next_attempt.get(&c.name).copied().unwrap_or(0));
+                        match self.start_container(pod, c, attempt).await {
+                            Ok(id) => {
+                                self.containers.insert(
+                                    c.name.clone(),
+                                    Running {
+                                        id,
+                                        restarts: attempt as i32,
+                                    },
+                                );
+                            }
+                            Err(e) => {
+                                self.next_attempt.insert(c.name.clone(), attempt + 1);
+                                problem = Some(("CreateContainerError", e.to_string()));
+                            }
                         }
                     }
                 }

@@ -151,27 +151,171 @@ async fn big_move_in_transfer(
     pods: &Api<Pod>,
     name: &str,
 ) -> anyhow::Result<(usize, String)> {
-    c.apply(&mpod_yaml(name, "'--mem-mib', '768'"))?;
+    big_move_at(c, pods, name, 768, false, "Transferring").await
+}
+
+/// Starts a `mib` MiB MigratingPod `name`, asks a Migration to move it (to the other node,
+/// or to its own) and waits until the target Pod reports `phase`; returns (source node
+/// index, source address).
+async fn big_move_at(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+    mib: u32,
+    same_node: bool,
+    phase: &str,
+) -> anyhow::Result<(usize, String)> {
+    c.apply(&mpod_yaml(name, &format!("'--mem-mib', '{mib}'")))?;
     let p0 = ready(pods, &format!("{name}-0"), Duration::from_secs(120)).await?;
     let src_ip = ip(&p0);
     let src = index_of(c, &node_of(&p0));
-    let other = c.nodes[1 - src].name.clone();
+    let to = c.nodes[if same_node { src } else { 1 - src }].name.clone();
     podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
     c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {to}, timeoutSeconds: 60}}\n"
     ))?;
     let target = format!("{name}-1");
-    until("transferring", Duration::from_secs(60), async || {
+    let mut interval = tokio::time::interval(Duration::from_millis(10));
+    until(phase, Duration::from_secs(60), async || {
+        interval.tick().await;
         let t = pods.get_opt(&target).await.ok()??;
         (t.annotations()
             .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
             .map(String::as_str)
-            == Some("Transferring"))
+            == Some(phase))
         .then_some(())
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
     Ok((src, src_ip))
+}
+
+/// After a fault: the Migration ends within its timeout plus a daemon restart, exactly
+/// one Pod of MigratingPod `name` answers and its count went on (a fresh app counts from
+/// 1), and no checkpoint is left on any node. Returns the outcome.
+async fn one_copy_went_on(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+) -> anyhow::Result<MigrationPhase> {
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = until("migration ended", Duration::from_secs(90), async || {
+        migs.get(name)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    let phase = st.phase.expect("terminal");
+    let (answering, count) = until(
+        "exactly one copy answers",
+        Duration::from_secs(60),
+        async || {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(&format!("app={name}")))
+                .await
+                .ok()?;
+            let mut answers = Vec::new();
+            for p in list
+                .items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                if let Ok(n) = get_count(&ip(p)).await {
+                    answers.push((p.name_any(), n));
+                }
+            }
+            (answers.len() == 1).then(|| answers.remove(0))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    assert!(
+        count >= 2,
+        "{answering} counts from {count}: its state was lost"
+    );
+    let expected = if phase == MigrationPhase::Succeeded {
+        "-1"
+    } else {
+        "-0"
+    };
+    assert!(
+        answering.ends_with(expected),
+        "{answering} runs after a {phase:?} move: {st:?}"
+    );
+    for n in 0..c.nodes.len() {
+        until("no checkpoints left", Duration::from_secs(30), async || {
+            walk(&c.nodes[n].daemon.checkpoint_dir())
+                .is_empty()
+                .then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {}\n{}", c.nodes[n].name, c.nodes[n].daemon.log()))?;
+    }
+    Ok(phase)
+}
+
+/// The restarted daemon of node `n` found the move in its journal and settled it.
+fn assert_settled(c: &Cluster, n: usize, line: &str) {
+    let log = c.nodes[n].daemon.log();
+    assert!(
+        log.contains(line),
+        "{}: no {line:?} in\n{log}",
+        c.nodes[n].name
+    );
+    assert!(c.nodes[n].daemon.restarts() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_same_node_daemon_killed_while_checkpointing_keeps_the_count() -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let (src, _) = big_move_at(&c, &pods, "samenode", 768, true, "Checkpointing").await?;
+    c.nodes[src].daemon.kill();
+    let phase = one_copy_went_on(&c, &pods, "samenode").await?;
+    eprintln!("same-node move, daemon killed while checkpointing: {phase:?}");
+    assert_settled(&c, src, "settled a move source a previous run left");
+    Ok(())
+}
+
+/// A cross-node move of a 512 MiB app whose source (or target) daemon is killed when the
+/// target Pod reports `phase`; the supervisor restarts it and the move ends with one copy.
+async fn cross_node_fault(name: &str, kill_target: bool, phase: &str) -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let (src, _) = big_move_at(&c, &pods, name, 512, false, phase).await?;
+    let victim = if kill_target { 1 - src } else { src };
+    c.nodes[victim].daemon.kill();
+    let outcome = one_copy_went_on(&c, &pods, name).await?;
+    let side = if kill_target { "target" } else { "source" };
+    eprintln!("cross-node move, {side} daemon killed at {phase}: {outcome:?}");
+    c.nodes[victim]
+        .daemon
+        .wait_serving(Duration::from_secs(30))?;
+    assert!(c.nodes[victim].daemon.restarts() >= 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_source_daemon_killed_mid_dump_across_nodes() -> anyhow::Result<()> {
+    cross_node_fault("src-dump", false, "Checkpointing").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_source_daemon_killed_mid_restore() -> anyhow::Result<()> {
+    cross_node_fault("src-restore", false, "Restoring").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_target_daemon_killed_mid_dump() -> anyhow::Result<()> {
+    cross_node_fault("dst-dump", true, "Checkpointing").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_target_daemon_killed_mid_restore() -> anyhow::Result<()> {
+    cross_node_fault("dst-restore", true, "Restoring").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -502,17 +646,26 @@ async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::R
     })
     .await?;
     assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
-    c.nodes[dst].daemon.restart()?;
-    until(
-        "no checkpoints on the source",
-        Duration::from_secs(10),
-        async || {
-            walk(&c.nodes[1 - dst].daemon.checkpoint_dir())
+    // Restarted by its supervisor, the target daemon drops the partial images it journaled.
+    c.nodes[dst].daemon.wait_serving(Duration::from_secs(30))?;
+    assert!(c.nodes[dst].daemon.restarts() >= 1);
+    for n in [dst, 1 - dst] {
+        until("no checkpoints left", Duration::from_secs(20), async || {
+            walk(&c.nodes[n].daemon.checkpoint_dir())
                 .is_empty()
                 .then_some(())
-        },
-    )
-    .await?;
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: node {n}\n{}", c.nodes[n].daemon.log()))?;
+    }
+    assert!(
+        c.nodes[dst]
+            .daemon
+            .log()
+            .contains("settled a move target a previous run left"),
+        "{}",
+        c.nodes[dst].daemon.log()
+    );
     Ok(())
 }
 
@@ -522,12 +675,8 @@ async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let (src, src_ip) = big_move_in_transfer(&c, &pods, "crash").await?;
-    // The source's daemon dies while its Pod is frozen: no copy runs now.
+    // The source's daemon dies while its Pod is frozen; its supervisor starts it again.
     c.nodes[src].daemon.kill();
-    assert!(
-        get_count(&src_ip).await.is_err(),
-        "a frozen source does not answer"
-    );
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     until("migration failed", Duration::from_secs(90), async || {
         migs.get("crash")
@@ -537,8 +686,8 @@ async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart
             .filter(|s| s.phase == Some(MigrationPhase::Failed))
     })
     .await?;
-    // Restarted, the daemon finds the frozen source in its state directory and resumes it.
-    c.nodes[src].daemon.restart()?;
+    // Restarted, the daemon finds the frozen source in its journal and resumes it.
+    c.nodes[src].daemon.wait_serving(Duration::from_secs(30))?;
     let count = until("source resumed", Duration::from_secs(30), async || {
         get_count(&src_ip).await.ok()
     })
@@ -553,7 +702,7 @@ async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart
         c.nodes[src]
             .daemon
             .log()
-            .contains("settled a source left frozen")
+            .contains("settled a move source a previous run left")
             .then_some(())
     })
     .await
@@ -564,5 +713,43 @@ async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart
             .then_some(())
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_janitor_removes_images_no_move_uses_and_reports_the_bytes_held() -> anyhow::Result<()>
+{
+    let (mut c, _ctl) = setup().await?;
+    // Images of a Pod that is not on the node, older than any move could be.
+    let leaked = c.nodes[0].daemon.checkpoint_path("gone-pod-uid", "app");
+    std::fs::create_dir_all(&leaked)?;
+    std::fs::write(leaked.join("pages-1.img"), vec![7u8; 1 << 20])?;
+    let status = Command::new("touch")
+        .args(["-d", "10 minutes ago"])
+        .arg(&leaked)
+        .status()?;
+    assert!(status.success());
+    let admin = c.token_for("alice", &["system:masters", "system:authenticated"])?;
+    let (code, body) = curl(&c, 0, "GET", "/metrics", Some(&admin), None)?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("podmig_checkpoint_bytes_held"), "{body}");
+    // A daemon sweeps at start (and every 30 s): restart it as a crash would.
+    c.nodes[0].daemon.kill();
+    c.nodes[0].daemon.wait_serving(Duration::from_secs(30))?;
+    until(
+        "leaked images removed",
+        Duration::from_secs(20),
+        async || (!leaked.exists()).then_some(()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", c.nodes[0].daemon.log()))?;
+    let (_, body) = curl(&c, 0, "GET", "/metrics", Some(&admin), None)?;
+    assert!(body.contains("podmig_checkpoint_bytes_held 0"), "{body}");
+    assert!(
+        c.nodes[0]
+            .daemon
+            .log()
+            .contains("removing checkpoint images no move uses")
+    );
     Ok(())
 }

@@ -512,6 +512,7 @@ async fn handover<E: CheckpointEngine>(
                 MoveError::NotRunning(_) => (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable"),
                 MoveError::Busy(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
                 MoveError::Checkpoint(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CheckpointFailed"),
+                MoveError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage"),
             };
             return Err(Failure::new(status, reason, e.to_string()));
         }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub checkpoint_bytes: Counter,
     /// Kills of containers currently held.
     pub held_kills: Gauge,
+    /// Bytes of checkpoint images on this node now.
+    pub bytes_held: Gauge,
 }
 
 impl Default for Metrics {
@@ -56,6 +58,7 @@ impl Default for Metrics {
         });
         let checkpoint_bytes = Counter::default();
         let held_kills = Gauge::default();
+        let bytes_held = Gauge::default();
         registry.register(
             "migrations",
             "Moves that ended, by role and outcome",
@@ -81,6 +84,11 @@ impl Default for Metrics {
             "Kills of containers held until their checkpoint is taken",
             held_kills.clone(),
         );
+        registry.register(
+            "checkpoint_bytes_held",
+            "Bytes of checkpoint images held on this node now",
+            bytes_held.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             migrations,
@@ -88,6 +96,7 @@ impl Default for Metrics {
             phases,
             checkpoint_bytes,
             held_kills,
+            bytes_held,
         }
     }
 }

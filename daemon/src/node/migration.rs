@@ -94,6 +94,15 @@ impl Manager {
         Ok(())
     }
 
+    /// The Pods with a move in flight.
+    pub fn active_pods(&self) -> Vec<String> {
+        self.lock()
+            .active
+            .iter()
+            .map(|(_, _, m)| m.pod_uid.clone())
+            .collect()
+    }
+
     /// The id of the move in flight for `pod_uid`.
     pub fn active_for(&self, pod_uid: &str) -> Option<String> {
         self.lock()

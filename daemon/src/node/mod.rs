@@ -18,6 +18,8 @@ pub mod auth;
 pub mod cri;
 pub mod hook;
 pub mod http;
+pub mod janitor;
+pub mod journal;
 pub mod metrics;
 pub mod migration;
 pub mod peer;
@@ -55,6 +57,10 @@ pub struct Settings {
     pub runc_root: PathBuf,
     /// Upper bound of a held kill or create without a deadline of its own.
     pub hold: Duration,
+    /// The daemon's state on the node's disk (the move journal).
+    pub state_dir: PathBuf,
+    /// Checkpoint bytes the node may hold at once.
+    pub checkpoint_budget: u64,
 }
 
 /// The daemon's shared state: everything the workers and adapters use.
@@ -63,6 +69,7 @@ pub struct Node<E> {
     pub settings: Settings,
     pub(crate) engine: Arc<E>,
     pub(crate) store: CheckpointStore,
+    pub(crate) journal: journal::Journal,
     /// The moves of this node.
     pub manager: migration::Manager,
     /// Metrics.
@@ -73,10 +80,13 @@ pub struct Node<E> {
     workers: Mutex<HashMap<String, Sender<PodUpdate>>>,
     /// The Pods bound to this node, by uid (the watch's cache).
     pub(crate) pods: Mutex<HashMap<String, Pod>>,
+    /// Target Pods whose move a restart settled as failed: their containers' retried
+    /// creates are refused, never turned into a second move.
+    pub(crate) failed_targets: Mutex<std::collections::HashSet<String>>,
     pub(crate) rt: tokio::runtime::Handle,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every update under these locks is a single insert or remove.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -84,11 +94,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl<E: CheckpointEngine> Node<E> {
     /// A daemon using `engine` and `store`, without API access (no watch, no reports, no
     /// peers). Must be called within a tokio runtime.
-    pub fn new(engine: E, store: CheckpointStore, settings: Settings) -> Self {
-        Self {
+    pub fn new(engine: E, store: CheckpointStore, settings: Settings) -> Result<Self> {
+        let journal =
+            journal::Journal::open(&settings.state_dir).map_err(|source| Error::State {
+                path: settings.state_dir.clone(),
+                source,
+            })?;
+        Ok(Self {
             settings,
             engine: Arc::new(engine),
             store,
+            journal,
             manager: migration::Manager::default(),
             metrics: metrics::Metrics::default(),
             kube: None,
@@ -96,8 +112,9 @@ impl<E: CheckpointEngine> Node<E> {
             peers: None,
             workers: Mutex::default(),
             pods: Mutex::default(),
+            failed_targets: Mutex::default(),
             rt: tokio::runtime::Handle::current(),
-        }
+        })
     }
 
     /// Uses `client` for the watch, the progress reports and the peers' addresses.
@@ -228,8 +245,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         node_name: cfg.node_name.clone().unwrap_or_default(),
         runc_root: cfg.runc_root.clone(),
         hold: Duration::from_millis(cfg.kill_hold_ms),
+        state_dir: cfg.state_dir.clone(),
+        checkpoint_budget: cfg.checkpoint_budget_mib << 20,
     };
-    let mut node = Node::new(engine, CheckpointStore::new(&cfg.checkpoint_dir), settings);
+    let mut node = Node::new(engine, CheckpointStore::new(&cfg.checkpoint_dir), settings)?;
     let kube = kube_client(&cfg).await?;
     if let Some((client, token)) = &kube {
         node = node.with_kube(client.clone());
@@ -251,10 +270,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let api = bind(&cfg.api_socket)?;
     // Sources a crashed run left frozen are settled before anything else moves.
     recovery::run(node.clone()).await;
-    let mut tasks = vec![tokio::spawn(podmig_cri_ext::hook::serve(
-        hook,
-        Arc::new(hook::NodeHook(node.clone())),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(podmig_cri_ext::hook::serve(
+            hook,
+            Arc::new(hook::NodeHook(node.clone())),
+        )),
+        tokio::spawn(janitor::run(node.clone())),
+    ];
     if node.kube.is_some() {
         if node.settings.node_name.is_empty() {
             tracing::warn!("no --node-name: the daemon does not watch its Pods");

@@ -41,9 +41,9 @@ use tokio::sync::oneshot;
 use crate::controller::pod::{has_finalizer, is_deleting};
 
 use super::{
-    Node,
+    Node, journal,
     migration::{Role, Verdict},
-    recovery,
+    peer::PeerError,
     state::{CreateAnswer, InvalidTransition, KillAnswer, MoveState, PodMoves},
 };
 
@@ -162,6 +162,9 @@ pub enum MoveError {
     /// The dump failed (CRIU's reason); the containers keep running.
     #[error("checkpoint failed: {0}")]
     Checkpoint(String),
+    /// The dump would not fit the node's checkpoint budget or free space.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
 /// Where a restore's checkpoint came from, and so who learns its outcome.
@@ -176,7 +179,36 @@ enum Handback {
     Rollback,
 }
 
+/// Whether the source took the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The source has it.
+    Taken,
+    /// The source answered that no move waits for it (it resumed, or restarted and
+    /// rolled back): the target must not run.
+    Refused(String),
+    /// The source could not be reached; it decides at its deadline from the target Pod's
+    /// reported phase.
+    Unreachable(String),
+}
+
+/// Why a restored target must stop although its restore worked: the source refused the
+/// commit, or could not be told and its deadline (when it reads the target's phase) has
+/// passed. `None`: the target runs on.
+pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<String> {
+    match delivery {
+        Delivery::Taken => None,
+        Delivery::Refused(why) => Some(format!("the source did not take the move: {why}")),
+        Delivery::Unreachable(why) if deadline_passed => Some(format!(
+            "the source could not be told before the move's deadline: {why}"
+        )),
+        Delivery::Unreachable(_) => None,
+    }
+}
+
 struct PendingRestore {
+    /// The target's journal entry (none for a source restoring itself).
+    journal: Option<journal::Entry>,
     handback: Handback,
     images: PathBuf,
     migration: String,
@@ -400,6 +432,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .annotations
             .get(ANNOTATION_MIGRATE_FROM)
             .is_some_and(|v| !v.is_empty());
+        if target && super::lock(&self.node.failed_targets).contains(&self.uid) {
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: "the move into this Pod failed when the node's daemon restarted".into(),
+            }));
+            return;
+        }
         let state = self.moves.get(&name).cloned();
         match MoveState::create_answer(state.as_ref(), target) {
             CreateAnswer::Pass => {
@@ -432,6 +470,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.pending.insert(
                     name,
                     PendingRestore {
+                        journal: None,
                         handback: if rollback {
                             Handback::Rollback
                         } else {
@@ -498,6 +537,24 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         self.node
             .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Checkpointing);
+        let mut entry = journal::Entry {
+            migration: id.clone(),
+            side: journal::Side::Target,
+            pod_uid: self.uid.clone(),
+            container: name.clone(),
+            container_id: String::new(),
+            images: self
+                .node
+                .store
+                .path_for(&self.uid, &name)
+                .unwrap_or_default(),
+            target_namespace: c.pod_namespace.clone(),
+            target_pod: c.pod_name.clone(),
+            peer_node: source_node.clone().unwrap_or_default(),
+            deadline_unix_ms: journal::deadline_unix_ms(deadline),
+            step: journal::Step::Receiving,
+        };
+        self.node.journal.record(&entry);
         tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
             source_pod_uid = %source_uid, source_node = ?source_node, "fetching checkpoint for a migration target");
         let local_node = self.node.settings.node_name.clone();
@@ -534,7 +591,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let arrival = match result {
             Ok(a) if reply.is_closed() => {
                 // The runtime stopped waiting: nobody will restore this; resume the source.
-                self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
+                let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
                 if matches!(a.handback, Handback::Remote { .. }) {
                     self.node.store.remove(&a.dir);
                 }
@@ -544,6 +601,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         };
         match arrival {
             Err(reason) => {
+                self.node.journal.remove(&entry);
                 tracing::warn!(pod_uid = %self.uid, container = %name, migration = %id, %reason, "migration target refused");
                 let _ = self.moves.abandon(&name, &reason);
                 self.node
@@ -573,6 +631,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 });
                 self.node
                     .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Restoring);
+                self.node
+                    .journal
+                    .advance(&mut entry, journal::Step::Restoring);
                 tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
                     since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
                     "restoring container");
@@ -580,6 +641,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.pending.insert(
                     name,
                     PendingRestore {
+                        journal: Some(entry),
                         handback: a.handback,
                         images: a.dir,
                         migration: id,
@@ -713,28 +775,38 @@ impl<E: CheckpointEngine> PodWorker<E> {
     }
 
     /// Tells the source how the restore of its checkpoint went.
-    fn hand_back(&self, handback: &Handback, ok: bool, error: &str) {
+    fn hand_back(&self, handback: &Handback, ok: bool, error: &str) -> Delivery {
         let verdict = if ok {
             Verdict::Commit
         } else {
             Verdict::Abort(error.into())
         };
         match handback {
-            Handback::Local(tx) => {
-                let _ = tx.send(verdict);
-            }
+            Handback::Local(tx) => match tx.send(verdict) {
+                Ok(()) => Delivery::Taken,
+                Err(_) => Delivery::Refused("the source stopped waiting for the verdict".into()),
+            },
             Handback::Remote { host, id } => {
-                if let Some(peers) = &self.node.peers {
-                    let body = CompleteRequest {
-                        ok,
-                        error: (!ok).then(|| error.to_owned()),
-                    };
-                    if let Err(error) = self.node.rt.block_on(peers.complete(host, id, &body)) {
+                let Some(peers) = &self.node.peers else {
+                    return Delivery::Unreachable("no peer credentials".into());
+                };
+                let body = CompleteRequest {
+                    ok,
+                    error: (!ok).then(|| error.to_owned()),
+                };
+                match self.node.rt.block_on(peers.complete(host, id, &body)) {
+                    Ok(()) => Delivery::Taken,
+                    Err(PeerError::Refused { status, body, .. }) => Delivery::Refused(format!(
+                        "the source answered {status} to the commit: {}",
+                        body.error
+                    )),
+                    Err(error) => {
                         tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
+                        Delivery::Unreachable(error.to_string())
                     }
                 }
             }
-            Handback::Drop | Handback::Rollback => {}
+            Handback::Drop | Handback::Rollback => Delivery::Taken,
         }
     }
 
@@ -744,6 +816,21 @@ impl<E: CheckpointEngine> PodWorker<E> {
             tracing::warn!(pod_uid = %self.uid, container = %name, "restore report for an unknown restore");
             return;
         };
+        let journal = p.journal.clone();
+        self.settle_restore(c, p, result);
+        // Forgotten only once the source has its verdict and the Pod its phase.
+        if let Some(e) = journal {
+            self.node.journal.remove(&e);
+        }
+    }
+
+    fn settle_restore(
+        &mut self,
+        c: &ContainerIdentity,
+        p: PendingRestore,
+        mut result: RestoreResult,
+    ) {
+        let name = &c.container_name;
         if let Err(e) = self.moves.restored(name, result.ok) {
             tracing::warn!(pod_uid = %self.uid, error = %e, "restore outcome in an unexpected state");
         }
@@ -783,7 +870,22 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Handback::Remote { .. } => self.node.store.remove(&p.images),
             Handback::Local(_) => {}
         }
-        self.hand_back(&p.handback, result.ok, &result.error);
+        let delivered = self.hand_back(&p.handback, result.ok, &result.error);
+        if result.ok
+            && let Some(why) = verdict_not_taken(
+                &delivered,
+                p.journal.as_ref().is_some_and(journal::Entry::expired),
+            )
+        {
+            // The source resumed (or will): this copy must not run as a second one.
+            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration, %why,
+                "the source did not take the commit; stopping the restored copy");
+            if let Err(error) = self.node.engine.discard(&c.container_id) {
+                tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the restored copy");
+            }
+            result.ok = false;
+            result.error = why;
+        }
         if p.migration.is_empty() || p.source_uid.is_empty() {
             return;
         }
@@ -852,6 +954,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ))));
             return;
         }
+        let ids: Vec<String> = wanted.iter().map(|(cid, _)| cid.clone()).collect();
+        if let Err(why) = self.node.check_room(&ids) {
+            tracing::warn!(pod_uid = %self.uid, migration = %id, %why, "move refused before the freeze");
+            let _ = prepared.send(Err(MoveError::NoRoom(why)));
+            return;
+        }
         for (i, (_, name)) in wanted.iter().enumerate() {
             if let Err(e) = self.moves.begin_checkpoint(name, &id) {
                 for (_, n) in &wanted[..i] {
@@ -897,6 +1005,27 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 ))
             })
             .collect();
+        // Journaled before the freeze: a daemon that dies from here on finds the move.
+        let deadline_ms = journal::deadline_unix_ms(order.deadline);
+        let mut entries: Vec<journal::Entry> = jobs
+            .iter()
+            .map(|(cid, name, dir)| journal::Entry {
+                migration: id.clone(),
+                side: journal::Side::Source,
+                pod_uid: self.uid.clone(),
+                container: name.clone(),
+                container_id: cid.clone(),
+                images: dir.clone(),
+                target_namespace: order.target.namespace.clone(),
+                target_pod: order.target.pod.clone(),
+                peer_node: order.target.node.clone(),
+                deadline_unix_ms: deadline_ms,
+                step: journal::Step::Claimed,
+            })
+            .collect();
+        for e in &entries {
+            self.node.journal.record(e);
+        }
         let results: Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> =
             std::thread::scope(|s| {
                 let handles: Vec<_> = jobs
@@ -949,6 +1078,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     let _ = self.moves.keep_running(name);
                 }
             }
+            for e in &entries {
+                self.node.journal.remove(e);
+            }
             tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
             self.node
                 .manager
@@ -967,17 +1099,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let images: Vec<(String, PathBuf)> = results.into_iter().map(|(n, d, _)| (n, d)).collect();
         for (name, dir) in &images {
             let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
-            recovery::remember(
-                self.node.store.root(),
-                &recovery::FrozenSource {
-                    container_id: container_id(name),
-                    pod_uid: self.uid.clone(),
-                    migration: id.clone(),
-                    target_namespace: order.target.namespace.clone(),
-                    target_pod: order.target.pod.clone(),
-                    images: dir.clone(),
-                },
-            );
+        }
+        for e in &mut entries {
+            self.node.journal.advance(e, journal::Step::Dumped);
         }
         self.node.manager.update(Role::Source, &id, |i| {
             i.state = "Transferring".into();
@@ -1007,11 +1131,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
         if order.remote {
             self.node.manager.forget_verdict(&id);
         }
-        for (name, _) in &images {
-            recovery::forget(self.node.store.root(), &container_id(name));
-        }
         match verdict {
             Verdict::Commit => {
+                for e in &mut entries {
+                    self.node.journal.advance(e, journal::Step::Committed);
+                }
                 for (name, _) in &images {
                     if let Err(error) = self.node.engine.discard(&container_id(name)) {
                         tracing::warn!(pod_uid = %self.uid, container = %name, %error, "cannot stop the moved source");
@@ -1020,6 +1144,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         Ok(dir) => self.node.store.remove(&dir),
                         Err(e) => tracing::warn!(error = %e, "commit in an unexpected state"),
                     }
+                }
+                for e in &entries {
+                    self.node.journal.remove(e);
                 }
                 tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
                 self.node
@@ -1031,6 +1158,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Verdict::Abort(why) => {
                 for (name, _) in &images {
                     self.resume_or_roll_back(name, &container_id(name));
+                }
+                for e in &entries {
+                    self.node.journal.remove(e);
                 }
                 tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
                     "move failed after the freeze; the source resumes from its checkpoint");

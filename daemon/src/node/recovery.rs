@@ -1,157 +1,440 @@
-//! Crash safety of a frozen source: while a move waits for its target's verdict, the
-//! source's containers stay frozen and a marker in the daemon's state directory says so.
-//! A daemon that restarts finds the markers and settles each: the target runs (it
-//! reported `Restored`) → the frozen source is discarded; otherwise it resumes in place.
-//! Never zero copies for longer than the move, never two.
+//! Crash safety of a move: a daemon that starts again settles every move its journal
+//! holds before it serves. It first waits for the runc/CRIU runs the dead daemon left
+//! (never killing one midway: CRIU's parasite code would stay in the tasks), then:
+//!
+//! - a **target** that was receiving drops the partial images and reports the failure; one
+//!   that was restoring and whose container runs asks the source to commit (a same-node
+//!   source decides here), and stops its copy when the source will not take it;
+//! - a **source** that committed stops the frozen copy; one whose target runs (it said
+//!   so, or reported `Restored`) stops it too; one whose target failed resumes in place
+//!   — or, when the dumped container is gone, its next start restores it from its own
+//!   checkpoint, never fresh; one whose target is still at work waits for it, as the live
+//!   daemon would have, until the move's deadline.
+//!
+//! Never two running copies, never none for longer than the move.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
-use podmig_api::{ANNOTATION_MIGRATION_PHASE, contract::DaemonPhase};
-use podmig_cri_ext::engine::CheckpointEngine;
-use serde::{Deserialize, Serialize};
+use podmig_api::{
+    ANNOTATION_MIGRATION_PHASE,
+    contract::DaemonPhase,
+    nodeapi::{CompleteRequest, MoveInfo},
+    v1alpha1::MigrationReport,
+};
+use podmig_cri_ext::{engine::CheckpointEngine, identity::find_container};
 
-use super::Node;
+use super::{
+    Node,
+    journal::{Entry, Side, Step},
+    migration::{Role, Verdict},
+    podsync::{Delivery, PodUpdate, verdict_not_taken},
+};
 
-/// A source container left frozen for move `migration`.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct FrozenSource {
-    /// runc id.
-    pub container_id: String,
-    /// Its Pod.
-    pub pod_uid: String,
-    /// The move.
-    pub migration: String,
-    /// Namespace of the target Pod.
-    pub target_namespace: String,
-    /// Name of the target Pod.
-    pub target_pod: String,
-    /// Its images (deleted once settled).
-    pub images: PathBuf,
-}
-
-/// What a restarted daemon does with a frozen source.
+/// What becomes of a source container after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
+pub enum SourceAction {
     /// The target runs with the state: stop the source for good.
     Discard,
     /// The target does not run: the source runs on.
     Resume,
+    /// The target is still at work: wait for its verdict or phase until the deadline.
+    Wait,
 }
 
-/// The decision, from the target Pod as the API server has it (`None`: the Pod is gone).
-pub fn settle(target: Option<&Pod>) -> Settle {
-    let phase = target
-        .and_then(|p| p.metadata.annotations.as_ref())
-        .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE))
-        .and_then(|v| DaemonPhase::parse(v));
-    match phase {
-        Some(DaemonPhase::Restored) => Settle::Discard,
-        _ => Settle::Resume,
+/// The decision for a source entry, from what is known of its target: the outcome of a
+/// same-node target settled in this recovery, else the target Pod's reported phase
+/// (`None`: no phase, or the Pod is gone).
+pub fn decide_source(
+    entry: &Entry,
+    local_target: Option<bool>,
+    target_phase: Option<DaemonPhase>,
+    target_exists: bool,
+) -> SourceAction {
+    if entry.step == Step::Committed {
+        return SourceAction::Discard;
+    }
+    match local_target {
+        Some(true) => return SourceAction::Discard,
+        Some(false) => return SourceAction::Resume,
+        None => {}
+    }
+    match target_phase {
+        Some(DaemonPhase::Restored) => SourceAction::Discard,
+        Some(DaemonPhase::Failed) => SourceAction::Resume,
+        _ if !target_exists || entry.expired() => SourceAction::Resume,
+        // Claimed: the dump was cut with the daemon; no target can have the images.
+        _ if entry.step == Step::Claimed => SourceAction::Resume,
+        _ => SourceAction::Wait,
     }
 }
 
-fn dir(root: &Path) -> PathBuf {
-    root.join(".frozen")
-}
-
-/// Records that `m.container_id` is frozen for a move.
-pub fn remember(root: &Path, m: &FrozenSource) {
-    let d = dir(root);
-    let written = podmig_cri_ext::engine::create_private_dir(&d)
-        .map_err(|e| e.to_string())
-        .and_then(|()| serde_json::to_vec(m).map_err(|e| e.to_string()))
-        .and_then(|b| {
-            std::fs::write(d.join(format!("{}.json", m.container_id)), b).map_err(|e| e.to_string())
-        });
-    if let Err(error) = written {
-        tracing::warn!(%error, container_id = %m.container_id, "cannot record the frozen source");
-    }
-}
-
-/// Forgets the marker of `container_id`.
-pub fn forget(root: &Path, container_id: &str) {
-    let _ = std::fs::remove_file(dir(root).join(format!("{container_id}.json")));
-}
-
-/// The markers left by a previous run.
-pub fn left_over(root: &Path) -> Vec<FrozenSource> {
-    let Ok(rd) = std::fs::read_dir(dir(root)) else {
+/// Pids of processes whose command line mentions any of `needles` (the runc/CRIU runs a
+/// dead daemon left: `runc checkpoint <id>`, `criu dump … <images>`).
+fn orphans(needles: &[String]) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
         return vec![];
     };
     rd.flatten()
-        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let tool = args
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (tool.contains("runc") || tool.contains("criu"))
+                && (args
+                    .iter()
+                    .any(|a| a == "checkpoint" || a == "restore" || a == "dump"))
+                && needles
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .any(|n| args.iter().any(|a| a.contains(n.as_str())))
+        })
         .collect()
 }
 
-/// Settles every frozen source a previous run left; retries while the API server cannot
-/// be asked (the source stays frozen meanwhile: no second copy can appear).
+/// Waits for the runc/CRIU runs touching `entry` to end (bounded; never kills them).
+async fn wait_for_orphans(entry: &Entry) {
+    let needles = vec![
+        entry.container_id.clone(),
+        entry.images.display().to_string(),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = orphans(&needles);
+        if left.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            tracing::error!(migration = %entry.migration, pids = ?left, "runc/CRIU runs of a previous daemon do not end; settling anyway");
+            return;
+        }
+        tracing::info!(migration = %entry.migration, pids = ?left, "waiting for the runc/CRIU runs a previous daemon left");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn target_pod<E: CheckpointEngine>(node: &Node<E>, e: &Entry) -> Option<Option<Pod>> {
+    let client = node.kube.clone()?;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, &e.target_namespace);
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&e.target_pod)).await {
+        Ok(Ok(p)) => Some(p),
+        _ => None,
+    }
+}
+
+fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE))
+        .and_then(|v| DaemonPhase::parse(v))
+}
+
+/// Settles every journaled move; moves whose target is still at work are waited for in
+/// the background (their source stays frozen meanwhile and the Pod stays busy).
 pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
-    let root = node.store.root().to_path_buf();
-    for m in left_over(&root) {
-        let target = loop {
-            let Some(client) = node.kube.clone() else {
-                break None;
-            };
-            let api: kube::Api<Pod> = kube::Api::namespaced(client, &m.target_namespace);
-            match api.get_opt(&m.target_pod).await {
-                Ok(p) => break p,
-                Err(error) => {
-                    tracing::warn!(%error, migration = %m.migration, "cannot read the target; the source stays frozen");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
-            }
+    let entries = node.journal.entries();
+    if entries.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        moves = entries.len(),
+        "settling the moves a previous run left"
+    );
+    for e in &entries {
+        wait_for_orphans(e).await;
+    }
+    let mut local_targets: HashMap<String, bool> = HashMap::new();
+    for e in entries.iter().filter(|e| e.side == Side::Target) {
+        let runs = settle_target(&node, e).await;
+        local_targets.insert(e.migration.clone(), runs);
+    }
+    for e in entries.iter().filter(|e| e.side == Side::Source) {
+        let local = local_targets.get(&e.migration).copied();
+        let target = if local.is_some() {
+            None
+        } else {
+            target_pod(&node, e).await
         };
-        let decision = settle(target.as_ref());
-        let engine = node.engine.clone();
-        let id = m.container_id.clone();
-        let done = tokio::task::spawn_blocking(move || match decision {
-            Settle::Discard => engine.discard(&id),
-            Settle::Resume => engine.resume(&id),
-        })
-        .await;
-        tracing::warn!(migration = %m.migration, container_id = %m.container_id, pod_uid = %m.pod_uid,
-            ?decision, outcome = ?done.map(|r| r.map_err(|e| e.to_string())), "settled a source left frozen by a previous run");
-        node.store.remove(&m.images);
-        forget(&root, &m.container_id);
+        let (phase, exists) = match &target {
+            Some(Some(p)) => (phase_of(p), true),
+            Some(None) => (None, false),
+            // The API server cannot be asked: wait (the source stays frozen, no copy
+            // appears) unless the deadline passed.
+            None => (None, true),
+        };
+        match decide_source(e, local, phase, exists) {
+            SourceAction::Wait => {
+                let node = node.clone();
+                let e = e.clone();
+                tokio::spawn(async move { wait_for_target(node, e).await });
+            }
+            action => settle_source(&node, e, action).await,
+        }
+    }
+}
+
+/// A target entry: returns whether the restored copy runs (and may stay).
+async fn settle_target<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry) -> bool {
+    let running = find_container(&node.settings.runc_root, &e.pod_uid, &e.container);
+    let own_images = e.images.starts_with(node.store.root().join(&e.pod_uid));
+    let outcome: Result<(), String> = match (e.step, &running) {
+        (Step::Restoring, Some(_)) => {
+            let same_node = e.peer_node.is_empty() || e.peer_node == node.settings.node_name;
+            if same_node {
+                Ok(())
+            } else {
+                confirm_with_source(node, e).await
+            }
+        }
+        (Step::Restoring, None) => Err("the restore did not leave a running container".into()),
+        _ => Err("the target daemon restarted while the images arrived".into()),
+    };
+    if own_images {
+        node.store.remove(&e.images);
+    }
+    let runs = match outcome {
+        Ok(()) => {
+            node.report_done(
+                &e.target_namespace,
+                &e.target_pod,
+                &MigrationReport::default(),
+            );
+            true
+        }
+        Err(why) => {
+            super::lock(&node.failed_targets).insert(e.pod_uid.clone());
+            if let Some(id) = &running {
+                let engine = node.engine.clone();
+                let id = id.clone();
+                let _ = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
+            }
+            node.report_done(
+                &e.target_namespace,
+                &e.target_pod,
+                &MigrationReport {
+                    error: Some(format!("restore on {}: {why}", node.settings.node_name)),
+                    ..Default::default()
+                },
+            );
+            false
+        }
+    };
+    tracing::warn!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container, step = ?e.step,
+        runs, "settled a move target a previous run left");
+    node.journal.remove(e);
+    runs
+}
+
+/// Asks the source to commit a restored target; `Err` when this copy must stop.
+async fn confirm_with_source<E: CheckpointEngine>(
+    node: &Arc<Node<E>>,
+    e: &Entry,
+) -> Result<(), String> {
+    let address = {
+        let (node, peer) = (node.clone(), e.peer_node.clone());
+        tokio::task::spawn_blocking(move || node.node_address(&peer))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+    };
+    let delivery = match (&node.peers, address) {
+        (Some(peers), Ok(host)) => {
+            let body = CompleteRequest {
+                ok: true,
+                error: None,
+            };
+            match peers.complete(&host, &e.migration, &body).await {
+                Ok(()) => Delivery::Taken,
+                Err(super::peer::PeerError::Refused { status, body, .. }) => {
+                    Delivery::Refused(format!("the source answered {status}: {}", body.error))
+                }
+                Err(error) => Delivery::Unreachable(error.to_string()),
+            }
+        }
+        (_, Err(why)) => Delivery::Unreachable(why),
+        (None, _) => Delivery::Unreachable("no peer credentials".into()),
+    };
+    match verdict_not_taken(&delivery, e.expired()) {
+        None => Ok(()),
+        Some(why) => Err(why),
+    }
+}
+
+async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, action: SourceAction) {
+    let engine = node.engine.clone();
+    let id = e.container_id.clone();
+    let alive = find_container(&node.settings.runc_root, &e.pod_uid, &e.container).is_some();
+    let complete = node.store.has_checkpoint(&e.images);
+    let outcome = match action {
+        SourceAction::Discard => {
+            let r = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
+            node.store.remove(&e.images);
+            format!("stopped for good: {r:?}")
+        }
+        _ if alive => {
+            let r = tokio::task::spawn_blocking(move || engine.resume(&id)).await;
+            node.store.remove(&e.images);
+            format!("resumed in place: {r:?}")
+        }
+        _ if complete => {
+            // The dumped container is gone: its next start restores the checkpoint.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            node.dispatch(
+                &e.pod_uid,
+                PodUpdate::Arm {
+                    container: e.container.clone(),
+                    images: e.images.clone(),
+                    reply: tx,
+                },
+            );
+            format!("armed to restore from its checkpoint: {:?}", rx.await)
+        }
+        _ => {
+            node.store.remove(&e.images);
+            "gone, and no complete checkpoint of it exists".to_owned()
+        }
+    };
+    tracing::warn!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container, step = ?e.step,
+        ?action, %outcome, "settled a move source a previous run left");
+    node.journal.remove(e);
+}
+
+/// A source whose target is still at work: it can still take the move. The move is
+/// listed (and the Pod busy) again; a verdict from the target, or the target Pod's phase,
+/// decides; at the deadline anything but `Restored` resumes the source.
+async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
+    let info = MoveInfo {
+        id: e.migration.clone(),
+        namespace: e.target_namespace.clone(),
+        pod_uid: e.pod_uid.clone(),
+        peer_node: Some(e.peer_node.clone()),
+        state: "Transferring".into(),
+        ..Default::default()
+    };
+    let registered = node.manager.begin(Role::Source, info).is_ok();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    node.manager.await_verdict(&e.migration, tx);
+    let action = loop {
+        if let Ok(v) = rx.try_recv() {
+            break match v {
+                Verdict::Commit => SourceAction::Discard,
+                Verdict::Abort(_) => SourceAction::Resume,
+            };
+        }
+        let target = target_pod(&node, &e).await;
+        let (phase, exists) = match &target {
+            Some(Some(p)) => (phase_of(p), true),
+            Some(None) => (None, false),
+            None => (None, true),
+        };
+        match decide_source(&e, None, phase, exists) {
+            SourceAction::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
+            action => break action,
+        }
+    };
+    node.manager.forget_verdict(&e.migration);
+    settle_source(&node, &e, action).await;
+    if registered {
+        let (outcome, error) = match action {
+            SourceAction::Discard => ("Succeeded", None),
+            _ => (
+                "RolledBack",
+                Some("the source daemon restarted; the target did not finish".to_owned()),
+            ),
+        };
+        node.manager
+            .finish(Role::Source, &e.migration, outcome, error);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::node::journal::deadline_unix_ms;
+    use std::time::Instant;
 
-    #[test]
-    fn only_a_restored_target_discards_the_source() {
-        let pod = |phase: &str| -> Pod {
-            serde_json::from_value(json!({"metadata": {"name": "t", "annotations": {ANNOTATION_MIGRATION_PHASE: phase}}}))
-                .expect("pod")
-        };
-        assert_eq!(settle(Some(&pod("Restored"))), Settle::Discard);
-        assert_eq!(settle(Some(&pod("Restoring"))), Settle::Resume);
-        assert_eq!(settle(Some(&pod("Failed"))), Settle::Resume);
-        assert_eq!(settle(None), Settle::Resume);
+    fn entry(step: Step, secs: u64) -> Entry {
+        Entry {
+            migration: "m".into(),
+            side: Side::Source,
+            pod_uid: "u".into(),
+            container: "app".into(),
+            container_id: "c".into(),
+            images: "/i".into(),
+            target_namespace: "ns".into(),
+            target_pod: "p-1".into(),
+            peer_node: "n2".into(),
+            deadline_unix_ms: deadline_unix_ms(Instant::now() + Duration::from_secs(secs)),
+            step,
+        }
     }
 
     #[test]
-    fn markers_round_trip() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let m = FrozenSource {
-            container_id: "c1".into(),
-            pod_uid: "u".into(),
-            migration: "m".into(),
-            target_namespace: "ns".into(),
-            target_pod: "x-1".into(),
-            images: "/i".into(),
-        };
-        remember(tmp.path(), &m);
-        assert_eq!(left_over(tmp.path()), [m]);
-        forget(tmp.path(), "c1");
-        assert!(left_over(tmp.path()).is_empty());
+    fn a_source_is_stopped_only_when_its_target_runs() {
+        use SourceAction::*;
+        let dumped = entry(Step::Dumped, 60);
+        assert_eq!(
+            decide_source(&entry(Step::Committed, 60), None, None, false),
+            Discard
+        );
+        assert_eq!(decide_source(&dumped, Some(true), None, true), Discard);
+        assert_eq!(
+            decide_source(&dumped, Some(false), Some(DaemonPhase::Restored), true),
+            Resume
+        );
+        assert_eq!(
+            decide_source(&dumped, None, Some(DaemonPhase::Restored), true),
+            Discard
+        );
+        assert_eq!(
+            decide_source(&dumped, None, Some(DaemonPhase::Failed), true),
+            Resume
+        );
+        assert_eq!(decide_source(&dumped, None, None, false), Resume);
+        assert_eq!(
+            decide_source(&dumped, None, Some(DaemonPhase::Restoring), true),
+            Wait
+        );
+        assert_eq!(
+            decide_source(
+                &entry(Step::Claimed, 60),
+                None,
+                Some(DaemonPhase::Transferring),
+                true
+            ),
+            Resume
+        );
+        assert_eq!(
+            decide_source(
+                &entry(Step::Dumped, 0),
+                None,
+                Some(DaemonPhase::Restoring),
+                true
+            ),
+            Resume
+        );
+    }
+
+    #[test]
+    fn a_restored_target_stops_when_the_source_will_not_take_it() {
+        assert_eq!(verdict_not_taken(&Delivery::Taken, true), None);
+        assert!(verdict_not_taken(&Delivery::Refused("404".into()), false).is_some());
+        assert_eq!(
+            verdict_not_taken(&Delivery::Unreachable("down".into()), false),
+            None
+        );
+        assert!(verdict_not_taken(&Delivery::Unreachable("down".into()), true).is_some());
     }
 }

@@ -78,20 +78,25 @@ fn node(tmp: &Path, fail: bool) -> Arc<Node<FakeEngine>> {
 }
 
 fn node_with(tmp: &Path, fail: bool, cannot_thaw: bool) -> Arc<Node<FakeEngine>> {
-    Arc::new(Node::new(
-        FakeEngine {
-            delay: Duration::from_millis(150),
-            fail,
-            cannot_thaw,
-            calls: Default::default(),
-        },
-        CheckpointStore::new(tmp),
-        Settings {
-            node_name: "n1".into(),
-            runc_root: tmp.join("runc"),
-            hold: Duration::from_secs(5),
-        },
-    ))
+    Arc::new(
+        Node::new(
+            FakeEngine {
+                delay: Duration::from_millis(150),
+                fail,
+                cannot_thaw,
+                calls: Default::default(),
+            },
+            CheckpointStore::new(tmp),
+            Settings {
+                node_name: "n1".into(),
+                runc_root: tmp.join("runc"),
+                hold: Duration::from_secs(5),
+                state_dir: tmp.join("state"),
+                checkpoint_budget: 1 << 40,
+            },
+        )
+        .expect("node"),
+    )
 }
 
 fn req(event: Event, id: &str, uid: &str, source: Option<&str>) -> HookRequest {

@@ -1,0 +1,205 @@
+//! Checkpoint images are process memory on a tmpfs: none may outlive its move. The
+//! janitor sweeps, at start and then every [`SWEEP_EVERY`], the image directories of Pods
+//! that are no longer on this node or that no move in flight uses any more; the bytes
+//! held are exported (`podmig_checkpoint_bytes_held`) and bounded: a move whose dump
+//! would not fit in the budget or in the free space is refused before anything freezes.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use podmig_cri_ext::engine::{CheckpointEngine, dir_size};
+
+use super::Node;
+
+/// How often the janitor sweeps.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// What a sweep must keep.
+#[derive(Debug, Default)]
+pub struct InUse {
+    /// Pods with a move in flight or journaled.
+    pub moving: HashSet<String>,
+    /// Pods bound to this node (`None`: unknown, the daemon has no API access).
+    pub on_node: Option<HashSet<String>>,
+    /// Images younger than this are kept whatever they belong to (a move being set up,
+    /// a checkpoint kept for a restore that is about to come).
+    pub min_age: Duration,
+}
+
+/// The `<root>/<pod uid>/<container>` directories a sweep removes.
+pub fn garbage(root: &Path, keep: &InUse, now: SystemTime) -> Vec<PathBuf> {
+    let Ok(pods) = std::fs::read_dir(root) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for pod in pods.flatten() {
+        let uid = pod.file_name().to_string_lossy().into_owned();
+        if uid.starts_with('.') || !pod.path().is_dir() || keep.moving.contains(&uid) {
+            continue;
+        }
+        let gone = keep.on_node.as_ref().is_some_and(|on| !on.contains(&uid));
+        let Ok(containers) = std::fs::read_dir(pod.path()) else {
+            continue;
+        };
+        for c in containers.flatten() {
+            let age = c
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .unwrap_or_default();
+            // A Pod that left the node needs none; one still here keeps its images for
+            // a while (a rollback restore or a CRI restore may still use them).
+            let min_age = if gone {
+                keep.min_age.min(Duration::from_secs(60))
+            } else {
+                keep.min_age
+            };
+            if age >= min_age {
+                out.push(c.path());
+            }
+        }
+    }
+    out
+}
+
+/// Why a dump of `needed` bytes must not start, if it must not.
+pub fn room_for(held: u64, needed: u64, budget: u64, free: Option<u64>) -> Result<(), String> {
+    let mib = |b: u64| b >> 20;
+    if held + needed > budget {
+        return Err(format!(
+            "a checkpoint of about {} MiB does not fit the node's checkpoint budget: {} MiB held of {} MiB",
+            mib(needed),
+            mib(held),
+            mib(budget)
+        ));
+    }
+    if let Some(free) = free
+        && needed > free
+    {
+        return Err(format!(
+            "a checkpoint of about {} MiB does not fit the {} MiB free in the checkpoint directory",
+            mib(needed),
+            mib(free)
+        ));
+    }
+    Ok(())
+}
+
+/// Free bytes of the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+impl<E: CheckpointEngine> Node<E> {
+    /// Checks that dumping the containers `ids` fits (budget and free space).
+    pub(crate) fn check_room(&self, ids: &[String]) -> Result<(), String> {
+        let needed: u64 = ids
+            .iter()
+            .filter_map(|id| podmig_cri_ext::freezer::memory_usage(&self.settings.runc_root, id))
+            .sum();
+        let root = self.store.root();
+        let held = dir_size(root);
+        self.metrics.bytes_held.set(held as i64);
+        room_for(
+            held,
+            needed,
+            self.settings.checkpoint_budget,
+            free_bytes(root),
+        )
+    }
+
+    fn in_use(&self) -> InUse {
+        let mut moving: HashSet<String> = self
+            .journal
+            .entries()
+            .into_iter()
+            .map(|e| e.pod_uid)
+            .collect();
+        moving.extend(self.manager.active_pods());
+        // An empty cache may only mean the watch has not listed yet: then only age counts.
+        let on_node = self.kube.as_ref().and_then(|_| {
+            let pods = super::lock(&self.pods);
+            (!pods.is_empty()).then(|| pods.keys().cloned().collect())
+        });
+        InUse {
+            moving,
+            on_node,
+            min_age: self.settings.hold,
+        }
+    }
+
+    /// One sweep: removes what no move uses, updates the metric; returns the bytes freed.
+    pub fn sweep(&self) -> u64 {
+        let root = self.store.root().to_path_buf();
+        let mut freed = 0;
+        for dir in garbage(&root, &self.in_use(), SystemTime::now()) {
+            let bytes = dir_size(&dir);
+            tracing::warn!(images = %dir.display(), bytes, "removing checkpoint images no move uses");
+            self.store.remove(&dir);
+            freed += bytes;
+        }
+        self.metrics.bytes_held.set(dir_size(&root) as i64);
+        freed
+    }
+}
+
+/// Sweeps now and every [`SWEEP_EVERY`].
+pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
+    loop {
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || n.sweep()).await;
+        tokio::time::sleep(SWEEP_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_only_what_no_move_and_no_pod_here_uses() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for (pod, c) in [
+            ("gone", "app"),
+            ("here", "app"),
+            ("moving", "app"),
+            (".frozen", "x"),
+        ] {
+            std::fs::create_dir_all(tmp.path().join(pod).join(c)).expect("dir");
+        }
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let keep = InUse {
+            moving: HashSet::from(["moving".to_owned()]),
+            on_node: Some(HashSet::from(["here".to_owned(), "moving".to_owned()])),
+            min_age: Duration::from_secs(300),
+        };
+        assert_eq!(
+            garbage(tmp.path(), &keep, later),
+            vec![tmp.path().join("gone/app")]
+        );
+        let much_later = SystemTime::now() + Duration::from_secs(600);
+        let mut swept = garbage(tmp.path(), &keep, much_later);
+        swept.sort();
+        assert_eq!(
+            swept,
+            vec![tmp.path().join("gone/app"), tmp.path().join("here/app")]
+        );
+        assert!(garbage(tmp.path(), &keep, SystemTime::now()).is_empty());
+    }
+
+    #[test]
+    fn refuses_a_dump_that_does_not_fit() {
+        let gib = 1 << 30;
+        assert!(room_for(0, gib, 4 * gib, Some(2 * gib)).is_ok());
+        let e = room_for(3 * gib, 2 * gib, 4 * gib, None).expect_err("over budget");
+        assert!(e.contains("3072 MiB held of 4096 MiB"), "{e}");
+        let e = room_for(0, 2 * gib, 4 * gib, Some(gib)).expect_err("no space");
+        assert!(e.contains("1024 MiB free"), "{e}");
+    }
+}
