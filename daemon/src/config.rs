@@ -63,6 +63,10 @@ pub struct NodeConfig {
     /// CA bundle the other daemons' certificates are checked against (PEM).
     #[arg(long, env = "PODMIG_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Key of that CA (PKCS #8 PEM): without `--tls-cert`/`--tls-key`, the daemon issues
+    /// its own serving certificate for the node's InternalIP at start (as the chart runs it).
+    #[arg(long, env = "PODMIG_TLS_CA_KEY")]
+    pub tls_ca_key: Option<PathBuf>,
 }
 
 /// Flags of `podmig controller` (the Kubernetes connection comes from KUBECONFIG or the

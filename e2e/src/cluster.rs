@@ -436,6 +436,17 @@ impl Cluster {
     /// Starts `podmig controller` against this cluster (admin credentials, Lease in
     /// `default`) as a tracked process; returns it and the port of its `/metrics`.
     pub fn start_controller(&self, identity: &str) -> anyhow::Result<(crate::process::Proc, u16)> {
+        self.start_controller_as(identity, &self.kubeconfig(), "default")
+    }
+
+    /// Starts `podmig controller` with the credentials of `kubeconfig` and its Lease in
+    /// `lease_namespace` (as the chart runs it).
+    pub fn start_controller_as(
+        &self,
+        identity: &str,
+        kubeconfig: &Path,
+        lease_namespace: &str,
+    ) -> anyhow::Result<(crate::process::Proc, u16)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -443,13 +454,13 @@ impl Cluster {
         cmd.args([
             "controller",
             "--lease-namespace",
-            "default",
+            lease_namespace,
             "--identity",
             identity,
         ])
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{port}"))
-        .env("KUBECONFIG", self.kubeconfig())
+        .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(

@@ -227,6 +227,12 @@ impl NodeDaemon {
         Ok(())
     }
 
+    /// Starts the daemon again with other API credentials (a ServiceAccount's, say).
+    pub fn restart_with_kubeconfig(&mut self, kubeconfig: &Path) -> anyhow::Result<()> {
+        self.opts.kubeconfig = Some(kubeconfig.to_path_buf());
+        self.restart()
+    }
+
     /// Kills the daemon at once (SIGKILL), as a crash or an OOM kill would; a supervised
     /// daemon is then restarted by its supervisor.
     pub fn kill(&mut self) {

@@ -27,6 +27,7 @@ pub mod podsync;
 pub mod recovery;
 pub mod report;
 pub mod state;
+pub mod tls;
 pub mod transfer;
 pub mod watch;
 
@@ -284,8 +285,29 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             tasks.push(tokio::spawn(watch::run(node.clone())));
         }
     }
-    let http = match (&cfg.tls_cert, &cfg.tls_key, &node.kube) {
-        (Some(cert), Some(key), Some(_)) => {
+    let serving = match (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_ca, &cfg.tls_ca_key) {
+        (Some(cert), Some(key), _, _) => Some((cert.clone(), key.clone())),
+        (None, None, Some(ca), Some(ca_key)) => {
+            let mut sans = vec![node.settings.node_name.clone()];
+            if !node.settings.node_name.is_empty() {
+                let n = node.clone();
+                let name = node.settings.node_name.clone();
+                match tokio::task::spawn_blocking(move || n.node_address(&name)).await {
+                    Ok(Ok(ip)) => sans.insert(0, ip),
+                    other => tracing::warn!(
+                        ?other,
+                        "cannot learn this node's address for its certificate"
+                    ),
+                }
+            }
+            let issued = tls::issue(ca, ca_key, &sans, &cfg.state_dir.join("tls"))?;
+            tracing::info!(names = ?sans, "issued this node's serving certificate from the daemon CA");
+            Some(issued)
+        }
+        _ => None,
+    };
+    let http = match (&serving, &node.kube) {
+        (Some((cert, key)), Some(_)) => {
             let server = http::serve(node.clone(), cfg.listen, cert, key).await?;
             tracing::info!(listen = %cfg.listen, "migration API listening (HTTPS)");
             Some(server)

@@ -36,6 +36,8 @@ pub struct ServerState {
     pub bookmark_interval: Duration,
     /// How to reach kubelets (`pods/log`), once the cluster has nodes.
     pub kubelet: Arc<std::sync::OnceLock<KubeletClient>>,
+    /// Every request RBAC denied: `user verb resource[/subresource] ns/name`.
+    pub denied: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn json_response(code: u16, body: &Value) -> Response {
@@ -361,6 +363,13 @@ pub async fn handle(
         } else {
             msg.push_str(" at the cluster scope");
         }
+        st.denied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(format!(
+                "{} {verb} {res} {}/{}",
+                user.name, t.namespace, t.name
+            ));
         return error(&ApiError::new(403, "Forbidden", msg));
     }
     if def.namespaced && t.namespace.is_empty() && !t.name.is_empty() {

@@ -44,6 +44,7 @@ pub struct ApiServer {
     /// The CA certificate clients trust.
     pub ca: PathBuf,
     kubelet: Arc<std::sync::OnceLock<outbound::KubeletClient>>,
+    denied: Arc<std::sync::Mutex<Vec<String>>>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -93,11 +94,13 @@ impl ApiServer {
             },
         );
         let kubelet = Arc::new(std::sync::OnceLock::new());
+        let denied = Arc::new(std::sync::Mutex::new(Vec::new()));
         let state = Arc::new(http::ServerState {
             api: api.clone(),
             tokens: tokens.clone(),
             bookmark_interval: opts.bookmark_interval,
             kubelet: kubelet.clone(),
+            denied: denied.clone(),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(state);
         let handle = axum_server::Handle::new();
@@ -120,6 +123,7 @@ impl ApiServer {
             kubeconfig,
             ca,
             kubelet,
+            denied,
             handle,
             task,
         })
@@ -143,6 +147,14 @@ impl ApiServer {
         let client = outbound::https_client(ca_pem).map_err(anyhow::Error::msg)?;
         let _ = self.kubelet.set(outbound::KubeletClient { client, token });
         Ok(())
+    }
+
+    /// The requests RBAC denied so far (`user verb resource ns/name`).
+    pub fn denials(&self) -> Vec<String> {
+        self.denied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Stops serving.
