@@ -1,62 +1,238 @@
-//! `make demo`: the single-node move, narrated, ending with one machine-readable line.
+//! `make demo`: the local two-node cluster, the example MigratingPod (test app and its
+//! Service) on one node, `kubectl drain` of that node, the app polled throughout; a short
+//! narration and one machine-readable result line; then teardown.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::{
-    node::TestNode,
-    scenario,
-    testapp::{get_count, heartbeats},
-};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use podmig_api::v1alpha1::MigratingPod;
 
-/// Runs the demo; prints its narration and the result line to stdout.
-pub async fn run() -> anyhow::Result<()> {
-    println!(
-        "podmig demo: move a running container into another Pod sandbox without restarting it"
-    );
-    let mut node = TestNode::start().await?;
-    println!(
-        "1. started containerd (runtime handler 'podmig' -> podmig-runc) and the podmig node daemon"
-    );
-    let source = scenario::start_source(&mut node, "demo-0", "demo-uid-0", 64).await?;
-    for _ in 0..9 {
-        get_count(&source.ip).await?;
+use crate::{cluster::Cluster, testapp::get_count, wait::until};
+
+/// What the demo saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DemoResult {
+    /// Node the app ran on.
+    pub from: String,
+    /// Node it runs on after the drain.
+    pub to: String,
+    /// Longest time the app did not answer while the node drained.
+    pub downtime_ms: u64,
+    /// Frozen time the node daemons reported.
+    pub frozen_ms: u64,
+    /// The app's count just before the drain.
+    pub count_before: u64,
+    /// Its count right after, on the other node.
+    pub count_after: u64,
+}
+
+impl DemoResult {
+    /// The app moved and kept counting.
+    pub fn ok(&self) -> bool {
+        !self.to.is_empty() && self.from != self.to && self.count_after > self.count_before
     }
-    let count_before = get_count(&source.ip).await?;
-    println!(
-        "2. test app (64 MiB ballast) runs in Pod demo-0 at {}; GET /count -> {count_before}",
-        source.ip
-    );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let moved = scenario::move_app(&mut node, &source, "demo-1", "demo-uid-1", 64).await?;
-    let r = moved.report;
-    println!(
-        "3. created Pod demo-1 as its migration target: podmig froze demo-0, dumped it in {} ms ({} MiB of images) and restored it in demo-1 in {} ms",
-        r.checkpoint.as_millis(),
-        r.image_bytes >> 20,
-        r.restore.as_millis()
-    );
-    let count_after = get_count(&moved.ip).await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let last_a = heartbeats(&source.sandbox.log_path("app"))
-        .last()
-        .copied()
-        .unwrap_or(0);
-    let first_b = heartbeats(&moved.sandbox.log_path("app"))
-        .first()
-        .copied()
-        .unwrap_or(0);
-    println!(
-        "4. demo-1 at {} answers GET /count -> {count_after}; its heartbeat continues at seq {first_b} (demo-0 stopped at {last_a})",
-        moved.ip
-    );
-    let ok = count_after > count_before && first_b > last_a;
-    node.cri.remove_all_sandboxes().await?;
-    println!("5. cleaned up: sandboxes, containers and checkpoint removed");
-    println!(
-        "podmig-demo result={} frozen_ms={} count_before={count_before} count_after={count_after}",
-        if ok { "ok" } else { "failed" },
-        r.frozen.as_millis()
-    );
-    anyhow::ensure!(ok, "the restored app did not continue its state");
-    Ok(())
+
+    /// The last line `make demo` prints.
+    pub fn line(&self) -> String {
+        format!(
+            "podmig-demo result={} from={} to={} downtime_ms={} frozen_ms={} count_before={} count_after={}",
+            if self.ok() { "ok" } else { "failed" },
+            self.from,
+            self.to,
+            self.downtime_ms,
+            self.frozen_ms,
+            self.count_before,
+            self.count_after
+        )
+    }
+}
+
+fn pod_ip(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .pod_ip
+        .clone()
+        .filter(|ip| !ip.is_empty())
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// Runs the demo, printing its narration; returns what it saw.
+pub async fn run() -> anyhow::Result<DemoResult> {
+    let t0 = Instant::now();
+    let say = |s: String| println!("[{:5.1}s] {s}", t0.elapsed().as_secs_f64());
+    say("podmig demo: drain a node under a running app; the app moves, it does not restart".into());
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (controller, _) = c.start_controller("demo")?;
+    say(format!(
+        "two-node cluster up ({}), podmig's CRDs, controller and node daemons running",
+        c.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let examples = crate::paths::repo_root().join("examples");
+    for f in ["migratingpod.yaml", "service.yaml"] {
+        c.kubectl(&["apply", "-f", examples.join(f).to_str().unwrap_or_default()])?;
+    }
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = crate::wait::ready_pod(&pods, "counter-0", Duration::from_secs(120)).await?;
+    let ip0 = pod_ip(&p0).unwrap_or_default();
+    let from = node_of(&p0);
+    crate::testapp::wait_count(&ip0, Duration::from_secs(60)).await?;
+    for _ in 0..8 {
+        get_count(&ip0).await?;
+    }
+    say(format!(
+        "kubectl apply -f examples/migratingpod.yaml examples/service.yaml: counter-0 runs on {from} at {ip0} (polled at the Pod's address: the local cluster has no Service proxy)"
+    ));
+
+    // Poll the app wherever it runs, as a client of its Service would.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let poller = tokio::spawn(poll(pods.clone(), ip0.clone(), stopped));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count_before = get_count(&ip0).await?;
+    say(format!(
+        "GET /count -> {count_before}; kubectl drain {from} --ignore-daemonsets"
+    ));
+    let drain_started = Instant::now();
+    c.kubectl(&["drain", &from, "--ignore-daemonsets", "--timeout=150s"])?;
+    say(format!(
+        "kubectl drain {from} returned after {:.1} s: counter-0 was evicted, moved, not killed",
+        drain_started.elapsed().as_secs_f64()
+    ));
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let record = until("the move's record", Duration::from_secs(30), async || {
+        mpods
+            .get("counter")
+            .await
+            .ok()?
+            .status?
+            .last_migration
+            .filter(|r| r.outcome.is_some())
+    })
+    .await?;
+    let p1 = crate::wait::ready_pod(&pods, &record.target_pod, Duration::from_secs(30)).await?;
+    let to = node_of(&p1);
+    let ip1 = pod_ip(&p1).unwrap_or_default();
+    let count_after = get_count(&ip1).await?;
+    let _ = stop.send(());
+    let answers = poller.await.unwrap_or_default();
+    let downtime_ms = longest_gap(&answers, drain_started).as_millis() as u64;
+    let frozen_ms = record.report.as_ref().map_or(0, |r| r.frozen_ms);
+    say(format!(
+        "{} runs on {to} at {ip1}: GET /count -> {count_after}; the app did not answer for {downtime_ms} ms at most ({frozen_ms} ms frozen)",
+        record.target_pod
+    ));
+    let log = c
+        .kubectl(&["logs", &record.target_pod, "--tail=1"])
+        .unwrap_or_default();
+    say(format!(
+        "kubectl logs {} --tail=1: {}",
+        record.target_pod,
+        log.trim()
+    ));
+    let _ = c.kubectl(&["uncordon", &from]);
+    drop(controller);
+    c.down();
+    say("cluster torn down".into());
+    Ok(DemoResult {
+        from,
+        to,
+        downtime_ms,
+        frozen_ms,
+        count_before,
+        count_after,
+    })
+}
+
+/// Polls the counter every 20 ms until stopped, following it to wherever its Ready Pod
+/// runs; returns when each answer came.
+async fn poll(
+    pods: Api<Pod>,
+    mut ip: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Instant> {
+    let mut answers = Vec::new();
+    loop {
+        match get_count(&ip).await {
+            Ok(_) => answers.push(Instant::now()),
+            Err(_) => {
+                let params = kube::api::ListParams::default().labels("app=counter");
+                if let Ok(list) = pods.list(&params).await
+                    && let Some(x) = list
+                        .items
+                        .iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .find(|p| {
+                            p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| {
+                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                                })
+                        })
+                        .and_then(pod_ip)
+                {
+                    ip = x;
+                }
+            }
+        }
+        tokio::select! {
+            _ = &mut stop => return answers,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+/// The longest time without an answer after `from`.
+pub fn longest_gap(answers: &[Instant], from: Instant) -> Duration {
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for &t in answers.iter().filter(|t| **t >= from) {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_and_line() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let answers = [at(0), at(20), at(40), at(600), at(620)];
+        assert_eq!(longest_gap(&answers, at(30)), Duration::from_millis(560));
+        let r = DemoResult {
+            from: "node-0".into(),
+            to: "node-1".into(),
+            downtime_ms: 560,
+            frozen_ms: 200,
+            count_before: 10,
+            count_after: 11,
+        };
+        assert!(r.ok());
+        assert_eq!(
+            r.line(),
+            "podmig-demo result=ok from=node-0 to=node-1 downtime_ms=560 frozen_ms=200 count_before=10 count_after=11"
+        );
+        assert!(
+            !DemoResult {
+                to: "node-0".into(),
+                ..r
+            }
+            .ok()
+        );
+    }
 }

@@ -14,7 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Move the test app between two Pod sandboxes on one node, narrated.
+    /// Drain a node of the local two-node cluster under the running example app, narrated;
+    /// ends with `podmig-demo result=ok from=… to=… downtime_ms=… frozen_ms=… count_before=… count_after=…`.
     Demo,
     /// Serve the Kubernetes API for tests until interrupted; prints the kubeconfig path.
     Apiserver {
@@ -81,7 +82,12 @@ enum ClusterAction {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo => podmig_e2e::demo::run().await,
+        Command::Demo => {
+            let result = podmig_e2e::demo::run().await?;
+            println!("{}", result.line());
+            anyhow::ensure!(result.ok(), "the app did not move with its state");
+            Ok(())
+        }
         Command::Apiserver { listen, dir } => {
             let server = podmig_e2e::apiserver::ApiServer::start(podmig_e2e::apiserver::Options {
                 listen,

@@ -1,0 +1,12 @@
+//! `make demo` is what a newcomer runs first: it must show the app moving with its state.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_drains_a_node_and_the_app_keeps_counting_on_the_other() -> anyhow::Result<()> {
+    let r = podmig_e2e::demo::run().await?;
+    eprintln!("{}", r.line());
+    assert!(r.ok(), "{r:?}");
+    assert_ne!(r.from, r.to);
+    assert!(r.count_after > r.count_before, "{r:?}");
+    assert!(r.frozen_ms > 0 && r.downtime_ms > 0, "{r:?}");
+    Ok(())
+}
