@@ -74,6 +74,10 @@ pub const REASON_MIGRATED: &str = "Migrated";
 /// concurrency, so exactly one Migration of a Pod proceeds).
 pub const ANNOTATION_CLAIMED_BY: &str = "podmig.dev/claimed-by";
 
+/// Pod (template) annotation: comma-separated names of node-local volumes (`hostPath`)
+/// that exist with the same content on every node, so the Pod may move anyway.
+pub const ANNOTATION_VOLUMES_ON_EVERY_NODE: &str = "podmig.dev/volumes-on-every-node";
+
 /// Target-Pod annotation set by the controller: when the move is given up (RFC 3339). The
 /// node daemons bound their waits by it (the target's create, the source's handover).
 pub const ANNOTATION_MIGRATION_DEADLINE: &str = "podmig.dev/migration-deadline";

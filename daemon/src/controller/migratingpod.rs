@@ -97,7 +97,14 @@ pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) ->
     meta.labels
         .get_or_insert_with(BTreeMap::new)
         .insert(LABEL_MIGRATING_POD.into(), mpod.name_any());
-    meta.finalizers = Some(vec![MIGRATE_FINALIZER.into()]);
+    // A Pod tied to its node by its volumes is not moved when deleted: it is replaced,
+    // as a Deployment's would be.
+    let movable = super::pod::node_local_volumes(
+        template.spec.as_ref(),
+        meta.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+    )
+    .is_empty();
+    meta.finalizers = movable.then(|| vec![MIGRATE_FINALIZER.into()]);
     meta.owner_references = Some(vec![OwnerReference {
         api_version: MigratingPod::api_version(&()).into(),
         kind: MigratingPod::kind(&()).into(),
@@ -572,6 +579,28 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_pod_tied_to_its_node_gets_no_migrate_finalizer() {
+        let mpod = |annotations: serde_json::Value| -> MigratingPod {
+            serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "MigratingPod",
+                "metadata": {"name": "x", "namespace": "ns", "uid": "mp"},
+                "spec": {"template": {"metadata": {"annotations": annotations}, "spec": {"containers": [{"name": "app"}],
+                    "volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]}}}}))
+            .expect("mpod")
+        };
+        let tied = pod_from_template(&mpod(json!({})), 0, None);
+        assert_eq!(tied.metadata.finalizers, None);
+        let everywhere = pod_from_template(
+            &mpod(json!({podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE: "data"})),
+            0,
+            None,
+        );
+        assert_eq!(
+            everywhere.metadata.finalizers,
+            Some(vec![MIGRATE_FINALIZER.to_owned()])
+        );
     }
 
     #[test]

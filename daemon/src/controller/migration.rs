@@ -154,6 +154,20 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             );
             return (actions, status);
         };
+        let local = super::pod::node_local_volumes(pod.spec.as_ref(), pod.annotations());
+        if !local.is_empty() {
+            fail(
+                &mut status,
+                "NotMigratable",
+                format!(
+                    "Pod {pod_name:?} has node-local volumes that cannot move: {}; annotate it with {}=<names> if they exist on every node",
+                    local.join(", "),
+                    podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE
+                ),
+                now,
+            );
+            return (actions, status);
+        }
         if pod.metadata.deletion_timestamp.is_none() && !is_ready(pod) {
             // Only a running Pod has state to move; one still starting is waited for.
             let age = m
@@ -537,6 +551,46 @@ mod tests {
             [Action::CreatePod(p)] => assert_eq!(p.metadata.name.as_deref(), Some("x-3")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_pod_with_a_host_path_volume_is_refused_unless_it_is_everywhere() {
+        let nodes = [node("n1", false), node("n2", false)];
+        let own = owner();
+        let spec = json!({"containers": [{"name": "app"}], "nodeName": "n1",
+            "volumes": [{"name": "data", "hostPath": {"path": "/srv/data"}}, {"name": "tmp", "emptyDir": {}}]});
+        let ready =
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+        let tied = pod("x-0", json!({"spec": spec, "status": ready}));
+        let m = mig("m", "x-0", json!({"targetNode": "n2"}));
+        let (actions, st) = decide(
+            &observe(&m, Some(&tied), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.reason.as_deref(), Some("NotMigratable"));
+        let msg = st.message.clone().unwrap_or_default();
+        assert!(
+            msg.contains("\"data\" (hostPath /srv/data)") && !msg.contains("tmp"),
+            "{msg}"
+        );
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::CreatePod(_))),
+            "{actions:?}"
+        );
+        let mut everywhere = tied.clone();
+        everywhere
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(
+                podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE.into(),
+                "data".into(),
+            );
+        let (_, st) = decide(
+            &observe(&m, Some(&everywhere), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_ne!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
     }
 
     #[test]

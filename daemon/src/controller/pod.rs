@@ -8,6 +8,29 @@ use podmig_api::{
     MIGRATE_FINALIZER, contract::DaemonPhase, v1alpha1::MigrationReport,
 };
 
+/// The volumes that tie a Pod to its node (`hostPath`), unless its
+/// `podmig.dev/volumes-on-every-node` annotation names them: such a Pod cannot move, its
+/// data would stay behind. Each as `"name" (hostPath /path)`.
+pub fn node_local_volumes(
+    spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Vec<String> {
+    let everywhere: Vec<&str> = annotations
+        .get(podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE)
+        .map(|v| v.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    spec.and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|v| !everywhere.contains(&v.name.as_str()))
+        .filter_map(|v| {
+            v.host_path
+                .as_ref()
+                .map(|h| format!("{:?} (hostPath {})", v.name, h.path))
+        })
+        .collect()
+}
+
 /// Index `n` of a Pod named `<mpod>-<n>`.
 pub fn pod_index(mpod: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(mpod)?.strip_prefix('-')?.parse().ok()
