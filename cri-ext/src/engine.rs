@@ -220,7 +220,15 @@ impl CheckpointEngine for Runc {
                 }
             });
         let init = crate::identity::init_pid(&self.root.join(id));
-        let result = run(cmd, Some(&dir.join("dump.log")));
+        // The writable layer is captured while the tasks are still stopped.
+        let result = run(cmd, Some(&dir.join("dump.log"))).and_then(|out| {
+            let upper = crate::rootfs::container_rootfs(&self.root, id)
+                .and_then(|r| crate::rootfs::upperdir_of(&r));
+            if let Some(upper) = upper {
+                crate::rootfs::capture(&upper, dir)?;
+            }
+            Ok(out)
+        });
         let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();
         if let Some(f) = freezer.as_ref().filter(|_| !stay_frozen) {
             // Resumes a container left running (or whose dump failed); lets killed tasks exit.

@@ -6,6 +6,7 @@ pub mod error;
 pub mod freezer;
 pub mod hook;
 pub mod identity;
+pub mod rootfs;
 pub mod wrapper;
 
 pub use error::{Error, Result};

@@ -378,40 +378,59 @@ fn restore(
     };
     create_private_dir(&work)?;
     let started = Instant::now();
-    let status = Command::new(&cfg.runc)
-        .args(create.restore_args(&inv.globals, from, &work))
-        .status()
-        .map_err(|source| Error::Spawn {
-            command: cfg.runc.display().to_string(),
-            source,
-        })?;
+    // The source's writable layer goes into this container's fresh root first.
+    let layer = crate::rootfs::bundle_rootfs(&create.bundle)
+        .ok_or_else(|| Error::RestoreFailed("the bundle names no root file system".into()))
+        .and_then(|rootfs| crate::rootfs::apply(Path::new(&from.image_path), &rootfs));
+    let status = match &layer {
+        Ok(_) => Some(
+            Command::new(&cfg.runc)
+                .args(create.restore_args(&inv.globals, from, &work))
+                .status()
+                .map_err(|source| Error::Spawn {
+                    command: cfg.runc.display().to_string(),
+                    source,
+                })?,
+        ),
+        Err(_) => None,
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
-    let result = if status.success() {
-        if let Some(parent) = marker.parent() {
-            create_private_dir(parent)?;
+    let result = match (status, layer) {
+        (Some(status), _) if status.success() => {
+            if let Some(parent) = marker.parent() {
+                create_private_dir(parent)?;
+            }
+            std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
+            log(
+                inv,
+                "info",
+                &format!(
+                    "restored {} from {} in {duration_ms} ms",
+                    create.id, from.image_path
+                ),
+            );
+            Ok(Step::Exit(0))
         }
-        std::fs::write(&marker, b"").map_err(|e| Error::io("write", &marker, e))?;
-        log(
-            inv,
-            "info",
-            &format!(
-                "restored {} from {} in {duration_ms} ms",
-                create.id, from.image_path
-            ),
-        );
-        Ok(Step::Exit(0))
-    } else {
-        let why = log_tail(&work.join("restore.log")).unwrap_or_default();
-        // runc normally removes a failed container itself; make sure nothing is left.
-        let _ = Command::new(&cfg.runc)
-            .args(&inv.globals)
-            .args(["delete", "--force", &create.id])
-            .stderr(Stdio::null())
-            .status();
-        Err(Error::RestoreFailed(format!(
-            "restore of container {} (pod {}/{}) from {} failed ({status}): {why}",
-            identity.container_name, identity.pod_namespace, identity.pod_name, from.image_path
-        )))
+        (Some(status), _) => {
+            let why = log_tail(&work.join("restore.log")).unwrap_or_default();
+            // runc normally removes a failed container itself; make sure nothing is left.
+            let _ = Command::new(&cfg.runc)
+                .args(&inv.globals)
+                .args(["delete", "--force", &create.id])
+                .stderr(Stdio::null())
+                .status();
+            Err(Error::RestoreFailed(format!(
+                "restore of container {} (pod {}/{}) from {} failed ({status}): {why}",
+                identity.container_name, identity.pod_namespace, identity.pod_name, from.image_path
+            )))
+        }
+        (None, layer) => Err(Error::RestoreFailed(format!(
+            "restore of container {} (pod {}/{}): {}",
+            identity.container_name,
+            identity.pod_namespace,
+            identity.pod_name,
+            layer.err().map(|e| e.to_string()).unwrap_or_default()
+        ))),
     };
     let report = HookRequest {
         event: Event::Restored as i32,

@@ -538,11 +538,11 @@ async fn drain_and_delete_move_a_migratingpod_across_nodes_with_its_state() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow::Result<()> {
     let (c, _ctl) = setup().await?;
-    // The app keeps a file of its writable layer open: the target's fresh root file
-    // system lacks it, so CRIU refuses the restore there (a real, common failure).
+    // The app keeps a file of its sandbox's shared memory (/dev/shm, the Pod's, not carried
+    // yet) open: the target's fresh sandbox lacks it, so CRIU refuses the restore there.
     c.apply(&mpod_yaml(
         "held",
-        "'--mem-mib', '8', '--hold-open', '/tmp/state.db'",
+        "'--mem-mib', '8', '--hold-open', '/dev/shm/state.db'",
     ))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = ready(&pods, "held-0", Duration::from_secs(60)).await?;
@@ -751,5 +751,80 @@ async fn the_janitor_removes_images_no_move_uses_and_reports_the_bytes_held() ->
             .log()
             .contains("removing checkpoint images no move uses")
     );
+    Ok(())
+}
+
+/// The root file system of container `app` of Pod `uid` on node `n`, seen from the host.
+fn rootfs_of(c: &Cluster, n: usize, uid: &str) -> anyhow::Result<std::path::PathBuf> {
+    let root = c.nodes[n].containerd.runc_root();
+    let id = podmig_cri_ext::identity::find_container(&root, uid, "app")
+        .ok_or_else(|| anyhow::anyhow!("no running app container of {uid} on node {n}"))?;
+    podmig_cri_ext::rootfs::container_rootfs(&root, &id)
+        .ok_or_else(|| anyhow::anyhow!("no rootfs for {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writable_layer_moves_with_the_pod() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (c, _ctl) = setup().await?;
+    // The app holds a file of its writable layer open: without the layer, CRIU would
+    // refuse to restore it on the other node.
+    c.apply(&mpod_yaml(
+        "layer",
+        "'--mem-mib', '8', '--hold-open', '/tmp/state.db'",
+    ))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "layer-0", Duration::from_secs(60)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    // More changes, as the app's own writes would be: a new file with its owner and mode,
+    // and a file of the image deleted.
+    let rootfs = rootfs_of(&c, src, &p0.metadata.uid.clone().unwrap_or_default())?;
+    std::fs::create_dir_all(rootfs.join("data"))?;
+    std::fs::write(rootfs.join("data/notes.txt"), b"kept across nodes")?;
+    std::fs::set_permissions(
+        rootfs.join("data/notes.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )?;
+    std::os::unix::fs::chown(rootfs.join("data/notes.txt"), Some(1000), Some(1000))?;
+    std::fs::remove_file(rootfs.join("etc/group"))?;
+    let other = c.nodes[1 - src].name.clone();
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: layer}}\nspec: {{podName: layer-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = until("migration ended", Duration::from_secs(90), async || {
+        migs.get("layer")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Succeeded),
+        "{st:?}\n{}",
+        diagnostics(&c)
+    );
+    let p1 = ready(&pods, "layer-1", Duration::from_secs(30)).await?;
+    assert!(get_count(&ip(&p1)).await? >= 2, "the count went on");
+    let moved = rootfs_of(&c, 1 - src, &p1.metadata.uid.clone().unwrap_or_default())?;
+    assert!(
+        moved.join("tmp/state.db").exists(),
+        "the held file came along"
+    );
+    assert_eq!(
+        std::fs::read(moved.join("data/notes.txt"))?,
+        b"kept across nodes"
+    );
+    let meta = std::fs::metadata(moved.join("data/notes.txt"))?;
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid(), meta.gid()),
+        (0o640, 1000, 1000)
+    );
+    assert!(!moved.join("etc/group").exists(), "a deletion moves too");
+    assert!(moved.join("etc/passwd").exists());
+    assert_no_checkpoints(&c);
     Ok(())
 }

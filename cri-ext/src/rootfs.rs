@@ -1,0 +1,285 @@
+//! The container's writable layer travels with its checkpoint, like Podman's and CRI-O's
+//! rootfs diff: what changed in the root file system since the container started (the
+//! overlay upper directory) is captured beside the images — files, directories, symlinks
+//! with owners, modes and xattrs in `rootfs-diff.tar`, deletions (overlay whiteouts) in
+//! `rootfs-deleted.json` — and applied to the target container's fresh root file system
+//! before CRIU restores into it. Without it CRIU refuses to restore a process that holds a
+//! file of its writable layer open, the most common failure of CRIU-based migration.
+
+use std::{
+    os::unix::fs::{FileTypeExt, MetadataExt},
+    path::{Component, Path, PathBuf},
+    process::Command,
+};
+
+use crate::{Error, Result};
+
+/// The archive of changed and new entries.
+pub const DIFF_TAR: &str = "rootfs-diff.tar";
+/// The JSON list of deleted paths.
+pub const DELETED: &str = "rootfs-deleted.json";
+
+/// The root file system of container `id` (its bundle's rootfs mount), from runc's state.
+pub fn container_rootfs(runc_root: &Path, id: &str) -> Option<PathBuf> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runc_root.join(id).join("state.json")).ok()?).ok()?;
+    state["config"]["rootfs"].as_str().map(PathBuf::from)
+}
+
+/// The root file system a bundle's `config.json` names (relative to the bundle or absolute).
+pub fn bundle_rootfs(bundle: &Path) -> Option<PathBuf> {
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    let root = PathBuf::from(config["root"]["path"].as_str()?);
+    Some(if root.is_absolute() {
+        root
+    } else {
+        bundle.join(root)
+    })
+}
+
+/// The overlay upper directory of the file system mounted at `mountpoint`, from
+/// `/proc/self/mountinfo` (`None` when it is not an overlay mount).
+pub fn upperdir_of(mountpoint: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    upperdir_in(&info, mountpoint)
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// [`upperdir_of`] over the text of a mountinfo file (the last mount there wins).
+pub fn upperdir_in(mountinfo: &str, mountpoint: &Path) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let point = left.split(' ').nth(4)?;
+            let mut r = right.split(' ');
+            let fstype = r.next()?;
+            let _source = r.next()?;
+            let options = r.next()?;
+            (fstype == "overlay" && Path::new(&unescape(point)) == mountpoint).then(|| {
+                options
+                    .split(',')
+                    .find_map(|o| o.strip_prefix("upperdir="))
+                    .map(|u| PathBuf::from(unescape(u)))
+            })?
+        })
+        .last()
+}
+
+/// Entries of `upper` relative to it: (kept entries, whiteouts = deletions).
+fn walk(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let (mut kept, mut deleted) = (Vec::new(), Vec::new());
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in std::fs::read_dir(upper.join(&rel))? {
+            let entry = entry?;
+            let path = rel.join(entry.file_name());
+            let meta = entry.metadata()?;
+            let ft = meta.file_type();
+            if ft.is_char_device() && meta.rdev() == 0 {
+                deleted.push(path);
+            } else {
+                if ft.is_dir() {
+                    stack.push(path.clone());
+                }
+                kept.push(path);
+            }
+        }
+    }
+    kept.sort();
+    deleted.sort();
+    Ok((kept, deleted))
+}
+
+/// Captures the writable layer `upper` into `images`; returns the bytes written.
+pub fn capture(upper: &Path, images: &Path) -> Result<u64> {
+    let (kept, deleted) = walk(upper).map_err(|e| Error::io("walk", upper, e))?;
+    let deleted_path = images.join(DELETED);
+    let list: Vec<String> = deleted.iter().map(|p| p.display().to_string()).collect();
+    std::fs::write(&deleted_path, serde_json::to_vec(&list).unwrap_or_default())
+        .map_err(|e| Error::io("write", &deleted_path, e))?;
+    let names = images.join("rootfs-diff.list");
+    let mut nul = Vec::new();
+    for p in &kept {
+        nul.extend_from_slice(p.as_os_str().as_encoded_bytes());
+        nul.push(0);
+    }
+    std::fs::write(&names, nul).map_err(|e| Error::io("write", &names, e))?;
+    let tar = images.join(DIFF_TAR);
+    let out = Command::new("tar")
+        .args(["--create", "--file"])
+        .arg(&tar)
+        .arg("--directory")
+        .arg(upper)
+        .args([
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--no-recursion",
+            "--null",
+            "--files-from",
+        ])
+        .arg(&names)
+        .output()
+        .map_err(|source| Error::Spawn {
+            command: "tar".into(),
+            source,
+        })?;
+    let _ = std::fs::remove_file(&names);
+    if !out.status.success() {
+        return Err(Error::CheckpointFailed(format!(
+            "capturing the writable layer {}: {}",
+            upper.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let bytes = std::fs::metadata(&tar).map_or(0, |m| m.len())
+        + std::fs::metadata(&deleted_path).map_or(0, |m| m.len());
+    Ok(bytes)
+}
+
+/// A relative path that stays below its root (no `..`, not absolute).
+fn contained(rel: &Path) -> bool {
+    rel.components().all(|c| matches!(c, Component::Normal(_))) && rel.components().next().is_some()
+}
+
+/// Applies a captured writable layer in `images` (if there is one) to `rootfs`:
+/// deletions first, then the changed and new entries.
+pub fn apply(images: &Path, rootfs: &Path) -> Result<bool> {
+    let tar = images.join(DIFF_TAR);
+    if !tar.is_file() {
+        return Ok(false);
+    }
+    let deleted_path = images.join(DELETED);
+    let deleted: Vec<String> = std::fs::read(&deleted_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for rel in deleted.iter().map(PathBuf::from) {
+        if !contained(&rel) {
+            return Err(Error::RestoreFailed(format!(
+                "the writable layer names a path outside the root: {}",
+                rel.display()
+            )));
+        }
+        let target = rootfs.join(&rel);
+        let removed = match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target),
+            Ok(_) => std::fs::remove_file(&target),
+            Err(_) => Ok(()),
+        };
+        removed.map_err(|e| Error::io("remove", &target, e))?;
+    }
+    let out = Command::new("tar")
+        .args(["--extract", "--file"])
+        .arg(&tar)
+        .arg("--directory")
+        .arg(rootfs)
+        .args([
+            "--numeric-owner",
+            "--same-permissions",
+            "--same-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--acls",
+            "--overwrite",
+        ])
+        .output()
+        .map_err(|source| Error::Spawn {
+            command: "tar".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(Error::RestoreFailed(format!(
+            "applying the writable layer to {}: {}",
+            rootfs.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn finds_the_upper_directory_of_an_overlay_mount() {
+        let info = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+            2 1 0:50 / /run/c/k8s.io/abc/rootfs rw,relatime - overlay overlay rw,lowerdir=/l1:/l2,upperdir=/snap/9/fs,workdir=/snap/9/work\n\
+            3 1 0:51 / /run/with\\040space rw - overlay overlay rw,upperdir=/u\\040x,workdir=/w\n";
+        assert_eq!(
+            upperdir_in(info, Path::new("/run/c/k8s.io/abc/rootfs")),
+            Some(PathBuf::from("/snap/9/fs"))
+        );
+        assert_eq!(
+            upperdir_in(info, Path::new("/run/with space")),
+            Some(PathBuf::from("/u x"))
+        );
+        assert_eq!(upperdir_in(info, Path::new("/")), None);
+    }
+
+    #[test]
+    fn carries_new_changed_and_deleted_files_with_their_modes() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (upper, images, rootfs) = (
+            tmp.path().join("upper"),
+            tmp.path().join("images"),
+            tmp.path().join("rootfs"),
+        );
+        for d in [&upper, &images, &rootfs] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        std::fs::create_dir_all(upper.join("data/sub")).expect("dir");
+        std::fs::write(upper.join("data/sub/state.db"), b"state").expect("write");
+        std::fs::set_permissions(
+            upper.join("data/sub/state.db"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .expect("chmod");
+        std::os::unix::fs::symlink("sub/state.db", upper.join("data/link")).expect("symlink");
+        // A whiteout: the image's /etc/group was deleted in the container.
+        std::fs::create_dir_all(upper.join("etc")).expect("dir");
+        let status = Command::new("mknod")
+            .arg(upper.join("etc/group"))
+            .args(["c", "0", "0"])
+            .status()
+            .expect("mknod");
+        assert!(status.success());
+        std::fs::create_dir_all(rootfs.join("etc")).expect("dir");
+        std::fs::write(rootfs.join("etc/group"), b"root:x:0:").expect("write");
+        std::fs::write(rootfs.join("etc/passwd"), b"root").expect("write");
+
+        assert!(capture(&upper, &images).expect("capture") > 0);
+        assert!(apply(&images, &rootfs).expect("apply"));
+        assert_eq!(
+            std::fs::read(rootfs.join("data/sub/state.db")).expect("read"),
+            b"state"
+        );
+        let mode = std::fs::metadata(rootfs.join("data/sub/state.db"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(
+            std::fs::read_link(rootfs.join("data/link")).expect("link"),
+            PathBuf::from("sub/state.db")
+        );
+        assert!(
+            !rootfs.join("etc/group").exists(),
+            "deleted in the source, gone on the target"
+        );
+        assert!(rootfs.join("etc/passwd").exists());
+        // No captured layer: nothing to do.
+        assert!(!apply(&tmp.path().join("none"), &rootfs).expect("nothing"));
+    }
+}
