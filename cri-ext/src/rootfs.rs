@@ -54,23 +54,20 @@ fn unescape(s: &str) -> String {
 
 /// [`upperdir_of`] over the text of a mountinfo file (the last mount there wins).
 pub fn upperdir_in(mountinfo: &str, mountpoint: &Path) -> Option<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let point = left.split(' ').nth(4)?;
-            let mut r = right.split(' ');
-            let fstype = r.next()?;
-            let _source = r.next()?;
-            let options = r.next()?;
-            (fstype == "overlay" && Path::new(&unescape(point)) == mountpoint).then(|| {
-                options
-                    .split(',')
-                    .find_map(|o| o.strip_prefix("upperdir="))
-                    .map(|u| PathBuf::from(unescape(u)))
-            })?
-        })
-        .last()
+    mountinfo.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let point = left.split(' ').nth(4)?;
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let _source = r.next()?;
+        let options = r.next()?;
+        (fstype == "overlay" && Path::new(&unescape(point)) == mountpoint).then(|| {
+            options
+                .split(',')
+                .find_map(|o| o.strip_prefix("upperdir="))
+                .map(|u| PathBuf::from(unescape(u)))
+        })?
+    })
 }
 
 /// Entries of `upper` relative to it: (kept entries, whiteouts = deletions).
