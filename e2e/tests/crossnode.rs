@@ -176,15 +176,20 @@ async fn big_move_at(
     ))?;
     let target = format!("{name}-1");
     let mut interval = tokio::time::interval(Duration::from_millis(10));
-    until(phase, Duration::from_secs(60), async || {
-        interval.tick().await;
-        let t = pods.get_opt(&target).await.ok()??;
-        (t.annotations()
-            .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
-            .map(String::as_str)
-            == Some(phase))
-        .then_some(())
-    })
+    until(
+        &format!("target phase {phase:?}"),
+        Duration::from_secs(60),
+        async || {
+            interval.tick().await;
+            let t = pods.get_opt(&target).await.ok()??;
+            // "": the target Pod exists and nothing is frozen yet.
+            let reported = t
+                .annotations()
+                .get(podmig_api::ANNOTATION_MIGRATION_PHASE)
+                .map(String::as_str);
+            (reported == Some(phase) || (phase.is_empty() && reported.is_none())).then_some(())
+        },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
     Ok((src, src_ip))
@@ -290,12 +295,27 @@ async fn cross_node_fault(name: &str, kill_target: bool, phase: &str) -> anyhow:
     c.nodes[victim].daemon.kill();
     let outcome = one_copy_went_on(&c, &pods, name).await?;
     let side = if kill_target { "target" } else { "source" };
-    eprintln!("cross-node move, {side} daemon killed at {phase}: {outcome:?}");
+    let when = if phase.is_empty() {
+        "before the freeze"
+    } else {
+        phase
+    };
+    eprintln!("cross-node move, {side} daemon killed at {when}: {outcome:?}");
     c.nodes[victim]
         .daemon
         .wait_serving(Duration::from_secs(30))?;
     assert!(c.nodes[victim].daemon.restarts() >= 1);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_source_daemon_killed_before_the_freeze() -> anyhow::Result<()> {
+    cross_node_fault("src-early", false, "").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_target_daemon_killed_before_the_freeze() -> anyhow::Result<()> {
+    cross_node_fault("dst-early", true, "").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
