@@ -595,7 +595,8 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             "clusterroles",
             json!({"metadata": {"name": "system:kube-scheduler"}, "rules": [
             {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]}]}),
+            {"apiGroups": [""], "resources": ["pods/binding"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods/status"], "verbs": ["patch", "update"]}]}),
         ),
         (
             "rbac.authorization.k8s.io/v1",

@@ -31,6 +31,83 @@ pub fn pick(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) -> Option
         .min_by_key(|name| (load.get(name).copied().unwrap_or(0), name.clone()))
 }
 
+/// kube-scheduler's explanation when no node fits `pod` ("0/2 nodes are available: …").
+pub fn unschedulable_message(pod: &Pod, nodes: &[Node]) -> String {
+    let selector = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
+    let (mut cordoned, mut not_ready, mut mismatch) = (0, 0, 0);
+    for n in nodes {
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let labels = n.metadata.labels.clone().unwrap_or_default();
+        if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
+            cordoned += 1;
+        } else if !ready {
+            not_ready += 1;
+        } else if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+            mismatch += 1;
+        }
+    }
+    let mut why = Vec::new();
+    if mismatch > 0 {
+        why.push(format!(
+            "{mismatch} node(s) didn't match Pod's node affinity/selector"
+        ));
+    }
+    if not_ready > 0 {
+        why.push(format!(
+            "{not_ready} node(s) had untolerated taint {{node.kubernetes.io/not-ready: }}"
+        ));
+    }
+    if cordoned > 0 {
+        why.push(format!("{cordoned} node(s) were unschedulable"));
+    }
+    format!("0/{} nodes are available: {}.", nodes.len(), why.join(", "))
+}
+
+/// Records on `pod` why it cannot be scheduled (`PodScheduled=False`, `Unschedulable`),
+/// as kube-scheduler does; once per distinct message.
+async fn mark_unschedulable(pods: &Api<Pod>, pod: &Pod, message: &str) {
+    let current = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    if current
+        .iter()
+        .any(|c| c.type_ == "PodScheduled" && c.message.as_deref() == Some(message))
+    {
+        return;
+    }
+    let mut conditions: Vec<serde_json::Value> = current
+        .iter()
+        .filter(|c| c.type_ != "PodScheduled")
+        .filter_map(|c| serde_json::to_value(c).ok())
+        .collect();
+    conditions.push(serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": message, "lastTransitionTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()}));
+    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(pods.clone().into_client(), &ns);
+    let patch = serde_json::json!({"status": {"conditions": conditions}});
+    if let Err(error) = api
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(patch),
+        )
+        .await
+    {
+        tracing::warn!(pod = %name, %error, "cannot record the Pod as unschedulable");
+    }
+}
+
 /// Binds Pods until the task is dropped (polls every 100 ms: simple and fast enough).
 pub async fn run(client: kube::Client) {
     let pods: Api<Pod> = Api::all(client.clone());
@@ -50,12 +127,17 @@ pub async fn run(client: kube::Client) {
                 p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
                     && p.metadata.deletion_timestamp.is_none()
             }) {
-                if let Some(node) = pick(p, &nl.items, &load) {
-                    let ns = p.metadata.namespace.clone().unwrap_or_default();
-                    let name = p.metadata.name.clone().unwrap_or_default();
-                    match post_binding(&client, &ns, &name, &node).await {
-                        Ok(()) => *load.entry(node).or_default() += 1,
-                        Err(error) => tracing::warn!(pod = %name, %error, "binding failed"),
+                match pick(p, &nl.items, &load) {
+                    Some(node) => {
+                        let ns = p.metadata.namespace.clone().unwrap_or_default();
+                        let name = p.metadata.name.clone().unwrap_or_default();
+                        match post_binding(&client, &ns, &name, &node).await {
+                            Ok(()) => *load.entry(node).or_default() += 1,
+                            Err(error) => tracing::warn!(pod = %name, %error, "binding failed"),
+                        }
+                    }
+                    None => {
+                        mark_unschedulable(&pods, p, &unschedulable_message(p, &nl.items)).await;
                     }
                 }
             }
@@ -115,5 +197,9 @@ mod tests {
         );
         let nowhere: Pod = serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [], "nodeSelector": {"zone": "z"}}})).expect("pod");
         assert_eq!(pick(&nowhere, &nodes, &load), None);
+        assert_eq!(
+            unschedulable_message(&nowhere, &nodes),
+            "0/4 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }, 1 node(s) were unschedulable."
+        );
     }
 }

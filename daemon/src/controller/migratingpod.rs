@@ -139,6 +139,24 @@ pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) ->
     }
 }
 
+/// How long a move's target may stay unschedulable before the move is given up.
+pub const UNSCHEDULABLE_GRACE_SECONDS: i64 = 10;
+
+/// The scheduler's message when `pod` has been unschedulable (`PodScheduled=False`,
+/// reason `Unschedulable`) for more than `grace` seconds.
+pub fn unschedulable(pod: &Pod, now: Timestamp, grace: i64) -> Option<String> {
+    if node(pod).is_some() {
+        return None;
+    }
+    let c = pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("Unschedulable")
+    })?;
+    let since = c.last_transition_time.as_ref().map(|t| t.0)?;
+    ((now - since).get_seconds() > grace).then(|| c.message.clone().unwrap_or_default())
+}
+
 /// Decides what to do for `mpod` given the Pods it controls, at time `now`.
 pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
     let generation = mpod.metadata.generation;
@@ -273,6 +291,9 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
             let elapsed = started.map_or(0, |s| (now - s).get_seconds());
             let failed =
                 phase(target) == "Failed" || reported_phase(target) == Some(DaemonPhase::Failed);
+            // No node can take the target (the last schedulable node is being drained, say):
+            // waiting out the timeout would change nothing.
+            let unplaceable = unschedulable(target, now, UNSCHEDULABLE_GRACE_SECONDS);
             let report = reported(target);
             let mut record = MigrationRecord {
                 source_pod: source.name_any(),
@@ -326,8 +347,13 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                     "Running",
                     "the Pod runs",
                 );
-            } else if failed || elapsed > timeout {
-                let (outcome, why) = if failed {
+            } else if failed || elapsed > timeout || unplaceable.is_some() {
+                let (outcome, why) = if let Some(why) = unplaceable.filter(|_| !failed) {
+                    (
+                        Outcome::Failed,
+                        format!("target {} cannot be scheduled: {why}", target.name_any()),
+                    )
+                } else if failed {
                     (
                         Outcome::Failed,
                         format!(
@@ -769,6 +795,49 @@ mod tests {
         assert!(d.actions.is_empty(), "{:?}", d.actions);
         assert_eq!(d.status.state, Some(MigratingPodState::Migrating));
         assert_eq!(d.status.active_pod.as_deref(), Some("x-0"));
+    }
+
+    #[test]
+    fn a_target_no_node_can_take_fails_the_move_after_a_short_grace() {
+        let src = || {
+            TestPod::new("x-0")
+                .on_node("n1")
+                .deleted_at("2026-11-22T00:59:50Z")
+                .build()
+        };
+        let unschedulable = |since: &str| {
+            let mut p = TestPod::new("x-1").target_of("x-0");
+            p.0["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/2 nodes are available: 2 node(s) were unschedulable.",
+                "lastTransitionTime": since}]});
+            p.build()
+        };
+        let d = decide(
+            &mpod(true),
+            &[src(), unschedulable("2026-11-22T00:59:55Z")],
+            now(),
+        );
+        assert!(
+            !d.actions.contains(&Action::DeletePod("x-1".into())),
+            "{:?}",
+            d.actions
+        );
+        let d = decide(
+            &mpod(true),
+            &[src(), unschedulable("2026-11-22T00:59:45Z")],
+            now(),
+        );
+        assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())));
+        assert!(d.actions.contains(&Action::DeletePod("x-1".into())));
+        let msg = d
+            .status
+            .last_migration
+            .and_then(|r| r.message)
+            .unwrap_or_default();
+        assert!(
+            msg.contains("cannot be scheduled: 0/2 nodes are available"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -175,8 +175,11 @@ where
                         EventType::Normal
                     },
                     reason: reason.into(),
+                    // NB: kube-runtime's recorder folds events with the same action and
+                    // reason into one series, keeping the first note; the note as the
+                    // action keeps each move's Event (client-go folds by message too).
+                    action: message.chars().take(128).collect(),
                     note: Some(message),
-                    action: "Reconcile".into(),
                     secondary: None,
                 };
                 if let Err(error) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
