@@ -327,7 +327,16 @@ async fn admission_webhooks_see_evictions_and_can_deny_and_mutate() -> anyhow::R
     assert_eq!(eviction["kind"]["kind"], "Eviction");
     assert_eq!(eviction["userInfo"]["username"], "kubernetes-admin");
 
-    // kubectl drain meets the same answer and keeps retrying.
+    // kubectl drain meets the same answer and keeps retrying (once the Pod is on the node).
+    until(
+        "plain bound to node-0",
+        Duration::from_secs(20),
+        async || {
+            let p = pods.get("plain").await.ok()?;
+            (p.spec?.node_name.as_deref() == Some("node-0")).then_some(())
+        },
+    )
+    .await?;
     let err = kubectl_fails(
         &c,
         &[
