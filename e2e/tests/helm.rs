@@ -292,3 +292,59 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
     assert!(denied.is_empty(), "the chart's RBAC lacks: {denied:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_curl_example_moves_a_pod_with_a_service_account_token() -> anyhow::Result<()> {
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (_ctl, _) = c.start_controller("curl-example")?;
+    let chart = chart();
+    let rbac = helm(&[
+        "template",
+        "podmig",
+        chart.to_str().expect("utf-8"),
+        "-n",
+        "podmig-system",
+        "--show-only",
+        "templates/rbac.yaml",
+    ])?;
+    c.apply(&rbac)?;
+    let examples = podmig_e2e::paths::repo_root().join("examples");
+    c.kubectl(&[
+        "apply",
+        "-f",
+        examples.join("migratingpod.yaml").to_str().expect("utf-8"),
+    ])?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = podmig_e2e::wait::ready_pod(&pods, "counter-0", Duration::from_secs(60)).await?;
+    let from = p0
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let to = c
+        .nodes
+        .iter()
+        .find(|n| n.name != from)
+        .map(|n| n.name.clone())
+        .expect("other node");
+    let out = Command::new(examples.join("migrate-with-curl.sh"))
+        .args(["counter-0", &to])
+        .env("KUBECONFIG", c.kubeconfig())
+        .env("PODMIG_CA", c.daemon_ca())
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_str(text.trim())?;
+    assert_eq!(answer["phase"], "Succeeded", "{answer}");
+    assert_eq!(answer["targetNode"], to.as_str());
+    assert!(
+        answer["report"]["frozenMs"].as_u64().is_some_and(|f| f > 0),
+        "{answer}"
+    );
+    Ok(())
+}
