@@ -848,3 +848,155 @@ async fn the_writable_layer_moves_with_the_pod() -> anyhow::Result<()> {
     assert_no_checkpoints(&c);
     Ok(())
 }
+
+/// A client holding `GET /stream` open to `ip`: every line with when it came, and how the
+/// connection ended (`None` while open).
+struct HeldConnection {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    ended: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+}
+
+impl HeldConnection {
+    fn open(ip: &str) -> anyhow::Result<Self> {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect((ip, 8080))?;
+        s.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")?;
+        // A connection that hangs shows as a read timeout.
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (l, e) = (lines.clone(), ended.clone());
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(s);
+            let mut line = String::new();
+            let end = loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => break "closed (EOF)".to_owned(),
+                    Ok(_) if line.starts_with("tick") => {
+                        l.lock().expect("lock").push(std::time::Instant::now());
+                    }
+                    Ok(_) => {}
+                    Err(err) => break format!("{:?}", err.kind()),
+                }
+            };
+            *e.lock().expect("lock") = Some((std::time::Instant::now(), end));
+        });
+        Ok(Self { lines, ended })
+    }
+
+    fn ticks_since(&self, t: std::time::Instant) -> usize {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|x| **x > t)
+            .count()
+    }
+
+    fn ended(&self) -> Option<(std::time::Instant, String)> {
+        self.ended.lock().expect("lock").clone()
+    }
+}
+
+async fn migrate_and_wait(
+    c: &Cluster,
+    name: &str,
+    pod: &str,
+    to: &str,
+) -> anyhow::Result<MigrationPhase> {
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: 60}}\n"
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = until("migration ended", Duration::from_secs(90), async || {
+        migs.get(name)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    Ok(st.phase.expect("terminal"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_is_reset_by_a_move_and_survives_a_rollback() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("tcp", "'--mem-mib', '16'"))?;
+    // Its restore will fail (a /dev/shm file is not carried): the move rolls back.
+    c.apply(&mpod_yaml(
+        "tcpkeep",
+        "'--mem-mib', '16', '--hold-open', '/dev/shm/x'",
+    ))?;
+    let p0 = ready(&pods, "tcp-0", Duration::from_secs(60)).await?;
+    let k0 = ready(&pods, "tcpkeep-0", Duration::from_secs(60)).await?;
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    podmig_e2e::testapp::wait_count(&ip(&k0), Duration::from_secs(60)).await?;
+    let moved = HeldConnection::open(&ip(&p0))?;
+    let kept = HeldConnection::open(&ip(&k0))?;
+    let opened = std::time::Instant::now();
+    until("ticks", Duration::from_secs(10), async || {
+        (moved.ticks_since(opened) >= 3 && kept.ticks_since(opened) >= 3).then_some(())
+    })
+    .await?;
+
+    // Across nodes the Pod gets another address: the held connection ends at once (the
+    // client reconnects) instead of hanging.
+    let other = c.nodes[1 - index_of(&c, &node_of(&p0))].name.clone();
+    assert_eq!(
+        migrate_and_wait(&c, "tcp", "tcp-0", &other).await?,
+        MigrationPhase::Succeeded
+    );
+    let done = std::time::Instant::now();
+    let (at, how) = until(
+        "the held connection ended",
+        Duration::from_secs(10),
+        async || moved.ended(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: the client hangs"))?;
+    eprintln!(
+        "held connection across the move: {how}, {:?} after Succeeded",
+        at.saturating_duration_since(done)
+    );
+    assert!(
+        how != "TimedOut" && how != "WouldBlock",
+        "the connection hung: {how}"
+    );
+    assert!(
+        at < done + Duration::from_secs(5),
+        "ended {:?} after the move",
+        at.saturating_duration_since(done)
+    );
+    let p1 = ready(&pods, "tcp-1", Duration::from_secs(30)).await?;
+    let again = HeldConnection::open(&ip(&p1))?;
+    let reopened = std::time::Instant::now();
+    until(
+        "the moved app streams",
+        Duration::from_secs(10),
+        async || (again.ticks_since(reopened) >= 2).then_some(()),
+    )
+    .await?;
+    assert!(
+        get_count(&ip(&p1)).await? >= 2,
+        "listening socket restored, count kept"
+    );
+
+    // A move that rolls back leaves the connection as it was: it keeps streaming.
+    let other = c.nodes[1 - index_of(&c, &node_of(&k0))].name.clone();
+    assert_eq!(
+        migrate_and_wait(&c, "tcpkeep", "tcpkeep-0", &other).await?,
+        MigrationPhase::Failed
+    );
+    let after = std::time::Instant::now();
+    until(
+        "the kept connection streams on",
+        Duration::from_secs(10),
+        async || (kept.ticks_since(after) >= 3).then_some(()),
+    )
+    .await?;
+    assert!(kept.ended().is_none(), "{:?}", kept.ended());
+    Ok(())
+}

@@ -2,6 +2,8 @@
 //! - allocates `--mem-mib N` MiB and touches every page (memory CRIU must carry),
 //! - serves `GET /count` on `--port` (default 8080): how often it was called, counted in
 //!   memory, so a restored copy continues the count,
+//! - serves `GET /stream`: keeps the connection open and writes `tick <n>` every 100 ms
+//!   (a client holding a connection across a move sees what becomes of it),
 //! - prints `heartbeat seq=<n>` to stdout every 10 ms, a monotonic sequence a restored
 //!   copy continues in its new log,
 //! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable),
@@ -127,6 +129,12 @@ fn serve(stream: TcpStream, count: &AtomicU64) {
             format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1),
         ),
         Some("/healthz") => ("200 OK", "ok\n".to_owned()),
+        Some("/stream") => {
+            if let Ok(s) = stream.try_clone() {
+                std::thread::spawn(move || stream_ticks(s));
+            }
+            return;
+        }
         _ => ("404 Not Found", "not found\n".to_owned()),
     };
     let mut stream = &stream;
@@ -135,4 +143,26 @@ fn serve(stream: TcpStream, count: &AtomicU64) {
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// `GET /stream`: a long-lived response, one line every 100 ms until the peer goes.
+fn stream_ticks(mut stream: TcpStream) {
+    if write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return;
+    }
+    for n in 1u64.. {
+        if writeln!(stream, "tick {n}")
+            .and_then(|()| stream.flush())
+            .is_err()
+        {
+            return;
+        }
+        #[allow(clippy::disallowed_methods)] // a plain synchronous program
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
