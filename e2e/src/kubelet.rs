@@ -513,7 +513,9 @@ impl PodWorker {
                 let (reason, message) = problem
                     .clone()
                     .unwrap_or(("ContainerCreating", String::new()));
-                statuses.push(json!({"name": c.name, "ready": false, "started": false, "restartCount": 0, "image": c.image,
+                // Failed attempts count as restarts, as kubelet counts its containers' attempts.
+                let attempts = self.next_attempt.get(&c.name).copied().unwrap_or(0);
+                statuses.push(json!({"name": c.name, "ready": false, "started": false, "restartCount": attempts, "image": c.image,
                     "imageID": "", "state": {"waiting": {"reason": reason, "message": message}}}));
                 continue;
             };

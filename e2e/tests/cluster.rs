@@ -552,3 +552,34 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_create_is_retried_under_a_new_attempt_number() -> anyhow::Result<()> {
+    let c = cluster(1).await?;
+    // A migration target whose source exists nowhere: the runtime refuses every create.
+    apply(
+        &c,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: orphan\n  annotations: {podmig.dev/migrate-from: no-such-uid}\nspec:\n  runtimeClassName: podmig\n  containers:\n  - {name: app, image: podmig.local/testapp:latest}\n",
+    )?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let messages = wait_for(
+        "three refused creates",
+        Duration::from_secs(30),
+        async || {
+            let p = pods.get("orphan").await.ok()?;
+            let st = p.status?.container_statuses?.into_iter().next()?;
+            let waiting = st.state?.waiting?;
+            (st.restart_count >= 2).then(|| waiting.message.unwrap_or_default())
+        },
+    )
+    .await?;
+    assert!(
+        !messages.contains("reserved"),
+        "a retry reused the name of the refused container: {messages}"
+    );
+    assert!(
+        messages.contains("checkpoint"),
+        "the runtime's reason: {messages}"
+    );
+    Ok(())
+}
