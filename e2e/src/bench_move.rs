@@ -340,6 +340,25 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             med(&s[2]).as_millis(),
         );
     }
+    let series: Vec<crate::plot::Series> = strategies
+        .iter()
+        .enumerate()
+        .map(|(i, name)| crate::plot::Series {
+            name: (*name).to_owned(),
+            points: rows
+                .iter()
+                .map(|(mem, s)| (*mem as f64, med(&s[i]).as_secs_f64() * 1000.0))
+                .collect(),
+        })
+        .collect();
+    let svg = crate::paths::repo_root().join("docs/downtime.svg");
+    std::fs::create_dir_all(svg.parent().unwrap_or(std::path::Path::new(".")))?;
+    crate::plot::downtime_svg(
+        &svg,
+        &format!("cross-node move downtime, medians of {runs} runs (2-core VM)"),
+        &series,
+    )?;
+    println!("plot: {}", svg.display());
     for (mem, s) in &rows {
         for (i, name) in strategies.iter().enumerate() {
             println!(

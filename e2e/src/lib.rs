@@ -16,6 +16,7 @@ pub mod kubelet_logs;
 pub mod node;
 pub mod paths;
 pub mod pki;
+pub mod plot;
 pub mod process;
 pub mod scenario;
 pub mod scheduler;
