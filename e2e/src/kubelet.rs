@@ -273,50 +273,20 @@ impl PodWorker {
         }
         let mut problem = None;
         for c in &spec.containers {
-            match self.containers.get(&c.name).cloned() {
-                None => {
-                    let attempt = self.next_attempt.get(&c.name).copied().unwrap_or(0);
-                    match self.start_container(pod, c, attempt).await {
-                        Ok(id) => {
-                            self.containers.insert(
-                                c.name.clone(),
-                                Running {
-                                    id,
-                                    restarts: attempt as i32,
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            self.next_attempt.insert(c.name.clone(), attempt + 1);
-                            problem = Some(("CreateContainerError", e.to_string()));
-                        }
-                    }
-                }
+            let attempt = match self.containers.get(&c.name).cloned() {
+                None => Some(0),
                 Some(r) => {
                     let st = self.status_of(&r.id).await?;
                     let policy = spec.restart_policy.as_deref().unwrap_or("Always");
                     let restart = st.state() == cri::ContainerState::ContainerExited
                         && (policy == "Always" || (policy == "OnFailure" && st.exit_code != 0));
-                    if restart {
-                        let attempt = (r.restarts as u32 + 1)
-                            .max(self.next_attempt.get(&c.name).copied().unwrap_or(0));
-                        match self.start_container(pod, c, attempt).await {
-                            Ok(id) => {
-                                self.containers.insert(
-                                    c.name.clone(),
-                                    Running {
-                                        id,
-                                        restarts: attempt as i32,
-                                    },
-                                );
-                            }
-                            Err(e) => {
-                                self.next_attempt.insert(c.name.clone(), attempt + 1);
-                                problem = Some(("CreateContainerError", e.to_string()));
-                            }
-                        }
-                    }
+                    restart.then_some(r.restarts as u32 + 1)
                 }
+            };
+            if let Some(attempt) = attempt
+                && let Err(e) = self.start_attempt(pod, c, attempt).await
+            {
+                problem = Some(("CreateContainerError", e.to_string()));
             }
         }
         self.report(pod, problem).await?;
@@ -390,6 +360,29 @@ impl PodWorker {
         let ip = cri.sandbox_ip(&id).await?;
         self.sandbox = Some((id, config, ip));
         Ok(())
+    }
+
+    /// Starts `c` under attempt `attempt`, or a later one when creates failed before (a
+    /// retry never reuses the name of a container the runtime still holds, as in kubelet).
+    async fn start_attempt(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        attempt: u32,
+    ) -> anyhow::Result<()> {
+        let attempt = attempt.max(self.next_attempt.get(&c.name).copied().unwrap_or(0));
+        match self.start_container(pod, c, attempt).await {
+            Ok(id) => {
+                let restarts = attempt as i32;
+                self.containers
+                    .insert(c.name.clone(), Running { id, restarts });
+                Ok(())
+            }
+            Err(e) => {
+                self.next_attempt.insert(c.name.clone(), attempt + 1);
+                Err(e)
+            }
+        }
     }
 
     async fn start_container(

@@ -809,24 +809,8 @@ async fn the_writable_layer_moves_with_the_pod() -> anyhow::Result<()> {
     std::os::unix::fs::chown(rootfs.join("data/notes.txt"), Some(1000), Some(1000))?;
     std::fs::remove_file(rootfs.join("etc/group"))?;
     let other = c.nodes[1 - src].name.clone();
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: layer}}\nspec: {{podName: layer-0, targetNode: {other}, timeoutSeconds: 60}}\n"
-    ))?;
-    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration ended", Duration::from_secs(90), async || {
-        migs.get("layer")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
-    assert_eq!(
-        st.phase,
-        Some(MigrationPhase::Succeeded),
-        "{st:?}\n{}",
-        diagnostics(&c)
-    );
+    let phase = migrate_and_wait(&c, "layer", "layer-0", &other).await?;
+    assert_eq!(phase, MigrationPhase::Succeeded, "{}", diagnostics(&c));
     let p1 = ready(&pods, "layer-1", Duration::from_secs(30)).await?;
     assert!(get_count(&ip(&p1)).await? >= 2, "the count went on");
     let moved = rootfs_of(&c, 1 - src, &p1.metadata.uid.clone().unwrap_or_default())?;

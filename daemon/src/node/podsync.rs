@@ -192,6 +192,21 @@ pub enum Delivery {
     Unreachable(String),
 }
 
+impl From<Result<(), PeerError>> for Delivery {
+    /// How a `complete` call to the source went: a refusal is final, anything else may be
+    /// a source that is down.
+    fn from(r: Result<(), PeerError>) -> Self {
+        match r {
+            Ok(()) => Delivery::Taken,
+            Err(PeerError::Refused { status, body, .. }) => Delivery::Refused(format!(
+                "the source answered {status} to the commit: {}",
+                body.error
+            )),
+            Err(error) => Delivery::Unreachable(error.to_string()),
+        }
+    }
+}
+
 /// Why a restored target must stop although its restore worked: the source refused the
 /// commit, or could not be told and its deadline (when it reads the target's phase) has
 /// passed. `None`: the target runs on.
@@ -794,17 +809,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     ok,
                     error: (!ok).then(|| error.to_owned()),
                 };
-                match self.node.rt.block_on(peers.complete(host, id, &body)) {
-                    Ok(()) => Delivery::Taken,
-                    Err(PeerError::Refused { status, body, .. }) => Delivery::Refused(format!(
-                        "the source answered {status} to the commit: {}",
-                        body.error
-                    )),
-                    Err(error) => {
-                        tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
-                        Delivery::Unreachable(error.to_string())
-                    }
+                let delivery =
+                    Delivery::from(self.node.rt.block_on(peers.complete(host, id, &body)));
+                if let Delivery::Unreachable(error) = &delivery {
+                    tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
                 }
+                delivery
             }
             Handback::Drop | Handback::Rollback => Delivery::Taken,
         }

@@ -142,6 +142,17 @@ fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
         .and_then(|v| DaemonPhase::parse(v))
 }
 
+/// The target's reported phase and whether it exists, from a lookup (`None`: the API
+/// server could not be asked — it may exist: wait, the source stays frozen and no copy
+/// appears, unless the deadline passed).
+fn seen(target: Option<&Option<Pod>>) -> (Option<DaemonPhase>, bool) {
+    match target {
+        Some(Some(p)) => (phase_of(p), true),
+        Some(None) => (None, false),
+        None => (None, true),
+    }
+}
+
 /// Settles every journaled move; moves whose target is still at work are waited for in
 /// the background (their source stays frozen meanwhile and the Pod stays busy).
 pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
@@ -168,13 +179,7 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
         } else {
             target_pod(&node, e).await
         };
-        let (phase, exists) = match &target {
-            Some(Some(p)) => (phase_of(p), true),
-            Some(None) => (None, false),
-            // The API server cannot be asked: wait (the source stays frozen, no copy
-            // appears) unless the deadline passed.
-            None => (None, true),
-        };
+        let (phase, exists) = seen(target.as_ref());
         match decide_source(e, local, phase, exists) {
             SourceAction::Wait => {
                 let node = node.clone();
@@ -255,13 +260,7 @@ async fn confirm_with_source<E: CheckpointEngine>(
                 ok: true,
                 error: None,
             };
-            match peers.complete(&host, &e.migration, &body).await {
-                Ok(()) => Delivery::Taken,
-                Err(super::peer::PeerError::Refused { status, body, .. }) => {
-                    Delivery::Refused(format!("the source answered {status}: {}", body.error))
-                }
-                Err(error) => Delivery::Unreachable(error.to_string()),
-            }
+            Delivery::from(peers.complete(&host, &e.migration, &body).await)
         }
         (_, Err(why)) => Delivery::Unreachable(why),
         (None, _) => Delivery::Unreachable("no peer credentials".into()),
@@ -334,11 +333,7 @@ async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
             };
         }
         let target = target_pod(&node, &e).await;
-        let (phase, exists) = match &target {
-            Some(Some(p)) => (phase_of(p), true),
-            Some(None) => (None, false),
-            None => (None, true),
-        };
+        let (phase, exists) = seen(target.as_ref());
         match decide_source(&e, None, phase, exists) {
             SourceAction::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
             action => break action,
