@@ -227,6 +227,7 @@ impl CheckpointEngine for Runc {
             if let Some(upper) = upper {
                 crate::rootfs::capture(&upper, dir)?;
             }
+            crate::volumes::capture(&crate::volumes::running_mounts(&self.root, id), dir)?;
             Ok(out)
         });
         let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();

@@ -7,6 +7,7 @@ pub mod freezer;
 pub mod hook;
 pub mod identity;
 pub mod rootfs;
+pub mod volumes;
 pub mod wrapper;
 
 pub use error::{Error, Result};

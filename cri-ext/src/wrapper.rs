@@ -378,10 +378,15 @@ fn restore(
     };
     create_private_dir(&work)?;
     let started = Instant::now();
-    // The source's writable layer goes into this container's fresh root first.
+    // The source's writable layer goes into this container's fresh root first, its
+    // volumes into the target's mounts.
+    let images = Path::new(&from.image_path);
     let layer = crate::rootfs::bundle_rootfs(&create.bundle)
         .ok_or_else(|| Error::RestoreFailed("the bundle names no root file system".into()))
-        .and_then(|rootfs| crate::rootfs::apply(Path::new(&from.image_path), &rootfs));
+        .and_then(|rootfs| crate::rootfs::apply(images, &rootfs))
+        .and_then(|_| {
+            crate::volumes::apply(images, &crate::volumes::bundle_mounts(&create.bundle))
+        });
     let status = match &layer {
         Ok(_) => Some(
             Command::new(&cfg.runc)

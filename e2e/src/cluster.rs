@@ -324,6 +324,10 @@ impl Cluster {
                 pod_cidr: network.pod_cidr(i),
                 cri_socket: containerd.socket(),
                 logs_root: ndir.join("logs"),
+                volumes: crate::kubelet_volumes::VolumeRoots {
+                    kubelet_root: ndir.join("kubelet"),
+                    host_root: ndir.join("root"),
+                },
             };
             let logs = match tls.get(i) {
                 Some(t) => {
@@ -527,6 +531,11 @@ impl Cluster {
             drop(api);
         }
         self.network.remove(count);
+        let mut mounts = crate::containerd::mounts_under(&self.dir);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            quiet("umount", &["-l", &m]);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 

@@ -37,6 +37,8 @@ pub struct KubeletConfig {
     pub cri_socket: PathBuf,
     /// Root of the Pod log directories.
     pub logs_root: PathBuf,
+    /// Where Pod volumes live on the node.
+    pub volumes: crate::kubelet_volumes::VolumeRoots,
 }
 
 fn now() -> String {
@@ -178,6 +180,8 @@ struct PodWorker {
     init_done: bool,
     last_status: Value,
     started_at: String,
+    /// The Pod's volumes on the node, by name (made before the sandbox).
+    volume_dirs: HashMap<String, PathBuf>,
 }
 
 impl PodWorker {
@@ -192,6 +196,7 @@ impl PodWorker {
             init_done: false,
             last_status: Value::Null,
             started_at: now(),
+            volume_dirs: HashMap::new(),
         }
     }
 
@@ -306,6 +311,7 @@ impl PodWorker {
     }
 
     async fn start_sandbox(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        self.volume_dirs = crate::kubelet_volumes::set_up(&self.cfg.volumes, pod)?;
         let m = &pod.metadata;
         let (ns, name, uid) = (
             m.namespace.clone().unwrap_or_default(),
@@ -396,15 +402,11 @@ impl PodWorker {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = c.image.clone().unwrap_or_default();
-        let env = c
-            .env
-            .clone()
-            .unwrap_or_default()
+        let vars = crate::kubelet_volumes::environment(pod, c);
+        let mounts = crate::kubelet_volumes::mounts(c, &self.volume_dirs, &vars)?;
+        let env = vars
             .into_iter()
-            .map(|e| cri::KeyValue {
-                key: e.name,
-                value: e.value.unwrap_or_default(),
-            })
+            .map(|(key, value)| cri::KeyValue { key, value })
             .collect();
         let shares = c
             .resources
@@ -442,6 +444,7 @@ impl PodWorker {
             args: c.args.clone().unwrap_or_default(),
             working_dir: c.working_dir.clone().unwrap_or_default(),
             envs: env,
+            mounts,
             labels,
             log_path: format!("{}/{attempt}.log", c.name),
             linux: Some(cri::LinuxContainerConfig {
@@ -642,6 +645,8 @@ impl PodWorker {
             let mut cri = self.cri.clone();
             cri.remove_pod(&id).await?;
         }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        crate::kubelet_volumes::tear_down(&self.cfg.volumes, &uid);
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod kubelet;
 pub mod kubelet_logs;
+pub mod kubelet_volumes;
 pub mod node;
 pub mod paths;
 pub mod pki;

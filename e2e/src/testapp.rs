@@ -54,3 +54,36 @@ pub fn heartbeats(log: &std::path::Path) -> Vec<u64> {
         .filter_map(|n| n.trim().parse().ok())
         .collect()
 }
+
+/// A MigratingPod whose every restore fails, the failure tests' lever: its app holds a
+/// file open in a `hostPath` volume the Pod declares present on every node
+/// (`podmig.dev/volumes-on-every-node`), but below a subdirectory named after the Pod
+/// (`subPathExpr: $(POD_NAME)`) — the target Pod, named otherwise, finds no such file
+/// on any node, and CRIU refuses the restore.
+pub fn unrestorable_mpod_yaml(name: &str, timeout_seconds: u32, mem_mib: u32) -> String {
+    format!(
+        r#"apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {{name: {name}}}
+spec:
+  migrationTimeoutSeconds: {timeout_seconds}
+  template:
+    metadata:
+      labels: {{app: {name}}}
+      annotations: {{podmig.dev/volumes-on-every-node: state}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      volumes:
+      - {{name: state, hostPath: {{path: /srv/podmig-state, type: DirectoryOrCreate}}}}
+      containers:
+      - name: app
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '{mem_mib}', '--hold-open', '/state/state.db']
+        env:
+        - name: POD_NAME
+          valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}
+        volumeMounts:
+        - {{name: state, mountPath: /state, subPathExpr: $(POD_NAME)}}
+"#
+    )
+}

@@ -197,13 +197,8 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyhow::Result<()> {
     let (c, (_ctl, _)) = setup(2).await?;
-    // The app keeps a file of its sandbox's shared memory (/dev/shm, not carried yet)
-    // open, which the target's fresh sandbox lacks: CRIU refuses every restore there.
-    c.apply(&mpod_yaml_args(
-        "web",
-        60,
-        "'--mem-mib', '8', '--hold-open', '/dev/shm/state.db'",
-    ))?;
+    // The app keeps a file open that no target finds: CRIU refuses every restore.
+    c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml("web", 60, 8))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = running(&pods, "web-0").await?;
     let node0 = p0

@@ -3,6 +3,7 @@
 //! pod`; and the failures: a restore refused on the target, the target's daemon killed
 //! mid-transfer. After each: exactly one copy ran, the count went on, nothing is left.
 
+use anyhow::Context;
 use std::{process::Command, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -558,12 +559,8 @@ async fn drain_and_delete_move_a_migratingpod_across_nodes_with_its_state() -> a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow::Result<()> {
     let (c, _ctl) = setup().await?;
-    // The app keeps a file of its sandbox's shared memory (/dev/shm, the Pod's, not carried
-    // yet) open: the target's fresh sandbox lacks it, so CRIU refuses the restore there.
-    c.apply(&mpod_yaml(
-        "held",
-        "'--mem-mib', '8', '--hold-open', '/dev/shm/state.db'",
-    ))?;
+    // The app keeps a file open that the target finds nowhere: CRIU refuses the restore.
+    c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml("held", 60, 8))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = ready(&pods, "held-0", Duration::from_secs(60)).await?;
     let src_ip = ip(&p0);
@@ -833,6 +830,101 @@ async fn the_writable_layer_moves_with_the_pod() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The root of container `app` of Pod `uid` on node `n` as its process sees it (its
+/// mounts included), from the host: `/proc/<init pid>/root`.
+fn seen_by_app(c: &Cluster, n: usize, uid: &str) -> anyhow::Result<std::path::PathBuf> {
+    let root = c.nodes[n].containerd.runc_root();
+    let id = podmig_cri_ext::identity::find_container(&root, uid, "app")
+        .ok_or_else(|| anyhow::anyhow!("no running app container of {uid} on node {n}"))?;
+    let pid = podmig_cri_ext::identity::init_pid(&root.join(&id))
+        .ok_or_else(|| anyhow::anyhow!("no init pid for {id}"))?;
+    Ok(std::path::PathBuf::from(format!("/proc/{pid}/root")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_dirs_and_shared_memory_move_with_the_pod() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (c, _ctl) = setup().await?;
+    // The app holds files open in an emptyDir on disk, one in memory and in the Pod's
+    // /dev/shm: CRIU refuses a restore where any of them is missing.
+    c.apply(
+        r#"apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {name: vol}
+spec:
+  migrationTimeoutSeconds: 60
+  template:
+    metadata: {labels: {app: vol}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      volumes:
+      - {name: data, emptyDir: {}}
+      - {name: cache, emptyDir: {medium: Memory, sizeLimit: 64Mi}}
+      containers:
+      - name: app
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '8', '--hold-open', '/data/held.db', '--hold-open', '/cache/held', '--hold-open', '/dev/shm/held']
+        volumeMounts:
+        - {name: data, mountPath: /data}
+        - {name: cache, mountPath: /cache}
+"#,
+    )?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "vol-0", Duration::from_secs(60)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    // What the app would have written: rows in the disk volume (owner and mode kept), a
+    // cache entry in memory, a shared-memory segment.
+    let before = seen_by_app(&c, src, &p0.metadata.uid.clone().unwrap_or_default())?;
+    std::fs::create_dir_all(before.join("data/db"))
+        .with_context(|| format!("{}", before.display()))?;
+    std::fs::write(before.join("data/db/rows"), b"row 1\nrow 2\n")?;
+    std::fs::set_permissions(
+        before.join("data/db/rows"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    std::os::unix::fs::chown(before.join("data/db/rows"), Some(999), Some(999))?;
+    std::fs::write(before.join("cache/key"), b"cached value")?;
+    std::fs::write(before.join("dev/shm/segment"), vec![7u8; 1 << 20])?;
+    let other = c.nodes[1 - src].name.clone();
+    let phase = migrate_and_wait(&c, "vol", "vol-0", &other).await?;
+    assert_eq!(phase, MigrationPhase::Succeeded, "{}", diagnostics(&c));
+    let p1 = ready(&pods, "vol-1", Duration::from_secs(30)).await?;
+    assert_eq!(node_of(&p1), other);
+    assert!(get_count(&ip(&p1)).await? >= 2, "the count went on");
+    let after = seen_by_app(&c, 1 - src, &p1.metadata.uid.clone().unwrap_or_default())?;
+    assert_eq!(
+        std::fs::read(after.join("data/db/rows"))?,
+        b"row 1\nrow 2\n"
+    );
+    let meta = std::fs::metadata(after.join("data/db/rows"))?;
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o600, 999));
+    assert_eq!(std::fs::read(after.join("cache/key"))?, b"cached value");
+    assert_eq!(
+        std::fs::read(after.join("dev/shm/segment"))?,
+        vec![7u8; 1 << 20]
+    );
+    // The memory volume is memory on the target too, in the new Pod's own directory.
+    let mounts = std::fs::read_to_string(after.with_file_name("mountinfo"))?;
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/cache") && l.contains(" - tmpfs ")),
+        "{mounts}"
+    );
+    let uid1 = p1.metadata.uid.clone().unwrap_or_default();
+    assert!(
+        c.dir
+            .join(format!(
+                "node-{}/kubelet/pods/{uid1}/volumes/kubernetes.io~empty-dir/data/db/rows",
+                1 - src
+            ))
+            .exists()
+    );
+    assert_no_checkpoints(&c);
+    Ok(())
+}
+
 /// A client holding `GET /stream` open to `ip`: every line with when it came, and how the
 /// connection ended (`None` while open).
 struct HeldConnection {
@@ -909,10 +1001,9 @@ async fn a_held_connection_is_reset_by_a_move_and_survives_a_rollback() -> anyho
     let (c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&mpod_yaml("tcp", "'--mem-mib', '16'"))?;
-    // Its restore will fail (a /dev/shm file is not carried): the move rolls back.
-    c.apply(&mpod_yaml(
-        "tcpkeep",
-        "'--mem-mib', '16', '--hold-open', '/dev/shm/x'",
+    // Its restore will fail (it holds a file the target cannot have): the move rolls back.
+    c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml(
+        "tcpkeep", 60, 16,
     ))?;
     let p0 = ready(&pods, "tcp-0", Duration::from_secs(60)).await?;
     let k0 = ready(&pods, "tcpkeep-0", Duration::from_secs(60)).await?;

@@ -7,8 +7,8 @@
 //! - prints `heartbeat seq=<n>` to stdout every 10 ms, a monotonic sequence a restored
 //!   copy continues in its new log,
 //! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable),
-//! - with `--hold-open PATH`, creates PATH and keeps it open (a file in the container's
-//!   writable layer: CRIU cannot restore the app where that file is missing).
+//! - with `--hold-open PATH` (repeatable), creates PATH and keeps it open (a file in the
+//!   container's writable layer or a volume: CRIU cannot restore the app where it is missing).
 //!
 //! Plain std threads and blocking sockets: nothing a checkpoint could find surprising.
 
@@ -63,19 +63,24 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let _held = arg(&args, "--hold-open").map(|path| {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-        {
-            Ok(f) => f,
-            Err(e) => {
-                eprintln!("testapp: --hold-open {path}: {e}");
-                std::process::exit(1);
+    let _held: Vec<std::fs::File> = args
+        .windows(2)
+        .filter(|w| w[0] == "--hold-open")
+        .map(|w| {
+            let path = &w[1];
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("testapp: --hold-open {path}: {e}");
+                    std::process::exit(1);
+                }
             }
-        }
-    });
+        })
+        .collect();
     println!("testapp ready port={port} mem_mib={mem_mib} checksum={checksum}");
 
     let term = Arc::new(std::sync::atomic::AtomicBool::new(false));
