@@ -29,16 +29,17 @@ pub async fn ready_pod(
 ) -> anyhow::Result<k8s_openapi::api::core::v1::Pod> {
     until(&format!("{name} ready"), within, async || {
         let p = pods.get(name).await.ok()?;
-        let ready = p
-            .status
-            .as_ref()?
-            .conditions
-            .as_ref()?
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True");
-        ready.then_some(p)
+        is_ready(&p).then_some(p)
     })
     .await
+}
+
+/// Whether a Pod has the `Ready` condition.
+pub fn is_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Waits until Pod `name` no longer exists.

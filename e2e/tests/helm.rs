@@ -214,7 +214,9 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .unwrap_or_default();
-    for _ in 0..3 {
+    // Ready once the container runs (no readiness probe): wait for the app to listen.
+    podmig_e2e::testapp::wait_count(&ip0, Duration::from_secs(30)).await?;
+    for _ in 0..2 {
         get_count(&ip0).await?;
     }
     let from = p0
@@ -283,6 +285,64 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         "{text}\ndenied: {:?}",
         api.denials()
     );
+
+    // A Pod whose claim is bound to a local PersistentVolume is refused before anything
+    // freezes, naming the claim and the volume, and keeps running.
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: pv-ssd}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteOnce]
+  local: {{path: /mnt/ssd1}}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{from}]}}]
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: pgdata}}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 1Gi}}}}
+  volumeName: pv-ssd
+---
+apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {{name: tied}}
+spec:
+  template:
+    metadata: {{labels: {{app: tied}}}}
+    spec:
+      nodeName: {from}
+      volumes: [{{name: db, persistentVolumeClaim: {{claimName: pgdata}}}}]
+      containers:
+      - {{name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{{name: db, mountPath: /db}}]}}
+"#
+    ))?;
+    let tied = podmig_e2e::wait::ready_pod(&pods, "tied-0", Duration::from_secs(60)).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: tied}}\nspec: {{podName: tied-0, targetNode: {to}}}\n"
+    ))?;
+    let st = until("refused", Duration::from_secs(30), async || {
+        migs.get("tied")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("claim pgdata: local PersistentVolume pv-ssd at /mnt/ssd1"),
+        "{msg}"
+    );
+    let still = pods.get("tied-0").await?;
+    assert_eq!(still.metadata.uid, tied.metadata.uid);
+    assert!(podmig_e2e::wait::is_ready(&still), "it keeps running");
 
     let denied: Vec<String> = api
         .denials()

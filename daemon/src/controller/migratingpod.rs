@@ -60,7 +60,7 @@ pub struct Decision {
     pub status: MigratingPodStatus,
 }
 
-pub use super::pod::pod_index;
+pub use super::pod::{LocalClaims, pod_index};
 use super::pod::{
     annotation, has_finalizer, is_deleting as deleting, is_migrate_on_delete_target,
     is_ready as ready, node, phase, reported, reported_phase,
@@ -87,7 +87,12 @@ fn condition(
 /// Builds Pod `<mpod>-<index>` from the template; a migration target (with `from`) gets the
 /// target annotations, runs no init containers (they ran on the source, thesis §4.3) and
 /// stays on the source's node selector.
-pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) -> Pod {
+pub fn pod_from_template(
+    mpod: &MigratingPod,
+    index: u32,
+    from: Option<&Pod>,
+    local: &LocalClaims,
+) -> Pod {
     let name = format!("{}-{index}", mpod.name_any());
     let template = &mpod.spec.template;
     let mut meta = template.metadata.clone().unwrap_or_default();
@@ -102,6 +107,7 @@ pub fn pod_from_template(mpod: &MigratingPod, index: u32, from: Option<&Pod>) ->
     let movable = super::pod::node_local_volumes(
         template.spec.as_ref(),
         meta.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+        local,
     )
     .is_empty();
     meta.finalizers = movable.then(|| vec![MIGRATE_FINALIZER.into()]);
@@ -159,6 +165,17 @@ pub fn unschedulable(pod: &Pod, now: Timestamp, grace: i64) -> Option<String> {
 
 /// Decides what to do for `mpod` given the Pods it controls, at time `now`.
 pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
+    decide_with(mpod, pods, &LocalClaims::new(), now)
+}
+
+/// [`decide`], knowing which of the Pods' claims are bound to node-local volumes: a Pod
+/// with one is replaced when deleted, never moved (its data would stay behind).
+pub fn decide_with(
+    mpod: &MigratingPod,
+    pods: &[Pod],
+    local: &LocalClaims,
+    now: Timestamp,
+) -> Decision {
     let generation = mpod.metadata.generation;
     let mut status = mpod.status.clone().unwrap_or_default();
     status.observed_generation = generation;
@@ -266,7 +283,7 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
     match (pods, pair) {
         ([], _) => {
             actions.push(Action::CreatePod(Box::new(pod_from_template(
-                mpod, next_index, None,
+                mpod, next_index, None, local,
             ))));
             status.active_pod = Some(format!("{name}-{next_index}"));
             status.node = None;
@@ -444,9 +461,34 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                 &why,
             );
         }
+        ([p], _)
+            if deleting(p)
+                && has_finalizer(p)
+                && !super::pod::node_local_volumes(p.spec.as_ref(), p.annotations(), local)
+                    .is_empty() =>
+        {
+            // Bound to a node-local volume since it was made: let it go and replace it.
+            actions.push(Action::ReleaseFinalizer(p.name_any()));
+            actions.push(Action::CreatePod(Box::new(pod_from_template(
+                mpod, next_index, None, local,
+            ))));
+            status.active_pod = Some(format!("{name}-{next_index}"));
+            set(
+                &mut status,
+                MigratingPodState::Creating,
+                false,
+                "NotMigratable",
+                &format!(
+                    "{} has node-local volumes and is replaced, not moved: {}",
+                    p.name_any(),
+                    super::pod::node_local_volumes(p.spec.as_ref(), p.annotations(), local)
+                        .join(", ")
+                ),
+            );
+        }
         ([p], _) if deleting(p) && has_finalizer(p) => {
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
-            let mut target = pod_from_template(mpod, next_index, Some(p));
+            let mut target = pod_from_template(mpod, next_index, Some(p), local);
             let start = p.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
             target.metadata.annotations.get_or_insert_default().insert(
                 ANNOTATION_MIGRATION_DEADLINE.into(),
@@ -476,7 +518,7 @@ pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
                 actions.push(Action::DeletePod(p.name_any()));
             }
             actions.push(Action::CreatePod(Box::new(pod_from_template(
-                mpod, next_index, None,
+                mpod, next_index, None, local,
             ))));
             status.active_pod = Some(format!("{name}-{next_index}"));
             set(
@@ -608,6 +650,35 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_pod_whose_claim_turned_out_local_is_replaced_not_moved() {
+        let m: MigratingPod = serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1",
+            "kind": "MigratingPod", "metadata": {"name": "x", "namespace": "ns", "uid": "mp"},
+            "spec": {"template": {"spec": {"containers": [{"name": "app"}],
+                "volumes": [{"name": "db", "persistentVolumeClaim": {"claimName": "pgdata"}}]}}}}))
+        .expect("mpod");
+        let mut src = pod_from_template(&m, 0, None, &LocalClaims::new());
+        assert!(has_finalizer(&src), "unbound at creation: movable as far as known");
+        src.metadata.deletion_timestamp = Some(Time(now()));
+        src.spec.as_mut().expect("spec").node_name = Some("n1".into());
+        let local = LocalClaims::from([("pgdata".to_owned(), "local PersistentVolume pv".to_owned())]);
+        let d = decide_with(&m, std::slice::from_ref(&src), &local, now());
+        assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())), "{:?}", d.actions);
+        let created: Vec<&Pod> = d
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CreatePod(p) => Some(p.as_ref()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(created.len(), 1);
+        assert!(!has_finalizer(created[0]) && created[0].annotations().is_empty());
+        let ready = d.status.conditions.iter().find(|c| c.type_ == "Ready").expect("ready");
+        assert_eq!(ready.reason, "NotMigratable");
+        assert!(ready.message.contains("claim pgdata"), "{}", ready.message);
+    }
+
+    #[test]
     fn a_pod_tied_to_its_node_gets_no_migrate_finalizer() {
         let mpod = |annotations: serde_json::Value| -> MigratingPod {
             serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "MigratingPod",
@@ -616,12 +687,14 @@ mod tests {
                     "volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]}}}}))
             .expect("mpod")
         };
-        let tied = pod_from_template(&mpod(json!({})), 0, None);
+        let none = LocalClaims::new();
+        let tied = pod_from_template(&mpod(json!({})), 0, None, &none);
         assert_eq!(tied.metadata.finalizers, None);
         let everywhere = pod_from_template(
             &mpod(json!({podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE: "data"})),
             0,
             None,
+            &none,
         );
         assert_eq!(
             everywhere.metadata.finalizers,

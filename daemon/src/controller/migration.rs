@@ -35,6 +35,8 @@ pub struct Observed<'a> {
     pub nodes: &'a [Node],
     /// Other Migrations in the namespace.
     pub others: &'a [Migration],
+    /// The Pod's claims bound to node-local PersistentVolumes.
+    pub local_claims: &'a super::pod::LocalClaims,
 }
 
 fn fail(status: &mut MigrationStatus, reason: &str, message: String, now: Timestamp) {
@@ -84,8 +86,15 @@ pub fn decide(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus
 }
 
 /// The target Pod of Migration `m` for source `pod` of `owner`, named with `index`.
-fn build_target(m: &Migration, owner: &MigratingPod, pod: &Pod, index: u32, now: Timestamp) -> Pod {
-    let mut target = pod_from_template(owner, index, Some(pod));
+fn build_target(
+    m: &Migration,
+    owner: &MigratingPod,
+    pod: &Pod,
+    index: u32,
+    local: &super::pod::LocalClaims,
+    now: Timestamp,
+) -> Pod {
+    let mut target = pod_from_template(owner, index, Some(pod), local);
     let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     let annotations = target.metadata.annotations.get_or_insert_default();
     annotations.insert(ANNOTATION_MIGRATION_ID.into(), m.name_any());
@@ -154,7 +163,8 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             );
             return (actions, status);
         };
-        let local = super::pod::node_local_volumes(pod.spec.as_ref(), pod.annotations());
+        let local =
+            super::pod::node_local_volumes(pod.spec.as_ref(), pod.annotations(), o.local_claims);
         if !local.is_empty() {
             fail(
                 &mut status,
@@ -280,7 +290,7 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             owner_status.active_pod.as_deref(),
             owner_status.last_pod_index,
         );
-        let target = build_target(m, owner, pod, index, now);
+        let target = build_target(m, owner, pod, index, o.local_claims, now);
         status.migrating_pod = Some(owner_name.clone());
         status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
         status.target_pod = target.metadata.name.clone();
@@ -318,7 +328,12 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             && let Some(index) = super::pod::pod_index(&owner.name_any(), &target_name)
         {
             actions.push(Action::CreatePod(Box::new(build_target(
-                m, owner, pod, index, now,
+                m,
+                owner,
+                pod,
+                index,
+                o.local_claims,
+                now,
             ))));
             return (actions, status);
         }
@@ -469,8 +484,11 @@ mod tests {
             target,
             nodes,
             others,
+            local_claims: &NO_CLAIMS,
         }
     }
+
+    static NO_CLAIMS: crate::controller::pod::LocalClaims = std::collections::BTreeMap::new();
 
     #[test]
     fn bad_requests_fail_with_precise_reasons() {
@@ -590,6 +608,39 @@ mod tests {
             &observe(&m, Some(&everywhere), Some(&own), None, &nodes, &[]),
             now(),
         );
+        assert_ne!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    }
+
+    #[test]
+    fn a_pod_with_a_claim_on_a_local_volume_is_refused() {
+        let nodes = [node("n1", false), node("n2", false)];
+        let own = owner();
+        let spec = json!({"containers": [{"name": "app"}], "nodeName": "n1",
+            "volumes": [{"name": "db", "persistentVolumeClaim": {"claimName": "pgdata"}},
+                        {"name": "shared", "persistentVolumeClaim": {"claimName": "nfs"}}]});
+        let ready =
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+        let p = pod("x-0", json!({"spec": spec, "status": ready}));
+        let m = mig("m", "x-0", json!({"targetNode": "n2"}));
+        let pv: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": "pv-ssd"},
+            "spec": {"local": {"path": "/mnt/ssd1"}, "capacity": {"storage": "1Gi"}}}))
+        .expect("pv");
+        let why = crate::controller::pod::local_volume_source(&pv).expect("local");
+        let claims = crate::controller::pod::LocalClaims::from([("pgdata".to_owned(), why)]);
+        let mut o = observe(&m, Some(&p), Some(&own), None, &nodes, &[]);
+        o.local_claims = &claims;
+        let (actions, st) = decide(&o, now());
+        assert_eq!(st.reason.as_deref(), Some("NotMigratable"));
+        let msg = st.message.clone().unwrap_or_default();
+        assert!(
+            msg.contains("\"db\" (claim pgdata: local PersistentVolume pv-ssd at /mnt/ssd1)")
+                && !msg.contains("nfs"),
+            "{msg}"
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::CreatePod(_))));
+        // A network-attached claim alone does not stop a move.
+        let (_, st) = decide(&observe(&m, Some(&p), Some(&own), None, &nodes, &[]), now());
         assert_ne!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
     }
 

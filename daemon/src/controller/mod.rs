@@ -230,7 +230,16 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
                 .any(|o| o.uid == uid && o.controller == Some(true))
         })
         .collect();
-    let decision = migratingpod::decide(m, &owned, Timestamp::now());
+    let local = pod::local_claims(
+        &ctx.client,
+        ns,
+        owned
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .chain(m.spec.template.spec.as_ref()),
+    )
+    .await?;
+    let decision = migratingpod::decide_with(m, &owned, &local, Timestamp::now());
     if !decision.actions.is_empty() {
         tracing::info!(actions = ?decision.actions.iter().map(short).collect::<Vec<_>>(), "reconciling");
     }
@@ -347,6 +356,8 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         .items;
     let migrations: Api<Migration> = Api::namespaced(ctx.client.clone(), &ns);
     let others = migrations.list(&ListParams::default()).await?.items;
+    let local_claims =
+        pod::local_claims(&ctx.client, &ns, pod.as_ref().and_then(|p| p.spec.as_ref())).await?;
     let observed = migration::Observed {
         migration: &m,
         pod: pod.as_ref(),
@@ -355,6 +366,7 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         target: target.as_ref(),
         nodes: &nodes,
         others: &others,
+        local_claims: &local_claims,
     };
     let (actions, status) = migration::decide(&observed, Timestamp::now());
     let (events, effects) = split_events(actions);

@@ -8,12 +8,18 @@ use podmig_api::{
     MIGRATE_FINALIZER, contract::DaemonPhase, v1alpha1::MigrationReport,
 };
 
-/// The volumes that tie a Pod to its node (`hostPath`), unless its
-/// `podmig.dev/volumes-on-every-node` annotation names them: such a Pod cannot move, its
-/// data would stay behind. Each as `"name" (hostPath /path)`.
+/// Claims bound to node-local PersistentVolumes (`local` or `hostPath`), by claim name,
+/// each with a description of its volume: their data stays on one node.
+pub type LocalClaims = std::collections::BTreeMap<String, String>;
+
+/// The volumes that tie a Pod to its node — `hostPath` volumes and claims of node-local
+/// PersistentVolumes (`claims`) — unless its `podmig.dev/volumes-on-every-node`
+/// annotation names them: such a Pod cannot move, its data would stay behind. Each as
+/// `"name" (hostPath /path)` or `"name" (claim c: local PersistentVolume pv at /path)`.
 pub fn node_local_volumes(
     spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
     annotations: &std::collections::BTreeMap<String, String>,
+    claims: &LocalClaims,
 ) -> Vec<String> {
     let everywhere: Vec<&str> = annotations
         .get(podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE)
@@ -24,11 +30,59 @@ pub fn node_local_volumes(
         .flatten()
         .filter(|v| !everywhere.contains(&v.name.as_str()))
         .filter_map(|v| {
-            v.host_path
-                .as_ref()
-                .map(|h| format!("{:?} (hostPath {})", v.name, h.path))
+            if let Some(h) = &v.host_path {
+                return Some(format!("{:?} (hostPath {})", v.name, h.path));
+            }
+            let claim = &v.persistent_volume_claim.as_ref()?.claim_name;
+            claims
+                .get(claim)
+                .map(|pv| format!("{:?} (claim {claim}: {pv})", v.name))
         })
         .collect()
+}
+
+/// What makes PersistentVolume `pv` node-local, if anything: a `local` or `hostPath`
+/// source.
+pub fn local_volume_source(pv: &k8s_openapi::api::core::v1::PersistentVolume) -> Option<String> {
+    let spec = pv.spec.as_ref()?;
+    let name = pv.name_any();
+    if let Some(l) = &spec.local {
+        return Some(format!("local PersistentVolume {name} at {}", l.path));
+    }
+    spec.host_path
+        .as_ref()
+        .map(|h| format!("hostPath PersistentVolume {name} at {}", h.path))
+}
+
+/// Looks up which of the claims the Pods' specs use are bound to node-local volumes.
+pub async fn local_claims<'a>(
+    client: &kube::Client,
+    namespace: &str,
+    specs: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::PodSpec>,
+) -> Result<LocalClaims, kube::Error> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+    let names: std::collections::BTreeSet<String> = specs
+        .into_iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+        .collect();
+    let pvcs: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), namespace);
+    let pvs: kube::Api<PersistentVolume> = kube::Api::all(client.clone());
+    let mut out = LocalClaims::new();
+    for name in names {
+        let Some(volume) = pvcs
+            .get_opt(&name)
+            .await?
+            .and_then(|c| c.spec?.volume_name)
+            .filter(|v| !v.is_empty())
+        else {
+            continue;
+        };
+        if let Some(why) = pvs.get_opt(&volume).await?.as_ref().and_then(local_volume_source) {
+            out.insert(name, why);
+        }
+    }
+    Ok(out)
 }
 
 /// Index `n` of a Pod named `<mpod>-<n>`.

@@ -55,6 +55,11 @@ fn builtin_schemas() -> &'static HashMap<(&'static str, &'static str), Value> {
             (("", "Pod"), generate::<core::Pod>()),
             (("", "Service"), generate::<core::Service>()),
             (("", "ConfigMap"), generate::<core::ConfigMap>()),
+            (("", "PersistentVolume"), generate::<core::PersistentVolume>()),
+            (
+                ("", "PersistentVolumeClaim"),
+                generate::<core::PersistentVolumeClaim>(),
+            ),
             (("", "Secret"), generate::<core::Secret>()),
             (("", "Namespace"), generate::<core::Namespace>()),
             (("", "Node"), generate::<core::Node>()),

@@ -186,6 +186,18 @@ pub fn builtins() -> Vec<ResourceDef> {
         ResourceDef::new("", "v1", "Endpoints", "endpoints", true).short(&["ep"]),
         ResourceDef::new("", "v1", "Event", "events", true).short(&["ev"]),
         ResourceDef::new("", "v1", "ConfigMap", "configmaps", true).short(&["cm"]),
+        ResourceDef::new("", "v1", "PersistentVolume", "persistentvolumes", false)
+            .short(&["pv"])
+            .with_status(),
+        ResourceDef::new(
+            "",
+            "v1",
+            "PersistentVolumeClaim",
+            "persistentvolumeclaims",
+            true,
+        )
+        .short(&["pvc"])
+        .with_status(),
         ResourceDef::new("", "v1", "Secret", "secrets", true),
         ResourceDef::new("", "v1", "ServiceAccount", "serviceaccounts", true)
             .short(&["sa"])

@@ -153,6 +153,20 @@ const BUILTIN_COLUMNS: &[BuiltinColumns] = &[
     ),
     ("", "serviceaccounts", &[]),
     ("", "configmaps", &[]),
+    (
+        "",
+        "persistentvolumes",
+        &[
+            ("Capacity", ".spec.capacity.storage"),
+            ("Status", ".status.phase"),
+            ("Claim", ".spec.claimRef.name"),
+        ],
+    ),
+    (
+        "",
+        "persistentvolumeclaims",
+        &[("Status", ".status.phase"), ("Volume", ".spec.volumeName")],
+    ),
 ];
 
 /// Renders one object into the cells of its row.
