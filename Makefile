@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean
+.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -43,6 +43,10 @@ bench-engine: setup testapp-bin
 bench-cluster: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e bench-cluster
+
+# Rewrites the README's compatibility table from a run of the compatibility suite.
+compat-table: setup build
+	PODMIG_WRITE_README=1 $(CARGO) test -p podmig-e2e --test compat -- --nocapture
 
 # Regenerate the committed CRDs from the types in api/.
 crds:

@@ -167,6 +167,13 @@ pub struct MigrationReport {
     /// Bytes of state moved.
     #[serde(default)]
     pub bytes: u64,
+    /// Of those, the file-system state: the writable layer's changes and the Pod's
+    /// `emptyDir`/`/dev/shm` volumes.
+    #[serde(default)]
+    pub filesystem_bytes: u64,
+    /// Time spent capturing that file-system state while frozen, ms.
+    #[serde(default)]
+    pub filesystem_ms: u64,
     /// Failure reason, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -36,6 +36,8 @@ pub struct CheckpointReport {
     pub duration: Duration,
     /// Bytes of CRIU images written.
     pub image_bytes: u64,
+    /// The file-system state captured beside them (writable layer and volumes).
+    pub filesystem: crate::volumes::FilesystemCapture,
 }
 
 /// Checkpoints containers; a trait so daemon logic can be tested without runc.
@@ -119,7 +121,17 @@ pub fn log_tail(path: &Path) -> Option<String> {
         errors
     };
     let tail = lines[lines.len().saturating_sub(5)..].join("\n");
-    Some(format!("{}: {tail}", path.display()))
+    let hint = known_cause(&tail).map_or(String::new(), |h| format!("\nhint: {h}"));
+    Some(format!("{}: {tail}{hint}", path.display()))
+}
+
+/// What a CRIU failure seen often means on a node, in words an operator can act on.
+pub fn known_cause(log: &str) -> Option<&'static str> {
+    (log.contains("Can't get rlimit") && log.contains("Operation not permitted")).then_some(
+        "CRIU cannot read the resource limits of a process running as another user without \
+         CAP_SYS_RESOURCE, which the checkpointing process lacks here (a privileged DaemonSet \
+         has it; some VMs' root does not)",
+    )
 }
 
 /// Waits until process `pid` has exited (gone or a zombie), at most `limit`.
@@ -221,14 +233,23 @@ impl CheckpointEngine for Runc {
             });
         let init = crate::identity::init_pid(&self.root.join(id));
         // The writable layer is captured while the tasks are still stopped.
-        let result = run(cmd, Some(&dir.join("dump.log"))).and_then(|out| {
+        let result = run(cmd, Some(&dir.join("dump.log"))).and_then(|_| {
+            let fs_started = Instant::now();
             let upper = crate::rootfs::container_rootfs(&self.root, id)
                 .and_then(|r| crate::rootfs::upperdir_of(&r));
-            if let Some(upper) = upper {
-                crate::rootfs::capture(&upper, dir)?;
-            }
-            crate::volumes::capture(&crate::volumes::running_mounts(&self.root, id), dir)?;
-            Ok(out)
+            let layer_bytes = match upper {
+                Some(upper) => crate::rootfs::capture(&upper, dir)?,
+                None => 0,
+            };
+            let volume_bytes =
+                crate::volumes::capture(&crate::volumes::running_mounts(&self.root, id), dir)?;
+            let fs = crate::volumes::FilesystemCapture {
+                layer_bytes,
+                volume_bytes,
+                capture_ms: fs_started.elapsed().as_millis() as u64,
+            };
+            fs.write(dir)?;
+            Ok(fs)
         });
         let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();
         if let Some(f) = freezer.as_ref().filter(|_| !stay_frozen) {
@@ -250,13 +271,17 @@ impl CheckpointEngine for Runc {
             wait_exit(pid, Duration::from_secs(5));
         }
         let duration = started.elapsed();
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(dir);
-            return Err(e);
-        }
+        let filesystem = match result {
+            Ok(fs) => fs,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dir);
+                return Err(e);
+            }
+        };
         Ok(CheckpointReport {
             duration,
             image_bytes: dir_size(dir),
+            filesystem,
         })
     }
 }

@@ -21,6 +21,38 @@ use crate::{Error, Result};
 /// The list of carried volumes beside the images.
 pub const VOLUMES: &str = "volumes.json";
 
+/// What the file-system capture of one checkpoint cost, kept beside its images (in
+/// [`FILESYSTEM`]) so that the target can report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesystemCapture {
+    /// Bytes of the writable-layer archive and deletion list.
+    pub layer_bytes: u64,
+    /// Bytes of the volume archives.
+    pub volume_bytes: u64,
+    /// Time spent capturing both while the container was frozen, ms.
+    pub capture_ms: u64,
+}
+
+/// The file name of [`FilesystemCapture`] beside the images.
+pub const FILESYSTEM: &str = "filesystem.json";
+
+impl FilesystemCapture {
+    /// Writes it beside the images.
+    pub fn write(&self, images: &Path) -> Result<()> {
+        let path = images.join(FILESYSTEM);
+        std::fs::write(&path, serde_json::to_vec(self).unwrap_or_default())
+            .map_err(|e| Error::io("write", &path, e))
+    }
+
+    /// Reads it from beside the images (zero when absent).
+    pub fn read(images: &Path) -> Self {
+        std::fs::read(images.join(FILESYSTEM))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
 /// One volume carried with a container's checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CarriedVolume {

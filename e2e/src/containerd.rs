@@ -102,17 +102,24 @@ impl Containerd {
         me.proc = Some(Proc::spawn("containerd", cmd)?);
         me.wait_ready()?;
         for image in ["pause", "testapp"] {
-            me.ctr(&[
-                "images",
-                "import",
-                &paths::images_dir()
-                    .join(format!("{image}.tar"))
-                    .display()
-                    .to_string(),
-            ])
-            .with_context(|| format!("importing {image} (did scripts/setup run?)"))?;
+            me.import(image)?;
         }
         Ok(me)
+    }
+
+    /// Imports image `podmig.local/<name>:latest` built by `scripts/build-images` (the
+    /// applications' images are imported only by the tests that run them).
+    pub fn import(&self, name: &str) -> anyhow::Result<()> {
+        self.ctr(&[
+            "images",
+            "import",
+            &paths::images_dir()
+                .join(format!("{name}.tar"))
+                .display()
+                .to_string(),
+        ])
+        .with_context(|| format!("importing {name} (did scripts/setup run?)"))?;
+        Ok(())
     }
 
     /// The pid of the containerd process.

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod bench_move;
 pub mod cluster;
+pub mod compat;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;

@@ -657,12 +657,20 @@ mod tests {
                 "volumes": [{"name": "db", "persistentVolumeClaim": {"claimName": "pgdata"}}]}}}}))
         .expect("mpod");
         let mut src = pod_from_template(&m, 0, None, &LocalClaims::new());
-        assert!(has_finalizer(&src), "unbound at creation: movable as far as known");
+        assert!(
+            has_finalizer(&src),
+            "unbound at creation: movable as far as known"
+        );
         src.metadata.deletion_timestamp = Some(Time(now()));
         src.spec.as_mut().expect("spec").node_name = Some("n1".into());
-        let local = LocalClaims::from([("pgdata".to_owned(), "local PersistentVolume pv".to_owned())]);
+        let local =
+            LocalClaims::from([("pgdata".to_owned(), "local PersistentVolume pv".to_owned())]);
         let d = decide_with(&m, std::slice::from_ref(&src), &local, now());
-        assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())), "{:?}", d.actions);
+        assert!(
+            d.actions.contains(&Action::ReleaseFinalizer("x-0".into())),
+            "{:?}",
+            d.actions
+        );
         let created: Vec<&Pod> = d
             .actions
             .iter()
@@ -673,7 +681,12 @@ mod tests {
             .collect();
         assert_eq!(created.len(), 1);
         assert!(!has_finalizer(created[0]) && created[0].annotations().is_empty());
-        let ready = d.status.conditions.iter().find(|c| c.type_ == "Ready").expect("ready");
+        let ready = d
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .expect("ready");
         assert_eq!(ready.reason, "NotMigratable");
         assert!(ready.message.contains("claim pgdata"), "{}", ready.message);
     }

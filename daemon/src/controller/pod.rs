@@ -78,7 +78,12 @@ pub async fn local_claims<'a>(
         else {
             continue;
         };
-        if let Some(why) = pvs.get_opt(&volume).await?.as_ref().and_then(local_volume_source) {
+        if let Some(why) = pvs
+            .get_opt(&volume)
+            .await?
+            .as_ref()
+            .and_then(local_volume_source)
+        {
             out.insert(name, why);
         }
     }

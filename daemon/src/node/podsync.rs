@@ -841,6 +841,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
         mut result: RestoreResult,
     ) {
         let name = &c.container_name;
+        // Read before the images go: what their file-system part cost on the source.
+        let fs = podmig_cri_ext::volumes::FilesystemCapture::read(&p.images);
         if let Err(e) = self.moves.restored(name, result.ok) {
             tracing::warn!(pod_uid = %self.uid, error = %e, "restore outcome in an unexpected state");
         }
@@ -902,6 +904,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let report = MigrationReport {
             restore_ms: result.duration_ms,
             frozen_ms,
+            filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
+            filesystem_ms: fs.capture_ms,
             error: (!result.ok).then(|| {
                 format!(
                     "restore on {}: {}",

@@ -69,6 +69,7 @@ impl CheckpointEngine for FakeEngine {
         Ok(CheckpointReport {
             duration: self.delay,
             image_bytes: 1,
+            filesystem: Default::default(),
         })
     }
 }

@@ -55,7 +55,10 @@ fn builtin_schemas() -> &'static HashMap<(&'static str, &'static str), Value> {
             (("", "Pod"), generate::<core::Pod>()),
             (("", "Service"), generate::<core::Service>()),
             (("", "ConfigMap"), generate::<core::ConfigMap>()),
-            (("", "PersistentVolume"), generate::<core::PersistentVolume>()),
+            (
+                ("", "PersistentVolume"),
+                generate::<core::PersistentVolume>(),
+            ),
             (
                 ("", "PersistentVolumeClaim"),
                 generate::<core::PersistentVolumeClaim>(),

@@ -1,0 +1,537 @@
+//! The compatibility suite: real applications (their images built by
+//! `scripts/build-images` from Debian's packages) moved on the local cluster through the
+//! public API — a `Migration` to the Pod's own node, then one to the other node — each
+//! checked from outside for the state that must survive. Its rows become the README's
+//! compatibility table, written from this output and never by hand.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt};
+use podmig_api::v1alpha1::{Migration, MigrationPhase};
+
+use crate::{cluster::Cluster, wait::until};
+
+/// The README markers the table is written between.
+pub const TABLE_START: &str = "<!-- compat-table:start -->";
+/// End marker.
+pub const TABLE_END: &str = "<!-- compat-table:end -->";
+
+/// One move of one application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// The application.
+    pub app: String,
+    /// Its version, as it reports it.
+    pub version: String,
+    /// `same node` or `across nodes`.
+    pub mv: String,
+    /// What was checked after the move.
+    pub checked: String,
+    /// `ok`, or `failing: <reason>`.
+    pub outcome: String,
+    /// The Pod's frozen time, ms (0 when the move failed).
+    pub frozen_ms: u64,
+    /// Bytes of file-system state carried (writable layer + volumes).
+    pub filesystem_bytes: u64,
+    /// Time spent capturing it, ms.
+    pub filesystem_ms: u64,
+}
+
+impl Row {
+    /// The suite's output line for this move.
+    pub fn line(&self) -> String {
+        format!(
+            "podmig-compat app={} version={} move={:?} outcome={:?} frozen_ms={} filesystem_bytes={} filesystem_ms={} checked={:?}",
+            self.app,
+            self.version,
+            self.mv,
+            self.outcome,
+            self.frozen_ms,
+            self.filesystem_bytes,
+            self.filesystem_ms,
+            self.checked
+        )
+    }
+}
+
+/// An application under test.
+struct App {
+    name: &'static str,
+    image: &'static str,
+    port: u16,
+    /// What is checked after each move.
+    checks: &'static str,
+}
+
+const APPS: &[App] = &[
+    App {
+        name: "postgresql",
+        image: "postgres",
+        port: 5432,
+        checks: "1000 rows kept, postmaster start time unchanged, writes accepted",
+    },
+    App {
+        name: "memcached",
+        image: "memcached",
+        port: 11211,
+        checks: "100 keys served, same pid, uptime went on",
+    },
+    App {
+        name: "nginx",
+        image: "nginx",
+        port: 80,
+        checks: "same content, same worker PIDs",
+    },
+];
+
+fn mpod_yaml(app: &App) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {n}}}\nspec:\n  migrationTimeoutSeconds: 90\n  template:\n    metadata: {{labels: {{app: {n}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: app\n        image: 'podmig.local/{i}:latest'\n",
+        n = app.name,
+        i = app.image,
+    )
+}
+
+fn pod_ip(p: &Pod) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default()
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// State recorded before a move, checked after it.
+enum Before {
+    Postgres {
+        started: String,
+        rows: i64,
+    },
+    Memcached {
+        pid: String,
+        uptime: u64,
+    },
+    Nginx {
+        body: String,
+        workers: BTreeSet<String>,
+    },
+}
+
+// ---- clients -------------------------------------------------------------------------
+
+fn psql(ip: &str, sql: &str) -> anyhow::Result<String> {
+    let out = Command::new("psql")
+        .args([
+            "-h", ip, "-U", "postgres", "-d", "postgres", "-Atq", "-c", sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .output()
+        .context("running psql (postgresql-client)")?;
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn connect(ip: &str, port: u16) -> anyhow::Result<TcpStream> {
+    let addr = format!("{ip}:{port}").parse()?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(s)
+}
+
+/// Sends memcached text-protocol commands; returns the lines up to `until`'s first match.
+fn memcached(ip: &str, cmd: &str, end: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut s = connect(ip, 11211)?;
+    s.write_all(cmd.as_bytes())?;
+    let mut r = BufReader::new(s);
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 {
+            bail!("memcached closed the connection after {lines:?}");
+        }
+        let l = l.trim_end().to_owned();
+        let done = end.iter().any(|e| l.starts_with(e));
+        lines.push(l);
+        if done {
+            return Ok(lines);
+        }
+    }
+}
+
+fn memcached_stat(ip: &str, key: &str) -> anyhow::Result<String> {
+    memcached(ip, "stats\r\n", &["END"])?
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("STAT {key} ")).map(str::to_owned))
+        .with_context(|| format!("no stat {key}"))
+}
+
+/// `GET path` over HTTP/1.0: (headers, body).
+fn http_get(ip: &str, port: u16, path: &str) -> anyhow::Result<(String, String)> {
+    let mut s = connect(ip, port)?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok((head.to_owned(), body.to_owned()))
+}
+
+// ---- per-application state -----------------------------------------------------------
+
+/// Waits for the app to serve, records its version and the state a move must keep.
+async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
+    let ip = ip.to_owned();
+    until(
+        &format!("{} answering", app.name),
+        Duration::from_secs(60),
+        async || connect(&ip, app.port).ok().map(|_| ()),
+    )
+    .await?;
+    match app.image {
+        "postgres" => {
+            let version = until("postgres ready", Duration::from_secs(60), async || {
+                psql(&ip, "SHOW server_version").ok()
+            })
+            .await?;
+            psql(
+                &ip,
+                "CREATE TABLE moved (id serial PRIMARY KEY, note text); \
+                 INSERT INTO moved (note) SELECT 'row ' || g FROM generate_series(1, 1000) g",
+            )?;
+            let started = psql(&ip, "SELECT pg_postmaster_start_time()")?;
+            let rows = psql(&ip, "SELECT count(*) FROM moved")?.parse()?;
+            Ok((version, Before::Postgres { started, rows }))
+        }
+        "memcached" => {
+            let mut cmds = String::new();
+            for k in 0..100 {
+                cmds.push_str(&format!(
+                    "set key{k} 0 0 {} noreply\r\n",
+                    format!("v{k}").len()
+                ));
+                cmds.push_str(&format!("v{k}\r\n"));
+            }
+            cmds.push_str("version\r\n");
+            let version = memcached(&ip, &cmds, &["VERSION"])?
+                .last()
+                .and_then(|l| l.strip_prefix("VERSION ").map(str::to_owned))
+                .context("no version")?;
+            let pid = memcached_stat(&ip, "pid")?;
+            let uptime = memcached_stat(&ip, "uptime")?.parse()?;
+            Ok((version, Before::Memcached { pid, uptime }))
+        }
+        _ => {
+            let (head, body) = http_get(&ip, 80, "/")?;
+            let version = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Server: nginx/"))
+                .unwrap_or("?")
+                .to_owned();
+            let mut workers = BTreeSet::new();
+            for _ in 0..20 {
+                workers.insert(http_get(&ip, 80, "/pid")?.1.trim().to_owned());
+            }
+            Ok((version, Before::Nginx { body, workers }))
+        }
+    }
+}
+
+/// Checks the moved app against what it held before.
+fn verify(ip: &str, before: &Before) -> anyhow::Result<()> {
+    match before {
+        Before::Postgres { started, rows } => {
+            let now: i64 = psql(ip, "SELECT count(*) FROM moved")?.parse()?;
+            anyhow::ensure!(now == *rows, "{now} rows after the move, {rows} before");
+            let start = psql(ip, "SELECT pg_postmaster_start_time()")?;
+            anyhow::ensure!(
+                start == *started,
+                "the postmaster restarted: started {start}, was {started}"
+            );
+            psql(ip, "INSERT INTO moved (note) VALUES ('after the move')")?;
+            psql(ip, "DELETE FROM moved WHERE note = 'after the move'")?;
+            Ok(())
+        }
+        Before::Memcached { pid, uptime } => {
+            let mut cmd = String::from("get");
+            for k in 0..100 {
+                cmd.push_str(&format!(" key{k}"));
+            }
+            cmd.push_str("\r\n");
+            let lines = memcached(ip, &cmd, &["END"])?;
+            for k in 0..100 {
+                let at = lines
+                    .iter()
+                    .position(|l| l.starts_with(&format!("VALUE key{k} ")))
+                    .with_context(|| format!("key{k} lost"))?;
+                anyhow::ensure!(
+                    lines.get(at + 1) == Some(&format!("v{k}")),
+                    "key{k} changed"
+                );
+            }
+            let now_pid = memcached_stat(ip, "pid")?;
+            anyhow::ensure!(now_pid == *pid, "pid {now_pid}, was {pid}");
+            let now_up: u64 = memcached_stat(ip, "uptime")?.parse()?;
+            anyhow::ensure!(now_up >= *uptime, "uptime {now_up} < {uptime}: restarted");
+            Ok(())
+        }
+        Before::Nginx { body, workers } => {
+            let (_, now) = http_get(ip, 80, "/")?;
+            anyhow::ensure!(now == *body, "content changed: {now:?}");
+            for _ in 0..20 {
+                let pid = http_get(ip, 80, "/pid")?.1.trim().to_owned();
+                anyhow::ensure!(
+                    workers.contains(&pid),
+                    "worker pid {pid} not among {workers:?}: workers restarted"
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+// ---- moves ---------------------------------------------------------------------------
+
+/// Moves Pod `pod` to `to` with Migration `name`; returns its status once it ended.
+async fn migrate(
+    c: &Cluster,
+    name: &str,
+    pod: &str,
+    to: &str,
+) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: 90}}\n"
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    until(
+        &format!("migration {name} ended"),
+        Duration::from_secs(150),
+        async || {
+            migs.get(name)
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+        },
+    )
+    .await
+}
+
+/// The gist of a failed move's message: CRIU's first error and podmig's hint, if any.
+pub fn short_reason(message: &str) -> String {
+    let criu = message
+        .lines()
+        .flat_map(|l| l.split("\\n"))
+        .find_map(|l| l.split_once("Error (criu/").map(|(_, e)| e.to_owned()))
+        .map(|e| {
+            format!(
+                "CRIU: {}",
+                e.split_once("): ").map_or(e.as_str(), |(_, m)| m)
+            )
+        });
+    let hint = message
+        .split_once("hint: ")
+        .map(|(_, h)| h.lines().next().unwrap_or_default().trim_end_matches('"'));
+    match (criu, hint) {
+        (Some(c), Some(h)) => format!("{c} — {h}"),
+        (Some(c), None) => c,
+        (None, _) => message.lines().next().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Runs one application through a same-node and a cross-node move.
+async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
+    c.apply(&mpod_yaml(app))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let mut pod =
+        crate::wait::ready_pod(&pods, &format!("{}-0", app.name), Duration::from_secs(90)).await?;
+    let (version, before) = prepare(app, &pod_ip(&pod)).await?;
+    let mut rows = Vec::new();
+    let here = node_of(&pod);
+    let there = c
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| *n != here)
+        .unwrap_or_else(|| here.clone());
+    for (i, (mv, to)) in [("same node", here), ("across nodes", there)]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("{}-{}", app.name, i + 1);
+        let st = migrate(c, &name, &pod.name_any(), &to).await?;
+        let report = st.report.clone().unwrap_or_default();
+        let mut row = Row {
+            app: app.name.into(),
+            version: version.clone(),
+            mv: mv.into(),
+            checked: app.checks.into(),
+            outcome: "ok".into(),
+            frozen_ms: report.frozen_ms,
+            filesystem_bytes: report.filesystem_bytes,
+            filesystem_ms: report.filesystem_ms,
+        };
+        if st.phase != Some(MigrationPhase::Succeeded) {
+            let message = st
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("{:?}", st.phase));
+            row.outcome = format!("failing: {}", short_reason(&message));
+            row.frozen_ms = 0;
+            rows.push(row);
+            break;
+        }
+        let next = st.target_pod.clone().context("no target pod")?;
+        pod = crate::wait::ready_pod(&pods, &next, Duration::from_secs(30)).await?;
+        match verify(&pod_ip(&pod), &before) {
+            Ok(()) => {}
+            Err(e) => {
+                row.outcome = format!("failing: {e}");
+                rows.push(row);
+                break;
+            }
+        }
+        rows.push(row);
+    }
+    c.kubectl(&["delete", "migratingpod", app.name, "--wait=false"])?;
+    Ok(rows)
+}
+
+/// Runs every application; a setup failure of one is its row, not the end of the suite.
+pub async fn run(c: &Cluster) -> anyhow::Result<Vec<Row>> {
+    for n in &c.nodes {
+        for app in APPS {
+            tokio::task::block_in_place(|| n.containerd.import(app.image))?;
+        }
+    }
+    let mut rows = Vec::new();
+    for app in APPS {
+        let got = run_app(c, app).await;
+        match got {
+            Ok(r) => rows.extend(r),
+            Err(e) => rows.push(Row {
+                app: app.name.into(),
+                version: "?".into(),
+                mv: "same node".into(),
+                checked: app.checks.into(),
+                outcome: format!("failing: {e:#}"),
+                frozen_ms: 0,
+                filesystem_bytes: 0,
+                filesystem_ms: 0,
+            }),
+        }
+        for r in rows.iter().filter(|r| r.app == app.name) {
+            println!("{}", r.line());
+        }
+    }
+    Ok(rows)
+}
+
+/// The README table of a run.
+pub fn table(rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| Application | Version | Move | What was checked | Outcome | Frozen ms | File-system state carried |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} KiB in {} ms |\n",
+            r.app,
+            r.version,
+            r.mv,
+            r.checked,
+            r.outcome.replace('|', "/").replace('\n', " "),
+            r.frozen_ms,
+            r.filesystem_bytes / 1024,
+            r.filesystem_ms
+        ));
+    }
+    t
+}
+
+/// `ok` or `failing`: what of an outcome must stay as the README says.
+pub fn verdict(outcome: &str) -> &str {
+    if outcome == "ok" { "ok" } else { "failing" }
+}
+
+/// The (application, version, move, ok/failing) cells of the table in `readme`.
+pub fn readme_outcomes(readme: &str) -> Vec<[String; 4]> {
+    let Some(start) = readme.find(TABLE_START) else {
+        return vec![];
+    };
+    let end = readme[start..]
+        .find(TABLE_END)
+        .map_or(readme.len(), |e| start + e);
+    readme[start..end]
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| Application"))
+        .filter_map(|l| {
+            let cells: Vec<String> = l.split('|').map(|c| c.trim().to_owned()).collect();
+            Some([
+                cells.get(1)?.clone(),
+                cells.get(2)?.clone(),
+                cells.get(3)?.clone(),
+                verdict(cells.get(5)?).to_owned(),
+            ])
+        })
+        .collect()
+}
+
+/// `readme` with the table between the markers replaced by `table`.
+pub fn with_table(readme: &str, table: &str) -> anyhow::Result<String> {
+    let start = readme.find(TABLE_START).context("no table start marker")? + TABLE_START.len();
+    let end = readme[start..]
+        .find(TABLE_END)
+        .context("no table end marker")?
+        + start;
+    Ok(format!("{}\n{}{}", &readme[..start], table, &readme[end..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_told_by_criu_s_first_error_and_the_hint() {
+        let msg = "checkpoint failed: container \"app\": \"runc\" \"checkpoint\" failed with exit status: 1: level=error msg=\"criu failed: type NOTIFY errno 0\\nlog file: /x/dump.log\"\n--- /x/dump.log: (00.01) Handling VMA\n(00.02) Error (criu/cr-dump.c:389): Can't get rlimit 0: Operation not permitted\n(00.03) Error (criu/cr-dump.c:1975): Dumping FAILED.\nhint: CRIU cannot read the resource limits";
+        assert_eq!(
+            short_reason(msg),
+            "CRIU: Can't get rlimit 0: Operation not permitted — CRIU cannot read the resource limits"
+        );
+        assert_eq!(short_reason("target unschedulable"), "target unschedulable");
+    }
+
+    #[test]
+    fn the_readme_table_is_replaced_between_its_markers_and_read_back() {
+        let rows = vec![Row {
+            app: "nginx".into(),
+            version: "1.22.1".into(),
+            mv: "same node".into(),
+            checked: "same content".into(),
+            outcome: "ok".into(),
+            frozen_ms: 250,
+            filesystem_bytes: 30722,
+            filesystem_ms: 5,
+        }];
+        let readme = format!("# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n");
+        let new = with_table(&readme, &table(&rows)).unwrap();
+        assert!(new.ends_with(&format!("{TABLE_END}\nrest\n")) && !new.contains("old"));
+        assert_eq!(
+            readme_outcomes(&new),
+            vec![["nginx", "1.22.1", "same node", "ok"].map(String::from)]
+        );
+    }
+}
