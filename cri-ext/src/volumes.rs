@@ -261,21 +261,21 @@ mod tests {
 
     #[test]
     fn volumes_arrive_with_content_modes_and_owners_and_a_filled_one_is_kept() {
-        let src = tempfile::tempdir().unwrap();
-        let images = tempfile::tempdir().unwrap();
-        let dst = tempfile::tempdir().unwrap();
-        let shm_src = tempfile::tempdir().unwrap();
-        let shm_dst = tempfile::tempdir().unwrap();
-        std::fs::create_dir(src.path().join("db")).unwrap();
-        std::fs::write(src.path().join("db/rows"), b"1,2,3").unwrap();
+        let src = tempfile::tempdir().expect("test setup");
+        let images = tempfile::tempdir().expect("test setup");
+        let dst = tempfile::tempdir().expect("test setup");
+        let shm_src = tempfile::tempdir().expect("test setup");
+        let shm_dst = tempfile::tempdir().expect("test setup");
+        std::fs::create_dir(src.path().join("db")).expect("test setup");
+        std::fs::write(src.path().join("db/rows"), b"1,2,3").expect("test setup");
         std::fs::set_permissions(
             src.path().join("db/rows"),
             std::fs::Permissions::from_mode(0o600),
         )
-        .unwrap();
-        std::os::unix::fs::chown(src.path().join("db/rows"), Some(1000), Some(1000)).unwrap();
-        std::fs::write(shm_dst.path().join("sibling"), b"there first").unwrap();
-        std::fs::write(shm_src.path().join("seg"), b"shared").unwrap();
+        .expect("test setup");
+        std::os::unix::fs::chown(src.path().join("db/rows"), Some(1000), Some(1000)).expect("test setup");
+        std::fs::write(shm_dst.path().join("sibling"), b"there first").expect("test setup");
+        std::fs::write(shm_src.path().join("seg"), b"shared").expect("test setup");
         let src_mounts = [
             HostMount {
                 source: src.path().into(),
@@ -286,7 +286,7 @@ mod tests {
                 destination: "/dev/shm".into(),
             },
         ];
-        let bytes = capture(&src_mounts, images.path()).unwrap();
+        let bytes = capture(&src_mounts, images.path()).expect("test setup");
         assert!(bytes > 0);
         let dst_mounts = [
             HostMount {
@@ -298,10 +298,10 @@ mod tests {
                 destination: "/dev/shm".into(),
             },
         ];
-        apply(images.path(), &dst_mounts).unwrap();
+        apply(images.path(), &dst_mounts).expect("test setup");
         let rows = dst.path().join("db/rows");
-        assert_eq!(std::fs::read(&rows).unwrap(), b"1,2,3");
-        let meta = std::fs::metadata(&rows).unwrap();
+        assert_eq!(std::fs::read(&rows).expect("test setup"), b"1,2,3");
+        let meta = std::fs::metadata(&rows).expect("test setup");
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!((meta.uid(), meta.gid()), (1000, 1000));
         assert!(
@@ -309,7 +309,7 @@ mod tests {
             "a volume a sibling already filled is left alone"
         );
         // A target without the mount cannot receive the volume: the restore fails.
-        let err = apply(images.path(), &dst_mounts[1..]).unwrap_err();
+        let err = apply(images.path(), &dst_mounts[1..]).expect_err("no counterpart");
         assert!(err.to_string().contains("/data"), "{err}");
     }
 }

@@ -527,7 +527,7 @@ mod tests {
             filesystem_ms: 5,
         }];
         let readme = format!("# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n");
-        let new = with_table(&readme, &table(&rows)).unwrap();
+        let new = with_table(&readme, &table(&rows)).expect("test setup");
         assert!(new.ends_with(&format!("{TABLE_END}\nrest\n")) && !new.contains("old"));
         assert_eq!(
             readme_outcomes(&new),
