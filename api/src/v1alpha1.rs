@@ -174,9 +174,26 @@ pub struct MigrationReport {
     /// Time spent capturing that file-system state while frozen, ms.
     #[serde(default)]
     pub filesystem_ms: u64,
+    /// Per container of a multi-container Pod (all frozen together, restored one by one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerFigures>,
     /// Failure reason, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// One container's share of a move.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerFigures {
+    /// Container name.
+    pub name: String,
+    /// Bytes of its checkpoint.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Its restore, ms.
+    #[serde(default)]
+    pub restore_ms: u64,
 }
 
 /// A one-shot request to move one Pod of a MigratingPod now, without deleting it first:

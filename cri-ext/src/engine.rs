@@ -46,6 +46,13 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     /// and, unless the dump got to kill it, the container keeps running.
     fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport>;
 
+    /// Freezes container `id` without dumping it, so that all containers of a Pod stop
+    /// at one instant before any is dumped; its checkpoint then finds it frozen. Default:
+    /// nothing (each dump freezes its own container).
+    fn freeze(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Thaws a container left frozen by a `keep_frozen` checkpoint: it runs on where it
     /// stopped (the rollback of a failed move).
     fn resume(&self, _id: &str) -> Result<()> {
@@ -183,6 +190,10 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 impl CheckpointEngine for Runc {
+    fn freeze(&self, id: &str) -> Result<()> {
+        Freezer::of(&self.root, id)?.freeze()
+    }
+
     fn resume(&self, id: &str) -> Result<()> {
         Freezer::of(&self.root, id)?.thaw()
     }

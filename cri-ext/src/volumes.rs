@@ -273,7 +273,8 @@ mod tests {
             std::fs::Permissions::from_mode(0o600),
         )
         .expect("test setup");
-        std::os::unix::fs::chown(src.path().join("db/rows"), Some(1000), Some(1000)).expect("test setup");
+        std::os::unix::fs::chown(src.path().join("db/rows"), Some(1000), Some(1000))
+            .expect("test setup");
         std::fs::write(shm_dst.path().join("sibling"), b"there first").expect("test setup");
         std::fs::write(shm_src.path().join("seg"), b"shared").expect("test setup");
         let src_mounts = [

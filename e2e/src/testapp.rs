@@ -18,19 +18,39 @@ pub async fn get_count(ip: &str) -> anyhow::Result<u64> {
 
 /// `GET /count` on another port.
 pub async fn get_count_at(ip: &str, port: u16) -> anyhow::Result<u64> {
+    let body = get_at(ip, port, "/count").await?;
+    body.trim()
+        .parse()
+        .with_context(|| format!("bad count {body:?}"))
+}
+
+/// `GET path` on `port`: the body.
+pub async fn get_at(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((ip, port)))
         .await
         .context("connect timed out")??;
-    s.write_all(b"GET /count HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = String::new();
     tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut buf))
         .await
         .context("read timed out")??;
-    let body = buf.split("\r\n\r\n").nth(1).context("no body")?;
-    body.trim()
-        .parse()
-        .with_context(|| format!("bad count {body:?}"))
+    Ok(buf.split("\r\n\r\n").nth(1).context("no body")?.to_owned())
+}
+
+/// What a `--unix-peer` sidecar saw of its peer (`GET /peer`): answers, failures, last.
+pub async fn peer_stats(ip: &str, port: u16) -> anyhow::Result<(u64, u64, u64)> {
+    let body = get_at(ip, port, "/peer").await?;
+    let field = |k: &str| -> anyhow::Result<u64> {
+        body.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .with_context(|| format!("no {k} in {body:?}"))?
+            .parse()
+            .with_context(|| format!("bad {k} in {body:?}"))
+    };
+    Ok((field("ok=")?, field("failed=")?, field("last=")?))
 }
 
 /// `GET /count` until the app answers (it may still be starting).

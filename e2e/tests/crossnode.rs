@@ -925,6 +925,184 @@ spec:
     Ok(())
 }
 
+/// A two-container Pod: `app` answers on a Unix socket in a shared emptyDir, `sidecar`
+/// (HTTP on 8081) asks it every 50 ms and counts the failures. `sidecar_extra` adds YAML
+/// to the sidecar container (e.g. a volume that makes its restore fail).
+fn duo_yaml(name: &str, sidecar_args: &str, sidecar_extra: &str, pod_extra: &str) -> String {
+    format!(
+        r#"apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {{name: {name}}}
+spec:
+  migrationTimeoutSeconds: 60
+  template:
+    metadata:
+      labels: {{app: {name}}}
+      annotations: {{podmig.dev/volumes-on-every-node: state}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      volumes:
+      - {{name: shared, emptyDir: {{}}}}
+      {pod_extra}
+      containers:
+      - name: app
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '16', '--unix-listen', '/shared/app.sock']
+        volumeMounts: [{{name: shared, mountPath: /shared}}]
+      - name: sidecar
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '8', '--port', '8081', '--unix-peer', '/shared/app.sock'{sidecar_args}]
+        volumeMounts:
+        - {{name: shared, mountPath: /shared}}
+        {sidecar_extra}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_container_pod_moves_under_one_freeze() -> anyhow::Result<()> {
+    use podmig_e2e::testapp::{get_count_at, peer_stats, wait_count};
+    let (c, _ctl) = setup().await?;
+    c.apply(&duo_yaml("duo", "", "", ""))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "duo-0", Duration::from_secs(60)).await?;
+    let ip0 = ip(&p0);
+    wait_count(&ip0, Duration::from_secs(60)).await?;
+    until("sidecar", Duration::from_secs(30), async || {
+        get_count_at(&ip0, 8081).await.ok()
+    })
+    .await?;
+    let (ok0, failed0, last0) = until("sidecar reaches app", Duration::from_secs(30), async || {
+        peer_stats(&ip0, 8081)
+            .await
+            .ok()
+            .filter(|(ok, _, _)| *ok >= 5)
+    })
+    .await?;
+    let other = c.nodes[1 - index_of(&c, &node_of(&p0))].name.clone();
+    let phase = migrate_and_wait(&c, "duo", "duo-0", &other).await?;
+    assert_eq!(phase, MigrationPhase::Succeeded, "{}", diagnostics(&c));
+    let p1 = ready(&pods, "duo-1", Duration::from_secs(30)).await?;
+    let ip1 = ip(&p1);
+    assert_eq!(get_count(&ip1).await?, 2, "app's count went on");
+    assert_eq!(
+        get_count_at(&ip1, 8081).await?,
+        2,
+        "sidecar's count went on"
+    );
+    // Frozen together, restored app first: the sidecar never found the app missing.
+    let (ok1, failed1, last1) = until("sidecar polls on", Duration::from_secs(10), async || {
+        peer_stats(&ip1, 8081)
+            .await
+            .ok()
+            .filter(|(ok, _, _)| *ok > ok0 + 5)
+    })
+    .await?;
+    assert_eq!(
+        failed1, failed0,
+        "the sidecar lost the app during the move ({ok0}→{ok1} answers, last {last0}→{last1})"
+    );
+    assert!(
+        last1 > last0,
+        "the app's sequence went on: {last0} → {last1}"
+    );
+    // One report for the Pod: both containers, bytes summed, the Pod's frozen time.
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let report = migs
+        .get("duo")
+        .await?
+        .status
+        .and_then(|s| s.report)
+        .context("report")?;
+    let names: Vec<&str> = report.containers.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["app", "sidecar"], "{report:?}");
+    let per_container: u64 = report.containers.iter().map(|f| f.bytes).sum();
+    assert!(
+        report.bytes >= per_container * 9 / 10 && report.containers.iter().all(|f| f.bytes > 0),
+        "{report:?}"
+    );
+    assert!(
+        report.frozen_ms >= report.restore_ms && report.restore_ms > 0,
+        "{report:?}"
+    );
+    assert_no_checkpoints(&c);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_of_one_container_rolls_back_the_whole_pod() -> anyhow::Result<()> {
+    use podmig_e2e::testapp::{get_count_at, wait_count};
+    let (c, _ctl) = setup().await?;
+    // The sidecar (restored second) holds a file no target has: its restore fails after
+    // the app's succeeded.
+    c.apply(&duo_yaml(
+        "split",
+        ", '--hold-open', '/state/state.db'",
+        "- {name: state, mountPath: /state, subPathExpr: $(POD_NAME)}\n        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]",
+        "- {name: state, hostPath: {path: /srv/podmig-state, type: DirectoryOrCreate}}",
+    ))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "split-0", Duration::from_secs(60)).await?;
+    let ip0 = ip(&p0);
+    wait_count(&ip0, Duration::from_secs(60)).await?;
+    until("sidecar", Duration::from_secs(30), async || {
+        get_count_at(&ip0, 8081).await.ok()
+    })
+    .await?;
+    let other = c.nodes[1 - index_of(&c, &node_of(&p0))].name.clone();
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: split}}\nspec: {{podName: split-0, targetNode: {other}, timeoutSeconds: 60}}\n"
+    ))?;
+    let target_uid = until("target", Duration::from_secs(30), async || {
+        pods.get_opt("split-1").await.ok()??.metadata.uid
+    })
+    .await?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = until("migration ended", Duration::from_secs(90), async || {
+        migs.get("split")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Failed),
+        "{st:?}\n{}",
+        diagnostics(&c)
+    );
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains("sidecar"),
+        "the failing container is named: {msg}"
+    );
+    // The whole Pod runs on at the source, both containers where they were.
+    assert_eq!(get_count(&ip0).await?, 2, "app resumed at the source");
+    assert_eq!(
+        get_count_at(&ip0, 8081).await?,
+        2,
+        "sidecar resumed at the source"
+    );
+    // And nowhere else: the target's restored app was stopped, its Pod goes.
+    let target_root = c.nodes[index_of(&c, &other)].containerd.runc_root();
+    let leftovers: Vec<String> =
+        podmig_cri_ext::identity::running_containers(&target_root, &target_uid)
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+    assert!(
+        leftovers.is_empty(),
+        "a restored container still runs on the target: {leftovers:?}"
+    );
+    until("target gone", Duration::from_secs(30), async || {
+        pods.get_opt("split-1").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    assert_no_checkpoints(&c);
+    Ok(())
+}
+
 /// A client holding `GET /stream` open to `ip`: every line with when it came, and how the
 /// connection ended (`None` while open).
 struct HeldConnection {

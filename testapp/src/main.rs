@@ -10,6 +10,11 @@
 //! - with `--hold-open PATH` (repeatable), creates PATH and keeps it open (a file in the
 //!   container's writable layer or a volume: CRIU cannot restore the app where it is missing).
 //!
+//! - with `--unix-listen PATH`, answers each connection to the Unix socket PATH with its
+//!   heartbeat sequence; with `--unix-peer PATH`, asks that socket every 50 ms and serves
+//!   `GET /peer` (`ok=N failed=M last=S`): two containers of a Pod talking over a socket
+//!   in a shared volume, so a move that separates them is seen.
+//!
 //! Plain std threads and blocking sockets: nothing a checkpoint could find surprising.
 
 use std::{
@@ -91,13 +96,36 @@ fn main() {
     }
 
     let count = Arc::new(AtomicU64::new(0));
+    let heartbeat = Arc::new(AtomicU64::new(0));
+    let peer = Arc::new(PeerStats::default());
     {
-        let count = count.clone();
+        let (count, peer) = (count.clone(), peer.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                serve(stream, &count);
+                serve(stream, &count, &peer);
             }
         });
+    }
+    if let Some(path) = arg(&args, "--unix-listen") {
+        let _ = std::fs::remove_file(&path);
+        match std::os::unix::net::UnixListener::bind(&path) {
+            Ok(l) => {
+                let heartbeat = heartbeat.clone();
+                std::thread::spawn(move || {
+                    for mut s in l.incoming().flatten() {
+                        let _ = writeln!(s, "{}", heartbeat.load(Ordering::SeqCst));
+                    }
+                });
+            }
+            Err(e) => {
+                eprintln!("testapp: --unix-listen {path}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let Some(path) = arg(&args, "--unix-peer") {
+        let peer = peer.clone();
+        std::thread::spawn(move || poll_peer(&path, &peer));
     }
 
     let mut seq: u64 = 0;
@@ -108,6 +136,7 @@ fn main() {
             std::process::exit(0);
         }
         seq += 1;
+        heartbeat.store(seq, Ordering::SeqCst);
         // A failing stdout (closed pipe) must not kill the app during a move.
         let _ = writeln!(stdout.lock(), "heartbeat seq={seq}");
         #[allow(clippy::disallowed_methods)] // a plain synchronous program
@@ -116,7 +145,40 @@ fn main() {
     }
 }
 
-fn serve(stream: TcpStream, count: &AtomicU64) {
+/// What `--unix-peer` saw of its peer.
+#[derive(Default)]
+struct PeerStats {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    last: AtomicU64,
+}
+
+/// Asks the peer's socket for its sequence every 50 ms, counting answers and failures.
+fn poll_peer(path: &str, stats: &PeerStats) {
+    loop {
+        let answer = std::os::unix::net::UnixStream::connect(path).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            line.trim()
+                .parse::<u64>()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        });
+        match answer {
+            Ok(v) => {
+                stats.ok.fetch_add(1, Ordering::SeqCst);
+                stats.last.store(v, Ordering::SeqCst);
+            }
+            Err(_) => {
+                stats.failed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        #[allow(clippy::disallowed_methods)] // a plain synchronous program
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut reader = BufReader::new(&stream);
     let mut request_line = String::new();
@@ -134,6 +196,15 @@ fn serve(stream: TcpStream, count: &AtomicU64) {
             format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1),
         ),
         Some("/healthz") => ("200 OK", "ok\n".to_owned()),
+        Some("/peer") => (
+            "200 OK",
+            format!(
+                "ok={} failed={} last={}\n",
+                peer.ok.load(Ordering::SeqCst),
+                peer.failed.load(Ordering::SeqCst),
+                peer.last.load(Ordering::SeqCst)
+            ),
+        ),
         Some("/stream") => {
             if let Ok(s) = stream.try_clone() {
                 std::thread::spawn(move || stream_ticks(s));

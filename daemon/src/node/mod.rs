@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cri;
+pub mod group;
 pub mod hook;
 pub mod http;
 pub mod janitor;

@@ -41,7 +41,9 @@ use tokio::sync::oneshot;
 use crate::controller::pod::{has_finalizer, is_deleting};
 
 use super::{
-    Node, journal,
+    Node,
+    group::{Step, TargetGroup},
+    journal,
     migration::{Role, Verdict},
     peer::PeerError,
     state::{CreateAnswer, InvalidTransition, KillAnswer, MoveState, PodMoves},
@@ -177,6 +179,9 @@ enum Handback {
     Remote { host: String, id: String },
     /// A source resuming on its own node after a failed move.
     Rollback,
+    /// One container of a multi-container move: the group's handback gets the verdict
+    /// once every container is restored.
+    Group,
 }
 
 /// Whether the source took the verdict.
@@ -232,6 +237,21 @@ struct PendingRestore {
     source_uid: String,
 }
 
+/// A multi-container move being restored into this (target) Pod.
+struct GroupMove {
+    plan: TargetGroup,
+    handback: Handback,
+    frozen_at: Option<Instant>,
+    report: MigrationReport,
+    source_uid: String,
+    namespace: String,
+    pod: String,
+    /// Journal entries of the restored containers, removed when the move is settled.
+    journals: Vec<journal::Entry>,
+    /// File-system state of all containers: bytes, capture ms.
+    filesystem: (u64, u64),
+}
+
 struct ParkedKill {
     container: String,
     reply: oneshot::Sender<Answer>,
@@ -240,6 +260,8 @@ struct ParkedKill {
 /// A checkpoint that arrived for a target container.
 struct Arrival {
     dir: PathBuf,
+    /// The checkpoints of the Pod's other containers, frozen and dumped with it.
+    others: Vec<(String, PathBuf)>,
     handback: Handback,
     frozen_at: Option<Instant>,
     report: MigrationReport,
@@ -269,6 +291,7 @@ pub struct PodWorker<E> {
     moves: PodMoves,
     parked: Vec<ParkedKill>,
     pending: HashMap<String, PendingRestore>,
+    group: Option<GroupMove>,
     gone: bool,
 }
 
@@ -283,6 +306,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             moves: PodMoves::default(),
             parked: Vec::new(),
             pending: HashMap::new(),
+            group: None,
             gone: false,
         };
         if let Err(error) = std::thread::Builder::new()
@@ -301,6 +325,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.expire_parked();
+            self.expire_group();
             if self.gone && self.node.retire_worker(&self.uid, &rx) {
                 return;
             }
@@ -526,6 +551,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ann.get(ANNOTATION_MIGRATION_DEADLINE),
             self.node.settings.hold,
         );
+        if let Some(answer) = self.restore_from_group(&c, &id) {
+            let _ = reply.send(answer);
+            return;
+        }
         if let Err(e) = self.moves.begin_receive(&name, &id) {
             let _ = reply.send(Answer::Refuse(Refuse {
                 reason: e.to_string(),
@@ -586,6 +615,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let bytes = dir_size(&dir);
             Ok(Arrival {
                 dir,
+                others: Vec::new(),
                 handback: Handback::Drop,
                 frozen_at: None,
                 report: MigrationReport {
@@ -609,6 +639,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
                 if matches!(a.handback, Handback::Remote { .. }) {
                     self.node.store.remove(&a.dir);
+                    for (_, d) in &a.others {
+                        self.node.store.remove(d);
+                    }
                 }
                 Err("the target's runtime stopped waiting for the checkpoint".to_owned())
             }
@@ -653,11 +686,39 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
                     "restoring container");
                 let _ = reply.send(restore_from(&a.dir));
+                let handback = if a.others.is_empty() {
+                    a.handback
+                } else {
+                    // Every container was frozen and dumped together: they commit together.
+                    let mut dirs = vec![(name.clone(), a.dir.clone(), dir_size(&a.dir))];
+                    dirs.extend(
+                        a.others
+                            .iter()
+                            .map(|(n, d)| (n.clone(), d.clone(), dir_size(d))),
+                    );
+                    tracing::info!(pod_uid = %self.uid, migration = %id,
+                        containers = ?dirs.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                        "restoring a multi-container move");
+                    let mut plan = TargetGroup::new(&id, dirs, deadline);
+                    plan.take(&name);
+                    self.group = Some(GroupMove {
+                        plan,
+                        handback: a.handback,
+                        frozen_at: a.frozen_at,
+                        report: a.report.clone(),
+                        source_uid: source_uid.clone(),
+                        namespace: c.pod_namespace.clone(),
+                        pod: c.pod_name.clone(),
+                        journals: Vec::new(),
+                        filesystem: (0, 0),
+                    });
+                    Handback::Group
+                };
                 self.pending.insert(
                     name,
                     PendingRestore {
                         journal: Some(entry),
-                        handback: a.handback,
+                        handback,
                         images: a.dir,
                         migration: id,
                         frozen_at: a.frozen_at,
@@ -677,9 +738,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
         deadline: Instant,
     ) -> Result<Arrival, String> {
         let (tx, rx) = oneshot::channel();
+        // Every container of the source, frozen together (empty: all that run).
         let order = MigrateOrder {
             migration: id.into(),
-            containers: vec![c.container_name.clone()],
+            containers: Vec::new(),
             target: TargetRef {
                 namespace: c.pod_namespace.clone(),
                 pod: c.pod_name.clone(),
@@ -706,13 +768,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Ok(Ok(Err(e))) => return Err(e.to_string()),
             Ok(Ok(Ok(p))) => p,
         };
-        let dir = prepared
-            .images
-            .first()
-            .map(|(_, d)| d.clone())
-            .ok_or("the source handed over no images")?;
+        let (dir, others) = split_arrival(prepared.images, &c.container_name)?;
         Ok(Arrival {
             dir,
+            others,
             frozen_at: Some(prepared.frozen_at),
             report: MigrationReport {
                 checkpoint_ms: prepared.checkpoint_ms,
@@ -738,8 +797,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
         let host = self.node.node_address(source_node)?;
         let left = deadline.saturating_duration_since(Instant::now());
+        // Every container of the source, frozen together (empty: all that run).
         let req = MigrateRequest {
-            containers: vec![c.container_name.clone()],
+            containers: Vec::new(),
             handover: Some(Handover {
                 migration_id: id.into(),
                 target_namespace: c.pod_namespace.clone(),
@@ -752,7 +812,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         };
         let node = self.node.clone();
         let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
-        let (target_uid, want) = (self.uid.clone(), c.container_name.clone());
+        let target_uid = self.uid.clone();
         let store = self.node.store.clone();
         let fetched = self.node.rt.block_on(peers.fetch(
             &host,
@@ -760,21 +820,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
             &req,
             left,
             move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
-            move |container| {
-                (container == want)
-                    .then(|| store.path_for(&target_uid, container))
-                    .flatten()
-            },
+            move |container| store.path_for(&target_uid, container),
         ));
         let f = fetched.map_err(|e| e.to_string())?;
         self.node.metrics.phase_ms("transfer", f.transfer_ms);
-        let dir = f
-            .dirs
-            .first()
-            .map(|(_, d)| d.clone())
-            .ok_or("the source handed over no images")?;
+        let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
         Ok(Arrival {
             dir,
+            others,
             frozen_at: Some(f.frozen_at),
             report: MigrationReport {
                 checkpoint_ms: f.checkpoint_ms,
@@ -816,7 +869,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
                 delivery
             }
-            Handback::Drop | Handback::Rollback => Delivery::Taken,
+            Handback::Drop | Handback::Rollback | Handback::Group => Delivery::Taken,
         }
     }
 
@@ -826,7 +879,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
             tracing::warn!(pod_uid = %self.uid, container = %name, "restore report for an unknown restore");
             return;
         };
-        let journal = p.journal.clone();
+        // A group member's entry is kept by the group until the whole move is settled.
+        let journal = p
+            .journal
+            .clone()
+            .filter(|_| !matches!(p.handback, Handback::Group));
         self.settle_restore(c, p, result);
         // Forgotten only once the source has its verdict and the Pod its phase.
         if let Some(e) = journal {
@@ -860,6 +917,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             error: result.error.clone(),
         });
         self.node.metrics.phase_ms("restore", result.duration_ms);
+        if matches!(p.handback, Handback::Group) {
+            self.settle_group_member(c, p, &result, fs);
+            return;
+        }
         match &p.handback {
             Handback::Rollback => {
                 if result.ok {
@@ -880,7 +941,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
             }
             Handback::Remote { .. } => self.node.store.remove(&p.images),
-            Handback::Local(_) => {}
+            Handback::Local(_) | Handback::Group => {}
         }
         let delivered = self.hand_back(&p.handback, result.ok, &result.error);
         if result.ok
@@ -932,6 +993,214 @@ impl<E: CheckpointEngine> PodWorker<E> {
         self.node.metrics.moved("target", &outcome.to_lowercase());
         self.node
             .report_done(&c.pod_namespace, &c.pod_name, &report);
+    }
+
+    // ---- multi-container moves (target side) --------------------------------------------
+
+    /// A later container of a multi-container move: restore the checkpoint that came with
+    /// the first one. `None` when no group move `id` is under way here.
+    fn restore_from_group(&mut self, c: &ContainerIdentity, id: &str) -> Option<Answer> {
+        let g = self.group.as_mut().filter(|g| g.plan.migration == id)?;
+        let name = c.container_name.clone();
+        let refuse = |reason: String| Answer::Refuse(Refuse { reason });
+        if let Some(why) = g.plan.failure() {
+            return Some(refuse(format!("the move of this Pod failed: {why}")));
+        }
+        let Some(dir) = g.plan.take(&name) else {
+            return Some(refuse(format!(
+                "no checkpoint of container {name:?} came with move {id}"
+            )));
+        };
+        let (frozen_at, source_uid, left) = (
+            g.frozen_at,
+            g.source_uid.clone(),
+            g.plan.left(Instant::now()),
+        );
+        if let Err(e) = self
+            .moves
+            .begin_receive(&name, id)
+            .and_then(|()| self.moves.begin_restore(&name, dir.clone()))
+        {
+            let reason = e.to_string();
+            self.fail_group(reason.clone(), Vec::new(), vec![dir]);
+            return Some(refuse(reason));
+        }
+        let entry = journal::Entry {
+            migration: id.to_owned(),
+            side: journal::Side::Target,
+            pod_uid: self.uid.clone(),
+            container: name.clone(),
+            container_id: String::new(),
+            images: dir.clone(),
+            target_namespace: c.pod_namespace.clone(),
+            target_pod: c.pod_name.clone(),
+            peer_node: c
+                .annotations
+                .get(ANNOTATION_SOURCE_NODE)
+                .cloned()
+                .unwrap_or_default(),
+            deadline_unix_ms: journal::deadline_unix_ms(Instant::now() + left),
+            step: journal::Step::Restoring,
+        };
+        self.node.journal.record(&entry);
+        tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
+            images = %dir.display(), "restoring container of a multi-container move");
+        self.pending.insert(
+            name,
+            PendingRestore {
+                journal: Some(entry),
+                handback: Handback::Group,
+                images: dir.clone(),
+                migration: id.to_owned(),
+                frozen_at,
+                report: MigrationReport::default(),
+                source_uid,
+            },
+        );
+        Some(restore_from(&dir))
+    }
+
+    /// Records one container's restore in its group; settles the move when it is the
+    /// last one or a failure.
+    fn settle_group_member(
+        &mut self,
+        c: &ContainerIdentity,
+        p: PendingRestore,
+        result: &RestoreResult,
+        fs: podmig_cri_ext::volumes::FilesystemCapture,
+    ) {
+        let Some(g) = self.group.as_mut() else {
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name,
+                "restore of a group member without its group; stopping it");
+            if result.ok {
+                let _ = self.node.engine.discard(&c.container_id);
+            }
+            return;
+        };
+        if let Some(e) = p.journal {
+            g.journals.push(e);
+        }
+        g.filesystem.0 += fs.layer_bytes + fs.volume_bytes;
+        g.filesystem.1 += fs.capture_ms;
+        let remote = matches!(g.handback, Handback::Remote { .. });
+        if remote {
+            self.node.store.remove(&p.images);
+        }
+        let step = g.plan.record(
+            &c.container_name,
+            &c.container_id,
+            result.ok,
+            &result.error,
+            result.duration_ms,
+        );
+        match step {
+            Step::Waiting => {
+                tracing::info!(pod_uid = %self.uid, container = %c.container_name,
+                    migration = %p.migration, "container restored; waiting for the others");
+            }
+            Step::Complete => self.finish_group(None),
+            Step::Failed { reason, stop, drop } => self.fail_group(reason, stop, drop),
+        }
+    }
+
+    /// A group that failed: its restored containers stop, its other images go, the source
+    /// resumes.
+    fn fail_group(&mut self, reason: String, stop: Vec<String>, drop: Vec<PathBuf>) {
+        for id in &stop {
+            if let Err(error) = self.node.engine.discard(id) {
+                tracing::warn!(pod_uid = %self.uid, container_id = %id, %error,
+                    "cannot stop a restored container of a failed move");
+            }
+        }
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|g| matches!(g.handback, Handback::Remote { .. }))
+        {
+            for d in &drop {
+                self.node.store.remove(d);
+            }
+        }
+        self.finish_group(Some(reason));
+    }
+
+    /// Tells the source the verdict of the whole move and reports it on the target Pod.
+    fn finish_group(&mut self, failure: Option<String>) {
+        let Some(mut g) = self.group.take() else {
+            return;
+        };
+        let mut error = failure;
+        let delivered =
+            self.hand_back(&g.handback, error.is_none(), error.as_deref().unwrap_or(""));
+        if error.is_none()
+            && let Some(why) =
+                verdict_not_taken(&delivered, g.journals.iter().any(journal::Entry::expired))
+        {
+            tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration, %why,
+                "the source did not take the commit; stopping the restored containers");
+            for id in g.plan.restored_ids() {
+                let _ = self.node.engine.discard(&id);
+            }
+            g.plan.abandon(&why);
+            error = Some(why);
+        }
+        for e in &g.journals {
+            self.node.journal.remove(e);
+        }
+        g.journals.clear();
+        let frozen_ms = g.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let report = MigrationReport {
+            restore_ms: g.plan.restore_ms(),
+            frozen_ms,
+            filesystem_bytes: g.filesystem.0,
+            filesystem_ms: g.filesystem.1,
+            containers: g.plan.figures(),
+            error: error
+                .as_ref()
+                .map(|e| format!("restore on {}: {e}", self.node.settings.node_name)),
+            ..g.report.clone()
+        };
+        let outcome = if error.is_none() {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        if error.is_none() {
+            tracing::info!(pod_uid = %self.uid, migration = %g.plan.migration, frozen_ms,
+                containers = report.containers.len(), "every container restored");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+        } else {
+            tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration,
+                error = ?report.error, "multi-container move failed; the source resumes");
+        }
+        self.node
+            .manager
+            .update(Role::Target, &g.plan.migration, |i| {
+                i.report = report.clone()
+            });
+        self.node.manager.finish(
+            Role::Target,
+            &g.plan.migration,
+            outcome,
+            report.error.clone(),
+        );
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.report_done(&g.namespace, &g.pod, &report);
+        if error.is_some() {
+            // Kept so that the containers' retried creates are refused with the reason.
+            self.group = Some(g);
+        }
+    }
+
+    /// A group still waiting for creates past its deadline fails.
+    fn expire_group(&mut self) {
+        let step = self
+            .group
+            .as_mut()
+            .and_then(|g| g.plan.expire(Instant::now()));
+        if let Some(Step::Failed { reason, stop, drop }) = step {
+            self.fail_group(reason, stop, drop);
+        }
     }
 
     // ---- the source side of a move ----------------------------------------------------
@@ -1039,6 +1308,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .collect();
         for e in &entries {
             self.node.journal.record(e);
+        }
+        if jobs.len() > 1 {
+            // All containers stop at one instant before any is dumped: state they share
+            // (memory, pipes, files in a shared volume) is caught consistent.
+            for (cid, name, _) in &jobs {
+                if let Err(error) = engine.freeze(cid) {
+                    tracing::warn!(pod_uid = %self.uid, container = %name, %error,
+                        "cannot pre-freeze; its dump freezes it");
+                }
+            }
         }
         let results: Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> =
             std::thread::scope(|s| {
@@ -1358,6 +1637,20 @@ impl<E: CheckpointEngine> PodWorker<E> {
             );
         }
     }
+}
+
+/// The images of container `name` and those of its siblings, from what the source handed over.
+fn split_arrival(
+    images: Vec<(String, PathBuf)>,
+    name: &str,
+) -> Result<(PathBuf, Vec<(String, PathBuf)>), String> {
+    let (mine, others): (Vec<_>, Vec<_>) = images.into_iter().partition(|(n, _)| n == name);
+    let dir = mine
+        .into_iter()
+        .next()
+        .map(|(_, d)| d)
+        .ok_or_else(|| format!("the source handed over no images of container {name:?}"))?;
+    Ok((dir, others))
 }
 
 fn restore_from(images: &std::path::Path) -> Answer {
