@@ -85,6 +85,12 @@ const APPS: &[App] = &[
         checks: "100 keys served, same pid, uptime went on",
     },
     App {
+        name: "app+sidecar",
+        image: "testapp",
+        port: 8080,
+        checks: "both counts went on, the sidecar never lost the app's Unix socket in their shared emptyDir",
+    },
+    App {
         name: "nginx",
         image: "nginx",
         port: 80,
@@ -92,7 +98,37 @@ const APPS: &[App] = &[
     },
 ];
 
+/// Kubernetes name of an app's MigratingPod.
+fn kube_name(app: &App) -> String {
+    app.name.replace('+', "-")
+}
+
 fn mpod_yaml(app: &App) -> String {
+    if app.image == "testapp" {
+        return format!(
+            r#"apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {{name: {n}}}
+spec:
+  migrationTimeoutSeconds: 90
+  template:
+    metadata: {{labels: {{app: {n}}}}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      volumes: [{{name: shared, emptyDir: {{}}}}]
+      containers:
+      - name: app
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '32', '--unix-listen', '/shared/app.sock', '--hold-open', '/shared/journal']
+        volumeMounts: [{{name: shared, mountPath: /shared}}]
+      - name: sidecar
+        image: podmig.local/testapp:latest
+        args: ['--mem-mib', '8', '--port', '8081', '--unix-peer', '/shared/app.sock']
+        volumeMounts: [{{name: shared, mountPath: /shared}}]
+"#,
+            n = kube_name(app)
+        );
+    }
     format!(
         "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {n}}}\nspec:\n  migrationTimeoutSeconds: 90\n  template:\n    metadata: {{labels: {{app: {n}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: app\n        image: 'podmig.local/{i}:latest'\n",
         n = app.name,
@@ -127,6 +163,12 @@ enum Before {
     Nginx {
         body: String,
         workers: BTreeSet<String>,
+    },
+    Duo {
+        count: u64,
+        sidecar: u64,
+        failed: u64,
+        last: u64,
     },
 }
 
@@ -217,6 +259,27 @@ async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
             let rows = psql(&ip, "SELECT count(*) FROM moved")?.parse()?;
             Ok((version, Before::Postgres { started, rows }))
         }
+        "testapp" => {
+            use crate::testapp::{get_count_at, peer_stats};
+            let count = get_count_at(&ip, 8080).await?;
+            let sidecar = until("sidecar", Duration::from_secs(30), async || {
+                get_count_at(&ip, 8081).await.ok()
+            })
+            .await?;
+            let (_, failed, last) = until("sidecar reaches app", Duration::from_secs(30), async || {
+                peer_stats(&ip, 8081).await.ok().filter(|(ok, _, _)| *ok >= 5)
+            })
+            .await?;
+            Ok((
+                "podmig testapp".into(),
+                Before::Duo {
+                    count,
+                    sidecar,
+                    failed,
+                    last,
+                },
+            ))
+        }
         "memcached" => {
             let mut cmds = String::new();
             for k in 0..100 {
@@ -251,10 +314,33 @@ async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
     }
 }
 
-/// Checks the moved app against what it held before.
-fn verify(ip: &str, before: &Before) -> anyhow::Result<()> {
+/// Checks the moved app against what it held before (and records the state the next
+/// move must keep).
+async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
     match before {
+        Before::Duo {
+            count,
+            sidecar,
+            failed,
+            last,
+        } => {
+            use crate::testapp::{get_count_at, peer_stats};
+            let now = get_count_at(ip, 8080).await?;
+            anyhow::ensure!(now == *count + 1, "app count {now} after {count}: restarted");
+            let side = get_count_at(ip, 8081).await?;
+            anyhow::ensure!(side == *sidecar + 1, "sidecar count {side} after {sidecar}");
+            let (_, f, l) = peer_stats(ip, 8081).await?;
+            anyhow::ensure!(
+                f == *failed,
+                "the sidecar lost the app {} times during the move",
+                f - *failed
+            );
+            anyhow::ensure!(l > *last, "the app's sequence did not go on: {l} after {last}");
+            (*count, *sidecar, *last) = (now, side, l);
+            Ok(())
+        }
         Before::Postgres { started, rows } => {
+            let (started, rows) = (&*started, &*rows);
             let now: i64 = psql(ip, "SELECT count(*) FROM moved")?.parse()?;
             anyhow::ensure!(now == *rows, "{now} rows after the move, {rows} before");
             let start = psql(ip, "SELECT pg_postmaster_start_time()")?;
@@ -267,6 +353,7 @@ fn verify(ip: &str, before: &Before) -> anyhow::Result<()> {
             Ok(())
         }
         Before::Memcached { pid, uptime } => {
+            let (pid, uptime) = (&*pid, &*uptime);
             let mut cmd = String::from("get");
             for k in 0..100 {
                 cmd.push_str(&format!(" key{k}"));
@@ -290,6 +377,7 @@ fn verify(ip: &str, before: &Before) -> anyhow::Result<()> {
             Ok(())
         }
         Before::Nginx { body, workers } => {
+            let (body, workers) = (&*body, &*workers);
             let (_, now) = http_get(ip, 80, "/")?;
             anyhow::ensure!(now == *body, "content changed: {now:?}");
             for _ in 0..20 {
@@ -358,8 +446,8 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
     c.apply(&mpod_yaml(app))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let mut pod =
-        crate::wait::ready_pod(&pods, &format!("{}-0", app.name), Duration::from_secs(90)).await?;
-    let (version, before) = prepare(app, &pod_ip(&pod)).await?;
+        crate::wait::ready_pod(&pods, &format!("{}-0", kube_name(app)), Duration::from_secs(90)).await?;
+    let (version, mut before) = prepare(app, &pod_ip(&pod)).await?;
     let mut rows = Vec::new();
     let here = node_of(&pod);
     let there = c
@@ -372,7 +460,7 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         .into_iter()
         .enumerate()
     {
-        let name = format!("{}-{}", app.name, i + 1);
+        let name = format!("{}-{}", kube_name(app), i + 1);
         let st = migrate(c, &name, &pod.name_any(), &to).await?;
         let report = st.report.clone().unwrap_or_default();
         let mut row = Row {
@@ -397,7 +485,7 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         }
         let next = st.target_pod.clone().context("no target pod")?;
         pod = crate::wait::ready_pod(&pods, &next, Duration::from_secs(30)).await?;
-        match verify(&pod_ip(&pod), &before) {
+        match verify(&pod_ip(&pod), &mut before).await {
             Ok(()) => {}
             Err(e) => {
                 row.outcome = format!("failing: {e}");
@@ -407,14 +495,14 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         }
         rows.push(row);
     }
-    c.kubectl(&["delete", "migratingpod", app.name, "--wait=false"])?;
+    c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
     Ok(rows)
 }
 
 /// Runs every application; a setup failure of one is its row, not the end of the suite.
 pub async fn run(c: &Cluster) -> anyhow::Result<Vec<Row>> {
     for n in &c.nodes {
-        for app in APPS {
+        for app in APPS.iter().filter(|a| a.image != "testapp") {
             tokio::task::block_in_place(|| n.containerd.import(app.image))?;
         }
     }

@@ -322,11 +322,53 @@ impl Cri {
         Ok(())
     }
 
-    /// Removes every sandbox (test teardown).
+    /// The network namespace file of sandbox `id` (from its verbose status).
+    pub async fn sandbox_netns(&mut self, id: &str) -> anyhow::Result<Option<PathBuf>> {
+        let info = self
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            })
+            .await?
+            .into_inner()
+            .info;
+        let spec: serde_json::Value = info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_default();
+        Ok(spec["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|ns| ns.iter().find(|n| n["type"] == "network"))
+            .and_then(|n| n["path"].as_str())
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from))
+    }
+
+    /// Removes every sandbox (test teardown), each even when another fails, and then the
+    /// network namespaces of any the runtime could not tear down.
     pub async fn remove_all_sandboxes(&mut self) -> anyhow::Result<()> {
-        for id in self.sandboxes().await? {
-            self.remove_pod(&id).await?;
+        let ids = self.sandboxes().await?;
+        let mut netns = Vec::new();
+        for id in &ids {
+            if let Ok(Some(p)) = self.sandbox_netns(id).await {
+                netns.push(p);
+            }
         }
-        Ok(())
+        let mut first_error = None;
+        for id in &ids {
+            if let Err(e) = self.remove_pod(id).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        for p in netns.iter().filter(|p| p.exists()) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(p)
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = std::fs::remove_file(p);
+        }
+        first_error.map_or(Ok(()), Err)
     }
 }
