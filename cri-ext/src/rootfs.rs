@@ -70,7 +70,16 @@ pub fn upperdir_in(mountinfo: &str, mountpoint: &Path) -> Option<PathBuf> {
     })
 }
 
-/// Entries of `upper` relative to it: (kept entries, whiteouts = deletions).
+/// Whether overlayfs marked directory `dir` of an upper layer opaque: it replaces the
+/// lower layers' directory instead of merging with it.
+pub fn is_opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|name| matches!(xattr::get(dir, name), Ok(Some(v)) if v.as_slice() == b"y"))
+}
+
+/// Entries of `upper` relative to it: (kept entries, deletions: whiteouts and opaque
+/// directories, which are removed on the target before the kept entries arrive).
 fn walk(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let (mut kept, mut deleted) = (Vec::new(), Vec::new());
     let mut stack = vec![PathBuf::new()];
@@ -84,6 +93,10 @@ fn walk(upper: &Path) -> std::io::Result<(Vec<PathBuf>, Vec<PathBuf>)> {
                 deleted.push(path);
             } else {
                 if ft.is_dir() {
+                    if is_opaque(&upper.join(&path)) {
+                        // Deleted and made again: the image's entries below it are gone.
+                        deleted.push(path.clone());
+                    }
                     stack.push(path.clone());
                 }
                 kept.push(path);
@@ -119,6 +132,9 @@ pub fn capture(upper: &Path, images: &Path) -> Result<u64> {
             "--numeric-owner",
             "--xattrs",
             "--xattrs-include=*",
+            // overlayfs' own marks mean nothing on the target, which refuses them.
+            "--xattrs-exclude=trusted.overlay.*",
+            "--xattrs-exclude=user.overlay.*",
             "--acls",
             "--no-recursion",
             "--null",
@@ -278,5 +294,55 @@ mod tests {
         assert!(rootfs.join("etc/passwd").exists());
         // No captured layer: nothing to do.
         assert!(!apply(&tmp.path().join("none"), &rootfs).expect("nothing"));
+    }
+
+    /// A directory of the image deleted and made again in a real overlay mount is opaque
+    /// in the upper layer: on the target it replaces the image's, it is not merged.
+    #[test]
+    fn a_directory_deleted_and_made_again_replaces_the_image_s() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let p = |s: &str| tmp.path().join(s);
+        for d in [
+            "lower/srv",
+            "upper",
+            "work",
+            "merged",
+            "images",
+            "target/srv",
+        ] {
+            std::fs::create_dir_all(p(d)).expect("dir");
+        }
+        for root in ["lower", "target"] {
+            std::fs::write(p(root).join("srv/old.txt"), b"image").expect("write");
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            p("lower").display(),
+            p("upper").display(),
+            p("work").display()
+        );
+        let mounted = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(p("merged"))
+            .status()
+            .expect("mount");
+        assert!(mounted.success(), "overlay mount");
+        let merged = p("merged");
+        let result = std::panic::catch_unwind(|| {
+            std::fs::remove_dir_all(merged.join("srv")).expect("rm");
+            std::fs::create_dir(merged.join("srv")).expect("mkdir");
+            std::fs::write(merged.join("srv/new.txt"), b"container").expect("write");
+        });
+        let _ = Command::new("umount").arg(&merged).status();
+        result.expect("changes through the overlay");
+        assert!(is_opaque(&p("upper/srv")), "overlayfs marked it opaque");
+        capture(&p("upper"), &p("images")).expect("capture");
+        assert!(apply(&p("images"), &p("target")).expect("apply"));
+        assert_eq!(
+            std::fs::read(p("target/srv/new.txt")).expect("new"),
+            b"container"
+        );
+        assert!(!p("target/srv/old.txt").exists(), "replaced, not merged");
+        assert!(!is_opaque(&p("target/srv")), "overlay marks stay behind");
     }
 }

@@ -266,10 +266,14 @@ async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
                 get_count_at(&ip, 8081).await.ok()
             })
             .await?;
-            let (_, failed, last) = until("sidecar reaches app", Duration::from_secs(30), async || {
-                peer_stats(&ip, 8081).await.ok().filter(|(ok, _, _)| *ok >= 5)
-            })
-            .await?;
+            let (_, failed, last) =
+                until("sidecar reaches app", Duration::from_secs(30), async || {
+                    peer_stats(&ip, 8081)
+                        .await
+                        .ok()
+                        .filter(|(ok, _, _)| *ok >= 5)
+                })
+                .await?;
             Ok((
                 "podmig testapp".into(),
                 Before::Duo {
@@ -326,7 +330,10 @@ async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
         } => {
             use crate::testapp::{get_count_at, peer_stats};
             let now = get_count_at(ip, 8080).await?;
-            anyhow::ensure!(now == *count + 1, "app count {now} after {count}: restarted");
+            anyhow::ensure!(
+                now == *count + 1,
+                "app count {now} after {count}: restarted"
+            );
             let side = get_count_at(ip, 8081).await?;
             anyhow::ensure!(side == *sidecar + 1, "sidecar count {side} after {sidecar}");
             let (_, f, l) = peer_stats(ip, 8081).await?;
@@ -335,7 +342,10 @@ async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
                 "the sidecar lost the app {} times during the move",
                 f - *failed
             );
-            anyhow::ensure!(l > *last, "the app's sequence did not go on: {l} after {last}");
+            anyhow::ensure!(
+                l > *last,
+                "the app's sequence did not go on: {l} after {last}"
+            );
             (*count, *sidecar, *last) = (now, side, l);
             Ok(())
         }
@@ -445,8 +455,12 @@ pub fn short_reason(message: &str) -> String {
 async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
     c.apply(&mpod_yaml(app))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let mut pod =
-        crate::wait::ready_pod(&pods, &format!("{}-0", kube_name(app)), Duration::from_secs(90)).await?;
+    let mut pod = crate::wait::ready_pod(
+        &pods,
+        &format!("{}-0", kube_name(app)),
+        Duration::from_secs(90),
+    )
+    .await?;
     let (version, mut before) = prepare(app, &pod_ip(&pod)).await?;
     let mut rows = Vec::new();
     let here = node_of(&pod);
