@@ -84,6 +84,18 @@ fn condition(
     }
 }
 
+/// Volumes that keep a deleted Pod from moving to a node the scheduler picks: node-local
+/// ones and claims that attach to one node or Pod. Such a Pod is replaced when deleted.
+fn unmovable_volumes(
+    spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+    annotations: &BTreeMap<String, String>,
+    local: &LocalClaims,
+) -> Vec<String> {
+    let mut v = super::pod::node_local_volumes(spec, annotations, local);
+    v.extend(super::pod::single_node_volumes(spec, local).0);
+    v
+}
+
 /// Builds Pod `<mpod>-<index>` from the template; a migration target (with `from`) gets the
 /// target annotations, runs no init containers (they ran on the source, thesis §4.3) and
 /// stays on the source's node selector.
@@ -104,7 +116,7 @@ pub fn pod_from_template(
         .insert(LABEL_MIGRATING_POD.into(), mpod.name_any());
     // A Pod tied to its node by its volumes is not moved when deleted: it is replaced,
     // as a Deployment's would be.
-    let movable = super::pod::node_local_volumes(
+    let movable = unmovable_volumes(
         template.spec.as_ref(),
         meta.annotations.as_ref().unwrap_or(&BTreeMap::new()),
         local,
@@ -165,7 +177,7 @@ pub fn unschedulable(pod: &Pod, now: Timestamp, grace: i64) -> Option<String> {
 
 /// Decides what to do for `mpod` given the Pods it controls, at time `now`.
 pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
-    decide_with(mpod, pods, &LocalClaims::new(), now)
+    decide_with(mpod, pods, &LocalClaims::NONE, now)
 }
 
 /// [`decide`], knowing which of the Pods' claims are bound to node-local volumes: a Pod
@@ -464,8 +476,7 @@ pub fn decide_with(
         ([p], _)
             if deleting(p)
                 && has_finalizer(p)
-                && !super::pod::node_local_volumes(p.spec.as_ref(), p.annotations(), local)
-                    .is_empty() =>
+                && !unmovable_volumes(p.spec.as_ref(), p.annotations(), local).is_empty() =>
         {
             // Bound to a node-local volume since it was made: let it go and replace it.
             actions.push(Action::ReleaseFinalizer(p.name_any()));
@@ -481,8 +492,7 @@ pub fn decide_with(
                 &format!(
                     "{} has node-local volumes and is replaced, not moved: {}",
                     p.name_any(),
-                    super::pod::node_local_volumes(p.spec.as_ref(), p.annotations(), local)
-                        .join(", ")
+                    unmovable_volumes(p.spec.as_ref(), p.annotations(), local).join(", ")
                 ),
             );
         }
@@ -656,15 +666,17 @@ mod tests {
             "spec": {"template": {"spec": {"containers": [{"name": "app"}],
                 "volumes": [{"name": "db", "persistentVolumeClaim": {"claimName": "pgdata"}}]}}}}))
         .expect("mpod");
-        let mut src = pod_from_template(&m, 0, None, &LocalClaims::new());
+        let mut src = pod_from_template(&m, 0, None, &LocalClaims::NONE);
         assert!(
             has_finalizer(&src),
             "unbound at creation: movable as far as known"
         );
         src.metadata.deletion_timestamp = Some(Time(now()));
         src.spec.as_mut().expect("spec").node_name = Some("n1".into());
-        let local =
-            LocalClaims::from([("pgdata".to_owned(), "local PersistentVolume pv".to_owned())]);
+        let local = LocalClaims {
+            node_local: [("pgdata".to_owned(), "local PersistentVolume pv".to_owned())].into(),
+            ..Default::default()
+        };
         let d = decide_with(&m, std::slice::from_ref(&src), &local, now());
         assert!(
             d.actions.contains(&Action::ReleaseFinalizer("x-0".into())),
@@ -700,7 +712,7 @@ mod tests {
                     "volumes": [{"name": "data", "hostPath": {"path": "/srv"}}]}}}}))
             .expect("mpod")
         };
-        let none = LocalClaims::new();
+        let none = LocalClaims::NONE;
         let tied = pod_from_template(&mpod(json!({})), 0, None, &none);
         assert_eq!(tied.metadata.finalizers, None);
         let everywhere = pod_from_template(

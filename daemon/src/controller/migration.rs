@@ -178,6 +178,32 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
             );
             return (actions, status);
         }
+        let (exclusive, per_pod) =
+            super::pod::single_node_volumes(pod.spec.as_ref(), o.local_claims);
+        let source_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        let same_node =
+            m.spec.target_node.is_some() && m.spec.target_node.as_deref() == source_node;
+        if !exclusive.is_empty() && (per_pod || !same_node) {
+            fail(
+                &mut status,
+                "NotMigratable",
+                format!(
+                    "Pod {pod_name:?} has volumes that attach to {} only: {}; the source holds them until the target runs, so {}",
+                    if per_pod { "one Pod" } else { "one node" },
+                    exclusive.join(", "),
+                    if per_pod {
+                        "it cannot move".to_owned()
+                    } else {
+                        format!(
+                            "it can move only within its node (targetNode: {})",
+                            source_node.unwrap_or("its node")
+                        )
+                    }
+                ),
+                now,
+            );
+            return (actions, status);
+        }
         if pod.metadata.deletion_timestamp.is_none() && !is_ready(pod) {
             // Only a running Pod has state to move; one still starting is waited for.
             let age = m
@@ -488,7 +514,8 @@ mod tests {
         }
     }
 
-    static NO_CLAIMS: crate::controller::pod::LocalClaims = std::collections::BTreeMap::new();
+    static NO_CLAIMS: crate::controller::pod::LocalClaims =
+        crate::controller::pod::LocalClaims::NONE;
 
     #[test]
     fn bad_requests_fail_with_precise_reasons() {
@@ -627,7 +654,10 @@ mod tests {
             "spec": {"local": {"path": "/mnt/ssd1"}, "capacity": {"storage": "1Gi"}}}))
         .expect("pv");
         let why = crate::controller::pod::local_volume_source(&pv).expect("local");
-        let claims = crate::controller::pod::LocalClaims::from([("pgdata".to_owned(), why)]);
+        let claims = crate::controller::pod::LocalClaims {
+            node_local: [("pgdata".to_owned(), why)].into(),
+            ..Default::default()
+        };
         let mut o = observe(&m, Some(&p), Some(&own), None, &nodes, &[]);
         o.local_claims = &claims;
         let (actions, st) = decide(&o, now());
@@ -642,6 +672,41 @@ mod tests {
         // A network-attached claim alone does not stop a move.
         let (_, st) = decide(&observe(&m, Some(&p), Some(&own), None, &nodes, &[]), now());
         assert_ne!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    }
+
+    #[test]
+    fn a_read_write_once_claim_moves_only_within_its_node() {
+        let nodes = [node("n1", false), node("n2", false)];
+        let own = owner();
+        let spec = json!({"containers": [{"name": "app"}], "nodeName": "n1",
+            "volumes": [{"name": "db", "persistentVolumeClaim": {"claimName": "disk"}}]});
+        let ready =
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+        let p = pod("x-0", json!({"spec": spec, "status": ready}));
+        let mut claims = crate::controller::pod::LocalClaims::default();
+        claims
+            .single_node
+            .insert("disk".into(), "ReadWriteOnce".into());
+        let reason = |target: &str, claims: &crate::controller::pod::LocalClaims| {
+            let m = mig("m", "x-0", json!({"targetNode": target}));
+            let mut o = observe(&m, Some(&p), Some(&own), None, &nodes, &[]);
+            o.local_claims = claims;
+            let (_, st) = decide(&o, now());
+            (st.reason, st.message.unwrap_or_default())
+        };
+        let (r, msg) = reason("n2", &claims);
+        assert_eq!(r.as_deref(), Some("NotMigratable"));
+        assert!(
+            msg.contains("\"db\" (claim disk: ReadWriteOnce)") && msg.contains("targetNode: n1"),
+            "{msg}"
+        );
+        assert_ne!(reason("n1", &claims).0.as_deref(), Some("NotMigratable"));
+        claims
+            .single_node
+            .insert("disk".into(), "ReadWriteOncePod".into());
+        let (r, msg) = reason("n1", &claims);
+        assert_eq!(r.as_deref(), Some("NotMigratable"), "{msg}");
+        assert!(msg.contains("one Pod"), "{msg}");
     }
 
     #[test]

@@ -8,9 +8,48 @@ use podmig_api::{
     MIGRATE_FINALIZER, contract::DaemonPhase, v1alpha1::MigrationReport,
 };
 
-/// Claims bound to node-local PersistentVolumes (`local` or `hostPath`), by claim name,
-/// each with a description of its volume: their data stays on one node.
-pub type LocalClaims = std::collections::BTreeMap<String, String>;
+/// What the controller learned of a Pod's PersistentVolumeClaims that limits where the
+/// Pod can move.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalClaims {
+    /// Claims bound to node-local PersistentVolumes (`local` or `hostPath`), with a
+    /// description of the volume: their data stays on one node.
+    pub node_local: std::collections::BTreeMap<String, String>,
+    /// Claims attachable to one node only (`ReadWriteOnce`) or one Pod only
+    /// (`ReadWriteOncePod`), with that mode: the source holds them until it is released,
+    /// after the target runs, so the target cannot attach them elsewhere.
+    pub single_node: std::collections::BTreeMap<String, String>,
+}
+
+impl LocalClaims {
+    /// No claim limits the move.
+    pub const NONE: LocalClaims = LocalClaims {
+        node_local: std::collections::BTreeMap::new(),
+        single_node: std::collections::BTreeMap::new(),
+    };
+}
+
+/// The Pod's volumes whose claims attach to a single node or Pod, each as
+/// `"name" (claim c: ReadWriteOnce)`, with whether any is `ReadWriteOncePod` (which a
+/// second Pod cannot use even on the same node).
+pub fn single_node_volumes(
+    spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+    claims: &LocalClaims,
+) -> (Vec<String>, bool) {
+    let mut per_pod = false;
+    let names = spec
+        .and_then(|s| s.volumes.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|v| {
+            let claim = &v.persistent_volume_claim.as_ref()?.claim_name;
+            let mode = claims.single_node.get(claim)?;
+            per_pod |= mode == "ReadWriteOncePod";
+            Some(format!("{:?} (claim {claim}: {mode})", v.name))
+        })
+        .collect();
+    (names, per_pod)
+}
 
 /// The volumes that tie a Pod to its node — `hostPath` volumes and claims of node-local
 /// PersistentVolumes (`claims`) — unless its `podmig.dev/volumes-on-every-node`
@@ -35,6 +74,7 @@ pub fn node_local_volumes(
             }
             let claim = &v.persistent_volume_claim.as_ref()?.claim_name;
             claims
+                .node_local
                 .get(claim)
                 .map(|pv| format!("{:?} (claim {claim}: {pv})", v.name))
         })
@@ -68,14 +108,24 @@ pub async fn local_claims<'a>(
         .collect();
     let pvcs: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(client.clone(), namespace);
     let pvs: kube::Api<PersistentVolume> = kube::Api::all(client.clone());
-    let mut out = LocalClaims::new();
+    let mut out = LocalClaims::default();
     for name in names {
-        let Some(volume) = pvcs
-            .get_opt(&name)
-            .await?
-            .and_then(|c| c.spec?.volume_name)
-            .filter(|v| !v.is_empty())
-        else {
+        let Some(spec) = pvcs.get_opt(&name).await?.and_then(|c| c.spec) else {
+            continue;
+        };
+        let modes = spec.access_modes.clone().unwrap_or_default();
+        let shared = modes
+            .iter()
+            .any(|m| m == "ReadWriteMany" || m == "ReadOnlyMany");
+        if let Some(mode) = modes
+            .iter()
+            .find(|m| *m == "ReadWriteOncePod")
+            .or_else(|| modes.iter().find(|m| *m == "ReadWriteOnce"))
+            .filter(|_| !shared)
+        {
+            out.single_node.insert(name.clone(), mode.clone());
+        }
+        let Some(volume) = spec.volume_name.filter(|v| !v.is_empty()) else {
             continue;
         };
         if let Some(why) = pvs
@@ -84,7 +134,7 @@ pub async fn local_claims<'a>(
             .as_ref()
             .and_then(local_volume_source)
         {
-            out.insert(name, why);
+            out.node_local.insert(name, why);
         }
     }
     Ok(out)
