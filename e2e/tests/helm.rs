@@ -344,6 +344,58 @@ spec:
     assert_eq!(still.metadata.uid, tied.metadata.uid);
     assert!(podmig_e2e::wait::is_ready(&still), "it keeps running");
 
+    // A network volume attachable to one node at a time: the move may stay on its node
+    // only, and the refusal says so.
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: pv-nfs}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadWriteOnce]
+  nfs: {{server: 192.0.2.10, path: /export}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: disk}}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 1Gi}}}}
+  volumeName: pv-nfs
+---
+apiVersion: podmig.dev/v1alpha1
+kind: MigratingPod
+metadata: {{name: rwo}}
+spec:
+  template:
+    metadata: {{labels: {{app: rwo}}}}
+    spec:
+      nodeName: {from}
+      volumes: [{{name: data, persistentVolumeClaim: {{claimName: disk}}}}]
+      containers:
+      - {{name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{{name: data, mountPath: /data}}]}}
+---
+apiVersion: podmig.dev/v1alpha1
+kind: Migration
+metadata: {{name: rwo}}
+spec: {{podName: rwo-0, targetNode: {to}}}
+"#
+    ))?;
+    let st = until("rwo refused", Duration::from_secs(60), async || {
+        migs.get("rwo")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    let msg = st.message.clone().unwrap_or_default();
+    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    assert!(
+        msg.contains("claim disk: ReadWriteOnce") && msg.contains(&format!("targetNode: {from}")),
+        "{msg}"
+    );
+
     let denied: Vec<String> = api
         .denials()
         .into_iter()
