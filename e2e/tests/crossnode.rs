@@ -963,7 +963,9 @@ spec:
 async fn a_two_container_pod_moves_under_one_freeze() -> anyhow::Result<()> {
     use podmig_e2e::testapp::{get_count_at, peer_stats, wait_count};
     let (c, _ctl) = setup().await?;
-    c.apply(&duo_yaml("duo", "", "", ""))?;
+    // The README's example, as a user applies it.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sidecar.yaml");
+    c.apply(&std::fs::read_to_string(example)?)?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = ready(&pods, "duo-0", Duration::from_secs(60)).await?;
     let ip0 = ip(&p0);
