@@ -344,6 +344,46 @@ spec:
     assert_eq!(still.metadata.uid, tied.metadata.uid);
     assert!(podmig_e2e::wait::is_ready(&still), "it keeps running");
 
+    // A hostPath volume ties the Pod to its node too: refused, named, and it runs on.
+    c.apply(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: host}\nspec:\n  template:\n    metadata: {labels: {app: host}}\n    spec:\n      volumes: [{name: logs, hostPath: {path: /var/log/app, type: DirectoryOrCreate}}]\n      containers:\n      - {name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{name: logs, mountPath: /logs}]}\n",
+    )?;
+    let host = podmig_e2e::wait::ready_pod(&pods, "host-0", Duration::from_secs(60)).await?;
+    let host_node = host
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default();
+    let elsewhere = c
+        .nodes
+        .iter()
+        .find(|n| n.name != host_node)
+        .map(|n| n.name.clone())
+        .expect("other node");
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: host}}\nspec: {{podName: host-0, targetNode: {elsewhere}}}\n"
+    ))?;
+    let st = until("host refused", Duration::from_secs(30), async || {
+        migs.get("host")
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await?;
+    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    assert!(
+        st.message
+            .as_deref()
+            .is_some_and(|m| m.contains("\"logs\" (hostPath /var/log/app)")),
+        "{st:?}"
+    );
+    let still = pods.get("host-0").await?;
+    assert!(
+        still.metadata.uid == host.metadata.uid && podmig_e2e::wait::is_ready(&still),
+        "it keeps running"
+    );
+
     // A network volume attachable to one node at a time: the move may stay on its node
     // only, and the refusal says so.
     c.apply(&format!(
