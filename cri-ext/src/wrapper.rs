@@ -41,7 +41,12 @@ pub struct Config {
     pub hook_socket: PathBuf,
     /// Bound on one hook round-trip.
     pub hook_timeout: Duration,
+    /// The CRIU runc restores with (`--criu`); `None`: runc's own choice (`criu` in PATH).
+    pub criu: Option<PathBuf>,
 }
+
+/// Where `podmig prepare-node` installs CRIU on a node.
+pub const NODE_CRIU: &str = "/opt/podmig/bin/criu";
 
 /// runc's global flags that take a value (`runc --help`, 1.1).
 const GLOBAL_VALUE_FLAGS: &[&str] = &["--root", "--log", "--log-format", "--criu", "--rootless"];
@@ -387,10 +392,19 @@ fn restore(
         .and_then(|_| {
             crate::volumes::apply(images, &crate::volumes::bundle_mounts(&create.bundle))
         });
+    let mut globals = inv.globals.clone();
+    if let Some(criu) = cfg
+        .criu
+        .as_ref()
+        .filter(|_| !inv.globals.iter().any(|g| g == "--criu"))
+    {
+        globals.insert(0, criu.clone().into());
+        globals.insert(0, "--criu".into());
+    }
     let status = match &layer {
         Ok(_) => Some(
             Command::new(&cfg.runc)
-                .args(create.restore_args(&inv.globals, from, &work))
+                .args(create.restore_args(&globals, from, &work))
                 .status()
                 .map_err(|source| Error::Spawn {
                     command: cfg.runc.display().to_string(),
@@ -634,6 +648,9 @@ pub fn config_from(env: impl Fn(&str) -> Option<OsString>) -> Config {
         hook_socket: env("PODMIG_HOOK_SOCKET")
             .map_or_else(|| PathBuf::from(DEFAULT_HOOK_SOCKET), PathBuf::from),
         hook_timeout: Duration::from_millis(ms),
+        criu: env("PODMIG_CRIU")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from(NODE_CRIU)).filter(|p| p.exists())),
     }
 }
 

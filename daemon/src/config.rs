@@ -92,3 +92,27 @@ fn default_identity() -> String {
         .map(|h| format!("{}-{}", h.trim(), std::process::id()))
         .unwrap_or_else(|_| format!("podmig-{}", std::process::id()))
 }
+
+/// Flags of `podmig prepare-node` (the chart's init container; see [`crate::nodeprep`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrepareConfig {
+    /// The host's root file system as mounted in this container.
+    #[arg(long, env = "PODMIG_HOST_ROOT", default_value = "/host")]
+    pub host_root: PathBuf,
+    /// Where to install on the host (binaries in `bin/`, CRIU's files in `criu/`).
+    #[arg(long, env = "PODMIG_INSTALL_DIR", default_value = "/opt/podmig")]
+    pub install_dir: PathBuf,
+    /// What to install, in this container: `bin/podmig-runc`, `bin/criu` and `criu/`.
+    #[arg(long, env = "PODMIG_SOURCE_DIR", default_value = "/opt/podmig")]
+    pub source_dir: PathBuf,
+    /// The runtime handler's name (the RuntimeClass's `handler`).
+    #[arg(long, default_value = "podmig")]
+    pub handler: String,
+    /// How to restart the runtime after a configuration change: `auto` (systemctl in
+    /// the host's namespaces, for the runtime found), `none`, or a command line.
+    #[arg(long, env = "PODMIG_RESTART_RUNTIME", default_value = "auto")]
+    pub restart: String,
+    /// Undo everything a previous run did.
+    #[arg(long)]
+    pub uninstall: bool,
+}

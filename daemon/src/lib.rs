@@ -5,6 +5,7 @@ pub mod controller;
 pub mod crds;
 pub mod error;
 pub mod node;
+pub mod nodeprep;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -16,6 +16,9 @@ enum Command {
     Node(Box<podmig_daemon::config::NodeConfig>),
     /// Run the MigratingPod and Migration controllers (leader-elected).
     Controller(podmig_daemon::config::ControllerConfig),
+    /// Prepare this node for podmig (the chart's init container): install podmig-runc and
+    /// CRIU under /opt/podmig and add the `podmig` runtime handler to containerd or CRI-O.
+    PrepareNode(podmig_daemon::config::PrepareConfig),
     /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
     Crds {
         /// Directory to write `<plural>.<group>.yaml` files into.
@@ -34,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::PrepareNode(cfg) => println!("{}", podmig_daemon::nodeprep::run(&cfg)?),
         Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,
         Command::Controller(cfg) => {
             let client = kube::Client::try_default().await?;

@@ -85,6 +85,15 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
     );
     assert_eq!(node["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
     assert_eq!(node["ports"][0]["containerPort"], 10443);
+    let prep = &pod["initContainers"][0];
+    assert_eq!(prep["command"][1], "prepare-node");
+    assert_eq!(env(prep, "PODMIG_RESTART_RUNTIME")["value"], "auto");
+    assert_eq!(prep["volumeMounts"][0]["mountPath"], "/host");
+    let host = pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "host-root"))
+        .expect("host root volume");
+    assert_eq!(host["hostPath"]["path"], "/");
     assert!(find(&objs, "RuntimeClass", "podmig").is_some_and(|r| r["handler"] == "podmig"));
     let secret = find(&objs, "Secret", "-node-ca").expect("generated CA");
     assert!(secret["data"]["tls.key"].is_string());
@@ -114,6 +123,8 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         "node.apiPort=11443",
         "--set",
         "runtimeClass.create=false",
+        "--set",
+        "node.prepare.enabled=false",
     ])?)?;
     let deploy = find(&objs, "Deployment", "-controller").expect("controller");
     assert_eq!(deploy["spec"]["replicas"], 3);
@@ -125,6 +136,10 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         .and_then(|v| v.iter().find(|v| v["name"] == "tls"))
         .expect("tls volume");
     assert_eq!(tls["secret"]["secretName"], "my-daemon-ca");
+    assert!(
+        pod["initContainers"].is_null(),
+        "node preparation left to the operator"
+    );
     for kind in ["Secret", "ClusterRole", "RuntimeClass"] {
         assert!(!objs.iter().any(|o| o["kind"] == kind), "{kind} rendered");
     }
