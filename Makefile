@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table
+.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -43,6 +43,12 @@ bench-engine: setup testapp-bin
 bench-cluster: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e bench-cluster
+
+# podmig's container image (podmig.local/podmig:latest, a docker-archive tarball in
+# target/images/podmig.tar) from the release binaries, for the chart's image.repository.
+image: setup
+	$(CARGO) build --release --workspace --bins
+	scripts/build-images --podmig target/release target/images
 
 # Rewrites the README's compatibility table from a run of the compatibility suite.
 compat-table: setup build

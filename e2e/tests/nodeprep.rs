@@ -264,3 +264,85 @@ fn a_node_without_a_runtime_configuration_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("containerd config default"), "{err}");
 }
+
+/// podmig's image (scripts/build-images --podmig, here from the debug binaries) carries
+/// what node preparation installs: run as the chart's init container runs it, with a
+/// node's root at /host, it prepares that node; its CRIU runs.
+#[test]
+fn the_podmig_image_prepares_a_node_and_its_criu_runs() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let images = tmp.path().join("images");
+    let bins = podmig_e2e::paths::bin("podmig")
+        .parent()
+        .context("bin dir")?
+        .to_owned();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new(repo.join("scripts/build-images"))
+        .arg("--podmig")
+        .arg(&bins)
+        .arg(&images)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "build-images: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let containerd = podmig_e2e::containerd::Containerd::start_with(
+        podmig_e2e::containerd::ContainerdOptions {
+            hook_socket: tmp.path().join("none.sock"),
+            dir: None,
+            netns: None,
+            network: None,
+        },
+    )?;
+    containerd.ctr(&[
+        "images",
+        "import",
+        &images.join("podmig.tar").display().to_string(),
+    ])?;
+    let host = tmp.path().join("host");
+    std::fs::create_dir_all(host.join("etc/containerd"))?;
+    std::fs::write(
+        host.join("etc/containerd/config.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n",
+    )?;
+    let mount = format!(
+        "type=bind,src={},dst=/host,options=rbind:rw",
+        host.display()
+    );
+    let said = containerd.ctr(&[
+        "run",
+        "--rm",
+        "--privileged",
+        "--mount",
+        &mount,
+        "podmig.local/podmig:latest",
+        "prepare-node",
+        "podmig",
+        "prepare-node",
+        "--restart",
+        "none",
+    ])?;
+    assert!(
+        said.contains("installed into containerd (config version 2)"),
+        "{said}"
+    );
+    for f in [
+        "opt/podmig/bin/podmig-runc",
+        "opt/podmig/bin/criu",
+        "opt/podmig/criu/usr/sbin/criu",
+        "etc/containerd/conf.d/podmig.toml",
+    ] {
+        assert!(host.join(f).is_file(), "{f} not installed");
+    }
+    let version = containerd.ctr(&[
+        "run",
+        "--rm",
+        "podmig.local/podmig:latest",
+        "criu-version",
+        "/opt/podmig/bin/criu",
+        "--version",
+    ])?;
+    assert!(version.contains("Version: 4."), "{version}");
+    Ok(())
+}
