@@ -57,6 +57,12 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Pr
     }
 }
 
+/// CRIU's settings for runc's checkpoints and restores (`/etc/criu/runc.conf`): the
+/// network locked in process, established TCP connections dumped and closed on restore
+/// (the Pod has a new address), connections still in a listen queue dropped. The same
+/// body as `scripts/setup` writes on test machines.
+pub const RUNC_CONF: &str = "# podmig: CRIU settings for runc checkpoint/restore (scripts/setup)\nnetwork-lock nftables\ntcp-established\ntcp-close\nskip-in-flight\n";
+
 /// The drop-in's name, in `/etc/containerd/conf.d/` or `/etc/crio/crio.conf.d/`.
 pub const DROPIN: &str = "podmig.toml";
 /// CRI-O's drop-in name (read in lexical order; late enough to win).
@@ -127,6 +133,22 @@ pub struct Outcome {
     pub changed_files: Vec<PathBuf>,
     /// Whether the runtime's configuration changed (and so it was restarted).
     pub config_changed: bool,
+    /// The node's own `/etc/criu/runc.conf`, kept as it is (podmig's settings not in it).
+    pub foreign_runc_conf: bool,
+}
+
+/// Writes podmig's `/etc/criu/runc.conf` unless the node has one of its own.
+fn write_runc_conf(root: &Path, outcome: &mut Outcome) -> Result<(), PrepError> {
+    let path = root.join("etc/criu/runc.conf");
+    match std::fs::read_to_string(&path) {
+        Ok(old) if !old.starts_with("# podmig") => outcome.foreign_runc_conf = true,
+        _ => {
+            if write_if_changed(&path, RUNC_CONF.as_bytes(), 0o644)? {
+                outcome.changed_files.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn parse(path: &Path) -> Result<DocumentMut, PrepError> {
@@ -391,6 +413,7 @@ pub fn install(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
             outcome.changed_files.push(dest);
         }
     }
+    write_runc_conf(root, &mut outcome)?;
     let binary = opts.install_dir.join("bin/podmig-runc");
     let dropin = layout.dropin();
     match &layout {
@@ -449,6 +472,11 @@ pub fn uninstall(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
             outcome.changed_files.push(config.clone());
             outcome.config_changed = true;
         }
+    }
+    let runc_conf = root.join("etc/criu/runc.conf");
+    if std::fs::read_to_string(&runc_conf).is_ok_and(|t| t.starts_with("# podmig")) {
+        std::fs::remove_file(&runc_conf).map_err(io("remove", &runc_conf))?;
+        outcome.changed_files.push(runc_conf);
     }
     let install_dir = root.join(
         opts.install_dir
@@ -552,7 +580,7 @@ pub fn run(cfg: &crate::config::PrepareConfig) -> Result<String, PrepError> {
         install(&opts)?
     };
     Ok(format!(
-        "podmig prepare-node: {} {}: {} file(s) changed, runtime {}",
+        "podmig prepare-node: {} {}: {} file(s) changed, runtime {}{}",
         if cfg.uninstall {
             "uninstalled from"
         } else {
@@ -566,6 +594,11 @@ pub fn run(cfg: &crate::config::PrepareConfig) -> Result<String, PrepError> {
             "configuration changed (not restarted: --restart none)"
         } else {
             "unchanged"
+        },
+        if outcome.foreign_runc_conf {
+            "; the node's own /etc/criu/runc.conf was kept: podmig needs network-lock nftables, tcp-established, tcp-close and skip-in-flight in it"
+        } else {
+            ""
         }
     ))
 }

@@ -186,6 +186,19 @@ async fn prepare_and_check(version: u8, binary: &Path) -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&installed)?.permissions());
     assert_eq!(mode & 0o111, 0o111, "podmig-runc is executable");
     assert!(node.root.join("opt/podmig/criu/usr/sbin/criu").is_file());
+    let runc_conf = std::fs::read_to_string(node.root.join("etc/criu/runc.conf"))?;
+    assert!(
+        runc_conf.starts_with("# podmig")
+            && [
+                "network-lock nftables",
+                "tcp-established",
+                "tcp-close",
+                "skip-in-flight"
+            ]
+            .iter()
+            .all(|o| runc_conf.lines().any(|l| l == *o)),
+        "{runc_conf}"
+    );
 
     let after = node.containerd_config(binary).await?;
     let rt = &after["containerd"]["runtimes"]["podmig"];
@@ -234,6 +247,7 @@ async fn prepare_and_check(version: u8, binary: &Path) -> anyhow::Result<()> {
     assert_eq!(std::fs::read_to_string(&node.config)?, node.original);
     assert!(!node.root.join("etc/containerd/conf.d/podmig.toml").exists());
     assert!(!installed.exists());
+    assert!(!node.root.join("etc/criu/runc.conf").exists());
     let gone = node.containerd_config(binary).await?;
     assert!(gone["containerd"]["runtimes"]["podmig"].is_null());
     Ok(())
