@@ -167,9 +167,20 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
     for e in &entries {
         wait_for_orphans(e).await;
     }
+    let targets: Vec<&Entry> = entries.iter().filter(|e| e.side == Side::Target).collect();
+    let mut whole: HashMap<String, bool> = HashMap::new();
+    for e in &targets {
+        if !whole.contains_key(&e.migration) {
+            let pod = target_pod(&node, e).await.flatten();
+            let ok = pod_restored_whole(&node, &targets, e, pod.as_ref());
+            whole.insert(e.migration.clone(), ok);
+        }
+    }
     let mut local_targets: HashMap<String, bool> = HashMap::new();
-    for e in entries.iter().filter(|e| e.side == Side::Target) {
-        let runs = settle_target(&node, e).await;
+    let mut verdicts: HashMap<String, Result<(), String>> = HashMap::new();
+    for e in &targets {
+        let whole = whole.get(&e.migration).copied().unwrap_or(false);
+        let runs = settle_target(&node, e, whole, &mut verdicts).await;
         local_targets.insert(e.migration.clone(), runs);
     }
     for e in entries.iter().filter(|e| e.side == Side::Source) {
@@ -191,17 +202,69 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
     }
 }
 
-/// A target entry: returns whether the restored copy runs (and may stay).
-async fn settle_target<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry) -> bool {
+/// Whether every container of the target Pod of `e`'s move was restored and runs: a
+/// multi-container move commits whole or not at all. The Pod's spec names its containers;
+/// without it, the journal's entries of the move stand for them.
+fn pod_restored_whole<E: CheckpointEngine>(
+    node: &Node<E>,
+    targets: &[&Entry],
+    e: &Entry,
+    pod: Option<&Pod>,
+) -> bool {
+    let entries: Vec<(String, Step)> = targets
+        .iter()
+        .filter(|t| t.migration == e.migration)
+        .map(|t| (t.container.clone(), t.step))
+        .collect();
+    let names: Option<Vec<String>> = pod
+        .and_then(|p| p.spec.as_ref())
+        .map(|s| s.containers.iter().map(|c| c.name.clone()).collect());
+    whole_move(names.as_deref(), &entries, |name| {
+        find_container(&node.settings.runc_root, &e.pod_uid, name).is_some()
+    })
+}
+
+/// The decision of [`pod_restored_whole`]: every container `names` lists (or, unknown,
+/// every journaled one) has a `Restoring` entry and `runs`.
+pub fn whole_move(
+    names: Option<&[String]>,
+    entries: &[(String, Step)],
+    runs: impl Fn(&str) -> bool,
+) -> bool {
+    let journaled: Vec<String> = entries.iter().map(|(n, _)| n.clone()).collect();
+    names.unwrap_or(&journaled).iter().all(|name| {
+        entries
+            .iter()
+            .any(|(n, step)| n == name && *step == Step::Restoring)
+            && runs(name)
+    })
+}
+
+/// A target entry: returns whether the restored copy runs (and may stay). `whole`: every
+/// container of its Pod was restored (else none may stay).
+/// `verdicts` holds the source's answer per move: it is asked once for all containers.
+async fn settle_target<E: CheckpointEngine>(
+    node: &Arc<Node<E>>,
+    e: &Entry,
+    whole: bool,
+    verdicts: &mut HashMap<String, Result<(), String>>,
+) -> bool {
     let running = find_container(&node.settings.runc_root, &e.pod_uid, &e.container);
     let own_images = e.images.starts_with(node.store.root().join(&e.pod_uid));
     let outcome: Result<(), String> = match (e.step, &running) {
+        (Step::Restoring, Some(_)) if !whole => {
+            Err("the daemon restarted before every container of the Pod was restored".into())
+        }
         (Step::Restoring, Some(_)) => {
             let same_node = e.peer_node.is_empty() || e.peer_node == node.settings.node_name;
             if same_node {
                 Ok(())
+            } else if let Some(v) = verdicts.get(&e.migration) {
+                v.clone()
             } else {
-                confirm_with_source(node, e).await
+                let v = confirm_with_source(node, e).await;
+                verdicts.insert(e.migration.clone(), v.clone());
+                v
             }
         }
         (Step::Restoring, None) => Err("the restore did not leave a running container".into()),
@@ -420,6 +483,29 @@ mod tests {
             ),
             Resume
         );
+    }
+
+    #[test]
+    fn a_multi_container_target_stays_only_when_every_container_was_restored() {
+        let names = ["app".to_owned(), "sidecar".to_owned()];
+        let both = [
+            ("app".to_owned(), Step::Restoring),
+            ("sidecar".to_owned(), Step::Restoring),
+        ];
+        assert!(whole_move(Some(&names), &both, |_| true));
+        // The sidecar's create had not come when the daemon died: no entry for it.
+        let app_only = [("app".to_owned(), Step::Restoring)];
+        assert!(!whole_move(Some(&names), &app_only, |_| true));
+        // Its restore had begun but left nothing running.
+        assert!(!whole_move(Some(&names), &both, |n| n == "app"));
+        // Still receiving.
+        let receiving = [
+            ("app".to_owned(), Step::Restoring),
+            ("sidecar".to_owned(), Step::Receiving),
+        ];
+        assert!(!whole_move(Some(&names), &receiving, |_| true));
+        // Without the Pod's spec the journal's entries stand for the containers.
+        assert!(whole_move(None, &app_only, |_| true));
     }
 
     #[test]
