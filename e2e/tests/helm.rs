@@ -181,28 +181,23 @@ fn every_value_the_readme_names_exists() -> anyhow::Result<()> {
 async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> {
     let mut c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    c.apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: podmig-system}\n")?;
+    // The real `helm install` into the local API server (the local cluster made its own
+    // RuntimeClass already). Without Deployment and DaemonSet controllers here, the
+    // daemons and the controller then run as processes with the chart's ServiceAccounts.
     let chart = chart();
-    let rbac = helm(&[
-        "template",
+    let installed = helm(&[
+        "install",
         "podmig",
         chart.to_str().expect("utf-8"),
         "-n",
         "podmig-system",
-        "--show-only",
-        "templates/serviceaccounts.yaml",
-        "--show-only",
-        "templates/rbac.yaml",
+        "--create-namespace",
+        "--set",
+        "runtimeClass.create=false",
+        "--kubeconfig",
+        c.kubeconfig().to_str().expect("utf-8"),
     ])?;
-    let file = c.dir.join("chart-rbac.yaml");
-    std::fs::write(&file, rbac)?;
-    c.kubectl(&[
-        "apply",
-        "-n",
-        "podmig-system",
-        "-f",
-        file.to_str().expect("utf-8"),
-    ])?;
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
     let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "podmig-system");
     let api = c.apiserver.as_ref().expect("api server");
     let (node_kc, ctl_kc) = (
@@ -457,6 +452,29 @@ spec: {{podName: rwo-0, targetNode: {to}}}
         .filter(|d| d.starts_with("system:serviceaccount:podmig-system:"))
         .collect();
     assert!(denied.is_empty(), "the chart's RBAC lacks: {denied:?}");
+
+    // `helm uninstall` removes what it installed.
+    let said = helm(&[
+        "uninstall",
+        "podmig",
+        "-n",
+        "podmig-system",
+        "--kubeconfig",
+        c.kubeconfig().to_str().expect("utf-8"),
+    ])?;
+    assert!(said.contains("uninstalled"), "{said}");
+    let left = c.kubectl(&[
+        "get",
+        "deploy,ds,sa,secret",
+        "-n",
+        "podmig-system",
+        "-o",
+        "name",
+    ])?;
+    assert!(
+        !left.lines().any(|l| l.contains("podmig")),
+        "left after uninstall: {left}"
+    );
     Ok(())
 }
 

@@ -291,23 +291,38 @@ pub async fn handle(
                 ),
             ));
         }
+        if segs == ["openapi", "v2"] {
+            let protobuf = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("protobuf"));
+            let (bytes, content_type) = super::openapi::v2_document(VERSION, protobuf);
+            return ([(header::CONTENT_TYPE, content_type)], bytes).into_response();
+        }
         return discovery_response(&st.api, &segs);
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if !body.is_empty() && content_type.contains("protobuf") {
-        // NB: this server speaks JSON only (like a server without the protobuf codec);
-        // client-go then retries in JSON.
-        return error(&ApiError::new(
-            415,
-            "UnsupportedMediaType",
-            format!(
-                "the body of the request was in an unknown format - accepted media types include: application/json, application/merge-patch+json, application/json-patch+json (got {content_type})"
-            ),
-        ));
-    }
+    let body = if !body.is_empty() && content_type.contains("protobuf") {
+        // Secrets and ConfigMaps (Helm's release storage) are read in protobuf too; other
+        // kinds only in JSON, as from a server without their protobuf codec.
+        match super::protobuf::decode(&body) {
+            Ok(obj) => Bytes::from(obj.to_string()),
+            Err(why) => {
+                return error(&ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!(
+                        "the body of the request was in an unknown format - accepted media types include: application/json, application/merge-patch+json, application/json-patch+json (got {content_type}: {why})"
+                    ),
+                ));
+            }
+        }
+    } else {
+        body
+    };
     let Some(t) = parse_target(&st.api, &segs) else {
         return error(&ApiError::no_route());
     };

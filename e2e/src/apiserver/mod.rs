@@ -12,6 +12,7 @@ pub mod http;
 pub mod openapi;
 pub mod outbound;
 pub mod patch;
+pub mod protobuf;
 pub mod resources;
 pub mod schema;
 pub mod selectors;

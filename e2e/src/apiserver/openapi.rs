@@ -70,6 +70,7 @@ fn builtin_schemas() -> &'static HashMap<(&'static str, &'static str), Value> {
             (("", "Event"), generate::<core::Event>()),
             (("apps", "Deployment"), generate::<apps::Deployment>()),
             (("apps", "DaemonSet"), generate::<apps::DaemonSet>()),
+            (("apps", "ReplicaSet"), generate::<apps::ReplicaSet>()),
             (
                 ("coordination.k8s.io", "Lease"),
                 generate::<coordination::Lease>(),
@@ -160,5 +161,52 @@ mod tests {
             schema["properties"]["spec"]["properties"]["containers"]["description"].is_string()
         );
         assert_eq!(schema["x-kubernetes-group-version-kind"][0]["kind"], "Pod");
+    }
+}
+
+/// OpenAPI v2's `Document` in gnostic's protobuf form (`openapi_v2.Document`), with only
+/// the fields this server fills: client-go asks `/openapi/v2` for it (kubectl's and
+/// Helm's client-side validation). Its definitions are empty: clients skip client-side
+/// checks of kinds they find no schema for and rely on the server's `fieldValidation`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct V2Document {
+    /// `swagger: "2.0"`.
+    #[prost(string, tag = "1")]
+    pub swagger: String,
+    /// Title and version.
+    #[prost(message, optional, tag = "2")]
+    pub info: Option<V2Info>,
+}
+
+/// OpenAPI v2's `Info`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct V2Info {
+    /// Title.
+    #[prost(string, tag = "1")]
+    pub title: String,
+    /// Version.
+    #[prost(string, tag = "2")]
+    pub version: String,
+}
+
+/// The `/openapi/v2` document: protobuf bytes, or JSON.
+pub fn v2_document(version: &str, protobuf: bool) -> (Vec<u8>, &'static str) {
+    if protobuf {
+        let doc = V2Document {
+            swagger: "2.0".into(),
+            info: Some(V2Info {
+                title: "Kubernetes".into(),
+                version: version.into(),
+            }),
+        };
+        (
+            prost::Message::encode_to_vec(&doc),
+            // What kube-openapi answers for its protobuf form: the media type clients ask
+            // for has an `@`, which no media type parser accepts.
+            "application/octet-stream",
+        )
+    } else {
+        let doc = serde_json::json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": version}, "paths": {}, "definitions": {}});
+        (doc.to_string().into_bytes(), "application/json")
     }
 }

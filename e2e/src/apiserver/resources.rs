@@ -203,6 +203,18 @@ pub fn builtins() -> Vec<ResourceDef> {
             .short(&["sa"])
             .sub("token"),
         ResourceDef::new("events.k8s.io", "v1", "Event", "events", true).short(&["ev"]),
+        ResourceDef::new("apps", "v1", "Deployment", "deployments", true)
+            .short(&["deploy"])
+            .with_status()
+            .all(),
+        ResourceDef::new("apps", "v1", "ReplicaSet", "replicasets", true)
+            .short(&["rs"])
+            .with_status()
+            .all(),
+        ResourceDef::new("apps", "v1", "DaemonSet", "daemonsets", true)
+            .short(&["ds"])
+            .with_status()
+            .all(),
         ResourceDef::new("coordination.k8s.io", "v1", "Lease", "leases", true),
         ResourceDef::new("node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", false),
         ResourceDef::new(

@@ -147,6 +147,24 @@ const BUILTIN_COLUMNS: &[BuiltinColumns] = &[
         ],
     ),
     (
+        "apps",
+        "daemonsets",
+        &[
+            ("Desired", ".status.desiredNumberScheduled"),
+            ("Current", ".status.currentNumberScheduled"),
+            ("Ready", ".status.numberReady"),
+        ],
+    ),
+    (
+        "apps",
+        "replicasets",
+        &[
+            ("Desired", ".spec.replicas"),
+            ("Current", ".status.replicas"),
+            ("Ready", ".status.readyReplicas"),
+        ],
+    ),
+    (
         "",
         "services",
         &[("Type", ".spec.type"), ("Cluster-IP", ".spec.clusterIP")],

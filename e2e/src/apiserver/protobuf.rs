@@ -1,0 +1,229 @@
+//! The Kubernetes protobuf encoding of the few kinds clients send this server that way:
+//! Helm keeps its releases in Secrets (or ConfigMaps) through a typed client that sends
+//! `application/vnd.kubernetes.protobuf`. A body is the magic `k8s\0` followed by a
+//! `runtime.Unknown` envelope whose `raw` holds the object; it is turned into the JSON
+//! object the rest of the server works with. Other kinds still get 415.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+/// The media type.
+pub const MEDIA_TYPE: &str = "application/vnd.kubernetes.protobuf";
+
+const MAGIC: &[u8] = b"k8s\0";
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Unknown {
+    #[prost(message, optional, tag = "1")]
+    type_meta: Option<TypeMeta>,
+    #[prost(bytes = "vec", tag = "2")]
+    raw: Vec<u8>,
+    #[prost(string, tag = "3")]
+    content_encoding: String,
+    #[prost(string, tag = "4")]
+    content_type: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TypeMeta {
+    #[prost(string, tag = "1")]
+    api_version: String,
+    #[prost(string, tag = "2")]
+    kind: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ObjectMeta {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(string, tag = "2")]
+    generate_name: String,
+    #[prost(string, tag = "3")]
+    namespace: String,
+    #[prost(string, tag = "5")]
+    uid: String,
+    #[prost(string, tag = "6")]
+    resource_version: String,
+    #[prost(btree_map = "string, string", tag = "11")]
+    labels: BTreeMap<String, String>,
+    #[prost(btree_map = "string, string", tag = "12")]
+    annotations: BTreeMap<String, String>,
+    #[prost(string, repeated, tag = "14")]
+    finalizers: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Secret {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(btree_map = "string, bytes", tag = "2")]
+    data: BTreeMap<String, Vec<u8>>,
+    #[prost(string, tag = "3")]
+    type_: String,
+    #[prost(btree_map = "string, string", tag = "4")]
+    string_data: BTreeMap<String, String>,
+    #[prost(bool, optional, tag = "5")]
+    immutable: Option<bool>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ConfigMap {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(btree_map = "string, string", tag = "2")]
+    data: BTreeMap<String, String>,
+    #[prost(btree_map = "string, bytes", tag = "3")]
+    binary_data: BTreeMap<String, Vec<u8>>,
+    #[prost(bool, optional, tag = "4")]
+    immutable: Option<bool>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Preconditions {
+    #[prost(string, optional, tag = "1")]
+    uid: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    resource_version: Option<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct DeleteOptions {
+    #[prost(int64, optional, tag = "1")]
+    grace_period_seconds: Option<i64>,
+    #[prost(message, optional, tag = "2")]
+    preconditions: Option<Preconditions>,
+    #[prost(bool, optional, tag = "3")]
+    orphan_dependents: Option<bool>,
+    #[prost(string, optional, tag = "4")]
+    propagation_policy: Option<String>,
+    #[prost(string, repeated, tag = "5")]
+    dry_run: Vec<String>,
+}
+
+fn metadata(m: Option<ObjectMeta>) -> Value {
+    let m = m.unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    let mut put = |k: &str, v: Value| {
+        let empty = v.as_str() == Some("")
+            || v.as_object().is_some_and(|o| o.is_empty())
+            || v.as_array().is_some_and(|a| a.is_empty());
+        if !empty {
+            out.insert(k.into(), v);
+        }
+    };
+    put("name", json!(m.name));
+    put("generateName", json!(m.generate_name));
+    put("namespace", json!(m.namespace));
+    put("uid", json!(m.uid));
+    put("resourceVersion", json!(m.resource_version));
+    put("labels", json!(m.labels));
+    put("annotations", json!(m.annotations));
+    put("finalizers", json!(m.finalizers));
+    Value::Object(out)
+}
+
+fn b64(map: BTreeMap<String, Vec<u8>>) -> BTreeMap<String, String> {
+    map.into_iter()
+        .map(|(k, v)| (k, base64::engine::general_purpose::STANDARD.encode(v)))
+        .collect()
+}
+
+/// The JSON form of a protobuf-encoded object, or why it cannot be read.
+pub fn decode(body: &[u8]) -> Result<Value, String> {
+    let rest = body
+        .strip_prefix(MAGIC)
+        .ok_or("not a Kubernetes protobuf object (no k8s magic)")?;
+    let unknown = <Unknown as prost::Message>::decode(rest).map_err(|e| e.to_string())?;
+    let tm = unknown.type_meta.unwrap_or_default();
+    let raw = unknown.raw.as_slice();
+    let mut obj = match (tm.api_version.as_str(), tm.kind.as_str()) {
+        ("v1", "Secret") => {
+            let s = <Secret as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let mut o = json!({"metadata": metadata(s.metadata), "data": b64(s.data)});
+            if !s.type_.is_empty() {
+                o["type"] = json!(s.type_);
+            }
+            if !s.string_data.is_empty() {
+                o["stringData"] = json!(s.string_data);
+            }
+            if let Some(i) = s.immutable {
+                o["immutable"] = json!(i);
+            }
+            o
+        }
+        ("v1", "ConfigMap") => {
+            let c = <ConfigMap as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let mut o = json!({"metadata": metadata(c.metadata), "data": c.data});
+            if !c.binary_data.is_empty() {
+                o["binaryData"] = json!(b64(c.binary_data));
+            }
+            if let Some(i) = c.immutable {
+                o["immutable"] = json!(i);
+            }
+            o
+        }
+        ("v1" | "meta.k8s.io/v1", "DeleteOptions") => {
+            let d = <DeleteOptions as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let mut o = json!({});
+            if let Some(g) = d.grace_period_seconds {
+                o["gracePeriodSeconds"] = json!(g);
+            }
+            if let Some(p) = d.preconditions {
+                o["preconditions"] = json!({"uid": p.uid, "resourceVersion": p.resource_version});
+            }
+            if let Some(b) = d.orphan_dependents {
+                o["orphanDependents"] = json!(b);
+            }
+            if let Some(p) = d.propagation_policy {
+                o["propagationPolicy"] = json!(p);
+            }
+            if !d.dry_run.is_empty() {
+                o["dryRun"] = json!(d.dry_run);
+            }
+            o
+        }
+        (v, k) => return Err(format!("{v} {k} is not accepted in protobuf here")),
+    };
+    obj["apiVersion"] = json!(tm.api_version);
+    obj["kind"] = json!(tm.kind);
+    Ok(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_protobuf_secret_reads_as_its_json() {
+        let secret = Secret {
+            metadata: Some(ObjectMeta {
+                name: "sh.helm.release.v1.podmig.v1".into(),
+                namespace: "podmig-system".into(),
+                labels: [("owner".to_owned(), "helm".to_owned())].into(),
+                ..Default::default()
+            }),
+            data: [("release".to_owned(), b"H4sI".to_vec())].into(),
+            type_: "helm.sh/release.v1".into(),
+            ..Default::default()
+        };
+        let unknown = Unknown {
+            type_meta: Some(TypeMeta {
+                api_version: "v1".into(),
+                kind: "Secret".into(),
+            }),
+            raw: prost::Message::encode_to_vec(&secret),
+            ..Default::default()
+        };
+        let mut body = MAGIC.to_vec();
+        body.extend(prost::Message::encode_to_vec(&unknown));
+        let obj = decode(&body).expect("decodes");
+        assert_eq!(obj["kind"], "Secret");
+        assert_eq!(obj["metadata"]["name"], "sh.helm.release.v1.podmig.v1");
+        assert_eq!(obj["metadata"]["labels"]["owner"], "helm");
+        assert_eq!(obj["type"], "helm.sh/release.v1");
+        assert_eq!(obj["data"]["release"], "SDRzSQ==");
+        assert!(decode(b"{}").is_err());
+    }
+}
