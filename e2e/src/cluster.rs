@@ -510,6 +510,54 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `helm install podmig` of `chart` into `podmig-system` with the real Helm (the
+    /// cluster's own RuntimeClass is kept), then the chart's workloads as this cluster runs
+    /// them — it has no Deployment or DaemonSet controllers: every node daemon restarts
+    /// with the chart's node ServiceAccount, and the chart's controller is started with
+    /// its ServiceAccount (and Lease namespace). Returns the controller process.
+    pub async fn install_chart(
+        &mut self,
+        chart: &Path,
+    ) -> anyhow::Result<(crate::process::Proc, u16)> {
+        let out = Command::new("helm")
+            .args(["install", "podmig"])
+            .arg(chart)
+            .args([
+                "-n",
+                "podmig-system",
+                "--create-namespace",
+                "--set",
+                "runtimeClass.create=false",
+                "--kubeconfig",
+            ])
+            .arg(self.kubeconfig())
+            .output()
+            .context("running helm (scripts/setup installs it)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "helm install: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(self.client.clone(), "podmig-system");
+        let (node_kc, ctl_kc) = (
+            self.dir.join("podmig-node.kubeconfig"),
+            self.dir.join("podmig-controller.kubeconfig"),
+        );
+        for (sa, path) in [("podmig-node", &node_kc), ("podmig-controller", &ctl_kc)] {
+            let uid = sas.get(sa).await?.metadata.uid.unwrap_or_default();
+            self.apiserver
+                .as_ref()
+                .context("api server")?
+                .kubeconfig_for(User::service_account("podmig-system", sa, &uid), path)?;
+        }
+        for n in &mut self.nodes {
+            n.daemon.restart_with_kubeconfig(&node_kc)?;
+        }
+        self.start_controller_as("chart", &ctl_kc, "podmig-system")
+    }
+
     /// Stops everything and removes what the cluster made.
     pub fn down(mut self) {
         self.teardown();

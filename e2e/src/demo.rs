@@ -68,17 +68,19 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let t0 = Instant::now();
     let say = |s: String| println!("[{:5.1}s] {s}", t0.elapsed().as_secs_f64());
     say("podmig demo: drain a node under a running app; the app moves, it does not restart".into());
-    let c = Cluster::up_temp(2).await?;
-    c.install_crds()?;
-    let (controller, _) = c.start_controller("demo")?;
+    let mut c = Cluster::up_temp(2).await?;
     say(format!(
-        "two-node cluster up ({}), podmig's CRDs, controller and node daemons running",
+        "two-node cluster up ({})",
         c.nodes
             .iter()
             .map(|n| n.name.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     ));
+    let (controller, _) = c
+        .install_chart(&crate::paths::repo_root().join("helm/podmig"))
+        .await?;
+    say("helm install podmig helm/podmig -n podmig-system: CRDs, RBAC, daemon CA; the chart's controller and node daemons run with its ServiceAccounts (as processes: the local cluster has no DaemonSet controller)".into());
     let examples = crate::paths::repo_root().join("examples");
     for f in ["migratingpod.yaml", "service.yaml"] {
         c.kubectl(&["apply", "-f", examples.join(f).to_str().unwrap_or_default()])?;

@@ -6,10 +6,10 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use podmig_api::v1alpha1::{Migration, MigrationPhase};
-use podmig_e2e::{apiserver::auth::User, cluster::Cluster, testapp::get_count, wait::until};
+use podmig_e2e::{cluster::Cluster, testapp::get_count, wait::until};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -181,37 +181,10 @@ fn every_value_the_readme_names_exists() -> anyhow::Result<()> {
 async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> {
     let mut c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    // The real `helm install` into the local API server (the local cluster made its own
-    // RuntimeClass already). Without Deployment and DaemonSet controllers here, the
-    // daemons and the controller then run as processes with the chart's ServiceAccounts.
-    let chart = chart();
-    let installed = helm(&[
-        "install",
-        "podmig",
-        chart.to_str().expect("utf-8"),
-        "-n",
-        "podmig-system",
-        "--create-namespace",
-        "--set",
-        "runtimeClass.create=false",
-        "--kubeconfig",
-        c.kubeconfig().to_str().expect("utf-8"),
-    ])?;
-    assert!(installed.contains("STATUS: deployed"), "{installed}");
-    let sas: Api<ServiceAccount> = Api::namespaced(c.client.clone(), "podmig-system");
+    // The real `helm install`; the chart's daemons and controller then run with its
+    // ServiceAccounts (as processes: the local cluster has no DaemonSet controller).
+    let (_ctl, _) = c.install_chart(&chart()).await?;
     let api = c.apiserver.as_ref().expect("api server");
-    let (node_kc, ctl_kc) = (
-        c.dir.join("podmig-node.kubeconfig"),
-        c.dir.join("podmig-controller.kubeconfig"),
-    );
-    for (sa, path) in [("podmig-node", &node_kc), ("podmig-controller", &ctl_kc)] {
-        let uid = sas.get(sa).await?.metadata.uid.unwrap_or_default();
-        api.kubeconfig_for(User::service_account("podmig-system", sa, &uid), path)?;
-    }
-    for i in 0..c.nodes.len() {
-        c.nodes[i].daemon.restart_with_kubeconfig(&node_kc)?;
-    }
-    let (_ctl, _) = c.start_controller_as("chart", &ctl_kc, "podmig-system")?;
 
     // A Migration across nodes.
     c.apply(
