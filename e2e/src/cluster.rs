@@ -1,6 +1,7 @@
 //! The local test cluster: the test API server, and per node a network namespace joined
 //! to the others by veth through a bridge, its own containerd (with the `podmig` runtime
-//! handler), the podmig node daemon and a kubelet stand-in; plus a trivial scheduler.
+//! handler), the podmig node daemon and a kubelet stand-in; plus a trivial scheduler and
+//! the Deployment/ReplicaSet/DaemonSet controllers (`workloads`).
 //! Everything it makes is recorded in `<dir>/state.json` so `cluster down` can remove it
 //! even after a crash.
 
@@ -194,6 +195,8 @@ pub struct Cluster {
     /// An admin client.
     pub client: kube::Client,
     scheduler: tokio::task::JoinHandle<()>,
+    /// Deployment, ReplicaSet and DaemonSet controllers (kube-controller-manager's part).
+    workloads: tokio::task::JoinHandle<()>,
     _checkpoints: tempfile::TempDir,
     /// A temporary parent directory the cluster owns (removed after the teardown).
     _tmp: Option<tempfile::TempDir>,
@@ -253,6 +256,7 @@ impl Cluster {
             let c = client_from(&path).await?;
             tokio::spawn(crate::scheduler::run(c))
         };
+        let workloads = tokio::spawn(crate::workloads::run(client.clone()));
         let checkpoints = tempfile::Builder::new()
             .prefix("podmig-ckpt-")
             .tempdir_in(crate::paths::memory_dir())?;
@@ -265,6 +269,7 @@ impl Cluster {
             apiserver: Some(apiserver),
             client,
             scheduler,
+            workloads,
             _checkpoints: checkpoints,
             _tmp: None,
         };
@@ -511,10 +516,12 @@ impl Cluster {
     }
 
     /// `helm install podmig` of `chart` into `podmig-system` with the real Helm (the
-    /// cluster's own RuntimeClass is kept), then the chart's workloads as this cluster runs
-    /// them — it has no Deployment or DaemonSet controllers: every node daemon restarts
-    /// with the chart's node ServiceAccount, and the chart's controller is started with
-    /// its ServiceAccount (and Lease namespace). Returns the controller process.
+    /// cluster's own RuntimeClass is kept), then the chart's workloads as processes: the
+    /// kubelet stand-in cannot run podmig's own Pods yet (privileged, host network and
+    /// PID, the node's paths), so the chart's Deployment is scaled to 0 and its DaemonSet
+    /// selects no node, every node daemon restarts with the chart's node ServiceAccount
+    /// and the chart's controller is started with its ServiceAccount (and Lease
+    /// namespace). Returns the controller process.
     pub async fn install_chart(
         &mut self,
         chart: &Path,
@@ -528,6 +535,10 @@ impl Cluster {
                 "--create-namespace",
                 "--set",
                 "runtimeClass.create=false",
+                "--set",
+                "controller.replicas=0",
+                "--set-string",
+                "node.nodeSelector.podmig\\.dev/runs-as-processes-here=none",
                 "--kubeconfig",
             ])
             .arg(self.kubeconfig())
@@ -565,6 +576,7 @@ impl Cluster {
 
     fn teardown(&mut self) {
         self.scheduler.abort();
+        self.workloads.abort();
         for n in &self.nodes {
             n.kubelet.abort();
             if let Some(logs) = &n.logs {

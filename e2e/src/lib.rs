@@ -24,3 +24,4 @@ pub mod scenario;
 pub mod scheduler;
 pub mod testapp;
 pub mod wait;
+pub mod workloads;

@@ -583,3 +583,98 @@ async fn a_refused_create_is_retried_under_a_new_attempt_number() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Deployments and DaemonSets run as on a real cluster: `kubectl rollout status` reports
+/// them rolled out, a Deployment keeps its replicas (also after a template change and a
+/// scale), a DaemonSet one Pod per node, and deleting them removes their Pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_and_daemonsets_roll_out() -> anyhow::Result<()> {
+    let c = cluster(2).await?;
+    c.apply(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: app, image: 'podmig.local/testapp:latest'}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec:
+      containers: [{name: app, image: 'podmig.local/testapp:latest'}]
+"#,
+    )?;
+    let said = c.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?;
+    assert!(said.contains("successfully rolled out"), "{said}");
+    let said = c.kubectl(&["rollout", "status", "daemonset/agent", "--timeout=90s"])?;
+    assert!(said.contains("successfully rolled out"), "{said}");
+    let pods: kube::Api<Pod> = kube::Api::default_namespaced(c.client.clone());
+    let running = |sel: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels(sel))
+                .await
+                .ok()?;
+            Some(
+                list.items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let web = running("app=web").await.unwrap_or_default();
+    assert_eq!(web.len(), 2, "{web:?}");
+    let mut agents = running("app=agent").await.unwrap_or_default();
+    agents.sort();
+    assert_eq!(agents, ["node-0", "node-1"], "one agent per node");
+    // A new template replaces the Pods; the replicas follow the spec.
+    c.kubectl(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec": {"replicas": 3, "template": {"metadata": {"annotations": {"rev": "2"}}}}}"#,
+    ])?;
+    let said = c.kubectl(&["rollout", "status", "deployment/web", "--timeout=90s"])?;
+    assert!(said.contains("successfully rolled out"), "{said}");
+    podmig_e2e::wait::until("3 new web Pods", Duration::from_secs(60), async || {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels("app=web"))
+            .await
+            .ok()?;
+        let live: Vec<&Pod> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        (live.len() == 3
+            && live.iter().all(|p| {
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.get("rev").map(String::as_str) == Some("2"))
+            }))
+        .then_some(())
+    })
+    .await?;
+    c.kubectl(&["delete", "deployment/web", "daemonset/agent"])?;
+    podmig_e2e::wait::until("their Pods gone", Duration::from_secs(60), async || {
+        let list = pods.list(&kube::api::ListParams::default()).await.ok()?;
+        list.items.is_empty().then_some(())
+    })
+    .await?;
+    Ok(())
+}

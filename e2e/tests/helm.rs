@@ -185,6 +185,25 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
     // ServiceAccounts (as processes: the local cluster has no DaemonSet controller).
     let (_ctl, _) = c.install_chart(&chart()).await?;
     let api = c.apiserver.as_ref().expect("api server");
+    // The chart's workloads are there, with no Pods of their own on this cluster.
+    let ds = c.kubectl(&[
+        "get",
+        "ds",
+        "podmig-node",
+        "-n",
+        "podmig-system",
+        "-o",
+        "jsonpath={.status.desiredNumberScheduled}",
+    ])?;
+    assert_eq!(ds.trim(), "0", "{ds}");
+    let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
+    assert!(
+        system_pods
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty()
+    );
 
     // A Migration across nodes.
     c.apply(

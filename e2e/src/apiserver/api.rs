@@ -365,6 +365,37 @@ impl Api {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
         }
+        // apps/v1 defaults, as kube-apiserver sets them (kubectl rollout status reads them).
+        if def.group == "apps" {
+            let spec = &mut obj["spec"];
+            let set = |spec: &mut Value, k: &str, v: Value| {
+                if spec[k].is_null() {
+                    spec[k] = v;
+                }
+            };
+            match def.plural.as_str() {
+                "deployments" => {
+                    set(spec, "replicas", json!(1));
+                    set(spec, "revisionHistoryLimit", json!(10));
+                    set(spec, "progressDeadlineSeconds", json!(600));
+                    set(
+                        spec,
+                        "strategy",
+                        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}}),
+                    );
+                }
+                "daemonsets" => {
+                    set(spec, "revisionHistoryLimit", json!(10));
+                    set(
+                        spec,
+                        "updateStrategy",
+                        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}),
+                    );
+                }
+                "replicasets" => set(spec, "replicas", json!(1)),
+                _ => {}
+            }
+        }
         if def.group.is_empty() && def.plural == "namespaces" {
             obj["status"] = json!({"phase": "Active"});
             obj["spec"] = json!({"finalizers": ["kubernetes"]});
