@@ -165,6 +165,8 @@ impl PodEvent {
 struct Running {
     id: String,
     restarts: i32,
+    /// When it was started (probes count their delays from it).
+    started: std::time::Instant,
 }
 
 /// Handles one Pod, one update at a time, like kubelet's pod worker.
@@ -182,6 +184,8 @@ struct PodWorker {
     started_at: String,
     /// The Pod's volumes on the node, by name (made before the sandbox).
     volume_dirs: HashMap<String, PathBuf>,
+    /// Its containers' readiness and liveness probes.
+    probes: crate::kubelet_pod::Probes,
 }
 
 impl PodWorker {
@@ -197,6 +201,7 @@ impl PodWorker {
             last_status: Value::Null,
             started_at: now(),
             volume_dirs: HashMap::new(),
+            probes: Default::default(),
         }
     }
 
@@ -264,8 +269,14 @@ impl PodWorker {
                 let key = format!("init:{}", c.name);
                 if !self.containers.contains_key(&key) {
                     let id = self.start_container(pod, &c, 0).await?;
-                    self.containers
-                        .insert(key.clone(), Running { id, restarts: 0 });
+                    self.containers.insert(
+                        key.clone(),
+                        Running {
+                            id,
+                            restarts: 0,
+                            started: std::time::Instant::now(),
+                        },
+                    );
                 }
                 let id = self.containers[&key].id.clone();
                 let st = self.status_of(&id).await?;
@@ -312,6 +323,7 @@ impl PodWorker {
 
     async fn start_sandbox(&mut self, pod: &Pod) -> anyhow::Result<()> {
         self.volume_dirs = crate::kubelet_volumes::set_up(&self.cfg.volumes, pod)?;
+        let spec = pod.spec.clone().unwrap_or_default();
         let m = &pod.metadata;
         let (ns, name, uid) = (
             m.namespace.clone().unwrap_or_default(),
@@ -339,13 +351,19 @@ impl PodWorker {
                 namespace: ns,
                 attempt: 0,
             }),
-            hostname: name,
+            // A host-network Pod keeps the node's hostname (its UTS namespace is the node's).
+            hostname: if spec.host_network == Some(true) {
+                String::new()
+            } else {
+                name
+            },
             log_directory: log_dir.display().to_string(),
             labels,
             annotations,
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(crate::cri::kubelet_namespaces()),
+                    namespace_options: Some(crate::kubelet_pod::namespaces(&spec)),
+                    privileged: crate::kubelet_pod::any_privileged(&spec),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -363,7 +381,12 @@ impl PodWorker {
             .await?
             .into_inner()
             .pod_sandbox_id;
-        let ip = cri.sandbox_ip(&id).await?;
+        // A Pod on the host network has the node's address.
+        let ip = if spec.host_network == Some(true) {
+            self.cfg.node_ip.clone()
+        } else {
+            cri.sandbox_ip(&id).await?
+        };
         self.sandbox = Some((id, config, ip));
         Ok(())
     }
@@ -380,8 +403,14 @@ impl PodWorker {
         match self.start_container(pod, c, attempt).await {
             Ok(id) => {
                 let restarts = attempt as i32;
-                self.containers
-                    .insert(c.name.clone(), Running { id, restarts });
+                self.containers.insert(
+                    c.name.clone(),
+                    Running {
+                        id,
+                        restarts,
+                        started: std::time::Instant::now(),
+                    },
+                );
                 Ok(())
             }
             Err(e) => {
@@ -452,10 +481,10 @@ impl PodWorker {
                     cpu_shares: shares,
                     ..Default::default()
                 }),
-                security_context: Some(cri::LinuxContainerSecurityContext {
-                    namespace_options: Some(crate::cri::kubelet_namespaces()),
-                    ..Default::default()
-                }),
+                security_context: Some(crate::kubelet_pod::security_context(
+                    &pod.spec.clone().unwrap_or_default(),
+                    c,
+                )),
             }),
             ..Default::default()
         };
@@ -537,7 +566,32 @@ impl PodWorker {
                 }
                 _ => json!({"waiting": {"reason": "ContainerCreating"}}),
             };
-            let ready = st.state() == cri::ContainerState::ContainerRunning;
+            let running_now = st.state() == cri::ContainerState::ContainerRunning;
+            let ready = if running_now {
+                let ip = self
+                    .sandbox
+                    .as_ref()
+                    .map(|s| s.2.clone())
+                    .unwrap_or_default();
+                let mut cri = self.cri.clone();
+                let (ready, alive) = self.probes.probe(c, &r.id, r.started, &ip, &mut cri).await;
+                if !alive {
+                    // Liveness failed: kubelet kills the container; the restart policy
+                    // brings it back.
+                    tracing::info!(pod = ?pod.metadata.name, container = %c.name, "liveness probe failed; restarting");
+                    let _ = cri
+                        .runtime
+                        .stop_container(cri::StopContainerRequest {
+                            container_id: r.id.clone(),
+                            timeout: spec.termination_grace_period_seconds.unwrap_or(30),
+                        })
+                        .await;
+                    self.probes.reset(&c.name);
+                }
+                ready && alive
+            } else {
+                false
+            };
             statuses.push(json!({"name": c.name, "ready": ready, "started": ready, "restartCount": r.restarts, "image": c.image,
                 "imageID": st.image_ref, "containerID": format!("containerd://{}", r.id), "state": state}));
         }
@@ -552,7 +606,8 @@ impl PodWorker {
         } else {
             "Pending"
         };
-        let all_ready = running == total && total > 0;
+        let all_ready =
+            running == total && total > 0 && statuses.iter().all(|s| s["ready"] == json!(true));
         let t = now();
         let cond = |ty: &str, ok: bool| json!({"type": ty, "status": if ok { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": t});
         let ip = self

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod demo;
 pub mod kubelet;
 pub mod kubelet_logs;
+pub mod kubelet_pod;
 pub mod kubelet_volumes;
 pub mod node;
 pub mod paths;

@@ -55,9 +55,14 @@ pub async fn peer_stats(ip: &str, port: u16) -> anyhow::Result<(u64, u64, u64)> 
 
 /// `GET /count` until the app answers (it may still be starting).
 pub async fn wait_count(ip: &str, within: Duration) -> anyhow::Result<u64> {
+    wait_count_at(ip, PORT, within).await
+}
+
+/// [`wait_count`] on another port.
+pub async fn wait_count_at(ip: &str, port: u16, within: Duration) -> anyhow::Result<u64> {
     let deadline = Instant::now() + within;
     loop {
-        match get_count(ip).await {
+        match get_count_at(ip, port).await {
             Ok(n) => return Ok(n),
             Err(e) if Instant::now() > deadline => bail!("test app at {ip} not answering: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

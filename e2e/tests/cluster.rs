@@ -678,3 +678,92 @@ spec:
     .await?;
     Ok(())
 }
+
+/// The kubelet stand-in honours probes and host namespaces: a readiness probe that passes
+/// makes the Pod Ready, one that fails (404) keeps it Running but not Ready, a failing
+/// liveness probe restarts the container; a `hostNetwork` Pod has its node's address and
+/// answers there; a privileged container has every capability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_host_network_and_privileged_pods() -> anyhow::Result<()> {
+    let c = cluster(1).await?;
+    c.apply(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {name: ready}
+spec:
+  containers:
+  - name: app
+    image: podmig.local/testapp:latest
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /healthz, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unready}
+spec:
+  containers:
+  - name: app
+    image: podmig.local/testapp:latest
+    readinessProbe: {httpGet: {path: /nope, port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dying}
+spec:
+  containers:
+  - name: app
+    image: podmig.local/testapp:latest
+    livenessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1, failureThreshold: 2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host}
+spec:
+  hostNetwork: true
+  containers:
+  - name: app
+    image: podmig.local/testapp:latest
+    args: ['--port', '18181']
+    securityContext: {privileged: true}
+"#,
+    )?;
+    let pods: kube::Api<Pod> = kube::Api::default_namespaced(c.client.clone());
+    podmig_e2e::wait::ready_pod(&pods, "ready", Duration::from_secs(60)).await?;
+    let host = podmig_e2e::wait::ready_pod(&pods, "host", Duration::from_secs(60)).await?;
+    let st = host.status.clone().unwrap_or_default();
+    assert_eq!(
+        st.pod_ip, st.host_ip,
+        "a host-network Pod has its node's address"
+    );
+    let node_ip = st.host_ip.unwrap_or_default();
+    assert!(
+        podmig_e2e::testapp::wait_count_at(&node_ip, 18181, Duration::from_secs(30)).await? >= 1
+    );
+    // Privileged: the container's process has the full capability set of the host.
+    let root = c.nodes[0].containerd.runc_root();
+    let uid = host.metadata.uid.clone().unwrap_or_default();
+    let id = podmig_cri_ext::identity::find_container(&root, &uid, "app").expect("container");
+    let pid = podmig_cri_ext::identity::init_pid(&root.join(&id)).expect("pid");
+    let caps = |pid: String| -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_owned()))
+            .unwrap_or_default())
+    };
+    assert_eq!(caps(pid.to_string())?, caps("self".into())?, "privileged");
+    // Not ready, yet running; and restarted by its liveness probe.
+    podmig_e2e::wait::until("unready runs", Duration::from_secs(30), async || {
+        let p = pods.get("unready").await.ok()?;
+        (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!podmig_e2e::wait::is_ready(&pods.get("unready").await?));
+    podmig_e2e::wait::until("dying restarted", Duration::from_secs(60), async || {
+        let p = pods.get("dying").await.ok()?;
+        let restarts = p.status?.container_statuses?.first()?.restart_count;
+        (restarts >= 1).then_some(())
+    })
+    .await?;
+    Ok(())
+}
