@@ -515,7 +515,7 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// `helm install podmig` of `chart` into `podmig-system` with the real Helm (the
+    /// `helm install --wait podmig` of `chart` into `podmig-system` with the real Helm (the
     /// cluster's own RuntimeClass is kept), then the chart's workloads as processes: the
     /// kubelet stand-in cannot run podmig's own Pods yet (privileged, host network and
     /// PID, the node's paths), so the chart's Deployment is scaled to 0 and its DaemonSet
@@ -535,6 +535,9 @@ impl Cluster {
                 "--create-namespace",
                 "--set",
                 "runtimeClass.create=false",
+                "--wait",
+                "--timeout",
+                "90s",
                 "--set",
                 "controller.replicas=0",
                 "--set-string",

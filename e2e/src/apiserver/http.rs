@@ -977,9 +977,15 @@ fn watch_response(
             && labels.matches(o)
             && fields.matches(o)
     };
+    // WatchList (client-go's default since 1.35): the current objects as ADDED events,
+    // then a bookmark marking their end, then changes.
+    let send_initial = matches!(
+        query.get("sendInitialEvents").map(String::as_str),
+        Some("true" | "1")
+    );
     let since = query
         .get("resourceVersion")
-        .filter(|v| !v.is_empty() && *v != "0")
+        .filter(|v| !v.is_empty() && *v != "0" && !send_initial)
         .map(|v| v.parse::<u64>());
     let bookmarks = matches!(
         query.get("allowWatchBookmarks").map(String::as_str),
@@ -1024,11 +1030,17 @@ fn watch_response(
         },
         None => {
             let (items, rv, events) = st.api.store.snapshot_watch(&def.key());
-            let added = items
+            let mut added: Vec<String> = items
                 .iter()
                 .filter(|o| in_scope(o))
                 .map(|o| watch_event("ADDED", o, def, table, rv))
                 .collect();
+            if send_initial {
+                let end = json!({"kind": def.kind, "apiVersion": def.api_version(),
+                    "metadata": {"resourceVersion": rv.to_string(),
+                        "annotations": {"k8s.io/initial-events-end": "true"}}});
+                added.push(watch_event("BOOKMARK", &end, def, false, rv));
+            }
             (added, rv, events)
         }
     };
