@@ -246,14 +246,15 @@ impl CheckpointEngine for Runc {
         // The writable layer is captured while the tasks are still stopped.
         let result = run(cmd, Some(&dir.join("dump.log"))).and_then(|_| {
             let fs_started = Instant::now();
-            let upper = crate::rootfs::container_rootfs(&self.root, id)
-                .and_then(|r| crate::rootfs::upperdir_of(&r));
+            let state = crate::rootfs::runc_state(&self.root, id);
+            let upper =
+                crate::rootfs::rootfs_in(&state).and_then(|r| crate::rootfs::upperdir_of(&r));
             let layer_bytes = match upper {
                 Some(upper) => crate::rootfs::capture(&upper, dir)?,
                 None => 0,
             };
             let volume_bytes =
-                crate::volumes::capture(&crate::volumes::running_mounts(&self.root, id), dir)?;
+                crate::volumes::capture(&crate::volumes::running_mounts(&state), dir)?;
             let fs = crate::volumes::FilesystemCapture {
                 layer_bytes,
                 volume_bytes,

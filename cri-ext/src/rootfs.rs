@@ -19,10 +19,21 @@ pub const DIFF_TAR: &str = "rootfs-diff.tar";
 /// The JSON list of deleted paths.
 pub const DELETED: &str = "rootfs-deleted.json";
 
+/// runc's `state.json` of container `id` (null when unreadable).
+pub fn runc_state(runc_root: &Path, id: &str) -> serde_json::Value {
+    std::fs::read(runc_root.join(id).join("state.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
 /// The root file system of container `id` (its bundle's rootfs mount), from runc's state.
 pub fn container_rootfs(runc_root: &Path, id: &str) -> Option<PathBuf> {
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runc_root.join(id).join("state.json")).ok()?).ok()?;
+    rootfs_in(&runc_state(runc_root, id))
+}
+
+/// The root file system a runc `state.json` names.
+pub fn rootfs_in(state: &serde_json::Value) -> Option<PathBuf> {
     state["config"]["rootfs"].as_str().map(PathBuf::from)
 }
 

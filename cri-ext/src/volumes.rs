@@ -79,12 +79,8 @@ pub fn is_carried(source: &str, destination: &str) -> bool {
     source.contains("/volumes/kubernetes.io~empty-dir/") || destination == "/dev/shm"
 }
 
-/// The carried bind mounts of a running container, from runc's `state.json`.
-pub fn running_mounts(runc_root: &Path, id: &str) -> Vec<HostMount> {
-    let state: serde_json::Value = std::fs::read(runc_root.join(id).join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+/// The carried bind mounts of a running container, from its runc `state.json`.
+pub fn running_mounts(state: &serde_json::Value) -> Vec<HostMount> {
     let mounts = state["config"]["mounts"]
         .as_array()
         .cloned()

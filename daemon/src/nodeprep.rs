@@ -83,6 +83,17 @@ pub struct Options {
     pub restart: Option<Vec<String>>,
 }
 
+impl Options {
+    /// The install directory as this process sees it (below the host's root).
+    pub fn host_install_dir(&self) -> PathBuf {
+        self.host_root.join(
+            self.install_dir
+                .strip_prefix("/")
+                .unwrap_or(&self.install_dir),
+        )
+    }
+}
+
 /// The container runtime configuration found on the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
@@ -394,15 +405,10 @@ fn restart(opts: &Options) -> Result<(), PrepError> {
 
 /// Installs the binaries and the runtime handler; restarts the runtime if its
 /// configuration changed.
-pub fn install(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
+pub fn install(opts: &Options, layout: &Layout) -> Result<Outcome, PrepError> {
     let root = &opts.host_root;
-    let layout = detect(root)?;
     let mut outcome = Outcome::default();
-    let install_dir = root.join(
-        opts.install_dir
-            .strip_prefix("/")
-            .unwrap_or(&opts.install_dir),
-    );
+    let install_dir = opts.host_install_dir();
     for (from, to) in &opts.files {
         let dest = install_dir.join(to);
         let bytes = std::fs::read(from).map_err(io("read", from))?;
@@ -416,10 +422,10 @@ pub fn install(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
     write_runc_conf(root, &mut outcome)?;
     let binary = opts.install_dir.join("bin/podmig-runc");
     let dropin = layout.dropin();
-    match &layout {
+    match layout {
         Layout::ContainerdV2 { config } | Layout::ContainerdV3 { config } => {
             let mut main = parse(config)?;
-            let text = dropin_text(&layout, Some(&main), &binary, &opts.handler);
+            let text = dropin_text(layout, Some(&main), &binary, &opts.handler);
             if write_if_changed(&dropin, text.as_bytes(), 0o644)? {
                 outcome.changed_files.push(dropin.clone());
                 outcome.config_changed = true;
@@ -440,7 +446,7 @@ pub fn install(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
             }
         }
         Layout::Crio { .. } => {
-            let text = dropin_text(&layout, None, &binary, &opts.handler);
+            let text = dropin_text(layout, None, &binary, &opts.handler);
             if write_if_changed(&dropin, text.as_bytes(), 0o644)? {
                 outcome.changed_files.push(dropin.clone());
                 outcome.config_changed = true;
@@ -450,14 +456,13 @@ pub fn install(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
     if outcome.config_changed {
         restart(opts)?;
     }
-    Ok((layout, outcome))
+    Ok(outcome)
 }
 
 /// Undoes [`install`]: the drop-in, podmig's `imports` entry and the binaries go; the
 /// runtime is restarted if its configuration changed.
-pub fn uninstall(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
+pub fn uninstall(opts: &Options, layout: &Layout) -> Result<Outcome, PrepError> {
     let root = &opts.host_root;
-    let layout = detect(root)?;
     let mut outcome = Outcome::default();
     let dropin = layout.dropin();
     if dropin.exists() {
@@ -465,7 +470,7 @@ pub fn uninstall(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
         outcome.changed_files.push(dropin.clone());
         outcome.config_changed = true;
     }
-    if let Layout::ContainerdV2 { config } | Layout::ContainerdV3 { config } = &layout {
+    if let Layout::ContainerdV2 { config } | Layout::ContainerdV3 { config } = layout {
         let mut main = parse(config)?;
         if edit_imports(&mut main, false, true) {
             write_if_changed(config, main.to_string().as_bytes(), 0o644)?;
@@ -478,11 +483,7 @@ pub fn uninstall(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
         std::fs::remove_file(&runc_conf).map_err(io("remove", &runc_conf))?;
         outcome.changed_files.push(runc_conf);
     }
-    let install_dir = root.join(
-        opts.install_dir
-            .strip_prefix("/")
-            .unwrap_or(&opts.install_dir),
-    );
+    let install_dir = opts.host_install_dir();
     for (_, to) in &opts.files {
         let dest = install_dir.join(to);
         if dest.exists() {
@@ -493,7 +494,7 @@ pub fn uninstall(opts: &Options) -> Result<(Layout, Outcome), PrepError> {
     if outcome.config_changed {
         restart(opts)?;
     }
-    Ok((layout, outcome))
+    Ok(outcome)
 }
 
 /// The files below `source` to install: `bin/podmig-runc`, `bin/criu` (a wrapper that
@@ -574,10 +575,10 @@ pub fn run(cfg: &crate::config::PrepareConfig) -> Result<String, PrepError> {
         handler: cfg.handler.clone(),
         restart: restart_command(&cfg.restart, &layout),
     };
-    let (layout, outcome) = if cfg.uninstall {
-        uninstall(&opts)?
+    let outcome = if cfg.uninstall {
+        uninstall(&opts, &layout)?
     } else {
-        install(&opts)?
+        install(&opts, &layout)?
     };
     Ok(format!(
         "podmig prepare-node: {} {}: {} file(s) changed, runtime {}{}",

@@ -515,6 +515,24 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Creates Migration `name` of Pod `pod` to node `to` (with `timeoutSeconds`) and
+    /// waits for it to end (its timeout and a minute more); returns its status.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        pod: &str,
+        to: &str,
+        timeout_seconds: u32,
+    ) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+        self.apply(&format!(
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: {timeout_seconds}}}\n"
+        ))?;
+        let migs: kube::Api<podmig_api::v1alpha1::Migration> =
+            kube::Api::default_namespaced(self.client.clone());
+        let within = Duration::from_secs(u64::from(timeout_seconds) + 60);
+        crate::wait::migration_ended(&migs, name, within).await
+    }
+
     /// `helm install --wait podmig` of `chart` into `podmig-system` with the real Helm (the
     /// cluster's own RuntimeClass is kept), then the chart's workloads as processes: the
     /// kubelet stand-in cannot run podmig's own Pods yet (privileged, host network and

@@ -15,9 +15,12 @@ use std::{
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
-use podmig_api::v1alpha1::{Migration, MigrationPhase};
+use podmig_api::v1alpha1::MigrationPhase;
 
-use crate::{cluster::Cluster, wait::until};
+use crate::{
+    cluster::Cluster,
+    wait::{node_of, pod_ip, until},
+};
 
 /// The README markers the table is written between.
 pub const TABLE_START: &str = "<!-- compat-table:start -->";
@@ -134,20 +137,6 @@ spec:
         n = app.name,
         i = app.image,
     )
-}
-
-fn pod_ip(p: &Pod) -> String {
-    p.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default()
-}
-
-fn node_of(p: &Pod) -> String {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
 }
 
 /// State recorded before a move, checked after it.
@@ -404,31 +393,6 @@ async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
 
 // ---- moves ---------------------------------------------------------------------------
 
-/// Moves Pod `pod` to `to` with Migration `name`; returns its status once it ended.
-async fn migrate(
-    c: &Cluster,
-    name: &str,
-    pod: &str,
-    to: &str,
-) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: 90}}\n"
-    ))?;
-    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    until(
-        &format!("migration {name} ended"),
-        Duration::from_secs(150),
-        async || {
-            migs.get(name)
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-        },
-    )
-    .await
-}
-
 /// The gist of a failed move's message: CRIU's first error and podmig's hint, if any.
 pub fn short_reason(message: &str) -> String {
     let criu = message
@@ -475,7 +439,7 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         .enumerate()
     {
         let name = format!("{}-{}", kube_name(app), i + 1);
-        let st = migrate(c, &name, &pod.name_any(), &to).await?;
+        let st = c.migrate(&name, &pod.name_any(), &to, 90).await?;
         let report = st.report.clone().unwrap_or_default();
         let mut row = Row {
             app: app.name.into(),

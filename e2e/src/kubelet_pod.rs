@@ -195,6 +195,26 @@ pub async fn run_check(
     }
 }
 
+/// Runs `probe` if it is due and records the result; returns its verdict.
+async fn run_due(
+    probe: &Probe,
+    state: &mut ProbeState,
+    c: &Container,
+    container_id: &str,
+    started: Instant,
+    ip: &str,
+    cri: &mut crate::cri::Cri,
+) -> bool {
+    if state.due(probe, started, Instant::now())
+        && let Some(ch) = check(probe, c, ip)
+    {
+        let timeout = Duration::from_secs(probe.timeout_seconds.unwrap_or(1).max(1) as u64);
+        let ok = run_check(&ch, cri, container_id, timeout).await;
+        state.record(probe, ok, Instant::now());
+    }
+    state.ok
+}
+
 /// The probes of one Pod's containers, by container name.
 #[derive(Debug, Default)]
 pub struct Probes {
@@ -213,39 +233,23 @@ impl Probes {
         ip: &str,
         cri: &mut crate::cri::Cri,
     ) -> (bool, bool) {
-        let now = Instant::now();
-        let verdict =
-            |probe: Option<&Probe>, states: &mut HashMap<String, ProbeState>, initial: bool| {
-                let state = states.entry(c.name.clone()).or_insert_with(|| ProbeState {
-                    ok: initial,
-                    ..Default::default()
-                });
-                let job = probe.and_then(|p| {
-                    (state.due(p, started, now))
-                        .then(|| check(p, c, ip).map(|ch| (p.clone(), ch)))
-                        .flatten()
-                });
-                (job, state.ok)
-            };
-        let (ready_job, _) = verdict(c.readiness_probe.as_ref(), &mut self.readiness, false);
-        let (live_job, _) = verdict(c.liveness_probe.as_ref(), &mut self.liveness, true);
-        for (job, states) in [
-            (ready_job, &mut self.readiness),
-            (live_job, &mut self.liveness),
-        ] {
-            if let Some((p, ch)) = job {
-                let timeout = Duration::from_secs(p.timeout_seconds.unwrap_or(1).max(1) as u64);
-                let ok = run_check(&ch, cri, container_id, timeout).await;
-                if let Some(s) = states.get_mut(&c.name) {
-                    s.record(&p, ok, Instant::now());
-                }
-            }
-        }
         let ready = match &c.readiness_probe {
             None => true,
-            Some(_) => self.readiness.get(&c.name).is_some_and(|s| s.ok),
+            Some(p) => {
+                let state = self.readiness.entry(c.name.clone()).or_default();
+                run_due(p, state, c, container_id, started, ip, cri).await
+            }
         };
-        let alive = self.liveness.get(&c.name).is_none_or(|s| s.ok);
+        let alive = match &c.liveness_probe {
+            None => true,
+            Some(p) => {
+                let state = self.liveness.entry(c.name.clone()).or_insert(ProbeState {
+                    ok: true,
+                    ..Default::default()
+                });
+                run_due(p, state, c, container_id, started, ip, cri).await
+            }
+        };
         (ready, alive)
     }
 

@@ -53,3 +53,35 @@ pub async fn pod_gone(
     })
     .await
 }
+
+/// Waits until Migration `name` has ended (a terminal phase); returns its status.
+pub async fn migration_ended(
+    migs: &kube::Api<podmig_api::v1alpha1::Migration>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+    until(&format!("migration {name} ended"), within, async || {
+        migs.get(name)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
+    })
+    .await
+}
+
+/// A Pod's address (empty until it has one).
+pub fn pod_ip(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .unwrap_or_default()
+}
+
+/// The node a Pod is bound to (empty until it is).
+pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}

@@ -28,21 +28,7 @@ async fn setup() -> anyhow::Result<(Cluster, Proc)> {
     Ok((c, ctl))
 }
 
-use podmig_e2e::wait::ready_pod as ready;
-
-fn ip(p: &Pod) -> String {
-    p.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.clone())
-        .unwrap_or_default()
-}
-
-fn node_of(p: &Pod) -> String {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
+use podmig_e2e::wait::{node_of, pod_ip as ip, ready_pod as ready};
 
 fn index_of(c: &Cluster, node: &str) -> usize {
     c.nodes.iter().position(|n| n.name == node).unwrap_or(0)
@@ -205,15 +191,9 @@ async fn one_copy_went_on(
     name: &str,
 ) -> anyhow::Result<MigrationPhase> {
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration ended", Duration::from_secs(90), async || {
-        migs.get(name)
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    let st = podmig_e2e::wait::migration_ended(&migs, name, Duration::from_secs(90))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
     let phase = st.phase.expect("terminal");
     let (answering, count) = until(
         "exactly one copy answers",
@@ -478,14 +458,8 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     );
     // The first request's move goes on and brings the Pod back with its count.
     let back: MigrateResponse = serde_json::from_str(&accepted)?;
-    let st = until("move back", Duration::from_secs(60), async || {
-        migs.get(&back.migration)
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
+    let st =
+        podmig_e2e::wait::migration_ended(&migs, &back.migration, Duration::from_secs(60)).await?;
     assert_eq!(st.phase, Some(MigrationPhase::Succeeded), "{st:?}");
     let p2 = ready(
         &pods,
@@ -574,14 +548,7 @@ async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow
     ))?;
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     let started = std::time::Instant::now();
-    let st = until("migration failed", Duration::from_secs(60), async || {
-        migs.get("doomed")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
+    let st = podmig_e2e::wait::migration_ended(&migs, "doomed", Duration::from_secs(60)).await?;
     assert_eq!(
         st.phase,
         Some(MigrationPhase::Failed),
@@ -654,14 +621,7 @@ async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::R
         "the source resumed with its state (a fresh app counts from 1): {count}"
     );
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration failed", Duration::from_secs(90), async || {
-        migs.get("cut")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
+    let st = podmig_e2e::wait::migration_ended(&migs, "cut", Duration::from_secs(90)).await?;
     assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
     // Restarted by its supervisor, the target daemon drops the partial images it journaled.
     c.nodes[dst].daemon.wait_serving(Duration::from_secs(30))?;
@@ -1060,14 +1020,7 @@ async fn a_failed_restore_of_one_container_rolls_back_the_whole_pod() -> anyhow:
     })
     .await?;
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration ended", Duration::from_secs(90), async || {
-        migs.get("split")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
+    let st = podmig_e2e::wait::migration_ended(&migs, "split", Duration::from_secs(90)).await?;
     assert_eq!(
         st.phase,
         Some(MigrationPhase::Failed),
@@ -1161,19 +1114,7 @@ async fn migrate_and_wait(
     pod: &str,
     to: &str,
 ) -> anyhow::Result<MigrationPhase> {
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: 60}}\n"
-    ))?;
-    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration ended", Duration::from_secs(90), async || {
-        migs.get(name)
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
-    Ok(st.phase.expect("terminal"))
+    Ok(c.migrate(name, pod, to, 60).await?.phase.expect("terminal"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

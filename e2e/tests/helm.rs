@@ -8,8 +8,8 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use podmig_api::v1alpha1::{Migration, MigrationPhase};
-use podmig_e2e::{cluster::Cluster, testapp::get_count, wait::until};
+use podmig_api::v1alpha1::MigrationPhase;
+use podmig_e2e::{cluster::Cluster, testapp::get_count};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -177,6 +177,32 @@ fn every_value_the_readme_names_exists() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A Migration of Pod `pod` to another node is refused before anything freezes
+/// (`NotMigratable`, its message naming each of `named`), and the Pod runs on.
+async fn refused_and_runs(c: &Cluster, pod: &str, named: &[&str]) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let before = podmig_e2e::wait::ready_pod(&pods, pod, Duration::from_secs(60)).await?;
+    let here = podmig_e2e::wait::node_of(&before);
+    let other = c
+        .nodes
+        .iter()
+        .find(|n| n.name != here)
+        .map(|n| n.name.clone())
+        .expect("other node");
+    let st = c.migrate(&format!("move-{pod}"), pod, &other, 60).await?;
+    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    let msg = st.message.unwrap_or_default();
+    for n in named {
+        assert!(msg.contains(n), "{n:?} not in {msg}");
+    }
+    let still = pods.get(pod).await?;
+    assert!(
+        still.metadata.uid == before.metadata.uid && podmig_e2e::wait::is_ready(&still),
+        "{pod} keeps running"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> {
     let mut c = Cluster::up_temp(2).await?;
@@ -232,18 +258,7 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         .find(|n| n.name != from)
         .map(|n| n.name.clone())
         .expect("other node");
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: rbac}}\nspec: {{podName: rbac-0, targetNode: {to}, timeoutSeconds: 60}}\n"
-    ))?;
-    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
-    let st = until("migration ended", Duration::from_secs(90), async || {
-        migs.get("rbac")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
+    let st = c.migrate("rbac", "rbac-0", &to, 60).await?;
     assert_eq!(
         st.phase,
         Some(MigrationPhase::Succeeded),
@@ -324,67 +339,18 @@ spec:
       - {{name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{{name: db, mountPath: /db}}]}}
 "#
     ))?;
-    let tied = podmig_e2e::wait::ready_pod(&pods, "tied-0", Duration::from_secs(60)).await?;
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: tied}}\nspec: {{podName: tied-0, targetNode: {to}}}\n"
-    ))?;
-    let st = until("refused", Duration::from_secs(30), async || {
-        migs.get("tied")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
+    refused_and_runs(
+        &c,
+        "tied-0",
+        &["\"db\" (claim pgdata: local PersistentVolume pv-ssd at /mnt/ssd1)"],
+    )
     .await?;
-    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
-    let msg = st.message.unwrap_or_default();
-    assert!(
-        msg.contains("claim pgdata: local PersistentVolume pv-ssd at /mnt/ssd1"),
-        "{msg}"
-    );
-    let still = pods.get("tied-0").await?;
-    assert_eq!(still.metadata.uid, tied.metadata.uid);
-    assert!(podmig_e2e::wait::is_ready(&still), "it keeps running");
 
     // A hostPath volume ties the Pod to its node too: refused, named, and it runs on.
     c.apply(
         "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: host}\nspec:\n  template:\n    metadata: {labels: {app: host}}\n    spec:\n      volumes: [{name: logs, hostPath: {path: /var/log/app, type: DirectoryOrCreate}}]\n      containers:\n      - {name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{name: logs, mountPath: /logs}]}\n",
     )?;
-    let host = podmig_e2e::wait::ready_pod(&pods, "host-0", Duration::from_secs(60)).await?;
-    let host_node = host
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default();
-    let elsewhere = c
-        .nodes
-        .iter()
-        .find(|n| n.name != host_node)
-        .map(|n| n.name.clone())
-        .expect("other node");
-    c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: host}}\nspec: {{podName: host-0, targetNode: {elsewhere}}}\n"
-    ))?;
-    let st = until("host refused", Duration::from_secs(30), async || {
-        migs.get("host")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
-    .await?;
-    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
-    assert!(
-        st.message
-            .as_deref()
-            .is_some_and(|m| m.contains("\"logs\" (hostPath /var/log/app)")),
-        "{st:?}"
-    );
-    let still = pods.get("host-0").await?;
-    assert!(
-        still.metadata.uid == host.metadata.uid && podmig_e2e::wait::is_ready(&still),
-        "it keeps running"
-    );
+    refused_and_runs(&c, "host-0", &["\"logs\" (hostPath /var/log/app)"]).await?;
 
     // A network volume attachable to one node at a time: the move may stay on its node
     // only, and the refusal says so.
@@ -416,27 +382,14 @@ spec:
       volumes: [{{name: data, persistentVolumeClaim: {{claimName: disk}}}}]
       containers:
       - {{name: app, image: 'podmig.local/testapp:latest', volumeMounts: [{{name: data, mountPath: /data}}]}}
----
-apiVersion: podmig.dev/v1alpha1
-kind: Migration
-metadata: {{name: rwo}}
-spec: {{podName: rwo-0, targetNode: {to}}}
 "#
     ))?;
-    let st = until("rwo refused", Duration::from_secs(60), async || {
-        migs.get("rwo")
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.phase.is_some_and(|p| p.is_terminal()))
-    })
+    refused_and_runs(
+        &c,
+        "rwo-0",
+        &["claim disk: ReadWriteOnce", &format!("targetNode: {from}")],
+    )
     .await?;
-    let msg = st.message.clone().unwrap_or_default();
-    assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
-    assert!(
-        msg.contains("claim disk: ReadWriteOnce") && msg.contains(&format!("targetNode: {from}")),
-        "{msg}"
-    );
 
     let denied: Vec<String> = api
         .denials()

@@ -476,27 +476,8 @@ pub fn decide_with(
         ([p], _)
             if deleting(p)
                 && has_finalizer(p)
-                && !unmovable_volumes(p.spec.as_ref(), p.annotations(), local).is_empty() =>
+                && unmovable_volumes(p.spec.as_ref(), p.annotations(), local).is_empty() =>
         {
-            // Bound to a node-local volume since it was made: let it go and replace it.
-            actions.push(Action::ReleaseFinalizer(p.name_any()));
-            actions.push(Action::CreatePod(Box::new(pod_from_template(
-                mpod, next_index, None, local,
-            ))));
-            status.active_pod = Some(format!("{name}-{next_index}"));
-            set(
-                &mut status,
-                MigratingPodState::Creating,
-                false,
-                "NotMigratable",
-                &format!(
-                    "{} has node-local volumes and is replaced, not moved: {}",
-                    p.name_any(),
-                    unmovable_volumes(p.spec.as_ref(), p.annotations(), local).join(", ")
-                ),
-            );
-        }
-        ([p], _) if deleting(p) && has_finalizer(p) => {
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
             let mut target = pod_from_template(mpod, next_index, Some(p), local);
             let start = p.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
@@ -523,20 +504,41 @@ pub fn decide_with(
             );
         }
         ([p], _) if deleting(p) || matches!(phase(p), "Failed" | "Succeeded") => {
-            // Going away without a move: replace it, like a ReplicaSet.
+            // Going away without a move: replace it, like a ReplicaSet. A deleted Pod still
+            // held by the migrate finalizer is one bound to node-local volumes since it was
+            // made: it is let go of.
+            let tied = deleting(p) && has_finalizer(p);
             if !deleting(p) {
                 actions.push(Action::DeletePod(p.name_any()));
+            }
+            if tied {
+                actions.push(Action::ReleaseFinalizer(p.name_any()));
             }
             actions.push(Action::CreatePod(Box::new(pod_from_template(
                 mpod, next_index, None, local,
             ))));
             status.active_pod = Some(format!("{name}-{next_index}"));
+            let (reason, message) = if tied {
+                (
+                    "NotMigratable",
+                    format!(
+                        "{} has node-local volumes and is replaced, not moved: {}",
+                        p.name_any(),
+                        unmovable_volumes(p.spec.as_ref(), p.annotations(), local).join(", ")
+                    ),
+                )
+            } else {
+                (
+                    "Replacing",
+                    format!("{} is gone; creating a fresh Pod", p.name_any()),
+                )
+            };
             set(
                 &mut status,
                 MigratingPodState::Creating,
                 false,
-                "Replacing",
-                &format!("{} is gone; creating a fresh Pod", p.name_any()),
+                reason,
+                &message,
             );
         }
         ([p], _) | ([p, _], None) | ([_, p], None) if !deleting(p) || pods.len() == 1 => {
