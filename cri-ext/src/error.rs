@@ -97,6 +97,13 @@ impl Error {
         }
     }
 
+    /// Whether CRIU refused the dump because a Unix socket's peer is outside it: in a
+    /// multi-container Pod, a connection between two containers caught at the freeze,
+    /// which a retry a moment later usually no longer finds.
+    pub fn is_external_unix_socket(&self) -> bool {
+        self.to_string().contains("External socket is used")
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,

@@ -1276,7 +1276,6 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target,
             containers = ?wanted.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
-        let frozen_at = Instant::now();
         let engine = self.node.engine.clone();
         let jobs: Vec<(String, String, PathBuf)> = wanted
             .iter()
@@ -1309,47 +1308,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         for e in &entries {
             self.node.journal.record(e);
         }
-        if jobs.len() > 1 {
-            // All containers stop at one instant before any is dumped: state they share
-            // (memory, pipes, files in a shared volume) is caught consistent.
-            for (cid, name, _) in &jobs {
-                if let Err(error) = engine.freeze(cid) {
-                    tracing::warn!(pod_uid = %self.uid, container = %name, %error,
-                        "cannot pre-freeze; its dump freezes it");
-                }
-            }
-        }
-        let results: Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> =
-            std::thread::scope(|s| {
-                let handles: Vec<_> = jobs
-                    .iter()
-                    .map(|(cid, name, dir)| {
-                        let engine = engine.clone();
-                        // Frozen, not killed: a failed move resumes it where it stopped.
-                        let options = CheckpointOptions {
-                            image_path: dir.clone(),
-                            keep_frozen: true,
-                            ..Default::default()
-                        };
-                        (
-                            name.clone(),
-                            dir.clone(),
-                            s.spawn(move || engine.checkpoint(cid, &options)),
-                        )
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(name, dir, h)| {
-                        let r = h.join().unwrap_or_else(|_| {
-                            Err(podmig_cri_ext::Error::CheckpointFailed(
-                                "dump thread panicked".into(),
-                            ))
-                        });
-                        (name, dir, r)
-                    })
-                    .collect()
-            });
+        let (frozen_at, results) = dump_with_retries(&engine, &jobs, &self.uid, &id);
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
         let failure = results
             .iter()
@@ -1658,4 +1617,177 @@ fn restore_from(images: &std::path::Path) -> Answer {
         image_path: images.display().to_string(),
         ..Default::default()
     })
+}
+
+/// Freezes and dumps the Pod's containers; a multi-container dump that caught a Unix socket
+/// connection between them half-made (its peer outside each container's dump) is thawed
+/// and tried again, up to [`DUMP_ATTEMPTS`] times. Returns when the last freeze began.
+fn dump_with_retries<E: CheckpointEngine + 'static>(
+    engine: &Arc<E>,
+    jobs: &[(String, String, PathBuf)],
+    uid: &str,
+    migration: &str,
+) -> (
+    Instant,
+    Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)>,
+) {
+    let mut attempt = 1;
+    loop {
+        let frozen_at = Instant::now();
+        let results = dump_all(engine, jobs, uid);
+        let transient = jobs.len() > 1
+            && results
+                .iter()
+                .any(|(_, _, r)| r.as_ref().is_err_and(|e| e.is_external_unix_socket()));
+        if !transient || attempt >= DUMP_ATTEMPTS {
+            return (frozen_at, results);
+        }
+        for ((cid, _, dir), (_, _, r)) in jobs.iter().zip(&results) {
+            if r.is_ok() {
+                let _ = engine.resume(cid);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        tracing::info!(pod_uid = %uid, migration, attempt,
+            "a Unix socket between two containers was caught mid-connection; thawed, dumping again");
+        #[allow(clippy::disallowed_methods)] // the pod worker is a synchronous thread
+        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+        attempt += 1;
+    }
+}
+
+/// How often a multi-container Pod is frozen and dumped again when the dump caught a
+/// Unix socket connection between its containers half-made.
+const DUMP_ATTEMPTS: u32 = 4;
+
+/// Freezes every container of `jobs` (when more than one: state they share is caught at one
+/// instant), then dumps each in parallel, leaving a dumped one frozen.
+fn dump_all<E: CheckpointEngine + 'static>(
+    engine: &Arc<E>,
+    jobs: &[(String, String, PathBuf)],
+    uid: &str,
+) -> Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> {
+    if jobs.len() > 1 {
+        for (cid, name, _) in jobs {
+            if let Err(error) = engine.freeze(cid) {
+                tracing::warn!(pod_uid = %uid, container = %name, %error,
+                    "cannot pre-freeze; its dump freezes it");
+            }
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .iter()
+            .map(|(cid, name, dir)| {
+                let engine = engine.clone();
+                // Frozen, not killed: a failed move resumes it where it stopped.
+                let options = CheckpointOptions {
+                    image_path: dir.clone(),
+                    keep_frozen: true,
+                    ..Default::default()
+                };
+                (
+                    name.clone(),
+                    dir.clone(),
+                    s.spawn(move || engine.checkpoint(cid, &options)),
+                )
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, dir, h)| {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(podmig_cri_ext::Error::CheckpointFailed(
+                        "dump thread panicked".into(),
+                    ))
+                });
+                (name, dir, r)
+            })
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Engine whose dump of container `a` finds an external Unix socket the first
+    /// `external` times; records what was asked of it.
+    struct Scripted {
+        external: Mutex<u32>,
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl CheckpointEngine for Scripted {
+        fn checkpoint(
+            &self,
+            id: &str,
+            opts: &CheckpointOptions,
+        ) -> podmig_cri_ext::Result<CheckpointReport> {
+            self.calls.lock().expect("calls").push(format!("dump {id}"));
+            let mut left = self.external.lock().expect("left");
+            if id == "a" && *left > 0 {
+                *left -= 1;
+                return Err(podmig_cri_ext::Error::CheckpointFailed(
+                    "Error (criu/sk-unix.c:874): unix: External socket is used.".into(),
+                ));
+            }
+            std::fs::create_dir_all(&opts.image_path).expect("mkdir");
+            Ok(CheckpointReport {
+                duration: Duration::ZERO,
+                image_bytes: 1,
+                filesystem: Default::default(),
+            })
+        }
+
+        fn resume(&self, id: &str) -> podmig_cri_ext::Result<()> {
+            self.calls
+                .lock()
+                .expect("calls")
+                .push(format!("resume {id}"));
+            Ok(())
+        }
+    }
+
+    fn run(external: u32, containers: &[&str]) -> (Vec<String>, Vec<bool>) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let engine = Arc::new(Scripted {
+            external: Mutex::new(external),
+            calls: Mutex::default(),
+        });
+        let jobs: Vec<(String, String, PathBuf)> = containers
+            .iter()
+            .map(|c| (c.to_string(), c.to_string(), tmp.path().join(c)))
+            .collect();
+        let (_, results) = dump_with_retries(&engine, &jobs, "uid", "m");
+        let ok = results.iter().map(|(_, _, r)| r.is_ok()).collect();
+        let mut calls = engine.calls.lock().expect("calls").clone();
+        calls.sort();
+        (calls, ok)
+    }
+
+    #[test]
+    fn a_connection_between_containers_caught_at_the_freeze_is_dumped_again() {
+        let (calls, ok) = run(1, &["a", "b"]);
+        assert_eq!(ok, [true, true]);
+        // The first attempt's dumped container was thawed before the second freeze.
+        assert_eq!(calls, ["dump a", "dump a", "dump b", "dump b", "resume b"]);
+    }
+
+    #[test]
+    fn a_lasting_connection_fails_after_the_last_attempt() {
+        let (calls, ok) = run(99, &["a", "b"]);
+        assert_eq!(ok, [false, true]);
+        let dumps = calls.iter().filter(|c| *c == "dump a").count();
+        assert_eq!(dumps, DUMP_ATTEMPTS as usize);
+    }
+
+    #[test]
+    fn a_single_container_with_an_outside_peer_is_not_retried() {
+        let (calls, ok) = run(1, &["a"]);
+        assert_eq!(ok, [false]);
+        assert_eq!(calls, ["dump a"]);
+    }
 }
