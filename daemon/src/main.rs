@@ -59,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
                 &identity,
                 || podmig_daemon::controller::run(client.clone(), &identity, metrics.clone()),
                 |why| lost.leadership_lost(why.label()),
+                shutdown(),
             )
             .await;
         }

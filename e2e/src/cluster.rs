@@ -20,7 +20,7 @@ use crate::{
     containerd::{Containerd, ContainerdOptions},
     daemon::{DaemonOptions, NodeDaemon},
     kubelet::{self, KubeletConfig},
-    kubelet_logs,
+    kubelet_logs, paths,
 };
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -256,7 +256,10 @@ impl Cluster {
             let c = client_from(&path).await?;
             tokio::spawn(crate::scheduler::run(c))
         };
-        let workloads = tokio::spawn(crate::workloads::run(client.clone()));
+        let workloads = tokio::spawn(crate::workloads::run(
+            client.clone(),
+            std::fs::read_to_string(&apiserver.ca)?,
+        ));
         let checkpoints = tempfile::Builder::new()
             .prefix("podmig-ckpt-")
             .tempdir_in(crate::paths::memory_dir())?;
@@ -333,6 +336,7 @@ impl Cluster {
                     kubelet_root: ndir.join("kubelet"),
                     host_root: ndir.join("root"),
                 },
+                api_server: api.addr,
             };
             let logs = match tls.get(i) {
                 Some(t) => {
@@ -534,16 +538,31 @@ impl Cluster {
     }
 
     /// `helm install --wait podmig` of `chart` into `podmig-system` with the real Helm (the
-    /// cluster's own RuntimeClass is kept), then the chart's workloads as processes: the
-    /// kubelet stand-in cannot run podmig's own Pods yet (privileged, host network and
-    /// PID, the node's paths), so the chart's Deployment is scaled to 0 and its DaemonSet
-    /// selects no node, every node daemon restarts with the chart's node ServiceAccount
-    /// and the chart's controller is started with its ServiceAccount (and Lease
-    /// namespace). Returns the controller process.
-    pub async fn install_chart(
-        &mut self,
-        chart: &Path,
-    ) -> anyhow::Result<(crate::process::Proc, u16)> {
+    /// cluster's own RuntimeClass is kept) and podmig's image built from the binaries that
+    /// run here: the chart's controller Deployment runs as Pods (in-cluster credentials from
+    /// their projected service-account tokens; `--wait` returns once both replicas are
+    /// Ready). The node daemons stay processes — the local nodes share one host, so the
+    /// DaemonSet's host paths cannot be each node's own — and restart with the chart's node
+    /// ServiceAccount; the DaemonSet selects no node.
+    pub async fn install_chart(&mut self, chart: &Path) -> anyhow::Result<()> {
+        // podmig's image, built from the binaries that run here, on every node.
+        let images = self.dir.join("images");
+        let bins = paths::bin("podmig").parent().context("bin dir")?.to_owned();
+        let out = Command::new(paths::repo_root().join("scripts/build-images"))
+            .arg("--podmig")
+            .arg(&bins)
+            .arg(&images)
+            .output()
+            .context("scripts/build-images --podmig")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "build-images --podmig: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tarball = images.join("podmig.tar").display().to_string();
+        for n in &self.nodes {
+            n.containerd.ctr(&["images", "import", &tarball])?;
+        }
         let out = Command::new("helm")
             .args(["install", "podmig"])
             .arg(chart)
@@ -551,13 +570,13 @@ impl Cluster {
                 "-n",
                 "podmig-system",
                 "--create-namespace",
-                "--set",
-                "runtimeClass.create=false",
                 "--wait",
                 "--timeout",
-                "90s",
+                "120s",
                 "--set",
-                "controller.replicas=0",
+                "runtimeClass.create=false",
+                "--set",
+                "image.tag=latest",
                 "--set-string",
                 "node.nodeSelector.podmig\\.dev/runs-as-processes-here=none",
                 "--kubeconfig",
@@ -573,21 +592,24 @@ impl Cluster {
         );
         let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
             kube::Api::namespaced(self.client.clone(), "podmig-system");
-        let (node_kc, ctl_kc) = (
-            self.dir.join("podmig-node.kubeconfig"),
-            self.dir.join("podmig-controller.kubeconfig"),
-        );
-        for (sa, path) in [("podmig-node", &node_kc), ("podmig-controller", &ctl_kc)] {
-            let uid = sas.get(sa).await?.metadata.uid.unwrap_or_default();
-            self.apiserver
-                .as_ref()
-                .context("api server")?
-                .kubeconfig_for(User::service_account("podmig-system", sa, &uid), path)?;
-        }
+        let node_kc = self.dir.join("podmig-node.kubeconfig");
+        let uid = sas
+            .get("podmig-node")
+            .await?
+            .metadata
+            .uid
+            .unwrap_or_default();
+        self.apiserver
+            .as_ref()
+            .context("api server")?
+            .kubeconfig_for(
+                User::service_account("podmig-system", "podmig-node", &uid),
+                &node_kc,
+            )?;
         for n in &mut self.nodes {
             n.daemon.restart_with_kubeconfig(&node_kc)?;
         }
-        self.start_controller_as("chart", &ctl_kc, "podmig-system")
+        Ok(())
     }
 
     /// Stops everything and removes what the cluster made.
@@ -662,6 +684,8 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             json!({"metadata": {"name": "system:node"}, "rules": [
             {"apiGroups": [""], "resources": ["pods", "pods/status", "nodes", "nodes/status", "events", "secrets", "configmaps", "services", "endpoints"], "verbs": ["*"]},
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["*"]},
+            // kubelet asks for the bound tokens of its Pods' projected volumes.
+            {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
             {"apiGroups": ["node.k8s.io"], "resources": ["runtimeclasses"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["*"]},
             // The podmig node daemon runs with the node's credentials here (in the chart:

@@ -77,10 +77,9 @@ pub async fn run() -> anyhow::Result<DemoResult> {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let (controller, _) = c
-        .install_chart(&crate::paths::repo_root().join("helm/podmig"))
+    c.install_chart(&crate::paths::repo_root().join("helm/podmig"))
         .await?;
-    say("helm install podmig helm/podmig -n podmig-system: CRDs, RBAC, daemon CA; the chart's controller and node daemons run with its ServiceAccounts (as processes: the local cluster has no DaemonSet controller)".into());
+    say("helm install podmig helm/podmig -n podmig-system --wait: CRDs, RBAC, daemon CA, the controller Deployment's two Pods Ready (one leads); the node daemons run as processes with the chart's ServiceAccount (the local nodes share one host's paths)".into());
     let examples = crate::paths::repo_root().join("examples");
     for f in ["migratingpod.yaml", "service.yaml"] {
         c.kubectl(&["apply", "-f", examples.join(f).to_str().unwrap_or_default()])?;
@@ -143,7 +142,6 @@ pub async fn run() -> anyhow::Result<DemoResult> {
         log.trim()
     ));
     let _ = c.kubectl(&["uncordon", &from]);
-    drop(controller);
     c.down();
     say("cluster torn down".into());
     Ok(DemoResult {

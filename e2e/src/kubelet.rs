@@ -39,6 +39,9 @@ pub struct KubeletConfig {
     pub logs_root: PathBuf,
     /// Where Pod volumes live on the node.
     pub volumes: crate::kubelet_volumes::VolumeRoots,
+    /// The API server's address as Pods reach it (`KUBERNETES_SERVICE_HOST`/`_PORT`,
+    /// which in-cluster clients read).
+    pub api_server: std::net::SocketAddr,
 }
 
 fn now() -> String {
@@ -322,7 +325,8 @@ impl PodWorker {
     }
 
     async fn start_sandbox(&mut self, pod: &Pod) -> anyhow::Result<()> {
-        self.volume_dirs = crate::kubelet_volumes::set_up(&self.cfg.volumes, pod)?;
+        let api_backed = crate::kubelet_projected::fetch(&self.client, pod).await?;
+        self.volume_dirs = crate::kubelet_volumes::set_up(&self.cfg.volumes, pod, &api_backed)?;
         let spec = pod.spec.clone().unwrap_or_default();
         let m = &pod.metadata;
         let (ns, name, uid) = (
@@ -433,8 +437,18 @@ impl PodWorker {
         let image = c.image.clone().unwrap_or_default();
         let vars = crate::kubelet_volumes::environment(pod, c);
         let mounts = crate::kubelet_volumes::mounts(c, &self.volume_dirs, &vars)?;
-        let env = vars
+        let api = self.cfg.api_server;
+        let service = [
+            ("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()),
+            ("KUBERNETES_SERVICE_PORT".to_owned(), api.port().to_string()),
+            (
+                "KUBERNETES_SERVICE_PORT_HTTPS".to_owned(),
+                api.port().to_string(),
+            ),
+        ];
+        let env = service
             .into_iter()
+            .chain(vars)
             .map(|(key, value)| cri::KeyValue { key, value })
             .collect();
         let shares = c

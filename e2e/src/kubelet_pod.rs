@@ -59,6 +59,13 @@ pub fn security_context(spec: &PodSpec, c: &Container) -> cri::LinuxContainerSec
             .run_as_group
             .or(psc.run_as_group)
             .map(|value| cri::Int64Value { value }),
+        readonly_rootfs: sc.read_only_root_filesystem == Some(true),
+        no_new_privs: sc.allow_privilege_escalation == Some(false),
+        capabilities: sc.capabilities.map(|caps| cri::Capability {
+            add_capabilities: caps.add.unwrap_or_default(),
+            drop_capabilities: caps.drop.unwrap_or_default(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

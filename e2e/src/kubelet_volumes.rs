@@ -3,10 +3,11 @@
 //! kubernetes.io~empty-dir/<name>` (a tmpfs for `medium: Memory`), `hostPath` below the
 //! node's own root (each node of the local cluster has a file system of its own, as real
 //! nodes have), `subPath`/`subPathExpr` resolved against the container's environment, and
-//! the downward API's `fieldRef` environment variables. Other volume kinds are not mounted.
+//! the downward API's `fieldRef` environment variables; `secret`, `configMap` and
+//! `projected` volumes with what `kubelet_projected` fetched. Other kinds are not mounted.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Component, Path, PathBuf},
     process::Command,
 };
@@ -43,10 +44,46 @@ fn relative(p: &str) -> Option<PathBuf> {
         .then_some(rel)
 }
 
-/// Makes the Pod's volumes on the node; returns each volume's host directory by name.
-pub fn set_up(roots: &VolumeRoots, pod: &Pod) -> anyhow::Result<HashMap<String, PathBuf>> {
+/// Makes the Pod's volumes on the node (`api_backed`: what its secret, configMap and
+/// projected volumes hold, fetched beforehand); returns each volume's host directory by name.
+pub fn set_up(
+    roots: &VolumeRoots,
+    pod: &Pod,
+    api_backed: &BTreeMap<String, crate::kubelet_projected::Contents>,
+) -> anyhow::Result<HashMap<String, PathBuf>> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let mut dirs = HashMap::new();
+    for (name, contents) in api_backed {
+        let dir = roots
+            .kubelet_root
+            .join("pods")
+            .join(&uid)
+            .join("volumes")
+            .join(contents.kind)
+            .join(name);
+        std::fs::create_dir_all(&dir)?;
+        if contents.memory && !is_mountpoint(&dir) {
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"])
+                .arg(&dir)
+                .status()?;
+            anyhow::ensure!(st.success(), "mounting tmpfs for volume {name:?}");
+        }
+        for f in &contents.files {
+            let rel = relative(&f.path.display().to_string())
+                .ok_or_else(|| anyhow::anyhow!("volume {name:?}: path {:?} leaves it", f.path))?;
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&path, &f.bytes)?;
+            std::fs::set_permissions(
+                &path,
+                std::os::unix::fs::PermissionsExt::from_mode(f.mode & 0o7777),
+            )?;
+        }
+        dirs.insert(name.clone(), dir);
+    }
     for v in pod
         .spec
         .as_ref()
@@ -121,7 +158,7 @@ pub fn tear_down(roots: &VolumeRoots, uid: &str) {
 }
 
 /// The value of a downward-API field, as kubelet fills `env[].valueFrom.fieldRef`.
-fn field(pod: &Pod, path: &str) -> Option<String> {
+pub fn field(pod: &Pod, path: &str) -> Option<String> {
     let m = &pod.metadata;
     match path {
         "metadata.name" => m.name.clone(),

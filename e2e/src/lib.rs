@@ -15,6 +15,7 @@ pub mod demo;
 pub mod kubelet;
 pub mod kubelet_logs;
 pub mod kubelet_pod;
+pub mod kubelet_projected;
 pub mod kubelet_volumes;
 pub mod node;
 pub mod paths;

@@ -5,6 +5,9 @@
 //! node selector (cordoned nodes included, as upstream), replaced when its template
 //! changes. Their status carries what `kubectl rollout status` and `helm --wait` read.
 //! Deleting an owner removes its Pods through the API server's owner-reference cascade.
+//! Every namespace gets the `default` ServiceAccount and the `kube-root-ca.crt` ConfigMap
+//! (the service-account and root-CA publisher controllers), which Pods' projected
+//! `kube-api-access` volumes read.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -15,7 +18,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet},
-        core::v1::{Node, Pod, PodTemplateSpec},
+        core::v1::{ConfigMap, Namespace, Node, Pod, PodTemplateSpec, ServiceAccount},
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
@@ -370,8 +373,11 @@ async fn replicasets(client: &kube::Client, sets: &[ReplicaSet], pods: &[Pod]) {
 }
 
 /// Runs the three controllers until the task is dropped.
-pub async fn run(client: kube::Client) {
+pub async fn run(client: kube::Client, ca_pem: String) {
     loop {
+        if let Err(error) = namespaces(&client, &ca_pem).await {
+            tracing::debug!(%error, "namespaces");
+        }
         let pods = Api::<Pod>::all(client.clone())
             .list(&ListParams::default())
             .await
@@ -395,6 +401,71 @@ pub async fn run(client: kube::Client) {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Creates each namespace's `default` ServiceAccount and `kube-root-ca.crt` ConfigMap
+/// where they are missing.
+async fn namespaces(client: &kube::Client, ca_pem: &str) -> kube::Result<()> {
+    let lp = ListParams::default();
+    let names: Vec<String> = Api::<Namespace>::all(client.clone())
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|n| n.metadata.deletion_timestamp.is_none())
+        .map(|n| n.name_any())
+        .collect();
+    let has = |items: Vec<(String, String)>, ns: &str, name: &str| {
+        items.iter().any(|(n, m)| n == ns && m == name)
+    };
+    let key = |m: &kube::api::ObjectMeta| {
+        (
+            m.namespace.clone().unwrap_or_default(),
+            m.name.clone().unwrap_or_default(),
+        )
+    };
+    let sas: Vec<(String, String)> = Api::<ServiceAccount>::all(client.clone())
+        .list(&lp)
+        .await?
+        .items
+        .iter()
+        .map(|s| key(&s.metadata))
+        .collect();
+    let cms: Vec<(String, String)> = Api::<ConfigMap>::all(client.clone())
+        .list(&lp.clone().fields("metadata.name=kube-root-ca.crt"))
+        .await?
+        .items
+        .iter()
+        .map(|c| key(&c.metadata))
+        .collect();
+    for ns in names {
+        if !has(sas.clone(), &ns, "default") {
+            let sa = ServiceAccount {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("default".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let _ = Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                .create(&PostParams::default(), &sa)
+                .await;
+        }
+        if !has(cms.clone(), &ns, "kube-root-ca.crt") {
+            let cm = ConfigMap {
+                metadata: kube::api::ObjectMeta {
+                    name: Some("kube-root-ca.crt".into()),
+                    ..Default::default()
+                },
+                data: Some(BTreeMap::from([("ca.crt".to_owned(), ca_pem.to_owned())])),
+                ..Default::default()
+            };
+            let _ = Api::<ConfigMap>::namespaced(client.clone(), &ns)
+                .create(&PostParams::default(), &cm)
+                .await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -274,8 +274,8 @@ async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::Result<()> {
-    let (c, (_ctl, _)) = setup(1).await?;
-    let _second = c.start_controller("b")?;
+    let (c, (first, _)) = setup(1).await?;
+    let (second, _) = c.start_controller("b")?;
     c.apply("apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: empty}\nspec: {template: {spec: {containers: []}}}\n")?;
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
     let st = until("invalid", Duration::from_secs(10), async || {
@@ -314,5 +314,41 @@ async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::
         .and_then(|s| s.holder_identity)
         .unwrap_or_default();
     assert!(holder == "a" || holder == "b", "{holder}");
+
+    // SIGTERM: the leader stops its controllers and hands the Lease on; the standby leads
+    // at its next attempt (2 s), not after the Lease's 15 s.
+    let (mut leader, mut standby, other) = if holder == "a" {
+        (first, second, "b")
+    } else {
+        (second, first, "a")
+    };
+    let stopping = std::time::Instant::now();
+    leader.stop(Duration::from_secs(10));
+    let stopped = stopping.elapsed();
+    assert!(
+        stopped < Duration::from_secs(5),
+        "the leader took {stopped:?} to exit"
+    );
+    let took_over = until("the standby leads", Duration::from_secs(20), async || {
+        let h = leases
+            .get("podmig-controller")
+            .await
+            .ok()?
+            .spec?
+            .holder_identity?;
+        (h == other).then_some(std::time::Instant::now())
+    })
+    .await?;
+    let handover = took_over - stopping;
+    assert!(
+        handover < Duration::from_secs(6),
+        "handover took {handover:?}"
+    );
+    let stopping = std::time::Instant::now();
+    standby.stop(Duration::from_secs(10));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "a leader exits on SIGTERM"
+    );
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The local cluster behaves like a real one where podmig's users and tests look:
 //! CRD schemas enforced (422 with field errors, defaults, pruning, strict field
 //! validation), `kubectl explain`, `kubectl logs` through the kubelet stand-in, and
-//! admission webhooks (including `pods/eviction`, as `kubectl drain` meets them).
+//! admission webhooks (including `pods/eviction`, as `kubectl drain` meets them), and
+//! service-account credentials, Secrets and ConfigMaps in Pods' volumes.
 
 use std::{
     sync::{Arc, Mutex},
@@ -185,6 +186,127 @@ async fn kubectl_logs_reads_the_containers_log_through_the_kubelet() -> anyhow::
     assert!(
         err.contains("container nope is not valid for pod app"),
         "{err}"
+    );
+    Ok(())
+}
+
+/// What a container sees: its environment and a file below its root, read through its
+/// init process.
+fn inside(c: &Cluster, uid: &str, path: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    let root = c.nodes[0].containerd.runc_root();
+    let (id, _) = podmig_cri_ext::identity::running_containers(&root, uid)
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no container of {uid}"))?;
+    let pid = podmig_cri_ext::identity::init_pid(&root.join(&id))
+        .ok_or_else(|| anyhow::anyhow!("no init pid of {id}"))?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    let env = String::from_utf8_lossy(&environ).replace('\0', "\n");
+    Ok((env, std::fs::read(format!("/proc/{pid}/root{path}"))?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_service_account_credentials_secrets_and_config_maps() -> anyhow::Result<()> {
+    let c = Cluster::up_temp(1).await?;
+    c.apply(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {name: reader}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: read-config}
+rules: [{apiGroups: [""], resources: [configmaps], verbs: [get]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: reader-reads}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: read-config}
+subjects: [{kind: ServiceAccount, name: reader, namespace: default}]
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: hunter2, user: admin}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {mode: fast}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app}
+spec:
+  serviceAccountName: reader
+  volumes:
+  - {name: creds, secret: {secretName: creds, defaultMode: 0400, items: [{key: password, path: pw}]}}
+  - {name: settings, configMap: {name: settings}}
+  containers:
+  - name: app
+    image: podmig.local/testapp:latest
+    volumeMounts:
+    - {name: creds, mountPath: /etc/creds, readOnly: true}
+    - {name: settings, mountPath: /etc/settings}
+"#,
+    )?;
+    let pods = Api::<Pod>::default_namespaced(c.client.clone());
+    let pod = podmig_e2e::wait::ready_pod(&pods, "app", Duration::from_secs(60)).await?;
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let (env, token) = inside(&c, &uid, &format!("{sa_dir}/token"))?;
+    let api = c.apiserver.as_ref().expect("api server");
+    assert!(
+        env.contains(&format!("KUBERNETES_SERVICE_HOST={}\n", api.addr.ip())),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("KUBERNETES_SERVICE_PORT={}\n", api.addr.port())),
+        "{env}"
+    );
+    let (_, ca) = inside(&c, &uid, &format!("{sa_dir}/ca.crt"))?;
+    assert_eq!(ca, std::fs::read(&api.ca)?, "the cluster CA");
+    let (_, ns) = inside(&c, &uid, &format!("{sa_dir}/namespace"))?;
+    assert_eq!(ns, b"default");
+    let (_, pw) = inside(&c, &uid, "/etc/creds/pw")?;
+    assert_eq!(pw, b"hunter2");
+    assert!(
+        inside(&c, &uid, "/etc/creds/user").is_err(),
+        "only the listed key"
+    );
+    let (_, mode) = inside(&c, &uid, "/etc/settings/mode")?;
+    assert_eq!(mode, b"fast");
+
+    // The token authenticates as the Pod's ServiceAccount, which RBAC then judges.
+    let token = String::from_utf8(token)?;
+    let get = |path: &str| {
+        std::process::Command::new("curl")
+            .args(["--noproxy", "*", "-sS", "--cacert"])
+            .arg(&api.ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {token}"))
+            .arg(format!("{}{path}", api.url()))
+            .output()
+    };
+    let allowed =
+        String::from_utf8_lossy(&get("/api/v1/namespaces/default/configmaps/settings")?.stdout)
+            .into_owned();
+    assert!(allowed.contains("\"mode\":\"fast\""), "{allowed}");
+    let denied = String::from_utf8_lossy(&get("/api/v1/namespaces/default/secrets/creds")?.stdout)
+        .into_owned();
+    assert!(
+        denied.contains("system:serviceaccount:default:reader") && denied.contains("403"),
+        "{denied}"
+    );
+
+    // A Pod that opts out gets no credentials.
+    c.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: bare}\nspec:\n  automountServiceAccountToken: false\n  containers: [{name: app, image: podmig.local/testapp:latest}]\n")?;
+    let bare = podmig_e2e::wait::ready_pod(&pods, "bare", Duration::from_secs(60)).await?;
+    let bare_uid = bare.metadata.uid.clone().unwrap_or_default();
+    assert!(inside(&c, &bare_uid, &format!("{sa_dir}/token")).is_err());
+    assert_eq!(
+        bare.spec.and_then(|s| s.service_account_name).as_deref(),
+        Some("default")
     );
     Ok(())
 }

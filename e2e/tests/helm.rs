@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command, time::Duration};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use podmig_api::v1alpha1::MigrationPhase;
-use podmig_e2e::{cluster::Cluster, testapp::get_count};
+use podmig_e2e::{cluster::Cluster, testapp::get_count, wait::until};
 use serde_json::Value;
 
 fn chart() -> PathBuf {
@@ -207,11 +207,11 @@ async fn refused_and_runs(c: &Cluster, pod: &str, named: &[&str]) -> anyhow::Res
 async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> {
     let mut c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    // The real `helm install`; the chart's daemons and controller then run with its
-    // ServiceAccounts (as processes: the local cluster has no DaemonSet controller).
-    let (_ctl, _) = c.install_chart(&chart()).await?;
+    // The real `helm install --wait`: the controller Deployment's Pods run the podmig image
+    // with their projected service-account credentials; the daemons run as processes with
+    // the chart's node ServiceAccount (the DaemonSet selects no node here).
+    c.install_chart(&chart()).await?;
     let api = c.apiserver.as_ref().expect("api server");
-    // The chart's workloads are there, with no Pods of their own on this cluster.
     let ds = c.kubectl(&[
         "get",
         "ds",
@@ -222,13 +222,46 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         "jsonpath={.status.desiredNumberScheduled}",
     ])?;
     assert_eq!(ds.trim(), "0", "{ds}");
+    let ready = c.kubectl(&[
+        "get",
+        "deploy",
+        "podmig-controller",
+        "-n",
+        "podmig-system",
+        "-o",
+        "jsonpath={.status.readyReplicas}",
+    ])?;
+    assert_eq!(ready.trim(), "2", "both controller replicas Ready");
     let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
+    let controllers: Vec<String> = system_pods
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .filter(|p| podmig_e2e::wait::is_ready(p))
+        .map(|p| p.metadata.name.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(controllers.len(), 2, "{controllers:?}");
+    // One of them leads, through the chart's Lease.
+    let holder = until("a leader", Duration::from_secs(30), async || {
+        let out = c
+            .kubectl(&[
+                "get",
+                "lease",
+                "podmig-controller",
+                "-n",
+                "podmig-system",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .ok()?;
+        let h = out.trim().to_owned();
+        (!h.is_empty()).then_some(h)
+    })
+    .await?;
     assert!(
-        system_pods
-            .list(&Default::default())
-            .await?
-            .items
-            .is_empty()
+        controllers.contains(&holder),
+        "{holder} not in {controllers:?}"
     );
 
     // A Migration across nodes.

@@ -89,8 +89,43 @@ pub async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> Result<bool,
     }
 }
 
+/// How long a leader told to stop lets its controllers finish their reconciles.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+async fn release_logged(api: &Api<Lease>, name: &str, me: &str) {
+    match release(api, name, me).await {
+        Ok(true) => tracing::info!(identity = me, lease = name, "lease released"),
+        Ok(false) => {}
+        Err(error) => tracing::warn!(%error, "cannot release the lease; it expires"),
+    }
+}
+
+/// Gives the lease up if this replica holds it (an empty holder), so that a standby takes
+/// over at its next attempt instead of waiting for the lease to expire — what client-go's
+/// `ReleaseOnCancel` does when a leader shuts down.
+pub async fn release(api: &Api<Lease>, name: &str, me: &str) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return Ok(false);
+    };
+    if spec.holder_identity.as_deref() != Some(me) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    match api.replace(name, &PostParams::default(), &lease).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Waits until this replica leads, runs `while_leading()` while it keeps renewing, stops
-/// it when leadership is lost (reporting why to `on_lost`) and goes back to standby.
+/// it when leadership is lost (reporting why to `on_lost`) and goes back to standby. Returns
+/// when `while_leading()` ends (the controllers shut down on SIGTERM), releasing the lease,
+/// or when `shutdown` completes while standing by.
 pub async fn lead<F, Fut>(
     client: Client,
     namespace: &str,
@@ -98,19 +133,30 @@ pub async fn lead<F, Fut>(
     me: &str,
     mut while_leading: F,
     on_lost: impl Fn(&Lost),
+    shutdown: impl std::future::Future<Output = ()>,
 ) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let api: Api<Lease> = Api::namespaced(client, namespace);
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        loop {
-            match try_acquire(&api, name, me).await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(error) => tracing::warn!(%error, "lease acquisition failed"),
+        let acquire = async {
+            loop {
+                match try_acquire(&api, name, me).await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(%error, "lease acquisition failed"),
+                }
+                tokio::time::sleep(RETRY_PERIOD).await;
             }
-            tokio::time::sleep(RETRY_PERIOD).await;
+        };
+        tokio::select! {
+            _ = acquire => {}
+            _ = &mut shutdown => {
+                tracing::info!(identity = me, "standby shutting down");
+                return;
+            }
         }
         tracing::info!(identity = me, lease = name, "leading");
         let renew = async {
@@ -129,9 +175,20 @@ pub async fn lead<F, Fut>(
                 }
             }
         };
+        let mut leading = std::pin::pin!(while_leading());
         let lost = tokio::select! {
             lost = renew => lost,
-            _ = while_leading() => return,
+            _ = &mut leading => {
+                release_logged(&api, name, me).await;
+                return;
+            }
+            _ = &mut shutdown => {
+                // The controllers see the same signal and finish their reconciles; one
+                // that came before they listened would never end them.
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut leading).await;
+                release_logged(&api, name, me).await;
+                return;
+            }
         };
         tracing::error!(identity = me, lease = name, reason = ?lost, "stopped leading; standing by");
         on_lost(&lost);

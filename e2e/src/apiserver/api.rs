@@ -361,6 +361,7 @@ impl Api {
             if spec["schedulerName"].is_null() {
                 spec["schedulerName"] = json!("default-scheduler");
             }
+            service_account_admission(spec);
             if obj["status"]["phase"].is_null() {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
@@ -784,5 +785,62 @@ impl Api {
                 Ok(Some(new))
             })?
             .ok_or_else(|| ApiError::not_found(def, name))
+    }
+}
+
+/// Where kubelet mounts a Pod's service-account credentials in each container.
+pub const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The ServiceAccount admission plugin: the Pod runs as `default` unless it names an
+/// account, and unless it opts out (`automountServiceAccountToken: false`) gets the
+/// `kube-api-access-*` projected volume (a bound token, the cluster CA from the
+/// `kube-root-ca.crt` ConfigMap, its namespace) mounted read-only in every container.
+fn service_account_admission(spec: &mut Value) {
+    if spec["serviceAccountName"]
+        .as_str()
+        .is_none_or(str::is_empty)
+    {
+        spec["serviceAccountName"] = json!("default");
+    }
+    spec["serviceAccount"] = spec["serviceAccountName"].clone();
+    if spec["automountServiceAccountToken"] == json!(false) {
+        return;
+    }
+    let volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+    if volumes.iter().any(|v| {
+        v["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("kube-api-access-"))
+    }) {
+        return;
+    }
+    let name = format!(
+        "kube-api-access-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..5]
+    );
+    let mut volumes = volumes;
+    volumes.push(json!({"name": name, "projected": {"defaultMode": 420, "sources": [
+        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}
+    ]}}));
+    spec["volumes"] = Value::Array(volumes);
+    for kind in ["initContainers", "containers"] {
+        let Some(containers) = spec[kind].as_array_mut() else {
+            continue;
+        };
+        for c in containers {
+            let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+            if mounts
+                .iter()
+                .any(|m| m["mountPath"] == json!(SERVICE_ACCOUNT_MOUNT))
+            {
+                continue;
+            }
+            let mut mounts = mounts;
+            mounts
+                .push(json!({"name": name, "readOnly": true, "mountPath": SERVICE_ACCOUNT_MOUNT}));
+            c["volumeMounts"] = Value::Array(mounts);
+        }
     }
 }
