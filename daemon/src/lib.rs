@@ -1,5 +1,6 @@
 //! The podmig node daemon and controller: the library behind the `podmig` binary.
 
+pub mod cleanup;
 pub mod config;
 pub mod controller;
 pub mod crds;

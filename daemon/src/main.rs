@@ -19,6 +19,21 @@ enum Command {
     /// Prepare this node for podmig (the chart's init container): install podmig-runc and
     /// CRIU under /opt/podmig and add the `podmig` runtime handler to containerd or CRI-O.
     PrepareNode(podmig_daemon::config::PrepareConfig),
+    /// Wait until a DaemonSet has a Ready Pod on every node it schedules to (the chart's
+    /// uninstall hook: every node's preparation undone).
+    AwaitDaemonset {
+        /// Its namespace.
+        #[arg(long, env = "PODMIG_NAMESPACE")]
+        namespace: String,
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// Give up (exit non-zero) after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_seconds: u64,
+    },
+    /// Do nothing until SIGTERM (the main container of the uninstall hook's DaemonSet).
+    Idle,
     /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
     Crds {
         /// Directory to write `<plural>.<group>.yaml` files into.
@@ -38,6 +53,22 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::PrepareNode(cfg) => println!("{}", podmig_daemon::nodeprep::run(&cfg)?),
+        Command::AwaitDaemonset {
+            namespace,
+            name,
+            timeout_seconds,
+        } => {
+            let client = kube::Client::try_default().await?;
+            let said = podmig_daemon::cleanup::await_daemonset(
+                client,
+                &namespace,
+                &name,
+                std::time::Duration::from_secs(timeout_seconds),
+            )
+            .await?;
+            println!("{said}");
+        }
+        Command::Idle => shutdown().await,
         Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,
         Command::Controller(cfg) => {
             let client = kube::Client::try_default().await?;

@@ -20,8 +20,16 @@ use crate::{
     containerd::{Containerd, ContainerdOptions},
     daemon::{DaemonOptions, NodeDaemon},
     kubelet::{self, KubeletConfig},
-    kubelet_logs, paths,
+    kubelet_logs,
+    node_fs::NodeFs,
+    paths,
 };
+
+/// The chart's daemon CA, once the chart is installed (relative to the cluster directory).
+const CHART_CA: &str = "chart-ca.crt";
+
+/// Where a node's runtime hook socket is, as the node sees it (the chart's `node.runDir`).
+pub const HOOK_SOCKET: &str = "/run/podmig/hook.sock";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -176,6 +184,8 @@ pub struct ClusterNode {
     pub netns: String,
     /// containerd (dropped first).
     pub containerd: Containerd,
+    /// The node's own file system (its mount namespace and root directory).
+    pub fs: NodeFs,
     /// The podmig node daemon.
     pub daemon: NodeDaemon,
     kubelet: tokio::task::JoinHandle<()>,
@@ -291,14 +301,15 @@ impl Cluster {
             let ndir = dir.join(&name);
             std::fs::create_dir_all(&ndir)?;
             let ckpts = cluster._checkpoints.path().join(&name);
-            let hook = NodeDaemon::hook_socket_in(&ndir.join("daemon"));
+            let node_fs = tokio::task::block_in_place(|| NodeFs::create(&ndir))?;
             let netns = network.netns(i);
             let containerd = tokio::task::block_in_place(|| {
                 Containerd::start_with(ContainerdOptions {
-                    hook_socket: hook.clone(),
+                    hook_socket: PathBuf::from(HOOK_SOCKET),
                     dir: Some(ndir.join("containerd")),
                     netns: Some(netns.clone()),
                     network: Some(("cni0".into(), network.pod_cidr(i))),
+                    node_fs: Some(node_fs.clone()),
                 })
             })?;
             track_pid_in(dir, containerd.pid())?;
@@ -323,6 +334,8 @@ impl Cluster {
                     tls: tls.get(i).cloned(),
                     supervise: true,
                     cluster_dir: Some(dir.to_path_buf()),
+                    hook_socket: node_fs.host_path(HOOK_SOCKET),
+                    node_fs: Some(node_fs.clone()),
                 })
             })?;
             let kclient = client_from(&kc).await?;
@@ -332,10 +345,7 @@ impl Cluster {
                 pod_cidr: network.pod_cidr(i),
                 cri_socket: containerd.socket(),
                 logs_root: ndir.join("logs"),
-                volumes: crate::kubelet_volumes::VolumeRoots {
-                    kubelet_root: ndir.join("kubelet"),
-                    host_root: ndir.join("root"),
-                },
+                volumes: crate::kubelet_volumes::VolumeRoots::of(node_fs.clone()),
                 api_server: api.addr,
             };
             let logs = match tls.get(i) {
@@ -361,6 +371,7 @@ impl Cluster {
                 ip: network.node_ip(i),
                 netns,
                 containerd,
+                fs: node_fs,
                 daemon,
                 kubelet,
                 logs,
@@ -382,6 +393,10 @@ impl Cluster {
 
     /// The CA the node daemons' HTTPS certificates are signed by.
     pub fn daemon_ca(&self) -> PathBuf {
+        let chart = self.dir.join(CHART_CA);
+        if chart.exists() {
+            return chart;
+        }
         self.dir.join("pki").join("ca.crt")
     }
 
@@ -538,14 +553,19 @@ impl Cluster {
     }
 
     /// `helm install --wait podmig` of `chart` into `podmig-system` with the real Helm (the
-    /// cluster's own RuntimeClass is kept) and podmig's image built from the binaries that
-    /// run here: the chart's controller Deployment runs as Pods (in-cluster credentials from
-    /// their projected service-account tokens; `--wait` returns once both replicas are
-    /// Ready). The node daemons stay processes — the local nodes share one host, so the
-    /// DaemonSet's host paths cannot be each node's own — and restart with the chart's node
-    /// ServiceAccount; the DaemonSet selects no node.
+    /// cluster's own RuntimeClass and containerd configuration kept: no node preparation) and podmig's image built from
+    /// the binaries that run here: the node daemons the cluster started as processes stop
+    /// and the chart's DaemonSet runs one daemon Pod per node in their place (privileged,
+    /// host PID and network, the node's paths through hostPath volumes), the controller
+    /// Deployment's two Pods lead through the Lease; `--wait` returns once all are Ready.
+    /// From then on [`Cluster::daemon_ca`] is the chart's CA.
     pub async fn install_chart(&mut self, chart: &Path) -> anyhow::Result<()> {
-        // podmig's image, built from the binaries that run here, on every node.
+        self.install_chart_with(chart, &["node.prepare.enabled=false"])
+            .await
+    }
+
+    /// [`Cluster::install_chart`] with other values (`--set key=value` each).
+    pub async fn install_chart_with(&mut self, chart: &Path, sets: &[&str]) -> anyhow::Result<()> {
         let images = self.dir.join("images");
         let bins = paths::bin("podmig").parent().context("bin dir")?.to_owned();
         let out = Command::new(paths::repo_root().join("scripts/build-images"))
@@ -560,8 +580,9 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let tarball = images.join("podmig.tar").display().to_string();
-        for n in &self.nodes {
+        for n in &mut self.nodes {
             n.containerd.ctr(&["images", "import", &tarball])?;
+            n.daemon.stop();
         }
         let out = Command::new("helm")
             .args(["install", "podmig"])
@@ -572,43 +593,39 @@ impl Cluster {
                 "--create-namespace",
                 "--wait",
                 "--timeout",
-                "120s",
+                "180s",
                 "--set",
                 "runtimeClass.create=false",
                 "--set",
                 "image.tag=latest",
-                "--set-string",
-                "node.nodeSelector.podmig\\.dev/runs-as-processes-here=none",
                 "--kubeconfig",
             ])
             .arg(self.kubeconfig())
+            .args(sets.iter().flat_map(|s| ["--set", s]))
             .output()
             .context("running helm (scripts/setup installs it)")?;
         anyhow::ensure!(
             out.status.success(),
-            "helm install: {}{}",
+            "helm install: {}{}\n{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.kubectl(&["get", "pods", "-n", "podmig-system", "-o", "wide"])
+                .unwrap_or_default()
         );
-        let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            kube::Api::namespaced(self.client.clone(), "podmig-system");
-        let node_kc = self.dir.join("podmig-node.kubeconfig");
-        let uid = sas
-            .get("podmig-node")
-            .await?
-            .metadata
-            .uid
-            .unwrap_or_default();
-        self.apiserver
-            .as_ref()
-            .context("api server")?
-            .kubeconfig_for(
-                User::service_account("podmig-system", "podmig-node", &uid),
-                &node_kc,
-            )?;
-        for n in &mut self.nodes {
-            n.daemon.restart_with_kubeconfig(&node_kc)?;
-        }
+        let ca = self.kubectl(&[
+            "get",
+            "secret",
+            "podmig-node-ca",
+            "-n",
+            "podmig-system",
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])?;
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(ca.trim())
+            .context("the chart's CA")?;
+        std::fs::write(self.dir.join(CHART_CA), pem)?;
         Ok(())
     }
 
@@ -787,16 +804,21 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     for i in 0..state.nodes {
         let cdir = dir.join(format!("node-{i}")).join("containerd");
         if cdir.join("config.toml").exists() {
-            for pid in crate::containerd::shim_pids_in(&cdir) {
+            let state_dir = NodeFs::of(&dir.join(format!("node-{i}")))
+                .root
+                .join("run/containerd");
+            for pid in crate::containerd::shim_pids_in(&state_dir) {
                 crate::process::signal(pid, libc::SIGKILL);
             }
             let netns = state.network.netns(i);
             let ns_alive = Path::new("/var/run/netns").join(&netns).exists();
+            let node_fs = NodeFs::create(&dir.join(format!("node-{i}")))?;
             let restarted = Containerd::start_with(ContainerdOptions {
                 hook_socket: dir.join("none.sock"),
                 dir: Some(cdir.clone()),
                 netns: ns_alive.then_some(netns),
                 network: Some(("cni0".into(), state.network.pod_cidr(i))),
+                node_fs: Some(node_fs),
             });
             drop(restarted);
         }
@@ -813,14 +835,23 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cluster run`: brings the cluster up, marks it ready, serves until SIGTERM or SIGINT.
-pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
-    let cluster = Cluster::up(dir, nodes).await?;
-    // podmig itself, as a Helm install would bring it: CRDs and the controller.
-    tokio::task::block_in_place(|| cluster.install_crds())?;
-    let controller = cluster.start_controller("podmig-controller")?;
-    // Recorded so that `cluster down` stops it even after this process crashed.
-    cluster.track_pid(controller.0.pid())?;
+/// `cluster run`: brings the cluster up with podmig (as processes, or with `chart` the
+/// chart's Pods), marks it ready, serves until SIGTERM or SIGINT.
+pub async fn run_foreground(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()> {
+    let mut cluster = Cluster::up(dir, nodes).await?;
+    let mut controller = None;
+    if chart {
+        cluster
+            .install_chart(&paths::repo_root().join("helm/podmig"))
+            .await?;
+    } else {
+        // podmig itself, as a Helm install would bring it: CRDs and the controller.
+        tokio::task::block_in_place(|| cluster.install_crds())?;
+        let c = cluster.start_controller("podmig-controller")?;
+        // Recorded so that `cluster down` stops it even after this process crashed.
+        cluster.track_pid(c.0.pid())?;
+        controller = Some(c);
+    }
     std::fs::write(
         dir.join("ready"),
         cluster.kubeconfig().display().to_string(),
@@ -830,12 +861,13 @@ pub async fn run_foreground(dir: &Path, nodes: usize) -> anyhow::Result<()> {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+    drop(controller);
     tokio::task::block_in_place(|| cluster.down());
     Ok(())
 }
 
 /// `cluster up`: starts `cluster run` detached, waits until it is ready, prints the kubeconfig.
-pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
+pub fn up_background(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()> {
     if dir.join("state.json").exists() {
         bail!(
             "{} holds a cluster already; run `podmig-e2e cluster down --dir {}` first",
@@ -850,11 +882,13 @@ pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
         .arg(exe)
         .args(["cluster", "run", "--nodes", &nodes.to_string(), "--dir"])
         .arg(dir)
+        .args(chart.then_some("--chart"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let within = Duration::from_secs(if chart { 300 } else { 60 });
+    let deadline = Instant::now() + within;
     while !dir.join("ready").exists() {
         if let Ok(Some(status)) = child.try_wait() {
             bail!(
@@ -864,7 +898,8 @@ pub fn up_background(dir: &Path, nodes: usize) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "the cluster did not become ready in 60 s; see {}",
+                "the cluster did not become ready in {} s; see {}",
+                within.as_secs(),
                 dir.with_extension("log").display()
             );
         }

@@ -25,6 +25,9 @@ pub struct ContainerdOptions {
     pub netns: Option<String>,
     /// CNI bridge name and Pod subnet (derived from a counter when None).
     pub network: Option<(String, String)>,
+    /// The node's own file system (a node of the local cluster): containerd runs in its
+    /// mount namespace with its root, state and runc state at the standard paths there.
+    pub node_fs: Option<crate::node_fs::NodeFs>,
 }
 
 /// One containerd with everything it made; torn down (containers, sandboxes, network
@@ -36,6 +39,7 @@ pub struct Containerd {
     bridge: String,
     subnet: String,
     netns: Option<String>,
+    node_fs: Option<crate::node_fs::NodeFs>,
     proc: Option<Proc>,
 }
 
@@ -74,19 +78,24 @@ impl Containerd {
             bridge,
             subnet,
             netns: opts.netns.clone(),
+            node_fs: opts.node_fs.clone(),
             proc: None,
         };
         me.write_config()?;
-        let mut cmd = match &opts.netns {
-            Some(ns) => {
-                // NB: not `ip netns exec`, which remounts /sys and so hides the cgroup
-                // mounts runc needs; nsenter switches the network namespace only.
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}"))
-                    .arg("containerd");
-                c
-            }
-            None => Command::new("containerd"),
+        // NB: not `ip netns exec`, which remounts /sys and so hides the cgroup mounts runc
+        // needs; nsenter switches the network (and the node's mount) namespace only.
+        let mut enter: Vec<String> = opts
+            .netns
+            .iter()
+            .map(|ns| format!("--net=/var/run/netns/{ns}"))
+            .collect();
+        enter.extend(opts.node_fs.iter().flat_map(|f| f.enter_args()));
+        let mut cmd = if enter.is_empty() {
+            Command::new("containerd")
+        } else {
+            let mut c = Command::new("nsenter");
+            c.args(&enter).arg("containerd");
+            c
         };
         cmd.arg("--config")
             .arg(me.dir.join("config.toml"))
@@ -137,9 +146,31 @@ impl Containerd {
         self.dir.as_path().join("containerd.sock")
     }
 
-    /// runc state root of the `k8s.io` namespace (what the node daemon checkpoints with).
+    /// runc state root of the `k8s.io` namespace on the host (what the node daemon
+    /// checkpoints with).
     pub fn runc_root(&self) -> PathBuf {
-        self.dir.as_path().join("runc").join("k8s.io")
+        self.host_dirs().2.join("k8s.io")
+    }
+
+    /// containerd's root, state and runc state directories as containerd is configured
+    /// with them (inside a node: its standard paths) and as the host reaches them.
+    fn dirs(&self) -> [(PathBuf, PathBuf); 3] {
+        let d = self.dir.as_path();
+        match &self.node_fs {
+            Some(fs) => [
+                "var/lib/containerd",
+                "run/containerd",
+                "run/containerd/runc",
+            ]
+            .map(|p| (std::path::Path::new("/").join(p), fs.root.join(p))),
+            None => ["root", "state", "runc"].map(|p| (d.join(p), d.join(p))),
+        }
+    }
+
+    /// Host paths of root, state and runc state.
+    fn host_dirs(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let [(_, root), (_, state), (_, runc)] = self.dirs();
+        (root, state, runc)
     }
 
     /// The CNI bridge; the host reaches Pod IPs through it.
@@ -164,6 +195,7 @@ impl Containerd {
             );
         }
         let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        let [(root, _), (state, _), (runc, _)] = self.dirs();
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -201,16 +233,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   BinaryName = "{wrapper}"
   Root = "{runc}"
 "#,
-            root = d.join("root").display(),
-            state = d.join("state").display(),
+            root = root.display(),
+            state = state.display(),
             sock = self.socket().display(),
             opt = d.join("opt").display(),
             pause = paths::PAUSE_IMAGE,
             cni = cni.display(),
-            runc = d.join("runc").display(),
+            runc = runc.display(),
             wrapper = wrapper.display(),
         );
         std::fs::write(d.join("config.toml"), config)?;
+        let (host_root, host_state, host_runc) = self.host_dirs();
+        for dir in [host_root, host_state, host_runc] {
+            std::fs::create_dir_all(dir)?;
+        }
         let net = serde_json::json!({
             "cniVersion": "0.4.0",
             "name": self.bridge,
@@ -276,7 +312,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     }
 
     fn shim_pids(&self) -> Vec<u32> {
-        shim_pids_in(&self.dir)
+        shim_pids_in(&self.host_dirs().1)
     }
 
     /// Stops every sandbox through CRI, then containerd, its shims, mounts and bridge.
@@ -345,9 +381,9 @@ impl Drop for Containerd {
     }
 }
 
-/// Pids of the shims an instance in `dir` started (from its state directory).
-pub fn shim_pids_in(dir: &Path) -> Vec<u32> {
-    std::fs::read_dir(dir.join("state/io.containerd.runtime.v2.task/k8s.io"))
+/// Pids of the shims an instance whose state directory is `state` started.
+pub fn shim_pids_in(state: &Path) -> Vec<u32> {
+    std::fs::read_dir(state.join("io.containerd.runtime.v2.task/k8s.io"))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| std::fs::read_to_string(e.path().join("shim.pid")).ok())

@@ -79,12 +79,23 @@ pub struct DaemonOptions {
     pub supervise: bool,
     /// A cluster directory whose `state.json` records each restarted daemon's pid.
     pub cluster_dir: Option<PathBuf>,
+    /// The node's file system: the daemon runs in its mount namespace, as the chart's
+    /// daemon Pod sees the node.
+    pub node_fs: Option<crate::node_fs::NodeFs>,
+    /// Where it serves the runtime hook (default: `hook.sock` in `dir`).
+    pub hook_socket: Option<PathBuf>,
 }
 
 impl NodeDaemon {
-    /// Sockets and checkpoint store of a daemon rooted at `dir`.
+    /// The hook socket of a daemon rooted at `dir` unless told otherwise.
     pub fn hook_socket_in(dir: &Path) -> PathBuf {
         dir.join("hook.sock")
+    }
+
+    fn hook_socket_of(opts: &DaemonOptions) -> PathBuf {
+        opts.hook_socket
+            .clone()
+            .unwrap_or_else(|| Self::hook_socket_in(&opts.dir))
     }
 
     /// Starts the daemon with its sockets in `dir` and its checkpoint store in
@@ -140,7 +151,7 @@ impl NodeDaemon {
         let deadline = Instant::now() + within;
         loop {
             let running = lock(&self.proc).is_running();
-            if running && self.api_socket().exists() && Self::hook_socket_in(&self.dir).exists() {
+            if running && self.api_socket().exists() && Self::hook_socket_of(&self.opts).exists() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -154,19 +165,28 @@ impl NodeDaemon {
     fn spawn(opts: &DaemonOptions) -> anyhow::Result<Proc> {
         let dir = opts.dir.as_path();
         std::fs::create_dir_all(dir)?;
-        let mut cmd = match &opts.netns {
-            // NB: nsenter, not `ip netns exec` (which remounts /sys): network namespace only.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/var/run/netns/{ns}"))
-                    .arg(paths::bin("podmig"));
-                c
-            }
-            None => Command::new(paths::bin("podmig")),
+        // NB: nsenter, not `ip netns exec` (which remounts /sys): the node's network and
+        // mount namespaces only.
+        let mut enter: Vec<String> = opts
+            .netns
+            .iter()
+            .map(|ns| format!("--net=/var/run/netns/{ns}"))
+            .collect();
+        enter.extend(opts.node_fs.iter().flat_map(|f| f.enter_args()));
+        let mut cmd = if enter.is_empty() {
+            Command::new(paths::bin("podmig"))
+        } else {
+            let mut c = Command::new("nsenter");
+            c.args(&enter).arg(paths::bin("podmig"));
+            c
         };
+        let hook = Self::hook_socket_of(opts);
+        if let Some(parent) = hook.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
         cmd.arg("node")
             .arg("--hook-socket")
-            .arg(Self::hook_socket_in(dir))
+            .arg(&hook)
             .arg("--api-socket")
             .arg(dir.join("api.sock"))
             .arg("--runc-root")
@@ -200,7 +220,7 @@ impl NodeDaemon {
         }
         // A restart must not find the sockets of the previous run.
         let _ = std::fs::remove_file(dir.join("api.sock"));
-        let _ = std::fs::remove_file(Self::hook_socket_in(dir));
+        let _ = std::fs::remove_file(&hook);
         let mut proc = Proc::spawn("podmig node", cmd)?;
         if let (Some(cluster), Some(pid)) = (&opts.cluster_dir, proc.pid()) {
             crate::cluster::track_pid_in(cluster, Some(pid))?;
@@ -208,7 +228,7 @@ impl NodeDaemon {
         let log = || std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
         // Recovery of journaled moves may take a while before the sockets are served.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(dir.join("api.sock").exists() && Self::hook_socket_in(dir).exists()) {
+        while !(dir.join("api.sock").exists() && hook.exists()) {
             if !proc.is_running() || Instant::now() > deadline {
                 bail!("podmig node did not come up:\n{}", log());
             }

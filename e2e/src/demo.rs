@@ -79,7 +79,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     ));
     c.install_chart(&crate::paths::repo_root().join("helm/podmig"))
         .await?;
-    say("helm install podmig helm/podmig -n podmig-system --wait: CRDs, RBAC, daemon CA, the controller Deployment's two Pods Ready (one leads); the node daemons run as processes with the chart's ServiceAccount (the local nodes share one host's paths)".into());
+    say("helm install podmig helm/podmig -n podmig-system --wait: CRDs, RBAC, daemon CA; a podmig-node DaemonSet Pod per node and the controller Deployment's two Pods (one leads) Ready".into());
     let examples = crate::paths::repo_root().join("examples");
     for f in ["migratingpod.yaml", "service.yaml"] {
         c.kubectl(&["apply", "-f", examples.join(f).to_str().unwrap_or_default()])?;

@@ -436,7 +436,8 @@ impl PodWorker {
             .ok_or_else(|| anyhow::anyhow!("no sandbox"))?;
         let image = c.image.clone().unwrap_or_default();
         let vars = crate::kubelet_volumes::environment(pod, c);
-        let mounts = crate::kubelet_volumes::mounts(c, &self.volume_dirs, &vars)?;
+        let mounts =
+            crate::kubelet_volumes::mounts(c, &self.cfg.volumes, &self.volume_dirs, &vars)?;
         let api = self.cfg.api_server;
         let service = [
             ("KUBERNETES_SERVICE_HOST".to_owned(), api.ip().to_string()),

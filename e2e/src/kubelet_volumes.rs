@@ -18,10 +18,21 @@ use k8s_openapi::api::core::v1::{Container, EnvVar, Pod};
 /// Where a node keeps Pod volumes and what it calls its root file system.
 #[derive(Debug, Clone)]
 pub struct VolumeRoots {
-    /// kubelet's root directory (`/var/lib/kubelet` on a real node).
+    /// kubelet's root directory on the host (the node's `/var/lib/kubelet`).
     pub kubelet_root: PathBuf,
-    /// The directory standing for the node's `/` (hostPath volumes live below it).
-    pub host_root: PathBuf,
+    /// The node's file system (hostPath volumes live below its root; mounts are given to
+    /// the runtime as the node sees them).
+    pub node: crate::node_fs::NodeFs,
+}
+
+impl VolumeRoots {
+    /// The volumes of node file system `node`, kubelet's root where a real node has it.
+    pub fn of(node: crate::node_fs::NodeFs) -> Self {
+        Self {
+            kubelet_root: node.root.join("var/lib/kubelet"),
+            node,
+        }
+    }
 }
 
 /// The emptyDir directory of volume `name` of Pod `uid`, where kubelet puts it.
@@ -107,9 +118,10 @@ pub fn set_up(
             std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
             dirs.insert(v.name.clone(), dir);
         } else if let Some(hp) = &v.host_path {
-            let rel = relative(&hp.path)
+            let dir = roots
+                .node
+                .host_path(&hp.path)
                 .ok_or_else(|| anyhow::anyhow!("hostPath {:?} leaves the node's root", hp.path))?;
-            let dir = roots.host_root.join(rel);
             match hp.type_.as_deref().unwrap_or("") {
                 "DirectoryOrCreate" => std::fs::create_dir_all(&dir)?,
                 "FileOrCreate" => {
@@ -229,9 +241,10 @@ pub fn expand(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
-/// The container's CRI mounts for its `volumeMounts`.
+/// The container's CRI mounts for its `volumeMounts`, their sources as the node sees them.
 pub fn mounts(
     c: &Container,
+    roots: &VolumeRoots,
     dirs: &HashMap<String, PathBuf>,
     env: &[(String, String)],
 ) -> anyhow::Result<Vec<cri::Mount>> {
@@ -261,10 +274,16 @@ pub fn mounts(
             }
             None => dir.clone(),
         };
+        let propagation = match vm.mount_propagation.as_deref() {
+            Some("HostToContainer") => cri::MountPropagation::PropagationHostToContainer,
+            Some("Bidirectional") => cri::MountPropagation::PropagationBidirectional,
+            _ => cri::MountPropagation::PropagationPrivate,
+        };
         out.push(cri::Mount {
             container_path: vm.mount_path.clone(),
-            host_path: host.display().to_string(),
+            host_path: roots.node.node_view(&host).display().to_string(),
             readonly: vm.read_only.unwrap_or(false),
+            propagation: propagation as i32,
             ..Default::default()
         });
     }

@@ -18,6 +18,7 @@ pub mod kubelet_pod;
 pub mod kubelet_projected;
 pub mod kubelet_volumes;
 pub mod node;
+pub mod node_fs;
 pub mod paths;
 pub mod pki;
 pub mod plot;

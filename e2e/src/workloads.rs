@@ -1,5 +1,6 @@
-//! Deployment, ReplicaSet and DaemonSet controllers for the local cluster, standing in
-//! for kube-controller-manager's: a Deployment owns one ReplicaSet per Pod template (named
+//! Deployment, ReplicaSet, DaemonSet and Job controllers for the local cluster, standing in
+//! for kube-controller-manager's (a Job runs one Pod to completion, retried up to its
+//! `backoffLimit`): a Deployment owns one ReplicaSet per Pod template (named
 //! by the template's hash, older ones scaled to zero), a ReplicaSet keeps its number of
 //! Pods (the scheduler places them), a DaemonSet one Pod per Ready node that matches its
 //! node selector (cordoned nodes included, as upstream), replaced when its template
@@ -18,6 +19,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet},
+        batch::v1::Job,
         core::v1::{ConfigMap, Namespace, Node, Pod, PodTemplateSpec, ServiceAccount},
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -372,7 +374,149 @@ async fn replicasets(client: &kube::Client, sets: &[ReplicaSet], pods: &[Pod]) {
     }
 }
 
-/// Runs the three controllers until the task is dropped.
+/// What the Job controller does next for a Job, from its Pods' phases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStep {
+    /// Already finished (a `Complete` or `Failed` condition): nothing.
+    Finished,
+    /// A Pod succeeded: the Job is complete.
+    Complete,
+    /// More Pods failed than `backoffLimit` allows: the Job failed.
+    BackoffLimitExceeded,
+    /// No Pod runs: start one.
+    Start,
+    /// A Pod runs: wait.
+    Wait,
+}
+
+/// Pods of a Job by phase: (active, succeeded, failed).
+fn job_counts(uid: &str, pods: &[Pod]) -> (usize, usize, usize) {
+    let phases: Vec<String> = pods
+        .iter()
+        .filter(|p| owned_by(*p, uid))
+        .map(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let count = |x: &str| phases.iter().filter(|p| *p == x).count();
+    let (succeeded, failed) = (count("Succeeded"), count("Failed"));
+    (phases.len() - succeeded - failed, succeeded, failed)
+}
+
+/// The Job controller's decision (one completion, parallelism 1, as Helm's hooks use).
+pub fn job_step(job: &Job, pods: &[Pod]) -> JobStep {
+    let finished = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        });
+    if finished {
+        return JobStep::Finished;
+    }
+    let (active, succeeded, failed) = job_counts(&job.uid().unwrap_or_default(), pods);
+    let limit = job.spec.as_ref().and_then(|s| s.backoff_limit).unwrap_or(6);
+    if succeeded > 0 {
+        JobStep::Complete
+    } else if failed as i32 > limit {
+        JobStep::BackoffLimitExceeded
+    } else if active == 0 {
+        JobStep::Start
+    } else {
+        JobStep::Wait
+    }
+}
+
+/// Runs each Job's Pod to completion, retrying failed ones up to `backoffLimit`; the status
+/// carries the `Complete`/`Failed` condition Helm's hooks and `kubectl wait` read.
+async fn jobs(client: &kube::Client, pods: &[Pod]) -> kube::Result<()> {
+    for job in Api::<Job>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| j.metadata.deletion_timestamp.is_none())
+    {
+        let ns = job.namespace().unwrap_or_default();
+        let api: Api<Job> = Api::namespaced(client.clone(), &ns);
+        let uid = job.uid().unwrap_or_default();
+        let (active, succeeded, failed) = job_counts(&uid, pods);
+        let start = job
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.clone())
+            .map_or_else(|| json!(now()), |t| json!(t));
+        let condition = |kind: &str, reason: &str| {
+            json!([{"type": kind, "status": "True", "reason": reason,
+                "lastProbeTime": now(), "lastTransitionTime": now()}])
+        };
+        match job_step(&job, pods) {
+            JobStep::Finished => continue,
+            JobStep::Complete => {
+                patch_status(
+                    &api,
+                    &job.name_any(),
+                    json!({"active": 0, "succeeded": succeeded, "failed": failed,
+                    "startTime": start, "completionTime": now(),
+                    "conditions": condition("Complete", "CompletionsReached")}),
+                )
+                .await;
+                continue;
+            }
+            JobStep::BackoffLimitExceeded => {
+                patch_status(
+                    &api,
+                    &job.name_any(),
+                    json!({"active": 0, "succeeded": 0, "failed": failed,
+                    "startTime": start, "conditions": condition("Failed", "BackoffLimitExceeded")}),
+                )
+                .await;
+                continue;
+            }
+            JobStep::Start => {
+                if let Some(t) = job.spec.as_ref().map(|s| s.template.clone()) {
+                    let labels = BTreeMap::from([
+                        ("batch.kubernetes.io/job-name".to_owned(), job.name_any()),
+                        ("job-name".to_owned(), job.name_any()),
+                        ("batch.kubernetes.io/controller-uid".to_owned(), uid.clone()),
+                    ]);
+                    let pod = pod_from(
+                        &t,
+                        format!("{}-{}", job.name_any(), suffix()),
+                        owner(&job),
+                        &labels,
+                        None,
+                    );
+                    if let Err(error) = Api::<Pod>::namespaced(client.clone(), &ns)
+                        .create(&PostParams::default(), &pod)
+                        .await
+                    {
+                        tracing::warn!(job = %job.name_any(), %error, "cannot create its Pod");
+                    }
+                }
+            }
+            JobStep::Wait => {}
+        }
+        patch_status(
+            &api,
+            &job.name_any(),
+            json!({"active": active.max(1), "failed": failed, "startTime": start}),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+/// Runs the controllers until the task is dropped.
 pub async fn run(client: kube::Client, ca_pem: String) {
     loop {
         if let Err(error) = namespaces(&client, &ca_pem).await {
@@ -398,6 +542,9 @@ pub async fn run(client: kube::Client, ca_pem: String) {
                 tracing::debug!(%error, "deployments");
             }
             replicasets(&client, &sets, &pods).await;
+            if let Err(error) = jobs(&client, &pods).await {
+                tracing::debug!(%error, "jobs");
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -471,6 +618,44 @@ async fn namespaces(client: &kube::Client, ca_pem: &str) -> kube::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn job_pod(uid: &str, phase: &str) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p", "ownerReferences": [
+            {"apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": uid, "controller": true}]},
+            "status": {"phase": phase}}))
+        .expect("pod")
+    }
+
+    #[test]
+    fn a_job_starts_one_pod_completes_on_success_and_fails_past_its_backoff_limit() {
+        let job: Job = serde_json::from_value(json!({"metadata": {"name": "j", "uid": "u"},
+            "spec": {"backoffLimit": 1, "template": {}}}))
+        .expect("job");
+        assert_eq!(job_step(&job, &[]), JobStep::Start);
+        assert_eq!(job_step(&job, &[job_pod("u", "Running")]), JobStep::Wait);
+        assert_eq!(
+            job_step(&job, &[job_pod("other", "Running")]),
+            JobStep::Start
+        );
+        assert_eq!(
+            job_step(&job, &[job_pod("u", "Failed")]),
+            JobStep::Start,
+            "retried"
+        );
+        assert_eq!(
+            job_step(&job, &[job_pod("u", "Failed"), job_pod("u", "Failed")]),
+            JobStep::BackoffLimitExceeded
+        );
+        assert_eq!(
+            job_step(&job, &[job_pod("u", "Failed"), job_pod("u", "Succeeded")]),
+            JobStep::Complete
+        );
+        let mut done = job.clone();
+        done.status =
+            serde_json::from_value(json!({"conditions": [{"type": "Complete", "status": "True"}]}))
+                .ok();
+        assert_eq!(job_step(&done, &[]), JobStep::Finished);
+    }
 
     fn node(name: &str, ready: bool, labels: serde_json::Value) -> Node {
         serde_json::from_value(json!({"metadata": {"name": name, "labels": labels},

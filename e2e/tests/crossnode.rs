@@ -737,6 +737,7 @@ fn rootfs_of(c: &Cluster, n: usize, uid: &str) -> anyhow::Result<std::path::Path
     let id = podmig_cri_ext::identity::find_container(&root, uid, "app")
         .ok_or_else(|| anyhow::anyhow!("no running app container of {uid} on node {n}"))?;
     podmig_cri_ext::rootfs::container_rootfs(&root, &id)
+        .map(|r| c.nodes[n].fs.host_of(&r))
         .ok_or_else(|| anyhow::anyhow!("no rootfs for {id}"))
 }
 
@@ -876,7 +877,7 @@ spec:
     assert!(
         c.dir
             .join(format!(
-                "node-{}/kubelet/pods/{uid1}/volumes/kubernetes.io~empty-dir/data/db/rows",
+                "node-{}/root/var/lib/kubelet/pods/{uid1}/volumes/kubernetes.io~empty-dir/data/db/rows",
                 1 - src
             ))
             .exists()

@@ -95,6 +95,19 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         .expect("host root volume");
     assert_eq!(host["hostPath"]["path"], "/");
     assert!(find(&objs, "RuntimeClass", "podmig").is_some_and(|r| r["handler"] == "podmig"));
+    // The uninstall hook: a cleanup DaemonSet and a Job waiting for it, before the release goes.
+    let cleanup = find(&objs, "DaemonSet", "-node-cleanup").expect("cleanup DaemonSet");
+    assert_eq!(
+        cleanup["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-delete"
+    );
+    let unprep = &cleanup["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(unprep["command"][2], "--uninstall");
+    let job = find(&objs, "Job", "-node-cleanup").expect("cleanup Job");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["command"][1],
+        "await-daemonset"
+    );
     let secret = find(&objs, "Secret", "-node-ca").expect("generated CA");
     assert!(secret["data"]["tls.key"].is_string());
     for kind in [
@@ -140,7 +153,7 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         pod["initContainers"].is_null(),
         "node preparation left to the operator"
     );
-    for kind in ["Secret", "ClusterRole", "RuntimeClass"] {
+    for kind in ["Secret", "ClusterRole", "RuntimeClass", "Job"] {
         assert!(!objs.iter().any(|o| o["kind"] == kind), "{kind} rendered");
     }
     Ok(())
@@ -207,9 +220,9 @@ async fn refused_and_runs(c: &Cluster, pod: &str, named: &[&str]) -> anyhow::Res
 async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> {
     let mut c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    // The real `helm install --wait`: the controller Deployment's Pods run the podmig image
-    // with their projected service-account credentials; the daemons run as processes with
-    // the chart's node ServiceAccount (the DaemonSet selects no node here).
+    // The real `helm install --wait`: podmig's image on every node, a daemon Pod per node
+    // (the node's paths through the chart's hostPath volumes) and the controller
+    // Deployment's Pods, all with their projected service-account credentials.
     c.install_chart(&chart()).await?;
     let api = c.apiserver.as_ref().expect("api server");
     let ds = c.kubectl(&[
@@ -219,9 +232,9 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         "-n",
         "podmig-system",
         "-o",
-        "jsonpath={.status.desiredNumberScheduled}",
+        "jsonpath={.status.desiredNumberScheduled} {.status.numberReady}",
     ])?;
-    assert_eq!(ds.trim(), "0", "{ds}");
+    assert_eq!(ds.trim(), "2 2", "a Ready daemon Pod per node: {ds}");
     let ready = c.kubectl(&[
         "get",
         "deploy",
@@ -234,7 +247,7 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
     assert_eq!(ready.trim(), "2", "both controller replicas Ready");
     let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
     let controllers: Vec<String> = system_pods
-        .list(&Default::default())
+        .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=controller"))
         .await?
         .items
         .iter()
@@ -453,6 +466,116 @@ spec:
         !left.lines().any(|l| l.contains("podmig")),
         "left after uninstall: {left}"
     );
+    let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
+    until(
+        "the chart's Pods gone",
+        Duration::from_secs(60),
+        async || {
+            system_pods
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// A node's containerd configuration before podmig (version 2, runc only).
+const NODE_CONFIG: &str = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_prepares_every_node_and_uninstall_undoes_it() -> anyhow::Result<()> {
+    let mut c = Cluster::up_temp(2).await?;
+    // Each node's own /etc/containerd (the local cluster's containerd reads another file:
+    // this one is what a real node's would be, prepared and unprepared through the chart).
+    for n in &c.nodes {
+        let etc = n.fs.root.join("etc/containerd");
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(etc.join("config.toml"), NODE_CONFIG)?;
+    }
+    c.install_chart_with(&chart(), &["node.prepare.restartRuntime=none"])
+        .await?;
+    for n in &c.nodes {
+        let root = &n.fs.root;
+        for f in ["opt/podmig/bin/podmig-runc", "opt/podmig/bin/criu"] {
+            assert!(root.join(f).exists(), "{}: {f} not installed", n.name);
+        }
+        let config = std::fs::read_to_string(root.join("etc/containerd/config.toml"))?;
+        assert!(config.contains("imports"), "{}: {config}", n.name);
+        let dropins: Vec<_> = std::fs::read_dir(root.join("etc/containerd/conf.d"))?
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        assert!(
+            dropins
+                .iter()
+                .any(|d| d.contains("podmig-runc") && d.contains("podmig.dev/*")),
+            "{}: {dropins:?}",
+            n.name
+        );
+    }
+    let said = helm(&[
+        "uninstall",
+        "podmig",
+        "-n",
+        "podmig-system",
+        "--wait",
+        "--timeout",
+        "180s",
+        "--kubeconfig",
+        c.kubeconfig().to_str().expect("utf-8"),
+    ]);
+    let said = said.map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#}\n{}",
+            c.kubectl(&["get", "pods,jobs,ds", "-n", "podmig-system", "-o", "wide"])
+                .unwrap_or_default()
+        )
+    })?;
+    assert!(said.contains("uninstalled"), "{said}");
+    for n in &c.nodes {
+        let root = &n.fs.root;
+        assert!(
+            !root.join("opt/podmig/bin/podmig-runc").exists(),
+            "{}: podmig-runc left",
+            n.name
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/containerd/config.toml"))?,
+            NODE_CONFIG,
+            "{}: the node's configuration restored",
+            n.name
+        );
+        let dropins = std::fs::read_dir(root.join("etc/containerd/conf.d"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(dropins, 0, "{}: drop-in left", n.name);
+    }
+    // The hook's own objects went with it.
+    let left = c.kubectl(&[
+        "get",
+        "ds,jobs,sa,roles",
+        "-n",
+        "podmig-system",
+        "-o",
+        "name",
+    ])?;
+    assert!(!left.contains("node-cleanup"), "hook objects left: {left}");
+    let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
+    until("the Pods gone", Duration::from_secs(60), async || {
+        system_pods
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await?;
     Ok(())
 }
 

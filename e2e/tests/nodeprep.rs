@@ -307,6 +307,7 @@ fn the_podmig_image_prepares_a_node_and_its_criu_runs() -> anyhow::Result<()> {
             dir: None,
             netns: None,
             network: None,
+            node_fs: None,
         },
     )?;
     containerd.ctr(&[

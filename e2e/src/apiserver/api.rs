@@ -366,6 +366,18 @@ impl Api {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }
         }
+        if def.group == "batch" && def.plural == "jobs" {
+            let spec = &mut obj["spec"];
+            for (k, v) in [
+                ("backoffLimit", json!(6)),
+                ("completions", json!(1)),
+                ("parallelism", json!(1)),
+            ] {
+                if spec[k].is_null() {
+                    spec[k] = v;
+                }
+            }
+        }
         // apps/v1 defaults, as kube-apiserver sets them (kubectl rollout status reads them).
         if def.group == "apps" {
             let spec = &mut obj["spec"];

@@ -72,6 +72,10 @@ fn builtin_schemas() -> &'static HashMap<(&'static str, &'static str), Value> {
             (("apps", "DaemonSet"), generate::<apps::DaemonSet>()),
             (("apps", "ReplicaSet"), generate::<apps::ReplicaSet>()),
             (
+                ("batch", "Job"),
+                generate::<k8s_openapi::api::batch::v1::Job>(),
+            ),
+            (
                 ("coordination.k8s.io", "Lease"),
                 generate::<coordination::Lease>(),
             ),

@@ -215,6 +215,9 @@ pub fn builtins() -> Vec<ResourceDef> {
             .short(&["ds"])
             .with_status()
             .all(),
+        ResourceDef::new("batch", "v1", "Job", "jobs", true)
+            .with_status()
+            .all(),
         ResourceDef::new("coordination.k8s.io", "v1", "Lease", "leases", true),
         ResourceDef::new("node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", false),
         ResourceDef::new(

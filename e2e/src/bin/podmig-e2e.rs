@@ -68,6 +68,10 @@ enum ClusterAction {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// Install podmig with `helm install` of helm/podmig (daemon and controller Pods)
+        /// instead of running the daemons and the controller as processes.
+        #[arg(long)]
+        chart: bool,
     },
     /// Stop the cluster and remove everything it made.
     Down,
@@ -76,6 +80,9 @@ enum ClusterAction {
         /// Number of nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        /// As for `up`.
+        #[arg(long)]
+        chart: bool,
     },
 }
 
@@ -102,9 +109,13 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { action, dir } => match action {
-            ClusterAction::Up { nodes } => podmig_e2e::cluster::up_background(&dir, nodes),
+            ClusterAction::Up { nodes, chart } => {
+                podmig_e2e::cluster::up_background(&dir, nodes, chart)
+            }
             ClusterAction::Down => tokio::task::block_in_place(|| podmig_e2e::cluster::sweep(&dir)),
-            ClusterAction::Run { nodes } => podmig_e2e::cluster::run_foreground(&dir, nodes).await,
+            ClusterAction::Run { nodes, chart } => {
+                podmig_e2e::cluster::run_foreground(&dir, nodes, chart).await
+            }
         },
         Command::BenchCluster { runs } => podmig_e2e::bench::cluster(runs).await,
         Command::Bench { sizes, runs } => podmig_e2e::bench_move::moves(&sizes, runs).await,

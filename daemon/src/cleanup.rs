@@ -1,0 +1,176 @@
+//! Undoing node preparation when the chart is uninstalled. Helm's `pre-delete` hook
+//! creates a DaemonSet whose Pods run `podmig prepare-node --uninstall` on every node (an
+//! init container; the main container idles) and a Job running `podmig await-daemonset`,
+//! which waits until that DaemonSet's Pods are Ready on every node it schedules to — each
+//! node then has been cleaned — so that Helm deletes the hook's resources and the release
+//! only afterwards.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use kube::Api;
+
+/// Why waiting for the cleanup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    /// The API server could not be asked.
+    #[error("reading DaemonSet {namespace}/{name}: {source}")]
+    Api {
+        /// The DaemonSet's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Not every node was cleaned in time.
+    #[error("DaemonSet {namespace}/{name} not done after {waited_s} s: {state}")]
+    Timeout {
+        /// The DaemonSet's namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// How long it was waited for.
+        waited_s: u64,
+        /// What its status said last.
+        state: Rollout,
+    },
+}
+
+/// Where a DaemonSet's rollout stands, from its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rollout {
+    /// Not yet looked at by the DaemonSet controller (or gone).
+    Unobserved,
+    /// Some scheduled Pods are not Ready yet.
+    Progressing {
+        /// Pods Ready.
+        ready: i32,
+        /// Pods wanted (one per matching node).
+        desired: i32,
+    },
+    /// A Ready Pod on every node it schedules to.
+    Done {
+        /// Nodes.
+        nodes: i32,
+    },
+}
+
+impl std::fmt::Display for Rollout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rollout::Unobserved => write!(f, "not observed by the DaemonSet controller yet"),
+            Rollout::Progressing { ready, desired } => {
+                write!(f, "{ready} of {desired} node(s) done")
+            }
+            Rollout::Done { nodes } => write!(f, "done on {nodes} node(s)"),
+        }
+    }
+}
+
+/// The rollout state a DaemonSet's status shows.
+pub fn rollout(ds: Option<&DaemonSet>) -> Rollout {
+    let Some(ds) = ds else {
+        return Rollout::Unobserved;
+    };
+    let generation = ds.metadata.generation.unwrap_or(0);
+    let Some(st) = ds.status.as_ref() else {
+        return Rollout::Unobserved;
+    };
+    if st.observed_generation.unwrap_or(0) < generation {
+        return Rollout::Unobserved;
+    }
+    let desired = st.desired_number_scheduled;
+    let ready = st.number_ready;
+    let updated = st.updated_number_scheduled.unwrap_or(ready);
+    if ready >= desired && updated >= desired {
+        Rollout::Done { nodes: desired }
+    } else {
+        Rollout::Progressing { ready, desired }
+    }
+}
+
+/// Waits until DaemonSet `namespace/name` has a Ready Pod on every node it schedules to.
+pub async fn await_daemonset(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<String, CleanupError> {
+    let api: Api<DaemonSet> = Api::namespaced(client, namespace);
+    let started = Instant::now();
+    loop {
+        let ds = api
+            .get_opt(name)
+            .await
+            .map_err(|source| CleanupError::Api {
+                namespace: namespace.into(),
+                name: name.into(),
+                source,
+            })?;
+        let state = rollout(ds.as_ref());
+        if let Rollout::Done { nodes } = state {
+            return Ok(format!(
+                "podmig await-daemonset: {namespace}/{name} done on {nodes} node(s) after {} ms",
+                started.elapsed().as_millis()
+            ));
+        }
+        if started.elapsed() >= timeout {
+            return Err(CleanupError::Timeout {
+                namespace: namespace.into(),
+                name: name.into(),
+                waited_s: timeout.as_secs(),
+                state,
+            });
+        }
+        tracing::info!(daemonset = name, %state, "waiting");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ds(generation: i64, status: serde_json::Value) -> DaemonSet {
+        serde_json::from_value(
+            json!({"metadata": {"name": "c", "generation": generation}, "status": status}),
+        )
+        .expect("ds")
+    }
+
+    #[test]
+    fn done_only_when_every_scheduled_pod_is_ready_for_the_current_generation() {
+        assert_eq!(rollout(None), Rollout::Unobserved);
+        let fresh = ds(
+            1,
+            json!({"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0}),
+        );
+        assert_eq!(rollout(Some(&fresh)), Rollout::Unobserved, "not observed");
+        let half = ds(
+            1,
+            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 2}),
+        );
+        assert_eq!(
+            rollout(Some(&half)),
+            Rollout::Progressing {
+                ready: 1,
+                desired: 2
+            }
+        );
+        let done = ds(
+            1,
+            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2, "updatedNumberScheduled": 2}),
+        );
+        assert_eq!(rollout(Some(&done)), Rollout::Done { nodes: 2 });
+        assert_eq!(
+            Rollout::Progressing {
+                ready: 1,
+                desired: 2
+            }
+            .to_string(),
+            "1 of 2 node(s) done"
+        );
+    }
+}
