@@ -1,9 +1,11 @@
-//! Undoing node preparation when the chart is uninstalled. Helm's `pre-delete` hook
+//! What `helm uninstall` runs before and after the release goes. Undoing node preparation: Helm's `pre-delete` hook
 //! creates a DaemonSet whose Pods run `podmig prepare-node --uninstall` on every node (an
 //! init container; the main container idles) and a Job running `podmig await-daemonset`,
 //! which waits until that DaemonSet's Pods are Ready on every node it schedules to — each
 //! node then has been cleaned — so that Helm deletes the hook's resources and the release
-//! only afterwards.
+//! only afterwards. Releasing finalizers (a `post-delete` hook, once the controller is
+//! gone): Pods of MigratingPods and podmig's own objects lose `podmig.dev/…` finalizers, so
+//! that deleting them later does not wait for a controller that will never come.
 
 use std::time::{Duration, Instant};
 
@@ -172,5 +174,87 @@ mod tests {
             .to_string(),
             "1 of 2 node(s) done"
         );
+    }
+}
+
+/// The finalizers left once podmig's own (`podmig.dev/…`) are taken off, or `None` when
+/// there are none of podmig's.
+pub fn without_podmig_finalizers(finalizers: &[String]) -> Option<Vec<String>> {
+    let kept: Vec<String> = finalizers
+        .iter()
+        .filter(|f| !f.starts_with(podmig_api::ANNOTATION_PREFIX))
+        .cloned()
+        .collect();
+    (kept.len() != finalizers.len()).then_some(kept)
+}
+
+/// Takes podmig's finalizers off every MigratingPod's Pods, MigratingPod and Migration, so
+/// that nothing waits for a controller that is gone (the chart's `post-delete` hook).
+/// Returns what it released.
+pub async fn release_finalizers(client: kube::Client) -> Result<String, kube::Error> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{ListParams, Patch, PatchParams};
+    use podmig_api::v1alpha1::{MigratingPod, Migration};
+
+    async fn release<K>(api: Api<K>, lp: &ListParams) -> Result<usize, kube::Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let mut released = 0;
+        for obj in api.list(lp).await?.items {
+            let meta = obj.meta();
+            let Some(kept) = without_podmig_finalizers(meta.finalizers.as_deref().unwrap_or(&[]))
+            else {
+                continue;
+            };
+            let (Some(name), Some(ns)) = (meta.name.clone(), meta.namespace.clone()) else {
+                continue;
+            };
+            let namespaced: Api<K> = Api::namespaced(api.clone().into_client(), &ns);
+            let patch = Patch::Merge(serde_json::json!({"metadata": {"finalizers": kept}}));
+            match namespaced
+                .patch(&name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => released += 1,
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(released)
+    }
+
+    let pods = release(
+        Api::<Pod>::all(client.clone()),
+        &ListParams::default().labels(podmig_api::LABEL_MIGRATING_POD),
+    )
+    .await?;
+    let mpods = release(
+        Api::<MigratingPod>::all(client.clone()),
+        &ListParams::default(),
+    )
+    .await?;
+    let migrations = release(Api::<Migration>::all(client), &ListParams::default()).await?;
+    Ok(format!(
+        "podmig release-finalizers: released {pods} Pod(s), {mpods} MigratingPod(s), {migrations} Migration(s)"
+    ))
+}
+
+#[cfg(test)]
+mod finalizer_tests {
+    use super::*;
+
+    #[test]
+    fn only_podmigs_finalizers_are_taken_off() {
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            without_podmig_finalizers(&f(&["podmig.dev/migrate", "example.com/keep"])),
+            Some(f(&["example.com/keep"]))
+        );
+        assert_eq!(without_podmig_finalizers(&f(&["example.com/keep"])), None);
+        assert_eq!(without_podmig_finalizers(&[]), None);
     }
 }

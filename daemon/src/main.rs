@@ -32,6 +32,9 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         timeout_seconds: u64,
     },
+    /// Take podmig's finalizers off every MigratingPod's Pods, MigratingPod and Migration
+    /// (the chart's post-delete hook: nothing may wait for a controller that is gone).
+    ReleaseFinalizers,
     /// Do nothing until SIGTERM (the main container of the uninstall hook's DaemonSet).
     Idle,
     /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
@@ -69,6 +72,13 @@ async fn main() -> anyhow::Result<()> {
             println!("{said}");
         }
         Command::Idle => shutdown().await,
+        Command::ReleaseFinalizers => {
+            let client = kube::Client::try_default().await?;
+            println!(
+                "{}",
+                podmig_daemon::cleanup::release_finalizers(client).await?
+            );
+        }
         Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,
         Command::Controller(cfg) => {
             let client = kube::Client::try_default().await?;

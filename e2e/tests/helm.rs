@@ -153,9 +153,17 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         pod["initContainers"].is_null(),
         "node preparation left to the operator"
     );
-    for kind in ["Secret", "ClusterRole", "RuntimeClass", "Job"] {
+    for kind in ["Secret", "RuntimeClass"] {
         assert!(!objs.iter().any(|o| o["kind"] == kind), "{kind} rendered");
     }
+    // Without RBAC and node preparation only the post-delete hook's own role is rendered.
+    let roles: Vec<&str> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole")
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(roles, ["podmig-release-finalizers"]);
+    assert!(find(&objs, "Job", "-node-cleanup").is_none());
     Ok(())
 }
 
