@@ -148,6 +148,34 @@ pub struct Outcome {
     pub foreign_runc_conf: bool,
 }
 
+/// Pipe size CRIU's page server asks for when it serves lazy pages (~3.4 MB, rounded up to
+/// a power of two); without `CAP_SYS_RESOURCE` the kernel allows only `fs.pipe-max-size`.
+pub const LAZY_PIPE_SIZE: u64 = 4 << 20;
+
+/// The sysctl drop-in that keeps `fs.pipe-max-size` raised across reboots.
+const SYSCTL_DROPIN: &str = "etc/sysctl.d/60-podmig.conf";
+
+/// Raises the node's `fs.pipe-max-size` to [`LAZY_PIPE_SIZE`] (never lowers it), now through
+/// the host's `/proc` and across reboots through a sysctl drop-in, for lazy moves.
+fn raise_pipe_max_size(root: &Path, outcome: &mut Outcome) -> Result<(), PrepError> {
+    let dropin = root.join(SYSCTL_DROPIN);
+    let text = format!(
+        "# podmig: CRIU's page server (lazy moves) needs pipes of {LAZY_PIPE_SIZE} bytes\nfs.pipe-max-size = {LAZY_PIPE_SIZE}\n"
+    );
+    if write_if_changed(&dropin, text.as_bytes(), 0o644)? {
+        outcome.changed_files.push(dropin);
+    }
+    let live = root.join("proc/sys/fs/pipe-max-size");
+    let current: Option<u64> = std::fs::read_to_string(&live)
+        .ok()
+        .and_then(|v| v.trim().parse().ok());
+    if current.is_some_and(|v| v < LAZY_PIPE_SIZE) {
+        std::fs::write(&live, LAZY_PIPE_SIZE.to_string()).map_err(io("write", &live))?;
+        outcome.changed_files.push(live);
+    }
+    Ok(())
+}
+
 /// Writes podmig's `/etc/criu/runc.conf` unless the node has one of its own.
 fn write_runc_conf(root: &Path, outcome: &mut Outcome) -> Result<(), PrepError> {
     let path = root.join("etc/criu/runc.conf");
@@ -420,6 +448,7 @@ pub fn install(opts: &Options, layout: &Layout) -> Result<Outcome, PrepError> {
         }
     }
     write_runc_conf(root, &mut outcome)?;
+    raise_pipe_max_size(root, &mut outcome)?;
     let binary = opts.install_dir.join("bin/podmig-runc");
     let dropin = layout.dropin();
     match layout {
@@ -477,6 +506,12 @@ pub fn uninstall(opts: &Options, layout: &Layout) -> Result<Outcome, PrepError> 
             outcome.changed_files.push(config.clone());
             outcome.config_changed = true;
         }
+    }
+    // The live fs.pipe-max-size stays as it is (lowering it could break pipes in use).
+    let sysctl = root.join(SYSCTL_DROPIN);
+    if sysctl.exists() {
+        std::fs::remove_file(&sysctl).map_err(io("remove", &sysctl))?;
+        outcome.changed_files.push(sysctl);
     }
     let runc_conf = root.join("etc/criu/runc.conf");
     if std::fs::read_to_string(&runc_conf).is_ok_and(|t| t.starts_with("# podmig")) {
@@ -719,5 +754,25 @@ root = "/var/lib/containerd"
             err.to_string().contains("containerd config migrate"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_pipe_size_lazy_moves_need_is_raised_never_lowered_and_kept_across_reboots() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let live = tmp.path().join("proc/sys/fs/pipe-max-size");
+        std::fs::create_dir_all(live.parent().expect("dir")).expect("mkdir");
+        std::fs::write(&live, "1048576\n").expect("write");
+        let mut outcome = Outcome::default();
+        raise_pipe_max_size(tmp.path(), &mut outcome).expect("raise");
+        assert_eq!(std::fs::read_to_string(&live).expect("read"), "4194304");
+        let dropin = std::fs::read_to_string(tmp.path().join(SYSCTL_DROPIN)).expect("drop-in");
+        assert!(dropin.contains("fs.pipe-max-size = 4194304"), "{dropin}");
+        assert_eq!(outcome.changed_files.len(), 2);
+        // A node that allows more keeps its value; a second run changes nothing.
+        std::fs::write(&live, "8388608").expect("write");
+        let mut again = Outcome::default();
+        raise_pipe_max_size(tmp.path(), &mut again).expect("raise");
+        assert_eq!(std::fs::read_to_string(&live).expect("read"), "8388608");
+        assert!(again.changed_files.is_empty(), "{:?}", again.changed_files);
     }
 }

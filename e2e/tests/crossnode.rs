@@ -440,9 +440,22 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         b.contains("podmig_migrations_total{role=\"target\",outcome=\"succeeded\"} 1"),
         "{b}"
     );
+    // scripts/setup raised fs.pipe-max-size: CRIU can serve lazy pages on this machine.
+    assert!(b.contains("podmig_lazy_moves_possible 1"), "{b}");
     let (code, _) = curl(&c, dst, "GET", "/metrics", Some(&nobody), None)?;
     assert_eq!(code, 403);
     assert_no_checkpoints(&c);
+    // The lazy strategy is refused before anything freezes, saying what the node could do.
+    let lazy = format!(
+        "{{\"targetNode\": \"{}\", \"strategy\": \"lazy\"}}",
+        c.nodes[src].name
+    );
+    let (code, b) = post_migrate(&c, dst, &p1.uid().unwrap_or_default(), Some(&admin), &lazy)?;
+    assert_eq!(code, 422, "{b}");
+    assert!(
+        b.contains("not implemented yet") && b.contains("lazy moves are possible on this node"),
+        "{b}"
+    );
 
     // A second request while a move of the Pod runs: 409.
     let uid1 = p1.uid().unwrap_or_default();

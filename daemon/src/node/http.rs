@@ -335,8 +335,13 @@ async fn migrate<E: CheckpointEngine>(
         ));
     };
     if let Some(strategy) = body.strategy.filter(|st| *st != Strategy::Full) {
+        let node = s
+            .node
+            .lazy
+            .get()
+            .map_or_else(String::new, |l| format!(" ({l})"));
         return Err(not_migratable(format!(
-            "strategy {strategy:?} is not implemented yet; use full"
+            "strategy {strategy:?} is not implemented yet; use full{node}"
         )));
     }
     if body.handover.is_some() {

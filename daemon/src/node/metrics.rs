@@ -46,6 +46,8 @@ pub struct Metrics {
     pub held_kills: Gauge,
     /// Bytes of checkpoint images on this node now.
     pub bytes_held: Gauge,
+    /// 1 when lazy (post-copy) moves are possible on this node.
+    pub lazy_possible: Gauge,
 }
 
 impl Default for Metrics {
@@ -59,6 +61,12 @@ impl Default for Metrics {
         let checkpoint_bytes = Counter::default();
         let held_kills = Gauge::default();
         let bytes_held = Gauge::default();
+        let lazy_possible = Gauge::default();
+        registry.register(
+            "lazy_moves_possible",
+            "1 when CRIU can restore lazily and serve pages on this node (userfaultfd, pipe size)",
+            lazy_possible.clone(),
+        );
         registry.register(
             "migrations",
             "Moves that ended, by role and outcome",
@@ -97,6 +105,7 @@ impl Default for Metrics {
             checkpoint_bytes,
             held_kills,
             bytes_held,
+            lazy_possible,
         }
     }
 }

@@ -15,6 +15,7 @@
 //!   [`recovery`]: sources a crashed run left frozen.
 
 pub mod auth;
+pub mod capabilities;
 pub mod cri;
 pub mod group;
 pub mod hook;
@@ -85,6 +86,8 @@ pub struct Node<E> {
     /// Target Pods whose move a restart settled as failed: their containers' retried
     /// creates are refused, never turned into a second move.
     pub(crate) failed_targets: Mutex<std::collections::HashSet<String>>,
+    /// Whether lazy moves are possible here (found at start; unknown in unit tests).
+    pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
     pub(crate) rt: tokio::runtime::Handle,
 }
 
@@ -115,6 +118,7 @@ impl<E: CheckpointEngine> Node<E> {
             workers: Mutex::default(),
             pods: Mutex::default(),
             failed_targets: Mutex::default(),
+            lazy: std::sync::OnceLock::new(),
             rt: tokio::runtime::Handle::current(),
         })
     }
@@ -267,6 +271,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
             _ => tracing::warn!("no --tls-ca or no token: moves from other nodes are not possible"),
         }
     }
+    let lazy = tokio::task::spawn_blocking(capabilities::probe)
+        .await
+        .unwrap_or_else(|e| capabilities::LazySupport::Impossible(e.to_string()));
+    tracing::info!(lazy_possible = lazy.possible(), "{lazy}");
+    node.metrics.lazy_possible.set(i64::from(lazy.possible()));
+    let _ = node.lazy.set(lazy);
     let node = Arc::new(node);
     let hook = bind(&cfg.hook_socket)?;
     let api = bind(&cfg.api_socket)?;
