@@ -53,6 +53,12 @@ pub trait CheckpointEngine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Freezes containers `ids` at one instant (a Pod's containers before any is dumped).
+    /// Default: one after the other with [`CheckpointEngine::freeze`].
+    fn freeze_all(&self, ids: &[&str]) -> Result<()> {
+        ids.iter().try_for_each(|id| self.freeze(id))
+    }
+
     /// Thaws a container left frozen by a `keep_frozen` checkpoint: it runs on where it
     /// stopped (the rollback of a failed move).
     fn resume(&self, _id: &str) -> Result<()> {
@@ -192,6 +198,14 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 impl CheckpointEngine for Runc {
     fn freeze(&self, id: &str) -> Result<()> {
         Freezer::of(&self.root, id)?.freeze()
+    }
+
+    fn freeze_all(&self, ids: &[&str]) -> Result<()> {
+        let freezers = ids
+            .iter()
+            .map(|id| Freezer::of(&self.root, id))
+            .collect::<Result<Vec<_>>>()?;
+        Freezer::freeze_all(&freezers)
     }
 
     fn resume(&self, id: &str) -> Result<()> {

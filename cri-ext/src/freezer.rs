@@ -122,6 +122,20 @@ impl Freezer {
         }
     }
 
+    /// Freezes several cgroups at one instant: every freeze is asked for before any is
+    /// waited for, so that tasks of one cannot act on another already stopped (a Pod's
+    /// containers connecting to each other). On failure all are thawed again.
+    pub fn freeze_all(freezers: &[Freezer]) -> Result<()> {
+        let asked: Result<()> = freezers.iter().try_for_each(|f| f.write(true));
+        let waited = asked.and_then(|()| freezers.iter().try_for_each(Freezer::freeze));
+        if waited.is_err() {
+            for f in freezers {
+                let _ = f.thaw();
+            }
+        }
+        waited
+    }
+
     /// Thaws the cgroup; a cgroup that is already gone counts as thawed.
     pub fn thaw(&self) -> Result<()> {
         match self.write(false) {
@@ -194,5 +208,35 @@ mod tests {
             std::fs::read_to_string(tmp.path().join("cgroup.freeze")).expect("read"),
             "0"
         );
+    }
+
+    #[test]
+    fn a_pod_is_frozen_all_at_once_or_not_at_all() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs: Vec<PathBuf> = ["app", "sidecar"]
+            .iter()
+            .map(|n| tmp.path().join(n))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).expect("mkdir");
+            std::fs::write(d.join("cgroup.events"), "frozen 1\n").expect("write");
+        }
+        let freezers: Vec<Freezer> = dirs.iter().cloned().map(Freezer::V2).collect();
+        Freezer::freeze_all(&freezers).expect("freeze");
+        for d in &dirs {
+            assert_eq!(
+                std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
+                "1"
+            );
+        }
+        // One that never freezes: the whole Pod is thawed again.
+        std::fs::write(dirs[1].join("cgroup.events"), "frozen 0\n").expect("write");
+        assert!(Freezer::freeze_all(&freezers).is_err());
+        for d in &dirs {
+            assert_eq!(
+                std::fs::read_to_string(d.join("cgroup.freeze")).expect("read"),
+                "0"
+            );
+        }
     }
 }

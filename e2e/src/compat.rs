@@ -393,11 +393,14 @@ async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
 
 // ---- moves ---------------------------------------------------------------------------
 
-/// The gist of a failed move's message: CRIU's first error and podmig's hint, if any.
+/// The gist of a failed move's message: CRIU's first error that matters (not the warning-like
+/// `RLIMIT_NOFILE for self` every run logs where root lacks `CAP_SYS_RESOURCE`) and podmig's
+/// hint, if any.
 pub fn short_reason(message: &str) -> String {
     let criu = message
         .lines()
         .flat_map(|l| l.split("\\n"))
+        .filter(|l| !l.contains("RLIMIT_NOFILE for self"))
         .find_map(|l| l.split_once("Error (criu/").map(|(_, e)| e.to_owned()))
         .map(|e| {
             format!(
@@ -587,6 +590,11 @@ mod tests {
             "CRIU: Can't get rlimit 0: Operation not permitted — CRIU cannot read the resource limits"
         );
         assert_eq!(short_reason("target unschedulable"), "target unschedulable");
+        let noisy = "--- /x/dump.log: (00.004839) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n(00.18) Error (criu/sk-unix.c:874): unix: External socket is used. Consider using --ext-unix-sk option.";
+        assert_eq!(
+            short_reason(noisy),
+            "CRIU: unix: External socket is used. Consider using --ext-unix-sk option."
+        );
     }
 
     #[test]

@@ -1650,8 +1650,15 @@ fn dump_with_retries<E: CheckpointEngine + 'static>(
         }
         tracing::info!(pod_uid = %uid, migration, attempt,
             "a Unix socket between two containers was caught mid-connection; thawed, dumping again");
+        // Jittered: an app that connects periodically must not meet every retry mid-way.
+        let jitter = u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+                % 37,
+        );
         #[allow(clippy::disallowed_methods)] // the pod worker is a synchronous thread
-        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt) + jitter));
         attempt += 1;
     }
 }
@@ -1660,19 +1667,17 @@ fn dump_with_retries<E: CheckpointEngine + 'static>(
 /// Unix socket connection between its containers half-made.
 const DUMP_ATTEMPTS: u32 = 4;
 
-/// Freezes every container of `jobs` (when more than one: state they share is caught at one
-/// instant), then dumps each in parallel, leaving a dumped one frozen.
+/// Freezes every container of `jobs` at one instant (when more than one: state they share is
+/// caught consistent), then dumps each in parallel, leaving a dumped one frozen.
 fn dump_all<E: CheckpointEngine + 'static>(
     engine: &Arc<E>,
     jobs: &[(String, String, PathBuf)],
     uid: &str,
 ) -> Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> {
     if jobs.len() > 1 {
-        for (cid, name, _) in jobs {
-            if let Err(error) = engine.freeze(cid) {
-                tracing::warn!(pod_uid = %uid, container = %name, %error,
-                    "cannot pre-freeze; its dump freezes it");
-            }
+        let ids: Vec<&str> = jobs.iter().map(|(cid, _, _)| cid.as_str()).collect();
+        if let Err(error) = engine.freeze_all(&ids) {
+            tracing::warn!(pod_uid = %uid, %error, "cannot pre-freeze the Pod; each dump freezes its container");
         }
     }
     std::thread::scope(|s| {
