@@ -82,21 +82,11 @@ impl Containerd {
             proc: None,
         };
         me.write_config()?;
-        // NB: not `ip netns exec`, which remounts /sys and so hides the cgroup mounts runc
-        // needs; nsenter switches the network (and the node's mount) namespace only.
-        let mut enter: Vec<String> = opts
-            .netns
-            .iter()
-            .map(|ns| format!("--net=/var/run/netns/{ns}"))
-            .collect();
-        enter.extend(opts.node_fs.iter().flat_map(|f| f.enter_args()));
-        let mut cmd = if enter.is_empty() {
-            Command::new("containerd")
-        } else {
-            let mut c = Command::new("nsenter");
-            c.args(&enter).arg("containerd");
-            c
-        };
+        let mut cmd = crate::node_fs::node_command(
+            "containerd",
+            opts.netns.as_deref(),
+            opts.node_fs.as_ref(),
+        );
         cmd.arg("--config")
             .arg(me.dir.join("config.toml"))
             .env_clear()

@@ -4,7 +4,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -165,21 +165,11 @@ impl NodeDaemon {
     fn spawn(opts: &DaemonOptions) -> anyhow::Result<Proc> {
         let dir = opts.dir.as_path();
         std::fs::create_dir_all(dir)?;
-        // NB: nsenter, not `ip netns exec` (which remounts /sys): the node's network and
-        // mount namespaces only.
-        let mut enter: Vec<String> = opts
-            .netns
-            .iter()
-            .map(|ns| format!("--net=/var/run/netns/{ns}"))
-            .collect();
-        enter.extend(opts.node_fs.iter().flat_map(|f| f.enter_args()));
-        let mut cmd = if enter.is_empty() {
-            Command::new(paths::bin("podmig"))
-        } else {
-            let mut c = Command::new("nsenter");
-            c.args(&enter).arg(paths::bin("podmig"));
-            c
-        };
+        let mut cmd = crate::node_fs::node_command(
+            paths::bin("podmig"),
+            opts.netns.as_deref(),
+            opts.node_fs.as_ref(),
+        );
         let hook = Self::hook_socket_of(opts);
         if let Some(parent) = hook.parent() {
             std::fs::create_dir_all(parent)?;

@@ -130,7 +130,30 @@ impl NodeFs {
     pub fn enter_args(&self) -> Vec<String> {
         vec![format!("--mount={}", self.ns_file.display())]
     }
+}
 
+/// A command running `program` in a node's network namespace and file system, each when
+/// given. NB: `nsenter`, not `ip netns exec`, which remounts `/sys` and so hides the cgroup
+/// mounts runc needs.
+pub fn node_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    netns: Option<&str>,
+    fs: Option<&NodeFs>,
+) -> Command {
+    let mut enter: Vec<String> = netns
+        .map(|ns| format!("--net=/var/run/netns/{ns}"))
+        .into_iter()
+        .collect();
+    enter.extend(fs.iter().flat_map(|f| f.enter_args()));
+    if enter.is_empty() {
+        return Command::new(program);
+    }
+    let mut c = Command::new("nsenter");
+    c.args(&enter).arg(program);
+    c
+}
+
+impl NodeFs {
     /// The path inside the node of host path `host`: below one of the node's own
     /// directories it is that directory's node path, elsewhere it is the same.
     pub fn node_view(&self, host: &Path) -> PathBuf {

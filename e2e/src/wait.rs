@@ -54,6 +54,22 @@ pub async fn pod_gone(
     .await
 }
 
+/// Waits until `pods` lists no Pod at all (a namespace emptied, an owner's Pods gone).
+pub async fn no_pods(
+    pods: &kube::Api<k8s_openapi::api::core::v1::Pod>,
+    within: Duration,
+) -> anyhow::Result<()> {
+    until("no Pods left", within, async || {
+        pods.list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await
+}
+
 /// Waits until Migration `name` has ended (a terminal phase); returns its status.
 pub async fn migration_ended(
     migs: &kube::Api<podmig_api::v1alpha1::Migration>,

@@ -178,15 +178,7 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
 
     // Deleting the MigratingPod releases the finalizers and its Pods go.
     c.kubectl(&["delete", "mpod", "counter", "--wait=false"])?;
-    until("pods gone", Duration::from_secs(30), async || {
-        pods.list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await?;
+    podmig_e2e::wait::no_pods(&pods, Duration::from_secs(30)).await?;
     until("mpod gone", Duration::from_secs(10), async || {
         mpods.get_opt("counter").await.ok()?.is_none().then_some(())
     })

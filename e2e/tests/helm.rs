@@ -475,20 +475,7 @@ spec:
         "left after uninstall: {left}"
     );
     let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
-    until(
-        "the chart's Pods gone",
-        Duration::from_secs(60),
-        async || {
-            system_pods
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .is_empty()
-                .then_some(())
-        },
-    )
-    .await?;
+    podmig_e2e::wait::no_pods(&system_pods, Duration::from_secs(60)).await?;
     Ok(())
 }
 
@@ -574,16 +561,7 @@ async fn install_prepares_every_node_and_uninstall_undoes_it() -> anyhow::Result
     ])?;
     assert!(!left.contains("node-cleanup"), "hook objects left: {left}");
     let system_pods: Api<Pod> = Api::namespaced(c.client.clone(), "podmig-system");
-    until("the Pods gone", Duration::from_secs(60), async || {
-        system_pods
-            .list(&Default::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
-    .await?;
+    podmig_e2e::wait::no_pods(&system_pods, Duration::from_secs(60)).await?;
     Ok(())
 }
 
