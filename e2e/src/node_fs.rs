@@ -1,7 +1,8 @@
 //! Each node of the local cluster sees a file system of its own at the paths a real node
 //! has: a mount namespace per node (kept by a bind mount of its `ns/mnt` file) in which
 //! `node-N/root/{run/containerd,var/lib/containerd,var/lib/kubelet,run/podmig,var/lib/podmig}`
-//! are mounted at `/run/containerd`, `/var/lib/containerd`, … . The node's containerd (with
+//! are mounted at `/run/containerd`, `/var/lib/containerd`, … (`node-N/root/run` is a
+//! tmpfs, as a real node's `/run` is). The node's containerd (with
 //! its shims, runc, `podmig-runc` and CRIU) and a podmig daemon run as a process enter it,
 //! so the paths they exchange — runc's state root, checkpoint images, the hook socket,
 //! volume directories — are the ones a podmig daemon Pod sees through the chart's hostPath
@@ -78,16 +79,26 @@ impl NodeFs {
     pub fn create(node_dir: &Path) -> anyhow::Result<Self> {
         let fs = Self::of(node_dir);
         let root = fs.root.display().to_string();
+        std::fs::create_dir_all(&fs.root)?;
+        if !is_mountpoint(&fs.root) {
+            sh("mount", &["--bind", &root, &root])?;
+            sh("mount", &["--make-shared", &root])?;
+        }
+        // A node's /run is memory, as on real nodes (checkpoint images live there).
+        let run = fs.root.join("run");
+        std::fs::create_dir_all(&run)?;
+        if !is_mountpoint(&run) {
+            sh(
+                "mount",
+                &["-t", "tmpfs", "-o", "mode=0755", "tmpfs", &run.display().to_string()],
+            )?;
+        }
         std::fs::create_dir_all(fs.root.join("var/lib/kubelet/pods"))?;
         for d in NODE_DIRS {
             std::fs::create_dir_all(fs.root.join(d))?;
             // The mount point on the host's own file system (empty; nothing of the
             // host's is hidden anywhere but inside the node).
             std::fs::create_dir_all(Path::new("/").join(d))?;
-        }
-        if !is_mountpoint(&fs.root) {
-            sh("mount", &["--bind", &root, &root])?;
-            sh("mount", &["--make-shared", &root])?;
         }
         if is_mountpoint(&fs.ns_file) {
             return Ok(fs);
