@@ -90,7 +90,14 @@ impl NodeFs {
         if !is_mountpoint(&run) {
             sh(
                 "mount",
-                &["-t", "tmpfs", "-o", "mode=0755", "tmpfs", &run.display().to_string()],
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "mode=0755",
+                    "tmpfs",
+                    &run.display().to_string(),
+                ],
             )?;
         }
         std::fs::create_dir_all(fs.root.join("var/lib/kubelet/pods"))?;
