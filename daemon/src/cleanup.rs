@@ -130,53 +130,6 @@ pub async fn await_daemonset(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn ds(generation: i64, status: serde_json::Value) -> DaemonSet {
-        serde_json::from_value(
-            json!({"metadata": {"name": "c", "generation": generation}, "status": status}),
-        )
-        .expect("ds")
-    }
-
-    #[test]
-    fn done_only_when_every_scheduled_pod_is_ready_for_the_current_generation() {
-        assert_eq!(rollout(None), Rollout::Unobserved);
-        let fresh = ds(
-            1,
-            json!({"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0}),
-        );
-        assert_eq!(rollout(Some(&fresh)), Rollout::Unobserved, "not observed");
-        let half = ds(
-            1,
-            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 2}),
-        );
-        assert_eq!(
-            rollout(Some(&half)),
-            Rollout::Progressing {
-                ready: 1,
-                desired: 2
-            }
-        );
-        let done = ds(
-            1,
-            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2, "updatedNumberScheduled": 2}),
-        );
-        assert_eq!(rollout(Some(&done)), Rollout::Done { nodes: 2 });
-        assert_eq!(
-            Rollout::Progressing {
-                ready: 1,
-                desired: 2
-            }
-            .to_string(),
-            "1 of 2 node(s) done"
-        );
-    }
-}
-
 /// The finalizers left once podmig's own (`podmig.dev/…`) are taken off, or `None` when
 /// there are none of podmig's.
 pub fn without_podmig_finalizers(finalizers: &[String]) -> Option<Vec<String>> {
@@ -244,8 +197,50 @@ pub async fn release_finalizers(client: kube::Client) -> Result<String, kube::Er
 }
 
 #[cfg(test)]
-mod finalizer_tests {
+mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn ds(generation: i64, status: serde_json::Value) -> DaemonSet {
+        serde_json::from_value(
+            json!({"metadata": {"name": "c", "generation": generation}, "status": status}),
+        )
+        .expect("ds")
+    }
+
+    #[test]
+    fn done_only_when_every_scheduled_pod_is_ready_for_the_current_generation() {
+        assert_eq!(rollout(None), Rollout::Unobserved);
+        let fresh = ds(
+            1,
+            json!({"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0, "numberReady": 0}),
+        );
+        assert_eq!(rollout(Some(&fresh)), Rollout::Unobserved, "not observed");
+        let half = ds(
+            1,
+            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 2}),
+        );
+        assert_eq!(
+            rollout(Some(&half)),
+            Rollout::Progressing {
+                ready: 1,
+                desired: 2
+            }
+        );
+        let done = ds(
+            1,
+            json!({"observedGeneration": 1, "currentNumberScheduled": 2, "desiredNumberScheduled": 2, "numberMisscheduled": 0, "numberReady": 2, "updatedNumberScheduled": 2}),
+        );
+        assert_eq!(rollout(Some(&done)), Rollout::Done { nodes: 2 });
+        assert_eq!(
+            Rollout::Progressing {
+                ready: 1,
+                desired: 2
+            }
+            .to_string(),
+            "1 of 2 node(s) done"
+        );
+    }
 
     #[test]
     fn only_podmigs_finalizers_are_taken_off() {

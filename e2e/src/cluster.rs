@@ -839,19 +839,19 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
 /// chart's Pods), marks it ready, serves until SIGTERM or SIGINT.
 pub async fn run_foreground(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()> {
     let mut cluster = Cluster::up(dir, nodes).await?;
-    let mut controller = None;
-    if chart {
+    // podmig itself: the chart's Pods, or its CRDs and the controller as a process.
+    let controller = if chart {
         cluster
             .install_chart(&paths::repo_root().join("helm/podmig"))
             .await?;
+        None
     } else {
-        // podmig itself, as a Helm install would bring it: CRDs and the controller.
         tokio::task::block_in_place(|| cluster.install_crds())?;
         let c = cluster.start_controller("podmig-controller")?;
         // Recorded so that `cluster down` stops it even after this process crashed.
         cluster.track_pid(c.0.pid())?;
-        controller = Some(c);
-    }
+        Some(c)
+    };
     std::fs::write(
         dir.join("ready"),
         cluster.kubeconfig().display().to_string(),

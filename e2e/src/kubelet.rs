@@ -44,7 +44,8 @@ pub struct KubeletConfig {
     pub api_server: std::net::SocketAddr,
 }
 
-fn now() -> String {
+/// Now, as Kubernetes writes times in status fields.
+pub(crate) fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 

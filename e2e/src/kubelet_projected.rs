@@ -65,20 +65,29 @@ async fn contents(
     v: &Volume,
 ) -> anyhow::Result<Option<Contents>> {
     if let Some(s) = &v.secret {
-        let name = s.secret_name.clone().unwrap_or_default();
-        let data = secret_data(client, ns, &name, s.optional.unwrap_or(false)).await?;
+        let src = Source {
+            name: s.secret_name.as_deref().unwrap_or_default(),
+            optional: s.optional,
+            items: s.items.as_deref(),
+            mode: s.default_mode.unwrap_or(0o644),
+        };
         return Ok(Some(Contents {
             kind: "kubernetes.io~secret",
             memory: true,
-            files: select(&data, s.items.as_deref(), s.default_mode.unwrap_or(0o644)),
+            files: files_of(client, ns, src, secret_entries).await?,
         }));
     }
     if let Some(c) = &v.config_map {
-        let data = config_map_data(client, ns, &c.name, c.optional.unwrap_or(false)).await?;
+        let src = Source {
+            name: &c.name,
+            optional: c.optional,
+            items: c.items.as_deref(),
+            mode: c.default_mode.unwrap_or(0o644),
+        };
         return Ok(Some(Contents {
             kind: "kubernetes.io~configmap",
             memory: false,
-            files: select(&data, c.items.as_deref(), c.default_mode.unwrap_or(0o644)),
+            files: files_of(client, ns, src, config_map_entries).await?,
         }));
     }
     let Some(p) = &v.projected else {
@@ -95,13 +104,23 @@ async fn contents(
                 mode: mode as u32,
             });
         }
-        if let Some(c) = source.config_map {
-            let data = config_map_data(client, ns, &c.name, c.optional.unwrap_or(false)).await?;
-            files.extend(select(&data, c.items.as_deref(), mode));
+        if let Some(c) = &source.config_map {
+            let src = Source {
+                name: &c.name,
+                optional: c.optional,
+                items: c.items.as_deref(),
+                mode,
+            };
+            files.extend(files_of(client, ns, src, config_map_entries).await?);
         }
-        if let Some(s) = source.secret {
-            let data = secret_data(client, ns, &s.name, s.optional.unwrap_or(false)).await?;
-            files.extend(select(&data, s.items.as_deref(), mode));
+        if let Some(s) = &source.secret {
+            let src = Source {
+                name: &s.name,
+                optional: s.optional,
+                items: s.items.as_deref(),
+                mode,
+            };
+            files.extend(files_of(client, ns, src, secret_entries).await?);
         }
         if let Some(d) = source.downward_api {
             for item in d.items.unwrap_or_default() {
@@ -150,54 +169,64 @@ fn select(
     }
 }
 
-async fn secret_data(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    optional: bool,
-) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
-    let got: Option<Secret> = Api::namespaced(client.clone(), ns).get_opt(name).await?;
-    match got {
-        Some(s) => Ok(s
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, ByteString(v))| (k, v))
-            .chain(
-                s.string_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, v)| (k, v.into_bytes())),
-            )
-            .collect()),
-        None if optional => Ok(BTreeMap::new()),
-        None => anyhow::bail!("secret {ns}/{name} not found"),
-    }
+/// Where a volume's files come from: a Secret's or ConfigMap's name, whether it may be
+/// missing, the keys it shows (all when `None`) and their default mode.
+struct Source<'a> {
+    name: &'a str,
+    optional: Option<bool>,
+    items: Option<&'a [KeyToPath]>,
+    mode: i32,
 }
 
-async fn config_map_data(
+/// The files of a Secret's or ConfigMap's keys (`entries` picks them from the object). A
+/// missing object shows none when the volume says it is optional, an error otherwise.
+async fn files_of<K>(
     client: &kube::Client,
     ns: &str,
-    name: &str,
-    optional: bool,
-) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
-    let got: Option<ConfigMap> = Api::namespaced(client.clone(), ns).get_opt(name).await?;
-    match got {
-        Some(c) => Ok(c
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.into_bytes()))
-            .chain(
-                c.binary_data
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(k, ByteString(v))| (k, v)),
-            )
-            .collect()),
-        None if optional => Ok(BTreeMap::new()),
-        None => anyhow::bail!("configmap {ns}/{name} not found"),
-    }
+    src: Source<'_>,
+    entries: fn(K) -> BTreeMap<String, Vec<u8>>,
+) -> anyhow::Result<Vec<VolumeFile>>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let name = src.name;
+    let data = match Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?
+    {
+        Some(obj) => entries(obj),
+        None if src.optional == Some(true) => BTreeMap::new(),
+        None => anyhow::bail!("{} {ns}/{name} not found", K::kind(&()).to_lowercase()),
+    };
+    Ok(select(&data, src.items, src.mode))
+}
+
+/// Binary and text entries in one map (text last: a Secret's `stringData` wins).
+fn merged(
+    binary: Option<BTreeMap<String, ByteString>>,
+    text: Option<BTreeMap<String, String>>,
+) -> BTreeMap<String, Vec<u8>> {
+    binary
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, ByteString(v))| (k, v))
+        .chain(
+            text.unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes())),
+        )
+        .collect()
+}
+
+fn secret_entries(s: Secret) -> BTreeMap<String, Vec<u8>> {
+    merged(s.data, s.string_data)
+}
+
+fn config_map_entries(c: ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    merged(c.binary_data, c.data)
 }
 
 /// A token for the Pod's ServiceAccount bound to the Pod, from the TokenRequest API.

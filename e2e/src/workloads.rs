@@ -30,6 +30,8 @@ use kube::{
 };
 use serde_json::json;
 
+use crate::kubelet::now;
+
 /// Label with the hash of the Pod template a Pod or ReplicaSet was made from.
 pub const TEMPLATE_HASH: &str = "pod-template-hash";
 /// A DaemonSet's Pods' template hash label (upstream's name).
@@ -512,10 +514,6 @@ async fn jobs(client: &kube::Client, pods: &[Pod]) -> kube::Result<()> {
     Ok(())
 }
 
-fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
-
 /// Runs the controllers until the task is dropped.
 pub async fn run(client: kube::Client, ca_pem: String) {
     loop {
@@ -562,23 +560,21 @@ async fn namespaces(client: &kube::Client, ca_pem: &str) -> kube::Result<()> {
         .filter(|n| n.metadata.deletion_timestamp.is_none())
         .map(|n| n.name_any())
         .collect();
-    let has = |items: Vec<(String, String)>, ns: &str, name: &str| {
-        items.iter().any(|(n, m)| n == ns && m == name)
-    };
     let key = |m: &kube::api::ObjectMeta| {
         (
             m.namespace.clone().unwrap_or_default(),
             m.name.clone().unwrap_or_default(),
         )
     };
-    let sas: Vec<(String, String)> = Api::<ServiceAccount>::all(client.clone())
-        .list(&lp)
-        .await?
-        .items
-        .iter()
-        .map(|s| key(&s.metadata))
-        .collect();
-    let cms: Vec<(String, String)> = Api::<ConfigMap>::all(client.clone())
+    let sas: std::collections::HashSet<(String, String)> =
+        Api::<ServiceAccount>::all(client.clone())
+            .list(&lp)
+            .await?
+            .items
+            .iter()
+            .map(|s| key(&s.metadata))
+            .collect();
+    let cms: std::collections::HashSet<(String, String)> = Api::<ConfigMap>::all(client.clone())
         .list(&lp.clone().fields("metadata.name=kube-root-ca.crt"))
         .await?
         .items
@@ -586,7 +582,7 @@ async fn namespaces(client: &kube::Client, ca_pem: &str) -> kube::Result<()> {
         .map(|c| key(&c.metadata))
         .collect();
     for ns in names {
-        if !has(sas.clone(), &ns, "default") {
+        if !sas.contains(&(ns.clone(), "default".to_owned())) {
             let sa = ServiceAccount {
                 metadata: kube::api::ObjectMeta {
                     name: Some("default".into()),
@@ -598,7 +594,7 @@ async fn namespaces(client: &kube::Client, ca_pem: &str) -> kube::Result<()> {
                 .create(&PostParams::default(), &sa)
                 .await;
         }
-        if !has(cms.clone(), &ns, "kube-root-ca.crt") {
+        if !cms.contains(&(ns.clone(), "kube-root-ca.crt".to_owned())) {
             let cm = ConfigMap {
                 metadata: kube::api::ObjectMeta {
                     name: Some("kube-root-ca.crt".into()),

@@ -6,8 +6,7 @@
 
 use std::process::Command;
 
-/// Pipe size CRIU's page server needs (see [`crate::nodeprep::LAZY_PIPE_SIZE`]).
-pub const LAZY_PIPE_SIZE: u64 = crate::nodeprep::LAZY_PIPE_SIZE;
+use crate::nodeprep::LAZY_PIPE_SIZE;
 
 /// Capability bit of `CAP_SYS_RESOURCE` in `/proc/self/status`'s `CapEff`.
 const CAP_SYS_RESOURCE: u32 = 24;
