@@ -81,3 +81,6 @@ pub const ANNOTATION_VOLUMES_ON_EVERY_NODE: &str = "podmig.dev/volumes-on-every-
 /// Target-Pod annotation set by the controller: when the move is given up (RFC 3339). The
 /// node daemons bound their waits by it (the target's create, the source's handover).
 pub const ANNOTATION_MIGRATION_DEADLINE: &str = "podmig.dev/migration-deadline";
+
+/// Target-Pod annotation set by the controller from the move's `strategy` (absent: `full`).
+pub const ANNOTATION_MIGRATION_STRATEGY: &str = "podmig.dev/migration-strategy";

@@ -51,6 +51,11 @@ pub struct Handover {
     /// Seconds the source waits for the target's verdict before it resumes.
     #[serde(default)]
     pub timeout_seconds: u32,
+    /// `lazy`: serve the memory pages after the handover instead of sending them in it;
+    /// `lazy-or-full`: lazy where this node can, else full. The answer's
+    /// `podmig-strategy` header says which.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
 }
 
 /// Answer to a person's `POST /migrate/{pod-uid}`: the Migration that records the move

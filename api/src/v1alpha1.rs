@@ -18,10 +18,44 @@ pub enum Strategy {
     /// Freeze, dump every container, carry the images, restore (thesis §4.5).
     #[default]
     Full,
-    /// Post-copy: resume first, fault memory in from the source (not implemented yet).
+    /// Post-copy: dump all but the memory pages, resume on the target at once and fault
+    /// the pages in from the source afterwards; the move ends when every page arrived.
+    /// Refused before the freeze where a node cannot do it.
     Lazy,
+    /// `lazy` where both nodes can do it (a single-container Pod across nodes), else `full`.
+    #[serde(rename = "lazy-or-full")]
+    LazyOrFull,
     /// Pre-copy: iterative dumps while running, short final freeze (not implemented yet).
     Precopy,
+}
+
+impl Strategy {
+    /// The name used in specs and annotations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Full => "full",
+            Strategy::Lazy => "lazy",
+            Strategy::LazyOrFull => "lazy-or-full",
+            Strategy::Precopy => "precopy",
+        }
+    }
+
+    /// Reads [`Strategy::as_str`]'s names back.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Strategy::Full,
+            Strategy::Lazy,
+            Strategy::LazyOrFull,
+            Strategy::Precopy,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+
+    /// Whether the move should serve memory lazily where it can.
+    pub fn wants_lazy(self) -> bool {
+        matches!(self, Strategy::Lazy | Strategy::LazyOrFull)
+    }
 }
 
 fn default_timeout() -> u32 {
@@ -177,9 +211,26 @@ pub struct MigrationReport {
     /// Per container of a multi-container Pod (all frozen together, restored one by one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerFigures>,
+    /// The strategy the move ran with (`lazy-or-full` resolves to one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// Lazy moves: from the target's resume until every page had arrived, ms (the
+    /// degraded window, in which the app waits for each page it touches first).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages_ms: u64,
+    /// Lazy moves: pages the app faulted in on demand during that window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages_faulted: u64,
+    /// Lazy moves: pages pushed in the background before the app touched them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pages_pushed: u64,
     /// Failure reason, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// One container's share of a move.

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Error, Result, freezer::Freezer};
+use crate::{Error, Result, freezer::Freezer, lazy::PageServer};
 
 /// Default runc state root of containerd's `k8s.io` namespace (runc shim v2 defaults).
 pub const DEFAULT_RUNC_ROOT: &str = "/run/containerd/runc/k8s.io";
@@ -69,6 +69,20 @@ pub trait CheckpointEngine: Send + Sync + 'static {
     /// another instruction (its state lives on elsewhere).
     fn discard(&self, _id: &str) -> Result<()> {
         Ok(())
+    }
+
+    /// Dumps container `id` into `opts.image_path` without its memory pages and serves
+    /// them from a [`PageServer`] until a lazy restore has pulled them all. The container
+    /// stays frozen (as with `keep_frozen`) whatever happens to the page server. Default:
+    /// not supported.
+    fn checkpoint_lazy(
+        &self,
+        _id: &str,
+        _opts: &CheckpointOptions,
+    ) -> Result<(CheckpointReport, PageServer)> {
+        Err(Error::CheckpointFailed(
+            "this engine cannot serve pages lazily".into(),
+        ))
     }
 }
 
@@ -195,7 +209,85 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("chmod", dir, e))
 }
 
+impl Runc {
+    /// Captures the container's writable layer and volumes beside its images (while it is
+    /// still stopped).
+    fn capture_filesystem(
+        &self,
+        id: &str,
+        dir: &Path,
+    ) -> Result<crate::volumes::FilesystemCapture> {
+        let fs_started = Instant::now();
+        let state = crate::rootfs::runc_state(&self.root, id);
+        let upper = crate::rootfs::rootfs_in(&state).and_then(|r| crate::rootfs::upperdir_of(&r));
+        let layer_bytes = match upper {
+            Some(upper) => crate::rootfs::capture(&upper, dir)?,
+            None => 0,
+        };
+        let volume_bytes = crate::volumes::capture(&crate::volumes::running_mounts(&state), dir)?;
+        let fs = crate::volumes::FilesystemCapture {
+            layer_bytes,
+            volume_bytes,
+            capture_ms: fs_started.elapsed().as_millis() as u64,
+        };
+        fs.write(dir)?;
+        Ok(fs)
+    }
+}
+
 impl CheckpointEngine for Runc {
+    fn checkpoint_lazy(
+        &self,
+        id: &str,
+        opts: &CheckpointOptions,
+    ) -> Result<(CheckpointReport, PageServer)> {
+        let dir = &opts.image_path;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io("remove", dir, e))?;
+        }
+        create_private_dir(dir)?;
+        // Without a freezer nothing would hold the container once CRIU lets go of it.
+        let freezer = Freezer::of(&self.root, id)?;
+        let started = Instant::now();
+        freezer.freeze()?;
+        let mut cmd = self.command();
+        cmd.arg("checkpoint")
+            .arg("--image-path")
+            .arg(dir)
+            .arg("--work-path")
+            .arg(dir)
+            .arg("--lazy-pages")
+            .arg("--page-server")
+            .arg(format!("127.0.0.1:{}", crate::lazy::PAGE_PORT))
+            .args(["--status-fd", "1", "--leave-running"]);
+        if opts.tcp_established {
+            cmd.arg("--tcp-established");
+        }
+        cmd.arg(id);
+        let served = PageServer::start(cmd, dir, Duration::from_secs(120)).and_then(|server| {
+            // CRIU holds the tasks with ptrace and thawed the cgroup: frozen again, they
+            // cannot run even if CRIU dies while serving.
+            freezer.freeze()?;
+            Ok((self.capture_filesystem(id, dir)?, server))
+        });
+        match served {
+            Ok((filesystem, server)) => Ok((
+                CheckpointReport {
+                    duration: started.elapsed(),
+                    image_bytes: dir_size(dir),
+                    filesystem,
+                },
+                server,
+            )),
+            Err(e) => {
+                // Nothing was handed over: the container runs on.
+                let _ = std::fs::remove_dir_all(dir);
+                let _ = freezer.thaw();
+                Err(e)
+            }
+        }
+    }
+
     fn freeze(&self, id: &str) -> Result<()> {
         Freezer::of(&self.root, id)?.freeze()
     }
@@ -258,25 +350,8 @@ impl CheckpointEngine for Runc {
             });
         let init = crate::identity::init_pid(&self.root.join(id));
         // The writable layer is captured while the tasks are still stopped.
-        let result = run(cmd, Some(&dir.join("dump.log"))).and_then(|_| {
-            let fs_started = Instant::now();
-            let state = crate::rootfs::runc_state(&self.root, id);
-            let upper =
-                crate::rootfs::rootfs_in(&state).and_then(|r| crate::rootfs::upperdir_of(&r));
-            let layer_bytes = match upper {
-                Some(upper) => crate::rootfs::capture(&upper, dir)?,
-                None => 0,
-            };
-            let volume_bytes =
-                crate::volumes::capture(&crate::volumes::running_mounts(&state), dir)?;
-            let fs = crate::volumes::FilesystemCapture {
-                layer_bytes,
-                volume_bytes,
-                capture_ms: fs_started.elapsed().as_millis() as u64,
-            };
-            fs.write(dir)?;
-            Ok(fs)
-        });
+        let result =
+            run(cmd, Some(&dir.join("dump.log"))).and_then(|_| self.capture_filesystem(id, dir));
         let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();
         if let Some(f) = freezer.as_ref().filter(|_| !stay_frozen) {
             // Resumes a container left running (or whose dump failed); lets killed tasks exit.

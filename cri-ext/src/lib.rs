@@ -6,6 +6,7 @@ pub mod error;
 pub mod freezer;
 pub mod hook;
 pub mod identity;
+pub mod lazy;
 pub mod rootfs;
 pub mod volumes;
 pub mod wrapper;

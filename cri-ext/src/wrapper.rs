@@ -236,6 +236,9 @@ impl CreateArgs {
         if from.tcp_established {
             a.push("--tcp-established".into());
         }
+        if from.lazy_pages {
+            a.push("--lazy-pages".into());
+        }
         a.push(self.id.clone().into());
         a
     }

@@ -445,15 +445,21 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     let (code, _) = curl(&c, dst, "GET", "/metrics", Some(&nobody), None)?;
     assert_eq!(code, 403);
     assert_no_checkpoints(&c);
-    // The lazy strategy is refused before anything freezes, saying what the node could do.
-    let lazy = format!(
-        "{{\"targetNode\": \"{}\", \"strategy\": \"lazy\"}}",
+    // Pre-copy is refused before anything freezes, saying why and what to ask instead.
+    let precopy = format!(
+        "{{\"targetNode\": \"{}\", \"strategy\": \"precopy\"}}",
         c.nodes[src].name
     );
-    let (code, b) = post_migrate(&c, dst, &p1.uid().unwrap_or_default(), Some(&admin), &lazy)?;
+    let (code, b) = post_migrate(
+        &c,
+        dst,
+        &p1.uid().unwrap_or_default(),
+        Some(&admin),
+        &precopy,
+    )?;
     assert_eq!(code, 422, "{b}");
     assert!(
-        b.contains("not implemented yet") && b.contains("lazy moves are possible on this node"),
+        b.contains("soft-dirty") && b.contains("lazy-or-full"),
         "{b}"
     );
 

@@ -49,7 +49,7 @@ async fn crd_schemas_are_enforced_and_explained() -> anyhow::Result<()> {
     let err = kubectl_fails(&c, &["apply", "-f", &bad]);
     assert!(err.contains("The MigratingPod \"bad\" is invalid"), "{err}");
     assert!(
-        err.contains("spec.strategy: Unsupported value: \"teleport\": supported values: \"full\", \"lazy\", \"precopy\""),
+        err.contains("spec.strategy: Unsupported value: \"teleport\": supported values: \"full\", \"lazy\", \"lazy-or-full\", \"precopy\""),
         "{err}"
     );
     assert!(

@@ -59,7 +59,8 @@ fn main() {
     for (i, page) in ballast.chunks_mut(PAGE).enumerate() {
         page[0] = (i % 251) as u8 + 1;
     }
-    let checksum: u64 = ballast.iter().step_by(PAGE).map(|&b| u64::from(b)).sum();
+    let checksum = memory_checksum(&ballast);
+    let ballast = Arc::new(ballast);
 
     let listener = match TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
@@ -99,10 +100,10 @@ fn main() {
     let heartbeat = Arc::new(AtomicU64::new(0));
     let peer = Arc::new(PeerStats::default());
     {
-        let (count, peer) = (count.clone(), peer.clone());
+        let (count, peer, ballast) = (count.clone(), peer.clone(), ballast.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                serve(stream, &count, &peer);
+                serve(stream, &count, &peer, &ballast);
             }
         });
     }
@@ -178,7 +179,12 @@ fn poll_peer(path: &str, stats: &PeerStats) {
     }
 }
 
-fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats) {
+/// Sum of every page's first byte: a page that lost its content (zero-filled) changes it.
+fn memory_checksum(ballast: &[u8]) -> u64 {
+    ballast.iter().step_by(PAGE).map(|&b| u64::from(b)).sum()
+}
+
+fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats, ballast: &[u8]) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut reader = BufReader::new(&stream);
     let mut request_line = String::new();
@@ -196,6 +202,8 @@ fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats) {
             format!("{}\n", count.fetch_add(1, Ordering::SeqCst) + 1),
         ),
         Some("/healthz") => ("200 OK", "ok\n".to_owned()),
+        // Reads every page of the ballast now (after a lazy move: faults them all in).
+        Some("/checksum") => ("200 OK", format!("{}\n", memory_checksum(ballast))),
         Some("/peer") => (
             "200 OK",
             format!(

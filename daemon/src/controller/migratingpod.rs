@@ -11,7 +11,8 @@ use k8s_openapi::{
 use kube::{Resource, ResourceExt};
 use podmig_api::{
     ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
-    ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER, RUNTIME_HANDLER,
+    ANNOTATION_MIGRATION_STRATEGY, ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
+    RUNTIME_HANDLER,
     contract::DaemonPhase,
     v1alpha1::{MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, Outcome},
 };
@@ -63,7 +64,7 @@ pub struct Decision {
 pub use super::pod::{LocalClaims, pod_index};
 use super::pod::{
     annotation, has_finalizer, is_deleting as deleting, is_migrate_on_delete_target,
-    is_ready as ready, node, phase, reported, reported_phase,
+    moved_in as ready, node, phase, reported, reported_phase,
 };
 
 fn condition(
@@ -481,10 +482,17 @@ pub fn decide_with(
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
             let mut target = pod_from_template(mpod, next_index, Some(p), local);
             let start = p.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
-            target.metadata.annotations.get_or_insert_default().insert(
+            let annotations = target.metadata.annotations.get_or_insert_default();
+            annotations.insert(
                 ANNOTATION_MIGRATION_DEADLINE.into(),
                 super::pod::deadline(start, mpod.spec.migration_timeout_seconds),
             );
+            if mpod.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
+                annotations.insert(
+                    ANNOTATION_MIGRATION_STRATEGY.into(),
+                    mpod.spec.strategy.as_str().into(),
+                );
+            }
             actions.push(Action::Event {
                 reason: "MigrationStarted",
                 message: format!(

@@ -10,6 +10,7 @@ use k8s_openapi::{
 use kube::ResourceExt;
 use podmig_api::{
     ANNOTATION_CLAIMED_BY, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    ANNOTATION_MIGRATION_STRATEGY,
     contract::DaemonPhase,
     v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationStatus, PhaseTransition},
 };
@@ -102,6 +103,12 @@ fn build_target(
         ANNOTATION_MIGRATION_DEADLINE.into(),
         super::pod::deadline(start, m.spec.timeout_seconds),
     );
+    if m.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
+        annotations.insert(
+            ANNOTATION_MIGRATION_STRATEGY.into(),
+            m.spec.strategy.as_str().into(),
+        );
+    }
     let spec = target.spec.get_or_insert_default();
     if let Some(t) = &m.spec.target_node {
         spec.node_name = Some(t.clone());
@@ -384,7 +391,7 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
     let daemon_phase = reported_phase(target);
     let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
         || daemon_phase == Some(DaemonPhase::Failed);
-    if is_ready(target) {
+    if super::pod::moved_in(target) {
         // The move is done: the source goes (its state runs in the target).
         if let Some(source) = o.pod.filter(|p| p.metadata.uid != target.metadata.uid) {
             if has_finalizer(source) {

@@ -178,6 +178,16 @@ pub fn is_ready(p: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// A target Pod whose move is done: Ready, and for a lazy move also every page arrived
+/// (the daemon reported `Restored`; until then the source still serves memory). Any other
+/// Pod: Ready.
+pub fn moved_in(p: &Pod) -> bool {
+    let lazy = annotation(p, podmig_api::ANNOTATION_MIGRATION_STRATEGY)
+        .and_then(podmig_api::v1alpha1::Strategy::parse)
+        .is_some_and(podmig_api::v1alpha1::Strategy::wants_lazy);
+    is_ready(p) && (!lazy || reported_phase(p) == Some(DaemonPhase::Restored))
+}
+
 /// Being deleted.
 pub fn is_deleting(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_some()

@@ -39,7 +39,7 @@ use super::{
     Node, PodUpdate,
     auth::{Attributes, AuthError, Authorizer},
     migration::Verdict,
-    peer::{HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS},
+    peer::{HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS, HEADER_STRATEGY, PAGES_PROTOCOL},
     podsync::{MigrateOrder, MoveError, TargetRef},
     transfer::send_images,
 };
@@ -174,6 +174,7 @@ fn router<E: CheckpointEngine>(state: Arc<AppState<E>>) -> Router {
         .route("/migrations", get(list::<E>))
         .route("/migrations/{id}", get(one::<E>))
         .route("/migrations/{id}/complete", post(complete::<E>))
+        .route("/migrations/{id}/pages", post(pages::<E>))
         .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
         .with_state(state)
 }
@@ -334,15 +335,22 @@ async fn migrate<E: CheckpointEngine>(
             ),
         ));
     };
-    if let Some(strategy) = body.strategy.filter(|st| *st != Strategy::Full) {
-        let node = s
-            .node
-            .lazy
-            .get()
-            .map_or_else(String::new, |l| format!(" ({l})"));
-        return Err(not_migratable(format!(
-            "strategy {strategy:?} is not implemented yet; use full{node}"
-        )));
+    match body.strategy.unwrap_or_default() {
+        Strategy::Precopy => {
+            return Err(not_migratable(
+                "strategy precopy is not possible on these kernels (no soft-dirty memory \
+                 tracking); use full, lazy or lazy-or-full"
+                    .to_owned(),
+            ));
+        }
+        Strategy::Lazy if body.handover.is_none() => {
+            if let Some(why) = s.node.lazy_impossible() {
+                return Err(not_migratable(format!(
+                    "a lazy move is not possible: {why}; ask for lazy-or-full to fall back to full"
+                )));
+            }
+        }
+        _ => {}
     }
     if body.handover.is_some() {
         return handover(&s, &uid, &pod, body).await;
@@ -493,6 +501,7 @@ async fn handover<E: CheckpointEngine>(
                 target: target.clone(),
                 deadline: Instant::now() + hold,
                 remote: true,
+                strategy: h.strategy.unwrap_or_default(),
             },
             prepared: tx,
         },
@@ -514,7 +523,9 @@ async fn handover<E: CheckpointEngine>(
         }
         Ok(Ok(Err(e))) => {
             let (status, reason) = match &e {
-                MoveError::NotRunning(_) => (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable"),
+                MoveError::NotRunning(_) | MoveError::NotLazy(_) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable")
+                }
                 MoveError::Busy(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
                 MoveError::Checkpoint(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CheckpointFailed"),
                 MoveError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage"),
@@ -561,10 +572,86 @@ async fn handover<E: CheckpointEngine>(
                 header::HeaderName::from_static(HEADER_FROZEN_MS),
                 frozen_ms.to_string(),
             ),
+            (
+                header::HeaderName::from_static(HEADER_STRATEGY),
+                if prepared.lazy { "lazy" } else { "full" }.to_owned(),
+            ),
         ],
         body,
     )
         .into_response())
+}
+
+/// Who may act on the source side of move `id`: whoever may migrate its Pod.
+fn source_move_attrs<E>(s: &AppState<E>, id: &str) -> Attributes {
+    let record = s
+        .node
+        .manager
+        .get(id)
+        .into_iter()
+        .find(|m| m.role == "source");
+    Attributes {
+        verb: "create",
+        resource: "pods",
+        subresource: "migrate",
+        namespace: record
+            .as_ref()
+            .map(|r| r.namespace.clone())
+            .unwrap_or_default(),
+        name: record.as_ref().map(|r| r.pod.clone()).unwrap_or_default(),
+    }
+}
+
+/// The page tunnel of a lazy move: after `101 Switching Protocols` the connection carries
+/// CRIU's page-server protocol between the target's lazy-pages daemon and this node's
+/// page server, inside the TLS channel.
+async fn pages<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    UrlPath(id): UrlPath<String>,
+    mut request: Request,
+) -> Result<Response, Failure> {
+    let token = bearer(request.headers()).map(str::to_owned);
+    s.auth
+        .check(token.as_deref(), &source_move_attrs(&s, &id))
+        .await?;
+    let server = super::lock(&s.node.page_servers)
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "MigrationNotFound",
+                format!("no lazy move {id:?} serves pages on this node"),
+            )
+        })?;
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let tunnel = async {
+            let upgraded = upgrade.await.map_err(|e| e.to_string())?;
+            let tcp = tokio::task::spawn_blocking(move || server.connect())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let mut tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            tokio::io::copy_bidirectional(&mut io, &mut tcp)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tunnel.await {
+            Ok((to_server, to_target)) => {
+                tracing::info!(migration = %id, to_server, to_target, "page tunnel closed")
+            }
+            Err(error) => tracing::warn!(migration = %id, %error, "page tunnel broke"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PAGES_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))
 }
 
 async fn complete<E: CheckpointEngine>(
@@ -574,23 +661,9 @@ async fn complete<E: CheckpointEngine>(
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
     let raw = read_body(request.into_body()).await;
-    let record = s
-        .node
-        .manager
-        .get(&id)
-        .into_iter()
-        .find(|m| m.role == "source");
-    let attrs = Attributes {
-        verb: "create",
-        resource: "pods",
-        subresource: "migrate",
-        namespace: record
-            .as_ref()
-            .map(|r| r.namespace.clone())
-            .unwrap_or_default(),
-        name: record.as_ref().map(|r| r.pod.clone()).unwrap_or_default(),
-    };
-    s.auth.check(token.as_deref(), &attrs).await?;
+    s.auth
+        .check(token.as_deref(), &source_move_attrs(&s, &id))
+        .await?;
     let body: CompleteRequest = parse_json(&raw?)?;
     let verdict = if body.ok {
         Verdict::Commit

@@ -36,6 +36,8 @@ pub enum Step {
     Receiving,
     /// Target: the runtime was told to restore; the restored container may run.
     Restoring,
+    /// Target: restored lazily and running; its memory pages are still arriving.
+    Paging,
 }
 
 /// One container's move as the journal keeps it.

@@ -88,6 +88,9 @@ pub struct Node<E> {
     pub(crate) failed_targets: Mutex<std::collections::HashSet<String>>,
     /// Whether lazy moves are possible here (found at start; unknown in unit tests).
     pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
+    /// Lazy moves' page servers on this (source) node, by move id: the tunnel endpoint
+    /// connects the target to them.
+    pub(crate) page_servers: Mutex<HashMap<String, Arc<podmig_cri_ext::lazy::PageServer>>>,
     pub(crate) rt: tokio::runtime::Handle,
 }
 
@@ -119,6 +122,7 @@ impl<E: CheckpointEngine> Node<E> {
             pods: Mutex::default(),
             failed_targets: Mutex::default(),
             lazy: std::sync::OnceLock::new(),
+            page_servers: Mutex::default(),
             rt: tokio::runtime::Handle::current(),
         })
     }
@@ -160,6 +164,18 @@ impl<E: CheckpointEngine> Node<E> {
         }
         workers.remove(uid);
         true
+    }
+
+    /// Why a lazy move cannot be made on this node, if it cannot.
+    pub(crate) fn lazy_impossible(&self) -> Option<String> {
+        match self.lazy.get() {
+            Some(l) if l.possible() => None,
+            Some(l) => Some(format!("node {}: {l}", self.settings.node_name)),
+            None => Some(format!(
+                "node {}: lazy support not probed",
+                self.settings.node_name
+            )),
+        }
     }
 
     pub(crate) fn report_phase(&self, ns: &str, pod: &str, phase: DaemonPhase) {

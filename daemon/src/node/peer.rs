@@ -17,6 +17,11 @@ use super::transfer::{Receiver, TransferError};
 pub const HEADER_CHECKPOINT_MS: &str = "x-podmig-checkpoint-ms";
 /// Response header: milliseconds since the source was frozen, when the headers left it.
 pub const HEADER_FROZEN_MS: &str = "x-podmig-frozen-ms";
+/// Answer header of a handover: `lazy` when the memory pages were left out (the target
+/// pulls them through `POST /migrations/{id}/pages`), else `full`.
+pub const HEADER_STRATEGY: &str = "x-podmig-strategy";
+/// Protocol named in the `Upgrade` header of the page tunnel.
+pub const PAGES_PROTOCOL: &str = "podmig-pages";
 
 /// Where this daemon's bearer token comes from.
 #[derive(Clone)]
@@ -102,6 +107,17 @@ pub struct Fetched {
     pub transfer_ms: u64,
     /// When the source was frozen, as seen from here.
     pub frozen_at: std::time::Instant,
+    /// The memory pages were left out: they come through [`PeerClient::tunnel_pages`].
+    pub lazy: bool,
+}
+
+/// How a page tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// The lazy-pages daemon had everything and closed first (bytes from the source).
+    Done(u64),
+    /// The source's side ended first: pages may be missing.
+    Broken(u64),
 }
 
 type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
@@ -204,6 +220,10 @@ impl PeerClient {
         let frozen_at = std::time::Instant::now()
             .checked_sub(Duration::from_millis(header_ms(HEADER_FROZEN_MS)))
             .unwrap_or_else(std::time::Instant::now);
+        let lazy = resp
+            .headers()
+            .get(HEADER_STRATEGY)
+            .is_some_and(|v| v.as_bytes() == b"lazy");
         let is_checkpoint = resp
             .headers()
             .get("content-type")
@@ -267,12 +287,93 @@ impl PeerClient {
                 checkpoint_ms,
                 transfer_ms: started.elapsed().as_millis() as u64,
                 frozen_at,
+                lazy,
             }),
             Err(e) => {
                 for d in written {
                     let _ = std::fs::remove_dir_all(d);
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Opens the page tunnel of lazy move `id` to the daemon on `host`, accepts the
+    /// lazy-pages daemon's connection on `local` and carries bytes both ways until one side
+    /// ends. `on_break` runs at once when the source's side ends first (before the
+    /// lazy-pages daemon learns it), so the restored process can be stopped before it
+    /// could touch a page that will never come.
+    pub async fn tunnel_pages(
+        &self,
+        host: &str,
+        id: &str,
+        local: std::net::TcpListener,
+        limit: Duration,
+        on_break: impl FnOnce() + Send,
+    ) -> Result<TunnelEnd, PeerError> {
+        use tokio::io::AsyncWriteExt;
+        let transport = |e: &dyn std::fmt::Display| PeerError::Transport {
+            peer: host.to_owned(),
+            message: e.to_string(),
+        };
+        let mut request = self.request(host, &format!("/migrations/{id}/pages"), Vec::new())?;
+        request.headers_mut().insert(
+            "connection",
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        request.headers_mut().insert(
+            "upgrade",
+            hyper::header::HeaderValue::from_static(PAGES_PROTOCOL),
+        );
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: host.into(),
+                secs: 10,
+            })?
+            .map_err(|e| transport(&e))?;
+        if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(PeerError::Refused {
+                peer: host.into(),
+                status,
+                body: serde_json::from_slice(&bytes).unwrap_or_default(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| transport(&e))?;
+        local.set_nonblocking(true).map_err(|e| transport(&e))?;
+        let listener = tokio::net::TcpListener::from_std(local).map_err(|e| transport(&e))?;
+        let (conn, _) = tokio::time::timeout(limit, listener.accept())
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: host.into(),
+                secs: limit.as_secs(),
+            })?
+            .map_err(|e| transport(&e))?;
+        let (mut lazy_rx, mut lazy_tx) = conn.into_split();
+        let (mut source_rx, mut source_tx) =
+            tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let up = async {
+            let n = tokio::io::copy(&mut lazy_rx, &mut source_tx).await;
+            let _ = source_tx.shutdown().await;
+            n
+        };
+        let down = tokio::io::copy(&mut source_rx, &mut lazy_tx);
+        tokio::pin!(up, down);
+        tokio::select! {
+            _ = &mut up => {
+                let got = tokio::time::timeout(Duration::from_secs(5), down).await;
+                Ok(TunnelEnd::Done(got.ok().and_then(Result::ok).unwrap_or(0)))
+            }
+            got = &mut down => {
+                on_break();
+                Ok(TunnelEnd::Broken(got.unwrap_or(0)))
             }
         }
     }

@@ -19,14 +19,16 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use k8s_openapi::api::core::v1::Pod;
 use podmig_api::{
     ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
-    ANNOTATION_MIGRATION_PHASE, ANNOTATION_SOURCE_NODE, REASON_MIGRATED,
+    ANNOTATION_MIGRATION_PHASE, ANNOTATION_MIGRATION_STRATEGY, ANNOTATION_SOURCE_NODE,
+    REASON_MIGRATED,
     contract::DaemonPhase,
     nodeapi::{CompleteRequest, Handover, MigrateRequest, MoveInfo},
-    v1alpha1::MigrationReport,
+    v1alpha1::{MigrationReport, Strategy},
 };
 use podmig_cri_ext::{
     engine::{CheckpointEngine, CheckpointOptions, CheckpointReport, dir_size},
     identity::{find_container, running_containers},
+    lazy::{LazyPages, PageStats},
     proto::{
         hook::v1::{
             ContainerIdentity, NoOp, Pass, Refuse, RestoreFrom, RestoreResult,
@@ -94,6 +96,13 @@ pub enum PodUpdate {
         /// The outcome.
         reply: oneshot::Sender<podmig_cri_ext::Result<CheckpointReport>>,
     },
+    /// The lazy-pages daemon of a lazily restored container ended.
+    PagesArrived {
+        /// The container.
+        container: ContainerIdentity,
+        /// The figures, or why pages are missing.
+        result: Result<PageStats, String>,
+    },
     /// CRI `RestoreContainer`: the next create of `container` restores `images`.
     Arm {
         /// Name within the Pod.
@@ -135,6 +144,9 @@ pub struct MigrateOrder {
     pub deadline: Instant,
     /// True when the verdict arrives over HTTP (the manager delivers it).
     pub remote: bool,
+    /// How the target wants the memory: `lazy` (or `lazy-or-full`) serves the pages after
+    /// the handover.
+    pub strategy: Strategy,
 }
 
 /// A checkpoint ready to hand over.
@@ -148,6 +160,8 @@ pub struct Prepared {
     pub checkpoint_ms: u64,
     /// Bytes of images.
     pub bytes: u64,
+    /// The memory pages were left out: the target pulls them through the page server.
+    pub lazy: bool,
     /// The second channel: the target's verdict.
     pub verdict: Sender<Verdict>,
 }
@@ -167,6 +181,9 @@ pub enum MoveError {
     /// The dump would not fit the node's checkpoint budget or free space.
     #[error("{0}")]
     NoRoom(String),
+    /// A `lazy` move was asked for and cannot be made here.
+    #[error("a lazy move is not possible: {0}")]
+    NotLazy(String),
 }
 
 /// Where a restore's checkpoint came from, and so who learns its outcome.
@@ -235,6 +252,30 @@ struct PendingRestore {
     frozen_at: Option<Instant>,
     report: MigrationReport,
     source_uid: String,
+    /// A lazy restore: the lazy-pages daemon waiting for it.
+    lazy: Option<LazyTarget>,
+}
+
+/// The target end of a lazy move: CRIU's lazy-pages daemon and what the tunnel saw.
+struct LazyTarget {
+    pages: Arc<LazyPages>,
+    /// Set when the source's side of the tunnel ended before the pages were all in (the
+    /// restored container was frozen then).
+    broke: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A restored container whose memory is still arriving; the move is settled when it has.
+struct Paging {
+    container: String,
+    container_id: String,
+    namespace: String,
+    pod: String,
+    migration: String,
+    images: PathBuf,
+    journal: Option<journal::Entry>,
+    report: MigrationReport,
+    resumed_at: Instant,
+    broke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A multi-container move being restored into this (target) Pod.
@@ -265,6 +306,7 @@ struct Arrival {
     handback: Handback,
     frozen_at: Option<Instant>,
     report: MigrationReport,
+    lazy: Option<LazyTarget>,
 }
 
 fn deleting_with_finalizer(p: &Pod) -> bool {
@@ -292,6 +334,8 @@ pub struct PodWorker<E> {
     parked: Vec<ParkedKill>,
     pending: HashMap<String, PendingRestore>,
     group: Option<GroupMove>,
+    /// A lazily restored container whose pages are still arriving.
+    paging: Option<Paging>,
     gone: bool,
 }
 
@@ -307,6 +351,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             parked: Vec::new(),
             pending: HashMap::new(),
             group: None,
+            paging: None,
             gone: false,
         };
         if let Err(error) = std::thread::Builder::new()
@@ -352,6 +397,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             PodUpdate::Create { container, reply } => self.on_create(container, reply),
             PodUpdate::Kill { container, reply } => self.on_kill(container, reply),
             PodUpdate::Restored { container, result } => self.on_restored(&container, result),
+            PodUpdate::PagesArrived { container, result } => self.on_pages(&container, result),
             PodUpdate::Migrate { order, prepared } => self.migrate(order, prepared),
             PodUpdate::Checkpoint {
                 container_id,
@@ -521,6 +567,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         frozen_at: None,
                         report: MigrationReport::default(),
                         source_uid: String::new(),
+                        lazy: None,
                     },
                 );
                 let _ = reply.send(restore_from(&images));
@@ -551,6 +598,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ann.get(ANNOTATION_MIGRATION_DEADLINE),
             self.node.settings.hold,
         );
+        let strategy = ann
+            .get(ANNOTATION_MIGRATION_STRATEGY)
+            .and_then(|s| Strategy::parse(s))
+            .unwrap_or_default();
         if let Some(answer) = self.restore_from_group(&c, &id) {
             let _ = reply.send(answer);
             return;
@@ -622,11 +673,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     bytes,
                     ..Default::default()
                 },
+                lazy: None,
             })
         } else if running_here() {
             self.fetch_local(&c, &source_uid, &id, deadline)
         } else if let Some(node) = source_node.filter(|n| *n != local_node) {
-            self.fetch_remote(&c, &source_uid, &node, &id, deadline)
+            self.fetch_remote(&c, &source_uid, &node, &id, deadline, strategy)
         } else {
             Err(format!(
                 "no checkpoint of container {name:?} of source pod {source_uid} on this node and \
@@ -635,6 +687,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         };
         let arrival = match result {
             Ok(a) if reply.is_closed() => {
+                if let Some(l) = &a.lazy {
+                    l.pages.kill();
+                }
                 // The runtime stopped waiting: nobody will restore this; resume the source.
                 let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
                 if matches!(a.handback, Handback::Remote { .. }) {
@@ -685,7 +740,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
                     since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
                     "restoring container");
-                let _ = reply.send(restore_from(&a.dir));
+                let _ = reply.send(match &a.lazy {
+                    // The lazy-pages daemon's socket is in the images directory.
+                    Some(_) => Answer::RestoreFrom(RestoreFrom {
+                        image_path: a.dir.display().to_string(),
+                        work_path: a.dir.display().to_string(),
+                        lazy_pages: true,
+                        ..Default::default()
+                    }),
+                    None => restore_from(&a.dir),
+                });
                 let handback = if a.others.is_empty() {
                     a.handback
                 } else {
@@ -724,6 +788,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         frozen_at: a.frozen_at,
                         report: a.report,
                         source_uid,
+                        lazy: a.lazy,
                     },
                 );
             }
@@ -749,6 +814,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             },
             deadline,
             remote: false,
+            strategy: Strategy::Full,
         };
         self.node.dispatch(
             source_uid,
@@ -779,6 +845,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 ..Default::default()
             },
             handback: Handback::Local(prepared.verdict),
+            lazy: None,
         })
     }
 
@@ -789,7 +856,19 @@ impl<E: CheckpointEngine> PodWorker<E> {
         source_node: &str,
         id: &str,
         deadline: Instant,
+        strategy: Strategy,
     ) -> Result<Arrival, String> {
+        let strategy = match (strategy.wants_lazy(), self.node.lazy_impossible()) {
+            (false, _) => None,
+            (true, None) => Some(strategy),
+            (true, Some(why)) if strategy == Strategy::Lazy => {
+                return Err(format!("a lazy move is not possible: {why}"));
+            }
+            (true, Some(why)) => {
+                tracing::info!(pod_uid = %self.uid, migration = %id, %why, "lazy-or-full: moving in full");
+                None
+            }
+        };
         let peers = self
             .node
             .peers
@@ -807,6 +886,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 target_pod_uid: self.uid.clone(),
                 target_node: self.node.settings.node_name.clone(),
                 timeout_seconds: left.as_secs().max(1) as u32,
+                strategy,
             }),
             ..Default::default()
         };
@@ -825,6 +905,25 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let f = fetched.map_err(|e| e.to_string())?;
         self.node.metrics.phase_ms("transfer", f.transfer_ms);
         let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
+        let lazy = if f.lazy {
+            match self.start_lazy_pages(&dir, &host, id, &c.container_id, &peers) {
+                Ok(l) => Some(l),
+                Err(why) => {
+                    self.node.store.remove(&dir);
+                    let _ = self.hand_back(
+                        &Handback::Remote {
+                            host: host.clone(),
+                            id: id.into(),
+                        },
+                        false,
+                        &why,
+                    );
+                    return Err(why);
+                }
+            }
+        } else {
+            None
+        };
         Ok(Arrival {
             dir,
             others,
@@ -839,7 +938,49 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 host,
                 id: id.into(),
             },
+            lazy,
         })
+    }
+
+    /// Starts the lazy-pages daemon on the arrived images and the tunnel that feeds it
+    /// from the source's page server. A break of the source's side freezes the restored
+    /// container at once.
+    fn start_lazy_pages(
+        &self,
+        dir: &std::path::Path,
+        host: &str,
+        id: &str,
+        container_id: &str,
+        peers: &super::peer::PeerClient,
+    ) -> Result<LazyTarget, String> {
+        let pages =
+            LazyPages::start(std::path::Path::new("criu"), dir).map_err(|e| e.to_string())?;
+        let listener = pages.listener.try_clone().map_err(|e| e.to_string())?;
+        let pages = Arc::new(pages);
+        let broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (peers, host, id, cid) = (
+            peers.clone(),
+            host.to_owned(),
+            id.to_owned(),
+            container_id.to_owned(),
+        );
+        let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
+        self.node.rt.spawn(async move {
+            let on_break = || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Err(error) = engine.freeze(&cid) {
+                    tracing::warn!(migration = %id, %error, "cannot freeze the lazily restored container");
+                }
+            };
+            match peers.tunnel_pages(&host, &id, listener, PAGES_LIMIT, on_break).await {
+                Ok(end) => tracing::info!(migration = %id, ?end, "page tunnel ended"),
+                Err(error) => {
+                    tracing::warn!(migration = %id, %error, "page tunnel failed");
+                    waiting.kill();
+                }
+            }
+        });
+        Ok(LazyTarget { pages, broke })
     }
 
     /// Tells the source how the restore of its checkpoint went.
@@ -885,8 +1026,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .clone()
             .filter(|_| !matches!(p.handback, Handback::Group));
         self.settle_restore(c, p, result);
-        // Forgotten only once the source has its verdict and the Pod its phase.
-        if let Some(e) = journal {
+        // Forgotten only once the source has its verdict and the Pod its phase (for a lazy
+        // restore: once every page arrived).
+        let paging = self.paging.as_ref().is_some_and(|pg| pg.container == *name);
+        if let Some(e) = journal.filter(|_| !paging) {
             self.node.journal.remove(&e);
         }
     }
@@ -894,10 +1037,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
     fn settle_restore(
         &mut self,
         c: &ContainerIdentity,
-        p: PendingRestore,
+        mut p: PendingRestore,
         mut result: RestoreResult,
     ) {
         let name = &c.container_name;
+        let lazy = p.lazy.take();
+        if let Some(l) = lazy.as_ref().filter(|_| !result.ok) {
+            // Never resumed: the pages are not needed; the source resumes.
+            l.pages.kill();
+        }
         // Read before the images go: what their file-system part cost on the source.
         let fs = podmig_cri_ext::volumes::FilesystemCapture::read(&p.images);
         if let Err(e) = self.moves.restored(name, result.ok) {
@@ -940,6 +1088,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     tracing::warn!(pod_uid = %self.uid, error = %result.error, "restore failed; checkpoint kept");
                 }
             }
+            // A lazy restore's lazy-pages daemon still reads the images.
+            Handback::Remote { .. } if lazy.is_some() && result.ok => {}
             Handback::Remote { .. } => self.node.store.remove(&p.images),
             Handback::Local(_) | Handback::Group => {}
         }
@@ -960,6 +1110,45 @@ impl<E: CheckpointEngine> PodWorker<E> {
             result.error = why;
         }
         if p.migration.is_empty() || p.source_uid.is_empty() {
+            return;
+        }
+        if let Some(l) = lazy.filter(|_| result.ok) {
+            // Running on the target: the move is settled when every page has arrived.
+            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                restore_ms = result.duration_ms, frozen_ms, "lazily restored; the pages arrive");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+            self.node.manager.update(Role::Target, &p.migration, |i| {
+                i.state = "Paging".into();
+            });
+            let journal = p.journal.clone().map(|mut e| {
+                self.node.journal.advance(&mut e, journal::Step::Paging);
+                e
+            });
+            self.paging = Some(Paging {
+                container: name.clone(),
+                container_id: c.container_id.clone(),
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                migration: p.migration.clone(),
+                images: p.images.clone(),
+                journal,
+                report: MigrationReport {
+                    restore_ms: result.duration_ms,
+                    frozen_ms,
+                    filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
+                    filesystem_ms: fs.capture_ms,
+                    strategy: Some(Strategy::Lazy),
+                    ..p.report
+                },
+                resumed_at: Instant::now(),
+                broke: l.broke.clone(),
+            });
+            let (node, uid, container, pages) =
+                (self.node.clone(), self.uid.clone(), c.clone(), l.pages);
+            std::thread::spawn(move || {
+                let result = pages.wait(PAGES_LIMIT).map_err(|e| e.to_string());
+                node.dispatch(&uid, PodUpdate::PagesArrived { container, result });
+            });
             return;
         }
         let report = MigrationReport {
@@ -993,6 +1182,62 @@ impl<E: CheckpointEngine> PodWorker<E> {
         self.node.metrics.moved("target", &outcome.to_lowercase());
         self.node
             .report_done(&c.pod_namespace, &c.pod_name, &report);
+    }
+
+    /// The pages of a lazily restored container all arrived, or some never will: the move
+    /// is settled. Missing pages stop the container (it would read zeros where its memory
+    /// was) and refuse its restarts; the source is not resumed (the target already ran).
+    fn on_pages(&mut self, c: &ContainerIdentity, result: Result<PageStats, String>) {
+        let Some(pg) = self.paging.take_if(|pg| pg.container == c.container_name) else {
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name, "pages of an unknown lazy restore");
+            return;
+        };
+        let pages_ms = pg.resumed_at.elapsed().as_millis() as u64;
+        let mut report = pg.report;
+        report.pages_ms = pages_ms;
+        match &result {
+            Ok(stats) => {
+                if pg.broke.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The tunnel's source side closed first, but every page had come.
+                    let _ = self.node.engine.resume(&pg.container_id);
+                }
+                report.pages_faulted = stats.faulted;
+                report.pages_pushed = stats.pushed();
+                report.bytes += stats.transferred * 4096;
+                tracing::info!(pod_uid = %self.uid, migration = %pg.migration, pages_ms,
+                    faulted = stats.faulted, pushed = stats.pushed(), "every page arrived");
+            }
+            Err(why) => {
+                if let Err(error) = self.node.engine.discard(&pg.container_id) {
+                    tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the lazily restored container");
+                }
+                super::lock(&self.node.failed_targets).insert(self.uid.clone());
+                report.error = Some(format!(
+                    "lazy move on {}: {}",
+                    self.node.settings.node_name,
+                    pages_lost(why)
+                ));
+                tracing::warn!(pod_uid = %self.uid, migration = %pg.migration, %why,
+                    "pages lost after the resume; the target was stopped");
+            }
+        }
+        self.node.store.remove(&pg.images);
+        if let Some(e) = &pg.journal {
+            self.node.journal.remove(e);
+        }
+        let outcome = if result.is_ok() {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        self.node
+            .manager
+            .update(Role::Target, &pg.migration, |i| i.report = report.clone());
+        self.node
+            .manager
+            .finish(Role::Target, &pg.migration, outcome, report.error.clone());
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.report_done(&pg.namespace, &pg.pod, &report);
     }
 
     // ---- multi-container moves (target side) --------------------------------------------
@@ -1055,6 +1300,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 frozen_at,
                 report: MigrationReport::default(),
                 source_uid,
+                lazy: None,
             },
         );
         Some(restore_from(&dir))
@@ -1237,6 +1483,30 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ))));
             return;
         }
+        let lazy = if order.strategy.wants_lazy() {
+            let why_not = if wanted.len() > 1 {
+                Some(format!(
+                    "lazy moves carry single-container Pods; pod {} has {} containers",
+                    self.uid,
+                    wanted.len()
+                ))
+            } else {
+                self.node.lazy_impossible()
+            };
+            match why_not {
+                None => true,
+                Some(why) if order.strategy == Strategy::Lazy => {
+                    let _ = prepared.send(Err(MoveError::NotLazy(why)));
+                    return;
+                }
+                Some(why) => {
+                    tracing::info!(pod_uid = %self.uid, migration = %id, %why, "lazy-or-full: moving in full");
+                    false
+                }
+            }
+        } else {
+            false
+        };
         let ids: Vec<String> = wanted.iter().map(|(cid, _)| cid.clone()).collect();
         if let Err(why) = self.node.check_room(&ids) {
             tracing::warn!(pod_uid = %self.uid, migration = %id, %why, "move refused before the freeze");
@@ -1308,7 +1578,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
         for e in &entries {
             self.node.journal.record(e);
         }
-        let (frozen_at, results) = dump_with_retries(&engine, &jobs, &self.uid, &id);
+        let (frozen_at, results) = if lazy {
+            self.dump_lazy(&jobs, &id)
+        } else {
+            dump_with_retries(&engine, &jobs, &self.uid, &id)
+        };
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
         let failure = results
             .iter()
@@ -1370,6 +1644,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             frozen_at,
             checkpoint_ms,
             bytes,
+            lazy,
             verdict: vtx,
         }));
         let verdict = if sent.is_err() {
@@ -1388,6 +1663,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 for e in &mut entries {
                     self.node.journal.advance(e, journal::Step::Committed);
                 }
+                // The target runs: this copy never does again. With lazy memory it still
+                // serves the pages the target faults in, until every one has gone.
+                let pages = self.serve_pages_to_the_end(&id);
                 for (name, _) in &images {
                     if let Err(error) = self.node.engine.discard(&container_id(name)) {
                         tracing::warn!(pod_uid = %self.uid, container = %name, %error, "cannot stop the moved source");
@@ -1401,13 +1679,27 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     self.node.journal.remove(e);
                 }
                 tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
-                self.node
-                    .manager
-                    .finish(Role::Source, &id, "Succeeded", None);
-                self.node.metrics.moved("source", "succeeded");
+                match pages {
+                    Err(why) => {
+                        self.node
+                            .manager
+                            .finish(Role::Source, &id, "Failed", Some(why));
+                        self.node.metrics.moved("source", "failed");
+                    }
+                    Ok(()) => {
+                        self.node
+                            .manager
+                            .finish(Role::Source, &id, "Succeeded", None);
+                        self.node.metrics.moved("source", "succeeded");
+                    }
+                }
                 self.assert_migrated_status();
             }
             Verdict::Abort(why) => {
+                // The target never ran: nobody will read the pages.
+                if let Some(server) = super::lock(&self.node.page_servers).remove(&id) {
+                    server.abort();
+                }
                 for (name, _) in &images {
                     self.resume_or_roll_back(name, &container_id(name));
                 }
@@ -1436,6 +1728,65 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         }
         self.reconsider_parked();
+    }
+
+    /// Dumps the Pod's one container without its memory pages and registers the page
+    /// server that serves them for move `id`.
+    fn dump_lazy(
+        &self,
+        jobs: &[(String, String, PathBuf)],
+        id: &str,
+    ) -> (
+        Instant,
+        Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)>,
+    ) {
+        let frozen_at = Instant::now();
+        let results = jobs
+            .iter()
+            .map(|(cid, name, dir)| {
+                let options = CheckpointOptions {
+                    image_path: dir.clone(),
+                    keep_frozen: true,
+                    ..Default::default()
+                };
+                let report =
+                    self.node
+                        .engine
+                        .checkpoint_lazy(cid, &options)
+                        .map(|(report, server)| {
+                            super::lock(&self.node.page_servers)
+                                .insert(id.to_owned(), Arc::new(server));
+                            report
+                        });
+                (name.clone(), dir.clone(), report)
+            })
+            .collect();
+        (frozen_at, results)
+    }
+
+    /// After the commit of a lazy move: waits until the page server has served every page
+    /// (or failed, or ran out of [`PAGES_LIMIT`]). `Ok` for a full move.
+    fn serve_pages_to_the_end(&self, id: &str) -> Result<(), String> {
+        let Some(server) = super::lock(&self.node.page_servers).get(id).cloned() else {
+            return Ok(());
+        };
+        let served = server.wait(PAGES_LIMIT).map_err(|e| {
+            format!(
+                "the target resumed, then the page stream broke ({e}); this copy was not \
+                 resumed because the target had already run"
+            )
+        });
+        if server.running() {
+            server.abort();
+        }
+        super::lock(&self.node.page_servers).remove(id);
+        match &served {
+            Ok(()) => tracing::info!(pod_uid = %self.uid, migration = %id, "every page served"),
+            Err(why) => {
+                tracing::warn!(pod_uid = %self.uid, migration = %id, %why, "page serving failed")
+            }
+        }
+        served
     }
 
     /// A frozen source container runs on; if it cannot be thawed, its next create
@@ -1662,6 +2013,18 @@ fn dump_with_retries<E: CheckpointEngine + 'static>(
         attempt += 1;
     }
 }
+
+/// What a lazy move that lost pages after the resume tells its users (the policy).
+pub fn pages_lost(why: &str) -> String {
+    format!(
+        "the page stream broke after the target resumed ({why}); the target was stopped so \
+         that it never runs on missing memory, and the source was not resumed because the \
+         target had already run: the Pod's in-memory state is lost"
+    )
+}
+
+/// Longest a lazy move's pages may take to arrive after the target resumed.
+pub const PAGES_LIMIT: Duration = Duration::from_secs(600);
 
 /// How often a multi-container Pod is frozen and dumped again when the dump caught a
 /// Unix socket connection between its containers half-made.

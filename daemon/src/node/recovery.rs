@@ -252,6 +252,9 @@ async fn settle_target<E: CheckpointEngine>(
     let running = find_container(&node.settings.runc_root, &e.pod_uid, &e.container);
     let own_images = e.images.starts_with(node.store.root().join(&e.pod_uid));
     let outcome: Result<(), String> = match (e.step, &running) {
+        (Step::Paging, _) => Err(super::podsync::pages_lost(
+            "the target's daemon restarted while the pages arrived",
+        )),
         (Step::Restoring, Some(_)) if !whole => {
             Err("the daemon restarted before every container of the Pod was restored".into())
         }

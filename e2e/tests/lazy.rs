@@ -1,0 +1,253 @@
+//! The lazy strategy on the local two-node cluster: a `Migration` with `strategy: lazy`
+//! moves the test app across nodes, its memory faulted in after the resume through the
+//! daemons' TLS channel; and what happens when the page stream breaks after the resume
+//! (the target is stopped, the source stays released: never two copies, never a copy
+//! running on missing memory).
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt};
+use podmig_api::v1alpha1::{Migration, MigrationPhase, MigrationStatus, Strategy};
+use podmig_e2e::{
+    cluster::Cluster,
+    process::Proc,
+    testapp::{get_at, get_count, wait_count},
+    wait::{migration_ended, node_of, pod_ip as ip, ready_pod as ready, until},
+};
+
+fn mpod_yaml(name: &str, mib: u32) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  migrationTimeoutSeconds: 60\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mib}']}}\n"
+    )
+}
+
+fn migration_yaml(name: &str, pod: &str, to: &str) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, strategy: lazy, timeoutSeconds: 60}}\n"
+    )
+}
+
+async fn setup() -> anyhow::Result<(Cluster, Proc)> {
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (ctl, _) = c.start_controller("a")?;
+    Ok((c, ctl))
+}
+
+/// Starts MigratingPod `name` with `mib` MiB; returns (the Pod's node index, its address,
+/// its memory checksum).
+async fn start_app(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+    mib: u32,
+) -> anyhow::Result<(usize, String, String)> {
+    c.apply(&mpod_yaml(name, mib))?;
+    let p0 = ready(pods, &format!("{name}-0"), Duration::from_secs(120)).await?;
+    let src = c
+        .nodes
+        .iter()
+        .position(|n| n.name == node_of(&p0))
+        .unwrap_or(0);
+    let addr = ip(&p0);
+    wait_count(&addr, Duration::from_secs(120)).await?;
+    let checksum = get_at(&addr, 8080, "/checksum").await?;
+    Ok((src, addr, checksum))
+}
+
+fn logs(c: &Cluster) -> String {
+    c.nodes
+        .iter()
+        .map(|n| format!("--- {} daemon:\n{}", n.name, n.daemon.log()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_move_keeps_the_count_and_every_page_of_memory() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let (src, src_ip, checksum) = start_app(&c, &pods, "lazy", 256).await?;
+    let before = get_count(&src_ip).await?;
+    let to = c.nodes[1 - src].name.clone();
+    c.apply(&migration_yaml("lazy", "lazy-0", &to))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = migration_ended(&migs, "lazy", Duration::from_secs(120)).await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Succeeded),
+        "{st:?}\n{}",
+        logs(&c)
+    );
+    let report = st
+        .report
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no figures: {st:?}\n{}", logs(&c)))?;
+    eprintln!("lazy move of a 256 MiB app across nodes: {report:?}");
+    assert_eq!(report.strategy, Some(Strategy::Lazy), "{report:?}");
+    assert!(
+        report.pages_ms > 0 && report.pages_faulted + report.pages_pushed >= 256 * 256,
+        "every page of the 256 MiB ballast arrived: {report:?}"
+    );
+    let p1 = ready(&pods, "lazy-1", Duration::from_secs(30)).await?;
+    assert_eq!(node_of(&p1), to);
+    assert_eq!(
+        get_count(&ip(&p1)).await?,
+        before + 1,
+        "the count went on after the move"
+    );
+    assert_eq!(
+        get_at(&ip(&p1), 8080, "/checksum").await?,
+        checksum,
+        "memory intact after the lazy move"
+    );
+    for n in &c.nodes {
+        until("no checkpoints left", Duration::from_secs(30), async || {
+            std::fs::read_dir(n.daemon.checkpoint_dir())
+                .map_or(true, |mut d| {
+                    d.all(|e| {
+                        e.map_or(true, |e| {
+                            std::fs::read_dir(e.path()).map_or(true, |mut d| d.next().is_none())
+                        })
+                    })
+                })
+                .then_some(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Pids of processes whose command line contains every one of `words`.
+fn pids_with(words: &[&str]) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                words.iter().all(|w| c.contains(w))
+            })
+        })
+        .collect()
+}
+
+/// Waits until the move of `uid`'s pages is under way (the target's lazy-pages daemon
+/// runs and the restored app answers), then runs `cut`; returns the Migration's end.
+async fn cut_mid_stream(
+    c: &mut Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+    cut: impl FnOnce(&mut Cluster, usize),
+) -> anyhow::Result<(MigrationStatus, u64)> {
+    let (src, src_ip, _) = start_app(c, pods, name, 1024).await?;
+    for _ in 0..20 {
+        get_count(&src_ip).await?;
+    }
+    let before = get_count(&src_ip).await?;
+    c.apply(&migration_yaml(
+        name,
+        &format!("{name}-0"),
+        &c.nodes[1 - src].name,
+    ))?;
+    let started = Instant::now();
+    let target_dir = c.nodes[1 - src].daemon.checkpoint_dir();
+    let target_dir = target_dir.display().to_string();
+    until("pages on their way", Duration::from_secs(60), async || {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let daemon = pids_with(&["criu", "lazy-pages", "--images-dir", &target_dir]);
+        let restored = c.nodes[1 - src].daemon.log().contains("lazily restored");
+        (!daemon.is_empty() && restored).then_some(())
+    })
+    .await?;
+    eprintln!(
+        "the app runs on the target, its pages arriving, {} ms after the Migration",
+        started.elapsed().as_millis()
+    );
+    cut(c, src);
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = migration_ended(&migs, name, Duration::from_secs(120)).await?;
+    Ok((st, before))
+}
+
+/// No copy of the app that kept its old state runs: whatever answers counts afresh.
+async fn no_copy_kept_the_old_state(pods: &Api<Pod>, name: &str, before: u64) {
+    for _ in 0..20 {
+        let list = pods
+            .list(&kube::api::ListParams::default().labels(&format!("app={name}")))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        for p in list {
+            if let Ok(n) = get_count(&ip(&p)).await {
+                assert!(
+                    n <= before / 2 + 5,
+                    "{} answers with count {n}: a copy with the old state (count {before}) runs",
+                    p.name_any()
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_lost_after_the_resume_stop_the_target_and_never_resume_the_source()
+-> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let name = "cut";
+    let (st, before) = cut_mid_stream(&mut c, &pods, name, |c, src| {
+        // The page-serving side dies: runc checkpoint and its CRIU, by their own pids.
+        let dir = c.nodes[src].daemon.checkpoint_dir().display().to_string();
+        let serving = pids_with(&["checkpoint", "--lazy-pages", &dir]);
+        assert!(!serving.is_empty(), "no page server found");
+        for pid in serving {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    })
+    .await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Failed),
+        "{st:?}\n{}",
+        logs(&c)
+    );
+    let message = st.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("in-memory state is lost")
+            && message.contains("never runs on missing memory"),
+        "the Migration states the policy: {message}"
+    );
+    no_copy_kept_the_old_state(&pods, name, before).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_daemon_killed_mid_stream_stops_the_copy_when_it_restarts() -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let name = "tgt";
+    let (st, before) = cut_mid_stream(&mut c, &pods, name, |c, src| {
+        c.nodes[1 - src].daemon.kill();
+    })
+    .await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Failed),
+        "{st:?}\n{}",
+        logs(&c)
+    );
+    let message = st.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("in-memory state is lost"),
+        "the Migration states the policy: {message}"
+    );
+    no_copy_kept_the_old_state(&pods, name, before).await;
+    Ok(())
+}
