@@ -2,6 +2,8 @@
 //! cluster, as a client sees it, for three strategies measured interleaved in one run:
 //! - `podmig`: a `Migration` (target created first, source frozen late, state streamed
 //!   daemon to daemon, restored at once);
+//! - `lazy`: the same with `strategy: lazy` (only the process skeleton during the freeze,
+//!   memory faulted in afterwards; the time until every page arrived is printed too);
 //! - `restart`: what Kubernetes does today — delete the Pod, create a new one;
 //! - `thesis`: the thesis' order — dump the source fully into a shared directory (disk),
 //!   copy it to the target node, then create the target Pod, which restores it.
@@ -27,10 +29,20 @@ struct Sample {
     downtime: Duration,
     frozen: Option<Duration>,
     kept_state: bool,
+    /// Lazy moves: from the resume until every page had arrived.
+    pages: Option<Duration>,
+    /// Bytes the move carried.
+    bytes: Option<u64>,
+    /// Median time the app took to answer before the move and after it (until the move
+    /// ended: for a lazy move, the degraded window).
+    latency: (Duration, Duration),
 }
 
-/// Answers of the app: (when, count, address).
-type Answers = Arc<Mutex<Vec<(Instant, u64, String)>>>;
+/// One answer of the app: (when, count, address, how long it took).
+type Answer = (Instant, u64, String, Duration);
+
+/// Answers of the app.
+type Answers = Arc<Mutex<Vec<Answer>>>;
 
 /// Probes the app every 10 ms at every address in `addrs` until `stop` is set.
 fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool>) -> Answers {
@@ -44,6 +56,7 @@ fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool
             for ip in targets {
                 let out = out.clone();
                 tokio::spawn(async move {
+                    let asked = Instant::now();
                     let got = tokio::time::timeout(
                         Duration::from_millis(500),
                         crate::testapp::get_count(&ip),
@@ -52,7 +65,7 @@ fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool
                     if let Ok(Ok(n)) = got
                         && let Ok(mut v) = out.lock()
                     {
-                        v.push((Instant::now(), n, ip));
+                        v.push((Instant::now(), n, ip, asked.elapsed()));
                     }
                 });
             }
@@ -65,11 +78,11 @@ fn probe(addrs: Arc<Mutex<Vec<String>>>, stop: Arc<std::sync::atomic::AtomicBool
 /// went on across it. An error when the new address never answered.
 fn gap(answers: &Answers, from: Instant, new_ip: &str) -> anyhow::Result<(Duration, bool)> {
     let mut v = answers.lock().map(|a| a.clone()).unwrap_or_default();
-    v.sort_by_key(|(t, _, _)| *t);
-    let before = v.iter().rposition(|(t, _, _)| *t < from).unwrap_or(0);
+    v.sort_by_key(|(t, _, _, _)| *t);
+    let before = v.iter().rposition(|(t, _, _, _)| *t < from).unwrap_or(0);
     let v = &v[before..];
     anyhow::ensure!(
-        v.iter().any(|(_, _, ip)| ip == new_ip),
+        v.iter().any(|(_, _, ip, _)| ip == new_ip),
         "the app never answered at its new address {new_ip}"
     );
     let mut worst = (Duration::ZERO, true);
@@ -124,8 +137,31 @@ async fn source(
     Ok(ip)
 }
 
-async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample> {
-    let name = format!("pm{mem}r{run}");
+/// Median answer time of the app before `from` and at `new_ip` from `from` to `until`.
+fn latencies(
+    answers: &Answers,
+    from: Instant,
+    until: Instant,
+    new_ip: &str,
+) -> (Duration, Duration) {
+    let v = answers.lock().map(|a| a.clone()).unwrap_or_default();
+    let pick = |f: &dyn Fn(&Answer) -> bool| {
+        let d: Vec<Duration> = v.iter().filter(|a| f(a)).map(|a| a.3).collect();
+        if d.is_empty() {
+            Duration::ZERO
+        } else {
+            median(d)
+        }
+    };
+    (
+        pick(&|a| a.0 < from),
+        pick(&|a| a.0 >= from && a.0 <= until && a.2 == new_ip),
+    )
+}
+
+async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::Result<Sample> {
+    let name = format!("pm{}{mem}r{run}", if lazy { "l" } else { "" });
+    let strategy = if lazy { "lazy" } else { "full" };
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&format!(
         "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      nodeName: node-0\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mem}']}}\n"
@@ -139,7 +175,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
     tokio::time::sleep(Duration::from_millis(300)).await;
     let from = Instant::now();
     c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod0}, targetNode: node-1}}\n"
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod0}, targetNode: node-1, strategy: {strategy}}}\n"
     ))?;
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     // The target's address is known once its sandbox runs; probe it from then on.
@@ -167,15 +203,20 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         "podmig move failed: {:?}",
         st.message
     );
+    let done = Instant::now();
     ready_ip(&pods, &target, Duration::from_secs(30)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (downtime, kept_state) = gap(&answers, from, &new_ip)?;
     c.kubectl(&["delete", "mpod", &name, "--wait=true", "--timeout=60s"])?;
+    let report = st.report.clone().unwrap_or_default();
     Ok(Sample {
         downtime,
         frozen: st.frozen_ms.map(Duration::from_millis),
         kept_state,
+        pages: lazy.then(|| Duration::from_millis(report.pages_ms)),
+        bytes: Some(report.bytes),
+        latency: latencies(&answers, from, done, &new_ip),
     })
 }
 
@@ -213,6 +254,9 @@ async fn restart_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sampl
         downtime,
         frozen: None,
         kept_state,
+        pages: None,
+        bytes: None,
+        latency: (Duration::ZERO, Duration::ZERO),
     })
 }
 
@@ -277,6 +321,9 @@ async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         downtime,
         frozen: None,
         kept_state,
+        pages: None,
+        bytes: None,
+        latency: (Duration::ZERO, Duration::ZERO),
     })
 }
 
@@ -296,22 +343,24 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
     let (_ctl, _) = c.start_controller("bench")?;
-    let strategies = ["podmig", "restart", "thesis"];
+    let strategies = ["podmig", "restart", "thesis", "lazy"];
     let mut rows = Vec::new();
     for &mem in sizes {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); strategies.len()];
         for run in 0..runs {
             for (i, s) in strategies.iter().enumerate() {
                 let sample = match *s {
-                    "podmig" => podmig_once(&c, mem, run).await,
+                    "podmig" => podmig_once(&c, mem, run, false).await,
+                    "lazy" => podmig_once(&c, mem, run, true).await,
                     "restart" => restart_once(&c, mem, run).await,
                     _ => thesis_once(&c, mem, run).await,
                 }
                 .with_context(|| format!("{s} mem={mem} run={run}"))?;
                 eprintln!(
-                    "mem={mem}MiB run={run} {s}: downtime {} ms, frozen {:?} ms, state kept: {}",
+                    "mem={mem}MiB run={run} {s}: downtime {} ms, frozen {:?} ms, pages {:?} ms, state kept: {}",
                     sample.downtime.as_millis(),
                     sample.frozen.map(|f| f.as_millis()),
+                    sample.pages.map(|f| f.as_millis()),
                     sample.kept_state
                 );
                 samples[i].push(sample);
@@ -340,6 +389,38 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             med(&s[2]).as_millis(),
         );
     }
+    let med_of = |s: &[Sample], f: &dyn Fn(&Sample) -> Option<Duration>| {
+        let v: Vec<Duration> = s.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    let ms = |d: Option<Duration>| d.map_or("-".into(), |d| d.as_millis().to_string());
+    let lazy_zero = rows
+        .first()
+        .map(|(_, s)| med(&s[3]).as_secs_f64())
+        .unwrap_or(0.0);
+    println!();
+    println!("lazy strategy (post-copy), same runs:");
+    println!(
+        "| mem MiB | lazy downtime | lazy frozen | all pages in | MB moved | app answer ms before / in window | lazy / full downtime | lazy / lazy at {} MiB |",
+        rows.first().map_or(0, |(m, _)| *m)
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (mem, s) in &rows {
+        let lat = med_of(&s[3], &|x| Some(x.latency.0));
+        let lat_in = med_of(&s[3], &|x| Some(x.latency.1));
+        let bytes: Vec<u64> = s[3].iter().filter_map(|x| x.bytes).collect();
+        println!(
+            "| {mem} | {} | {} | {} | {:.1} | {} / {} | {:.2} | {:.2} |",
+            med(&s[3]).as_millis(),
+            ms(med_frozen(&s[3])),
+            ms(med_of(&s[3], &|x| x.pages)),
+            bytes.iter().sum::<u64>() as f64 / bytes.len().max(1) as f64 / 1e6,
+            ms(lat),
+            ms(lat_in),
+            med(&s[3]).as_secs_f64() / med(&s[0]).as_secs_f64().max(1e-6),
+            med(&s[3]).as_secs_f64() / lazy_zero.max(1e-6),
+        );
+    }
     let series: Vec<crate::plot::Series> = strategies
         .iter()
         .enumerate()
@@ -362,9 +443,14 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
     for (mem, s) in &rows {
         for (i, name) in strategies.iter().enumerate() {
             println!(
-                "podmig-bench strategy={name} mem_mib={mem} runs={runs} downtime_ms={} frozen_ms={}",
+                "podmig-bench strategy={name} mem_mib={mem} runs={runs} downtime_ms={} frozen_ms={} pages_ms={} bytes={}",
                 med(&s[i]).as_millis(),
-                med_frozen(&s[i]).map_or("-".into(), |f| f.as_millis().to_string())
+                med_frozen(&s[i]).map_or("-".into(), |f| f.as_millis().to_string()),
+                ms(med_of(&s[i], &|x| x.pages)),
+                s[i].iter()
+                    .filter_map(|x| x.bytes)
+                    .max()
+                    .map_or("-".into(), |b| b.to_string()),
             );
         }
     }

@@ -193,13 +193,37 @@ async fn no_copy_kept_the_old_state(pods: &Api<Pod>, name: &str, before: u64) {
     }
 }
 
+/// The move failed on purpose and says why: the target stopped, the source not resumed,
+/// the state lost; no copy with the old state answers.
+async fn failed_on_purpose(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+    (st, before): (MigrationStatus, u64),
+    what: &str,
+) -> anyhow::Result<()> {
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Failed),
+        "{st:?}\n{}",
+        logs(c)
+    );
+    let message = st.message.clone().unwrap_or_default();
+    eprintln!("{what} mid-stream: {message}");
+    assert!(
+        message.contains("in-memory state is lost"),
+        "the Migration states the policy: {message}"
+    );
+    no_copy_kept_the_old_state(pods, name, before).await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_lost_after_the_resume_stop_the_target_and_never_resume_the_source()
 -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let name = "cut";
-    let (st, before) = cut_mid_stream(&mut c, &pods, name, |c, src| {
+    let ended = cut_mid_stream(&mut c, &pods, "cut", |c, src| {
         // The page-serving side dies: runc checkpoint and its CRIU, by their own pids.
         let dir = c.nodes[src].daemon.checkpoint_dir().display().to_string();
         let serving = pids_with(&["checkpoint", "--lazy-pages", &dir]);
@@ -212,42 +236,47 @@ async fn pages_lost_after_the_resume_stop_the_target_and_never_resume_the_source
         }
     })
     .await?;
-    assert_eq!(
-        st.phase,
-        Some(MigrationPhase::Failed),
-        "{st:?}\n{}",
-        logs(&c)
-    );
-    let message = st.message.clone().unwrap_or_default();
     assert!(
-        message.contains("in-memory state is lost")
-            && message.contains("never runs on missing memory"),
-        "the Migration states the policy: {message}"
+        ended
+            .0
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("never runs on missing memory"),
+        "{:?}",
+        ended.0.message
     );
-    no_copy_kept_the_old_state(&pods, name, before).await;
-    Ok(())
+    failed_on_purpose(&c, &pods, "cut", ended, "page server killed").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_daemon_killed_mid_stream_stops_the_copy_when_it_restarts() -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let name = "tgt";
-    let (st, before) = cut_mid_stream(&mut c, &pods, name, |c, src| {
+    let ended = cut_mid_stream(&mut c, &pods, "tgt", |c, src| {
         c.nodes[1 - src].daemon.kill();
     })
     .await?;
-    assert_eq!(
-        st.phase,
-        Some(MigrationPhase::Failed),
-        "{st:?}\n{}",
-        logs(&c)
-    );
-    let message = st.message.clone().unwrap_or_default();
-    assert!(
-        message.contains("in-memory state is lost"),
-        "the Migration states the policy: {message}"
-    );
-    no_copy_kept_the_old_state(&pods, name, before).await;
-    Ok(())
+    failed_on_purpose(&c, &pods, "tgt", ended, "target daemon killed").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_cut_mid_stream_stops_the_target_and_never_resumes_the_source() -> anyhow::Result<()>
+{
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let ended = cut_mid_stream(&mut c, &pods, "link", |c, src| {
+        // The target node's TCP connections to the source's daemon are torn down (the
+        // kernel resets them, as a failing link or firewall would).
+        let port = format!(":{}", podmig_api::nodeapi::DEFAULT_API_PORT);
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &c.nodes[1 - src].netns, "ss", "-K", "dst"])
+            .arg(&c.nodes[src].ip)
+            .args(["dport", "=", &port])
+            .output()
+            .expect("ss -K");
+        assert!(out.status.success(), "{out:?}");
+    })
+    .await?;
+    failed_on_purpose(&c, &pods, "link", ended, "link cut").await
 }

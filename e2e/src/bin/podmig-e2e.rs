@@ -41,10 +41,11 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// Downtime of a cross-node move: podmig vs delete-and-recreate vs the thesis' order.
+    /// Downtime of a cross-node move: podmig (full and lazy) vs delete-and-recreate vs the
+    /// thesis' order.
     Bench {
         /// Ballast sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024])]
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024, 2560])]
         sizes: Vec<u64>,
         /// Runs per size and strategy (the median is reported).
         #[arg(long, default_value_t = 3)]
