@@ -415,8 +415,8 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             ms(med_frozen(&s[3])),
             ms(med_of(&s[3], &|x| x.pages)),
             bytes.iter().sum::<u64>() as f64 / bytes.len().max(1) as f64 / 1e6,
-            ms(lat),
-            ms(lat_in),
+            lat.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0)),
+            lat_in.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0)),
             med(&s[3]).as_secs_f64() / med(&s[0]).as_secs_f64().max(1e-6),
             med(&s[3]).as_secs_f64() / lazy_zero.max(1e-6),
         );
