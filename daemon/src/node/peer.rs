@@ -333,18 +333,7 @@ impl PeerClient {
             })?
             .map_err(|e| transport(&e))?;
         if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-            let status = resp.status().as_u16();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            return Err(PeerError::Refused {
-                peer: host.into(),
-                status,
-                body: serde_json::from_slice(&bytes).unwrap_or_default(),
-            });
+            return Err(refused(host, resp).await);
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(|e| transport(&e))?;
         local.set_nonblocking(true).map_err(|e| transport(&e))?;
@@ -395,22 +384,8 @@ impl PeerClient {
                 self.request(host, &format!("/migrations/{id}/complete"), body.clone())?;
             match tokio::time::timeout(Duration::from_secs(5), self.client.request(request)).await {
                 Ok(Ok(resp)) if resp.status().is_success() => return Ok(()),
-                Ok(Ok(resp)) => {
-                    let status = resp.status().as_u16();
-                    let bytes = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let body = serde_json::from_slice(&bytes).unwrap_or_default();
-                    // A refusal is final: retrying changes nothing.
-                    return Err(PeerError::Refused {
-                        peer: host.into(),
-                        status,
-                        body,
-                    });
-                }
+                // A refusal is final: retrying changes nothing.
+                Ok(Ok(resp)) => return Err(refused(host, resp).await),
                 Ok(Err(e)) => {
                     last = Some(PeerError::Transport {
                         peer: host.into(),
@@ -429,5 +404,21 @@ impl PeerClient {
             peer: host.into(),
             secs: 5,
         }))
+    }
+}
+
+/// A peer's answer that is not what was asked for, with its JSON error body.
+async fn refused(host: &str, resp: hyper::Response<hyper::body::Incoming>) -> PeerError {
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    PeerError::Refused {
+        peer: host.into(),
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or_default(),
     }
 }
