@@ -13,8 +13,9 @@ build:
 	$(CARGO) build --workspace --bins
 
 # Unit tests, then the integration tests against the real containerd/runc/CRIU stack.
+# Every suite runs even when one fails; the last lines name the failed tests.
 test: setup build
-	$(CARGO) test --workspace
+	CARGO=$(CARGO) scripts/run-tests
 
 lint: setup
 	$(CARGO) fmt --all --check

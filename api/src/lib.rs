@@ -40,9 +40,15 @@ pub const ANNOTATION_MIGRATION_PHASE: &str = "podmig.dev/migration-phase";
 /// [`v1alpha1::MigrationReport`].
 pub const ANNOTATION_MIGRATION_REPORT: &str = "podmig.dev/migration-report";
 
-/// Pod annotation carrying the Pod's own uid into the OCI spec. containerd 1.6 does not
-/// put the sandbox uid into container annotations, so podmig's controller sets it.
-pub const ANNOTATION_POD_UID: &str = "podmig.dev/pod-uid";
+/// The permission of the daemons' peer endpoints (hand-over, verdict, page tunnel):
+/// `create` on the subresource `nodes/handover` of the node whose daemon is called. Only
+/// the node daemons' role holds it; people and schedulers move Pods with
+/// `create pods/migrate`. (`kubectl auth can-i create nodes --subresource handover`.)
+pub const PEER_SUBRESOURCE: &str = "handover";
+
+/// The user-info extra key under which a token bound to a Pod names that Pod's node
+/// (Kubernetes 1.30+, `ServiceAccountTokenPodNodeInfo`): a daemon Pod's node identity.
+pub const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
 /// Annotations containerd's CRI plugin writes into every OCI spec it generates.
 pub mod cri {
@@ -81,6 +87,16 @@ pub const ANNOTATION_VOLUMES_ON_EVERY_NODE: &str = "podmig.dev/volumes-on-every-
 /// Target-Pod annotation set by the controller: when the move is given up (RFC 3339). The
 /// node daemons bound their waits by it (the target's create, the source's handover).
 pub const ANNOTATION_MIGRATION_DEADLINE: &str = "podmig.dev/migration-deadline";
+
+/// The `podmig.dev/*` annotations a user may put on a Pod template: options. Every other
+/// `podmig.dev/` annotation is podmig's own, and the controller never copies one from a
+/// user's object into a Pod it makes.
+pub const USER_ANNOTATIONS: &[&str] = &[ANNOTATION_VOLUMES_ON_EVERY_NODE];
+
+/// True for a `podmig.dev/*` annotation only podmig itself may set.
+pub fn is_podmig_owned(key: &str) -> bool {
+    key.starts_with(ANNOTATION_PREFIX) && !USER_ANNOTATIONS.contains(&key)
+}
 
 /// Target-Pod annotation set by the controller from the move's `strategy` (absent: `full`).
 pub const ANNOTATION_MIGRATION_STRATEGY: &str = "podmig.dev/migration-strategy";

@@ -137,6 +137,31 @@ pub struct MigratingPodStatus {
     /// The last move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_migration: Option<MigrationRecord>,
+    /// The target Pod podmig's controller made for the newest move. Node daemons act on a
+    /// migration target only when it matches this record (written through the status
+    /// subresource, which users of the MigratingPod cannot write).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub move_target: Option<MoveTarget>,
+}
+
+/// A target Pod made by podmig's controller, as recorded right after its creation: the
+/// proof a node daemon asks for before it hands over or restores any memory.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoveTarget {
+    /// The move's id (the Migration's name, or the target Pod's name for migrate-on-delete).
+    pub migration_id: String,
+    /// The Pod being moved.
+    pub source_pod: String,
+    /// Its uid.
+    pub source_pod_uid: String,
+    /// The node it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// The target Pod.
+    pub target_pod: String,
+    /// Its uid, as the API server assigned it at creation.
+    pub target_pod_uid: String,
 }
 
 /// How a move ended.

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use podmig_api::{ANNOTATION_POD_UID, ANNOTATION_PREFIX, cri};
+use podmig_api::{ANNOTATION_PREFIX, cri};
 use serde::Deserialize;
 
 use crate::{Error, Result, proto::hook::v1::ContainerIdentity};
@@ -79,11 +79,12 @@ impl Annotations {
         self.get(cri::CONTAINER_TYPE).is_some()
     }
 
-    /// Uid of the Pod: podmig's own annotation, else containerd's (1.7+), else the last
-    /// `_`-separated part of the Pod log directory kubelet names `<ns>_<name>_<uid>`.
+    /// Uid of the Pod, from what the runtime itself recorded: containerd's sandbox uid
+    /// (1.7+), else the last `_`-separated part of the Pod log directory kubelet names
+    /// `<ns>_<name>_<uid>`. Never from a Pod annotation: a Pod's creator sets those, and
+    /// could claim to be another Pod.
     pub fn pod_uid(&self) -> Option<String> {
-        self.get(ANNOTATION_POD_UID)
-            .or_else(|| self.get(cri::SANDBOX_UID))
+        self.get(cri::SANDBOX_UID)
             .map(str::to_owned)
             .or_else(|| {
                 let dir = self.get(cri::SANDBOX_LOG_DIRECTORY)?;
@@ -91,6 +92,16 @@ impl Annotations {
                 last.rsplit_once('_').map(|(_, uid)| uid.to_owned())
             })
             .filter(|uid| !uid.is_empty())
+    }
+
+    /// [`Self::pod_uid`], else that of the container's sandbox under runc root `root`
+    /// (containerd 1.6 writes the log directory into the sandbox's spec only).
+    pub fn pod_uid_in(&self, root: &Path) -> Option<String> {
+        self.pod_uid().or_else(|| {
+            let sandbox = self.get(cri::SANDBOX_ID).filter(|id| !id.contains('/'))?;
+            let (ann, _) = Self::from_runc_state(root, sandbox).ok()?;
+            ann.pod_uid()
+        })
     }
 
     /// The `podmig.dev/*` annotations.
@@ -118,7 +129,7 @@ impl Annotations {
         let s = |k| self.get(k).unwrap_or_default().to_owned();
         ContainerIdentity {
             container_id: container_id.to_owned(),
-            pod_uid: self.pod_uid().unwrap_or_default(),
+            pod_uid: self.pod_uid_in(runc_root).unwrap_or_default(),
             pod_name: s(cri::SANDBOX_NAME),
             pod_namespace: s(cri::SANDBOX_NAMESPACE),
             container_name: s(cri::CONTAINER_NAME),
@@ -138,7 +149,7 @@ pub fn find_container(root: &Path, pod_uid: &str, container: &str) -> Option<Str
         let id = e.file_name().to_string_lossy().into_owned();
         let (ann, _) = Annotations::from_runc_state(root, &id).ok()?;
         let matches = !ann.is_sandbox()
-            && ann.pod_uid().as_deref() == Some(pod_uid)
+            && ann.pod_uid_in(root).as_deref() == Some(pod_uid)
             && ann.get(cri::CONTAINER_NAME) == Some(container)
             && is_running(&root.join(&id));
         matches.then_some(id)
@@ -157,7 +168,7 @@ pub fn running_containers(root: &Path, pod_uid: &str) -> Vec<(String, String)> {
             let (ann, _) = Annotations::from_runc_state(root, &id).ok()?;
             let name = ann.get(cri::CONTAINER_NAME)?.to_owned();
             (!ann.is_sandbox()
-                && ann.pod_uid().as_deref() == Some(pod_uid)
+                && ann.pod_uid_in(root).as_deref() == Some(pod_uid)
                 && is_running(&root.join(&id)))
             .then_some((id, name))
         })
@@ -198,21 +209,41 @@ mod tests {
     }
 
     #[test]
-    fn pod_uid_prefers_podmig_annotation_then_log_directory() {
+    fn pod_uid_comes_from_the_runtime_never_from_a_pod_annotation() {
         let a = ann(&[
             (
                 cri::SANDBOX_LOG_DIRECTORY,
                 "/var/log/pods/default_web-0_1234-abcd",
             ),
-            (ANNOTATION_POD_UID, "explicit"),
+            // What a Pod's creator could write to claim another Pod's identity.
+            ("podmig.dev/pod-uid", "victim"),
         ]);
-        assert_eq!(a.pod_uid().as_deref(), Some("explicit"));
-        let a = ann(&[(
-            cri::SANDBOX_LOG_DIRECTORY,
-            "/var/log/pods/default_web-0_1234-abcd",
-        )]);
         assert_eq!(a.pod_uid().as_deref(), Some("1234-abcd"));
+        let a = ann(&[
+            (cri::SANDBOX_UID, "from-containerd"),
+            (
+                cri::SANDBOX_LOG_DIRECTORY,
+                "/var/log/pods/default_web-0_1234-abcd",
+            ),
+        ]);
+        assert_eq!(a.pod_uid().as_deref(), Some("from-containerd"));
+        assert_eq!(ann(&[("podmig.dev/pod-uid", "victim")]).pod_uid(), None);
         assert_eq!(ann(&[]).pod_uid(), None);
+    }
+
+    #[test]
+    fn a_container_without_its_own_uid_takes_its_sandboxs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("sb1")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("sb1/state.json"),
+            r#"{"config":{"labels":["io.kubernetes.cri.container-type=sandbox","io.kubernetes.cri.sandbox-log-directory=/var/log/pods/ns_p_uid-1"]}}"#,
+        )
+        .expect("write");
+        let c = ann(&[(cri::SANDBOX_ID, "sb1"), ("podmig.dev/pod-uid", "victim")]);
+        assert_eq!(c.pod_uid_in(dir.path()).as_deref(), Some("uid-1"));
+        let escape = ann(&[(cri::SANDBOX_ID, "../sb1")]);
+        assert_eq!(escape.pod_uid_in(dir.path()), None);
     }
 
     #[test]

@@ -260,6 +260,7 @@ impl Cluster {
                     name: "system:kube-scheduler".into(),
                     uid: "scheduler".into(),
                     groups: vec!["system:authenticated".into()],
+                    ..Default::default()
                 },
                 &path,
             )?;
@@ -320,6 +321,7 @@ impl Cluster {
                     name: format!("system:node:{name}"),
                     uid: name.clone(),
                     groups: vec!["system:nodes".into(), "system:authenticated".into()],
+                    ..Default::default()
                 },
                 &kc,
             )?;
@@ -416,6 +418,7 @@ impl Cluster {
             name: name.into(),
             uid: name.into(),
             groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ..Default::default()
         }))
     }
 
@@ -709,8 +712,10 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             // its own ServiceAccount): it checks callers, hands over to peers, records moves.
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
-            {"apiGroups": [""], "resources": ["pods/migrate"], "verbs": ["create"]},
-            {"apiGroups": ["podmig.dev"], "resources": ["migrations"], "verbs": ["get", "list", "create"]}]}),
+            // The peer permission (hand-over, verdict, page tunnel): node daemons only.
+            {"apiGroups": [""], "resources": ["nodes/handover"], "verbs": ["create"]},
+            {"apiGroups": ["podmig.dev"], "resources": ["migrations"], "verbs": ["get", "list", "create"]},
+            {"apiGroups": ["podmig.dev"], "resources": ["migratingpods"], "verbs": ["get"]}]}),
         ),
         (
             "rbac.authorization.k8s.io/v1",
@@ -736,6 +741,24 @@ async fn bootstrap(client: &kube::Client) -> anyhow::Result<()> {
             json!({"metadata": {"name": "system:kube-scheduler"},
             "subjects": [{"kind": "User", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}],
             "roleRef": {"kind": "ClusterRole", "name": "system:kube-scheduler", "apiGroup": "rbac.authorization.k8s.io"}}),
+        ),
+        // Every authenticated user may ask what they may do (`kubectl auth can-i`), as
+        // upstream's `system:basic-user` grants.
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            "clusterroles",
+            json!({"metadata": {"name": "system:basic-user"}, "rules": [
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["selfsubjectreviews"], "verbs": ["create"]}]}),
+        ),
+        (
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            "clusterrolebindings",
+            json!({"metadata": {"name": "system:basic-user"},
+            "subjects": [{"kind": "Group", "name": "system:authenticated", "apiGroup": "rbac.authorization.k8s.io"}],
+            "roleRef": {"kind": "ClusterRole", "name": "system:basic-user", "apiGroup": "rbac.authorization.k8s.io"}}),
         ),
         // The nodes' containerd has a `podmig` runtime handler.
         (

@@ -44,8 +44,8 @@ pub struct TestPod {
 impl TestPod {
     /// A Pod `name` with uid `uid` under the `podmig` runtime handler.
     pub fn new(name: &str, uid: &str, logs_root: &Path) -> Self {
-        let mut annotations = HashMap::new();
-        annotations.insert(podmig_api::ANNOTATION_POD_UID.to_owned(), uid.to_owned());
+        // Its uid reaches podmig the way kubelet passes it: in the log directory's name.
+        let annotations = HashMap::new();
         Self {
             name: name.into(),
             namespace: "default".into(),

@@ -342,13 +342,13 @@ impl PodWorker {
         labels.insert("io.kubernetes.pod.name".into(), name.clone());
         labels.insert("io.kubernetes.pod.namespace".into(), ns.clone());
         labels.insert("io.kubernetes.pod.uid".into(), uid.clone());
-        let mut annotations: HashMap<String, String> = m
+        // As kubelet does: the Pod's annotations as they are, nothing added.
+        let annotations: HashMap<String, String> = m
             .annotations
             .clone()
             .unwrap_or_default()
             .into_iter()
             .collect();
-        annotations.insert(podmig_api::ANNOTATION_POD_UID.into(), uid.clone());
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.clone(),

@@ -11,6 +11,7 @@ pub mod compat;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;
+pub mod daemon_api;
 pub mod demo;
 pub mod kubelet;
 pub mod kubelet_logs;

@@ -4,16 +4,22 @@
 //! mid-transfer. After each: exactly one copy ran, the count went on, nothing is left.
 
 use anyhow::Context;
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use podmig_api::{
     MIGRATE_FINALIZER,
-    nodeapi::{ApiError, MigrateResponse, MoveInfo},
+    nodeapi::{MigrateResponse, MoveInfo},
     v1alpha1::{MigratingPod, Migration, MigrationPhase},
 };
-use podmig_e2e::{cluster::Cluster, process::Proc, testapp::get_count, wait::until};
+use podmig_e2e::{
+    cluster::Cluster,
+    daemon_api::{curl, error_reason, post_migrate},
+    process::Proc,
+    testapp::get_count,
+    wait::until,
+};
 
 fn mpod_yaml(name: &str, args: &str) -> String {
     format!(
@@ -32,62 +38,6 @@ use podmig_e2e::wait::{node_of, pod_ip as ip, ready_pod as ready};
 
 fn index_of(c: &Cluster, node: &str) -> usize {
     c.nodes.iter().position(|n| n.name == node).unwrap_or(0)
-}
-
-/// `curl` to a daemon: (HTTP status, body).
-fn curl(
-    c: &Cluster,
-    node: usize,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> anyhow::Result<(u16, String)> {
-    let mut cmd = Command::new("curl");
-    cmd.args(["--noproxy", "*", "-sS", "--max-time", "120", "-X", method])
-        .arg("--cacert")
-        .arg(c.daemon_ca())
-        .args(["-w", "\n%{http_code}"]);
-    if let Some(t) = token {
-        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
-    }
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
-    }
-    cmd.arg(format!("{}{path}", c.daemon_url(node)));
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    Ok((code.trim().parse()?, body.to_owned()))
-}
-
-/// `curl -X POST <daemon of node>/migrate/{target}` with a JSON body.
-fn post_migrate(
-    c: &Cluster,
-    node: usize,
-    target: &str,
-    token: Option<&str>,
-    body: &str,
-) -> anyhow::Result<(u16, String)> {
-    curl(
-        c,
-        node,
-        "POST",
-        &format!("/migrate/{target}"),
-        token,
-        Some(body),
-    )
-}
-
-fn error_reason(body: &str) -> String {
-    serde_json::from_str::<ApiError>(body)
-        .map(|e| e.reason)
-        .unwrap_or_else(|_| format!("not a JSON error: {body}"))
 }
 
 /// Nothing is left behind: no checkpoint images on any node.
@@ -720,7 +670,7 @@ async fn the_janitor_removes_images_no_move_uses_and_reports_the_bytes_held() ->
     let leaked = c.nodes[0].daemon.checkpoint_path("gone-pod-uid", "app");
     std::fs::create_dir_all(&leaked)?;
     std::fs::write(leaked.join("pages-1.img"), vec![7u8; 1 << 20])?;
-    let status = Command::new("touch")
+    let status = std::process::Command::new("touch")
         .args(["-d", "10 minutes ago"])
         .arg(&leaked)
         .status()?;

@@ -109,6 +109,11 @@ pub fn pod_from_template(
     let name = format!("{}-{index}", mpod.name_any());
     let template = &mpod.spec.template;
     let mut meta = template.metadata.clone().unwrap_or_default();
+    // podmig's own annotations come from podmig alone: a template naming another Pod as
+    // its source would get the controller to make a thief.
+    if let Some(a) = meta.annotations.as_mut() {
+        a.retain(|k, _| !podmig_api::is_podmig_owned(k));
+    }
     meta.name = Some(name.clone());
     meta.namespace = mpod.namespace();
     meta.generate_name = None;
@@ -156,6 +161,21 @@ pub fn pod_from_template(
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The move record of a target Pod as created (uid assigned): `None` for a Pod that is
+/// no migration target. The source Pod's name is filled in by the caller.
+pub fn move_target_of(created: &Pod) -> Option<podmig_api::v1alpha1::MoveTarget> {
+    let a = created.annotations();
+    let source_uid = a.get(ANNOTATION_MIGRATE_FROM).filter(|v| !v.is_empty())?;
+    Some(podmig_api::v1alpha1::MoveTarget {
+        migration_id: a.get(ANNOTATION_MIGRATION_ID).cloned().unwrap_or_default(),
+        source_pod: String::new(),
+        source_pod_uid: source_uid.clone(),
+        source_node: a.get(ANNOTATION_SOURCE_NODE).cloned(),
+        target_pod: created.name_any(),
+        target_pod_uid: created.uid().unwrap_or_default(),
+    })
 }
 
 /// How long a move's target may stay unschedulable before the move is given up.
@@ -667,6 +687,48 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_template_cannot_name_a_source_only_podmig_sets_its_annotations() {
+        let m: MigratingPod = serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1",
+            "kind": "MigratingPod", "metadata": {"name": "thief", "namespace": "evil", "uid": "mp"},
+            "spec": {"template": {"metadata": {"annotations": {
+                ANNOTATION_MIGRATE_FROM: "victim-uid", ANNOTATION_SOURCE_NODE: "node-0",
+                ANNOTATION_MIGRATION_ID: "steal-1", "podmig.dev/migration-phase": "Restored",
+                podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE: "data", "team": "red"}},
+                "spec": {"containers": [{"name": "app"}]}}}}))
+        .expect("mpod");
+        let fresh = pod_from_template(&m, 0, None, &LocalClaims::NONE);
+        let a = fresh.annotations();
+        assert!(!a.contains_key(ANNOTATION_MIGRATE_FROM), "{a:?}");
+        assert!(!a.contains_key(ANNOTATION_SOURCE_NODE), "{a:?}");
+        assert!(!a.contains_key(ANNOTATION_MIGRATION_ID), "{a:?}");
+        assert!(!a.contains_key("podmig.dev/migration-phase"), "{a:?}");
+        assert_eq!(
+            a.get(podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE)
+                .map(String::as_str),
+            Some("data"),
+            "a user's option stays"
+        );
+        assert_eq!(a.get("team").map(String::as_str), Some("red"));
+        // A real target names its real source, whatever the template said.
+        let source = TestPod::new("thief-0").on_node("node-1").build();
+        let target = pod_from_template(&m, 1, Some(&source), &LocalClaims::NONE);
+        assert_eq!(
+            target
+                .annotations()
+                .get(ANNOTATION_MIGRATE_FROM)
+                .map(String::as_str),
+            Some("uid-thief-0")
+        );
+        assert_eq!(
+            target
+                .annotations()
+                .get(ANNOTATION_MIGRATION_ID)
+                .map(String::as_str),
+            Some("thief-1")
+        );
     }
 
     #[test]

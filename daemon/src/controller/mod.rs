@@ -83,11 +83,12 @@ where
     for action in actions {
         match action {
             Action::CreatePod(pod) => match pods.create(&PostParams::default(), &pod).await {
-                // A name collision means the Pod was created before: exactly once.
+                // A name collision means the Pod was created before: exactly once. (Its
+                // move record was written then; one never written — a crash in between —
+                // leaves a target the daemons refuse, and the move fails safe.)
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
-                other => {
-                    other?;
-                }
+                Ok(created) => record_move_target(ctx, ns, &created).await?,
+                Err(e) => return Err(e.into()),
             },
             Action::ReleaseFinalizer(name) => {
                 let Some(pod) = pods.get_opt(&name).await? else {
@@ -189,6 +190,47 @@ where
         }
     }
     Ok(())
+}
+
+/// Records a target Pod just made on its MigratingPod's status (`moveTarget`), with the
+/// uid the API server gave it: the node daemons hand over and restore memory only for
+/// the target this record names.
+async fn record_move_target(ctx: &Context, ns: &str, created: &Pod) -> Result<(), Error> {
+    let Some(record) = migratingpod::move_target_of(created) else {
+        return Ok(());
+    };
+    let Some(owner) = created
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "MigratingPod")
+        .map(|o| o.name.clone())
+    else {
+        return Ok(());
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let source_pod = pods
+        .list(&ListParams::default().labels(&format!("{LABEL_MIGRATING_POD}={owner}")))
+        .await?
+        .items
+        .into_iter()
+        .find(|p| p.uid().as_deref() == Some(record.source_pod_uid.as_str()))
+        .map(|p| p.name_any())
+        .unwrap_or_default();
+    let record = podmig_api::v1alpha1::MoveTarget {
+        source_pod,
+        ..record
+    };
+    tracing::info!(target_pod = %record.target_pod, target_uid = %record.target_pod_uid,
+        migration = %record.migration_id, "recording the move's target");
+    let mpods: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({"status": {"moveTarget": record}});
+    match mpods
+        .patch_status(&owner, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()).map_err(Error::from),
+    }
 }
 
 async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {

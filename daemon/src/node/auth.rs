@@ -22,9 +22,11 @@ const CACHE_TTL: Duration = Duration::from_secs(30);
 pub struct Attributes {
     /// `create`, `get`, `list`.
     pub verb: &'static str,
+    /// API group (`""`: the core group).
+    pub group: &'static str,
     /// `pods` or `nodes`.
     pub resource: &'static str,
-    /// `migrate`, `migrations`, `metrics`.
+    /// `migrate`, `migrations`, `metrics`, `handover`.
     pub subresource: &'static str,
     /// Namespace (empty for cluster-scoped resources).
     pub namespace: String,
@@ -46,8 +48,17 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// Who called, as the API server knows the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// User name.
+    pub name: String,
+    /// The node the caller speaks for ([`super::trust::caller_node`]), if any.
+    pub node: Option<String>,
+}
+
 /// A decision by (token digest, attributes), with when it was taken.
-type DecisionCache = HashMap<(Vec<u8>, Attributes), (Instant, Result<String, AuthError>)>;
+type DecisionCache = HashMap<(Vec<u8>, Attributes), (Instant, Result<Caller, AuthError>)>;
 
 /// Checks callers against the API server.
 pub struct Authorizer {
@@ -65,12 +76,12 @@ impl Authorizer {
         }
     }
 
-    /// The caller's user name when `token` may do `attrs`.
+    /// The caller when `token` may do `attrs`.
     pub async fn check(
         &self,
         token: Option<&str>,
         attrs: &Attributes,
-    ) -> Result<String, AuthError> {
+    ) -> Result<Caller, AuthError> {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or_else(|| AuthError::Unauthenticated("a bearer token is required".into()))?;
@@ -100,7 +111,7 @@ impl Authorizer {
         decision
     }
 
-    async fn ask(&self, token: &str, attrs: &Attributes) -> Result<String, AuthError> {
+    async fn ask(&self, token: &str, attrs: &Attributes) -> Result<Caller, AuthError> {
         let unavailable =
             |e: kube::Error| AuthError::Unavailable(format!("cannot reach the API server: {e}"));
         let review = TokenReview {
@@ -125,7 +136,11 @@ impl Authorizer {
                         .unwrap_or_else(|| "the bearer token is not valid".into()),
                 )
             })?;
-        let name = user.username.clone().unwrap_or_default();
+        let caller = Caller {
+            name: user.username.clone().unwrap_or_default(),
+            node: super::trust::caller_node(&user),
+        };
+        let name = caller.name.clone();
         let sar = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: user.username,
@@ -138,7 +153,7 @@ impl Authorizer {
                     subresource: Some(attrs.subresource.into()),
                     namespace: (!attrs.namespace.is_empty()).then(|| attrs.namespace.clone()),
                     name: (!attrs.name.is_empty()).then(|| attrs.name.clone()),
-                    group: Some(String::new()),
+                    group: Some(attrs.group.into()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -151,19 +166,26 @@ impl Authorizer {
             .map_err(unavailable)?;
         let s = decided.status.unwrap_or_default();
         if s.allowed {
-            Ok(name)
+            Ok(caller)
         } else {
             let ns = if attrs.namespace.is_empty() {
                 String::new()
             } else {
                 format!(" in namespace {:?}", attrs.namespace)
             };
+            let resource = match (attrs.group, attrs.subresource) {
+                ("", "") => attrs.resource.to_owned(),
+                ("", sub) => format!("{}/{sub}", attrs.resource),
+                (group, "") => format!("{}.{group}", attrs.resource),
+                (group, sub) => format!("{}.{group}/{sub}", attrs.resource),
+            };
             Err(AuthError::Forbidden(format!(
-                "user {name:?} cannot {} resource \"{}/{}\"{ns}{}",
+                "user {name:?} cannot {} resource \"{resource}\"{ns}{}",
                 attrs.verb,
-                attrs.resource,
-                attrs.subresource,
-                s.reason.map(|r| format!(": {r}")).unwrap_or_default()
+                s.reason
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             )))
         }
     }

@@ -45,7 +45,10 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
             .ok()
             .map(|(ann, _)| {
                 let id = ann.identity(&req.container_id, Path::new(""), &node.settings.runc_root);
-                (ann.pod_uid(), id.container_name)
+                (
+                    Some(id.pod_uid).filter(|u| !u.is_empty()),
+                    id.container_name,
+                )
             })
             .unwrap_or_default();
         let key = uid.unwrap_or_else(|| format!("container:{}", req.container_id));

@@ -37,8 +37,8 @@ use tokio::sync::oneshot;
 
 use super::{
     Node, PodUpdate,
-    auth::{Attributes, AuthError, Authorizer},
-    migration::Verdict,
+    auth::{Attributes, AuthError, Authorizer, Caller},
+    migration::{Delivered, Verdict},
     peer::{HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS, HEADER_STRATEGY, PAGES_PROTOCOL},
     podsync::{MigrateOrder, MoveError, TargetRef},
     transfer::send_images,
@@ -182,6 +182,7 @@ fn router<E: CheckpointEngine>(state: Arc<AppState<E>>) -> Router {
 fn node_attrs<E>(s: &AppState<E>, verb: &'static str, sub: &'static str) -> Attributes {
     Attributes {
         verb,
+        group: "",
         resource: "nodes",
         subresource: sub,
         namespace: String::new(),
@@ -316,14 +317,35 @@ async fn migrate<E: CheckpointEngine>(
         .as_ref()
         .map(|p| (p.namespace().unwrap_or_default(), p.name_any()))
         .unwrap_or_default();
+    // A hand-over is a peer daemon's request and needs the peer permission; anything
+    // else is a person's or a scheduler's (`create pods/migrate`).
+    let parsed: Option<MigrateRequest> = raw
+        .as_ref()
+        .ok()
+        .and_then(|r| serde_json::from_slice(r).ok());
+    if let Some(body) = parsed.filter(|b| b.handover.is_some()) {
+        let caller = s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
+        let Some(pod) = pod else {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "PodNotFound",
+                format!(
+                    "no Pod with uid {uid:?} runs on node {:?}",
+                    s.node.settings.node_name
+                ),
+            ));
+        };
+        return handover(&s, &uid, &pod, &caller, body).await;
+    }
     let attrs = Attributes {
         verb: "create",
+        group: "",
         resource: "pods",
         subresource: "migrate",
         namespace: ns.clone(),
         name: name.clone(),
     };
-    let user = s.auth.check(token.as_deref(), &attrs).await?;
+    let user = s.auth.check(token.as_deref(), &attrs).await?.name;
     let body: MigrateRequest = parse_json(&raw?)?;
     let Some(pod) = pod else {
         return Err(Failure::new(
@@ -343,7 +365,7 @@ async fn migrate<E: CheckpointEngine>(
                     .to_owned(),
             ));
         }
-        Strategy::Lazy if body.handover.is_none() => {
+        Strategy::Lazy => {
             if let Some(why) = s.node.lazy_impossible() {
                 return Err(not_migratable(format!(
                     "a lazy move is not possible: {why}; ask for lazy-or-full to fall back to full"
@@ -351,9 +373,6 @@ async fn migrate<E: CheckpointEngine>(
             }
         }
         _ => {}
-    }
-    if body.handover.is_some() {
-        return handover(&s, &uid, &pod, body).await;
     }
     check_migratable(&pod, &body.containers).map_err(not_migratable)?;
     if pod.metadata.deletion_timestamp.is_some() {
@@ -471,14 +490,134 @@ async fn migrate<E: CheckpointEngine>(
     }
 }
 
+/// What the peer endpoints (hand-over, verdict, page tunnel) require: `create` on
+/// `nodes/handover` of this node, a permission only the node daemons' role holds.
+fn peer_attrs<E>(s: &AppState<E>) -> Attributes {
+    node_attrs(s, "create", podmig_api::PEER_SUBRESOURCE)
+}
+
+fn refused(message: String) -> Failure {
+    Failure::new(StatusCode::FORBIDDEN, "Forbidden", message)
+}
+
+/// Checks a hand-over against the API server before anything freezes: the caller is
+/// the daemon of the node the target Pod is bound to, and the target is the one podmig's
+/// controller made for this move of this Pod, in this Pod's namespace.
+async fn check_handover<E: CheckpointEngine>(
+    s: &AppState<E>,
+    uid: &str,
+    pod: &Pod,
+    caller: &Caller,
+    h: &podmig_api::nodeapi::Handover,
+) -> Result<(), Failure> {
+    let Some(caller_node) = caller.node.as_deref() else {
+        return Err(refused(format!(
+            "user {:?} speaks for no node: only a node daemon takes a hand-over",
+            caller.name
+        )));
+    };
+    if h.target_node != caller_node {
+        return Err(refused(format!(
+            "node {caller_node:?} cannot take a hand-over for a target on node {:?}",
+            h.target_node
+        )));
+    }
+    let client = s.node.kube.clone().ok_or_else(|| {
+        Failure::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Unavailable",
+            "no API access to check the target",
+        )
+    })?;
+    let v = super::trust::verify(&client, &h.target_namespace, &h.target_pod)
+        .await
+        .map_err(|why| refused(format!("hand-over refused: {why}")))?;
+    let this_node = &s.node.settings.node_name;
+    let namespace = pod.namespace().unwrap_or_default();
+    let mismatch = if v.namespace != namespace {
+        Some(format!(
+            "the target is in namespace {:?}, the Pod in {namespace:?}",
+            v.namespace
+        ))
+    } else if v.source_uid != uid {
+        Some(format!(
+            "the target's move is of Pod {}, not this one",
+            v.source_uid
+        ))
+    } else if v.target_uid != h.target_pod_uid {
+        Some(format!(
+            "Pod {}/{} has uid {}, not {}",
+            v.namespace, v.target_pod, v.target_uid, h.target_pod_uid
+        ))
+    } else if v.target_node != caller_node {
+        Some(format!(
+            "the target is bound to node {:?}, the caller is node {caller_node:?}",
+            v.target_node
+        ))
+    } else if v.migration_id != h.migration_id {
+        Some(format!(
+            "the target belongs to move {:?}, not {:?}",
+            v.migration_id, h.migration_id
+        ))
+    } else if v.source_node.as_deref().is_some_and(|n| n != this_node) {
+        Some(format!(
+            "the move's source node is {:?}, this is {this_node:?}",
+            v.source_node
+        ))
+    } else {
+        None
+    };
+    match mismatch {
+        Some(why) => Err(refused(format!("hand-over refused: {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// A peer's verdict or page request on move `id`: accepted only from the node that holds
+/// the move's target (the one the hand-over went to).
+async fn check_peer_of_move<E: CheckpointEngine>(
+    s: &AppState<E>,
+    token: Option<&str>,
+    id: &str,
+) -> Result<(), Failure> {
+    let record = s
+        .node
+        .manager
+        .get(id)
+        .into_iter()
+        .find(|m| m.role == "source");
+    let caller = s.auth.check(token, &peer_attrs(s)).await?;
+    let target_node = record.and_then(|r| r.peer_node);
+    match (caller.node.as_deref(), target_node.as_deref()) {
+        // An unknown move: the handler answers what it knows of it.
+        (Some(_), None) => Ok(()),
+        (Some(c), Some(t)) if c == t => Ok(()),
+        (Some(c), Some(_)) => Err(refused(format!(
+            "node {c:?} does not hold the target of move {id:?}"
+        ))),
+        (None, _) => Err(refused(format!(
+            "user {:?} speaks for no node: only the target's daemon may answer for move {id:?}",
+            caller.name
+        ))),
+    }
+}
+
 /// A peer daemon's request: checkpoint the Pod now and stream the images in the answer.
 async fn handover<E: CheckpointEngine>(
     s: &AppState<E>,
     uid: &str,
     pod: &Pod,
+    caller: &Caller,
     body: MigrateRequest,
 ) -> Result<Response, Failure> {
-    let h = body.handover.unwrap_or_default();
+    let h = body.handover.clone().unwrap_or_default();
+    check_handover(s, uid, pod, caller, &h).await?;
+    if body.strategy == Some(Strategy::Precopy) {
+        return Err(not_migratable(
+            "strategy precopy is not possible on these kernels (no soft-dirty memory tracking)"
+                .to_owned(),
+        ));
+    }
     // A Pod being deleted is fine here: migrate-on-delete moves exactly those.
     check_migratable(pod, &body.containers).map_err(not_migratable)?;
     let hold = if h.timeout_seconds > 0 {
@@ -583,25 +722,6 @@ async fn handover<E: CheckpointEngine>(
 }
 
 /// Who may act on the source side of move `id`: whoever may migrate its Pod.
-fn source_move_attrs<E>(s: &AppState<E>, id: &str) -> Attributes {
-    let record = s
-        .node
-        .manager
-        .get(id)
-        .into_iter()
-        .find(|m| m.role == "source");
-    Attributes {
-        verb: "create",
-        resource: "pods",
-        subresource: "migrate",
-        namespace: record
-            .as_ref()
-            .map(|r| r.namespace.clone())
-            .unwrap_or_default(),
-        name: record.as_ref().map(|r| r.pod.clone()).unwrap_or_default(),
-    }
-}
-
 /// The page tunnel of a lazy move: after `101 Switching Protocols` the connection carries
 /// CRIU's page-server protocol between the target's lazy-pages daemon and this node's
 /// page server, inside the TLS channel.
@@ -611,9 +731,7 @@ async fn pages<E: CheckpointEngine>(
     mut request: Request,
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
-    s.auth
-        .check(token.as_deref(), &source_move_attrs(&s, &id))
-        .await?;
+    check_peer_of_move(&s, token.as_deref(), &id).await?;
     let server = super::lock(&s.node.page_servers)
         .get(&id)
         .cloned()
@@ -661,23 +779,51 @@ async fn complete<E: CheckpointEngine>(
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
     let raw = read_body(request.into_body()).await;
-    s.auth
-        .check(token.as_deref(), &source_move_attrs(&s, &id))
-        .await?;
+    check_peer_of_move(&s, token.as_deref(), &id).await?;
     let body: CompleteRequest = parse_json(&raw?)?;
     let verdict = if body.ok {
         Verdict::Commit
     } else {
         Verdict::Abort(body.error.unwrap_or_else(|| "the target failed".into()))
     };
-    if s.node.manager.deliver(&id, verdict) {
-        Ok(StatusCode::NO_CONTENT.into_response())
-    } else {
-        Err(Failure::new(
+    let asked = verdict.clone();
+    match s.node.manager.deliver(&id, verdict) {
+        Delivered::Now => Ok(StatusCode::NO_CONTENT.into_response()),
+        Delivered::Already(decided) => repeated_verdict(&id, &asked, &decided),
+        Delivered::Unknown => Err(Failure::new(
             StatusCode::NOT_FOUND,
             "MigrationNotFound",
             format!("no hand-over {id:?} waits for a verdict on this node"),
-        ))
+        )),
+    }
+}
+
+/// The answer to a verdict on a move already decided: the same verdict again (a retry
+/// after a lost answer, a restarted target asking again) is taken; the other one is a
+/// conflict that names what the source did.
+fn repeated_verdict(id: &str, asked: &Verdict, decided: &Verdict) -> Result<Response, Failure> {
+    match (asked, decided) {
+        (Verdict::Commit, Verdict::Commit) | (Verdict::Abort(_), Verdict::Abort(_)) => Ok((
+            StatusCode::OK,
+            axum::Json(serde_json::json!({
+                "migration": id,
+                "verdict": if *decided == Verdict::Commit { "commit" } else { "abort" },
+                "repeated": true,
+            })),
+        )
+            .into_response()),
+        (Verdict::Abort(_), Verdict::Commit) => Err(Failure::new(
+            StatusCode::CONFLICT,
+            "AlreadyCommitted",
+            format!("move {id:?} was committed before: the source is gone and will not resume"),
+        )),
+        (Verdict::Commit, Verdict::Abort(why)) => Err(Failure::new(
+            StatusCode::CONFLICT,
+            "AlreadyAborted",
+            format!(
+                "move {id:?} was aborted before ({why}): the source resumed, the target must not run"
+            ),
+        )),
     }
 }
 

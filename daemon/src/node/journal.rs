@@ -67,6 +67,10 @@ pub struct Entry {
     pub deadline_unix_ms: u64,
     /// The last step begun.
     pub step: Step,
+    /// Target: the restore is lazy (its memory comes from the source's page server, which
+    /// only this daemon's tunnel reaches).
+    #[serde(default)]
+    pub lazy: bool,
 }
 
 impl Entry {
@@ -199,6 +203,7 @@ mod tests {
             peer_node: "node-1".into(),
             deadline_unix_ms: deadline_unix_ms(Instant::now() + Duration::from_secs(60)),
             step: Step::Claimed,
+            lazy: false,
         };
         j.record(&e);
         j.advance(&mut e, Step::Dumped);

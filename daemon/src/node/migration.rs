@@ -41,6 +41,18 @@ pub enum Verdict {
     Abort(String),
 }
 
+/// What became of a verdict sent to this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// The waiting source worker has it.
+    Now,
+    /// The move was decided before (an earlier verdict, or the source's own decision at
+    /// its deadline): this is what was decided.
+    Already(Verdict),
+    /// No move of that id waits or was decided here.
+    Unknown,
+}
+
 /// A Pod already has a move in flight.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("move {0} of this Pod is already running")]
@@ -54,6 +66,9 @@ struct Inner {
     active: Vec<(Role, Instant, MoveInfo)>,
     history: VecDeque<MoveInfo>,
     verdicts: Vec<(String, Sender<Verdict>)>,
+    /// The verdicts taken, by move id, so that a repeated one (a retry after a lost
+    /// answer, a restarted target asking again) is answered by what was decided.
+    decided: VecDeque<(String, Verdict)>,
     restores: VecDeque<RestoreRecord>,
 }
 
@@ -169,21 +184,41 @@ impl Manager {
         inner.verdicts.push((id.into(), tx));
     }
 
-    /// Drops the verdict channel of move `id` (its worker stopped waiting).
-    pub fn forget_verdict(&self, id: &str) {
+    /// Drops the verdict channel of move `id`: from now on nothing more reaches its worker,
+    /// which then looks once more for a verdict that came in before deciding alone.
+    pub fn stop_waiting(&self, id: &str) {
         self.lock().verdicts.retain(|(i, _)| i != id);
     }
 
-    /// Delivers the verdict on move `id`; false when nobody waits for one.
-    pub fn deliver(&self, id: &str, verdict: Verdict) -> bool {
+    /// Drops the verdict channel of move `id` (its worker stopped waiting) and remembers
+    /// what the source did: `verdict` is final for this move.
+    pub fn settle_verdict(&self, id: &str, verdict: &Verdict) {
+        let mut inner = self.lock();
+        inner.verdicts.retain(|(i, _)| i != id);
+        remember(&mut inner.decided, id, verdict);
+    }
+
+    /// Delivers the verdict on move `id` to its waiting worker, or says what was decided
+    /// before.
+    pub fn deliver(&self, id: &str, verdict: Verdict) -> Delivered {
         let tx = {
             let mut inner = self.lock();
             let Some(at) = inner.verdicts.iter().position(|(i, _)| i == id) else {
-                return false;
+                return match inner.decided.iter().find(|(i, _)| i == id) {
+                    Some((_, v)) => Delivered::Already(v.clone()),
+                    None => Delivered::Unknown,
+                };
             };
-            inner.verdicts.remove(at).1
+            let tx = inner.verdicts.remove(at).1;
+            remember(&mut inner.decided, id, &verdict);
+            tx
         };
-        tx.send(verdict).is_ok()
+        if tx.send(verdict).is_ok() {
+            Delivered::Now
+        } else {
+            // The worker stopped waiting in between: it records its own decision.
+            Delivered::Unknown
+        }
     }
 
     /// Remembers a finished restore.
@@ -200,6 +235,11 @@ impl Manager {
             .cloned()
             .collect()
     }
+}
+
+fn remember(decided: &mut VecDeque<(String, Verdict)>, id: &str, verdict: &Verdict) {
+    decided.retain(|(i, _)| i != id);
+    push_bounded(decided, (id.to_owned(), verdict.clone()));
 }
 
 fn chrono_now() -> String {
@@ -243,8 +283,37 @@ mod tests {
         let m = Manager::default();
         let (tx, rx) = crossbeam_channel::bounded(1);
         m.await_verdict("m1", tx);
-        assert!(m.deliver("m1", Verdict::Abort("cut".into())));
+        assert_eq!(
+            m.deliver("m1", Verdict::Abort("cut".into())),
+            Delivered::Now
+        );
         assert_eq!(rx.recv().ok(), Some(Verdict::Abort("cut".into())));
-        assert!(!m.deliver("m1", Verdict::Commit), "delivered already");
+        assert_eq!(
+            m.deliver("m1", Verdict::Commit),
+            Delivered::Already(Verdict::Abort("cut".into())),
+            "a later verdict learns what was decided"
+        );
+        assert_eq!(m.deliver("m2", Verdict::Commit), Delivered::Unknown);
+    }
+
+    #[test]
+    fn a_source_that_decided_alone_answers_late_verdicts_with_its_decision() {
+        let m = Manager::default();
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        m.await_verdict("m1", tx);
+        m.settle_verdict("m1", &Verdict::Abort("deadline".into()));
+        assert_eq!(
+            m.deliver("m1", Verdict::Commit),
+            Delivered::Already(Verdict::Abort("deadline".into()))
+        );
+        let (tx, _rx) = crossbeam_channel::bounded(1);
+        m.await_verdict("m2", tx);
+        assert_eq!(m.deliver("m2", Verdict::Commit), Delivered::Now);
+        m.settle_verdict("m2", &Verdict::Commit);
+        assert_eq!(
+            m.deliver("m2", Verdict::Commit),
+            Delivered::Already(Verdict::Commit),
+            "a repeated commit is no refusal"
+        );
     }
 }

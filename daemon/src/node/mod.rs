@@ -31,6 +31,7 @@ pub mod report;
 pub mod state;
 pub mod tls;
 pub mod transfer;
+pub mod trust;
 pub mod watch;
 
 use std::{
@@ -188,6 +189,48 @@ impl<E: CheckpointEngine> Node<E> {
         if let Some(r) = &self.reporter {
             r.done(ns, pod, report);
         }
+    }
+
+    /// Records a Warning Event on Pod `ns/pod` (as `podmig-node` on this node), in the
+    /// background; nothing without API access.
+    pub(crate) fn event_on_pod(&self, ns: &str, pod: &str, reason: &'static str, note: &str) {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let Some(client) = self.kube.clone() else {
+            return;
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(ns.into()),
+            name: Some(pod.into()),
+            uid: lock(&self.pods)
+                .values()
+                .find(|p| {
+                    p.metadata.namespace.as_deref() == Some(ns)
+                        && p.metadata.name.as_deref() == Some(pod)
+                })
+                .and_then(|p| p.metadata.uid.clone()),
+            ..Default::default()
+        };
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: "podmig-node".into(),
+                instance: Some(self.settings.node_name.clone()),
+            },
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        self.rt.spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, "cannot record event");
+            }
+        });
     }
 
     /// The address other daemons reach node `name`'s daemon at (its InternalIP).

@@ -186,6 +186,9 @@ pub enum MoveError {
     NotLazy(String),
 }
 
+/// How long a target's create waits for the controller's record of it to appear.
+const TARGET_RECORD_WAIT: Duration = Duration::from_secs(10);
+
 /// Where a restore's checkpoint came from, and so who learns its outcome.
 enum Handback {
     /// An armed or stored checkpoint: delete it after success.
@@ -580,20 +583,43 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// the source's worker on this node, or from the source node's daemon — and restore it.
     fn fetch(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
         let name = c.container_name.clone();
+        // With API access, the move is what the API server records, never what the
+        // container's annotations (written by whoever made the Pod) claim.
+        let verified = match self.verify_target(&c) {
+            Ok(v) => v,
+            Err(reason) => {
+                tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
+                    %reason, "refused a migration target podmig's controller did not make");
+                self.node.metrics.moved("target", "refused");
+                self.node.event_on_pod(
+                    &c.pod_namespace,
+                    &c.pod_name,
+                    "MigrationTargetRefused",
+                    &reason,
+                );
+                let _ = reply.send(Answer::Refuse(Refuse {
+                    reason: format!("Refused: {reason}"),
+                }));
+                return;
+            }
+        };
         let ann = &c.annotations;
-        let source_uid = ann
-            .get(ANNOTATION_MIGRATE_FROM)
-            .cloned()
-            .unwrap_or_default();
-        let source_node = ann
-            .get(ANNOTATION_SOURCE_NODE)
-            .filter(|n| !n.is_empty())
-            .cloned();
-        let id = ann
-            .get(ANNOTATION_MIGRATION_ID)
-            .filter(|n| !n.is_empty())
-            .cloned()
-            .unwrap_or_else(|| self.uid.clone());
+        let (source_uid, source_node, id) = match verified {
+            Some(v) => (v.source_uid, v.source_node, v.migration_id),
+            None => (
+                ann.get(ANNOTATION_MIGRATE_FROM)
+                    .cloned()
+                    .unwrap_or_default(),
+                ann.get(ANNOTATION_SOURCE_NODE)
+                    .filter(|n| !n.is_empty())
+                    .cloned(),
+                ann.get(ANNOTATION_MIGRATION_ID)
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| self.uid.clone()),
+            ),
+        };
+        let id = if id.is_empty() { self.uid.clone() } else { id };
         let deadline = deadline_from(
             ann.get(ANNOTATION_MIGRATION_DEADLINE),
             self.node.settings.hold,
@@ -648,6 +674,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             peer_node: source_node.clone().unwrap_or_default(),
             deadline_unix_ms: journal::deadline_unix_ms(deadline),
             step: journal::Step::Receiving,
+            lazy: false,
         };
         self.node.journal.record(&entry);
         tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
@@ -734,6 +761,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 });
                 self.node
                     .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Restoring);
+                entry.lazy = a.lazy.is_some();
                 self.node
                     .journal
                     .advance(&mut entry, journal::Step::Restoring);
@@ -793,6 +821,38 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 );
             }
         }
+    }
+
+    /// The move of this target container as the API server records it (`None`: no API
+    /// access, the standalone engine). `Err`: not a target podmig's controller made, or
+    /// not one for this node.
+    fn verify_target(
+        &self,
+        c: &ContainerIdentity,
+    ) -> Result<Option<super::trust::VerifiedTarget>, String> {
+        let Some(client) = self.node.kube.clone() else {
+            return Ok(None);
+        };
+        let v = self.node.rt.block_on(super::trust::verify_within(
+            &client,
+            &c.pod_namespace,
+            &c.pod_name,
+            TARGET_RECORD_WAIT,
+        ))?;
+        let here = &self.node.settings.node_name;
+        if v.target_uid != self.uid {
+            return Err(format!(
+                "Pod {}/{} has uid {}, this container belongs to {}",
+                v.namespace, v.target_pod, v.target_uid, self.uid
+            ));
+        }
+        if !here.is_empty() && v.target_node != *here {
+            return Err(format!(
+                "Pod {}/{} is bound to node {:?}, not {here:?}",
+                v.namespace, v.target_pod, v.target_node
+            ));
+        }
+        Ok(Some(v))
     }
 
     fn fetch_local(
@@ -1093,6 +1153,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Handback::Remote { .. } => self.node.store.remove(&p.images),
             Handback::Local(_) | Handback::Group => {}
         }
+        if lazy.is_some() && result.ok {
+            // Journaled before the commit leaves: from the commit on, the source is gone
+            // and only this daemon carries the pages, so a restart of it must find
+            // `Paging` (the state is lost) and never ask the source for a second commit.
+            if let Some(e) = p.journal.as_mut() {
+                self.node.journal.advance(e, journal::Step::Paging);
+            }
+        }
         let delivered = self.hand_back(&p.handback, result.ok, &result.error);
         if result.ok
             && let Some(why) = verdict_not_taken(
@@ -1120,10 +1188,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             self.node.manager.update(Role::Target, &p.migration, |i| {
                 i.state = "Paging".into();
             });
-            let journal = p.journal.clone().map(|mut e| {
-                self.node.journal.advance(&mut e, journal::Step::Paging);
-                e
-            });
+            let journal = p.journal.clone();
             self.paging = Some(Paging {
                 container: name.clone(),
                 container_id: c.container_id.clone(),
@@ -1286,6 +1351,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 .unwrap_or_default(),
             deadline_unix_ms: journal::deadline_unix_ms(Instant::now() + left),
             step: journal::Step::Restoring,
+            lazy: false,
         };
         self.node.journal.record(&entry);
         tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
@@ -1573,6 +1639,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 peer_node: order.target.node.clone(),
                 deadline_unix_ms: deadline_ms,
                 step: journal::Step::Claimed,
+                lazy: false,
             })
             .collect();
         for e in &entries {
@@ -1652,11 +1719,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
         } else {
             match vrx.recv_deadline(order.deadline) {
                 Ok(v) => v,
-                Err(_) => self.verdict_without_answer(&order),
+                Err(_) => {
+                    // Close the door first: a verdict that got in meanwhile was answered
+                    // as taken, so it decides, not this node's own reading.
+                    self.node.manager.stop_waiting(&id);
+                    vrx.try_recv()
+                        .unwrap_or_else(|_| self.verdict_without_answer(&order))
+                }
             }
         };
         if order.remote {
-            self.node.manager.forget_verdict(&id);
+            self.node.manager.settle_verdict(&id, &verdict);
         }
         match verdict {
             Verdict::Commit => {

@@ -255,6 +255,13 @@ async fn settle_target<E: CheckpointEngine>(
         (Step::Paging, _) => Err(super::podsync::pages_lost(
             "the target's daemon restarted while the pages arrived",
         )),
+        // Not committed yet, and the pages' only way in died with the daemon: the
+        // source, still frozen with all its memory, resumes; this copy stops.
+        (Step::Restoring, Some(_)) if e.lazy => Err(
+            "the target's daemon restarted before it committed the lazy move (its page \
+             tunnel died with it); the source resumes"
+                .into(),
+        ),
         (Step::Restoring, Some(_)) if !whole => {
             Err("the daemon restarted before every container of the Pod was restored".into())
         }
@@ -391,21 +398,32 @@ async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
     let registered = node.manager.begin(Role::Source, info).is_ok();
     let (tx, rx) = crossbeam_channel::bounded(1);
     node.manager.await_verdict(&e.migration, tx);
+    let by_verdict = |v: Verdict| match v {
+        Verdict::Commit => SourceAction::Discard,
+        Verdict::Abort(_) => SourceAction::Resume,
+    };
     let action = loop {
         if let Ok(v) = rx.try_recv() {
-            break match v {
-                Verdict::Commit => SourceAction::Discard,
-                Verdict::Abort(_) => SourceAction::Resume,
-            };
+            break by_verdict(v);
         }
         let target = target_pod(&node, &e).await;
         let (phase, exists) = seen(target.as_ref());
         match decide_source(&e, None, phase, exists) {
             SourceAction::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
-            action => break action,
+            action => {
+                // A verdict taken meanwhile decides (its sender was told it was taken).
+                node.manager.stop_waiting(&e.migration);
+                break rx.try_recv().map_or(action, by_verdict);
+            }
         }
     };
-    node.manager.forget_verdict(&e.migration);
+    node.manager.settle_verdict(
+        &e.migration,
+        &match action {
+            SourceAction::Discard => Verdict::Commit,
+            _ => Verdict::Abort("the source resumed after its daemon restarted".into()),
+        },
+    );
     settle_source(&node, &e, action).await;
     if registered {
         let (outcome, error) = match action {
@@ -439,6 +457,7 @@ mod tests {
             peer_node: "n2".into(),
             deadline_unix_ms: deadline_unix_ms(Instant::now() + Duration::from_secs(secs)),
             step,
+            lazy: false,
         }
     }
 

@@ -16,6 +16,8 @@ pub struct User {
     pub uid: String,
     /// Groups.
     pub groups: Vec<String>,
+    /// Extra user info (a Pod-bound token's Pod and node, as upstream sets them).
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl User {
@@ -29,6 +31,7 @@ impl User {
                 format!("system:serviceaccounts:{ns}"),
                 "system:authenticated".into(),
             ],
+            extra: Default::default(),
         }
     }
 }
@@ -243,6 +246,7 @@ mod tests {
             name: "admin".into(),
             uid: "a".into(),
             groups: vec!["system:masters".into()],
+            ..Default::default()
         };
         assert!(authorize(&api, &admin, &attrs("delete", "nodes", "", "")).0);
     }

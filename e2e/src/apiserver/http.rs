@@ -244,6 +244,71 @@ fn parse_body(body: &Bytes) -> ApiResult<Value> {
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
+/// The user a request acts as: with `Impersonate-User` (and `Impersonate-Group`), the
+/// named user, if the caller may `impersonate` them (as kube-apiserver decides it);
+/// otherwise the caller.
+fn impersonated(api: &Api, caller: User, headers: &HeaderMap) -> ApiResult<User> {
+    let Some(name) = headers
+        .get("impersonate-user")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(caller);
+    };
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    let may = |resource: &str, name: &str, namespace: &str| {
+        let a = Attributes {
+            verb: "impersonate".into(),
+            resource: resource.into(),
+            name: name.into(),
+            namespace: namespace.into(),
+            ..Default::default()
+        };
+        auth::authorize(api, &caller, &a).0
+    };
+    let sa = name
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|r| r.split_once(':'));
+    let allowed = match sa {
+        Some((ns, sa_name)) => may("serviceaccounts", sa_name, ns),
+        None => may("users", name, ""),
+    };
+    let forbidden = |what: &str, who: &str| {
+        ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{what} \"{who}\" is forbidden: User \"{}\" cannot impersonate resource \"{what}\" in API group \"\" at the cluster scope",
+                caller.name
+            ),
+        )
+    };
+    if !allowed {
+        return Err(forbidden("users", name));
+    }
+    if let Some(g) = groups.iter().find(|g| !may("groups", g, "")) {
+        return Err(forbidden("groups", g));
+    }
+    let mut user = match sa {
+        // A ServiceAccount's groups, as its own token would carry them.
+        Some((ns, sa_name)) if groups.is_empty() => User::service_account(ns, sa_name, ""),
+        _ => User {
+            name: name.to_owned(),
+            uid: String::new(),
+            groups,
+            ..Default::default()
+        },
+    };
+    if !user.groups.iter().any(|g| g == "system:authenticated") {
+        user.groups.push("system:authenticated".into());
+    }
+    Ok(user)
+}
+
 /// The single handler behind every path.
 pub async fn handle(
     State(st): State<Arc<ServerState>>,
@@ -269,6 +334,10 @@ pub async fn handle(
     }
     let Some(user) = bearer(&headers).and_then(|t| st.tokens.authenticate(t)) else {
         return error(&ApiError::new(401, "Unauthorized", "Unauthorized"));
+    };
+    let user = match impersonated(&st.api, user, &headers) {
+        Ok(u) => u,
+        Err(e) => return error(&e),
     };
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let discovery = matches!(
@@ -763,7 +832,7 @@ async fn create(
             let token = obj["spec"]["token"].as_str().unwrap_or_default();
             let status = match st.tokens.authenticate(token) {
                 Some(u) => {
-                    json!({"authenticated": true, "user": {"username": u.name, "uid": u.uid, "groups": u.groups}, "audiences": obj["spec"]["audiences"]})
+                    json!({"authenticated": true, "user": {"username": u.name, "uid": u.uid, "groups": u.groups, "extra": u.extra}, "audiences": obj["spec"]["audiences"]})
                 }
                 None => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
@@ -789,6 +858,7 @@ async fn create(
                     name: spec["user"].as_str().unwrap_or_default().to_owned(),
                     uid: spec["uid"].as_str().unwrap_or_default().to_owned(),
                     groups,
+                    ..Default::default()
                 }
             };
             let r = &spec["resourceAttributes"];
@@ -836,11 +906,38 @@ async fn create(
         }
         ("serviceaccounts", "token") => {
             let sa = api.get(def, &t.namespace, &t.name)?;
-            let u = User::service_account(
+            let mut u = User::service_account(
                 &t.namespace,
                 &t.name,
                 sa["metadata"]["uid"].as_str().unwrap_or_default(),
             );
+            // A token bound to a Pod names the Pod and its node in the user's extra info
+            // (upstream 1.30+, ServiceAccountTokenPodNodeInfo).
+            let bound = &obj["spec"]["boundObjectRef"];
+            if bound["kind"] == "Pod"
+                && let Some(pods) = api.resource("", "v1", "pods")
+                && let Ok(pod) = api.get(
+                    &pods,
+                    &t.namespace,
+                    bound["name"].as_str().unwrap_or_default(),
+                )
+            {
+                let s = |v: &Value| vec![v.as_str().unwrap_or_default().to_owned()];
+                u.extra.insert(
+                    "authentication.kubernetes.io/pod-name".into(),
+                    s(&pod["metadata"]["name"]),
+                );
+                u.extra.insert(
+                    "authentication.kubernetes.io/pod-uid".into(),
+                    s(&pod["metadata"]["uid"]),
+                );
+                if pod["spec"]["nodeName"].is_string() {
+                    u.extra.insert(
+                        podmig_api::EXTRA_NODE_NAME.into(),
+                        s(&pod["spec"]["nodeName"]),
+                    );
+                }
+            }
             let token = st.tokens.issue(u);
             let exp = (chrono::Utc::now() + chrono::Duration::hours(1))
                 .format("%Y-%m-%dT%H:%M:%SZ")

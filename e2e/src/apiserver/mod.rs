@@ -92,6 +92,7 @@ impl ApiServer {
                 name: "kubernetes-admin".into(),
                 uid: "admin".into(),
                 groups: vec!["system:masters".into(), "system:authenticated".into()],
+                ..Default::default()
             },
         );
         let kubelet = Arc::new(std::sync::OnceLock::new());

@@ -2,7 +2,9 @@
 //! Helm keeps its releases in Secrets (or ConfigMaps) through a typed client that sends
 //! `application/vnd.kubernetes.protobuf`. A body is the magic `k8s\0` followed by a
 //! `runtime.Unknown` envelope whose `raw` holds the object; it is turned into the JSON
-//! object the rest of the server works with. Other kinds still get 415.
+//! object the rest of the server works with. Read so: Secrets, ConfigMaps, DeleteOptions,
+//! Namespaces, ServiceAccounts and SelfSubjectAccessReviews (`kubectl create namespace`,
+//! `kubectl auth can-i`); other kinds still get 415.
 
 use std::collections::BTreeMap;
 
@@ -102,6 +104,62 @@ struct DeleteOptions {
     dry_run: Vec<String>,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+struct Namespace {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ServiceAccount {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(bool, optional, tag = "3")]
+    automount_service_account_token: Option<bool>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceAttributes {
+    #[prost(string, tag = "1")]
+    namespace: String,
+    #[prost(string, tag = "2")]
+    verb: String,
+    #[prost(string, tag = "3")]
+    group: String,
+    #[prost(string, tag = "4")]
+    version: String,
+    #[prost(string, tag = "5")]
+    resource: String,
+    #[prost(string, tag = "6")]
+    subresource: String,
+    #[prost(string, tag = "7")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NonResourceAttributes {
+    #[prost(string, tag = "1")]
+    path: String,
+    #[prost(string, tag = "2")]
+    verb: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SelfSubjectAccessReviewSpec {
+    #[prost(message, optional, tag = "1")]
+    resource_attributes: Option<ResourceAttributes>,
+    #[prost(message, optional, tag = "2")]
+    non_resource_attributes: Option<NonResourceAttributes>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SelfSubjectAccessReview {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<SelfSubjectAccessReviewSpec>,
+}
+
 fn metadata(m: Option<ObjectMeta>) -> Value {
     let m = m.unwrap_or_default();
     let mut out = serde_json::Map::new();
@@ -184,6 +242,33 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             o
         }
+        ("v1", "Namespace") => {
+            let n = <Namespace as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            json!({"metadata": metadata(n.metadata)})
+        }
+        ("v1", "ServiceAccount") => {
+            let sa = <ServiceAccount as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let mut o = json!({"metadata": metadata(sa.metadata)});
+            if let Some(a) = sa.automount_service_account_token {
+                o["automountServiceAccountToken"] = json!(a);
+            }
+            o
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            let r = <SelfSubjectAccessReview as prost::Message>::decode(raw)
+                .map_err(|e| e.to_string())?;
+            let spec = r.spec.unwrap_or_default();
+            let mut o = json!({"metadata": metadata(r.metadata), "spec": {}});
+            if let Some(a) = spec.resource_attributes {
+                o["spec"]["resourceAttributes"] = json!({"namespace": a.namespace, "verb": a.verb,
+                    "group": a.group, "version": a.version, "resource": a.resource,
+                    "subresource": a.subresource, "name": a.name});
+            }
+            if let Some(n) = spec.non_resource_attributes {
+                o["spec"]["nonResourceAttributes"] = json!({"path": n.path, "verb": n.verb});
+            }
+            o
+        }
         (v, k) => return Err(format!("{v} {k} is not accepted in protobuf here")),
     };
     obj["apiVersion"] = json!(tm.api_version);
@@ -225,5 +310,56 @@ mod tests {
         assert_eq!(obj["type"], "helm.sh/release.v1");
         assert_eq!(obj["data"]["release"], "SDRzSQ==");
         assert!(decode(b"{}").is_err());
+    }
+
+    fn wrap(api_version: &str, kind: &str, raw: Vec<u8>) -> Vec<u8> {
+        let unknown = Unknown {
+            type_meta: Some(TypeMeta {
+                api_version: api_version.into(),
+                kind: kind.into(),
+            }),
+            raw,
+            ..Default::default()
+        };
+        let mut body = MAGIC.to_vec();
+        body.extend(prost::Message::encode_to_vec(&unknown));
+        body
+    }
+
+    #[test]
+    fn kubectl_auth_can_i_and_create_namespace_read_as_their_json() {
+        let ssar = SelfSubjectAccessReview {
+            spec: Some(SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: "default".into(),
+                    verb: "create".into(),
+                    resource: "pods".into(),
+                    subresource: "migrate".into(),
+                    ..Default::default()
+                }),
+                non_resource_attributes: None,
+            }),
+            ..Default::default()
+        };
+        let obj = decode(&wrap(
+            "authorization.k8s.io/v1",
+            "SelfSubjectAccessReview",
+            prost::Message::encode_to_vec(&ssar),
+        ))
+        .expect("ssar");
+        assert_eq!(obj["spec"]["resourceAttributes"]["subresource"], "migrate");
+        assert_eq!(obj["spec"]["resourceAttributes"]["verb"], "create");
+        let ns = Namespace {
+            metadata: Some(ObjectMeta {
+                name: "evil".into(),
+                ..Default::default()
+            }),
+        };
+        let obj = decode(&wrap("v1", "Namespace", prost::Message::encode_to_vec(&ns)))
+            .expect("namespace");
+        assert_eq!(
+            (obj["kind"].as_str(), obj["metadata"]["name"].as_str()),
+            (Some("Namespace"), Some("evil"))
+        );
     }
 }

@@ -1,0 +1,65 @@
+//! The node daemons' HTTP API as `curl` reaches it from a test: status and body of a
+//! request to one node's daemon, verified against the daemons' CA.
+
+use std::process::Command;
+
+use podmig_api::nodeapi::ApiError;
+
+use crate::cluster::Cluster;
+
+/// `curl` to a daemon: (HTTP status, body).
+pub fn curl(
+    c: &Cluster,
+    node: usize,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["--noproxy", "*", "-sS", "--max-time", "120", "-X", method])
+        .arg("--cacert")
+        .arg(c.daemon_ca())
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        cmd.arg("-H").arg(format!("Authorization: Bearer {t}"));
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data", b]);
+    }
+    cmd.arg(format!("{}{path}", c.daemon_url(node)));
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse()?, body.to_owned()))
+}
+
+/// `curl -X POST <daemon of node>/migrate/{target}` with a JSON body.
+pub fn post_migrate(
+    c: &Cluster,
+    node: usize,
+    target: &str,
+    token: Option<&str>,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
+    curl(
+        c,
+        node,
+        "POST",
+        &format!("/migrate/{target}"),
+        token,
+        Some(body),
+    )
+}
+
+/// The `reason` of a daemon's JSON error body (or what the body was instead).
+pub fn error_reason(body: &str) -> String {
+    serde_json::from_str::<ApiError>(body)
+        .map(|e| e.reason)
+        .unwrap_or_else(|_| format!("not a JSON error: {body}"))
+}
