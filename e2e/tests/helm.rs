@@ -356,6 +356,50 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         "{text}\ndenied: {:?}",
         api.denials()
     );
+    // The migrator may ask for moves, never act as a peer daemon: its hand-over and its
+    // verdict are refused; only the node daemons' ServiceAccount holds nodes/handover.
+    let source = podmig_e2e::daemon_api::curl(
+        &c,
+        node,
+        "POST",
+        &format!("/migrate/{uid}"),
+        Some(&bob),
+        Some(&format!(
+            "{{\"handover\": {{\"migrationId\": \"x\", \"targetNamespace\": \"default\", \"targetPod\": \"rbac-1\", \"targetPodUid\": \"{uid}\", \"targetNode\": \"{from}\"}}}}"
+        )),
+    )?;
+    assert_eq!(source.0, 403, "{source:?}");
+    let verdict = podmig_e2e::daemon_api::curl(
+        &c,
+        node,
+        "POST",
+        "/migrations/x/complete",
+        Some(&bob),
+        Some("{\"ok\": true}"),
+    )?;
+    assert_eq!(verdict.0, 403, "{verdict:?}");
+    // `kubectl auth can-i` answers on stdout (and exits 1 for "no").
+    let can_i = |who: &str| -> anyhow::Result<String> {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(c.kubeconfig())
+            .args([
+                "auth",
+                "can-i",
+                "create",
+                "nodes",
+                "--subresource",
+                "handover",
+            ])
+            .args(["--as", who])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    assert_eq!(
+        can_i("system:serviceaccount:podmig-system:podmig-node")?,
+        "yes"
+    );
+    assert_eq!(can_i("bob")?, "no");
 
     // A Pod whose claim is bound to a local PersistentVolume is refused before anything
     // freezes, naming the claim and the volume, and keeps running.

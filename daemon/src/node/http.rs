@@ -151,11 +151,16 @@ pub async fn serve<E: CheckpointEngine>(
             path: listen.to_string().into(),
             source,
         })?;
-    let server = axum_server::from_tcp_rustls(listener, tls)
+    // TCP_NODELAY on every accepted connection: the verdict and CRIU's page requests
+    // through the page tunnel are small messages that Nagle would hold back.
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .acceptor(axum_server::accept::NoDelayAcceptor::new());
+    let server = axum_server::from_tcp(listener)
         .map_err(|source| crate::Error::Listen {
             path: listen.to_string().into(),
             source,
         })?
+        .acceptor(acceptor)
         .handle(handle.clone());
     tokio::spawn(async move {
         if let Err(error) = server.serve(app.into_make_service()).await {
@@ -751,6 +756,7 @@ async fn pages<E: CheckpointEngine>(
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+            tcp.set_nodelay(true).map_err(|e| e.to_string())?;
             let mut tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
             let mut io = hyper_util::rt::TokioIo::new(upgraded);
             tokio::io::copy_bidirectional(&mut io, &mut tcp)
@@ -856,6 +862,31 @@ mod tests {
         assert!(e.contains("Pending"), "{e}");
         let e = check_migratable(&pod(json!({})), &["db".into()]).expect_err("container");
         assert!(e.contains("\"db\""), "{e}");
+    }
+
+    #[test]
+    fn a_repeated_verdict_is_taken_and_a_contrary_one_names_what_was_decided() {
+        let r = repeated_verdict("m", &Verdict::Commit, &Verdict::Commit).expect("taken");
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = repeated_verdict(
+            "m",
+            &Verdict::Abort("x".into()),
+            &Verdict::Abort("y".into()),
+        )
+        .expect("taken");
+        assert_eq!(r.status(), StatusCode::OK);
+        let e = repeated_verdict("m", &Verdict::Commit, &Verdict::Abort("deadline".into()))
+            .expect_err("conflict");
+        assert_eq!(
+            (e.status, e.reason, e.message.contains("deadline")),
+            (StatusCode::CONFLICT, "AlreadyAborted", true)
+        );
+        let e = repeated_verdict("m", &Verdict::Abort("x".into()), &Verdict::Commit)
+            .expect_err("conflict");
+        assert_eq!(
+            (e.status, e.reason),
+            (StatusCode::CONFLICT, "AlreadyCommitted")
+        );
     }
 
     #[test]

@@ -152,11 +152,16 @@ impl PeerClient {
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // TCP_NODELAY: verdicts and the page tunnel's small requests must not wait for
+        // Nagle's algorithm.
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
             token: Arc::new(token),
@@ -345,6 +350,7 @@ impl PeerClient {
                 secs: limit.as_secs(),
             })?
             .map_err(|e| transport(&e))?;
+        conn.set_nodelay(true).map_err(|e| transport(&e))?;
         let (mut lazy_rx, mut lazy_tx) = conn.into_split();
         let (mut source_rx, mut source_tx) =
             tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));

@@ -240,6 +240,45 @@ pub fn whole_move(
     })
 }
 
+/// What becomes of a target container after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAction {
+    /// It runs and may stay (a same-node move: the source's side was settled here).
+    Keep,
+    /// It runs; the source must take the commit (again: a repeated commit is answered
+    /// by what was decided) or it stops.
+    AskSource,
+    /// It must stop (or never start), for this reason.
+    Stop(String),
+}
+
+/// The decision for a target entry from its journaled step, whether its container
+/// runs, whether every container of its Pod was restored, and whether the source is on
+/// this node. A lazy move's memory arrives only through the dead daemon's tunnel: at
+/// `Paging` (journaled before the commit left) the state is lost; before it, nothing
+/// was committed and the source resumes.
+pub fn decide_target(e: &Entry, runs: bool, whole: bool, same_node: bool) -> TargetAction {
+    match (e.step, runs) {
+        (Step::Paging, _) => TargetAction::Stop(super::podsync::pages_lost(
+            "the target's daemon restarted while the pages arrived",
+        )),
+        (Step::Restoring, true) if e.lazy => TargetAction::Stop(
+            "the target's daemon restarted before it committed the lazy move (its page \
+             tunnel died with it); the source resumes"
+                .into(),
+        ),
+        (Step::Restoring, true) if !whole => TargetAction::Stop(
+            "the daemon restarted before every container of the Pod was restored".into(),
+        ),
+        (Step::Restoring, true) if same_node => TargetAction::Keep,
+        (Step::Restoring, true) => TargetAction::AskSource,
+        (Step::Restoring, false) => {
+            TargetAction::Stop("the restore did not leave a running container".into())
+        }
+        _ => TargetAction::Stop("the target daemon restarted while the images arrived".into()),
+    }
+}
+
 /// A target entry: returns whether the restored copy runs (and may stay). `whole`: every
 /// container of its Pod was restored (else none may stay).
 /// `verdicts` holds the source's answer per move: it is asked once for all containers.
@@ -251,34 +290,18 @@ async fn settle_target<E: CheckpointEngine>(
 ) -> bool {
     let running = find_container(&node.settings.runc_root, &e.pod_uid, &e.container);
     let own_images = e.images.starts_with(node.store.root().join(&e.pod_uid));
-    let outcome: Result<(), String> = match (e.step, &running) {
-        (Step::Paging, _) => Err(super::podsync::pages_lost(
-            "the target's daemon restarted while the pages arrived",
-        )),
-        // Not committed yet, and the pages' only way in died with the daemon: the
-        // source, still frozen with all its memory, resumes; this copy stops.
-        (Step::Restoring, Some(_)) if e.lazy => Err(
-            "the target's daemon restarted before it committed the lazy move (its page \
-             tunnel died with it); the source resumes"
-                .into(),
-        ),
-        (Step::Restoring, Some(_)) if !whole => {
-            Err("the daemon restarted before every container of the Pod was restored".into())
-        }
-        (Step::Restoring, Some(_)) => {
-            let same_node = e.peer_node.is_empty() || e.peer_node == node.settings.node_name;
-            if same_node {
-                Ok(())
-            } else if let Some(v) = verdicts.get(&e.migration) {
-                v.clone()
-            } else {
+    let same_node = e.peer_node.is_empty() || e.peer_node == node.settings.node_name;
+    let outcome = match decide_target(e, running.is_some(), whole, same_node) {
+        TargetAction::Keep => Ok(()),
+        TargetAction::Stop(why) => Err(why),
+        TargetAction::AskSource => match verdicts.get(&e.migration) {
+            Some(v) => v.clone(),
+            None => {
                 let v = confirm_with_source(node, e).await;
                 verdicts.insert(e.migration.clone(), v.clone());
                 v
             }
-        }
-        (Step::Restoring, None) => Err("the restore did not leave a running container".into()),
-        _ => Err("the target daemon restarted while the images arrived".into()),
+        },
     };
     if own_images {
         node.store.remove(&e.images);
@@ -443,6 +466,37 @@ mod tests {
     use super::*;
     use crate::node::journal::deadline_unix_ms;
     use std::time::Instant;
+
+    #[test]
+    fn a_restarted_lazy_target_never_asks_for_a_second_commit() {
+        let mut e = entry(Step::Restoring, 60);
+        e.side = Side::Target;
+        assert_eq!(
+            decide_target(&e, true, true, false),
+            TargetAction::AskSource
+        );
+        e.lazy = true;
+        let TargetAction::Stop(why) = decide_target(&e, true, true, false) else {
+            panic!("a lazy target that had not committed must stop");
+        };
+        assert!(why.contains("the source resumes"), "{why}");
+        e.step = Step::Paging;
+        let TargetAction::Stop(why) = decide_target(&e, true, true, false) else {
+            panic!("a committed lazy target lost its pages");
+        };
+        assert!(why.contains("in-memory state is lost"), "{why}");
+        e.lazy = false;
+        e.step = Step::Restoring;
+        assert_eq!(decide_target(&e, true, true, true), TargetAction::Keep);
+        assert!(matches!(
+            decide_target(&e, true, false, false),
+            TargetAction::Stop(_)
+        ));
+        assert!(matches!(
+            decide_target(&e, false, true, false),
+            TargetAction::Stop(_)
+        ));
+    }
 
     fn entry(step: Step, secs: u64) -> Entry {
         Entry {
