@@ -70,16 +70,22 @@ pub struct Context {
 /// How often objects are looked at again when nothing happens (timeouts, give-ups).
 const REQUEUE: Duration = Duration::from_secs(2);
 
+/// A target Pod just made, to be recorded on its MigratingPod's status.
+type Recorded = (String, podmig_api::v1alpha1::MoveTarget);
+
+/// Carries out `actions`; returns the move targets it created, for the caller to record
+/// ([`record_move_targets`], or in its own status write when it reconciles their owner).
 async fn apply_actions<K>(
     ctx: &Context,
     ns: &str,
     obj: &K,
     actions: Vec<Action>,
-) -> Result<(), Error>
+) -> Result<Vec<Recorded>, Error>
 where
     K: Resource<DynamicType = ()>,
 {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let mut recorded = Vec::new();
     for action in actions {
         match action {
             Action::CreatePod(pod) => match pods.create(&PostParams::default(), &pod).await {
@@ -87,7 +93,7 @@ where
                 // move record was written then; one never written — a crash in between —
                 // leaves a target the daemons refuse, and the move fails safe.)
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Ok(created) => record_move_target(ctx, ns, &created).await?,
+                Ok(created) => recorded.extend(move_target(ctx, ns, &created).await?),
                 Err(e) => return Err(e.into()),
             },
             Action::ReleaseFinalizer(name) => {
@@ -189,15 +195,14 @@ where
             }
         }
     }
-    Ok(())
+    Ok(recorded)
 }
 
-/// Records a target Pod just made on its MigratingPod's status (`moveTarget`), with the
-/// uid the API server gave it: the node daemons hand over and restore memory only for
-/// the target this record names.
-async fn record_move_target(ctx: &Context, ns: &str, created: &Pod) -> Result<(), Error> {
+/// The move record of a target Pod just made, with the uid the API server gave it, and
+/// its MigratingPod's name (`None`: not a migration target).
+async fn move_target(ctx: &Context, ns: &str, created: &Pod) -> Result<Option<Recorded>, Error> {
     let Some(record) = migratingpod::move_target_of(created) else {
-        return Ok(());
+        return Ok(None);
     };
     let Some(owner) = created
         .owner_references()
@@ -205,7 +210,7 @@ async fn record_move_target(ctx: &Context, ns: &str, created: &Pod) -> Result<()
         .find(|o| o.controller == Some(true) && o.kind == "MigratingPod")
         .map(|o| o.name.clone())
     else {
-        return Ok(());
+        return Ok(None);
     };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let source_pod = pods
@@ -221,16 +226,32 @@ async fn record_move_target(ctx: &Context, ns: &str, created: &Pod) -> Result<()
         ..record
     };
     tracing::info!(target_pod = %record.target_pod, target_uid = %record.target_pod_uid,
-        migration = %record.migration_id, "recording the move's target");
+        migration = %record.migration_id, "a move's target made");
+    Ok(Some((owner, record)))
+}
+
+/// Records targets just made on their MigratingPods' status (`moveTarget`): the node
+/// daemons hand over and restore memory only for the target this record names. A merge
+/// of that one field, so no other writer's status is overwritten.
+async fn record_move_targets(
+    ctx: &Context,
+    ns: &str,
+    recorded: Vec<Recorded>,
+) -> Result<(), Error> {
     let mpods: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
-    let patch = serde_json::json!({"status": {"moveTarget": record}});
-    match mpods
-        .patch_status(&owner, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other.map(|_| ()).map_err(Error::from),
+    for (owner, record) in recorded {
+        let patch = serde_json::json!({"status": {"moveTarget": record}});
+        match mpods
+            .patch_status(&owner, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            other => {
+                other?;
+            }
+        }
     }
+    Ok(())
 }
 
 async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
@@ -286,12 +307,26 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
         tracing::info!(actions = ?decision.actions.iter().map(short).collect::<Vec<_>>(), "reconciling");
     }
     let (events, effects) = split_events(decision.actions);
-    apply_actions(ctx, ns, m, effects).await?;
-    if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&decision.status) {
+    let recorded = apply_actions(ctx, ns, m, effects).await?;
+    let mut status = decision.status;
+    // A target of this MigratingPod is recorded in the same write as the rest of its
+    // status (the index of the Pod just made with it).
+    let (own, others): (Vec<_>, Vec<_>) = recorded
+        .into_iter()
+        .partition(|(owner, _)| *owner == m.name_any());
+    if let Some((_, r)) = own.last() {
+        status.move_target = Some(r.clone());
+    }
+    record_move_targets(ctx, ns, others).await?;
+    if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&status) {
         let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
-        if !patch_status_from(&api, m, serde_json::json!(decision.status)).await? {
+        if !patch_status_from(&api, m, serde_json::json!(status)).await? {
+            // Changed meanwhile: the record must not be lost with this write.
+            record_move_targets(ctx, ns, own).await?;
             return Ok(Requeue::requeue(Duration::from_millis(200)));
         }
+    } else if m.metadata.deletion_timestamp.is_some() {
+        record_move_targets(ctx, ns, own).await?;
     }
     apply_actions(ctx, ns, m, events).await?;
     Ok(Requeue::requeue(REQUEUE))
@@ -418,7 +453,8 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         && m.status.as_ref().and_then(|s| s.phase) != Some(MigrationPhase::Scheduling);
     let mut effects = Some(effects);
     if !record_first {
-        apply_actions(&ctx, &ns, m.as_ref(), effects.take().unwrap_or_default()).await?;
+        let made = apply_actions(&ctx, &ns, m.as_ref(), effects.take().unwrap_or_default()).await?;
+        record_move_targets(&ctx, &ns, made).await?;
     }
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
@@ -427,7 +463,8 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         }
     }
     if let Some(effects) = effects {
-        apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
+        let made = apply_actions(&ctx, &ns, m.as_ref(), effects).await?;
+        record_move_targets(&ctx, &ns, made).await?;
     }
     apply_actions(&ctx, &ns, m.as_ref(), events).await?;
     // Watches of the Pods drive progress; this only bounds how late a timeout is seen.
