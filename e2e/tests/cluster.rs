@@ -556,7 +556,8 @@ fn cluster_cli_up_then_down_after_a_crash_leaves_nothing() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_create_is_retried_under_a_new_attempt_number() -> anyhow::Result<()> {
     let c = cluster(1).await?;
-    // A migration target whose source exists nowhere: the runtime refuses every create.
+    // A Pod claiming to be a migration target that no controller made: the runtime
+    // refuses every create.
     apply(
         &c,
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: orphan\n  annotations: {podmig.dev/migrate-from: no-such-uid}\nspec:\n  runtimeClassName: podmig\n  containers:\n  - {name: app, image: podmig.local/testapp:latest}\n",
@@ -577,8 +578,9 @@ async fn a_refused_create_is_retried_under_a_new_attempt_number() -> anyhow::Res
         !messages.contains("reserved"),
         "a retry reused the name of the refused container: {messages}"
     );
+    // The reason podmig's daemon gave: no controller made this target.
     assert!(
-        messages.contains("checkpoint"),
+        messages.contains("Refused") && messages.contains("no MigratingPod controls it"),
         "the runtime's reason: {messages}"
     );
     Ok(())

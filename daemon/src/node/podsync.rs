@@ -833,12 +833,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let Some(client) = self.node.kube.clone() else {
             return Ok(None);
         };
-        let v = self.node.rt.block_on(super::trust::verify_within(
-            &client,
-            &c.pod_namespace,
-            &c.pod_name,
-            TARGET_RECORD_WAIT,
-        ))?;
+        let v = self
+            .node
+            .rt
+            .block_on(super::trust::verify_within(
+                &client,
+                &c.pod_namespace,
+                &c.pod_name,
+                TARGET_RECORD_WAIT,
+            ))
+            .map_err(|e| e.to_string())?;
         let here = &self.node.settings.node_name;
         if v.target_uid != self.uid {
             return Err(format!(

@@ -38,24 +38,43 @@ pub struct VerifiedTarget {
     pub source_node: Option<String>,
 }
 
+/// Why a target is not (yet) verified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unverified {
+    /// Its MigratingPod records another move or none: the controller writes the record
+    /// right after it creates the Pod, so this may still change.
+    #[error("{0}")]
+    NotRecorded(String),
+    /// It can never be a target podmig made (no owner, another namespace, unreadable).
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Whether `target` is a target podmig's controller made, judged from the Pod and the
 /// MigratingPod its controller owner reference names (`None`: not found). `Err` says
 /// what does not match, for the refusal.
-pub fn check_target(target: &Pod, owner: Option<&MigratingPod>) -> Result<VerifiedTarget, String> {
+pub fn check_target(
+    target: &Pod,
+    owner: Option<&MigratingPod>,
+) -> Result<VerifiedTarget, Unverified> {
     let name = target.name_any();
     let namespace = target.namespace().unwrap_or_default();
     let a = target.annotations();
     let source_uid = a
         .get(ANNOTATION_MIGRATE_FROM)
         .filter(|v| !v.is_empty())
-        .ok_or_else(|| format!("Pod {namespace}/{name} is not a migration target"))?;
+        .ok_or_else(|| {
+            Unverified::Refused(format!("Pod {namespace}/{name} is not a migration target"))
+        })?;
     let migration_id = a.get(ANNOTATION_MIGRATION_ID).cloned().unwrap_or_default();
     let owner_ref = target
         .owner_references()
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "MigratingPod")
         .ok_or_else(|| {
-            format!("Pod {namespace}/{name} names a source but no MigratingPod controls it")
+            Unverified::Refused(format!(
+                "Pod {namespace}/{name} names a source but no MigratingPod controls it"
+            ))
         })?;
     let owner = owner
         .filter(|m| {
@@ -64,20 +83,20 @@ pub fn check_target(target: &Pod, owner: Option<&MigratingPod>) -> Result<Verifi
                 && m.namespace().as_deref() == Some(namespace.as_str())
         })
         .ok_or_else(|| {
-            format!(
+            Unverified::Refused(format!(
                 "the MigratingPod {namespace}/{} that Pod {name} names as its controller does not exist",
                 owner_ref.name
-            )
+            ))
         })?;
     let record = owner
         .status
         .as_ref()
         .and_then(|s| s.move_target.as_ref())
         .ok_or_else(|| {
-            format!(
+            Unverified::NotRecorded(format!(
                 "MigratingPod {namespace}/{} records no move: podmig's controller did not make Pod {name}",
                 owner.name_any()
-            )
+            ))
         })?;
     let uid = target.uid().unwrap_or_default();
     let matches = record.target_pod == name
@@ -86,7 +105,7 @@ pub fn check_target(target: &Pod, owner: Option<&MigratingPod>) -> Result<Verifi
         && record.migration_id == migration_id
         && record.source_node.as_deref() == a.get(ANNOTATION_SOURCE_NODE).map(String::as_str);
     if !matches {
-        return Err(format!(
+        return Err(Unverified::NotRecorded(format!(
             "Pod {namespace}/{name} (uid {uid}, move {migration_id:?}, source {source_uid}) is not \
              the target MigratingPod {} records (Pod {} uid {}, move {:?}, source {}): \
              podmig's controller did not make it",
@@ -95,13 +114,15 @@ pub fn check_target(target: &Pod, owner: Option<&MigratingPod>) -> Result<Verifi
             record.target_pod_uid,
             record.migration_id,
             record.source_pod_uid
-        ));
+        )));
     }
     let target_node = target
         .spec
         .as_ref()
         .and_then(|s| s.node_name.clone())
-        .ok_or_else(|| format!("Pod {namespace}/{name} is not bound to a node"))?;
+        .ok_or_else(|| {
+            Unverified::NotRecorded(format!("Pod {namespace}/{name} is not bound to a node"))
+        })?;
     Ok(VerifiedTarget {
         migration_id,
         namespace,
@@ -119,13 +140,13 @@ pub async fn verify(
     client: &kube::Client,
     namespace: &str,
     name: &str,
-) -> Result<VerifiedTarget, String> {
+) -> Result<VerifiedTarget, Unverified> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let pod = pods
         .get_opt(name)
         .await
-        .map_err(|e| format!("cannot read Pod {namespace}/{name}: {e}"))?
-        .ok_or_else(|| format!("no Pod {namespace}/{name}"))?;
+        .map_err(|e| Unverified::NotRecorded(format!("cannot read Pod {namespace}/{name}: {e}")))?
+        .ok_or_else(|| Unverified::Refused(format!("no Pod {namespace}/{name}")))?;
     let owner = match pod
         .owner_references()
         .iter()
@@ -134,26 +155,33 @@ pub async fn verify(
         Some(o) => Api::<MigratingPod>::namespaced(client.clone(), namespace)
             .get_opt(&o.name)
             .await
-            .map_err(|e| format!("cannot read MigratingPod {namespace}/{}: {e}", o.name))?,
+            .map_err(|e| {
+                Unverified::NotRecorded(format!(
+                    "cannot read MigratingPod {namespace}/{}: {e}",
+                    o.name
+                ))
+            })?,
         None => None,
     };
     check_target(&pod, owner.as_ref())
 }
 
-/// [`verify`], asked again for up to `within` while it fails: the controller writes the
-/// record right after it creates the Pod, so a target's first look may come first.
+/// [`verify`], asked again for up to `within` while the record may still come (the
+/// controller writes it right after it creates the Pod, so a target's first look may
+/// come first); a target that can never be one is refused at once.
 pub async fn verify_within(
     client: &kube::Client,
     namespace: &str,
     name: &str,
     within: Duration,
-) -> Result<VerifiedTarget, String> {
+) -> Result<VerifiedTarget, Unverified> {
     let deadline = Instant::now() + within;
     loop {
         match verify(client, namespace, name).await {
-            Ok(v) => return Ok(v),
-            Err(why) if Instant::now() >= deadline => return Err(why),
-            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(Unverified::NotRecorded(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
+            other => return other,
         }
     }
 }
@@ -239,35 +267,37 @@ mod tests {
         // A Pod of another namespace with the victim's annotations and no owner.
         let thief = target(json!({"metadata": {"namespace": "evil", "ownerReferences": []}}));
         let e = check_target(&thief, None).expect_err("no owner");
-        assert!(e.contains("no MigratingPod controls it"), "{e}");
+        assert!(matches!(e, Unverified::Refused(_)), "{e}");
+        assert!(e.to_string().contains("no MigratingPod controls it"), "{e}");
         // Owned by the victim's MigratingPod by name, from another namespace.
         let thief = target(json!({"metadata": {"namespace": "evil"}}));
         let e = check_target(&thief, None).expect_err("owner elsewhere");
-        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
         // Same namespace, right owner reference, but not the Pod the record names.
         let thief = target(json!({"metadata": {"name": "thief", "uid": "x"}}));
         let e = check_target(&thief, Some(&owner(json!({})))).expect_err("not recorded");
-        assert!(e.contains("did not make it"), "{e}");
+        assert!(matches!(e, Unverified::NotRecorded(_)), "{e}");
+        assert!(e.to_string().contains("did not make it"), "{e}");
         // A record of another move, or none.
         let e = check_target(
             &target(json!({"metadata": {"annotations": {ANNOTATION_MIGRATION_ID: "steal-1"}}})),
             Some(&owner(json!({}))),
         )
         .expect_err("other move");
-        assert!(e.contains("did not make it"), "{e}");
+        assert!(e.to_string().contains("did not make it"), "{e}");
         let e = check_target(
             &target(json!({})),
             Some(&owner(json!({"status": {"moveTarget": null}}))),
         )
         .expect_err("no record");
-        assert!(e.contains("records no move"), "{e}");
+        assert!(e.to_string().contains("records no move"), "{e}");
         // An owner reference whose uid is not the live MigratingPod's (a recreated name).
         let e = check_target(
             &target(json!({})),
             Some(&owner(json!({"metadata": {"uid": "other"}}))),
         )
         .expect_err("stale owner");
-        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     #[test]
