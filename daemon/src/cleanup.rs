@@ -102,14 +102,23 @@ pub async fn await_daemonset(
     let api: Api<DaemonSet> = Api::namespaced(client, namespace);
     let started = Instant::now();
     loop {
-        let ds = api
-            .get_opt(name)
-            .await
-            .map_err(|source| CleanupError::Api {
-                namespace: namespace.into(),
-                name: name.into(),
-                source,
-            })?;
+        let ds = match api.get_opt(name).await {
+            Ok(ds) => ds,
+            // A hook Pod may start before the API answers it well (a busy server, RBAC
+            // of the hook still arriving): asked again until the timeout.
+            Err(source) if started.elapsed() < timeout => {
+                tracing::warn!(daemonset = name, error = %source, "cannot read; asking again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(source) => {
+                return Err(CleanupError::Api {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    source,
+                });
+            }
+        };
         let state = rollout(ds.as_ref());
         if let Rollout::Done { nodes } = state {
             return Ok(format!(
@@ -139,6 +148,24 @@ pub fn without_podmig_finalizers(finalizers: &[String]) -> Option<Vec<String>> {
         .cloned()
         .collect();
     (kept.len() != finalizers.len()).then_some(kept)
+}
+
+/// [`release_finalizers`], tried again for up to `within` while the API server fails it
+/// (a hook Pod may start before the API answers it well); the last error after that.
+pub async fn release_finalizers_within(
+    client: kube::Client,
+    within: Duration,
+) -> Result<String, kube::Error> {
+    let started = Instant::now();
+    loop {
+        match release_finalizers(client.clone()).await {
+            Err(error) if started.elapsed() < within => {
+                tracing::warn!(%error, "cannot release finalizers yet; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Takes podmig's finalizers off every MigratingPod's Pods, MigratingPod and Migration, so

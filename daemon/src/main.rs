@@ -76,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default().await?;
             println!(
                 "{}",
-                podmig_daemon::cleanup::release_finalizers(client).await?
+                podmig_daemon::cleanup::release_finalizers_within(
+                    client,
+                    std::time::Duration::from_secs(60)
+                )
+                .await?
             );
         }
         Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,

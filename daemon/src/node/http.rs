@@ -330,16 +330,7 @@ async fn migrate<E: CheckpointEngine>(
         .and_then(|r| serde_json::from_slice(r).ok());
     if let Some(body) = parsed.filter(|b| b.handover.is_some()) {
         let caller = s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
-        let Some(pod) = pod else {
-            return Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "PodNotFound",
-                format!(
-                    "no Pod with uid {uid:?} runs on node {:?}",
-                    s.node.settings.node_name
-                ),
-            ));
-        };
+        let pod = pod.ok_or_else(|| pod_not_found(&s, &uid))?;
         return handover(&s, &uid, &pod, &caller, body).await;
     }
     let attrs = Attributes {
@@ -352,16 +343,7 @@ async fn migrate<E: CheckpointEngine>(
     };
     let user = s.auth.check(token.as_deref(), &attrs).await?.name;
     let body: MigrateRequest = parse_json(&raw?)?;
-    let Some(pod) = pod else {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "PodNotFound",
-            format!(
-                "no Pod with uid {uid:?} runs on node {:?}",
-                s.node.settings.node_name
-            ),
-        ));
-    };
+    let pod = pod.ok_or_else(|| pod_not_found(&s, &uid))?;
     match body.strategy.unwrap_or_default() {
         Strategy::Precopy => {
             return Err(not_migratable(
@@ -493,6 +475,17 @@ async fn migrate<E: CheckpointEngine>(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn pod_not_found<E>(s: &AppState<E>, uid: &str) -> Failure {
+    Failure::new(
+        StatusCode::NOT_FOUND,
+        "PodNotFound",
+        format!(
+            "no Pod with uid {uid:?} runs on node {:?}",
+            s.node.settings.node_name
+        ),
+    )
 }
 
 /// What the peer endpoints (hand-over, verdict, page tunnel) require: `create` on

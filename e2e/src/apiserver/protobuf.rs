@@ -111,10 +111,30 @@ struct Namespace {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
+struct ObjectReference {
+    #[prost(string, tag = "1")]
+    kind: String,
+    #[prost(string, tag = "2")]
+    namespace: String,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct LocalObjectReference {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
 struct ServiceAccount {
     #[prost(message, optional, tag = "1")]
     metadata: Option<ObjectMeta>,
-    #[prost(bool, optional, tag = "3")]
+    #[prost(message, repeated, tag = "2")]
+    secrets: Vec<ObjectReference>,
+    #[prost(message, repeated, tag = "3")]
+    image_pull_secrets: Vec<LocalObjectReference>,
+    #[prost(bool, optional, tag = "4")]
     automount_service_account_token: Option<bool>,
 }
 
@@ -249,6 +269,20 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         ("v1", "ServiceAccount") => {
             let sa = <ServiceAccount as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
             let mut o = json!({"metadata": metadata(sa.metadata)});
+            if !sa.secrets.is_empty() {
+                o["secrets"] = sa
+                    .secrets
+                    .iter()
+                    .map(|r| json!({"kind": r.kind, "namespace": r.namespace, "name": r.name}))
+                    .collect();
+            }
+            if !sa.image_pull_secrets.is_empty() {
+                o["imagePullSecrets"] = sa
+                    .image_pull_secrets
+                    .iter()
+                    .map(|r| json!({"name": r.name}))
+                    .collect();
+            }
             if let Some(a) = sa.automount_service_account_token {
                 o["automountServiceAccountToken"] = json!(a);
             }
@@ -361,5 +395,24 @@ mod tests {
             (obj["kind"].as_str(), obj["metadata"]["name"].as_str()),
             (Some("Namespace"), Some("evil"))
         );
+        let sa = ServiceAccount {
+            metadata: Some(ObjectMeta {
+                name: "mover".into(),
+                ..Default::default()
+            }),
+            image_pull_secrets: vec![LocalObjectReference {
+                name: "regcred".into(),
+            }],
+            automount_service_account_token: Some(false),
+            ..Default::default()
+        };
+        let obj = decode(&wrap(
+            "v1",
+            "ServiceAccount",
+            prost::Message::encode_to_vec(&sa),
+        ))
+        .expect("service account");
+        assert_eq!(obj["imagePullSecrets"][0]["name"], "regcred");
+        assert_eq!(obj["automountServiceAccountToken"], false);
     }
 }
