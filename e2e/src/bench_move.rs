@@ -298,9 +298,29 @@ async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
     let dest = c.nodes[1].daemon.checkpoint_path(&uid, "app");
     let (src, dst) = (images.clone(), dest.clone());
     tokio::task::spawn_blocking(move || copy_dir(&src, &dst)).await??;
-    // 3. Only now the target Pod is created; its container restores the images.
-    let meta = format!("  annotations: {{podmig.dev/migrate-from: '{uid}'}}\n");
-    c.apply(&pod_yaml(&new, mem, "node-1", &meta, true))?;
+    // 3. Only now the target Pod is created; its container restores the images, armed by
+    //    root through the node's CRI extension (a Pod's own annotations name no source:
+    //    only podmig's controller makes migration targets). The Pod waits behind a
+    //    scheduling gate until the restore is armed for its uid.
+    let gated = pod_yaml(&new, mem, "node-1", "", true).replace(
+        "  nodeName: node-1\n",
+        "  nodeSelector: {kubernetes.io/hostname: node-1}\n  schedulingGates: [{name: podmig.dev/armed}]\n",
+    );
+    c.apply(&gated)?;
+    let target_uid = pods.get(&new).await?.uid().unwrap_or_default();
+    c.nodes[1]
+        .daemon
+        .arm_restore(&target_uid, "app", &dest)
+        .await
+        .map_err(|e| anyhow::anyhow!("thesis restore: {e}"))?;
+    c.kubectl(&[
+        "patch",
+        "pod",
+        &new,
+        "--type=merge",
+        "-p",
+        "{\"spec\": {\"schedulingGates\": []}}",
+    ])?;
     let ip1 = ready_ip(&pods, &new, Duration::from_secs(120))
         .await
         .with_context(|| format!("thesis target\n{}", c.nodes[1].daemon.log()))?;

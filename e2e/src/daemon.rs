@@ -15,7 +15,8 @@ use std::{
 use anyhow::bail;
 use podmig_cri_ext::proto::runtime::v1::{
     CheckpointContainerOptions, CheckpointContainerRequest, CheckpointContainerResponse,
-    ListRestoresRequest, RestoreRecord, checkpoint_service_client::CheckpointServiceClient,
+    ListRestoresRequest, RestoreContainerOptions, RestoreContainerRequest, RestoreRecord,
+    checkpoint_service_client::CheckpointServiceClient,
 };
 
 use crate::{paths, process::Proc};
@@ -310,6 +311,28 @@ impl NodeDaemon {
             })
             .await?;
         Ok(resp.into_inner().restores)
+    }
+
+    /// RestoreContainer through the daemon's CRI extension: the next creation of
+    /// `container` of Pod `pod_uid` on this node restores the checkpoint at `path`.
+    pub async fn arm_restore(
+        &self,
+        pod_uid: &str,
+        container: &str,
+        path: &Path,
+    ) -> Result<(), tonic::Status> {
+        self.client()
+            .await?
+            .restore_container(RestoreContainerRequest {
+                pod_uid: pod_uid.into(),
+                container_name: container.into(),
+                options: Some(RestoreContainerOptions {
+                    checkpoint_path: path.display().to_string(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        Ok(())
     }
 
     /// CheckpointContainer through the daemon's CRI extension.

@@ -108,6 +108,14 @@ async fn mark_unschedulable(pods: &Api<Pod>, pod: &Pod, message: &str) {
     }
 }
 
+/// Whether the scheduler binds `p` now: unbound, not being deleted, and — as
+/// kube-scheduler — without scheduling gates (a gated Pod waits until they are removed).
+fn to_schedule(p: &Pod) -> bool {
+    p.spec.as_ref().is_some_and(|s| {
+        s.node_name.is_none() && s.scheduling_gates.as_ref().is_none_or(Vec::is_empty)
+    }) && p.metadata.deletion_timestamp.is_none()
+}
+
 /// Binds Pods until the task is dropped (polls every 100 ms: simple and fast enough).
 pub async fn run(client: kube::Client) {
     let pods: Api<Pod> = Api::all(client.clone());
@@ -123,10 +131,7 @@ pub async fn run(client: kube::Client) {
                     *load.entry(n).or_default() += 1;
                 }
             }
-            for p in pl.items.iter().filter(|p| {
-                p.spec.as_ref().is_some_and(|s| s.node_name.is_none())
-                    && p.metadata.deletion_timestamp.is_none()
-            }) {
+            for p in pl.items.iter().filter(|p| to_schedule(p)) {
                 match pick(p, &nl.items, &load) {
                     Some(node) => {
                         let ns = p.metadata.namespace.clone().unwrap_or_default();
@@ -174,6 +179,23 @@ mod tests {
     fn node(name: &str, ready: bool, unschedulable: bool, zone: &str) -> Node {
         serde_json::from_value(json!({"metadata": {"name": name, "labels": {"zone": zone}}, "spec": {"unschedulable": unschedulable},
             "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})).expect("node")
+    }
+
+    #[test]
+    fn a_gated_pod_waits_until_its_gates_are_removed() {
+        let pod = |spec: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).expect("pod")
+        };
+        assert!(to_schedule(&pod(json!({"containers": []}))));
+        assert!(!to_schedule(&pod(
+            json!({"containers": [], "schedulingGates": [{"name": "x"}]})
+        )));
+        assert!(to_schedule(&pod(
+            json!({"containers": [], "schedulingGates": []})
+        )));
+        assert!(!to_schedule(&pod(
+            json!({"containers": [], "nodeName": "a"})
+        )));
     }
 
     #[test]
