@@ -271,6 +271,20 @@ impl NodeDaemon {
         self.dir.join("api.sock")
     }
 
+    /// The daemon's move journal (one file per container and side of a move in flight).
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.join("state").join("journal")
+    }
+
+    /// True while the journal holds a source entry: this node has claimed a Pod's
+    /// containers for a move (the freeze is under way or done).
+    pub fn source_claimed(&self) -> bool {
+        std::fs::read_dir(self.journal_dir()).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("source-"))
+        })
+    }
+
     /// The daemon's checkpoint store.
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.checkpoints.clone()

@@ -209,6 +209,13 @@ async fn fault_same_node_daemon_killed_while_checkpointing_keeps_the_count() -> 
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let (src, _) = big_move_at(&c, &pods, "samenode", 768, true, "Checkpointing").await?;
+    // The target reports `Checkpointing` before it asks its source: kill once the source
+    // has claimed the Pod (journaled, freezing), not in the instant before.
+    until("the source's claim", Duration::from_secs(30), async || {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        c.nodes[src].daemon.source_claimed().then_some(())
+    })
+    .await?;
     c.nodes[src].daemon.kill();
     let phase = one_copy_went_on(&c, &pods, "samenode").await?;
     eprintln!("same-node move, daemon killed while checkpointing: {phase:?}");
