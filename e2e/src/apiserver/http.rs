@@ -841,6 +841,14 @@ async fn create(
                 json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": obj["spec"], "status": status}),
             ));
         }
+        ("selfsubjectreviews", _) => {
+            // `kubectl auth whoami`: who the request's credentials are.
+            return Ok((
+                201,
+                json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {},
+                    "status": {"userInfo": {"username": user.name, "uid": user.uid, "groups": user.groups, "extra": user.extra}}}),
+            ));
+        }
         ("subjectaccessreviews" | "selfsubjectaccessreviews", _) => {
             let spec = &obj["spec"];
             let subject = if def.plural == "selfsubjectaccessreviews" {

@@ -3,8 +3,10 @@
 //! `application/vnd.kubernetes.protobuf`. A body is the magic `k8s\0` followed by a
 //! `runtime.Unknown` envelope whose `raw` holds the object; it is turned into the JSON
 //! object the rest of the server works with. Read so: Secrets, ConfigMaps, DeleteOptions,
-//! Namespaces, ServiceAccounts and SelfSubjectAccessReviews (`kubectl create namespace`,
-//! `kubectl auth can-i`); other kinds still get 415.
+//! Namespaces, ServiceAccounts, Roles, ClusterRoles and their bindings, TokenRequests,
+//! SelfSubjectAccessReviews and SelfSubjectReviews (`kubectl create namespace|
+//! serviceaccount|role|rolebinding|token`, `kubectl auth can-i|whoami`); other kinds
+//! (workloads: `kubectl create deployment`) still get 415.
 
 use std::collections::BTreeMap;
 
@@ -180,6 +182,95 @@ struct SelfSubjectAccessReview {
     spec: Option<SelfSubjectAccessReviewSpec>,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+struct PolicyRule {
+    #[prost(string, repeated, tag = "1")]
+    verbs: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    api_groups: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    resources: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    resource_names: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    non_resource_urls: Vec<String>,
+}
+
+/// A Role or a ClusterRole (an aggregation rule, field 3, is not read: such a body gets
+/// 415 and kubectl's JSON path is the way).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Role {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    rules: Vec<PolicyRule>,
+    #[prost(bytes = "vec", optional, tag = "3")]
+    aggregation_rule: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Subject {
+    #[prost(string, tag = "1")]
+    kind: String,
+    #[prost(string, tag = "2")]
+    api_group: String,
+    #[prost(string, tag = "3")]
+    name: String,
+    #[prost(string, tag = "4")]
+    namespace: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RoleRef {
+    #[prost(string, tag = "1")]
+    api_group: String,
+    #[prost(string, tag = "2")]
+    kind: String,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+/// A RoleBinding or a ClusterRoleBinding.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RoleBinding {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    subjects: Vec<Subject>,
+    #[prost(message, optional, tag = "3")]
+    role_ref: Option<RoleRef>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BoundObjectReference {
+    #[prost(string, tag = "1")]
+    kind: String,
+    #[prost(string, tag = "2")]
+    api_version: String,
+    #[prost(string, tag = "3")]
+    name: String,
+    #[prost(string, tag = "4")]
+    uid: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TokenRequestSpec {
+    #[prost(string, repeated, tag = "1")]
+    audiences: Vec<String>,
+    #[prost(message, optional, tag = "3")]
+    bound_object_ref: Option<BoundObjectReference>,
+    #[prost(int64, optional, tag = "4")]
+    expiration_seconds: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TokenRequest {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<TokenRequestSpec>,
+}
+
 fn metadata(m: Option<ObjectMeta>) -> Value {
     let m = m.unwrap_or_default();
     let mut out = serde_json::Map::new();
@@ -303,6 +394,66 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             o
         }
+        ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => {
+            let r = <Role as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            if r.aggregation_rule.is_some() {
+                return Err("an aggregationRule is not read in protobuf here".into());
+            }
+            let rules: Vec<Value> = r
+                .rules
+                .into_iter()
+                .map(|p| {
+                    let mut rule = json!({"verbs": p.verbs});
+                    for (k, v) in [
+                        ("apiGroups", p.api_groups),
+                        ("resources", p.resources),
+                        ("resourceNames", p.resource_names),
+                        ("nonResourceURLs", p.non_resource_urls),
+                    ] {
+                        if !v.is_empty() {
+                            rule[k] = json!(v);
+                        }
+                    }
+                    rule
+                })
+                .collect();
+            json!({"metadata": metadata(r.metadata), "rules": rules})
+        }
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => {
+            let b = <RoleBinding as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let subjects: Vec<Value> = b
+                .subjects
+                .into_iter()
+                .map(|s| {
+                    let mut o = json!({"kind": s.kind, "name": s.name});
+                    if !s.api_group.is_empty() {
+                        o["apiGroup"] = json!(s.api_group);
+                    }
+                    if !s.namespace.is_empty() {
+                        o["namespace"] = json!(s.namespace);
+                    }
+                    o
+                })
+                .collect();
+            let r = b.role_ref.unwrap_or_default();
+            json!({"metadata": metadata(b.metadata), "subjects": subjects,
+                "roleRef": {"apiGroup": r.api_group, "kind": r.kind, "name": r.name}})
+        }
+        ("authentication.k8s.io/v1", "TokenRequest") => {
+            let t = <TokenRequest as prost::Message>::decode(raw).map_err(|e| e.to_string())?;
+            let spec = t.spec.unwrap_or_default();
+            let mut o =
+                json!({"metadata": metadata(t.metadata), "spec": {"audiences": spec.audiences}});
+            if let Some(s) = spec.expiration_seconds {
+                o["spec"]["expirationSeconds"] = json!(s);
+            }
+            if let Some(b) = spec.bound_object_ref {
+                o["spec"]["boundObjectRef"] = json!({"kind": b.kind, "apiVersion": b.api_version,
+                    "name": b.name, "uid": b.uid});
+            }
+            o
+        }
+        ("authentication.k8s.io/v1", "SelfSubjectReview") => json!({"metadata": {}}),
         (v, k) => return Err(format!("{v} {k} is not accepted in protobuf here")),
     };
     obj["apiVersion"] = json!(tm.api_version);
@@ -414,5 +565,67 @@ mod tests {
         .expect("service account");
         assert_eq!(obj["imagePullSecrets"][0]["name"], "regcred");
         assert_eq!(obj["automountServiceAccountToken"], false);
+    }
+
+    #[test]
+    fn rbac_objects_and_token_requests_read_as_their_json() {
+        let role = Role {
+            metadata: Some(ObjectMeta {
+                name: "r".into(),
+                ..Default::default()
+            }),
+            rules: vec![PolicyRule {
+                verbs: vec!["create".into()],
+                api_groups: vec![String::new()],
+                resources: vec!["nodes/handover".into()],
+                ..Default::default()
+            }],
+            aggregation_rule: None,
+        };
+        let obj = decode(&wrap(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            prost::Message::encode_to_vec(&role),
+        ))
+        .expect("role");
+        assert_eq!(obj["rules"][0]["resources"][0], "nodes/handover");
+        assert_eq!(obj["rules"][0]["apiGroups"][0], "");
+        let binding = RoleBinding {
+            metadata: None,
+            subjects: vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: "mover".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }],
+            role_ref: Some(RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: "podmig-migrator".into(),
+            }),
+        };
+        let obj = decode(&wrap(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            prost::Message::encode_to_vec(&binding),
+        ))
+        .expect("binding");
+        assert_eq!(obj["subjects"][0]["namespace"], "default");
+        assert_eq!(obj["roleRef"]["name"], "podmig-migrator");
+        let token = TokenRequest {
+            metadata: None,
+            spec: Some(TokenRequestSpec {
+                audiences: vec!["x".into()],
+                bound_object_ref: None,
+                expiration_seconds: Some(600),
+            }),
+        };
+        let obj = decode(&wrap(
+            "authentication.k8s.io/v1",
+            "TokenRequest",
+            prost::Message::encode_to_vec(&token),
+        ))
+        .expect("token request");
+        assert_eq!(obj["spec"]["expirationSeconds"], 600);
     }
 }

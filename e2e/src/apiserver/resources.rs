@@ -298,6 +298,14 @@ pub fn builtins() -> Vec<ResourceDef> {
             false,
         )
         .review(),
+        ResourceDef::new(
+            "authentication.k8s.io",
+            "v1",
+            "SelfSubjectReview",
+            "selfsubjectreviews",
+            false,
+        )
+        .review(),
     ]
 }
 
