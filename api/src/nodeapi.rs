@@ -56,6 +56,11 @@ pub struct Handover {
     /// `podmig-strategy` header says which.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// The target takes a full move's memory pages in page streams while the source dumps
+    /// (`POST /migrations/{id}/streams/{container}` to the target's daemon) instead of in
+    /// the answer. Unset: everything comes in the answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream_pages: bool,
 }
 
 /// Answer to a person's `POST /migrate/{pod-uid}`: the Migration that records the move

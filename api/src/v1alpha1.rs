@@ -233,6 +233,10 @@ pub struct MigrationReport {
     /// Time spent capturing that file-system state while frozen, ms.
     #[serde(default)]
     pub filesystem_ms: u64,
+    /// Full moves across nodes: bytes of memory pages that went to the target while the
+    /// source dumped (page streams), so `checkpointMs` includes carrying them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub streamed_bytes: u64,
     /// Per container of a multi-container Pod (all frozen together, restored one by one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerFigures>,

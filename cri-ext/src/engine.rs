@@ -27,6 +27,10 @@ pub struct CheckpointOptions {
     /// Leave the container frozen (and running, not killed) after the dump: a move keeps
     /// its source frozen until the target's verdict, then discards or resumes it.
     pub keep_frozen: bool,
+    /// Send the memory pages to a page server listening on [`crate::lazy::PAGE_PORT`] in
+    /// this network namespace while dumping (a streamed move) instead of writing them
+    /// into `image_path`; runc and CRIU run inside the namespace.
+    pub stream_pages: Option<std::sync::Arc<crate::lazy::PrivateNet>>,
 }
 
 /// What a checkpoint cost.
@@ -336,6 +340,10 @@ impl CheckpointEngine for Runc {
         if opts.tcp_established {
             cmd.arg("--tcp-established");
         }
+        if opts.stream_pages.is_some() {
+            cmd.arg("--page-server")
+                .arg(format!("127.0.0.1:{}", crate::lazy::PAGE_PORT));
+        }
         cmd.arg(id);
         let started = Instant::now();
         // Pre-freezing only saves time; without a freezer CRIU freezes by itself.
@@ -350,8 +358,12 @@ impl CheckpointEngine for Runc {
             });
         let init = crate::identity::init_pid(&self.root.join(id));
         // The writable layer is captured while the tasks are still stopped.
-        let result =
-            run(cmd, Some(&dir.join("dump.log"))).and_then(|_| self.capture_filesystem(id, dir));
+        let log = dir.join("dump.log");
+        let dumped = match &opts.stream_pages {
+            Some(net) => net.run(cmd, Some(log)),
+            None => run(cmd, Some(&log)),
+        };
+        let result = dumped.and_then(|_| self.capture_filesystem(id, dir));
         let stay_frozen = opts.keep_frozen && result.is_ok() && freezer.is_some();
         if let Some(f) = freezer.as_ref().filter(|_| !stay_frozen) {
             // Resumes a container left running (or whose dump failed); lets killed tasks exit.

@@ -29,7 +29,9 @@ pub struct PrivateNet {
     ns: OwnedFd,
 }
 
-fn on_thread<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) fn on_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     // A thread that switched namespaces ends with it, so the caller's thread never moves.
     std::thread::spawn(f)
         .join()
@@ -81,8 +83,13 @@ impl PrivateNet {
         })
     }
 
+    /// Runs `cmd` to completion inside the namespace (see [`crate::engine::run`]).
+    pub fn run(&self, cmd: Command, log: Option<PathBuf>) -> Result<std::process::Output> {
+        self.run_inside(move || crate::engine::run(cmd, log.as_deref()))
+    }
+
     /// Starts `cmd` inside the namespace, leading a process group of its own.
-    fn spawn(&self, mut cmd: Command) -> Result<Child> {
+    pub(crate) fn spawn(&self, mut cmd: Command) -> Result<Child> {
         self.run_inside(move || {
             cmd.process_group(0);
             let command = format!("{cmd:?}");
@@ -94,13 +101,13 @@ impl PrivateNet {
 
 /// A child process that can be waited for with a limit and killed with its group.
 #[derive(Debug)]
-struct Tracked {
+pub(crate) struct Tracked {
     child: Mutex<Child>,
     what: &'static str,
 }
 
 impl Tracked {
-    fn new(child: Child, what: &'static str) -> Self {
+    pub(crate) fn new(child: Child, what: &'static str) -> Self {
         Self {
             child: Mutex::new(child),
             what,
@@ -114,12 +121,12 @@ impl Tracked {
     }
 
     /// The exit status, or `None` while it runs.
-    fn try_wait(&self) -> Option<std::process::ExitStatus> {
+    pub(crate) fn try_wait(&self) -> Option<std::process::ExitStatus> {
         self.lock().try_wait().ok().flatten()
     }
 
     /// Waits at most `limit` for the exit; `None` when it still runs.
-    fn wait(&self, limit: Duration) -> Option<std::process::ExitStatus> {
+    pub(crate) fn wait(&self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(s) = self.try_wait() {
@@ -133,7 +140,7 @@ impl Tracked {
         }
     }
 
-    fn kill_group(&self) {
+    pub(crate) fn kill_group(&self) {
         let mut child = self.lock();
         if let Ok(pid) = i32::try_from(child.id()) {
             let _ = nix::sys::signal::killpg(

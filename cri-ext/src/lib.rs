@@ -8,6 +8,7 @@ pub mod hook;
 pub mod identity;
 pub mod lazy;
 pub mod rootfs;
+pub mod stream;
 pub mod volumes;
 pub mod wrapper;
 

@@ -68,6 +68,7 @@ impl<E: CheckpointEngine> CheckpointService for CheckpointApi<E> {
                     leave_running: opts.leave_running,
                     tcp_established: opts.tcp_established,
                     keep_frozen: false,
+                    stream_pages: None,
                 },
                 reply: tx,
             },

@@ -180,6 +180,7 @@ fn router<E: CheckpointEngine>(state: Arc<AppState<E>>) -> Router {
         .route("/migrations/{id}", get(one::<E>))
         .route("/migrations/{id}/complete", post(complete::<E>))
         .route("/migrations/{id}/pages", post(pages::<E>))
+        .route("/migrations/{id}/streams/{container}", post(streams::<E>))
         .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
         .with_state(state)
 }
@@ -639,6 +640,7 @@ async fn handover<E: CheckpointEngine>(
                 deadline: Instant::now() + hold,
                 remote: true,
                 strategy: h.strategy.unwrap_or_default(),
+                stream_pages: h.stream_pages,
             },
             prepared: tx,
         },
@@ -676,10 +678,11 @@ async fn handover<E: CheckpointEngine>(
     let node = s.node.clone();
     let id = h.migration_id.clone();
     let images = prepared.images.clone();
+    let streamed = prepared.streamed.clone();
     let verdict = prepared.verdict;
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let sent = send_images(&images, |b| chunks.blocking_send(Ok(b)).is_ok());
+        let sent = send_images(&images, &streamed, |b| chunks.blocking_send(Ok(b)).is_ok());
         match sent {
             Ok(bytes) => {
                 let ms = started.elapsed().as_millis() as u64;
@@ -752,7 +755,8 @@ async fn pages<E: CheckpointEngine>(
             tcp.set_nodelay(true).map_err(|e| e.to_string())?;
             let mut tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
             let mut io = hyper_util::rt::TokioIo::new(upgraded);
-            tokio::io::copy_bidirectional(&mut io, &mut tcp)
+            // Large buffers: CRIU serves pages in runs of up to 4 MiB.
+            tokio::io::copy_bidirectional_with_sizes(&mut io, &mut tcp, 64 << 10, 1 << 20)
                 .await
                 .map_err(|e| e.to_string())
         };
@@ -761,6 +765,60 @@ async fn pages<E: CheckpointEngine>(
                 tracing::info!(migration = %id, to_server, to_target, "page tunnel closed")
             }
             Err(error) => tracing::warn!(migration = %id, %error, "page tunnel broke"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PAGES_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))
+}
+
+/// A page stream of a streamed full move, from the source's daemon: after `101 Switching
+/// Protocols` the connection carries CRIU's page-server protocol from the source's dump to
+/// a page server writing into this (target) node's store. Accepted only from the daemon
+/// of the move's source node, for a move this node asked to be streamed, into a container
+/// of the target Pod.
+async fn streams<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    UrlPath((id, container)): UrlPath<(String, String)>,
+    mut request: Request,
+) -> Result<Response, Failure> {
+    let token = bearer(request.headers()).map(str::to_owned);
+    let caller = s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
+    let sink = super::lock(&s.node.page_sinks)
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                "MigrationNotFound",
+                format!("no move {id:?} expects page streams on this node"),
+            )
+        })?;
+    if caller.node.as_deref() != Some(sink.source_node.as_str()) {
+        return Err(refused(format!(
+            "only the daemon of node {:?}, the source of move {id:?}, may stream its pages",
+            sink.source_node
+        )));
+    }
+    let dir = sink.dir_for(&container).ok_or_else(|| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("move {id:?} takes no pages of a container {container:?}"),
+        )
+    })?;
+    let upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(u) => {
+                let tunnel = hyper_util::rt::TokioIo::new(u);
+                super::stream::receive(sink, container, dir, tunnel, super::podsync::PAGES_LIMIT)
+                    .await
+            }
+            Err(error) => tracing::warn!(migration = %id, %error, "page stream upgrade failed"),
         }
     });
     Response::builder()

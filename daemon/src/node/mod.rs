@@ -29,6 +29,7 @@ pub mod podsync;
 pub mod recovery;
 pub mod report;
 pub mod state;
+pub mod stream;
 pub mod tls;
 pub mod transfer;
 pub mod trust;
@@ -92,6 +93,8 @@ pub struct Node<E> {
     /// Lazy moves' page servers on this (source) node, by move id: the tunnel endpoint
     /// connects the target to them.
     pub(crate) page_servers: Mutex<HashMap<String, Arc<podmig_cri_ext::lazy::PageServer>>>,
+    /// Streamed full moves this (target) node expects page streams for, by move id.
+    pub(crate) page_sinks: Mutex<HashMap<String, Arc<stream::Sink>>>,
     pub(crate) rt: tokio::runtime::Handle,
 }
 
@@ -124,6 +127,7 @@ impl<E: CheckpointEngine> Node<E> {
             failed_targets: Mutex::default(),
             lazy: std::sync::OnceLock::new(),
             page_servers: Mutex::default(),
+            page_sinks: Mutex::default(),
             rt: tokio::runtime::Handle::current(),
         })
     }

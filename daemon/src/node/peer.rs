@@ -109,6 +109,8 @@ pub struct Fetched {
     pub frozen_at: std::time::Instant,
     /// The memory pages were left out: they come through [`PeerClient::tunnel_pages`].
     pub lazy: bool,
+    /// Containers whose pages the source streamed ahead, with the figures it sent.
+    pub streamed: Vec<(String, super::stream::StreamFigures)>,
 }
 
 /// How a page tunnel ended.
@@ -286,9 +288,10 @@ impl PeerClient {
             })
         });
         match finished {
-            Ok((dirs, bytes)) => Ok(Fetched {
-                dirs,
-                bytes,
+            Ok(got) => Ok(Fetched {
+                dirs: got.dirs,
+                bytes: got.bytes,
+                streamed: got.streamed,
                 checkpoint_ms,
                 transfer_ms: started.elapsed().as_millis() as u64,
                 frozen_at,
@@ -316,12 +319,53 @@ impl PeerClient {
         limit: Duration,
         on_break: impl FnOnce() + Send,
     ) -> Result<TunnelEnd, PeerError> {
-        use tokio::io::AsyncWriteExt;
         let transport = |e: &dyn std::fmt::Display| PeerError::Transport {
             peer: host.to_owned(),
             message: e.to_string(),
         };
-        let mut request = self.request(host, &format!("/migrations/{id}/pages"), Vec::new())?;
+        let upgraded = self
+            .upgrade(host, &format!("/migrations/{id}/pages"))
+            .await?;
+        local.set_nonblocking(true).map_err(|e| transport(&e))?;
+        let listener = tokio::net::TcpListener::from_std(local).map_err(|e| transport(&e))?;
+        let (conn, _) = tokio::time::timeout(limit, listener.accept())
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: host.into(),
+                secs: limit.as_secs(),
+            })?
+            .map_err(|e| transport(&e))?;
+        conn.set_nodelay(true).map_err(|e| transport(&e))?;
+        let (mut lazy_rx, mut lazy_tx) = conn.into_split();
+        let (mut source_rx, mut source_tx) = tokio::io::split(upgraded);
+        // Large buffers: CRIU asks for pages in runs of up to 4 MiB.
+        let up = super::stream::pump(&mut lazy_rx, &mut source_tx);
+        let down = super::stream::pump_open(&mut source_rx, &mut lazy_tx);
+        tokio::pin!(up, down);
+        tokio::select! {
+            _ = &mut up => {
+                let got = tokio::time::timeout(Duration::from_secs(5), down).await;
+                Ok(TunnelEnd::Done(got.ok().and_then(Result::ok).map_or(0, |f| f.bytes)))
+            }
+            got = &mut down => {
+                on_break();
+                Ok(TunnelEnd::Broken(got.map_or(0, |f| f.bytes)))
+            }
+        }
+    }
+
+    /// Opens a raw byte stream to the daemon on `host` through `POST path` with an
+    /// `Upgrade` to [`PAGES_PROTOCOL`] (inside this connection's TLS session).
+    async fn upgrade(
+        &self,
+        host: &str,
+        path: &str,
+    ) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, PeerError> {
+        let transport = |e: &dyn std::fmt::Display| PeerError::Transport {
+            peer: host.to_owned(),
+            message: e.to_string(),
+        };
+        let mut request = self.request(host, path, Vec::new())?;
         request.headers_mut().insert(
             "connection",
             hyper::header::HeaderValue::from_static("upgrade"),
@@ -341,36 +385,19 @@ impl PeerClient {
             return Err(refused(host, resp).await);
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(|e| transport(&e))?;
-        local.set_nonblocking(true).map_err(|e| transport(&e))?;
-        let listener = tokio::net::TcpListener::from_std(local).map_err(|e| transport(&e))?;
-        let (conn, _) = tokio::time::timeout(limit, listener.accept())
+        Ok(hyper_util::rt::TokioIo::new(upgraded))
+    }
+
+    /// Opens the page stream of container `container` of streamed move `id` to the
+    /// target's daemon on `host` (see `stream.rs`).
+    pub async fn open_page_stream(
+        &self,
+        host: &str,
+        id: &str,
+        container: &str,
+    ) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, PeerError> {
+        self.upgrade(host, &format!("/migrations/{id}/streams/{container}"))
             .await
-            .map_err(|_| PeerError::Timeout {
-                peer: host.into(),
-                secs: limit.as_secs(),
-            })?
-            .map_err(|e| transport(&e))?;
-        conn.set_nodelay(true).map_err(|e| transport(&e))?;
-        let (mut lazy_rx, mut lazy_tx) = conn.into_split();
-        let (mut source_rx, mut source_tx) =
-            tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
-        let up = async {
-            let n = tokio::io::copy(&mut lazy_rx, &mut source_tx).await;
-            let _ = source_tx.shutdown().await;
-            n
-        };
-        let down = tokio::io::copy(&mut source_rx, &mut lazy_tx);
-        tokio::pin!(up, down);
-        tokio::select! {
-            _ = &mut up => {
-                let got = tokio::time::timeout(Duration::from_secs(5), down).await;
-                Ok(TunnelEnd::Done(got.ok().and_then(Result::ok).unwrap_or(0)))
-            }
-            got = &mut down => {
-                on_break();
-                Ok(TunnelEnd::Broken(got.unwrap_or(0)))
-            }
-        }
     }
 
     /// Tells the daemon on `host` the verdict on move `id`; retried a few times.

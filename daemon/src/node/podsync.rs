@@ -49,6 +49,7 @@ use super::{
     migration::{Role, Verdict},
     peer::PeerError,
     state::{CreateAnswer, InvalidTransition, KillAnswer, MoveState, PodMoves},
+    stream::{PageStream, Sink, StreamFigures},
 };
 
 /// One update of a Pod, like kubelet's `SyncPodType` plus a migrate kind.
@@ -147,6 +148,8 @@ pub struct MigrateOrder {
     /// How the target wants the memory: `lazy` (or `lazy-or-full`) serves the pages after
     /// the handover.
     pub strategy: Strategy,
+    /// The target takes a full move's pages in page streams while the source dumps.
+    pub stream_pages: bool,
 }
 
 /// A checkpoint ready to hand over.
@@ -162,6 +165,8 @@ pub struct Prepared {
     pub bytes: u64,
     /// The memory pages were left out: the target pulls them through the page server.
     pub lazy: bool,
+    /// Containers whose pages went ahead in page streams, with what each stream carried.
+    pub streamed: Vec<(String, StreamFigures)>,
     /// The second channel: the target's verdict.
     pub verdict: Sender<Verdict>,
 }
@@ -879,6 +884,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             deadline,
             remote: false,
             strategy: Strategy::Full,
+            stream_pages: false,
         };
         self.node.dispatch(
             source_uid,
@@ -951,9 +957,24 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 target_node: self.node.settings.node_name.clone(),
                 timeout_seconds: left.as_secs().max(1) as u32,
                 strategy,
+                // A full move's pages come ahead in page streams while the source dumps.
+                stream_pages: strategy.is_none(),
             }),
             ..Default::default()
         };
+        let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
+            p.spec
+                .as_ref()
+                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default()
+        });
+        let sink = Arc::new(Sink::new(
+            self.node.store.clone(),
+            &self.uid,
+            source_node,
+            containers,
+        ));
+        super::lock(&self.node.page_sinks).insert(id.to_owned(), sink.clone());
         let node = self.node.clone();
         let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
         let target_uid = self.uid.clone();
@@ -966,8 +987,36 @@ impl<E: CheckpointEngine> PodWorker<E> {
             move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
             move |container| store.path_for(&target_uid, container),
         ));
-        let f = fetched.map_err(|e| e.to_string())?;
+        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
+            let streamed = check_streams(&sink, &f.streamed);
+            (f, streamed)
+        });
+        super::lock(&self.node.page_sinks).remove(id);
+        let f = match checked {
+            Ok((f, Ok(()))) => f,
+            Ok((f, Err(why))) => {
+                for (_, d) in &f.dirs {
+                    self.node.store.remove(d);
+                }
+                for d in sink.dirs() {
+                    self.node.store.remove(&d);
+                }
+                let handback = Handback::Remote {
+                    host: host.clone(),
+                    id: id.into(),
+                };
+                let _ = self.hand_back(&handback, false, &why);
+                return Err(why);
+            }
+            Err(why) => {
+                for d in sink.dirs() {
+                    self.node.store.remove(&d);
+                }
+                return Err(why);
+            }
+        };
         self.node.metrics.phase_ms("transfer", f.transfer_ms);
+        let streamed_bytes: u64 = f.streamed.iter().map(|(_, s)| s.bytes).sum();
         let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
         let lazy = if f.lazy {
             match self.start_lazy_pages(&dir, &host, id, &c.container_id, &peers) {
@@ -995,7 +1044,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             report: MigrationReport {
                 checkpoint_ms: f.checkpoint_ms,
                 transfer_ms: f.transfer_ms,
-                bytes: f.bytes,
+                bytes: f.bytes + streamed_bytes,
+                streamed_bytes,
                 ..Default::default()
             },
             handback: Handback::Remote {
@@ -1649,16 +1699,30 @@ impl<E: CheckpointEngine> PodWorker<E> {
         for e in &entries {
             self.node.journal.record(e);
         }
-        let (frozen_at, results) = if lazy {
-            self.dump_lazy(&jobs, &id)
+        let streams = if lazy || !order.stream_pages {
+            Vec::new()
         } else {
-            dump_with_retries(&engine, &jobs, &self.uid, &id)
+            self.open_page_streams(&jobs, &order)
+        };
+        let (frozen_at, results, streams) = if lazy {
+            let (at, results) = self.dump_lazy(&jobs, &id);
+            (at, results, Vec::new())
+        } else {
+            dump_with_retries(&engine, &jobs, streams, &self.uid, &id)
         };
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
+        let dumped = results.iter().all(|(_, _, r)| r.is_ok());
+        let streamed = if dumped {
+            self.streamed_figures(streams)
+        } else {
+            Ok(Vec::new())
+        };
         let failure = results
             .iter()
             .find_map(|(name, _, r)| r.as_ref().err().map(|e| format!("container {name:?}: {e}")))
-            .or_else(|| (results.len() != wanted.len()).then(|| "bad container name".to_owned()));
+            .or_else(|| (results.len() != wanted.len()).then(|| "bad container name".to_owned()))
+            .or_else(|| streamed.as_ref().err().cloned());
+        let streamed = streamed.unwrap_or_default();
         let container_id = |name: &str| {
             jobs.iter()
                 .find(|(_, n, _)| n == name)
@@ -1690,7 +1754,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let bytes: u64 = results
             .iter()
             .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.image_bytes))
-            .sum();
+            .sum::<u64>()
+            + streamed.iter().map(|(_, f)| f.bytes).sum::<u64>();
         self.node.metrics.checkpoint_bytes.inc_by(bytes);
         self.node.metrics.phase_ms("checkpoint", checkpoint_ms);
         let images: Vec<(String, PathBuf)> = results.into_iter().map(|(n, d, _)| (n, d)).collect();
@@ -1716,6 +1781,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             checkpoint_ms,
             bytes,
             lazy,
+            streamed,
             verdict: vtx,
         }));
         let verdict = if sent.is_err() {
@@ -1805,6 +1871,54 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         }
         self.reconsider_parked();
+    }
+
+    /// Opens one page stream per container to the target before the freeze, so that the
+    /// dump sends its pages there as it goes (see `stream.rs`). Empty when any cannot be
+    /// opened: the pages then travel in the hand-over, as without streams.
+    fn open_page_streams(
+        &self,
+        jobs: &[(String, String, PathBuf)],
+        order: &MigrateOrder,
+    ) -> Vec<PageStream> {
+        let opened = || -> Result<Vec<PageStream>, String> {
+            let peers = self.node.peers.clone().ok_or("no peer credentials")?;
+            let host = self.node.node_address(&order.target.node)?;
+            let limit = order.deadline.saturating_duration_since(Instant::now());
+            jobs.iter()
+                .map(|(_, name, _)| {
+                    let tunnel = self
+                        .node
+                        .rt
+                        .block_on(peers.open_page_stream(&host, &order.migration, name))
+                        .map_err(|e| e.to_string())?;
+                    PageStream::open(&self.node.rt, name, tunnel, limit).map_err(|e| e.to_string())
+                })
+                .collect()
+        };
+        opened().unwrap_or_else(|why| {
+            tracing::warn!(pod_uid = %self.uid, migration = %order.migration, %why,
+                "cannot stream the pages; they go in the hand-over");
+            Vec::new()
+        })
+    }
+
+    /// What each page stream carried, once the dump that fed it ended.
+    fn streamed_figures(
+        &self,
+        streams: Vec<PageStream>,
+    ) -> Result<Vec<(String, StreamFigures)>, String> {
+        streams
+            .into_iter()
+            .map(|s| {
+                let name = s.container.clone();
+                self.node
+                    .rt
+                    .block_on(s.figures(Duration::from_secs(30)))
+                    .map(|f| (name.clone(), f))
+                    .map_err(|e| format!("container {name:?}: {e}"))
+            })
+            .collect()
     }
 
     /// Dumps the Pod's one container without its memory pages and registers the page
@@ -2027,6 +2141,21 @@ impl<E: CheckpointEngine> PodWorker<E> {
 }
 
 /// The images of container `name` and those of its siblings, from what the source handed over.
+/// Checks what the source says each page stream carried against what arrived here.
+fn check_streams(sink: &Sink, announced: &[(String, StreamFigures)]) -> Result<(), String> {
+    for (container, sent) in announced {
+        let got = sink.wait(container, Duration::from_secs(30))?;
+        if got != *sent {
+            return Err(format!(
+                "the page stream of container {container:?} arrived damaged: the source sent \
+                 {} bytes (CRC {:#010x}), {} bytes (CRC {:#010x}) arrived",
+                sent.bytes, sent.crc, got.bytes, got.crc
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn split_arrival(
     images: Vec<(String, PathBuf)>,
     name: &str,
@@ -2049,27 +2178,43 @@ fn restore_from(images: &std::path::Path) -> Answer {
 
 /// Freezes and dumps the Pod's containers; a multi-container dump that caught a Unix socket
 /// connection between them half-made (its peer outside each container's dump) is thawed
-/// and tried again, up to [`DUMP_ATTEMPTS`] times. Returns when the last freeze began.
+/// and tried again, up to [`DUMP_ATTEMPTS`] times. The first attempt sends the pages into
+/// `streams` (one per job, or none); the streams are spent then, so a later attempt writes
+/// them into the images. Returns when the last freeze began, and the streams the final
+/// results were sent into.
 fn dump_with_retries<E: CheckpointEngine + 'static>(
     engine: &Arc<E>,
     jobs: &[(String, String, PathBuf)],
+    mut streams: Vec<PageStream>,
     uid: &str,
     migration: &str,
 ) -> (
     Instant,
     Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)>,
+    Vec<PageStream>,
 ) {
     let mut attempt = 1;
     loop {
         let frozen_at = Instant::now();
-        let results = dump_all(engine, jobs, uid);
+        let nets: Vec<_> = jobs
+            .iter()
+            .map(|(_, name, _)| {
+                streams
+                    .iter()
+                    .find(|s| s.container == *name)
+                    .map(|s| s.net.clone())
+            })
+            .collect();
+        let results = dump_all(engine, jobs, &nets, uid);
         let transient = jobs.len() > 1
             && results
                 .iter()
                 .any(|(_, _, r)| r.as_ref().is_err_and(|e| e.is_external_unix_socket()));
         if !transient || attempt >= DUMP_ATTEMPTS {
-            return (frozen_at, results);
+            return (frozen_at, results, streams);
         }
+        // The target's page servers took one dump each: the next attempt writes locally.
+        streams.clear();
         for ((cid, _, dir), (_, _, r)) in jobs.iter().zip(&results) {
             if r.is_ok() {
                 let _ = engine.resume(cid);
@@ -2112,6 +2257,7 @@ const DUMP_ATTEMPTS: u32 = 4;
 fn dump_all<E: CheckpointEngine + 'static>(
     engine: &Arc<E>,
     jobs: &[(String, String, PathBuf)],
+    streams: &[Option<Arc<podmig_cri_ext::lazy::PrivateNet>>],
     uid: &str,
 ) -> Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)> {
     if jobs.len() > 1 {
@@ -2123,12 +2269,14 @@ fn dump_all<E: CheckpointEngine + 'static>(
     std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(cid, name, dir)| {
+            .enumerate()
+            .map(|(i, (cid, name, dir))| {
                 let engine = engine.clone();
                 // Frozen, not killed: a failed move resumes it where it stopped.
                 let options = CheckpointOptions {
                     image_path: dir.clone(),
                     keep_frozen: true,
+                    stream_pages: streams.get(i).cloned().flatten(),
                     ..Default::default()
                 };
                 (
@@ -2206,7 +2354,7 @@ mod dump_tests {
             .iter()
             .map(|c| (c.to_string(), c.to_string(), tmp.path().join(c)))
             .collect();
-        let (_, results) = dump_with_retries(&engine, &jobs, "uid", "m");
+        let (_, results, _) = dump_with_retries(&engine, &jobs, Vec::new(), "uid", "m");
         let ok = results.iter().map(|(_, _, r)| r.is_ok()).collect();
         let mut calls = engine.calls.lock().expect("calls").clone();
         calls.sort();

@@ -9,6 +9,10 @@
 //! the frozen window; CRC-32 (SIMD) costs ~20 ms per GiB.
 //!
 //! Wire format (all integers big-endian):
+//! - streamed pages (first, one per container whose pages went ahead through a page
+//!   stream, see `stream.rs`): `b'P'`, u16 length + container name, u64 bytes, u32 CRC-32
+//!   of that stream; the container's directory then holds those pages already and is
+//!   kept, and the target checks the figures against what it received;
 //! - file:  `b'F'`, u16 length + container name, u16 length + file name, u32 mode,
 //!   u64 size, then `size` bytes of content;
 //! - end:   `b'E'`, then 4 bytes: CRC-32 (IEEE) of every byte before them.
@@ -21,6 +25,8 @@ use std::{
 };
 
 use bytes::Bytes;
+
+use super::stream::StreamFigures;
 
 /// Size of the chunks the sender reads and sends.
 const CHUNK: usize = 1 << 20;
@@ -71,10 +77,12 @@ fn safe_name(s: &str) -> bool {
 }
 
 /// Streams the image directories (container name, directory) into `send`, chunk by
-/// chunk; returns the bytes of image content sent. Blocking: run it off the async runtime.
+/// chunk, after announcing the containers whose pages went ahead in a page stream;
+/// returns the bytes of image content sent. Blocking: run it off the async runtime.
 /// `send` returns false when the receiver is gone, which ends the stream with [`TransferError::Cut`].
 pub fn send_images(
     dirs: &[(String, PathBuf)],
+    streamed: &[(String, StreamFigures)],
     mut send: impl FnMut(Bytes) -> bool,
 ) -> Result<u64, TransferError> {
     let mut digest = crc32fast::Hasher::new();
@@ -86,6 +94,14 @@ pub fn send_images(
             Err(TransferError::Cut("the receiver went away".into()))
         }
     };
+    for (container, figures) in streamed {
+        let mut frame = vec![b'P'];
+        frame.extend_from_slice(&(container.len() as u16).to_be_bytes());
+        frame.extend_from_slice(container.as_bytes());
+        frame.extend_from_slice(&figures.bytes.to_be_bytes());
+        frame.extend_from_slice(&figures.crc.to_be_bytes());
+        push(frame, &mut digest)?;
+    }
     let mut total = 0;
     for (container, dir) in dirs {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -151,6 +167,18 @@ pub struct Receiver<F> {
     state: Parse,
     bytes: u64,
     dirs: Vec<(String, PathBuf)>,
+    streamed: Vec<(String, StreamFigures)>,
+}
+
+/// A complete, checked checkpoint stream.
+#[derive(Debug)]
+pub struct Received {
+    /// The directories written, per container.
+    pub dirs: Vec<(String, PathBuf)>,
+    /// Bytes of image content received in the stream itself.
+    pub bytes: u64,
+    /// The containers whose pages the source announced it streamed ahead, with its figures.
+    pub streamed: Vec<(String, StreamFigures)>,
 }
 
 impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
@@ -164,6 +192,7 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
             state: Parse::Header,
             bytes: 0,
             dirs: Vec::new(),
+            streamed: Vec::new(),
         }
     }
 
@@ -235,6 +264,19 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
                     };
                     return self.feed(&rest);
                 }
+                b'P' => {
+                    let Some((container, figures, used)) = parse_streamed(&self.buf)? else {
+                        return Ok(()); // incomplete: wait for more
+                    };
+                    if !self.dirs.is_empty() || self.streamed.iter().any(|(c, _)| *c == container) {
+                        return Err(TransferError::Malformed(format!(
+                            "streamed pages of container {container:?} announced late or twice"
+                        )));
+                    }
+                    let header: Vec<u8> = self.buf.drain(..used).collect();
+                    self.hash(&header);
+                    self.streamed.push((container, figures));
+                }
                 b'F' => {
                     let Some((container, name, mode, size, used)) = parse_file_header(&self.buf)?
                     else {
@@ -281,6 +323,16 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
         let dir = (self.dest)(container).ok_or_else(|| {
             TransferError::Malformed(format!("container {container:?} was not asked for"))
         })?;
+        if self.streamed.iter().any(|(c, _)| c == container) {
+            // Its pages arrived ahead into this directory: the rest joins them.
+            if !dir.is_dir() {
+                return Err(TransferError::Malformed(format!(
+                    "the pages of container {container:?} were announced streamed, but none arrived"
+                )));
+            }
+            self.dirs.push((container.into(), dir.clone()));
+            return Ok(dir);
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))?;
         }
@@ -293,11 +345,15 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
         Ok(dir)
     }
 
-    /// Ends the stream: the directories written, per container, when it was complete and
-    /// its digest matched. On error the caller removes [`Receiver::written`].
-    pub fn finish(self) -> Result<(Vec<(String, PathBuf)>, u64), TransferError> {
+    /// Ends the stream: what was written, when it was complete and its digest matched.
+    /// On error the caller removes [`Receiver::written`].
+    pub fn finish(self) -> Result<Received, TransferError> {
         match self.state {
-            Parse::Done => Ok((self.dirs, self.bytes)),
+            Parse::Done => Ok(Received {
+                dirs: self.dirs,
+                bytes: self.bytes,
+                streamed: self.streamed,
+            }),
             _ => Err(TransferError::Cut(
                 "the stream ended before its end frame".into(),
             )),
@@ -311,6 +367,38 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
 }
 
 type FileHeader = (String, String, u32, u64, usize);
+
+/// A `P` frame: container, its page stream's figures, and the frame's length.
+fn parse_streamed(b: &[u8]) -> Result<Option<(String, StreamFigures, usize)>, TransferError> {
+    let Some(len) = b.get(1..3) else {
+        return Ok(None);
+    };
+    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+    let Some(raw) = b.get(3..3 + len) else {
+        return Ok(None);
+    };
+    let container = std::str::from_utf8(raw)
+        .map_err(|_| TransferError::Malformed("name is not UTF-8".into()))?;
+    if !safe_name(container) {
+        return Err(TransferError::Malformed(format!(
+            "unsafe name {container:?}"
+        )));
+    }
+    let Some(fixed) = b.get(3 + len..3 + len + 12) else {
+        return Ok(None);
+    };
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&fixed[..8]);
+    let crc = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
+    Ok(Some((
+        container.to_owned(),
+        StreamFigures {
+            bytes: u64::from_be_bytes(bytes),
+            crc,
+        },
+        3 + len + 12,
+    )))
+}
 
 fn parse_file_header(b: &[u8]) -> Result<Option<FileHeader>, TransferError> {
     let mut at = 1;
@@ -370,7 +458,7 @@ mod tests {
 
     fn stream(dirs: &[(String, PathBuf)]) -> Vec<u8> {
         let mut out = Vec::new();
-        send_images(dirs, |b| {
+        send_images(dirs, &[], |b| {
             out.extend_from_slice(&b);
             true
         })
@@ -388,7 +476,7 @@ mod tests {
         for c in data.chunks(chunk) {
             r.feed(c)?;
         }
-        r.finish()
+        r.finish().map(|got| (got.dirs, got.bytes))
     }
 
     #[test]
@@ -451,11 +539,54 @@ mod tests {
     fn a_receiver_that_goes_away_cuts_the_sender() {
         let tmp = tempfile::tempdir().expect("tmp");
         let mut sent = 0;
-        let err = send_images(&images(tmp.path()), |_| {
+        let err = send_images(&images(tmp.path()), &[], |_| {
             sent += 1;
             sent < 3
         })
         .expect_err("cut");
         assert!(matches!(err, TransferError::Cut(_)));
+    }
+
+    #[test]
+    fn streamed_pages_join_the_images_and_their_figures_come_through() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dirs = images(tmp.path());
+        let figures = StreamFigures {
+            bytes: 123,
+            crc: 0xdead_beef,
+        };
+        let mut data = Vec::new();
+        send_images(&dirs, &[("a".into(), figures)], |b| {
+            data.extend_from_slice(&b);
+            true
+        })
+        .expect("send");
+        let dst = tmp.path().join("dst");
+        // The page stream wrote into a's directory before the images came.
+        std::fs::create_dir_all(dst.join("a")).expect("mkdir");
+        std::fs::write(dst.join("a/pages-1.img.streamed"), b"pages").expect("w");
+        let stale = dst.join("b/stale.img");
+        std::fs::create_dir_all(dst.join("b")).expect("mkdir");
+        std::fs::write(&stale, b"old").expect("w");
+        let mut r = Receiver::new(|c: &str| Some(dst.join(c)));
+        data.chunks(4096).try_for_each(|c| r.feed(c)).expect("feed");
+        let got = r.finish().expect("finish");
+        assert_eq!(got.streamed, vec![("a".to_owned(), figures)]);
+        assert!(
+            dst.join("a/pages-1.img.streamed").is_file(),
+            "streamed pages kept"
+        );
+        assert!(dst.join("a/inventory.img").is_file());
+        assert!(
+            !stale.exists(),
+            "a directory nobody streamed into starts empty"
+        );
+        // Announced, but nothing arrived: refused.
+        let mut r = Receiver::new(|c: &str| Some(tmp.path().join("none").join(c)));
+        let err = data
+            .chunks(4096)
+            .try_for_each(|c| r.feed(c))
+            .expect_err("no pages arrived");
+        assert!(err.to_string().contains("none arrived"), "{err}");
     }
 }
