@@ -159,6 +159,38 @@ fn latencies(
     )
 }
 
+/// One move's phases and the rate of each, as the daemons reported them.
+fn phases(strategy: &str, mem: u64, r: &podmig_api::v1alpha1::MigrationReport) -> String {
+    let rate = |bytes: u64, ms: u64| {
+        if ms == 0 {
+            "-".to_owned()
+        } else {
+            format!("{:.0}", bytes as f64 / 1e6 / (ms as f64 / 1e3))
+        }
+    };
+    let pages = if r.pages_ms > 0 {
+        format!(
+            " pages={}ms ({} MB/s)",
+            r.pages_ms,
+            rate(r.bytes, r.pages_ms)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "podmig-phases strategy={strategy} mem_mib={mem} dump={}ms (streamed {} MB at {} MB/s) \
+         transfer={}ms restore={}ms ({} MB/s) frozen={}ms bytes={}{pages}",
+        r.checkpoint_ms,
+        r.streamed_bytes / 1_000_000,
+        rate(r.streamed_bytes, r.checkpoint_ms),
+        r.transfer_ms,
+        r.restore_ms,
+        rate(r.bytes, r.restore_ms),
+        r.frozen_ms,
+        r.bytes,
+    )
+}
+
 async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::Result<Sample> {
     let name = format!("pm{}{mem}r{run}", if lazy { "l" } else { "" });
     let strategy = if lazy { "lazy" } else { "full" };
@@ -210,6 +242,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::R
     let (downtime, kept_state) = gap(&answers, from, &new_ip)?;
     c.kubectl(&["delete", "mpod", &name, "--wait=true", "--timeout=60s"])?;
     let report = st.report.clone().unwrap_or_default();
+    println!("{}", phases(strategy, mem, &report));
     Ok(Sample {
         downtime,
         frozen: st.frozen_ms.map(Duration::from_millis),
