@@ -100,3 +100,7 @@ pub fn is_podmig_owned(key: &str) -> bool {
 
 /// Target-Pod annotation set by the controller from the move's `strategy` (absent: `full`).
 pub const ANNOTATION_MIGRATION_STRATEGY: &str = "podmig.dev/migration-strategy";
+
+/// Target-Pod annotation set by the controller for `strategy: auto`: the move's
+/// `maxDowntimeMs`.
+pub const ANNOTATION_MAX_DOWNTIME: &str = "podmig.dev/max-downtime-ms";

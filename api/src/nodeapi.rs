@@ -20,9 +20,12 @@ pub struct MigrateRequest {
     /// Or: labels the target node must have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
-    /// How to carry the state (default `full`).
+    /// How to carry the state (default `auto`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// `strategy: auto`: the longest the Pod may stay frozen, ms (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u32>,
     /// The move fails and rolls back when not done within this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<u32>,
@@ -61,6 +64,12 @@ pub struct Handover {
     /// the answer. Unset: everything comes in the answer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stream_pages: bool,
+    /// `auto`: the budget the source holds its estimate against, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_downtime_ms: Option<u32>,
+    /// `auto`: why the target cannot take a lazy move, if it cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy_impossible: Option<String>,
 }
 
 /// Answer to a person's `POST /migrate/{pod-uid}`: the Migration that records the move
@@ -106,6 +115,9 @@ pub struct CompleteRequest {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The restore's duration, ms (the source learns its rates from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<u64>,
 }
 
 /// One move a node daemon took part in (`GET /migrations`).

@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
-    /// Freeze, dump every container, carry the images, restore (thesis §4.5).
+    /// `full` when the full move is estimated to stay within `maxDowntimeMs` frozen,
+    /// else `lazy` where possible, else `full` with an Event saying by how much the
+    /// budget will be exceeded. The default.
     #[default]
+    Auto,
+    /// Freeze, dump every container, carry the images, restore (thesis §4.5).
     Full,
     /// Post-copy: dump all but the memory pages, resume on the target at once and fault
     /// the pages in from the source afterwards; the move ends when every page arrived.
@@ -33,6 +37,7 @@ impl Strategy {
     /// The name used in specs and annotations.
     pub fn as_str(self) -> &'static str {
         match self {
+            Strategy::Auto => "auto",
             Strategy::Full => "full",
             Strategy::Lazy => "lazy",
             Strategy::LazyOrFull => "lazy-or-full",
@@ -43,6 +48,7 @@ impl Strategy {
     /// Reads [`Strategy::as_str`]'s names back.
     pub fn parse(s: &str) -> Option<Self> {
         [
+            Strategy::Auto,
             Strategy::Full,
             Strategy::Lazy,
             Strategy::LazyOrFull,
@@ -56,10 +62,23 @@ impl Strategy {
     pub fn wants_lazy(self) -> bool {
         matches!(self, Strategy::Lazy | Strategy::LazyOrFull)
     }
+
+    /// Whether the move may turn out lazy (its target is done only once every page
+    /// arrived): `lazy`, `lazy-or-full`, and `auto`, which chooses at the source.
+    pub fn may_be_lazy(self) -> bool {
+        self.wants_lazy() || self == Strategy::Auto
+    }
 }
 
 fn default_timeout() -> u32 {
     300
+}
+
+/// The downtime budget of `strategy: auto` when none is given, ms.
+pub const DEFAULT_MAX_DOWNTIME_MS: u32 = 1000;
+
+fn default_max_downtime() -> u32 {
+    DEFAULT_MAX_DOWNTIME_MS
 }
 
 /// A workload like a one-replica ReplicaSet whose Pod is moved, not restarted, when it is
@@ -85,6 +104,11 @@ pub struct MigratingPodSpec {
     /// How moves carry the Pod's state.
     #[serde(default)]
     pub strategy: Strategy,
+    /// `strategy: auto`: the longest the Pod may stay frozen, ms; a full move estimated
+    /// above it moves lazily instead.
+    #[serde(default = "default_max_downtime")]
+    #[schemars(range(min = 1))]
+    pub max_downtime_ms: u32,
     /// Placement hint for the Pod and its moves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
@@ -240,9 +264,16 @@ pub struct MigrationReport {
     /// Per container of a multi-container Pod (all frozen together, restored one by one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<ContainerFigures>,
-    /// The strategy the move ran with (`lazy-or-full` resolves to one of them).
+    /// The strategy the move ran with (`lazy-or-full` and `auto` resolve to one of them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// `strategy: auto`: the full move's frozen time the source estimated before it
+    /// chose, ms (compare `frozenMs`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub estimated_frozen_ms: u64,
+    /// `strategy: auto`: why it chose what it chose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy_reason: Option<String>,
     /// Lazy moves: from the target's resume until every page had arrived, ms (the
     /// degraded window, in which the app waits for each page it touches first).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -308,6 +339,11 @@ pub struct MigrationSpec {
     /// How to carry the state.
     #[serde(default)]
     pub strategy: Strategy,
+    /// `strategy: auto`: the longest the Pod may stay frozen, ms; a full move estimated
+    /// above it moves lazily instead.
+    #[serde(default = "default_max_downtime")]
+    #[schemars(range(min = 1))]
+    pub max_downtime_ms: u32,
     /// The move fails (and rolls back) when not done within this time.
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]

@@ -36,6 +36,8 @@ struct Sample {
     /// Median time the app took to answer before the move and after it (until the move
     /// ended: for a lazy move, the degraded window).
     latency: (Duration, Duration),
+    /// `auto`: the strategy it chose and the full move's estimated frozen time, ms.
+    chose: Option<(&'static str, u64)>,
 }
 
 /// One answer of the app: (when, count, address, how long it took).
@@ -191,9 +193,8 @@ fn phases(strategy: &str, mem: u64, r: &podmig_api::v1alpha1::MigrationReport) -
     )
 }
 
-async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::Result<Sample> {
-    let name = format!("pm{}{mem}r{run}", if lazy { "l" } else { "" });
-    let strategy = if lazy { "lazy" } else { "full" };
+async fn podmig_once(c: &Cluster, mem: u64, run: usize, strategy: &str) -> anyhow::Result<Sample> {
+    let name = format!("pm{}{mem}r{run}", &strategy[..1]);
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&format!(
         "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      nodeName: node-0\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mem}']}}\n"
@@ -241,8 +242,12 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::R
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (downtime, kept_state) = gap(&answers, from, &new_ip)?;
     c.kubectl(&["delete", "mpod", &name, "--wait=true", "--timeout=60s"])?;
-    let report = st.report.clone().unwrap_or_default();
+    let report = until("the move's report", Duration::from_secs(30), async || {
+        migs.get(&name).await.ok()?.status?.report
+    })
+    .await?;
     println!("{}", phases(strategy, mem, &report));
+    let lazy = report.strategy == Some(podmig_api::v1alpha1::Strategy::Lazy);
     Ok(Sample {
         downtime,
         frozen: st.frozen_ms.map(Duration::from_millis),
@@ -250,6 +255,10 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, lazy: bool) -> anyhow::R
         pages: lazy.then(|| Duration::from_millis(report.pages_ms)),
         bytes: Some(report.bytes),
         latency: latencies(&answers, from, done, &new_ip),
+        chose: (strategy == "auto").then_some((
+            if lazy { "lazy" } else { "full" },
+            report.estimated_frozen_ms,
+        )),
     })
 }
 
@@ -290,6 +299,7 @@ async fn restart_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sampl
         pages: None,
         bytes: None,
         latency: (Duration::ZERO, Duration::ZERO),
+        chose: None,
     })
 }
 
@@ -377,6 +387,7 @@ async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         pages: None,
         bytes: None,
         latency: (Duration::ZERO, Duration::ZERO),
+        chose: None,
     })
 }
 
@@ -396,15 +407,16 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
     let (_ctl, _) = c.start_controller("bench")?;
-    let strategies = ["podmig", "restart", "thesis", "lazy"];
+    let strategies = ["podmig", "restart", "thesis", "lazy", "auto"];
     let mut rows = Vec::new();
     for &mem in sizes {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); strategies.len()];
         for run in 0..runs {
             for (i, s) in strategies.iter().enumerate() {
                 let sample = match *s {
-                    "podmig" => podmig_once(&c, mem, run, false).await,
-                    "lazy" => podmig_once(&c, mem, run, true).await,
+                    "podmig" => podmig_once(&c, mem, run, "full").await,
+                    "lazy" => podmig_once(&c, mem, run, "lazy").await,
+                    "auto" => podmig_once(&c, mem, run, "auto").await,
                     "restart" => restart_once(&c, mem, run).await,
                     _ => thesis_once(&c, mem, run).await,
                 }
@@ -472,6 +484,30 @@ pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
             lat_in.map_or("-".into(), |d| format!("{:.2}", d.as_secs_f64() * 1000.0)),
             med(&s[3]).as_secs_f64() / med(&s[0]).as_secs_f64().max(1e-6),
             med(&s[3]).as_secs_f64() / lazy_zero.max(1e-6),
+        );
+    }
+    println!();
+    println!("auto strategy (maxDowntimeMs 1000), same runs:");
+    println!(
+        "| mem MiB | auto downtime | auto frozen | chose | estimated full frozen | auto / full downtime |"
+    );
+    println!("|---:|---:|---:|---|---:|---:|");
+    for (mem, s) in &rows {
+        let chose: Vec<String> = s[4]
+            .iter()
+            .filter_map(|x| x.chose.map(|(c, _)| c.to_owned()))
+            .collect();
+        let estimate = s[4]
+            .iter()
+            .filter_map(|x| x.chose.map(|(_, e)| e))
+            .max()
+            .unwrap_or(0);
+        println!(
+            "| {mem} | {} | {} | {} | {estimate} | {:.2} |",
+            med(&s[4]).as_millis(),
+            ms(med_frozen(&s[4])),
+            chose.join(" "),
+            med(&s[4]).as_secs_f64() / med(&s[0]).as_secs_f64().max(1e-6),
         );
     }
     let series: Vec<crate::plot::Series> = strategies

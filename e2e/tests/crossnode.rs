@@ -23,7 +23,7 @@ use podmig_e2e::{
 
 fn mpod_yaml(name: &str, args: &str) -> String {
     format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  migrationTimeoutSeconds: 60\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: [{args}]}}\n"
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  strategy: full\n  migrationTimeoutSeconds: 60\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: [{args}]}}\n"
     )
 }
 
@@ -117,7 +117,7 @@ async fn big_move_at(
     let to = c.nodes[if same_node { src } else { 1 - src }].name.clone();
     podmig_e2e::testapp::wait_count(&src_ip, Duration::from_secs(120)).await?;
     c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {to}, timeoutSeconds: 60}}\n"
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {to}, strategy: full, timeoutSeconds: 60}}\n"
     ))?;
     let target = format!("{name}-1");
     let mut interval = tokio::time::interval(Duration::from_millis(10));

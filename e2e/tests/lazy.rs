@@ -280,3 +280,84 @@ async fn a_link_cut_mid_stream_stops_the_target_and_never_resumes_the_source() -
     .await?;
     failed_on_purpose(&c, &pods, "link", ended, "link cut").await
 }
+
+/// Moves MigratingPod `name`'s Pod `name-0` to the other node with `strategy: auto` (the
+/// default: no strategy given) and `maxDowntimeMs: budget`; the ended Migration's status.
+async fn auto_move(
+    c: &Cluster,
+    pods: &Api<Pod>,
+    name: &str,
+    mib: u32,
+    budget: u32,
+) -> anyhow::Result<(MigrationStatus, String, String)> {
+    let (src, _, checksum) = start_app(c, pods, name, mib).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {name}-0, targetNode: {}, maxDowntimeMs: {budget}, timeoutSeconds: 60}}\n",
+        c.nodes[1 - src].name
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = migration_ended(&migs, name, Duration::from_secs(120)).await?;
+    assert_eq!(
+        st.phase,
+        Some(MigrationPhase::Succeeded),
+        "{st:?}\n{}",
+        logs(c)
+    );
+    let st = until("the move's report", Duration::from_secs(30), async || {
+        migs.get(name)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.report.is_some())
+    })
+    .await?;
+    let p1 = ready(pods, &format!("{name}-1"), Duration::from_secs(30)).await?;
+    let moved = get_at(&ip(&p1), 8080, "/checksum").await?;
+    Ok((st, checksum, moved))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_moves_a_big_pod_lazily_and_a_small_one_in_full_by_the_downtime_budget()
+-> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    // 256 MiB cannot be dumped, carried and restored within 200 ms: lazy.
+    let (st, before, after) = auto_move(&c, &pods, "bigauto", 256, 200).await?;
+    let report = st.report.clone().unwrap_or_default();
+    eprintln!("auto, 256 MiB, maxDowntimeMs 200: {report:?}");
+    assert_eq!(report.strategy, Some(Strategy::Lazy), "{report:?}");
+    assert!(report.estimated_frozen_ms > 200, "{report:?}");
+    assert!(
+        report
+            .strategy_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("over maxDowntimeMs 200")),
+        "{report:?}"
+    );
+    assert_eq!(before, after, "memory intact after the lazy move");
+    // A small Pod fits a generous budget: full, its pages streamed while it dumped.
+    let (st, before, after) = auto_move(&c, &pods, "smallauto", 0, 5000).await?;
+    let report = st.report.clone().unwrap_or_default();
+    eprintln!("auto, 0 MiB, maxDowntimeMs 5000: {report:?}");
+    assert_eq!(report.strategy, Some(Strategy::Full), "{report:?}");
+    assert!(
+        report.estimated_frozen_ms > 0 && report.estimated_frozen_ms <= 5000,
+        "{report:?}"
+    );
+    assert!(report.streamed_bytes > 0, "{report:?}");
+    assert!(
+        report
+            .strategy_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("within maxDowntimeMs 5000")),
+        "{report:?}"
+    );
+    assert_eq!(before, after);
+    // `kubectl get migration -o yaml` shows the choice as a person reads it.
+    let yaml = c.kubectl(&["get", "migration", "smallauto", "-o", "yaml"])?;
+    assert!(
+        yaml.contains("strategy: full") && yaml.contains("estimatedFrozenMs"),
+        "{yaml}"
+    );
+    Ok(())
+}

@@ -512,6 +512,12 @@ pub fn decide_with(
                     ANNOTATION_MIGRATION_STRATEGY.into(),
                     mpod.spec.strategy.as_str().into(),
                 );
+                if mpod.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
+                    annotations.insert(
+                        podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
+                        mpod.spec.max_downtime_ms.to_string(),
+                    );
+                }
             }
             actions.push(Action::Event {
                 reason: "MigrationStarted",

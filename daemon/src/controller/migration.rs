@@ -108,6 +108,12 @@ fn build_target(
             ANNOTATION_MIGRATION_STRATEGY.into(),
             m.spec.strategy.as_str().into(),
         );
+        if m.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
+            annotations.insert(
+                podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
+                m.spec.max_downtime_ms.to_string(),
+            );
+        }
     }
     let spec = target.spec.get_or_insert_default();
     if let Some(t) = &m.spec.target_node {

@@ -184,7 +184,7 @@ pub fn is_ready(p: &Pod) -> bool {
 pub fn moved_in(p: &Pod) -> bool {
     let lazy = annotation(p, podmig_api::ANNOTATION_MIGRATION_STRATEGY)
         .and_then(podmig_api::v1alpha1::Strategy::parse)
-        .is_some_and(podmig_api::v1alpha1::Strategy::wants_lazy);
+        .is_some_and(podmig_api::v1alpha1::Strategy::may_be_lazy);
     is_ready(p) && (!lazy || reported_phase(p) == Some(DaemonPhase::Restored))
 }
 

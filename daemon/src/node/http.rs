@@ -427,6 +427,10 @@ async fn migrate<E: CheckpointEngine>(
             target_node: body.target_node.clone(),
             node_selector: body.node_selector.clone(),
             strategy: body.strategy.unwrap_or_default(),
+            max_downtime_ms: body
+                .max_downtime_ms
+                .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS)
+                .max(1),
             timeout_seconds: body.timeout_seconds.unwrap_or(300).max(1),
         },
     );
@@ -639,8 +643,13 @@ async fn handover<E: CheckpointEngine>(
                 target: target.clone(),
                 deadline: Instant::now() + hold,
                 remote: true,
-                strategy: h.strategy.unwrap_or_default(),
+                // A hand-over that names no strategy is a full one.
+                strategy: h.strategy.unwrap_or(Strategy::Full),
                 stream_pages: h.stream_pages,
+                max_downtime_ms: h
+                    .max_downtime_ms
+                    .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS),
+                target_lazy_impossible: h.lazy_impossible.clone(),
             },
             prepared: tx,
         },
@@ -700,7 +709,7 @@ async fn handover<E: CheckpointEngine>(
         drop(verdict);
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(stream_rx));
-    Ok((
+    let mut response = (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, CHECKPOINT_MEDIA_TYPE.to_owned()),
@@ -719,7 +728,21 @@ async fn handover<E: CheckpointEngine>(
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    if let Some(c) = &prepared.choice {
+        let headers = response.headers_mut();
+        headers.insert(
+            header::HeaderName::from_static(super::peer::HEADER_ESTIMATE_MS),
+            header::HeaderValue::from(c.estimate_ms),
+        );
+        if let Ok(v) = header::HeaderValue::from_str(&c.reason) {
+            headers.insert(
+                header::HeaderName::from_static(super::peer::HEADER_STRATEGY_REASON),
+                v,
+            );
+        }
+    }
+    Ok(response)
 }
 
 /// Who may act on the source side of move `id`: whoever may migrate its Pod.
@@ -838,6 +861,13 @@ async fn complete<E: CheckpointEngine>(
     let raw = read_body(request.into_body()).await;
     check_peer_of_move(&s, token.as_deref(), &id).await?;
     let body: CompleteRequest = parse_json(&raw?)?;
+    if let Some(ms) = body.restore_ms {
+        s.node
+            .manager
+            .update(super::migration::Role::Source, &id, |i| {
+                i.report.restore_ms = ms
+            });
+    }
     let verdict = if body.ok {
         Verdict::Commit
     } else {

@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod capabilities;
 pub mod cri;
+pub mod estimate;
 pub mod group;
 pub mod hook;
 pub mod http;
@@ -95,6 +96,8 @@ pub struct Node<E> {
     pub(crate) page_servers: Mutex<HashMap<String, Arc<podmig_cri_ext::lazy::PageServer>>>,
     /// Streamed full moves this (target) node expects page streams for, by move id.
     pub(crate) page_sinks: Mutex<HashMap<String, Arc<stream::Sink>>>,
+    /// The rates of full moves towards each target node, for `strategy: auto`.
+    pub(crate) learned: estimate::Learned,
     pub(crate) rt: tokio::runtime::Handle,
 }
 
@@ -128,6 +131,7 @@ impl<E: CheckpointEngine> Node<E> {
             lazy: std::sync::OnceLock::new(),
             page_servers: Mutex::default(),
             page_sinks: Mutex::default(),
+            learned: estimate::Learned::default(),
             rt: tokio::runtime::Handle::current(),
         })
     }

@@ -20,6 +20,11 @@ pub const HEADER_FROZEN_MS: &str = "x-podmig-frozen-ms";
 /// Answer header of a handover: `lazy` when the memory pages were left out (the target
 /// pulls them through `POST /migrations/{id}/pages`), else `full`.
 pub const HEADER_STRATEGY: &str = "x-podmig-strategy";
+/// Answer header of a hand-over with `strategy: auto`: the full move's estimated frozen
+/// time, ms.
+pub const HEADER_ESTIMATE_MS: &str = "x-podmig-estimate-ms";
+/// Answer header of a hand-over with `strategy: auto`: why it chose what it chose.
+pub const HEADER_STRATEGY_REASON: &str = "x-podmig-strategy-reason";
 /// Protocol named in the `Upgrade` header of the page tunnel.
 pub const PAGES_PROTOCOL: &str = "podmig-pages";
 
@@ -111,6 +116,8 @@ pub struct Fetched {
     pub lazy: bool,
     /// Containers whose pages the source streamed ahead, with the figures it sent.
     pub streamed: Vec<(String, super::stream::StreamFigures)>,
+    /// `auto`: the full move's estimated frozen time and why the source chose as it did.
+    pub choice: Option<(u64, String)>,
 }
 
 /// How a page tunnel ended.
@@ -231,6 +238,12 @@ impl PeerClient {
             .headers()
             .get(HEADER_STRATEGY)
             .is_some_and(|v| v.as_bytes() == b"lazy");
+        let choice = resp.headers().get(HEADER_STRATEGY_REASON).map(|v| {
+            (
+                header_ms(HEADER_ESTIMATE_MS),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        });
         let is_checkpoint = resp
             .headers()
             .get("content-type")
@@ -292,6 +305,7 @@ impl PeerClient {
                 dirs: got.dirs,
                 bytes: got.bytes,
                 streamed: got.streamed,
+                choice,
                 checkpoint_ms,
                 transfer_ms: started.elapsed().as_millis() as u64,
                 frozen_at,

@@ -150,6 +150,10 @@ pub struct MigrateOrder {
     pub strategy: Strategy,
     /// The target takes a full move's pages in page streams while the source dumps.
     pub stream_pages: bool,
+    /// `auto`: the downtime budget, ms.
+    pub max_downtime_ms: u32,
+    /// `auto`: why the target cannot take a lazy move, if it cannot.
+    pub target_lazy_impossible: Option<String>,
 }
 
 /// A checkpoint ready to hand over.
@@ -167,6 +171,8 @@ pub struct Prepared {
     pub lazy: bool,
     /// Containers whose pages went ahead in page streams, with what each stream carried.
     pub streamed: Vec<(String, StreamFigures)>,
+    /// `auto`: what it chose and why.
+    pub choice: Option<super::estimate::Choice>,
     /// The second channel: the target's verdict.
     pub verdict: Sender<Verdict>,
 }
@@ -629,10 +635,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ann.get(ANNOTATION_MIGRATION_DEADLINE),
             self.node.settings.hold,
         );
+        // No annotation: the controller asked for `full`.
         let strategy = ann
             .get(ANNOTATION_MIGRATION_STRATEGY)
             .and_then(|s| Strategy::parse(s))
-            .unwrap_or_default();
+            .unwrap_or(Strategy::Full);
+        let max_downtime_ms = ann
+            .get(podmig_api::ANNOTATION_MAX_DOWNTIME)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS);
         if let Some(answer) = self.restore_from_group(&c, &id) {
             let _ = reply.send(answer);
             return;
@@ -710,7 +721,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
         } else if running_here() {
             self.fetch_local(&c, &source_uid, &id, deadline)
         } else if let Some(node) = source_node.filter(|n| *n != local_node) {
-            self.fetch_remote(&c, &source_uid, &node, &id, deadline, strategy)
+            self.fetch_remote(
+                &c,
+                &source_uid,
+                &node,
+                &id,
+                deadline,
+                (strategy, max_downtime_ms),
+            )
         } else {
             Err(format!(
                 "no checkpoint of container {name:?} of source pod {source_uid} on this node and \
@@ -885,6 +903,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             remote: false,
             strategy: Strategy::Full,
             stream_pages: false,
+            max_downtime_ms: podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS,
+            target_lazy_impossible: None,
         };
         self.node.dispatch(
             source_uid,
@@ -926,9 +946,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
         source_node: &str,
         id: &str,
         deadline: Instant,
-        strategy: Strategy,
+        (strategy, max_downtime_ms): (Strategy, u32),
     ) -> Result<Arrival, String> {
+        let auto = strategy == Strategy::Auto;
         let strategy = match (strategy.wants_lazy(), self.node.lazy_impossible()) {
+            // The source chooses; it must know whether this node can take a lazy move.
+            _ if auto => Some(Strategy::Auto),
             (false, _) => None,
             (true, None) => Some(strategy),
             (true, Some(why)) if strategy == Strategy::Lazy => {
@@ -958,7 +981,13 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 timeout_seconds: left.as_secs().max(1) as u32,
                 strategy,
                 // A full move's pages come ahead in page streams while the source dumps.
-                stream_pages: strategy.is_none(),
+                stream_pages: strategy.is_none() || auto,
+                max_downtime_ms: auto.then_some(max_downtime_ms),
+                lazy_impossible: if auto {
+                    self.node.lazy_impossible()
+                } else {
+                    None
+                },
             }),
             ..Default::default()
         };
@@ -1046,6 +1075,13 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 transfer_ms: f.transfer_ms,
                 bytes: f.bytes + streamed_bytes,
                 streamed_bytes,
+                strategy: auto.then_some(if f.lazy {
+                    Strategy::Lazy
+                } else {
+                    Strategy::Full
+                }),
+                estimated_frozen_ms: f.choice.as_ref().map_or(0, |(ms, _)| *ms),
+                strategy_reason: f.choice.map(|(_, why)| why),
                 ..Default::default()
             },
             handback: Handback::Remote {
@@ -1099,6 +1135,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
 
     /// Tells the source how the restore of its checkpoint went.
     fn hand_back(&self, handback: &Handback, ok: bool, error: &str) -> Delivery {
+        self.hand_back_after(handback, ok, error, None)
+    }
+
+    /// [`Self::hand_back`] with the restore's duration, which the source learns from.
+    fn hand_back_after(
+        &self,
+        handback: &Handback,
+        ok: bool,
+        error: &str,
+        restore_ms: Option<u64>,
+    ) -> Delivery {
         let verdict = if ok {
             Verdict::Commit
         } else {
@@ -1116,6 +1163,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 let body = CompleteRequest {
                     ok,
                     error: (!ok).then(|| error.to_owned()),
+                    restore_ms,
                 };
                 let delivery =
                     Delivery::from(self.node.rt.block_on(peers.complete(host, id, &body)));
@@ -1215,7 +1263,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.node.journal.advance(e, journal::Step::Paging);
             }
         }
-        let delivered = self.hand_back(&p.handback, result.ok, &result.error);
+        let delivered = self.hand_back_after(
+            &p.handback,
+            result.ok,
+            &result.error,
+            Some(result.duration_ms),
+        );
         if result.ok
             && let Some(why) = verdict_not_taken(
                 &delivered,
@@ -1496,8 +1549,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
             return;
         };
         let mut error = failure;
-        let delivered =
-            self.hand_back(&g.handback, error.is_none(), error.as_deref().unwrap_or(""));
+        let delivered = self.hand_back_after(
+            &g.handback,
+            error.is_none(),
+            error.as_deref().unwrap_or(""),
+            Some(g.plan.restore_ms()),
+        );
         if error.is_none()
             && let Some(why) =
                 verdict_not_taken(&delivered, g.journals.iter().any(journal::Entry::expired))
@@ -1603,17 +1660,28 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ))));
             return;
         }
-        let lazy = if order.strategy.wants_lazy() {
-            let why_not = if wanted.len() > 1 {
-                Some(format!(
-                    "lazy moves carry single-container Pods; pod {} has {} containers",
-                    self.uid,
-                    wanted.len()
-                ))
-            } else {
-                self.node.lazy_impossible()
-            };
-            match why_not {
+        let why_not_lazy = if wanted.len() > 1 {
+            Some(format!(
+                "lazy moves carry single-container Pods; pod {} has {} containers",
+                self.uid,
+                wanted.len()
+            ))
+        } else {
+            self.node.lazy_impossible().or_else(|| {
+                order
+                    .target_lazy_impossible
+                    .as_ref()
+                    .map(|w| format!("on the target: {w}"))
+            })
+        };
+        let mut choice = None;
+        let lazy = if order.strategy == Strategy::Auto {
+            let c = self.choose_strategy(&wanted, &order, why_not_lazy);
+            let lazy = c.strategy == Strategy::Lazy;
+            choice = Some(c);
+            lazy
+        } else if order.strategy.wants_lazy() {
+            match why_not_lazy {
                 None => true,
                 Some(why) if order.strategy == Strategy::Lazy => {
                     let _ = prepared.send(Err(MoveError::NotLazy(why)));
@@ -1781,7 +1849,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             checkpoint_ms,
             bytes,
             lazy,
-            streamed,
+            streamed: streamed.clone(),
+            choice,
             verdict: vtx,
         }));
         let verdict = if sent.is_err() {
@@ -1805,6 +1874,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Verdict::Commit => {
                 for e in &mut entries {
                     self.node.journal.advance(e, journal::Step::Committed);
+                }
+                if !lazy && !streamed.is_empty() {
+                    self.learn_rates(&order, &id, bytes, checkpoint_ms, frozen_at);
                 }
                 // The target runs: this copy never does again. With lazy memory it still
                 // serves the pages the target faults in, until every one has gone.
@@ -1871,6 +1943,67 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         }
         self.reconsider_parked();
+    }
+
+    /// `strategy: auto`: estimates the full move's frozen time from the containers'
+    /// memory and the rates learned towards the target node, and chooses; an expected
+    /// overrun of the budget is an Event on the Pod.
+    fn choose_strategy(
+        &self,
+        wanted: &[(String, String)],
+        order: &MigrateOrder,
+        why_not_lazy: Option<String>,
+    ) -> super::estimate::Choice {
+        let root = &self.node.settings.runc_root;
+        let bytes: u64 = wanted
+            .iter()
+            .filter_map(|(cid, _)| podmig_cri_ext::freezer::memory_usage(root, cid))
+            .sum();
+        let rates = self.node.learned.rates(&order.target.node);
+        let c = super::estimate::choose(
+            rates.full_frozen_ms(bytes),
+            order.max_downtime_ms,
+            why_not_lazy.map_or(Ok(()), Err),
+        );
+        tracing::info!(pod_uid = %self.uid, migration = %order.migration, bytes,
+            estimate_ms = c.estimate_ms, budget_ms = c.budget_ms, strategy = c.strategy.as_str(),
+            ?rates, "auto strategy chose");
+        if c.over_budget()
+            && let Some(p) = &self.pod
+        {
+            self.node.event_on_pod(
+                &p.metadata.namespace.clone().unwrap_or_default(),
+                &p.metadata.name.clone().unwrap_or_default(),
+                "MigrationOverBudget",
+                &c.reason,
+            );
+        }
+        c
+    }
+
+    /// Learns the rates towards the target from a committed streamed full move (its
+    /// restore time came with the verdict).
+    fn learn_rates(
+        &self,
+        order: &MigrateOrder,
+        id: &str,
+        bytes: u64,
+        dump_ms: u64,
+        frozen_at: Instant,
+    ) {
+        let restore_ms = self
+            .node
+            .manager
+            .get(id)
+            .into_iter()
+            .find(|m| m.role == "source")
+            .map_or(0, |m| m.report.restore_ms);
+        let frozen_ms = frozen_at.elapsed().as_millis() as u64;
+        self.node
+            .learned
+            .learn(&order.target.node, bytes, dump_ms, restore_ms, frozen_ms);
+        tracing::debug!(target_node = %order.target.node, rates = ?self.node.learned.rates(&order.target.node),
+            "learned the rates of a full move");
     }
 
     /// Opens one page stream per container to the target before the freeze, so that the
@@ -2176,6 +2309,9 @@ fn restore_from(images: &std::path::Path) -> Answer {
     })
 }
 
+/// One container's dump: its name, its images and how the dump went.
+type Dumped = (String, PathBuf, podmig_cri_ext::Result<CheckpointReport>);
+
 /// Freezes and dumps the Pod's containers; a multi-container dump that caught a Unix socket
 /// connection between them half-made (its peer outside each container's dump) is thawed
 /// and tried again, up to [`DUMP_ATTEMPTS`] times. The first attempt sends the pages into
@@ -2188,11 +2324,7 @@ fn dump_with_retries<E: CheckpointEngine + 'static>(
     mut streams: Vec<PageStream>,
     uid: &str,
     migration: &str,
-) -> (
-    Instant,
-    Vec<(String, PathBuf, podmig_cri_ext::Result<CheckpointReport>)>,
-    Vec<PageStream>,
-) {
+) -> (Instant, Vec<Dumped>, Vec<PageStream>) {
     let mut attempt = 1;
     loop {
         let frozen_at = Instant::now();

@@ -355,6 +355,7 @@ async fn confirm_with_source<E: CheckpointEngine>(
             let body = CompleteRequest {
                 ok: true,
                 error: None,
+                restore_ms: None,
             };
             Delivery::from(peers.complete(&host, &e.migration, &body).await)
         }
