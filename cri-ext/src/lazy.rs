@@ -260,6 +260,24 @@ impl PageServer {
     }
 }
 
+/// Where `nice` may be found (coreutils on a node, podmig's image).
+const NICE: [&str; 2] = ["/usr/bin/nice", "/bin/nice"];
+
+/// A command for `program` at the lowest CPU priority (`nice -n 19`) where `nice` exists.
+/// NB: CRIU's lazy-pages daemon polls without sleeping while a page request is in flight;
+/// at normal priority it takes a whole core from the daemons that carry those very pages
+/// (and from the restored app). At nice 19 it still runs whenever a core is idle.
+fn yielding(program: &Path) -> Command {
+    match NICE.iter().map(Path::new).find(|p| p.is_file()) {
+        Some(nice) => {
+            let mut cmd = Command::new(nice);
+            cmd.args(["-n", "19"]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 /// What the target's lazy-pages daemon reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PageStats {
@@ -312,7 +330,7 @@ impl LazyPages {
     pub fn start(criu: &Path, images: &Path) -> Result<Self> {
         let net = PrivateNet::new()?;
         let listener = net.listen(PAGE_PORT)?;
-        let mut cmd = Command::new(criu);
+        let mut cmd = yielding(criu);
         cmd.arg("lazy-pages")
             .arg("--images-dir")
             .arg(images)

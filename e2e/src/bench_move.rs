@@ -403,10 +403,73 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> 
 }
 
 /// Runs the cross-node benchmark and prints the table and one line per strategy and size.
-pub async fn moves(sizes: &[u64], runs: usize) -> anyhow::Result<()> {
+/// `moves` of one 16 MiB Pod back and forth between the two nodes, one after the other
+/// (`strategy: auto`, which picks `full` for it): the fixed cost of a move.
+async fn pingpong(c: &Cluster, moves: usize) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    c.apply(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: pingpong}\nspec:\n  template:\n    spec:\n      nodeName: node-0\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '16']}\n",
+    )?;
+    let ip = ready_ip(&pods, "pingpong-0", Duration::from_secs(120)).await?;
+    wait_count(&ip, Duration::from_secs(60)).await?;
+    let mut reports = Vec::new();
+    for i in 0..moves {
+        let name = format!("pingpong-m{i}");
+        let to = if i % 2 == 0 { "node-1" } else { "node-0" };
+        c.apply(&format!(
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: pingpong-{i}, targetNode: {to}}}\n"
+        ))?;
+        let st = until("pingpong move", Duration::from_secs(120), async || {
+            migs.get(&name).await.ok()?.status.filter(|s| {
+                s.phase == Some(MigrationPhase::Failed)
+                    || s.phase == Some(MigrationPhase::Succeeded) && s.report.is_some()
+            })
+        })
+        .await?;
+        anyhow::ensure!(
+            st.phase == Some(MigrationPhase::Succeeded),
+            "pingpong move {i} failed: {:?}",
+            st.message
+        );
+        let r = st.report.unwrap_or_default();
+        println!("{}", phases("pingpong", 16, &r));
+        reports.push(r);
+        ready_ip(
+            &pods,
+            &format!("pingpong-{}", i + 1),
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    let pick = |f: &dyn Fn(&podmig_api::v1alpha1::MigrationReport) -> u64, q: f64| {
+        let mut v: Vec<u64> = reports.iter().map(f).collect();
+        v.sort_unstable();
+        v.get(((v.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "pingpong: {moves} cross-node moves of a 16 MiB Pod: frozen median {} ms, p95 {} ms \
+         (dump median {} ms, rest of the images {} ms, restore {} ms)",
+        pick(&|r| r.frozen_ms, 0.5),
+        pick(&|r| r.frozen_ms, 0.95),
+        pick(&|r| r.checkpoint_ms, 0.5),
+        pick(&|r| r.transfer_ms, 0.5),
+        pick(&|r| r.restore_ms, 0.5),
+    );
+    c.kubectl(&["delete", "mpod", "pingpong", "--wait=true", "--timeout=60s"])?;
+    Ok(())
+}
+
+/// The cross-node benchmark: every strategy at every size, then the `pingpong` line.
+pub async fn moves(sizes: &[u64], runs: usize, pingpong_moves: usize) -> anyhow::Result<()> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
     let (_ctl, _) = c.start_controller("bench")?;
+    if pingpong_moves > 0 {
+        pingpong(&c, pingpong_moves).await?;
+    }
     let strategies = ["podmig", "restart", "thesis", "lazy", "auto"];
     let mut rows = Vec::new();
     for &mem in sizes {

@@ -349,11 +349,9 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         report.frozen_ms > 0 && report.bytes > 16 << 20 && report.restore_ms > 0,
         "{report:?}"
     );
-    // The memory went ahead in a page stream while the source dumped, not in the hand-over.
-    assert!(
-        report.streamed_bytes > 16 << 20 && report.streamed_bytes < report.bytes,
-        "{report:?}"
-    );
+    // A small Pod's pages travel in the hand-over: streams pay off from 64 MiB
+    // (`a_1gib_pod_moves_in_full_with_its_pages_streamed_and_its_memory_intact`).
+    assert_eq!(report.streamed_bytes, 0, "{report:?}");
     let target = answer.target_pod.clone().expect("target pod");
     let p1 = ready(&pods, &target, Duration::from_secs(10)).await?;
     assert_eq!(node_of(&p1), c.nodes[dst].name);

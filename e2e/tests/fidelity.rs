@@ -49,7 +49,7 @@ async fn crd_schemas_are_enforced_and_explained() -> anyhow::Result<()> {
     let err = kubectl_fails(&c, &["apply", "-f", &bad]);
     assert!(err.contains("The MigratingPod \"bad\" is invalid"), "{err}");
     assert!(
-        err.contains("spec.strategy: Unsupported value: \"teleport\": supported values: \"full\", \"lazy\", \"lazy-or-full\", \"precopy\""),
+        err.contains("spec.strategy: Unsupported value: \"teleport\": supported values: \"auto\", \"full\", \"lazy\", \"lazy-or-full\", \"precopy\""),
         "{err}"
     );
     assert!(
@@ -76,7 +76,8 @@ async fn crd_schemas_are_enforced_and_explained() -> anyhow::Result<()> {
         serde_json::from_str(&c.kubectl(&["get", "mpod", "unknown", "-o", "json"])?)?;
     assert!(stored["spec"].get("bogus").is_none(), "{stored}");
     // Defaults from the schema.
-    assert_eq!(stored["spec"]["strategy"], "full");
+    assert_eq!(stored["spec"]["strategy"], "auto");
+    assert_eq!(stored["spec"]["maxDowntimeMs"], 1000);
     assert_eq!(stored["spec"]["migrationTimeoutSeconds"], 300);
 
     let err = kubectl_fails(

@@ -335,7 +335,7 @@ async fn auto_moves_a_big_pod_lazily_and_a_small_one_in_full_by_the_downtime_bud
         "{report:?}"
     );
     assert_eq!(before, after, "memory intact after the lazy move");
-    // A small Pod fits a generous budget: full, its pages streamed while it dumped.
+    // A small Pod fits a generous budget: full.
     let (st, before, after) = auto_move(&c, &pods, "smallauto", 0, 5000).await?;
     let report = st.report.clone().unwrap_or_default();
     eprintln!("auto, 0 MiB, maxDowntimeMs 5000: {report:?}");
@@ -344,7 +344,6 @@ async fn auto_moves_a_big_pod_lazily_and_a_small_one_in_full_by_the_downtime_bud
         report.estimated_frozen_ms > 0 && report.estimated_frozen_ms <= 5000,
         "{report:?}"
     );
-    assert!(report.streamed_bytes > 0, "{report:?}");
     assert!(
         report
             .strategy_reason

@@ -1674,9 +1674,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .map(|w| format!("on the target: {w}"))
             })
         };
+        let memory = self.memory_of(&wanted);
         let mut choice = None;
         let lazy = if order.strategy == Strategy::Auto {
-            let c = self.choose_strategy(&wanted, &order, why_not_lazy);
+            let c = self.choose_strategy(memory, &order, why_not_lazy);
             let lazy = c.strategy == Strategy::Lazy;
             choice = Some(c);
             lazy
@@ -1767,7 +1768,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         for e in &entries {
             self.node.journal.record(e);
         }
-        let streams = if lazy || !order.stream_pages {
+        let streams = if lazy || !order.stream_pages || memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
             self.open_page_streams(&jobs, &order)
@@ -1945,20 +1946,24 @@ impl<E: CheckpointEngine> PodWorker<E> {
         self.reconsider_parked();
     }
 
+    /// What the containers' cgroups charge now: about what a dump of them carries.
+    fn memory_of(&self, containers: &[(String, String)]) -> u64 {
+        let root = &self.node.settings.runc_root;
+        containers
+            .iter()
+            .filter_map(|(cid, _)| podmig_cri_ext::freezer::memory_usage(root, cid))
+            .sum()
+    }
+
     /// `strategy: auto`: estimates the full move's frozen time from the containers'
     /// memory and the rates learned towards the target node, and chooses; an expected
     /// overrun of the budget is an Event on the Pod.
     fn choose_strategy(
         &self,
-        wanted: &[(String, String)],
+        bytes: u64,
         order: &MigrateOrder,
         why_not_lazy: Option<String>,
     ) -> super::estimate::Choice {
-        let root = &self.node.settings.runc_root;
-        let bytes: u64 = wanted
-            .iter()
-            .filter_map(|(cid, _)| podmig_cri_ext::freezer::memory_usage(root, cid))
-            .sum();
         let rates = self.node.learned.rates(&order.target.node);
         let c = super::estimate::choose(
             rates.full_frozen_ms(bytes),
@@ -2376,6 +2381,11 @@ pub fn pages_lost(why: &str) -> String {
          target had already run: the Pod's in-memory state is lost"
     )
 }
+
+/// Below this much memory a full move's pages travel in the hand-over instead of page
+/// streams: opening the streams and a page server on the target cost more (~150 ms per
+/// move, measured with `make bench`'s pingpong line) than streaming saves on small Pods.
+pub const STREAM_MIN_BYTES: u64 = 64 << 20;
 
 /// Longest a lazy move's pages may take to arrive after the target resumed.
 pub const PAGES_LIMIT: Duration = Duration::from_secs(600);

@@ -50,6 +50,9 @@ enum Command {
         /// Runs per size and strategy (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Cross-node moves in a row of one 16 MiB Pod for the `pingpong` line (0: none).
+        #[arg(long, default_value_t = 20)]
+        pingpong: usize,
     },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
@@ -119,7 +122,11 @@ async fn main() -> anyhow::Result<()> {
             }
         },
         Command::BenchCluster { runs } => podmig_e2e::bench::cluster(runs).await,
-        Command::Bench { sizes, runs } => podmig_e2e::bench_move::moves(&sizes, runs).await,
+        Command::Bench {
+            sizes,
+            runs,
+            pingpong,
+        } => podmig_e2e::bench_move::moves(&sizes, runs, pingpong).await,
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
     }
 }
