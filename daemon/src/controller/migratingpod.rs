@@ -332,12 +332,11 @@ pub fn decide_with(
             // A move being unwound: wait until its Pods are gone.
         }
         (_, Some((target, Some(source)))) => {
-            let started = source
+            let started = super::pod::deletion_requested_at(source).or(target
                 .metadata
-                .deletion_timestamp
+                .creation_timestamp
                 .as_ref()
-                .or(target.metadata.creation_timestamp.as_ref())
-                .map(|t| t.0);
+                .map(|t| t.0));
             let elapsed = started.map_or(0, |s| (now - s).get_seconds());
             let failed =
                 phase(target) == "Failed" || reported_phase(target) == Some(DaemonPhase::Failed);
@@ -367,10 +366,7 @@ pub fn decide_with(
                 }
                 record.outcome = Some(Outcome::Succeeded);
                 record.finished_at = Some(Time(now));
-                let frozen = report
-                    .as_ref()
-                    .map(|r| format!(", frozen {} ms", r.frozen_ms))
-                    .unwrap_or_default();
+                let frozen = super::pod::figures(report.as_ref());
                 if known {
                     if let Some(old) = &status.last_migration {
                         record.finished_at = old.finished_at.clone();
@@ -501,7 +497,7 @@ pub fn decide_with(
         {
             // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
             let mut target = pod_from_template(mpod, next_index, Some(p), local);
-            let start = p.metadata.deletion_timestamp.as_ref().map_or(now, |t| t.0);
+            let start = super::pod::deletion_requested_at(p).unwrap_or(now);
             let annotations = target.metadata.annotations.get_or_insert_default();
             annotations.insert(
                 ANNOTATION_MIGRATION_DEADLINE.into(),

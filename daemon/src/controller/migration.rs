@@ -429,7 +429,10 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
         }];
         actions.push(Action::Event {
             reason: "MigrationSucceeded",
-            message: format!("{pod_name} moved to {target_name}"),
+            message: format!(
+                "{pod_name} moved to {target_name}{}",
+                super::pod::figures(report.as_ref())
+            ),
             warning: false,
         });
     } else if target_failed {

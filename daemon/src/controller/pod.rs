@@ -188,6 +188,30 @@ pub fn moved_in(p: &Pod) -> bool {
     is_ready(p) && (!lazy || reported_phase(p) == Some(DaemonPhase::Restored))
 }
 
+/// What a finished move's report says in an Event: the frozen time and, for
+/// `strategy: auto`, what it chose against what it estimated.
+pub fn figures(report: Option<&podmig_api::v1alpha1::MigrationReport>) -> String {
+    let Some(r) = report else {
+        return String::new();
+    };
+    let chose = match (r.strategy, r.estimated_frozen_ms) {
+        (Some(s), e) if e > 0 => format!(
+            "; auto chose {} (a full move estimated at {e} ms frozen)",
+            s.as_str()
+        ),
+        _ => String::new(),
+    };
+    format!(", frozen {} ms{chose}", r.frozen_ms)
+}
+
+/// When a Pod's deletion was asked for. NB: `deletionTimestamp` is when the grace
+/// period *ends* (request time + `deletionGracePeriodSeconds`), not the request.
+pub fn deletion_requested_at(p: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    let at = p.metadata.deletion_timestamp.as_ref()?.0;
+    let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0);
+    Some(at - k8s_openapi::jiff::SignedDuration::from_secs(grace))
+}
+
 /// Being deleted.
 pub fn is_deleting(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_some()
@@ -240,6 +264,39 @@ mod tests {
 
     fn pod(name: &str) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": name}})).expect("pod")
+    }
+
+    #[test]
+    fn an_events_figures_say_what_auto_chose_against_its_estimate() {
+        use podmig_api::v1alpha1::{MigrationReport, Strategy};
+        assert_eq!(figures(None), "");
+        let full = MigrationReport {
+            frozen_ms: 412,
+            ..Default::default()
+        };
+        assert_eq!(figures(Some(&full)), ", frozen 412 ms");
+        let auto = MigrationReport {
+            frozen_ms: 530,
+            strategy: Some(Strategy::Lazy),
+            estimated_frozen_ms: 5077,
+            ..Default::default()
+        };
+        assert_eq!(
+            figures(Some(&auto)),
+            ", frozen 530 ms; auto chose lazy (a full move estimated at 5077 ms frozen)"
+        );
+    }
+
+    #[test]
+    fn a_deletion_was_asked_for_a_grace_period_before_its_timestamp() {
+        let p: Pod = serde_json::from_value(json!({"metadata": {"name": "a",
+            "deletionTimestamp": "2026-12-02T15:14:02Z", "deletionGracePeriodSeconds": 10}}))
+        .expect("pod");
+        assert_eq!(
+            deletion_requested_at(&p).map(|t| t.to_string()),
+            Some("2026-12-02T15:13:52Z".to_owned())
+        );
+        assert_eq!(deletion_requested_at(&pod("b")), None);
     }
 
     #[test]
