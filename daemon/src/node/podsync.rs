@@ -2383,8 +2383,12 @@ pub fn pages_lost(why: &str) -> String {
 }
 
 /// Below this much memory a full move's pages travel in the hand-over instead of page
-/// streams: opening the streams and a page server on the target cost more (~150 ms per
-/// move, measured with `make bench`'s pingpong line) than streaming saves on small Pods.
+/// streams: a streamed dump costs ~200 ms more than a local one whatever its size
+/// (pingpong, 16 MiB: dump 344 against 183 ms), more than streaming saves on small Pods.
+/// NB: that is CRIU's, measured with raw `criu dump --page-server` on loopback (16 MiB:
+/// 268–283 ms against 76 ms local): it corks its page-server socket and sends the final
+/// `PS_IOV_CLOSE` without a push, so the close waits out the kernel's 200 ms cork ceiling
+/// (`page-xfer.c` `disconnect_from_page_server`); nothing on the receiving side shortens it.
 pub const STREAM_MIN_BYTES: u64 = 64 << 20;
 
 /// Longest a lazy move's pages may take to arrive after the target resumed.
