@@ -45,7 +45,7 @@ enum Command {
     /// thesis' order.
     Bench {
         /// Ballast sizes in MiB.
-        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024, 2560])]
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256, 1024, 2560, 4096])]
         sizes: Vec<u64>,
         /// Runs per size and strategy (the median is reported).
         #[arg(long, default_value_t = 3)]
