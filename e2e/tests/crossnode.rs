@@ -53,6 +53,32 @@ fn assert_no_checkpoints(c: &Cluster) {
     }
 }
 
+/// Waits at most `within` until nodes `nodes` hold no checkpoint file (the daemon's log in
+/// the error otherwise).
+async fn no_checkpoints_within(
+    c: &Cluster,
+    nodes: impl IntoIterator<Item = usize>,
+    within: Duration,
+) -> anyhow::Result<()> {
+    for n in nodes {
+        until("no checkpoints left", within, async || {
+            walk(&c.nodes[n].daemon.checkpoint_dir())
+                .is_empty()
+                .then_some(())
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: {}
+{}",
+                c.nodes[n].name,
+                c.nodes[n].daemon.log()
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
@@ -189,15 +215,7 @@ async fn one_copy_went_on(
         answering.ends_with(expected),
         "{answering} runs after a {phase:?} move: {st:?}"
     );
-    for n in 0..c.nodes.len() {
-        until("no checkpoints left", Duration::from_secs(30), async || {
-            walk(&c.nodes[n].daemon.checkpoint_dir())
-                .is_empty()
-                .then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}: {}\n{}", c.nodes[n].name, c.nodes[n].daemon.log()))?;
-    }
+    no_checkpoints_within(c, 0..c.nodes.len(), Duration::from_secs(30)).await?;
     Ok(phase)
 }
 
@@ -613,15 +631,7 @@ async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::R
     // Restarted by its supervisor, the target daemon drops the partial images it journaled.
     c.nodes[dst].daemon.wait_serving(Duration::from_secs(30))?;
     assert!(c.nodes[dst].daemon.restarts() >= 1);
-    for n in [dst, 1 - dst] {
-        until("no checkpoints left", Duration::from_secs(20), async || {
-            walk(&c.nodes[n].daemon.checkpoint_dir())
-                .is_empty()
-                .then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}: node {n}\n{}", c.nodes[n].daemon.log()))?;
-    }
+    no_checkpoints_within(&c, [dst, 1 - dst], Duration::from_secs(20)).await?;
     assert!(
         c.nodes[dst]
             .daemon
@@ -671,12 +681,7 @@ async fn a_source_daemon_that_crashes_mid_move_resumes_its_frozen_pod_on_restart
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\n{}", c.nodes[src].daemon.log()))?;
-    until("no checkpoints", Duration::from_secs(10), async || {
-        walk(&c.nodes[src].daemon.checkpoint_dir())
-            .is_empty()
-            .then_some(())
-    })
-    .await?;
+    no_checkpoints_within(&c, [src], Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -1234,14 +1239,7 @@ async fn a_1gib_pod_moves_in_full_with_its_pages_streamed_and_its_memory_intact(
         "the moved memory differs"
     );
     assert_eq!(get_count(&ip(&p1)).await?, count + 1, "the count went on");
-    for n in 0..2 {
-        until("no checkpoints left", Duration::from_secs(30), async || {
-            walk(&c.nodes[n].daemon.checkpoint_dir())
-                .is_empty()
-                .then_some(())
-        })
-        .await?;
-    }
+    no_checkpoints_within(&c, 0..2, Duration::from_secs(30)).await?;
     Ok(())
 }
 

@@ -790,6 +790,11 @@ async fn pages<E: CheckpointEngine>(
             Err(error) => tracing::warn!(migration = %id, %error, "page tunnel broke"),
         }
     });
+    switching_to_pages()
+}
+
+/// The answer that turns a peer's request into a raw byte stream ([`PAGES_PROTOCOL`]).
+fn switching_to_pages() -> Result<Response, Failure> {
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -844,12 +849,7 @@ async fn streams<E: CheckpointEngine>(
             Err(error) => tracing::warn!(migration = %id, %error, "page stream upgrade failed"),
         }
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, PAGES_PROTOCOL)
-        .body(Body::empty())
-        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))
+    switching_to_pages()
 }
 
 async fn complete<E: CheckpointEngine>(

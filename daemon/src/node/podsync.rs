@@ -1021,14 +1021,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
             (f, streamed)
         });
         super::lock(&self.node.page_sinks).remove(id);
+        if !matches!(checked, Ok((_, Ok(())))) {
+            // Whatever the streams wrote is of no use now.
+            for d in sink.dirs() {
+                self.node.store.remove(&d);
+            }
+        }
         let f = match checked {
             Ok((f, Ok(()))) => f,
             Ok((f, Err(why))) => {
                 for (_, d) in &f.dirs {
                     self.node.store.remove(d);
-                }
-                for d in sink.dirs() {
-                    self.node.store.remove(&d);
                 }
                 let handback = Handback::Remote {
                     host: host.clone(),
@@ -1037,12 +1040,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 let _ = self.hand_back(&handback, false, &why);
                 return Err(why);
             }
-            Err(why) => {
-                for d in sink.dirs() {
-                    self.node.store.remove(&d);
-                }
-                return Err(why);
-            }
+            Err(why) => return Err(why),
         };
         self.node.metrics.phase_ms("transfer", f.transfer_ms);
         let streamed_bytes: u64 = f.streamed.iter().map(|(_, s)| s.bytes).sum();

@@ -131,13 +131,42 @@ where
         .await
         .map_err(|_| StreamError::Timeout("CRIU's connection", limit))??;
     criu.set_nodelay(true)?;
+    carry(criu, tunnel, Flow::FromCriu, limit).await
+}
+
+/// Which way the pages go through a carried connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    /// From the dumping CRIU into the tunnel (the source).
+    FromCriu,
+    /// From the tunnel into CRIU's page server (the target).
+    ToCriu,
+}
+
+/// Carries a CRIU connection through `tunnel` both ways until both ended (at most
+/// `limit`); the figures are those of the pages' direction.
+async fn carry<T>(
+    criu: tokio::net::TcpStream,
+    tunnel: T,
+    flow: Flow,
+    limit: Duration,
+) -> Result<StreamFigures, StreamError>
+where
+    T: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (criu_rx, criu_tx) = criu.into_split();
     let (tunnel_rx, tunnel_tx) = tokio::io::split(tunnel);
-    let carried = both_ways(
-        pump(criu_rx, tunnel_tx),
-        pump(tunnel_rx, criu_tx),
-        Duration::from_secs(30),
-    );
+    let linger = Duration::from_secs(30);
+    let carried = async {
+        match flow {
+            Flow::FromCriu => {
+                both_ways(pump(criu_rx, tunnel_tx), pump(tunnel_rx, criu_tx), linger).await
+            }
+            Flow::ToCriu => {
+                both_ways(pump(tunnel_rx, criu_tx), pump(criu_rx, tunnel_tx), linger).await
+            }
+        }
+    };
     tokio::time::timeout(limit, carried)
         .await
         .map_err(|_| StreamError::Timeout("the page stream", limit))?
@@ -356,18 +385,13 @@ where
         Ok((server, tcp))
     })
     .await?;
-    let server = Arc::new(server);
-    let (criu_rx, criu_tx) = tokio::net::TcpStream::from_std(tcp)?.into_split();
-    let (tunnel_rx, tunnel_tx) = tokio::io::split(tunnel);
-    let carried = both_ways(
-        pump(tunnel_rx, criu_tx),
-        pump(criu_rx, tunnel_tx),
-        Duration::from_secs(30),
-    );
-    let figures = match tokio::time::timeout(limit, carried).await {
-        Ok(r) => r?,
-        Err(_) => return Err(StreamError::Timeout("the page stream", limit)),
-    };
+    let figures = carry(
+        tokio::net::TcpStream::from_std(tcp)?,
+        tunnel,
+        Flow::ToCriu,
+        limit,
+    )
+    .await?;
     // The pages are in the files once CRIU's page server ended well.
     blocking(move || Ok(server.wait(Duration::from_secs(30))?)).await?;
     Ok(figures)

@@ -96,8 +96,7 @@ pub fn send_images(
     };
     for (container, figures) in streamed {
         let mut frame = vec![b'P'];
-        frame.extend_from_slice(&(container.len() as u16).to_be_bytes());
-        frame.extend_from_slice(container.as_bytes());
+        put_name(&mut frame, container);
         frame.extend_from_slice(&figures.bytes.to_be_bytes());
         frame.extend_from_slice(&figures.crc.to_be_bytes());
         push(frame, &mut digest)?;
@@ -115,10 +114,8 @@ pub fn send_images(
             let name = entry.file_name().to_string_lossy().into_owned();
             let meta = entry.metadata().map_err(io("stat", &path))?;
             let mut header = vec![b'F'];
-            for s in [container.as_str(), name.as_str()] {
-                header.extend_from_slice(&(s.len() as u16).to_be_bytes());
-                header.extend_from_slice(s.as_bytes());
-            }
+            put_name(&mut header, container);
+            put_name(&mut header, &name);
             use std::os::unix::fs::PermissionsExt;
             header.extend_from_slice(&(meta.permissions().mode() & 0o777).to_be_bytes());
             header.extend_from_slice(&meta.len().to_be_bytes());
@@ -368,66 +365,60 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
 
 type FileHeader = (String, String, u32, u64, usize);
 
-/// A `P` frame: container, its page stream's figures, and the frame's length.
-fn parse_streamed(b: &[u8]) -> Result<Option<(String, StreamFigures, usize)>, TransferError> {
-    let Some(len) = b.get(1..3) else {
+/// A length-prefixed name at `at` and the offset after it; `None` while incomplete.
+fn parse_name(b: &[u8], at: usize) -> Result<Option<(String, usize)>, TransferError> {
+    let Some(len) = b.get(at..at + 2) else {
         return Ok(None);
     };
     let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-    let Some(raw) = b.get(3..3 + len) else {
+    let Some(raw) = b.get(at + 2..at + 2 + len) else {
         return Ok(None);
     };
-    let container = std::str::from_utf8(raw)
+    let s = std::str::from_utf8(raw)
         .map_err(|_| TransferError::Malformed("name is not UTF-8".into()))?;
-    if !safe_name(container) {
-        return Err(TransferError::Malformed(format!(
-            "unsafe name {container:?}"
-        )));
+    if !safe_name(s) {
+        return Err(TransferError::Malformed(format!("unsafe name {s:?}")));
     }
-    let Some(fixed) = b.get(3 + len..3 + len + 12) else {
+    Ok(Some((s.to_owned(), at + 2 + len)))
+}
+
+/// Appends `s` length-prefixed (the form [`parse_name`] reads).
+fn put_name(frame: &mut Vec<u8>, s: &str) {
+    frame.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    frame.extend_from_slice(s.as_bytes());
+}
+
+/// A `P` frame: container, its page stream's figures, and the frame's length.
+fn parse_streamed(b: &[u8]) -> Result<Option<(String, StreamFigures, usize)>, TransferError> {
+    let Some((container, at)) = parse_name(b, 1)? else {
+        return Ok(None);
+    };
+    let Some(fixed) = b.get(at..at + 12) else {
         return Ok(None);
     };
     let mut bytes = [0u8; 8];
     bytes.copy_from_slice(&fixed[..8]);
     let crc = u32::from_be_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
-    Ok(Some((
-        container.to_owned(),
-        StreamFigures {
-            bytes: u64::from_be_bytes(bytes),
-            crc,
-        },
-        3 + len + 12,
-    )))
+    let figures = StreamFigures {
+        bytes: u64::from_be_bytes(bytes),
+        crc,
+    };
+    Ok(Some((container, figures, at + 12)))
 }
 
 fn parse_file_header(b: &[u8]) -> Result<Option<FileHeader>, TransferError> {
-    let mut at = 1;
-    let mut names = Vec::new();
-    for _ in 0..2 {
-        let Some(len) = b.get(at..at + 2) else {
-            return Ok(None);
-        };
-        let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-        at += 2;
-        let Some(raw) = b.get(at..at + len) else {
-            return Ok(None);
-        };
-        let s = std::str::from_utf8(raw)
-            .map_err(|_| TransferError::Malformed("name is not UTF-8".into()))?;
-        if !safe_name(s) {
-            return Err(TransferError::Malformed(format!("unsafe name {s:?}")));
-        }
-        names.push(s.to_owned());
-        at += len;
-    }
+    let Some((container, at)) = parse_name(b, 1)? else {
+        return Ok(None);
+    };
+    let Some((name, at)) = parse_name(b, at)? else {
+        return Ok(None);
+    };
     let Some(fixed) = b.get(at..at + 12) else {
         return Ok(None);
     };
     let mode = u32::from_be_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
     let mut size = [0u8; 8];
     size.copy_from_slice(&fixed[4..12]);
-    let name = names.pop().unwrap_or_default();
-    let container = names.pop().unwrap_or_default();
     Ok(Some((
         container,
         name,
