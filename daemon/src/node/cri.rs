@@ -18,7 +18,7 @@ use podmig_cri_ext::{
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::{Node, PodUpdate};
+use super::{podsync::PodUpdate, shared::Node};
 
 /// The gRPC face of the node.
 pub struct CheckpointApi<E>(pub Arc<Node<E>>);

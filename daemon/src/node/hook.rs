@@ -11,7 +11,10 @@ use podmig_cri_ext::{
 };
 use tokio::sync::oneshot;
 
-use super::{Node, PodUpdate, podsync::deadline_from};
+use super::{
+    podsync::{PodUpdate, deadline_from},
+    shared::Node,
+};
 
 /// How long the hook waits for a worker's answer before it answers `hold`.
 const QUICK: Duration = Duration::from_millis(100);

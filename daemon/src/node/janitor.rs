@@ -13,7 +13,7 @@ use std::{
 
 use podmig_cri_ext::engine::{CheckpointEngine, dir_size};
 
-use super::Node;
+use super::shared::Node;
 
 /// How often the janitor sweeps.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(30);
@@ -124,7 +124,7 @@ impl<E: CheckpointEngine> Node<E> {
         moving.extend(self.manager.active_pods());
         // An empty cache may only mean the watch has not listed yet: then only age counts.
         let on_node = self.kube.as_ref().and_then(|_| {
-            let pods = super::lock(&self.pods);
+            let pods = super::shared::lock(&self.pods);
             (!pods.is_empty()).then(|| pods.keys().cloned().collect())
         });
         InUse {

@@ -25,10 +25,10 @@ use podmig_api::{
 use podmig_cri_ext::{engine::CheckpointEngine, identity::find_container};
 
 use super::{
-    Node,
     journal::{Entry, Side, Step},
     migration::{Role, Verdict},
     podsync::{Delivery, PodUpdate, verdict_not_taken},
+    shared::Node,
 };
 
 /// What becomes of a source container after a restart.
@@ -316,7 +316,7 @@ async fn settle_target<E: CheckpointEngine>(
             true
         }
         Err(why) => {
-            super::lock(&node.failed_targets).insert(e.pod_uid.clone());
+            super::shared::lock(&node.failed_targets).insert(e.pod_uid.clone());
             if let Some(id) = &running {
                 let engine = node.engine.clone();
                 let id = id.clone();

@@ -18,7 +18,11 @@ use podmig_cri_ext::{
 };
 use tonic::Request;
 
-use super::{Node, Settings, cri::CheckpointApi, hook::NodeHook};
+use super::{
+    cri::CheckpointApi,
+    hook::NodeHook,
+    shared::{Node, Settings},
+};
 use crate::store::CheckpointStore;
 
 /// Engine that writes an inventory image after a delay, or fails; records resumes and

@@ -9,7 +9,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher;
 use podmig_cri_ext::engine::CheckpointEngine;
 
-use super::{Node, PodUpdate, lock};
+use super::{
+    podsync::PodUpdate,
+    shared::{Node, lock},
+};
 
 /// Watches this node's Pods until the task is dropped.
 pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {

@@ -1,0 +1,631 @@
+//! Target side, first half: a migration target's container is created; its checkpoint is
+//! fetched — from the store, from the source's worker on this node, or from the source
+//! node's daemon (the hand-over, with the page streams of a full move and the page tunnel
+//! of a lazy one) — and the runtime is told to restore it.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use podmig_api::{
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
+    ANNOTATION_MIGRATION_STRATEGY, ANNOTATION_SOURCE_NODE,
+    contract::DaemonPhase,
+    nodeapi::{Handover, MigrateRequest, MoveInfo},
+    v1alpha1::{MigrationReport, Strategy},
+};
+use podmig_cri_ext::{
+    engine::{CheckpointEngine, dir_size},
+    identity::find_container,
+    lazy::LazyPages,
+    proto::hook::v1::{ContainerIdentity, Refuse, RestoreFrom, hook_response::Decision as Answer},
+};
+use tokio::sync::oneshot;
+
+use crate::node::{
+    group::TargetGroup,
+    journal,
+    migration::Role,
+    stream::{Sink, StreamFigures},
+};
+
+use super::*;
+
+/// How long a target's create waits for the controller's record of it to appear.
+pub(super) const TARGET_RECORD_WAIT: Duration = Duration::from_secs(10);
+
+/// The target end of a lazy move: CRIU's lazy-pages daemon and what the tunnel saw.
+pub(super) struct LazyTarget {
+    pub(super) pages: Arc<LazyPages>,
+    /// Set when the source's side of the tunnel ended before the pages were all in (the
+    /// restored container was frozen then).
+    pub(super) broke: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A checkpoint that arrived for a target container.
+pub(super) struct Arrival {
+    pub(super) dir: PathBuf,
+    /// The checkpoints of the Pod's other containers, frozen and dumped with it.
+    pub(super) others: Vec<(String, PathBuf)>,
+    pub(super) handback: Handback,
+    pub(super) frozen_at: Option<Instant>,
+    pub(super) report: MigrationReport,
+    pub(super) lazy: Option<LazyTarget>,
+}
+
+impl<E: CheckpointEngine> PodWorker<E> {
+    /// A migration target's container: get the source's checkpoint — from the store, from
+    /// the source's worker on this node, or from the source node's daemon — and restore it.
+    pub(super) fn fetch(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
+        let name = c.container_name.clone();
+        // With API access, the move is what the API server records, never what the
+        // container's annotations (written by whoever made the Pod) claim.
+        let verified = match self.verify_target(&c) {
+            Ok(v) => v,
+            Err(reason) => {
+                tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
+                    %reason, "refused a migration target podmig's controller did not make");
+                self.node.metrics.moved("target", "refused");
+                self.node.event_on_pod(
+                    &c.pod_namespace,
+                    &c.pod_name,
+                    "MigrationTargetRefused",
+                    &reason,
+                );
+                let _ = reply.send(Answer::Refuse(Refuse {
+                    reason: format!("Refused: {reason}"),
+                }));
+                return;
+            }
+        };
+        let ann = &c.annotations;
+        let (source_uid, source_node, id) = match verified {
+            Some(v) => (v.source_uid, v.source_node, v.migration_id),
+            None => (
+                ann.get(ANNOTATION_MIGRATE_FROM)
+                    .cloned()
+                    .unwrap_or_default(),
+                ann.get(ANNOTATION_SOURCE_NODE)
+                    .filter(|n| !n.is_empty())
+                    .cloned(),
+                ann.get(ANNOTATION_MIGRATION_ID)
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| self.uid.clone()),
+            ),
+        };
+        let id = if id.is_empty() { self.uid.clone() } else { id };
+        let deadline = deadline_from(
+            ann.get(ANNOTATION_MIGRATION_DEADLINE),
+            self.node.settings.hold,
+        );
+        // No annotation: the controller asked for `full`.
+        let strategy = ann
+            .get(ANNOTATION_MIGRATION_STRATEGY)
+            .and_then(|s| Strategy::parse(s))
+            .unwrap_or(Strategy::Full);
+        let max_downtime_ms = ann
+            .get(podmig_api::ANNOTATION_MAX_DOWNTIME)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS);
+        if let Some(answer) = self.restore_from_group(&c, &id) {
+            let _ = reply.send(answer);
+            return;
+        }
+        if let Err(e) = self.moves.begin_receive(&name, &id) {
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: e.to_string(),
+            }));
+            return;
+        }
+        let info = MoveInfo {
+            id: id.clone(),
+            namespace: c.pod_namespace.clone(),
+            pod: c.pod_name.clone(),
+            pod_uid: self.uid.clone(),
+            peer_node: source_node.clone(),
+            state: "Checkpointing".into(),
+            ..Default::default()
+        };
+        if let Err(busy) = self.node.manager.begin(Role::Target, info)
+            && busy.0 != id
+        {
+            let _ = self.moves.abandon(&name, &busy.to_string());
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: busy.to_string(),
+            }));
+            return;
+        }
+        self.node
+            .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Checkpointing);
+        let mut entry = journal::Entry {
+            migration: id.clone(),
+            side: journal::Side::Target,
+            pod_uid: self.uid.clone(),
+            container: name.clone(),
+            container_id: String::new(),
+            images: self
+                .node
+                .store
+                .path_for(&self.uid, &name)
+                .unwrap_or_default(),
+            target_namespace: c.pod_namespace.clone(),
+            target_pod: c.pod_name.clone(),
+            peer_node: source_node.clone().unwrap_or_default(),
+            deadline_unix_ms: journal::deadline_unix_ms(deadline),
+            step: journal::Step::Receiving,
+            lazy: false,
+        };
+        self.node.journal.record(&entry);
+        tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
+            source_pod_uid = %source_uid, source_node = ?source_node, "fetching checkpoint for a migration target");
+        let local_node = self.node.settings.node_name.clone();
+        let stored = self
+            .node
+            .store
+            .path_for(&source_uid, &name)
+            .filter(|d| self.node.store.has_checkpoint(d));
+        let running_here =
+            || find_container(&self.node.settings.runc_root, &source_uid, &name).is_some();
+        let result = if source_uid == self.uid {
+            Err("a Pod cannot be its own migration source".to_owned())
+        } else if let Some(dir) = stored {
+            let bytes = dir_size(&dir);
+            Ok(Arrival {
+                dir,
+                others: Vec::new(),
+                handback: Handback::Drop,
+                frozen_at: None,
+                report: MigrationReport {
+                    bytes,
+                    ..Default::default()
+                },
+                lazy: None,
+            })
+        } else if running_here() {
+            self.fetch_local(&c, &source_uid, &id, deadline)
+        } else if let Some(node) = source_node.filter(|n| *n != local_node) {
+            self.fetch_remote(
+                &c,
+                &source_uid,
+                &node,
+                &id,
+                deadline,
+                (strategy, max_downtime_ms),
+            )
+        } else {
+            Err(format!(
+                "no checkpoint of container {name:?} of source pod {source_uid} on this node and \
+                 no running source to take one from"
+            ))
+        };
+        let arrival = match result {
+            Ok(a) if reply.is_closed() => {
+                if let Some(l) = &a.lazy {
+                    l.pages.kill();
+                }
+                // The runtime stopped waiting: nobody will restore this; resume the source.
+                let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
+                if matches!(a.handback, Handback::Remote { .. }) {
+                    self.node.store.remove(&a.dir);
+                    for (_, d) in &a.others {
+                        self.node.store.remove(d);
+                    }
+                }
+                Err("the target's runtime stopped waiting for the checkpoint".to_owned())
+            }
+            other => other,
+        };
+        match arrival {
+            Err(reason) => {
+                self.node.journal.remove(&entry);
+                tracing::warn!(pod_uid = %self.uid, container = %name, migration = %id, %reason, "migration target refused");
+                let _ = self.moves.abandon(&name, &reason);
+                self.node
+                    .manager
+                    .finish(Role::Target, &id, "Failed", Some(reason.clone()));
+                self.node.metrics.moved("target", "failed");
+                self.node.report_done(
+                    &c.pod_namespace,
+                    &c.pod_name,
+                    &MigrationReport {
+                        error: Some(reason.clone()),
+                        ..Default::default()
+                    },
+                );
+                let _ = reply.send(Answer::Refuse(Refuse { reason }));
+            }
+            Ok(a) => {
+                if let Err(e) = self.moves.begin_restore(&name, a.dir.clone()) {
+                    let _ = reply.send(Answer::Refuse(Refuse {
+                        reason: e.to_string(),
+                    }));
+                    return;
+                }
+                self.node.manager.update(Role::Target, &id, |i| {
+                    i.state = "Restoring".into();
+                    i.report = a.report.clone();
+                });
+                self.node
+                    .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Restoring);
+                entry.lazy = a.lazy.is_some();
+                self.node
+                    .journal
+                    .advance(&mut entry, journal::Step::Restoring);
+                tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
+                    since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+                    "restoring container");
+                let _ = reply.send(match &a.lazy {
+                    // The lazy-pages daemon's socket is in the images directory.
+                    Some(_) => Answer::RestoreFrom(RestoreFrom {
+                        image_path: a.dir.display().to_string(),
+                        work_path: a.dir.display().to_string(),
+                        lazy_pages: true,
+                        ..Default::default()
+                    }),
+                    None => restore_from(&a.dir),
+                });
+                let handback = if a.others.is_empty() {
+                    a.handback
+                } else {
+                    // Every container was frozen and dumped together: they commit together.
+                    let mut dirs = vec![(name.clone(), a.dir.clone(), dir_size(&a.dir))];
+                    dirs.extend(
+                        a.others
+                            .iter()
+                            .map(|(n, d)| (n.clone(), d.clone(), dir_size(d))),
+                    );
+                    tracing::info!(pod_uid = %self.uid, migration = %id,
+                        containers = ?dirs.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                        "restoring a multi-container move");
+                    let mut plan = TargetGroup::new(&id, dirs, deadline);
+                    plan.take(&name);
+                    self.group = Some(GroupMove {
+                        plan,
+                        handback: a.handback,
+                        frozen_at: a.frozen_at,
+                        report: a.report.clone(),
+                        source_uid: source_uid.clone(),
+                        namespace: c.pod_namespace.clone(),
+                        pod: c.pod_name.clone(),
+                        journals: Vec::new(),
+                        filesystem: (0, 0),
+                    });
+                    Handback::Group
+                };
+                self.pending.insert(
+                    name,
+                    PendingRestore {
+                        journal: Some(entry),
+                        handback,
+                        images: a.dir,
+                        migration: id,
+                        frozen_at: a.frozen_at,
+                        report: a.report,
+                        source_uid,
+                        lazy: a.lazy,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The move of this target container as the API server records it (`None`: no API
+    /// access, the standalone engine). `Err`: not a target podmig's controller made, or
+    /// not one for this node.
+    pub(super) fn verify_target(
+        &self,
+        c: &ContainerIdentity,
+    ) -> Result<Option<crate::node::trust::VerifiedTarget>, String> {
+        let Some(client) = self.node.kube.clone() else {
+            return Ok(None);
+        };
+        let v = self
+            .node
+            .rt
+            .block_on(crate::node::trust::verify_within(
+                &client,
+                &c.pod_namespace,
+                &c.pod_name,
+                TARGET_RECORD_WAIT,
+            ))
+            .map_err(|e| e.to_string())?;
+        let here = &self.node.settings.node_name;
+        if v.target_uid != self.uid {
+            return Err(format!(
+                "Pod {}/{} has uid {}, this container belongs to {}",
+                v.namespace, v.target_pod, v.target_uid, self.uid
+            ));
+        }
+        if !here.is_empty() && v.target_node != *here {
+            return Err(format!(
+                "Pod {}/{} is bound to node {:?}, not {here:?}",
+                v.namespace, v.target_pod, v.target_node
+            ));
+        }
+        Ok(Some(v))
+    }
+
+    pub(super) fn fetch_local(
+        &mut self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<Arrival, String> {
+        let (tx, rx) = oneshot::channel();
+        // Every container of the source, frozen together (empty: all that run).
+        let order = MigrateOrder {
+            migration: id.into(),
+            containers: Vec::new(),
+            target: TargetRef {
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                node: self.node.settings.node_name.clone(),
+            },
+            deadline,
+            remote: false,
+            strategy: Strategy::Full,
+            stream_pages: false,
+            max_downtime_ms: podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS,
+            target_lazy_impossible: None,
+        };
+        self.node.dispatch(
+            source_uid,
+            PodUpdate::Migrate {
+                order,
+                prepared: tx,
+            },
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        let prepared = match self
+            .node
+            .rt
+            .block_on(async { tokio::time::timeout(left, rx).await })
+        {
+            Err(_) => return Err("the source's checkpoint did not come before the deadline".into()),
+            Ok(Err(_)) => return Err("the source's worker went away".into()),
+            Ok(Ok(Err(e))) => return Err(e.to_string()),
+            Ok(Ok(Ok(p))) => p,
+        };
+        let (dir, others) = split_arrival(prepared.images, &c.container_name)?;
+        Ok(Arrival {
+            dir,
+            others,
+            frozen_at: Some(prepared.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: prepared.checkpoint_ms,
+                bytes: prepared.bytes,
+                ..Default::default()
+            },
+            handback: Handback::Local(prepared.verdict),
+            lazy: None,
+        })
+    }
+
+    pub(super) fn fetch_remote(
+        &mut self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        source_node: &str,
+        id: &str,
+        deadline: Instant,
+        (strategy, max_downtime_ms): (Strategy, u32),
+    ) -> Result<Arrival, String> {
+        let auto = strategy == Strategy::Auto;
+        let strategy = match (strategy.wants_lazy(), self.node.lazy_impossible()) {
+            // The source chooses; it must know whether this node can take a lazy move.
+            _ if auto => Some(Strategy::Auto),
+            (false, _) => None,
+            (true, None) => Some(strategy),
+            (true, Some(why)) if strategy == Strategy::Lazy => {
+                return Err(format!("a lazy move is not possible: {why}"));
+            }
+            (true, Some(why)) => {
+                tracing::info!(pod_uid = %self.uid, migration = %id, %why, "lazy-or-full: moving in full");
+                None
+            }
+        };
+        let peers = self
+            .node
+            .peers
+            .clone()
+            .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
+        let host = self.node.node_address(source_node)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Every container of the source, frozen together (empty: all that run).
+        let req = MigrateRequest {
+            containers: Vec::new(),
+            handover: Some(Handover {
+                migration_id: id.into(),
+                target_namespace: c.pod_namespace.clone(),
+                target_pod: c.pod_name.clone(),
+                target_pod_uid: self.uid.clone(),
+                target_node: self.node.settings.node_name.clone(),
+                timeout_seconds: left.as_secs().max(1) as u32,
+                strategy,
+                // A full move's pages come ahead in page streams while the source dumps.
+                stream_pages: strategy.is_none() || auto,
+                max_downtime_ms: auto.then_some(max_downtime_ms),
+                lazy_impossible: if auto {
+                    self.node.lazy_impossible()
+                } else {
+                    None
+                },
+            }),
+            ..Default::default()
+        };
+        let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
+            p.spec
+                .as_ref()
+                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default()
+        });
+        let sink = Arc::new(Sink::new(
+            self.node.store.clone(),
+            &self.uid,
+            source_node,
+            containers,
+        ));
+        crate::node::shared::lock(&self.node.page_sinks).insert(id.to_owned(), sink.clone());
+        let node = self.node.clone();
+        let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
+        let target_uid = self.uid.clone();
+        let store = self.node.store.clone();
+        let fetched = self.node.rt.block_on(peers.fetch(
+            &host,
+            source_uid,
+            &req,
+            left,
+            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
+            move |container| store.path_for(&target_uid, container),
+        ));
+        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
+            let streamed = check_streams(&sink, &f.streamed);
+            (f, streamed)
+        });
+        crate::node::shared::lock(&self.node.page_sinks).remove(id);
+        if !matches!(checked, Ok((_, Ok(())))) {
+            // Whatever the streams wrote is of no use now.
+            for d in sink.dirs() {
+                self.node.store.remove(&d);
+            }
+        }
+        let f = match checked {
+            Ok((f, Ok(()))) => f,
+            Ok((f, Err(why))) => {
+                for (_, d) in &f.dirs {
+                    self.node.store.remove(d);
+                }
+                let handback = Handback::Remote {
+                    host: host.clone(),
+                    id: id.into(),
+                };
+                let _ = self.hand_back(&handback, false, &why);
+                return Err(why);
+            }
+            Err(why) => return Err(why),
+        };
+        self.node.metrics.phase_ms("transfer", f.transfer_ms);
+        let streamed_bytes: u64 = f.streamed.iter().map(|(_, s)| s.bytes).sum();
+        let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
+        let lazy = if f.lazy {
+            match self.start_lazy_pages(&dir, &host, id, &c.container_id, &peers) {
+                Ok(l) => Some(l),
+                Err(why) => {
+                    self.node.store.remove(&dir);
+                    let _ = self.hand_back(
+                        &Handback::Remote {
+                            host: host.clone(),
+                            id: id.into(),
+                        },
+                        false,
+                        &why,
+                    );
+                    return Err(why);
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Arrival {
+            dir,
+            others,
+            frozen_at: Some(f.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: f.checkpoint_ms,
+                transfer_ms: f.transfer_ms,
+                bytes: f.bytes + streamed_bytes,
+                streamed_bytes,
+                strategy: auto.then_some(if f.lazy {
+                    Strategy::Lazy
+                } else {
+                    Strategy::Full
+                }),
+                estimated_frozen_ms: f.choice.as_ref().map_or(0, |(ms, _)| *ms),
+                strategy_reason: f.choice.map(|(_, why)| why),
+                ..Default::default()
+            },
+            handback: Handback::Remote {
+                host,
+                id: id.into(),
+            },
+            lazy,
+        })
+    }
+
+    /// Starts the lazy-pages daemon on the arrived images and the tunnel that feeds it
+    /// from the source's page server. A break of the source's side freezes the restored
+    /// container at once.
+    pub(super) fn start_lazy_pages(
+        &self,
+        dir: &std::path::Path,
+        host: &str,
+        id: &str,
+        container_id: &str,
+        peers: &crate::node::peer::PeerClient,
+    ) -> Result<LazyTarget, String> {
+        let pages =
+            LazyPages::start(std::path::Path::new("criu"), dir).map_err(|e| e.to_string())?;
+        let listener = pages.listener.try_clone().map_err(|e| e.to_string())?;
+        let pages = Arc::new(pages);
+        let broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (peers, host, id, cid) = (
+            peers.clone(),
+            host.to_owned(),
+            id.to_owned(),
+            container_id.to_owned(),
+        );
+        let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
+        self.node.rt.spawn(async move {
+            let on_break = || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Err(error) = engine.freeze(&cid) {
+                    tracing::warn!(migration = %id, %error, "cannot freeze the lazily restored container");
+                }
+            };
+            match peers.tunnel_pages(&host, &id, listener, PAGES_LIMIT, on_break).await {
+                Ok(end) => tracing::info!(migration = %id, ?end, "page tunnel ended"),
+                Err(error) => {
+                    tracing::warn!(migration = %id, %error, "page tunnel failed");
+                    waiting.kill();
+                }
+            }
+        });
+        Ok(LazyTarget { pages, broke })
+    }
+}
+
+/// Checks what the source says each page stream carried against what arrived here.
+pub(super) fn check_streams(
+    sink: &Sink,
+    announced: &[(String, StreamFigures)],
+) -> Result<(), String> {
+    for (container, sent) in announced {
+        let got = sink.wait(container, Duration::from_secs(30))?;
+        if got != *sent {
+            return Err(format!(
+                "the page stream of container {container:?} arrived damaged: the source sent \
+                 {} bytes (CRC {:#010x}), {} bytes (CRC {:#010x}) arrived",
+                sent.bytes, sent.crc, got.bytes, got.crc
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The images of container `name` and those of its siblings, from what the source handed over.
+pub(super) fn split_arrival(
+    images: Vec<(String, PathBuf)>,
+    name: &str,
+) -> Result<(PathBuf, Vec<(String, PathBuf)>), String> {
+    let (mine, others): (Vec<_>, Vec<_>) = images.into_iter().partition(|(n, _)| n == name);
+    let dir = mine
+        .into_iter()
+        .next()
+        .map(|(_, d)| d)
+        .ok_or_else(|| format!("the source handed over no images of container {name:?}"))?;
+    Ok((dir, others))
+}

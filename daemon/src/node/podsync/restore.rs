@@ -1,0 +1,416 @@
+//! Target side, second half: the restore ended; the source is told the verdict (commit or
+//! abort), a lazily restored container waits for its last page, and the move is reported.
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::Sender;
+use podmig_api::{
+    nodeapi::CompleteRequest,
+    v1alpha1::{MigrationReport, Strategy},
+};
+use podmig_cri_ext::{
+    engine::CheckpointEngine,
+    lazy::PageStats,
+    proto::{
+        hook::v1::{
+            ContainerIdentity, RestoreFrom, RestoreResult, hook_response::Decision as Answer,
+        },
+        runtime::v1::RestoreRecord,
+    },
+};
+
+use crate::node::{
+    journal,
+    migration::{Role, Verdict},
+    peer::PeerError,
+};
+
+use super::*;
+
+/// Where a restore's checkpoint came from, and so who learns its outcome.
+pub(super) enum Handback {
+    /// An armed or stored checkpoint: delete it after success.
+    Drop,
+    /// The source's worker on this node waits for the verdict.
+    Local(Sender<Verdict>),
+    /// The source's daemon on `host` waits for the verdict on move `id`.
+    Remote { host: String, id: String },
+    /// A source resuming on its own node after a failed move.
+    Rollback,
+    /// One container of a multi-container move: the group's handback gets the verdict
+    /// once every container is restored.
+    Group,
+}
+
+/// Whether the source took the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The source has it.
+    Taken,
+    /// The source answered that no move waits for it (it resumed, or restarted and
+    /// rolled back): the target must not run.
+    Refused(String),
+    /// The source could not be reached; it decides at its deadline from the target Pod's
+    /// reported phase.
+    Unreachable(String),
+}
+
+impl From<Result<(), PeerError>> for Delivery {
+    /// How a `complete` call to the source went: a refusal is final, anything else may be
+    /// a source that is down.
+    fn from(r: Result<(), PeerError>) -> Self {
+        match r {
+            Ok(()) => Delivery::Taken,
+            Err(PeerError::Refused { status, body, .. }) => Delivery::Refused(format!(
+                "the source answered {status} to the commit: {}",
+                body.error
+            )),
+            Err(error) => Delivery::Unreachable(error.to_string()),
+        }
+    }
+}
+
+/// Why a restored target must stop although its restore worked: the source refused the
+/// commit, or could not be told and its deadline (when it reads the target's phase) has
+/// passed. `None`: the target runs on.
+pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<String> {
+    match delivery {
+        Delivery::Taken => None,
+        Delivery::Refused(why) => Some(format!("the source did not take the move: {why}")),
+        Delivery::Unreachable(why) if deadline_passed => Some(format!(
+            "the source could not be told before the move's deadline: {why}"
+        )),
+        Delivery::Unreachable(_) => None,
+    }
+}
+
+pub(super) struct PendingRestore {
+    /// The target's journal entry (none for a source restoring itself).
+    pub(super) journal: Option<journal::Entry>,
+    pub(super) handback: Handback,
+    pub(super) images: PathBuf,
+    pub(super) migration: String,
+    pub(super) frozen_at: Option<Instant>,
+    pub(super) report: MigrationReport,
+    pub(super) source_uid: String,
+    /// A lazy restore: the lazy-pages daemon waiting for it.
+    pub(super) lazy: Option<LazyTarget>,
+}
+
+/// A restored container whose memory is still arriving; the move is settled when it has.
+pub(super) struct Paging {
+    pub(super) container: String,
+    pub(super) container_id: String,
+    pub(super) namespace: String,
+    pub(super) pod: String,
+    pub(super) migration: String,
+    pub(super) images: PathBuf,
+    pub(super) journal: Option<journal::Entry>,
+    pub(super) report: MigrationReport,
+    pub(super) resumed_at: Instant,
+    pub(super) broke: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<E: CheckpointEngine> PodWorker<E> {
+    /// Tells the source how the restore of its checkpoint went.
+    pub(super) fn hand_back(&self, handback: &Handback, ok: bool, error: &str) -> Delivery {
+        self.hand_back_after(handback, ok, error, None)
+    }
+
+    /// [`Self::hand_back`] with the restore's duration, which the source learns from.
+    pub(super) fn hand_back_after(
+        &self,
+        handback: &Handback,
+        ok: bool,
+        error: &str,
+        restore_ms: Option<u64>,
+    ) -> Delivery {
+        let verdict = if ok {
+            Verdict::Commit
+        } else {
+            Verdict::Abort(error.into())
+        };
+        match handback {
+            Handback::Local(tx) => match tx.send(verdict) {
+                Ok(()) => Delivery::Taken,
+                Err(_) => Delivery::Refused("the source stopped waiting for the verdict".into()),
+            },
+            Handback::Remote { host, id } => {
+                let Some(peers) = &self.node.peers else {
+                    return Delivery::Unreachable("no peer credentials".into());
+                };
+                let body = CompleteRequest {
+                    ok,
+                    error: (!ok).then(|| error.to_owned()),
+                    restore_ms,
+                };
+                let delivery =
+                    Delivery::from(self.node.rt.block_on(peers.complete(host, id, &body)));
+                if let Delivery::Unreachable(error) = &delivery {
+                    tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
+                }
+                delivery
+            }
+            Handback::Drop | Handback::Rollback | Handback::Group => Delivery::Taken,
+        }
+    }
+
+    pub(super) fn on_restored(&mut self, c: &ContainerIdentity, result: RestoreResult) {
+        let name = &c.container_name;
+        let Some(p) = self.pending.remove(name) else {
+            tracing::warn!(pod_uid = %self.uid, container = %name, "restore report for an unknown restore");
+            return;
+        };
+        // A group member's entry is kept by the group until the whole move is settled.
+        let journal = p
+            .journal
+            .clone()
+            .filter(|_| !matches!(p.handback, Handback::Group));
+        self.settle_restore(c, p, result);
+        // Forgotten only once the source has its verdict and the Pod its phase (for a lazy
+        // restore: once every page arrived).
+        let paging = self.paging.as_ref().is_some_and(|pg| pg.container == *name);
+        if let Some(e) = journal.filter(|_| !paging) {
+            self.node.journal.remove(&e);
+        }
+    }
+
+    pub(super) fn settle_restore(
+        &mut self,
+        c: &ContainerIdentity,
+        mut p: PendingRestore,
+        mut result: RestoreResult,
+    ) {
+        let name = &c.container_name;
+        let lazy = p.lazy.take();
+        if let Some(l) = lazy.as_ref().filter(|_| !result.ok) {
+            // Never resumed: the pages are not needed; the source resumes.
+            l.pages.kill();
+        }
+        // Read before the images go: what their file-system part cost on the source.
+        let fs = podmig_cri_ext::volumes::FilesystemCapture::read(&p.images);
+        if let Err(e) = self.moves.restored(name, result.ok) {
+            tracing::warn!(pod_uid = %self.uid, error = %e, "restore outcome in an unexpected state");
+        }
+        let frozen_ms = p.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        self.node.manager.record_restore(RestoreRecord {
+            pod_uid: self.uid.clone(),
+            container_name: name.clone(),
+            container_id: c.container_id.clone(),
+            source_pod_uid: p.source_uid.clone(),
+            checkpoint_ms: p.report.checkpoint_ms,
+            restore_ms: result.duration_ms,
+            frozen_ms,
+            image_bytes: p.report.bytes,
+            ok: result.ok,
+            error: result.error.clone(),
+        });
+        self.node.metrics.phase_ms("restore", result.duration_ms);
+        if matches!(p.handback, Handback::Group) {
+            self.settle_group_member(c, p, &result, fs);
+            return;
+        }
+        match &p.handback {
+            Handback::Rollback => {
+                if result.ok {
+                    tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                        "container resumed on its own node after the failed move");
+                    self.node.store.remove(&p.images);
+                } else {
+                    tracing::warn!(pod_uid = %self.uid, container = %name, error = %result.error,
+                        "rollback restore failed; its checkpoint is kept for the next attempt");
+                }
+                return;
+            }
+            Handback::Drop => {
+                if result.ok {
+                    self.node.store.remove(&p.images);
+                } else {
+                    tracing::warn!(pod_uid = %self.uid, error = %result.error, "restore failed; checkpoint kept");
+                }
+            }
+            // A lazy restore's lazy-pages daemon still reads the images.
+            Handback::Remote { .. } if lazy.is_some() && result.ok => {}
+            Handback::Remote { .. } => self.node.store.remove(&p.images),
+            Handback::Local(_) | Handback::Group => {}
+        }
+        if lazy.is_some() && result.ok {
+            // Journaled before the commit leaves: from the commit on, the source is gone
+            // and only this daemon carries the pages, so a restart of it must find
+            // `Paging` (the state is lost) and never ask the source for a second commit.
+            if let Some(e) = p.journal.as_mut() {
+                self.node.journal.advance(e, journal::Step::Paging);
+            }
+        }
+        let delivered = self.hand_back_after(
+            &p.handback,
+            result.ok,
+            &result.error,
+            Some(result.duration_ms),
+        );
+        if result.ok
+            && let Some(why) = verdict_not_taken(
+                &delivered,
+                p.journal.as_ref().is_some_and(journal::Entry::expired),
+            )
+        {
+            // The source resumed (or will): this copy must not run as a second one.
+            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration, %why,
+                "the source did not take the commit; stopping the restored copy");
+            if let Err(error) = self.node.engine.discard(&c.container_id) {
+                tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the restored copy");
+            }
+            result.ok = false;
+            result.error = why;
+        }
+        if p.migration.is_empty() || p.source_uid.is_empty() {
+            return;
+        }
+        if let Some(l) = lazy.filter(|_| result.ok) {
+            // Running on the target: the move is settled when every page has arrived.
+            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                restore_ms = result.duration_ms, frozen_ms, "lazily restored; the pages arrive");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+            self.node.manager.update(Role::Target, &p.migration, |i| {
+                i.state = "Paging".into();
+            });
+            let journal = p.journal.clone();
+            self.paging = Some(Paging {
+                container: name.clone(),
+                container_id: c.container_id.clone(),
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                migration: p.migration.clone(),
+                images: p.images.clone(),
+                journal,
+                report: MigrationReport {
+                    restore_ms: result.duration_ms,
+                    frozen_ms,
+                    filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
+                    filesystem_ms: fs.capture_ms,
+                    strategy: Some(Strategy::Lazy),
+                    ..p.report
+                },
+                resumed_at: Instant::now(),
+                broke: l.broke.clone(),
+            });
+            let (node, uid, container, pages) =
+                (self.node.clone(), self.uid.clone(), c.clone(), l.pages);
+            std::thread::spawn(move || {
+                let result = pages.wait(PAGES_LIMIT).map_err(|e| e.to_string());
+                node.dispatch(&uid, PodUpdate::PagesArrived { container, result });
+            });
+            return;
+        }
+        let report = MigrationReport {
+            restore_ms: result.duration_ms,
+            frozen_ms,
+            filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
+            filesystem_ms: fs.capture_ms,
+            error: (!result.ok).then(|| {
+                format!(
+                    "restore on {}: {}",
+                    self.node.settings.node_name, result.error
+                )
+            }),
+            ..p.report
+        };
+        if result.ok {
+            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                restore_ms = result.duration_ms, frozen_ms, "container restored");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+        } else {
+            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                error = %result.error, "restore failed; the source resumes");
+        }
+        let outcome = if result.ok { "Succeeded" } else { "Failed" };
+        self.node
+            .manager
+            .update(Role::Target, &p.migration, |i| i.report = report.clone());
+        self.node
+            .manager
+            .finish(Role::Target, &p.migration, outcome, report.error.clone());
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node
+            .report_done(&c.pod_namespace, &c.pod_name, &report);
+    }
+
+    /// The pages of a lazily restored container all arrived, or some never will: the move
+    /// is settled. Missing pages stop the container (it would read zeros where its memory
+    /// was) and refuse its restarts; the source is not resumed (the target already ran).
+    pub(super) fn on_pages(&mut self, c: &ContainerIdentity, result: Result<PageStats, String>) {
+        let Some(pg) = self.paging.take_if(|pg| pg.container == c.container_name) else {
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name, "pages of an unknown lazy restore");
+            return;
+        };
+        let pages_ms = pg.resumed_at.elapsed().as_millis() as u64;
+        let mut report = pg.report;
+        report.pages_ms = pages_ms;
+        match &result {
+            Ok(stats) => {
+                if pg.broke.load(std::sync::atomic::Ordering::SeqCst) {
+                    // The tunnel's source side closed first, but every page had come.
+                    let _ = self.node.engine.resume(&pg.container_id);
+                }
+                report.pages_faulted = stats.faulted;
+                report.pages_pushed = stats.pushed();
+                report.bytes += stats.transferred * 4096;
+                tracing::info!(pod_uid = %self.uid, migration = %pg.migration, pages_ms,
+                    faulted = stats.faulted, pushed = stats.pushed(), "every page arrived");
+            }
+            Err(why) => {
+                if let Err(error) = self.node.engine.discard(&pg.container_id) {
+                    tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the lazily restored container");
+                }
+                crate::node::shared::lock(&self.node.failed_targets).insert(self.uid.clone());
+                report.error = Some(format!(
+                    "lazy move on {}: {}",
+                    self.node.settings.node_name,
+                    pages_lost(why)
+                ));
+                tracing::warn!(pod_uid = %self.uid, migration = %pg.migration, %why,
+                    "pages lost after the resume; the target was stopped");
+            }
+        }
+        self.node.store.remove(&pg.images);
+        if let Some(e) = &pg.journal {
+            self.node.journal.remove(e);
+        }
+        let outcome = if result.is_ok() {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        self.node
+            .manager
+            .update(Role::Target, &pg.migration, |i| i.report = report.clone());
+        self.node
+            .manager
+            .finish(Role::Target, &pg.migration, outcome, report.error.clone());
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.report_done(&pg.namespace, &pg.pod, &report);
+    }
+}
+
+pub(super) fn restore_from(images: &std::path::Path) -> Answer {
+    Answer::RestoreFrom(RestoreFrom {
+        image_path: images.display().to_string(),
+        ..Default::default()
+    })
+}
+
+/// What a lazy move that lost pages after the resume tells its users (the policy).
+pub fn pages_lost(why: &str) -> String {
+    format!(
+        "the page stream broke after the target resumed ({why}); the target was stopped so \
+         that it never runs on missing memory, and the source was not resumed because the \
+         target had already run: the Pod's in-memory state is lost"
+    )
+}
+
+/// Longest a lazy move's pages may take to arrive after the target resumed.
+pub const PAGES_LIMIT: Duration = Duration::from_secs(600);

@@ -1,0 +1,249 @@
+//! Target side of a multi-container move: every container restores the checkpoint that
+//! came with the first one, and the move commits or fails as one.
+
+use std::{path::PathBuf, time::Instant};
+
+use podmig_api::{ANNOTATION_SOURCE_NODE, v1alpha1::MigrationReport};
+use podmig_cri_ext::{
+    engine::CheckpointEngine,
+    proto::hook::v1::{
+        ContainerIdentity, Refuse, RestoreResult, hook_response::Decision as Answer,
+    },
+};
+
+use crate::node::{
+    group::{Step, TargetGroup},
+    journal,
+    migration::Role,
+};
+
+use super::*;
+
+/// A multi-container move being restored into this (target) Pod.
+pub(super) struct GroupMove {
+    pub(super) plan: TargetGroup,
+    pub(super) handback: Handback,
+    pub(super) frozen_at: Option<Instant>,
+    pub(super) report: MigrationReport,
+    pub(super) source_uid: String,
+    pub(super) namespace: String,
+    pub(super) pod: String,
+    /// Journal entries of the restored containers, removed when the move is settled.
+    pub(super) journals: Vec<journal::Entry>,
+    /// File-system state of all containers: bytes, capture ms.
+    pub(super) filesystem: (u64, u64),
+}
+
+impl<E: CheckpointEngine> PodWorker<E> {
+    /// A later container of a multi-container move: restore the checkpoint that came with
+    /// the first one. `None` when no group move `id` is under way here.
+    pub(super) fn restore_from_group(&mut self, c: &ContainerIdentity, id: &str) -> Option<Answer> {
+        let g = self.group.as_mut().filter(|g| g.plan.migration == id)?;
+        let name = c.container_name.clone();
+        let refuse = |reason: String| Answer::Refuse(Refuse { reason });
+        if let Some(why) = g.plan.failure() {
+            return Some(refuse(format!("the move of this Pod failed: {why}")));
+        }
+        let Some(dir) = g.plan.take(&name) else {
+            return Some(refuse(format!(
+                "no checkpoint of container {name:?} came with move {id}"
+            )));
+        };
+        let (frozen_at, source_uid, left) = (
+            g.frozen_at,
+            g.source_uid.clone(),
+            g.plan.left(Instant::now()),
+        );
+        if let Err(e) = self
+            .moves
+            .begin_receive(&name, id)
+            .and_then(|()| self.moves.begin_restore(&name, dir.clone()))
+        {
+            let reason = e.to_string();
+            self.fail_group(reason.clone(), Vec::new(), vec![dir]);
+            return Some(refuse(reason));
+        }
+        let entry = journal::Entry {
+            migration: id.to_owned(),
+            side: journal::Side::Target,
+            pod_uid: self.uid.clone(),
+            container: name.clone(),
+            container_id: String::new(),
+            images: dir.clone(),
+            target_namespace: c.pod_namespace.clone(),
+            target_pod: c.pod_name.clone(),
+            peer_node: c
+                .annotations
+                .get(ANNOTATION_SOURCE_NODE)
+                .cloned()
+                .unwrap_or_default(),
+            deadline_unix_ms: journal::deadline_unix_ms(Instant::now() + left),
+            step: journal::Step::Restoring,
+            lazy: false,
+        };
+        self.node.journal.record(&entry);
+        tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
+            images = %dir.display(), "restoring container of a multi-container move");
+        self.pending.insert(
+            name,
+            PendingRestore {
+                journal: Some(entry),
+                handback: Handback::Group,
+                images: dir.clone(),
+                migration: id.to_owned(),
+                frozen_at,
+                report: MigrationReport::default(),
+                source_uid,
+                lazy: None,
+            },
+        );
+        Some(restore_from(&dir))
+    }
+
+    /// Records one container's restore in its group; settles the move when it is the
+    /// last one or a failure.
+    pub(super) fn settle_group_member(
+        &mut self,
+        c: &ContainerIdentity,
+        p: PendingRestore,
+        result: &RestoreResult,
+        fs: podmig_cri_ext::volumes::FilesystemCapture,
+    ) {
+        let Some(g) = self.group.as_mut() else {
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name,
+                "restore of a group member without its group; stopping it");
+            if result.ok {
+                let _ = self.node.engine.discard(&c.container_id);
+            }
+            return;
+        };
+        if let Some(e) = p.journal {
+            g.journals.push(e);
+        }
+        g.filesystem.0 += fs.layer_bytes + fs.volume_bytes;
+        g.filesystem.1 += fs.capture_ms;
+        let remote = matches!(g.handback, Handback::Remote { .. });
+        if remote {
+            self.node.store.remove(&p.images);
+        }
+        let step = g.plan.record(
+            &c.container_name,
+            &c.container_id,
+            result.ok,
+            &result.error,
+            result.duration_ms,
+        );
+        match step {
+            Step::Waiting => {
+                tracing::info!(pod_uid = %self.uid, container = %c.container_name,
+                    migration = %p.migration, "container restored; waiting for the others");
+            }
+            Step::Complete => self.finish_group(None),
+            Step::Failed { reason, stop, drop } => self.fail_group(reason, stop, drop),
+        }
+    }
+
+    /// A group that failed: its restored containers stop, its other images go, the source
+    /// resumes.
+    pub(super) fn fail_group(&mut self, reason: String, stop: Vec<String>, drop: Vec<PathBuf>) {
+        for id in &stop {
+            if let Err(error) = self.node.engine.discard(id) {
+                tracing::warn!(pod_uid = %self.uid, container_id = %id, %error,
+                    "cannot stop a restored container of a failed move");
+            }
+        }
+        if self
+            .group
+            .as_ref()
+            .is_some_and(|g| matches!(g.handback, Handback::Remote { .. }))
+        {
+            for d in &drop {
+                self.node.store.remove(d);
+            }
+        }
+        self.finish_group(Some(reason));
+    }
+
+    /// Tells the source the verdict of the whole move and reports it on the target Pod.
+    pub(super) fn finish_group(&mut self, failure: Option<String>) {
+        let Some(mut g) = self.group.take() else {
+            return;
+        };
+        let mut error = failure;
+        let delivered = self.hand_back_after(
+            &g.handback,
+            error.is_none(),
+            error.as_deref().unwrap_or(""),
+            Some(g.plan.restore_ms()),
+        );
+        if error.is_none()
+            && let Some(why) =
+                verdict_not_taken(&delivered, g.journals.iter().any(journal::Entry::expired))
+        {
+            tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration, %why,
+                "the source did not take the commit; stopping the restored containers");
+            for id in g.plan.restored_ids() {
+                let _ = self.node.engine.discard(&id);
+            }
+            g.plan.abandon(&why);
+            error = Some(why);
+        }
+        for e in &g.journals {
+            self.node.journal.remove(e);
+        }
+        g.journals.clear();
+        let frozen_ms = g.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        let report = MigrationReport {
+            restore_ms: g.plan.restore_ms(),
+            frozen_ms,
+            filesystem_bytes: g.filesystem.0,
+            filesystem_ms: g.filesystem.1,
+            containers: g.plan.figures(),
+            error: error
+                .as_ref()
+                .map(|e| format!("restore on {}: {e}", self.node.settings.node_name)),
+            ..g.report.clone()
+        };
+        let outcome = if error.is_none() {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        if error.is_none() {
+            tracing::info!(pod_uid = %self.uid, migration = %g.plan.migration, frozen_ms,
+                containers = report.containers.len(), "every container restored");
+            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+        } else {
+            tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration,
+                error = ?report.error, "multi-container move failed; the source resumes");
+        }
+        self.node
+            .manager
+            .update(Role::Target, &g.plan.migration, |i| {
+                i.report = report.clone()
+            });
+        self.node.manager.finish(
+            Role::Target,
+            &g.plan.migration,
+            outcome,
+            report.error.clone(),
+        );
+        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.report_done(&g.namespace, &g.pod, &report);
+        if error.is_some() {
+            // Kept so that the containers' retried creates are refused with the reason.
+            self.group = Some(g);
+        }
+    }
+
+    /// A group still waiting for creates past its deadline fails.
+    pub(super) fn expire_group(&mut self) {
+        let step = self
+            .group
+            .as_mut()
+            .and_then(|g| g.plan.expire(Instant::now()));
+        if let Some(Step::Failed { reason, stop, drop }) = step {
+            self.fail_group(reason, stop, drop);
+        }
+    }
+}

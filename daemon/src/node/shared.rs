@@ -1,0 +1,209 @@
+//! The daemon's shared state ([`Node`]): settings, engine, store, journal, the moves in
+//! flight, the API client and the Pods' cache — what the workers and adapters all use.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crossbeam_channel::Sender;
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod};
+use podmig_api::{contract::DaemonPhase, v1alpha1::MigrationReport};
+use podmig_cri_ext::engine::CheckpointEngine;
+
+use crate::{Error, Result, store::CheckpointStore};
+
+use super::{
+    capabilities, estimate, journal, metrics, migration, peer, podsync::PodUpdate, report, stream,
+};
+
+/// What the daemon is told about its place.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (empty when unknown: no cross-node moves).
+    pub node_name: String,
+    /// runc state root of the runtime's containers.
+    pub runc_root: PathBuf,
+    /// Upper bound of a held kill or create without a deadline of its own.
+    pub hold: Duration,
+    /// The daemon's state on the node's disk (the move journal).
+    pub state_dir: PathBuf,
+    /// Checkpoint bytes the node may hold at once.
+    pub checkpoint_budget: u64,
+}
+
+/// The daemon's shared state: everything the workers and adapters use.
+pub struct Node<E> {
+    /// Settings.
+    pub settings: Settings,
+    pub(crate) engine: Arc<E>,
+    pub(crate) store: CheckpointStore,
+    pub(crate) journal: journal::Journal,
+    /// The moves of this node.
+    pub manager: migration::Manager,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    pub(crate) kube: Option<kube::Client>,
+    pub(crate) reporter: Option<report::PodReporter>,
+    pub(crate) peers: Option<peer::PeerClient>,
+    /// The Pod workers' queues, by Pod uid.
+    pub(crate) workers: Mutex<HashMap<String, Sender<PodUpdate>>>,
+    /// The Pods bound to this node, by uid (the watch's cache).
+    pub(crate) pods: Mutex<HashMap<String, Pod>>,
+    /// Target Pods whose move a restart settled as failed: their containers' retried
+    /// creates are refused, never turned into a second move.
+    pub(crate) failed_targets: Mutex<std::collections::HashSet<String>>,
+    /// Whether lazy moves are possible here (found at start; unknown in unit tests).
+    pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
+    /// Lazy moves' page servers on this (source) node, by move id: the tunnel endpoint
+    /// connects the target to them.
+    pub(crate) page_servers: Mutex<HashMap<String, Arc<podmig_cri_ext::lazy::PageServer>>>,
+    /// Streamed full moves this (target) node expects page streams for, by move id.
+    pub(crate) page_sinks: Mutex<HashMap<String, Arc<stream::Sink>>>,
+    /// The rates of full moves towards each target node, for `strategy: auto`.
+    pub(crate) learned: estimate::Learned,
+    pub(crate) rt: tokio::runtime::Handle,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every update under these locks is a single insert or remove.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<E: CheckpointEngine> Node<E> {
+    /// A daemon using `engine` and `store`, without API access (no watch, no reports, no
+    /// peers). Must be called within a tokio runtime.
+    pub fn new(engine: E, store: CheckpointStore, settings: Settings) -> Result<Self> {
+        let journal =
+            journal::Journal::open(&settings.state_dir).map_err(|source| Error::State {
+                path: settings.state_dir.clone(),
+                source,
+            })?;
+        Ok(Self {
+            settings,
+            engine: Arc::new(engine),
+            store,
+            journal,
+            manager: migration::Manager::default(),
+            metrics: metrics::Metrics::default(),
+            kube: None,
+            reporter: None,
+            peers: None,
+            workers: Mutex::default(),
+            pods: Mutex::default(),
+            failed_targets: Mutex::default(),
+            lazy: std::sync::OnceLock::new(),
+            page_servers: Mutex::default(),
+            page_sinks: Mutex::default(),
+            learned: estimate::Learned::default(),
+            rt: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Uses `client` for the watch, the progress reports and the peers' addresses.
+    pub fn with_kube(mut self, client: kube::Client) -> Self {
+        self.reporter = Some(report::PodReporter::new(client.clone()));
+        self.kube = Some(client);
+        self
+    }
+
+    /// Calls other nodes' daemons with `peers`.
+    pub fn with_peers(mut self, peers: peer::PeerClient) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// Why a lazy move cannot be made on this node, if it cannot.
+    pub(crate) fn lazy_impossible(&self) -> Option<String> {
+        match self.lazy.get() {
+            Some(l) if l.possible() => None,
+            Some(l) => Some(format!("node {}: {l}", self.settings.node_name)),
+            None => Some(format!(
+                "node {}: lazy support not probed",
+                self.settings.node_name
+            )),
+        }
+    }
+
+    pub(crate) fn report_phase(&self, ns: &str, pod: &str, phase: DaemonPhase) {
+        if let Some(r) = &self.reporter {
+            r.phase(ns, pod, phase);
+        }
+    }
+
+    pub(crate) fn report_done(&self, ns: &str, pod: &str, report: &MigrationReport) {
+        if let Some(r) = &self.reporter {
+            r.done(ns, pod, report);
+        }
+    }
+
+    /// Records a Warning Event on Pod `ns/pod` (as `podmig-node` on this node), in the
+    /// background; nothing without API access.
+    pub(crate) fn event_on_pod(&self, ns: &str, pod: &str, reason: &'static str, note: &str) {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let Some(client) = self.kube.clone() else {
+            return;
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(ns.into()),
+            name: Some(pod.into()),
+            uid: lock(&self.pods)
+                .values()
+                .find(|p| {
+                    p.metadata.namespace.as_deref() == Some(ns)
+                        && p.metadata.name.as_deref() == Some(pod)
+                })
+                .and_then(|p| p.metadata.uid.clone()),
+            ..Default::default()
+        };
+        let recorder = Recorder::new(
+            client,
+            Reporter {
+                controller: "podmig-node".into(),
+                instance: Some(self.settings.node_name.clone()),
+            },
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(note.chars().take(1024).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        self.rt.spawn(async move {
+            if let Err(error) = recorder.publish(&event, &reference).await {
+                tracing::warn!(%error, "cannot record event");
+            }
+        });
+    }
+
+    /// The address other daemons reach node `name`'s daemon at (its InternalIP).
+    pub(crate) fn node_address(&self, name: &str) -> std::result::Result<String, String> {
+        let client = self
+            .kube
+            .clone()
+            .ok_or("no API access to look up the source node")?;
+        let api: kube::Api<KubeNode> = kube::Api::all(client);
+        let node = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), api.get(name)).await })
+            .map_err(|_| format!("looking up node {name}: timed out"))?
+            .map_err(|e| format!("looking up node {name}: {e}"))?;
+        node.status
+            .and_then(|s| s.addresses)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|a| a.type_ == "InternalIP")
+            .map(|a| a.address)
+            .ok_or_else(|| format!("node {name} has no InternalIP address"))
+    }
+
+    /// The cached Pod with `uid`, if it is bound to this node.
+    pub fn pod(&self, uid: &str) -> Option<Pod> {
+        lock(&self.pods).get(uid).cloned()
+    }
+}
