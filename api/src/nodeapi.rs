@@ -127,7 +127,7 @@ pub struct MoveInfo {
     /// Id of the move.
     pub id: String,
     /// `source` or `target`.
-    pub role: String,
+    pub role: MoveRole,
     /// Namespace of this node's Pod.
     pub namespace: String,
     /// This node's Pod.
@@ -137,13 +137,93 @@ pub struct MoveInfo {
     /// The other side's node, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_node: Option<String>,
-    /// Where the move stands (`Checkpointing`, `Transferring`, `Restoring`, `Succeeded`,
-    /// `Failed`, `RolledBack`).
-    pub state: String,
+    /// Where the move stands on this node.
+    pub state: MovePhase,
     /// When it began (RFC 3339).
     pub started_at: String,
     /// Figures so far.
     pub report: MigrationReport,
+}
+
+/// Which side of a move a node plays.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveRole {
+    /// This node's Pod is dumped and handed over.
+    #[default]
+    Source,
+    /// This node's Pod restores the state.
+    Target,
+}
+
+impl MoveRole {
+    /// `source` or `target`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveRole::Source => "source",
+            MoveRole::Target => "target",
+        }
+    }
+}
+
+/// Where a move stands on one node (`GET /migrations`), in the order a move goes through.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MovePhase {
+    /// The source is being frozen and dumped (the target waits for it).
+    #[default]
+    Checkpointing,
+    /// The checkpoint is travelling to the target.
+    Transferring,
+    /// The target restores it.
+    Restoring,
+    /// The target runs; its memory pages still arrive (lazy moves).
+    Paging,
+    /// The target runs with the state; the source is gone.
+    Succeeded,
+    /// The move failed; the source runs on (or, after a lazy resume, the state is lost).
+    Failed,
+    /// The source was frozen, the move failed, and the source resumed.
+    RolledBack,
+    /// The target refused a move podmig's controller did not make.
+    Refused,
+}
+
+impl MovePhase {
+    /// True once the move ended on this node.
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            MovePhase::Succeeded | MovePhase::Failed | MovePhase::RolledBack | MovePhase::Refused
+        )
+    }
+
+    /// The word `GET /migrations` shows (`RolledBack`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MovePhase::Checkpointing => "Checkpointing",
+            MovePhase::Transferring => "Transferring",
+            MovePhase::Restoring => "Restoring",
+            MovePhase::Paging => "Paging",
+            MovePhase::Succeeded => "Succeeded",
+            MovePhase::Failed => "Failed",
+            MovePhase::RolledBack => "RolledBack",
+            MovePhase::Refused => "Refused",
+        }
+    }
+
+    /// The `outcome` label of `podmig_migrations_total` for an ended move.
+    pub fn outcome_label(self) -> &'static str {
+        match self {
+            MovePhase::Succeeded => "succeeded",
+            MovePhase::Failed => "failed",
+            MovePhase::RolledBack => "rolled_back",
+            MovePhase::Refused => "refused",
+            MovePhase::Checkpointing
+            | MovePhase::Transferring
+            | MovePhase::Restoring
+            | MovePhase::Paging => "in_flight",
+        }
+    }
 }
 
 /// The body of every error answer.
@@ -164,6 +244,30 @@ pub const DEFAULT_API_PORT: u16 = 10443;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn move_records_keep_their_json_words() {
+        let m = MoveInfo {
+            role: MoveRole::Target,
+            state: MovePhase::RolledBack,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&m).expect("json");
+        assert_eq!(
+            (v["role"].as_str(), v["state"].as_str()),
+            (Some("target"), Some("RolledBack"))
+        );
+        let back: MoveInfo = serde_json::from_value(v).expect("back");
+        assert_eq!(back, m);
+        assert!(MovePhase::Refused.ended() && !MovePhase::Paging.ended());
+        for p in [
+            MovePhase::Checkpointing,
+            MovePhase::Paging,
+            MovePhase::Refused,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+        }
+    }
 
     #[test]
     fn unknown_fields_are_rejected() {

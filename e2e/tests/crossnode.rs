@@ -415,9 +415,9 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     assert_eq!(code, 200, "{b}");
     let moves: Vec<MoveInfo> = serde_json::from_str(&b)?;
     assert!(
-        moves
-            .iter()
-            .any(|m| m.role == "source" && m.state == "Succeeded" && m.pod_uid == uid),
+        moves.iter().any(|m| m.role.as_str() == "source"
+            && m.state.as_str() == "Succeeded"
+            && m.pod_uid == uid),
         "{moves:?}"
     );
     let (code, b) = curl(&c, dst, "GET", "/metrics", Some(&admin), None)?;

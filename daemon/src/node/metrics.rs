@@ -2,6 +2,8 @@
 
 use std::sync::Mutex;
 
+use podmig_api::nodeapi::{MovePhase, MoveRole};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -112,11 +114,11 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts a move that ended.
-    pub fn moved(&self, role: &str, outcome: &str) {
+    pub fn moved(&self, role: MoveRole, outcome: MovePhase) {
         self.migrations
             .get_or_create(&MoveLabels {
-                role: role.into(),
-                outcome: outcome.into(),
+                role: role.as_str().into(),
+                outcome: outcome.outcome_label().into(),
             })
             .inc();
     }
@@ -143,7 +145,7 @@ mod tests {
     #[test]
     fn moves_and_held_kills_are_exposed() {
         let m = Metrics::default();
-        m.moved("source", "succeeded");
+        m.moved(MoveRole::Source, MovePhase::Succeeded);
         m.held_kills.inc();
         m.frozen.observe(0.3);
         m.phase_ms("checkpoint", 120);

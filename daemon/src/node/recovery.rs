@@ -30,6 +30,7 @@ use super::{
     podsync::{Delivery, PodUpdate, verdict_not_taken},
     shared::Node,
 };
+use crate::node::migration::MovePhase;
 
 /// What becomes of a source container after a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,7 +317,7 @@ async fn settle_target<E: CheckpointEngine>(
             true
         }
         Err(why) => {
-            super::shared::lock(&node.failed_targets).insert(e.pod_uid.clone());
+            node.manager.refuse_restarts(&e.pod_uid);
             if let Some(id) = &running {
                 let engine = node.engine.clone();
                 let id = id.clone();
@@ -416,12 +417,14 @@ async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
         namespace: e.target_namespace.clone(),
         pod_uid: e.pod_uid.clone(),
         peer_node: Some(e.peer_node.clone()),
-        state: "Transferring".into(),
+        state: MovePhase::Transferring,
         ..Default::default()
     };
     let registered = node.manager.begin(Role::Source, info).is_ok();
     let (tx, rx) = crossbeam_channel::bounded(1);
-    node.manager.await_verdict(&e.migration, tx);
+    if !node.manager.await_verdict(&e.migration, tx) {
+        tracing::warn!(migration = %e.migration, "another move of this Pod is in flight; no verdict can reach this one");
+    }
     let by_verdict = |v: Verdict| match v {
         Verdict::Commit => SourceAction::Discard,
         Verdict::Abort(_) => SourceAction::Resume,
@@ -451,9 +454,9 @@ async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
     settle_source(&node, &e, action).await;
     if registered {
         let (outcome, error) = match action {
-            SourceAction::Discard => ("Succeeded", None),
+            SourceAction::Discard => (MovePhase::Succeeded, None),
             _ => (
-                "RolledBack",
+                MovePhase::RolledBack,
                 Some("the source daemon restarted; the target did not finish".to_owned()),
             ),
         };

@@ -16,7 +16,7 @@ use podmig_cri_ext::engine::CheckpointEngine;
 use crate::{Error, Result, store::CheckpointStore};
 
 use super::{
-    capabilities, estimate, journal, metrics, migration, peer, podsync::PodUpdate, report, stream,
+    capabilities, estimate, journal, metrics, migration, peer, podsync::PodUpdate, report,
 };
 
 /// What the daemon is told about its place.
@@ -52,16 +52,8 @@ pub struct Node<E> {
     pub(crate) workers: Mutex<HashMap<String, Sender<PodUpdate>>>,
     /// The Pods bound to this node, by uid (the watch's cache).
     pub(crate) pods: Mutex<HashMap<String, Pod>>,
-    /// Target Pods whose move a restart settled as failed: their containers' retried
-    /// creates are refused, never turned into a second move.
-    pub(crate) failed_targets: Mutex<std::collections::HashSet<String>>,
     /// Whether lazy moves are possible here (found at start; unknown in unit tests).
     pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
-    /// Lazy moves' page servers on this (source) node, by move id: the tunnel endpoint
-    /// connects the target to them.
-    pub(crate) page_servers: Mutex<HashMap<String, Arc<podmig_cri_ext::lazy::PageServer>>>,
-    /// Streamed full moves this (target) node expects page streams for, by move id.
-    pub(crate) page_sinks: Mutex<HashMap<String, Arc<stream::Sink>>>,
     /// The rates of full moves towards each target node, for `strategy: auto`.
     pub(crate) learned: estimate::Learned,
     pub(crate) rt: tokio::runtime::Handle,
@@ -93,10 +85,7 @@ impl<E: CheckpointEngine> Node<E> {
             peers: None,
             workers: Mutex::default(),
             pods: Mutex::default(),
-            failed_targets: Mutex::default(),
             lazy: std::sync::OnceLock::new(),
-            page_servers: Mutex::default(),
-            page_sinks: Mutex::default(),
             learned: estimate::Learned::default(),
             rt: tokio::runtime::Handle::current(),
         })

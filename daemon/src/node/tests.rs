@@ -154,7 +154,7 @@ fn states(n: &Node<FakeEngine>) -> Vec<(String, String)> {
     n.manager
         .list()
         .into_iter()
-        .map(|i| (i.role, i.state))
+        .map(|i| (i.role.as_str().to_owned(), i.state.as_str().to_owned()))
         .collect()
 }
 

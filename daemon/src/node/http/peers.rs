@@ -34,6 +34,7 @@ use crate::node::{
 };
 
 use super::*;
+use crate::node::migration::Role;
 
 /// What the peer endpoints (hand-over, verdict, page tunnel) require: `create` on
 /// `nodes/handover` of this node, a permission only the node daemons' role holds.
@@ -130,7 +131,7 @@ pub(super) async fn check_peer_of_move<E: CheckpointEngine>(
         .manager
         .get(id)
         .into_iter()
-        .find(|m| m.role == "source");
+        .find(|m| m.role == Role::Source);
     let caller = s.auth.check(token, &peer_attrs(s)).await?;
     let target_node = record.and_then(|r| r.peer_node);
     match (caller.node.as_deref(), target_node.as_deref()) {
@@ -298,16 +299,13 @@ pub(super) async fn pages<E: CheckpointEngine>(
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
     check_peer_of_move(&s, token.as_deref(), &id).await?;
-    let server = crate::node::shared::lock(&s.node.page_servers)
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "MigrationNotFound",
-                format!("no lazy move {id:?} serves pages on this node"),
-            )
-        })?;
+    let server = s.node.manager.page_server(&id).ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "MigrationNotFound",
+            format!("no lazy move {id:?} serves pages on this node"),
+        )
+    })?;
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
         let tunnel = async {
@@ -357,16 +355,13 @@ pub(super) async fn streams<E: CheckpointEngine>(
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
     let caller = s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
-    let sink = crate::node::shared::lock(&s.node.page_sinks)
-        .get(&id)
-        .cloned()
-        .ok_or_else(|| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "MigrationNotFound",
-                format!("no move {id:?} expects page streams on this node"),
-            )
-        })?;
+    let sink = s.node.manager.page_sink(&id).ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "MigrationNotFound",
+            format!("no move {id:?} expects page streams on this node"),
+        )
+    })?;
     if caller.node.as_deref() != Some(sink.source_node.as_str()) {
         return Err(refused(format!(
             "only the daemon of node {:?}, the source of move {id:?}, may stream its pages",

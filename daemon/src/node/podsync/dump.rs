@@ -86,8 +86,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         .engine
                         .checkpoint_lazy(cid, &options)
                         .map(|(report, server)| {
-                            crate::node::shared::lock(&self.node.page_servers)
-                                .insert(id.to_owned(), Arc::new(server));
+                            self.node.manager.set_page_server(id, Arc::new(server));
                             report
                         });
                 (name.clone(), dir.clone(), report)

@@ -32,6 +32,7 @@ use crate::node::{
 };
 
 use super::*;
+use crate::node::migration::MovePhase;
 
 /// How long a target's create waits for the controller's record of it to appear.
 pub(super) const TARGET_RECORD_WAIT: Duration = Duration::from_secs(10);
@@ -67,7 +68,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Err(reason) => {
                 tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
                     %reason, "refused a migration target podmig's controller did not make");
-                self.node.metrics.moved("target", "refused");
+                self.node.metrics.moved(Role::Target, MovePhase::Refused);
                 self.node.event_on_pod(
                     &c.pod_namespace,
                     &c.pod_name,
@@ -126,7 +127,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             pod: c.pod_name.clone(),
             pod_uid: self.uid.clone(),
             peer_node: source_node.clone(),
-            state: "Checkpointing".into(),
+            state: MovePhase::Checkpointing,
             ..Default::default()
         };
         if let Err(busy) = self.node.manager.begin(Role::Target, info)
@@ -223,10 +224,13 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.node.journal.remove(&entry);
                 tracing::warn!(pod_uid = %self.uid, container = %name, migration = %id, %reason, "migration target refused");
                 let _ = self.moves.abandon(&name, &reason);
-                self.node
-                    .manager
-                    .finish(Role::Target, &id, "Failed", Some(reason.clone()));
-                self.node.metrics.moved("target", "failed");
+                self.node.manager.finish(
+                    Role::Target,
+                    &id,
+                    MovePhase::Failed,
+                    Some(reason.clone()),
+                );
+                self.node.metrics.moved(Role::Target, MovePhase::Failed);
                 self.node.report_done(
                     &c.pod_namespace,
                     &c.pod_name,
@@ -245,7 +249,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     return;
                 }
                 self.node.manager.update(Role::Target, &id, |i| {
-                    i.state = "Restoring".into();
+                    i.state = MovePhase::Restoring;
                     i.report = a.report.clone();
                 });
                 self.node
@@ -469,7 +473,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             source_node,
             containers,
         ));
-        crate::node::shared::lock(&self.node.page_sinks).insert(id.to_owned(), sink.clone());
+        self.node.manager.set_page_sink(id, sink.clone());
         let node = self.node.clone();
         let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
         let target_uid = self.uid.clone();
@@ -486,7 +490,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let streamed = check_streams(&sink, &f.streamed);
             (f, streamed)
         });
-        crate::node::shared::lock(&self.node.page_sinks).remove(id);
+        self.node.manager.drop_page_sink(id);
         if !matches!(checked, Ok((_, Ok(())))) {
             // Whatever the streams wrote is of no use now.
             for d in sink.dirs() {

@@ -256,7 +256,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .annotations
             .get(ANNOTATION_MIGRATE_FROM)
             .is_some_and(|v| !v.is_empty());
-        if target && crate::node::shared::lock(&self.node.failed_targets).contains(&self.uid) {
+        if target && self.node.manager.restarts_refused(&self.uid) {
             let _ = reply.send(Answer::Refuse(Refuse {
                 reason: "the move into this Pod failed when the node's daemon restarted".into(),
             }));

@@ -30,6 +30,7 @@ use crate::node::{
 };
 
 use super::*;
+use crate::node::migration::MovePhase;
 
 /// Where a restore's checkpoint came from, and so who learns its outcome.
 pub(super) enum Handback {
@@ -276,7 +277,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 restore_ms = result.duration_ms, frozen_ms, "lazily restored; the pages arrive");
             self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
             self.node.manager.update(Role::Target, &p.migration, |i| {
-                i.state = "Paging".into();
+                i.state = MovePhase::Paging;
             });
             let journal = p.journal.clone();
             self.paging = Some(Paging {
@@ -327,14 +328,18 @@ impl<E: CheckpointEngine> PodWorker<E> {
             tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration,
                 error = %result.error, "restore failed; the source resumes");
         }
-        let outcome = if result.ok { "Succeeded" } else { "Failed" };
+        let outcome = if result.ok {
+            MovePhase::Succeeded
+        } else {
+            MovePhase::Failed
+        };
         self.node
             .manager
             .update(Role::Target, &p.migration, |i| i.report = report.clone());
         self.node
             .manager
             .finish(Role::Target, &p.migration, outcome, report.error.clone());
-        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.metrics.moved(Role::Target, outcome);
         self.node
             .report_done(&c.pod_namespace, &c.pod_name, &report);
     }
@@ -366,7 +371,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 if let Err(error) = self.node.engine.discard(&pg.container_id) {
                     tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the lazily restored container");
                 }
-                crate::node::shared::lock(&self.node.failed_targets).insert(self.uid.clone());
+                self.node.manager.refuse_restarts(&self.uid);
                 report.error = Some(format!(
                     "lazy move on {}: {}",
                     self.node.settings.node_name,
@@ -381,9 +386,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             self.node.journal.remove(e);
         }
         let outcome = if result.is_ok() {
-            "Succeeded"
+            MovePhase::Succeeded
         } else {
-            "Failed"
+            MovePhase::Failed
         };
         self.node
             .manager
@@ -391,7 +396,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         self.node
             .manager
             .finish(Role::Target, &pg.migration, outcome, report.error.clone());
-        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.metrics.moved(Role::Target, outcome);
         self.node.report_done(&pg.namespace, &pg.pod, &report);
     }
 }

@@ -18,6 +18,7 @@ use crate::node::{
 };
 
 use super::*;
+use crate::node::migration::MovePhase;
 
 /// A multi-container move being restored into this (target) Pod.
 pub(super) struct GroupMove {
@@ -205,9 +206,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ..g.report.clone()
         };
         let outcome = if error.is_none() {
-            "Succeeded"
+            MovePhase::Succeeded
         } else {
-            "Failed"
+            MovePhase::Failed
         };
         if error.is_none() {
             tracing::info!(pod_uid = %self.uid, migration = %g.plan.migration, frozen_ms,
@@ -228,7 +229,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             outcome,
             report.error.clone(),
         );
-        self.node.metrics.moved("target", &outcome.to_lowercase());
+        self.node.metrics.moved(Role::Target, outcome);
         self.node.report_done(&g.namespace, &g.pod, &report);
         if error.is_some() {
             // Kept so that the containers' retried creates are refused with the reason.

@@ -23,6 +23,7 @@ use crate::node::{
 };
 
 use super::*;
+use crate::node::migration::MovePhase;
 
 impl<E: CheckpointEngine> PodWorker<E> {
     pub(super) fn migrate(
@@ -120,7 +121,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             pod,
             pod_uid: self.uid.clone(),
             peer_node: Some(order.target.node.clone()),
-            state: "Checkpointing".into(),
+            state: MovePhase::Checkpointing,
             ..Default::default()
         };
         if let Err(busy) = self.node.manager.begin(Role::Source, info) {
@@ -211,8 +212,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
             self.node
                 .manager
-                .finish(Role::Source, &id, "Failed", Some(reason.clone()));
-            self.node.metrics.moved("source", "failed");
+                .finish(Role::Source, &id, MovePhase::Failed, Some(reason.clone()));
+            self.node.metrics.moved(Role::Source, MovePhase::Failed);
             let _ = prepared.send(Err(MoveError::Checkpoint(reason)));
             self.reconsider_parked();
             return;
@@ -232,14 +233,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
             self.node.journal.advance(e, journal::Step::Dumped);
         }
         self.node.manager.update(Role::Source, &id, |i| {
-            i.state = "Transferring".into();
+            i.state = MovePhase::Transferring;
             i.report.checkpoint_ms = checkpoint_ms;
             i.report.bytes = bytes;
         });
         tracing::info!(pod_uid = %self.uid, migration = %id, checkpoint_ms, bytes, "checkpoint handed over");
         let (vtx, vrx) = crossbeam_channel::bounded(1);
         if order.remote {
-            self.node.manager.await_verdict(&id, vtx.clone());
+            let _ = self.node.manager.await_verdict(&id, vtx.clone());
         }
         let sent = prepared.send(Ok(Prepared {
             images: images.clone(),
@@ -296,22 +297,21 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     Err(why) => {
                         self.node
                             .manager
-                            .finish(Role::Source, &id, "Failed", Some(why));
-                        self.node.metrics.moved("source", "failed");
+                            .finish(Role::Source, &id, MovePhase::Failed, Some(why));
+                        self.node.metrics.moved(Role::Source, MovePhase::Failed);
                     }
                     Ok(()) => {
                         self.node
                             .manager
-                            .finish(Role::Source, &id, "Succeeded", None);
-                        self.node.metrics.moved("source", "succeeded");
+                            .finish(Role::Source, &id, MovePhase::Succeeded, None);
+                        self.node.metrics.moved(Role::Source, MovePhase::Succeeded);
                     }
                 }
                 self.assert_migrated_status();
             }
             Verdict::Abort(why) => {
                 // The target never ran: nobody will read the pages.
-                if let Some(server) = crate::node::shared::lock(&self.node.page_servers).remove(&id)
-                {
+                if let Some(server) = self.node.manager.take_page_server(&id) {
                     server.abort();
                 }
                 for (name, _) in &images {
@@ -322,10 +322,13 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
                 tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
                     "move failed after the freeze; the source resumes from its checkpoint");
-                self.node
-                    .manager
-                    .finish(Role::Source, &id, "RolledBack", Some(why.clone()));
-                self.node.metrics.moved("source", "rolled_back");
+                self.node.manager.finish(
+                    Role::Source,
+                    &id,
+                    MovePhase::RolledBack,
+                    Some(why.clone()),
+                );
+                self.node.metrics.moved(Role::Source, MovePhase::RolledBack);
                 if order.remote {
                     // The target may be gone: make sure its Migration learns it.
                     self.node.report_done(
@@ -399,7 +402,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .manager
             .get(id)
             .into_iter()
-            .find(|m| m.role == "source")
+            .find(|m| m.role == Role::Source)
             .map_or(0, |m| m.report.restore_ms);
         let frozen_ms = frozen_at.elapsed().as_millis() as u64;
         self.node
@@ -412,10 +415,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// After the commit of a lazy move: waits until the page server has served every page
     /// (or failed, or ran out of [`PAGES_LIMIT`]). `Ok` for a full move.
     pub(super) fn serve_pages_to_the_end(&self, id: &str) -> Result<(), String> {
-        let Some(server) = crate::node::shared::lock(&self.node.page_servers)
-            .get(id)
-            .cloned()
-        else {
+        let Some(server) = self.node.manager.page_server(id) else {
             return Ok(());
         };
         let served = server.wait(PAGES_LIMIT).map_err(|e| {
@@ -427,7 +427,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         if server.running() {
             server.abort();
         }
-        crate::node::shared::lock(&self.node.page_servers).remove(id);
+        self.node.manager.take_page_server(id);
         match &served {
             Ok(()) => tracing::info!(pod_uid = %self.uid, migration = %id, "every page served"),
             Err(why) => {
