@@ -68,6 +68,11 @@ impl TargetGroup {
         }
     }
 
+    /// The names of its containers.
+    pub fn containers(&self) -> Vec<&str> {
+        self.bytes.keys().map(String::as_str).collect()
+    }
+
     /// Why the group failed, once it did: later creates are refused with it.
     pub fn failure(&self) -> Option<&str> {
         self.failed.as_deref()

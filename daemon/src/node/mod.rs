@@ -26,6 +26,7 @@ pub mod janitor;
 pub mod journal;
 pub mod metrics;
 pub mod migration;
+pub mod moves;
 pub mod peer;
 pub mod podsync;
 pub mod recovery;

@@ -31,6 +31,8 @@ use crate::node::{
     stream::{Sink, StreamFigures},
 };
 
+use crate::node::moves::{EntryFor, Move, ReportTo};
+
 use super::*;
 use crate::node::migration::MovePhase;
 
@@ -56,31 +58,62 @@ pub(super) struct Arrival {
     pub(super) lazy: Option<LazyTarget>,
 }
 
+/// A target container's move, as the API server records it (or, without API access, as
+/// its annotations say).
+pub(super) struct Incoming {
+    /// The move.
+    pub(super) id: String,
+    /// The source Pod.
+    pub(super) source_uid: String,
+    /// The source's node, when known.
+    pub(super) source_node: Option<String>,
+    /// When the source stops waiting.
+    pub(super) deadline: Instant,
+    /// How the controller asked to carry the memory.
+    pub(super) strategy: Strategy,
+    /// `auto`: the downtime budget, ms.
+    pub(super) max_downtime_ms: u32,
+}
+
 impl<E: CheckpointEngine> PodWorker<E> {
-    /// A migration target's container: get the source's checkpoint — from the store, from
-    /// the source's worker on this node, or from the source node's daemon — and restore it.
+    /// A migration target's container, top to bottom: which move it is, its record, the
+    /// source's checkpoint — from the store, from the source's worker on this node, or from
+    /// the source node's daemon — then the restore.
     pub(super) fn fetch(&mut self, c: ContainerIdentity, reply: oneshot::Sender<Answer>) {
-        let name = c.container_name.clone();
-        // With API access, the move is what the API server records, never what the
-        // container's annotations (written by whoever made the Pod) claim.
-        let verified = match self.verify_target(&c) {
-            Ok(v) => v,
+        let incoming = match self.incoming(&c) {
+            Ok(i) => i,
+            Err(reason) => return self.refuse_untrusted(&c, reason, reply),
+        };
+        if let Some(answer) = self.restore_from_group(&c, &incoming.id) {
+            let _ = reply.send(answer);
+            return;
+        }
+        let mv = match self.begin_receive(&c, &incoming) {
+            Ok(mv) => mv,
             Err(reason) => {
-                tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
-                    %reason, "refused a migration target podmig's controller did not make");
-                self.node.metrics.moved(Role::Target, MovePhase::Refused);
-                self.node.event_on_pod(
-                    &c.pod_namespace,
-                    &c.pod_name,
-                    "MigrationTargetRefused",
-                    &reason,
-                );
-                let _ = reply.send(Answer::Refuse(Refuse {
-                    reason: format!("Refused: {reason}"),
-                }));
+                let _ = reply.send(Answer::Refuse(Refuse { reason }));
                 return;
             }
         };
+        tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %incoming.id,
+            source_pod_uid = %incoming.source_uid, source_node = ?incoming.source_node,
+            "fetching checkpoint for a migration target");
+        let arrival = self.arrival(&c, &incoming);
+        let arrival = match arrival {
+            Ok(a) if reply.is_closed() => Err(self.nobody_restores(a)),
+            other => other,
+        };
+        match arrival {
+            Err(reason) => self.refuse_arrival(&c, mv, reason, reply),
+            Ok(a) => self.restore_arrival(&c, mv, incoming, a, reply),
+        }
+    }
+
+    /// The move this target container is part of; `Err`: not one podmig's controller made.
+    fn incoming(&self, c: &ContainerIdentity) -> Result<Incoming, String> {
+        // With API access, the move is what the API server records, never what the
+        // container's annotations (written by whoever made the Pod) claim.
+        let verified = self.verify_target(c)?;
         let ann = &c.annotations;
         let (source_uid, source_node, id) = match verified {
             Some(v) => (v.source_uid, v.source_node, v.migration_id),
@@ -97,80 +130,116 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .unwrap_or_else(|| self.uid.clone()),
             ),
         };
-        let id = if id.is_empty() { self.uid.clone() } else { id };
-        let deadline = deadline_from(
-            ann.get(ANNOTATION_MIGRATION_DEADLINE),
-            self.node.settings.hold,
+        Ok(Incoming {
+            id: if id.is_empty() { self.uid.clone() } else { id },
+            source_uid,
+            source_node,
+            deadline: deadline_from(
+                ann.get(ANNOTATION_MIGRATION_DEADLINE),
+                self.node.settings.hold,
+            ),
+            // No annotation: the controller asked for `full`.
+            strategy: ann
+                .get(ANNOTATION_MIGRATION_STRATEGY)
+                .and_then(|s| Strategy::parse(s))
+                .unwrap_or(Strategy::Full),
+            max_downtime_ms: ann
+                .get(podmig_api::ANNOTATION_MAX_DOWNTIME)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS),
+        })
+    }
+
+    /// A target podmig's controller did not make: refused, with an Event on its Pod.
+    fn refuse_untrusted(
+        &self,
+        c: &ContainerIdentity,
+        reason: String,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
+            %reason, "refused a migration target podmig's controller did not make");
+        self.node.metrics.moved(Role::Target, MovePhase::Refused);
+        self.node.event_on_pod(
+            &c.pod_namespace,
+            &c.pod_name,
+            "MigrationTargetRefused",
+            &reason,
         );
-        // No annotation: the controller asked for `full`.
-        let strategy = ann
-            .get(ANNOTATION_MIGRATION_STRATEGY)
-            .and_then(|s| Strategy::parse(s))
-            .unwrap_or(Strategy::Full);
-        let max_downtime_ms = ann
-            .get(podmig_api::ANNOTATION_MAX_DOWNTIME)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS);
-        if let Some(answer) = self.restore_from_group(&c, &id) {
-            let _ = reply.send(answer);
-            return;
+        let _ = reply.send(Answer::Refuse(Refuse {
+            reason: format!("Refused: {reason}"),
+        }));
+    }
+
+    /// The container's state and the move's record, journaled as receiving.
+    fn begin_receive(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Move, String> {
+        let name = &c.container_name;
+        self.moves
+            .begin_receive(name, &i.id)
+            .map_err(|e| e.to_string())?;
+        let target = ReportTo {
+            namespace: c.pod_namespace.clone(),
+            pod: c.pod_name.clone(),
+        };
+        let images = self
+            .node
+            .store
+            .path_for(&self.uid, name)
+            .unwrap_or_default();
+        let entry = EntryFor {
+            migration: &i.id,
+            side: journal::Side::Target,
+            pod_uid: &self.uid,
+            peer_node: i.source_node.as_deref().unwrap_or_default(),
+            target: &target,
+            deadline_unix_ms: journal::deadline_unix_ms(i.deadline),
         }
-        if let Err(e) = self.moves.begin_receive(&name, &id) {
-            let _ = reply.send(Answer::Refuse(Refuse {
-                reason: e.to_string(),
-            }));
-            return;
-        }
+        .entry(name, "", images, journal::Step::Receiving);
         let info = MoveInfo {
-            id: id.clone(),
+            id: i.id.clone(),
             namespace: c.pod_namespace.clone(),
             pod: c.pod_name.clone(),
             pod_uid: self.uid.clone(),
-            peer_node: source_node.clone(),
+            peer_node: i.source_node.clone(),
             state: MovePhase::Checkpointing,
             ..Default::default()
         };
-        if let Err(busy) = self.node.manager.begin(Role::Target, info)
-            && busy.0 != id
-        {
-            let _ = self.moves.abandon(&name, &busy.to_string());
-            let _ = reply.send(Answer::Refuse(Refuse {
-                reason: busy.to_string(),
-            }));
-            return;
+        match Move::begin(
+            &self.node,
+            Role::Target,
+            info,
+            target.clone(),
+            vec![entry.clone()],
+        ) {
+            Ok(mv) => Ok(mv),
+            // A create asked again for the move it is already part of.
+            Err(busy) if busy.0 == i.id => Ok(Move::rejoin(
+                &self.node,
+                Role::Target,
+                &i.id,
+                target,
+                vec![entry],
+            )),
+            Err(busy) => {
+                let _ = self.moves.abandon(name, &busy.to_string());
+                Err(busy.to_string())
+            }
         }
-        self.node
-            .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Checkpointing);
-        let mut entry = journal::Entry {
-            migration: id.clone(),
-            side: journal::Side::Target,
-            pod_uid: self.uid.clone(),
-            container: name.clone(),
-            container_id: String::new(),
-            images: self
-                .node
-                .store
-                .path_for(&self.uid, &name)
-                .unwrap_or_default(),
-            target_namespace: c.pod_namespace.clone(),
-            target_pod: c.pod_name.clone(),
-            peer_node: source_node.clone().unwrap_or_default(),
-            deadline_unix_ms: journal::deadline_unix_ms(deadline),
-            step: journal::Step::Receiving,
-            lazy: false,
-        };
-        self.node.journal.record(&entry);
-        tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
-            source_pod_uid = %source_uid, source_node = ?source_node, "fetching checkpoint for a migration target");
+    }
+
+    /// Where the checkpoint comes from: the store, the source's worker here, or the source
+    /// node's daemon.
+    fn arrival(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Arrival, String> {
+        let name = &c.container_name;
         let local_node = self.node.settings.node_name.clone();
         let stored = self
             .node
             .store
-            .path_for(&source_uid, &name)
+            .path_for(&i.source_uid, name)
             .filter(|d| self.node.store.has_checkpoint(d));
         let running_here =
-            || find_container(&self.node.settings.runc_root, &source_uid, &name).is_some();
-        let result = if source_uid == self.uid {
+            || find_container(&self.node.settings.runc_root, &i.source_uid, name).is_some();
+        if i.source_uid == self.uid {
             Err("a Pod cannot be its own migration source".to_owned())
         } else if let Some(dir) = stored {
             let bytes = dir_size(&dir);
@@ -186,134 +255,133 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 lazy: None,
             })
         } else if running_here() {
-            self.fetch_local(&c, &source_uid, &id, deadline)
-        } else if let Some(node) = source_node.filter(|n| *n != local_node) {
-            self.fetch_remote(
-                &c,
-                &source_uid,
-                &node,
-                &id,
-                deadline,
-                (strategy, max_downtime_ms),
-            )
+            self.fetch_local(c, &i.source_uid, &i.id, i.deadline)
+        } else if let Some(node) = i.source_node.clone().filter(|n| *n != local_node) {
+            self.fetch_remote(c, i, &node)
         } else {
             Err(format!(
-                "no checkpoint of container {name:?} of source pod {source_uid} on this node and \
-                 no running source to take one from"
+                "no checkpoint of container {name:?} of source pod {} on this node and no \
+                 running source to take one from",
+                i.source_uid
             ))
-        };
-        let arrival = match result {
-            Ok(a) if reply.is_closed() => {
-                if let Some(l) = &a.lazy {
-                    l.pages.kill();
-                }
-                // The runtime stopped waiting: nobody will restore this; resume the source.
-                let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
-                if matches!(a.handback, Handback::Remote { .. }) {
-                    self.node.store.remove(&a.dir);
-                    for (_, d) in &a.others {
-                        self.node.store.remove(d);
-                    }
-                }
-                Err("the target's runtime stopped waiting for the checkpoint".to_owned())
-            }
-            other => other,
-        };
-        match arrival {
-            Err(reason) => {
-                self.node.journal.remove(&entry);
-                tracing::warn!(pod_uid = %self.uid, container = %name, migration = %id, %reason, "migration target refused");
-                let _ = self.moves.abandon(&name, &reason);
-                self.node.manager.finish(
-                    Role::Target,
-                    &id,
-                    MovePhase::Failed,
-                    Some(reason.clone()),
-                );
-                self.node.metrics.moved(Role::Target, MovePhase::Failed);
-                self.node.report_done(
-                    &c.pod_namespace,
-                    &c.pod_name,
-                    &MigrationReport {
-                        error: Some(reason.clone()),
-                        ..Default::default()
-                    },
-                );
-                let _ = reply.send(Answer::Refuse(Refuse { reason }));
-            }
-            Ok(a) => {
-                if let Err(e) = self.moves.begin_restore(&name, a.dir.clone()) {
-                    let _ = reply.send(Answer::Refuse(Refuse {
-                        reason: e.to_string(),
-                    }));
-                    return;
-                }
-                self.node.manager.update(Role::Target, &id, |i| {
-                    i.state = MovePhase::Restoring;
-                    i.report = a.report.clone();
-                });
-                self.node
-                    .report_phase(&c.pod_namespace, &c.pod_name, DaemonPhase::Restoring);
-                entry.lazy = a.lazy.is_some();
-                self.node
-                    .journal
-                    .advance(&mut entry, journal::Step::Restoring);
-                tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
-                    since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
-                    "restoring container");
-                let _ = reply.send(match &a.lazy {
-                    // The lazy-pages daemon's socket is in the images directory.
-                    Some(_) => Answer::RestoreFrom(RestoreFrom {
-                        image_path: a.dir.display().to_string(),
-                        work_path: a.dir.display().to_string(),
-                        lazy_pages: true,
-                        ..Default::default()
-                    }),
-                    None => restore_from(&a.dir),
-                });
-                let handback = if a.others.is_empty() {
-                    a.handback
-                } else {
-                    // Every container was frozen and dumped together: they commit together.
-                    let mut dirs = vec![(name.clone(), a.dir.clone(), dir_size(&a.dir))];
-                    dirs.extend(
-                        a.others
-                            .iter()
-                            .map(|(n, d)| (n.clone(), d.clone(), dir_size(d))),
-                    );
-                    tracing::info!(pod_uid = %self.uid, migration = %id,
-                        containers = ?dirs.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
-                        "restoring a multi-container move");
-                    let mut plan = TargetGroup::new(&id, dirs, deadline);
-                    plan.take(&name);
-                    self.group = Some(GroupMove {
-                        plan,
-                        handback: a.handback,
-                        frozen_at: a.frozen_at,
-                        report: a.report.clone(),
-                        source_uid: source_uid.clone(),
-                        namespace: c.pod_namespace.clone(),
-                        pod: c.pod_name.clone(),
-                        journals: Vec::new(),
-                        filesystem: (0, 0),
-                    });
-                    Handback::Group
-                };
-                self.pending.insert(
-                    name,
-                    PendingRestore {
-                        journal: Some(entry),
-                        handback,
-                        images: a.dir,
-                        migration: id,
-                        frozen_at: a.frozen_at,
-                        report: a.report,
-                        source_uid,
-                        lazy: a.lazy,
-                    },
-                );
+        }
+    }
+
+    /// The runtime stopped waiting: nobody will restore what arrived; the source resumes.
+    fn nobody_restores(&self, a: Arrival) -> String {
+        if let Some(l) = &a.lazy {
+            l.pages.kill();
+        }
+        let _ = self.hand_back(&a.handback, false, "the target's runtime stopped waiting");
+        if matches!(a.handback, Handback::Remote { .. }) {
+            self.node.store.remove(&a.dir);
+            for (_, d) in &a.others {
+                self.node.store.remove(d);
             }
         }
+        "the target's runtime stopped waiting for the checkpoint".to_owned()
+    }
+
+    /// No checkpoint: the create is refused and the move ends failed.
+    fn refuse_arrival(
+        &mut self,
+        c: &ContainerIdentity,
+        mv: Move,
+        reason: String,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        tracing::warn!(pod_uid = %self.uid, container = %c.container_name, migration = %mv.id(),
+            %reason, "migration target refused");
+        let _ = self.moves.abandon(&c.container_name, &reason);
+        mv.finish_reported(
+            &self.node,
+            MovePhase::Failed,
+            &MigrationReport {
+                error: Some(reason.clone()),
+                ..Default::default()
+            },
+        );
+        let _ = reply.send(Answer::Refuse(Refuse { reason }));
+    }
+
+    /// The checkpoint is here: the runtime is told to restore it (lazily: with the
+    /// lazy-pages daemon's socket), and the restore is remembered until it reports back.
+    fn restore_arrival(
+        &mut self,
+        c: &ContainerIdentity,
+        mut mv: Move,
+        i: Incoming,
+        a: Arrival,
+        reply: oneshot::Sender<Answer>,
+    ) {
+        let name = c.container_name.clone();
+        if let Err(e) = self.moves.begin_restore(&name, a.dir.clone()) {
+            let _ = reply.send(Answer::Refuse(Refuse {
+                reason: e.to_string(),
+            }));
+            return;
+        }
+        mv.figures(&self.node, |r| *r = a.report.clone());
+        mv.set_lazy(a.lazy.is_some());
+        mv.advance(&self.node, journal::Step::Restoring);
+        tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
+            since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
+            "restoring container");
+        let _ = reply.send(match &a.lazy {
+            // The lazy-pages daemon's socket is in the images directory.
+            Some(_) => Answer::RestoreFrom(RestoreFrom {
+                image_path: a.dir.display().to_string(),
+                work_path: a.dir.display().to_string(),
+                lazy_pages: true,
+                ..Default::default()
+            }),
+            None => restore_from(&a.dir),
+        });
+        let Arrival {
+            dir,
+            others,
+            handback,
+            frozen_at,
+            report,
+            lazy,
+        } = a;
+        let (handback, mv) = if others.is_empty() {
+            (handback, Some(mv))
+        } else {
+            // Every container was frozen and dumped together: they commit together.
+            let mut dirs = vec![(name.clone(), dir.clone(), dir_size(&dir))];
+            dirs.extend(
+                others
+                    .iter()
+                    .map(|(n, d)| (n.clone(), d.clone(), dir_size(d))),
+            );
+            let group = GroupMove {
+                plan: TargetGroup::new(&i.id, dirs, i.deadline),
+                handback,
+                frozen_at,
+                report: report.clone(),
+                source_uid: i.source_uid.clone(),
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                mv: Some(mv),
+                filesystem: (0, 0),
+            };
+            self.begin_group(&name, group);
+            (Handback::Group, None)
+        };
+        self.pending.insert(
+            name,
+            PendingRestore {
+                mv,
+                handback,
+                images: dir,
+                migration: i.id,
+                frozen_at,
+                report,
+                source_uid: i.source_uid,
+                lazy,
+            },
+        );
     }
 
     /// The move of this target container as the API server records it (`None`: no API
@@ -409,128 +477,36 @@ impl<E: CheckpointEngine> PodWorker<E> {
         })
     }
 
+    /// The hand-over from the source node's daemon: the request, the page streams landing
+    /// here while the source dumps, their check, then (lazy) the page tunnel.
     pub(super) fn fetch_remote(
         &mut self,
         c: &ContainerIdentity,
-        source_uid: &str,
+        i: &Incoming,
         source_node: &str,
-        id: &str,
-        deadline: Instant,
-        (strategy, max_downtime_ms): (Strategy, u32),
     ) -> Result<Arrival, String> {
-        let auto = strategy == Strategy::Auto;
-        let strategy = match (strategy.wants_lazy(), self.node.lazy_impossible()) {
-            // The source chooses; it must know whether this node can take a lazy move.
-            _ if auto => Some(Strategy::Auto),
-            (false, _) => None,
-            (true, None) => Some(strategy),
-            (true, Some(why)) if strategy == Strategy::Lazy => {
-                return Err(format!("a lazy move is not possible: {why}"));
-            }
-            (true, Some(why)) => {
-                tracing::info!(pod_uid = %self.uid, migration = %id, %why, "lazy-or-full: moving in full");
-                None
-            }
-        };
+        let req = self.handover_request(c, i)?;
+        let auto = i.strategy == Strategy::Auto;
         let peers = self
             .node
             .peers
             .clone()
             .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
         let host = self.node.node_address(source_node)?;
-        let left = deadline.saturating_duration_since(Instant::now());
-        // Every container of the source, frozen together (empty: all that run).
-        let req = MigrateRequest {
-            containers: Vec::new(),
-            handover: Some(Handover {
-                migration_id: id.into(),
-                target_namespace: c.pod_namespace.clone(),
-                target_pod: c.pod_name.clone(),
-                target_pod_uid: self.uid.clone(),
-                target_node: self.node.settings.node_name.clone(),
-                timeout_seconds: left.as_secs().max(1) as u32,
-                strategy,
-                // A full move's pages come ahead in page streams while the source dumps.
-                stream_pages: strategy.is_none() || auto,
-                max_downtime_ms: auto.then_some(max_downtime_ms),
-                lazy_impossible: if auto {
-                    self.node.lazy_impossible()
-                } else {
-                    None
-                },
-            }),
-            ..Default::default()
+        let handback = Handback::Remote {
+            host: host.clone(),
+            id: i.id.clone(),
         };
-        let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
-            p.spec
-                .as_ref()
-                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
-                .unwrap_or_default()
-        });
-        let sink = Arc::new(Sink::new(
-            self.node.store.clone(),
-            &self.uid,
-            source_node,
-            containers,
-        ));
-        self.node.manager.set_page_sink(id, sink.clone());
-        let node = self.node.clone();
-        let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
-        let target_uid = self.uid.clone();
-        let store = self.node.store.clone();
-        let fetched = self.node.rt.block_on(peers.fetch(
-            &host,
-            source_uid,
-            &req,
-            left,
-            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
-            move |container| store.path_for(&target_uid, container),
-        ));
-        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
-            let streamed = check_streams(&sink, &f.streamed);
-            (f, streamed)
-        });
-        self.node.manager.drop_page_sink(id);
-        if !matches!(checked, Ok((_, Ok(())))) {
-            // Whatever the streams wrote is of no use now.
-            for d in sink.dirs() {
-                self.node.store.remove(&d);
-            }
-        }
-        let f = match checked {
-            Ok((f, Ok(()))) => f,
-            Ok((f, Err(why))) => {
-                for (_, d) in &f.dirs {
-                    self.node.store.remove(d);
-                }
-                let handback = Handback::Remote {
-                    host: host.clone(),
-                    id: id.into(),
-                };
-                let _ = self.hand_back(&handback, false, &why);
-                return Err(why);
-            }
-            Err(why) => return Err(why),
-        };
+        let f = self.receive_handover(c, i, source_node, &peers, &host, &req, &handback)?;
         self.node.metrics.phase_ms("transfer", f.transfer_ms);
         let streamed_bytes: u64 = f.streamed.iter().map(|(_, s)| s.bytes).sum();
         let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
         let lazy = if f.lazy {
-            match self.start_lazy_pages(&dir, &host, id, &c.container_id, &peers) {
-                Ok(l) => Some(l),
-                Err(why) => {
-                    self.node.store.remove(&dir);
-                    let _ = self.hand_back(
-                        &Handback::Remote {
-                            host: host.clone(),
-                            id: id.into(),
-                        },
-                        false,
-                        &why,
-                    );
-                    return Err(why);
-                }
-            }
+            let started = self.start_lazy_pages(&dir, &host, &i.id, &c.container_id, &peers);
+            Some(started.inspect_err(|why| {
+                self.node.store.remove(&dir);
+                let _ = self.hand_back(&handback, false, why);
+            })?)
         } else {
             None
         };
@@ -552,12 +528,119 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 strategy_reason: f.choice.map(|(_, why)| why),
                 ..Default::default()
             },
-            handback: Handback::Remote {
-                host,
-                id: id.into(),
-            },
+            handback,
             lazy,
         })
+    }
+
+    /// What this target asks the source for: every container, frozen together, the
+    /// strategy and (full) page streams.
+    fn handover_request(
+        &self,
+        c: &ContainerIdentity,
+        i: &Incoming,
+    ) -> Result<MigrateRequest, String> {
+        let auto = i.strategy == Strategy::Auto;
+        let strategy = match (i.strategy.wants_lazy(), self.node.lazy_impossible()) {
+            // The source chooses; it must know whether this node can take a lazy move.
+            _ if auto => Some(Strategy::Auto),
+            (false, _) => None,
+            (true, None) => Some(i.strategy),
+            (true, Some(why)) if i.strategy == Strategy::Lazy => {
+                return Err(format!("a lazy move is not possible: {why}"));
+            }
+            (true, Some(why)) => {
+                tracing::info!(pod_uid = %self.uid, migration = %i.id, %why, "lazy-or-full: moving in full");
+                None
+            }
+        };
+        let left = i.deadline.saturating_duration_since(Instant::now());
+        Ok(MigrateRequest {
+            // Every container of the source, frozen together (empty: all that run).
+            containers: Vec::new(),
+            handover: Some(Handover {
+                migration_id: i.id.clone(),
+                target_namespace: c.pod_namespace.clone(),
+                target_pod: c.pod_name.clone(),
+                target_pod_uid: self.uid.clone(),
+                target_node: self.node.settings.node_name.clone(),
+                timeout_seconds: left.as_secs().max(1) as u32,
+                strategy,
+                // A full move's pages come ahead in page streams while the source dumps.
+                stream_pages: strategy.is_none() || auto,
+                max_downtime_ms: auto.then_some(i.max_downtime_ms),
+                lazy_impossible: if auto {
+                    self.node.lazy_impossible()
+                } else {
+                    None
+                },
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Asks the source for the hand-over and takes it in, with the page streams that land
+    /// in this move's sink meanwhile; checks each stream against what the source says it
+    /// sent. On failure nothing of it stays on this node.
+    #[allow(clippy::too_many_arguments)]
+    fn receive_handover(
+        &self,
+        c: &ContainerIdentity,
+        i: &Incoming,
+        source_node: &str,
+        peers: &crate::node::peer::PeerClient,
+        host: &str,
+        req: &MigrateRequest,
+        handback: &Handback,
+    ) -> Result<crate::node::peer::Fetched, String> {
+        let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
+            p.spec
+                .as_ref()
+                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default()
+        });
+        let sink = Arc::new(Sink::new(
+            self.node.store.clone(),
+            &self.uid,
+            source_node,
+            containers,
+        ));
+        self.node.manager.set_page_sink(&i.id, sink.clone());
+        let node = self.node.clone();
+        let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
+        let target_uid = self.uid.clone();
+        let store = self.node.store.clone();
+        let left = i.deadline.saturating_duration_since(Instant::now());
+        let fetched = self.node.rt.block_on(peers.fetch(
+            host,
+            &i.source_uid,
+            req,
+            left,
+            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
+            move |container| store.path_for(&target_uid, container),
+        ));
+        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
+            let streamed = check_streams(&sink, &f.streamed);
+            (f, streamed)
+        });
+        self.node.manager.drop_page_sink(&i.id);
+        if !matches!(checked, Ok((_, Ok(())))) {
+            // Whatever the streams wrote is of no use now.
+            for d in sink.dirs() {
+                self.node.store.remove(&d);
+            }
+        }
+        match checked {
+            Ok((f, Ok(()))) => Ok(f),
+            Ok((f, Err(why))) => {
+                for (_, d) in &f.dirs {
+                    self.node.store.remove(d);
+                }
+                let _ = self.hand_back(handback, false, &why);
+                Err(why)
+            }
+            Err(why) => Err(why),
+        }
     }
 
     /// Starts the lazy-pages daemon on the arrived images and the tunnel that feeds it

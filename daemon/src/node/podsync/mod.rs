@@ -294,7 +294,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.pending.insert(
                     name,
                     PendingRestore {
-                        journal: None,
+                        mv: None,
                         handback: if rollback {
                             Handback::Rollback
                         } else {

@@ -23,11 +23,9 @@ use podmig_cri_ext::{
     },
 };
 
-use crate::node::{
-    journal,
-    migration::{Role, Verdict},
-    peer::PeerError,
-};
+use crate::node::{journal, migration::Verdict, peer::PeerError};
+
+use crate::node::moves::Move;
 
 use super::*;
 use crate::node::migration::MovePhase;
@@ -91,7 +89,7 @@ pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<S
 
 pub(super) struct PendingRestore {
     /// The target's journal entry (none for a source restoring itself).
-    pub(super) journal: Option<journal::Entry>,
+    pub(super) mv: Option<Move>,
     pub(super) handback: Handback,
     pub(super) images: PathBuf,
     pub(super) migration: String,
@@ -106,11 +104,9 @@ pub(super) struct PendingRestore {
 pub(super) struct Paging {
     pub(super) container: String,
     pub(super) container_id: String,
-    pub(super) namespace: String,
-    pub(super) pod: String,
     pub(super) migration: String,
     pub(super) images: PathBuf,
-    pub(super) journal: Option<journal::Entry>,
+    pub(super) mv: Move,
     pub(super) report: MigrationReport,
     pub(super) resumed_at: Instant,
     pub(super) broke: Arc<std::sync::atomic::AtomicBool>,
@@ -161,32 +157,22 @@ impl<E: CheckpointEngine> PodWorker<E> {
     }
 
     pub(super) fn on_restored(&mut self, c: &ContainerIdentity, result: RestoreResult) {
-        let name = &c.container_name;
-        let Some(p) = self.pending.remove(name) else {
-            tracing::warn!(pod_uid = %self.uid, container = %name, "restore report for an unknown restore");
+        let Some(p) = self.pending.remove(&c.container_name) else {
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name, "restore report for an unknown restore");
             return;
         };
-        // A group member's entry is kept by the group until the whole move is settled.
-        let journal = p
-            .journal
-            .clone()
-            .filter(|_| !matches!(p.handback, Handback::Group));
         self.settle_restore(c, p, result);
-        // Forgotten only once the source has its verdict and the Pod its phase (for a lazy
-        // restore: once every page arrived).
-        let paging = self.paging.as_ref().is_some_and(|pg| pg.container == *name);
-        if let Some(e) = journal.filter(|_| !paging) {
-            self.node.journal.remove(&e);
-        }
     }
 
+    /// A restore ended: recorded, then settled by where its checkpoint came from — a group
+    /// member waits for its group, a rollback or a stored checkpoint ends here, a move's
+    /// target tells its source the verdict and ends (or, lazy, waits for its pages).
     pub(super) fn settle_restore(
         &mut self,
         c: &ContainerIdentity,
         mut p: PendingRestore,
-        mut result: RestoreResult,
+        result: RestoreResult,
     ) {
-        let name = &c.container_name;
         let lazy = p.lazy.take();
         if let Some(l) = lazy.as_ref().filter(|_| !result.ok) {
             // Never resumed: the pages are not needed; the source resumes.
@@ -194,13 +180,41 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         // Read before the images go: what their file-system part cost on the source.
         let fs = podmig_cri_ext::volumes::FilesystemCapture::read(&p.images);
-        if let Err(e) = self.moves.restored(name, result.ok) {
+        let frozen_ms = self.record_restore(c, &p, &result);
+        if matches!(p.handback, Handback::Group) {
+            self.settle_group_member(c, p, &result, fs);
+            return;
+        }
+        if !self.drop_images_after(c, &p, &result, lazy.is_some()) {
+            return;
+        }
+        let result = self.deliver_verdict(c, &mut p, lazy.is_some(), result);
+        let Some(mv) = p.mv.take() else { return };
+        if p.migration.is_empty() || p.source_uid.is_empty() {
+            mv.forget(&self.node);
+            return;
+        }
+        match lazy.filter(|_| result.ok) {
+            Some(l) => self.start_paging(c, p, mv, l, &result, fs, frozen_ms),
+            None => self.end_restore(c, p, mv, &result, fs, frozen_ms),
+        }
+    }
+
+    /// Remembers a finished restore for the CRI extension and the metrics; returns how long
+    /// the Pod was frozen.
+    fn record_restore(
+        &mut self,
+        c: &ContainerIdentity,
+        p: &PendingRestore,
+        result: &RestoreResult,
+    ) -> u64 {
+        if let Err(e) = self.moves.restored(&c.container_name, result.ok) {
             tracing::warn!(pod_uid = %self.uid, error = %e, "restore outcome in an unexpected state");
         }
         let frozen_ms = p.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         self.node.manager.record_restore(RestoreRecord {
             pod_uid: self.uid.clone(),
-            container_name: name.clone(),
+            container_name: c.container_name.clone(),
             container_id: c.container_id.clone(),
             source_pod_uid: p.source_uid.clone(),
             checkpoint_ms: p.report.checkpoint_ms,
@@ -211,21 +225,29 @@ impl<E: CheckpointEngine> PodWorker<E> {
             error: result.error.clone(),
         });
         self.node.metrics.phase_ms("restore", result.duration_ms);
-        if matches!(p.handback, Handback::Group) {
-            self.settle_group_member(c, p, &result, fs);
-            return;
-        }
+        frozen_ms
+    }
+
+    /// Removes the images no one reads any more; false when the restore is settled here
+    /// (a rollback: nobody waits for a verdict).
+    fn drop_images_after(
+        &self,
+        c: &ContainerIdentity,
+        p: &PendingRestore,
+        result: &RestoreResult,
+        lazy: bool,
+    ) -> bool {
         match &p.handback {
             Handback::Rollback => {
                 if result.ok {
-                    tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+                    tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration,
                         "container resumed on its own node after the failed move");
                     self.node.store.remove(&p.images);
                 } else {
-                    tracing::warn!(pod_uid = %self.uid, container = %name, error = %result.error,
+                    tracing::warn!(pod_uid = %self.uid, container = %c.container_name, error = %result.error,
                         "rollback restore failed; its checkpoint is kept for the next attempt");
                 }
-                return;
+                return false;
             }
             Handback::Drop => {
                 if result.ok {
@@ -235,16 +257,28 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
             }
             // A lazy restore's lazy-pages daemon still reads the images.
-            Handback::Remote { .. } if lazy.is_some() && result.ok => {}
+            Handback::Remote { .. } if lazy && result.ok => {}
             Handback::Remote { .. } => self.node.store.remove(&p.images),
             Handback::Local(_) | Handback::Group => {}
         }
-        if lazy.is_some() && result.ok {
+        true
+    }
+
+    /// Tells the source the verdict. A restored copy whose commit the source did not take
+    /// is stopped at once (the source runs, or will): the result turns into a failure.
+    fn deliver_verdict(
+        &self,
+        c: &ContainerIdentity,
+        p: &mut PendingRestore,
+        lazy: bool,
+        mut result: RestoreResult,
+    ) -> RestoreResult {
+        if lazy && result.ok {
             // Journaled before the commit leaves: from the commit on, the source is gone
             // and only this daemon carries the pages, so a restart of it must find
             // `Paging` (the state is lost) and never ask the source for a second commit.
-            if let Some(e) = p.journal.as_mut() {
-                self.node.journal.advance(e, journal::Step::Paging);
+            if let Some(mv) = p.mv.as_mut() {
+                mv.advance(&self.node, journal::Step::Paging);
             }
         }
         let delivered = self.hand_back_after(
@@ -254,13 +288,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Some(result.duration_ms),
         );
         if result.ok
-            && let Some(why) = verdict_not_taken(
-                &delivered,
-                p.journal.as_ref().is_some_and(journal::Entry::expired),
-            )
+            && let Some(why) =
+                verdict_not_taken(&delivered, p.mv.as_ref().is_some_and(Move::expired))
         {
-            // The source resumed (or will): this copy must not run as a second one.
-            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration, %why,
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration, %why,
                 "the source did not take the commit; stopping the restored copy");
             if let Err(error) = self.node.engine.discard(&c.container_id) {
                 tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the restored copy");
@@ -268,45 +299,60 @@ impl<E: CheckpointEngine> PodWorker<E> {
             result.ok = false;
             result.error = why;
         }
-        if p.migration.is_empty() || p.source_uid.is_empty() {
-            return;
-        }
-        if let Some(l) = lazy.filter(|_| result.ok) {
-            // Running on the target: the move is settled when every page has arrived.
-            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
-                restore_ms = result.duration_ms, frozen_ms, "lazily restored; the pages arrive");
-            self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
-            self.node.manager.update(Role::Target, &p.migration, |i| {
-                i.state = MovePhase::Paging;
-            });
-            let journal = p.journal.clone();
-            self.paging = Some(Paging {
-                container: name.clone(),
-                container_id: c.container_id.clone(),
-                namespace: c.pod_namespace.clone(),
-                pod: c.pod_name.clone(),
-                migration: p.migration.clone(),
-                images: p.images.clone(),
-                journal,
-                report: MigrationReport {
-                    restore_ms: result.duration_ms,
-                    frozen_ms,
-                    filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
-                    filesystem_ms: fs.capture_ms,
-                    strategy: Some(Strategy::Lazy),
-                    ..p.report
-                },
-                resumed_at: Instant::now(),
-                broke: l.broke.clone(),
-            });
-            let (node, uid, container, pages) =
-                (self.node.clone(), self.uid.clone(), c.clone(), l.pages);
-            std::thread::spawn(move || {
-                let result = pages.wait(PAGES_LIMIT).map_err(|e| e.to_string());
-                node.dispatch(&uid, PodUpdate::PagesArrived { container, result });
-            });
-            return;
-        }
+        result
+    }
+
+    /// A lazily restored target runs: the move is settled when every page has arrived.
+    #[allow(clippy::too_many_arguments)]
+    fn start_paging(
+        &mut self,
+        c: &ContainerIdentity,
+        p: PendingRestore,
+        mv: Move,
+        l: LazyTarget,
+        result: &RestoreResult,
+        fs: podmig_cri_ext::volumes::FilesystemCapture,
+        frozen_ms: u64,
+    ) {
+        tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration,
+            restore_ms = result.duration_ms, frozen_ms, "lazily restored; the pages arrive");
+        self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
+        self.paging = Some(Paging {
+            container: c.container_name.clone(),
+            container_id: c.container_id.clone(),
+            migration: p.migration.clone(),
+            images: p.images.clone(),
+            mv,
+            report: MigrationReport {
+                restore_ms: result.duration_ms,
+                frozen_ms,
+                filesystem_bytes: fs.layer_bytes + fs.volume_bytes,
+                filesystem_ms: fs.capture_ms,
+                strategy: Some(Strategy::Lazy),
+                ..p.report
+            },
+            resumed_at: Instant::now(),
+            broke: l.broke.clone(),
+        });
+        let (node, uid, container, pages) =
+            (self.node.clone(), self.uid.clone(), c.clone(), l.pages);
+        std::thread::spawn(move || {
+            let result = pages.wait(PAGES_LIMIT).map_err(|e| e.to_string());
+            node.dispatch(&uid, PodUpdate::PagesArrived { container, result });
+        });
+    }
+
+    /// The move ends on this target: its figures are filed and reported on the Pod, and
+    /// (only now that the source has its verdict) its journal entry is forgotten.
+    fn end_restore(
+        &mut self,
+        c: &ContainerIdentity,
+        p: PendingRestore,
+        mv: Move,
+        result: &RestoreResult,
+        fs: podmig_cri_ext::volumes::FilesystemCapture,
+        frozen_ms: u64,
+    ) {
         let report = MigrationReport {
             restore_ms: result.duration_ms,
             frozen_ms,
@@ -321,11 +367,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
             ..p.report
         };
         if result.ok {
-            tracing::info!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+            tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration,
                 restore_ms = result.duration_ms, frozen_ms, "container restored");
             self.node.metrics.frozen.observe(frozen_ms as f64 / 1000.0);
         } else {
-            tracing::warn!(pod_uid = %self.uid, container = %name, migration = %p.migration,
+            tracing::warn!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration,
                 error = %result.error, "restore failed; the source resumes");
         }
         let outcome = if result.ok {
@@ -333,15 +379,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         } else {
             MovePhase::Failed
         };
-        self.node
-            .manager
-            .update(Role::Target, &p.migration, |i| i.report = report.clone());
-        self.node
-            .manager
-            .finish(Role::Target, &p.migration, outcome, report.error.clone());
-        self.node.metrics.moved(Role::Target, outcome);
-        self.node
-            .report_done(&c.pod_namespace, &c.pod_name, &report);
+        mv.finish_reported(&self.node, outcome, &report);
     }
 
     /// The pages of a lazily restored container all arrived, or some never will: the move
@@ -382,22 +420,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
         }
         self.node.store.remove(&pg.images);
-        if let Some(e) = &pg.journal {
-            self.node.journal.remove(e);
-        }
         let outcome = if result.is_ok() {
             MovePhase::Succeeded
         } else {
             MovePhase::Failed
         };
-        self.node
-            .manager
-            .update(Role::Target, &pg.migration, |i| i.report = report.clone());
-        self.node
-            .manager
-            .finish(Role::Target, &pg.migration, outcome, report.error.clone());
-        self.node.metrics.moved(Role::Target, outcome);
-        self.node.report_done(&pg.namespace, &pg.pod, &report);
+        pg.mv.finish_reported(&self.node, outcome, &report);
     }
 }
 

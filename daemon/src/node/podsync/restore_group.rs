@@ -14,8 +14,9 @@ use podmig_cri_ext::{
 use crate::node::{
     group::{Step, TargetGroup},
     journal,
-    migration::Role,
 };
+
+use crate::node::moves::{EntryFor, Move, ReportTo};
 
 use super::*;
 use crate::node::migration::MovePhase;
@@ -29,13 +30,22 @@ pub(super) struct GroupMove {
     pub(super) source_uid: String,
     pub(super) namespace: String,
     pub(super) pod: String,
-    /// Journal entries of the restored containers, removed when the move is settled.
-    pub(super) journals: Vec<journal::Entry>,
+    /// The move's record, with every member's journal entry; taken when it is settled.
+    pub(super) mv: Option<Move>,
     /// File-system state of all containers: bytes, capture ms.
     pub(super) filesystem: (u64, u64),
 }
 
 impl<E: CheckpointEngine> PodWorker<E> {
+    /// The first container of a multi-container move is restoring: the others will
+    /// restore the checkpoints that came with it.
+    pub(super) fn begin_group(&mut self, first: &str, mut group: GroupMove) {
+        group.plan.take(first);
+        tracing::info!(pod_uid = %self.uid, migration = %group.plan.migration,
+            containers = ?group.plan.containers(), "restoring a multi-container move");
+        self.group = Some(group);
+    }
+
     /// A later container of a multi-container move: restore the checkpoint that came with
     /// the first one. `None` when no group move `id` is under way here.
     pub(super) fn restore_from_group(&mut self, c: &ContainerIdentity, id: &str) -> Option<Answer> {
@@ -64,31 +74,29 @@ impl<E: CheckpointEngine> PodWorker<E> {
             self.fail_group(reason.clone(), Vec::new(), vec![dir]);
             return Some(refuse(reason));
         }
-        let entry = journal::Entry {
-            migration: id.to_owned(),
-            side: journal::Side::Target,
-            pod_uid: self.uid.clone(),
-            container: name.clone(),
-            container_id: String::new(),
-            images: dir.clone(),
-            target_namespace: c.pod_namespace.clone(),
-            target_pod: c.pod_name.clone(),
-            peer_node: c
-                .annotations
-                .get(ANNOTATION_SOURCE_NODE)
-                .cloned()
-                .unwrap_or_default(),
-            deadline_unix_ms: journal::deadline_unix_ms(Instant::now() + left),
-            step: journal::Step::Restoring,
-            lazy: false,
+        let target = ReportTo {
+            namespace: c.pod_namespace.clone(),
+            pod: c.pod_name.clone(),
         };
-        self.node.journal.record(&entry);
+        let peer_node = c.annotations.get(ANNOTATION_SOURCE_NODE);
+        let entry = EntryFor {
+            migration: id,
+            side: journal::Side::Target,
+            pod_uid: &self.uid,
+            peer_node: peer_node.map_or("", String::as_str),
+            target: &target,
+            deadline_unix_ms: journal::deadline_unix_ms(Instant::now() + left),
+        }
+        .entry(&name, "", dir.clone(), journal::Step::Restoring);
+        if let Some(mv) = self.group.as_mut().and_then(|g| g.mv.as_mut()) {
+            mv.journal(&self.node, entry);
+        }
         tracing::info!(pod_uid = %self.uid, container = %name, migration = %id,
             images = %dir.display(), "restoring container of a multi-container move");
         self.pending.insert(
             name,
             PendingRestore {
-                journal: Some(entry),
+                mv: None,
                 handback: Handback::Group,
                 images: dir.clone(),
                 migration: id.to_owned(),
@@ -118,9 +126,6 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }
             return;
         };
-        if let Some(e) = p.journal {
-            g.journals.push(e);
-        }
         g.filesystem.0 += fs.layer_bytes + fs.volume_bytes;
         g.filesystem.1 += fs.capture_ms;
         let remote = matches!(g.handback, Handback::Remote { .. });
@@ -179,7 +184,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         );
         if error.is_none()
             && let Some(why) =
-                verdict_not_taken(&delivered, g.journals.iter().any(journal::Entry::expired))
+                verdict_not_taken(&delivered, g.mv.as_ref().is_some_and(Move::expired))
         {
             tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration, %why,
                 "the source did not take the commit; stopping the restored containers");
@@ -189,10 +194,6 @@ impl<E: CheckpointEngine> PodWorker<E> {
             g.plan.abandon(&why);
             error = Some(why);
         }
-        for e in &g.journals {
-            self.node.journal.remove(e);
-        }
-        g.journals.clear();
         let frozen_ms = g.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         let report = MigrationReport {
             restore_ms: g.plan.restore_ms(),
@@ -218,19 +219,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
             tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration,
                 error = ?report.error, "multi-container move failed; the source resumes");
         }
-        self.node
-            .manager
-            .update(Role::Target, &g.plan.migration, |i| {
-                i.report = report.clone()
-            });
-        self.node.manager.finish(
-            Role::Target,
-            &g.plan.migration,
-            outcome,
-            report.error.clone(),
-        );
-        self.node.metrics.moved(Role::Target, outcome);
-        self.node.report_done(&g.namespace, &g.pod, &report);
+        match g.mv.take() {
+            Some(mv) => mv.finish_reported(&self.node, outcome, &report),
+            // Settled before (a failed group's late member): the Pod hears it again.
+            None => self.node.report_done(&g.namespace, &g.pod, &report),
+        }
         if error.is_some() {
             // Kept so that the containers' retried creates are refused with the reason.
             self.group = Some(g);

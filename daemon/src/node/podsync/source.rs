@@ -22,47 +22,102 @@ use crate::node::{
     migration::{Role, Verdict},
 };
 
+use kube::ResourceExt;
+
+use crate::node::{
+    moves::{EntryFor, Move, ReportTo},
+    stream::StreamFigures,
+};
+
 use super::*;
 use crate::node::migration::MovePhase;
 
+/// What a source move will dump, decided before anything is claimed.
+struct Plan {
+    /// (runc id, name) of each container.
+    containers: Vec<(String, String)>,
+    /// The pages stay behind for the target to pull.
+    lazy: bool,
+    /// `auto`: what it chose and why.
+    choice: Option<crate::node::estimate::Choice>,
+    /// What the containers' cgroups charge.
+    memory: u64,
+}
+
+/// A claimed move: its record and what each container is dumped into.
+struct Claimed {
+    mv: Move,
+    /// (runc id, name, images) of each container.
+    jobs: Vec<(String, String, PathBuf)>,
+    lazy: bool,
+    choice: Option<crate::node::estimate::Choice>,
+    memory: u64,
+}
+
+impl Claimed {
+    fn container_id(&self, name: &str) -> String {
+        self.jobs
+            .iter()
+            .find(|(_, n, _)| n == name)
+            .map(|(cid, _, _)| cid.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// A move whose containers are frozen and dumped.
+struct Dumped {
+    images: Vec<(String, PathBuf)>,
+    frozen_at: Instant,
+    checkpoint_ms: u64,
+    bytes: u64,
+    streamed: Vec<(String, StreamFigures)>,
+}
+
 impl<E: CheckpointEngine> PodWorker<E> {
+    /// A move of this (source) Pod, top to bottom: plan, claim, freeze and dump, hand the
+    /// checkpoint over on `prepared`, wait for the target's verdict, commit or abort.
     pub(super) fn migrate(
         &mut self,
         order: MigrateOrder,
         prepared: oneshot::Sender<Result<Prepared, MoveError>>,
     ) {
-        let id = order.migration.clone();
-        let running = running_containers(&self.node.settings.runc_root, &self.uid);
-        let wanted: Vec<(String, String)> = if order.containers.is_empty() {
-            running
-        } else {
-            let mut out = Vec::new();
-            for name in &order.containers {
-                match running.iter().find(|(_, n)| n == name) {
-                    Some(c) => out.push(c.clone()),
-                    None => {
-                        let _ = prepared.send(Err(MoveError::NotRunning(format!(
-                            "container {name:?} of pod {} is not running on this node",
-                            self.uid
-                        ))));
-                        return;
-                    }
-                }
+        let claimed = self
+            .plan_move(&order)
+            .and_then(|plan| self.claim(&order, plan));
+        let mut claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = prepared.send(Err(e));
+                return;
             }
-            out
         };
-        if wanted.is_empty() {
-            let _ = prepared.send(Err(MoveError::NotRunning(format!(
-                "no container of pod {} runs on this node",
-                self.uid
-            ))));
-            return;
+        let dumped = match self.freeze_and_dump(&order, &claimed) {
+            Ok(d) => d,
+            Err(reason) => {
+                claimed
+                    .mv
+                    .finish(&self.node, MovePhase::Failed, Some(reason.clone()));
+                let _ = prepared.send(Err(MoveError::Checkpoint(reason)));
+                self.reconsider_parked();
+                return;
+            }
+        };
+        let verdict = self.hand_over(&order, &mut claimed, &dumped, prepared);
+        match verdict {
+            Verdict::Commit => self.commit(&order, claimed, &dumped),
+            Verdict::Abort(why) => self.abort(&order, claimed, &dumped, &why),
         }
-        let why_not_lazy = if wanted.len() > 1 {
+        self.reconsider_parked();
+    }
+
+    /// The containers to move and the strategy; nothing is claimed yet.
+    fn plan_move(&self, order: &MigrateOrder) -> Result<Plan, MoveError> {
+        let containers = self.containers_to_move(order)?;
+        let why_not_lazy = if containers.len() > 1 {
             Some(format!(
                 "lazy moves carry single-container Pods; pod {} has {} containers",
                 self.uid,
-                wanted.len()
+                containers.len()
             ))
         } else {
             self.node.lazy_impossible().or_else(|| {
@@ -72,114 +127,149 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .map(|w| format!("on the target: {w}"))
             })
         };
-        let memory = self.memory_of(&wanted);
-        let mut choice = None;
-        let lazy = if order.strategy == Strategy::Auto {
-            let c = self.choose_strategy(memory, &order, why_not_lazy);
-            let lazy = c.strategy == Strategy::Lazy;
-            choice = Some(c);
-            lazy
+        let memory = self.memory_of(&containers);
+        let (lazy, choice) = if order.strategy == Strategy::Auto {
+            let c = self.choose_strategy(memory, order, why_not_lazy);
+            (c.strategy == Strategy::Lazy, Some(c))
         } else if order.strategy.wants_lazy() {
             match why_not_lazy {
-                None => true,
+                None => (true, None),
                 Some(why) if order.strategy == Strategy::Lazy => {
-                    let _ = prepared.send(Err(MoveError::NotLazy(why)));
-                    return;
+                    return Err(MoveError::NotLazy(why));
                 }
                 Some(why) => {
-                    tracing::info!(pod_uid = %self.uid, migration = %id, %why, "lazy-or-full: moving in full");
-                    false
+                    tracing::info!(pod_uid = %self.uid, migration = %order.migration, %why,
+                        "lazy-or-full: moving in full");
+                    (false, None)
                 }
             }
         } else {
-            false
+            (false, None)
         };
-        let ids: Vec<String> = wanted.iter().map(|(cid, _)| cid.clone()).collect();
+        Ok(Plan {
+            containers,
+            lazy,
+            choice,
+            memory,
+        })
+    }
+
+    /// (runc id, name) of the containers `order` names (all that run when it names none).
+    fn containers_to_move(&self, order: &MigrateOrder) -> Result<Vec<(String, String)>, MoveError> {
+        let running = running_containers(&self.node.settings.runc_root, &self.uid);
+        let wanted: Vec<(String, String)> = if order.containers.is_empty() {
+            running
+        } else {
+            let mut out = Vec::new();
+            for name in &order.containers {
+                let c = running.iter().find(|(_, n)| n == name).ok_or_else(|| {
+                    MoveError::NotRunning(format!(
+                        "container {name:?} of pod {} is not running on this node",
+                        self.uid
+                    ))
+                })?;
+                out.push(c.clone());
+            }
+            out
+        };
+        if wanted.is_empty() {
+            return Err(MoveError::NotRunning(format!(
+                "no container of pod {} runs on this node",
+                self.uid
+            )));
+        }
+        Ok(wanted)
+    }
+
+    /// Claims the containers for the move: room checked, each container's state set, the
+    /// move registered and journaled before the freeze (a daemon that dies from here on
+    /// finds it).
+    fn claim(&mut self, order: &MigrateOrder, plan: Plan) -> Result<Claimed, MoveError> {
+        let id = &order.migration;
+        let ids: Vec<String> = plan.containers.iter().map(|(cid, _)| cid.clone()).collect();
         if let Err(why) = self.node.check_room(&ids) {
             tracing::warn!(pod_uid = %self.uid, migration = %id, %why, "move refused before the freeze");
-            let _ = prepared.send(Err(MoveError::NoRoom(why)));
-            return;
+            return Err(MoveError::NoRoom(why));
         }
-        for (i, (_, name)) in wanted.iter().enumerate() {
-            if let Err(e) = self.moves.begin_checkpoint(name, &id) {
-                for (_, n) in &wanted[..i] {
+        for (i, (_, name)) in plan.containers.iter().enumerate() {
+            if let Err(e) = self.moves.begin_checkpoint(name, id) {
+                for (_, n) in &plan.containers[..i] {
                     let _ = self.moves.keep_running(n);
                 }
-                let _ = prepared.send(Err(MoveError::Busy(e.to_string())));
-                return;
+                return Err(MoveError::Busy(e.to_string()));
             }
         }
-        let (ns, pod) = self.pod.as_ref().map_or_else(Default::default, |p| {
-            (
-                p.metadata.namespace.clone().unwrap_or_default(),
-                p.metadata.name.clone().unwrap_or_default(),
-            )
+        let jobs: Vec<(String, String, PathBuf)> = plan
+            .containers
+            .iter()
+            .filter_map(|(cid, name)| {
+                let dir = self.node.store.path_for(&self.uid, name)?;
+                Some((cid.clone(), name.clone(), dir))
+            })
+            .collect();
+        let target = ReportTo {
+            namespace: order.target.namespace.clone(),
+            pod: order.target.pod.clone(),
+        };
+        let entry = EntryFor {
+            migration: id,
+            side: journal::Side::Source,
+            pod_uid: &self.uid,
+            peer_node: &order.target.node,
+            target: &target,
+            deadline_unix_ms: journal::deadline_unix_ms(order.deadline),
+        };
+        let entries = jobs
+            .iter()
+            .map(|(cid, name, dir)| entry.entry(name, cid, dir.clone(), journal::Step::Claimed))
+            .collect();
+        let (namespace, pod) = self.pod.as_ref().map_or_else(Default::default, |p| {
+            (p.namespace().unwrap_or_default(), p.name_any())
         });
         let info = MoveInfo {
             id: id.clone(),
-            namespace: ns,
+            namespace,
             pod,
             pod_uid: self.uid.clone(),
             peer_node: Some(order.target.node.clone()),
             state: MovePhase::Checkpointing,
             ..Default::default()
         };
-        if let Err(busy) = self.node.manager.begin(Role::Source, info) {
-            for (_, n) in &wanted {
+        let mv = Move::begin(&self.node, Role::Source, info, target, entries).map_err(|busy| {
+            for (_, n) in &plan.containers {
                 let _ = self.moves.keep_running(n);
             }
-            let _ = prepared.send(Err(MoveError::Busy(busy.to_string())));
-            return;
-        }
+            MoveError::Busy(busy.to_string())
+        })?;
         tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target,
-            containers = ?wanted.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
-        let engine = self.node.engine.clone();
-        let jobs: Vec<(String, String, PathBuf)> = wanted
-            .iter()
-            .filter_map(|(cid, name)| {
-                Some((
-                    cid.clone(),
-                    name.clone(),
-                    self.node.store.path_for(&self.uid, name)?,
-                ))
-            })
-            .collect();
-        // Journaled before the freeze: a daemon that dies from here on finds the move.
-        let deadline_ms = journal::deadline_unix_ms(order.deadline);
-        let mut entries: Vec<journal::Entry> = jobs
-            .iter()
-            .map(|(cid, name, dir)| journal::Entry {
-                migration: id.clone(),
-                side: journal::Side::Source,
-                pod_uid: self.uid.clone(),
-                container: name.clone(),
-                container_id: cid.clone(),
-                images: dir.clone(),
-                target_namespace: order.target.namespace.clone(),
-                target_pod: order.target.pod.clone(),
-                peer_node: order.target.node.clone(),
-                deadline_unix_ms: deadline_ms,
-                step: journal::Step::Claimed,
-                lazy: false,
-            })
-            .collect();
-        for e in &entries {
-            self.node.journal.record(e);
-        }
-        let streams = if lazy || !order.stream_pages || memory < STREAM_MIN_BYTES {
+            containers = ?plan.containers.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
+        Ok(Claimed {
+            mv,
+            jobs,
+            lazy: plan.lazy,
+            choice: plan.choice,
+            memory: plan.memory,
+        })
+    }
+
+    /// Freezes and dumps the claimed containers: their pages go ahead in page streams
+    /// (full, big enough, the target takes them), stay behind for a page server (lazy), or
+    /// go into the images. On failure every container runs on and the reason is returned.
+    fn freeze_and_dump(&mut self, order: &MigrateOrder, c: &Claimed) -> Result<Dumped, String> {
+        let id = &order.migration;
+        let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
-            self.open_page_streams(&jobs, &order)
+            self.open_page_streams(&c.jobs, order)
         };
-        let (frozen_at, results, streams) = if lazy {
-            let (at, results) = self.dump_lazy(&jobs, &id);
+        let (frozen_at, results, streams) = if c.lazy {
+            let (at, results) = self.dump_lazy(&c.jobs, id);
             (at, results, Vec::new())
         } else {
-            dump_with_retries(&engine, &jobs, streams, &self.uid, &id)
+            dump_with_retries(&self.node.engine, &c.jobs, streams, &self.uid, id)
         };
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
-        let dumped = results.iter().all(|(_, _, r)| r.is_ok());
-        let streamed = if dumped {
+        let streamed = if results.iter().all(|(_, _, r)| r.is_ok()) {
             self.streamed_figures(streams)
         } else {
             Ok(Vec::new())
@@ -187,37 +277,22 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let failure = results
             .iter()
             .find_map(|(name, _, r)| r.as_ref().err().map(|e| format!("container {name:?}: {e}")))
-            .or_else(|| (results.len() != wanted.len()).then(|| "bad container name".to_owned()))
+            .or_else(|| (results.len() != c.jobs.len()).then(|| "bad container name".to_owned()))
             .or_else(|| streamed.as_ref().err().cloned());
-        let streamed = streamed.unwrap_or_default();
-        let container_id = |name: &str| {
-            jobs.iter()
-                .find(|(_, n, _)| n == name)
-                .map(|(cid, _, _)| cid.clone())
-                .unwrap_or_default()
-        };
         if let Some(reason) = failure {
             for (name, dir, r) in &results {
                 if r.is_ok() {
                     // Dumped and frozen while another failed: it runs on.
                     let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
-                    self.resume_or_roll_back(name, &container_id(name));
+                    self.resume_or_roll_back(name, &c.container_id(name));
                 } else {
                     let _ = self.moves.keep_running(name);
                 }
             }
-            for e in &entries {
-                self.node.journal.remove(e);
-            }
             tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
-            self.node
-                .manager
-                .finish(Role::Source, &id, MovePhase::Failed, Some(reason.clone()));
-            self.node.metrics.moved(Role::Source, MovePhase::Failed);
-            let _ = prepared.send(Err(MoveError::Checkpoint(reason)));
-            self.reconsider_parked();
-            return;
+            return Err(reason);
         }
+        let streamed = streamed.unwrap_or_default();
         let bytes: u64 = results
             .iter()
             .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.image_bytes))
@@ -225,31 +300,47 @@ impl<E: CheckpointEngine> PodWorker<E> {
             + streamed.iter().map(|(_, f)| f.bytes).sum::<u64>();
         self.node.metrics.checkpoint_bytes.inc_by(bytes);
         self.node.metrics.phase_ms("checkpoint", checkpoint_ms);
-        let images: Vec<(String, PathBuf)> = results.into_iter().map(|(n, d, _)| (n, d)).collect();
-        for (name, dir) in &images {
-            let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
-        }
-        for e in &mut entries {
-            self.node.journal.advance(e, journal::Step::Dumped);
-        }
-        self.node.manager.update(Role::Source, &id, |i| {
-            i.state = MovePhase::Transferring;
-            i.report.checkpoint_ms = checkpoint_ms;
-            i.report.bytes = bytes;
-        });
-        tracing::info!(pod_uid = %self.uid, migration = %id, checkpoint_ms, bytes, "checkpoint handed over");
-        let (vtx, vrx) = crossbeam_channel::bounded(1);
-        if order.remote {
-            let _ = self.node.manager.await_verdict(&id, vtx.clone());
-        }
-        let sent = prepared.send(Ok(Prepared {
-            images: images.clone(),
+        Ok(Dumped {
+            images: results.into_iter().map(|(n, d, _)| (n, d)).collect(),
             frozen_at,
             checkpoint_ms,
             bytes,
-            lazy,
-            streamed: streamed.clone(),
-            choice,
+            streamed,
+        })
+    }
+
+    /// Hands the checkpoint over on `prepared` and waits for the target's verdict until the
+    /// move's deadline; without one, the target Pod's reported phase decides.
+    fn hand_over(
+        &mut self,
+        order: &MigrateOrder,
+        c: &mut Claimed,
+        d: &Dumped,
+        prepared: oneshot::Sender<Result<Prepared, MoveError>>,
+    ) -> Verdict {
+        let id = &order.migration;
+        for (name, dir) in &d.images {
+            let _ = self.moves.handed_over(name, dir.clone(), d.frozen_at);
+        }
+        c.mv.advance(&self.node, journal::Step::Dumped);
+        c.mv.figures(&self.node, |r| {
+            r.checkpoint_ms = d.checkpoint_ms;
+            r.bytes = d.bytes;
+        });
+        tracing::info!(pod_uid = %self.uid, migration = %id, checkpoint_ms = d.checkpoint_ms,
+            bytes = d.bytes, "checkpoint handed over");
+        let (vtx, vrx) = crossbeam_channel::bounded(1);
+        if order.remote {
+            let _ = self.node.manager.await_verdict(id, vtx.clone());
+        }
+        let sent = prepared.send(Ok(Prepared {
+            images: d.images.clone(),
+            frozen_at: d.frozen_at,
+            checkpoint_ms: d.checkpoint_ms,
+            bytes: d.bytes,
+            lazy: c.lazy,
+            streamed: d.streamed.clone(),
+            choice: c.choice.take(),
             verdict: vtx,
         }));
         let verdict = if sent.is_err() {
@@ -260,91 +351,70 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 Err(_) => {
                     // Close the door first: a verdict that got in meanwhile was answered
                     // as taken, so it decides, not this node's own reading.
-                    self.node.manager.stop_waiting(&id);
+                    self.node.manager.stop_waiting(id);
                     vrx.try_recv()
-                        .unwrap_or_else(|_| self.verdict_without_answer(&order))
+                        .unwrap_or_else(|_| self.verdict_without_answer(order))
                 }
             }
         };
         if order.remote {
-            self.node.manager.settle_verdict(&id, &verdict);
+            self.node.manager.settle_verdict(id, &verdict);
         }
-        match verdict {
-            Verdict::Commit => {
-                for e in &mut entries {
-                    self.node.journal.advance(e, journal::Step::Committed);
-                }
-                if !lazy && !streamed.is_empty() {
-                    self.learn_rates(&order, &id, bytes, checkpoint_ms, frozen_at);
-                }
-                // The target runs: this copy never does again. With lazy memory it still
-                // serves the pages the target faults in, until every one has gone.
-                let pages = self.serve_pages_to_the_end(&id);
-                for (name, _) in &images {
-                    if let Err(error) = self.node.engine.discard(&container_id(name)) {
-                        tracing::warn!(pod_uid = %self.uid, container = %name, %error, "cannot stop the moved source");
-                    }
-                    match self.moves.commit(name, &order.target.to_string()) {
-                        Ok(dir) => self.node.store.remove(&dir),
-                        Err(e) => tracing::warn!(error = %e, "commit in an unexpected state"),
-                    }
-                }
-                for e in &entries {
-                    self.node.journal.remove(e);
-                }
-                tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
-                match pages {
-                    Err(why) => {
-                        self.node
-                            .manager
-                            .finish(Role::Source, &id, MovePhase::Failed, Some(why));
-                        self.node.metrics.moved(Role::Source, MovePhase::Failed);
-                    }
-                    Ok(()) => {
-                        self.node
-                            .manager
-                            .finish(Role::Source, &id, MovePhase::Succeeded, None);
-                        self.node.metrics.moved(Role::Source, MovePhase::Succeeded);
-                    }
-                }
-                self.assert_migrated_status();
+        verdict
+    }
+
+    /// The target runs: this copy never does again. With lazy memory it still serves the
+    /// pages the target faults in, until every one has gone.
+    fn commit(&mut self, order: &MigrateOrder, mut c: Claimed, d: &Dumped) {
+        let id = order.migration.clone();
+        c.mv.advance(&self.node, journal::Step::Committed);
+        if !c.lazy && !d.streamed.is_empty() {
+            self.learn_rates(order, &id, d.bytes, d.checkpoint_ms, d.frozen_at);
+        }
+        let pages = self.serve_pages_to_the_end(&id);
+        for (name, _) in &d.images {
+            if let Err(error) = self.node.engine.discard(&c.container_id(name)) {
+                tracing::warn!(pod_uid = %self.uid, container = %name, %error, "cannot stop the moved source");
             }
-            Verdict::Abort(why) => {
-                // The target never ran: nobody will read the pages.
-                if let Some(server) = self.node.manager.take_page_server(&id) {
-                    server.abort();
-                }
-                for (name, _) in &images {
-                    self.resume_or_roll_back(name, &container_id(name));
-                }
-                for e in &entries {
-                    self.node.journal.remove(e);
-                }
-                tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
-                    "move failed after the freeze; the source resumes from its checkpoint");
-                self.node.manager.finish(
-                    Role::Source,
-                    &id,
-                    MovePhase::RolledBack,
-                    Some(why.clone()),
-                );
-                self.node.metrics.moved(Role::Source, MovePhase::RolledBack);
-                if order.remote {
-                    // The target may be gone: make sure its Migration learns it.
-                    self.node.report_done(
-                        &order.target.namespace,
-                        &order.target.pod,
-                        &MigrationReport {
-                            checkpoint_ms,
-                            bytes,
-                            error: Some(format!("rolled back on the source: {why}")),
-                            ..Default::default()
-                        },
-                    );
-                }
+            match self.moves.commit(name, &order.target.to_string()) {
+                Ok(dir) => self.node.store.remove(&dir),
+                Err(e) => tracing::warn!(error = %e, "commit in an unexpected state"),
             }
         }
-        self.reconsider_parked();
+        tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
+        match pages {
+            Err(why) => c.mv.finish(&self.node, MovePhase::Failed, Some(why)),
+            Ok(()) => c.mv.finish(&self.node, MovePhase::Succeeded, None),
+        }
+        self.assert_migrated_status();
+    }
+
+    /// The target never ran: the source resumes where it stopped, and (remote move) the
+    /// target's Migration learns it even if the target is gone.
+    fn abort(&mut self, order: &MigrateOrder, c: Claimed, d: &Dumped, why: &str) {
+        let id = &order.migration;
+        // Nobody will read the pages.
+        if let Some(server) = self.node.manager.take_page_server(id) {
+            server.abort();
+        }
+        for (name, _) in &d.images {
+            self.resume_or_roll_back(name, &c.container_id(name));
+        }
+        tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
+            "move failed after the freeze; the source resumes from its checkpoint");
+        c.mv.finish(&self.node, MovePhase::RolledBack, Some(why.to_owned()));
+        if order.remote {
+            self.node.report_done(
+                &order.target.namespace,
+                &order.target.pod,
+                &MigrationReport {
+                    checkpoint_ms: d.checkpoint_ms,
+                    bytes: d.bytes,
+                    error: Some(format!("rolled back on the source: {why}")),
+                    ..Default::default()
+                },
+            );
+        }
     }
 
     /// What the containers' cgroups charge now: about what a dump of them carries.
