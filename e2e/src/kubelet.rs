@@ -46,7 +46,7 @@ pub struct KubeletConfig {
 
 /// Now, as Kubernetes writes times in status fields.
 pub(crate) fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    crate::clock::now()
 }
 
 /// Registers the node and runs its Pods until the task is dropped.
@@ -136,7 +136,7 @@ async fn heartbeat(client: kube::Client, cfg: KubeletConfig) {
             )
             .await;
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": cfg.node},
-            "spec": {"holderIdentity": cfg.node, "leaseDurationSeconds": 40, "renewTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}});
+            "spec": {"holderIdentity": cfg.node, "leaseDurationSeconds": 40, "renewTime": crate::clock::now_micros()}});
         let _ = leases
             .patch(
                 &cfg.node,
@@ -561,11 +561,7 @@ impl PodWorker {
                 continue;
             };
             let st = self.status_of(&r.id).await?;
-            let ts = |ns: i64| {
-                chrono::DateTime::from_timestamp(ns / 1_000_000_000, 0)
-                    .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                    .unwrap_or_default()
-            };
+            let ts = crate::clock::from_unix_nanos;
             let state = match st.state() {
                 cri::ContainerState::ContainerRunning => {
                     running += 1;

@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod bench_move;
+pub mod clock;
 pub mod cluster;
 pub mod compat;
 pub mod containerd;

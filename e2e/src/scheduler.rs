@@ -90,8 +90,10 @@ async fn mark_unschedulable(pods: &Api<Pod>, pod: &Pod, message: &str) {
         .filter(|c| c.type_ != "PodScheduled")
         .filter_map(|c| serde_json::to_value(c).ok())
         .collect();
-    conditions.push(serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-        "message": message, "lastTransitionTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()}));
+    conditions.push(
+        serde_json::json!({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": message, "lastTransitionTime": crate::clock::now()}),
+    );
     let ns = pod.metadata.namespace.clone().unwrap_or_default();
     let name = pod.metadata.name.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(pods.clone().into_client(), &ns);

@@ -110,7 +110,7 @@ impl Manager {
             return Err(Busy(other.info.id.clone()));
         }
         info.role = role;
-        info.started_at = chrono_now();
+        info.started_at = now_rfc3339();
         inner.active.push(Active {
             role,
             started: Instant::now(),
@@ -307,7 +307,7 @@ fn remember(decided: &mut VecDeque<(String, Verdict)>, id: &str, verdict: &Verdi
     push_bounded(decided, (id.to_owned(), verdict.clone()));
 }
 
-fn chrono_now() -> String {
+fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 

@@ -169,7 +169,7 @@ pub enum PatchType {
 }
 
 fn now() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    crate::clock::now()
 }
 
 fn finalizers(obj: &Value) -> usize {
@@ -680,9 +680,7 @@ impl Api {
                 0
             };
             if new["metadata"]["deletionTimestamp"].is_null() {
-                let at = chrono::Utc::now() + chrono::Duration::seconds(grace);
-                new["metadata"]["deletionTimestamp"] =
-                    json!(at.format("%Y-%m-%dT%H:%M:%SZ").to_string());
+                new["metadata"]["deletionTimestamp"] = json!(crate::clock::from_now(grace));
             }
             new["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
             if Self::may_remove(def, &new) {

@@ -947,9 +947,7 @@ async fn create(
                 }
             }
             let token = st.tokens.issue(u);
-            let exp = (chrono::Utc::now() + chrono::Duration::hours(1))
-                .format("%Y-%m-%dT%H:%M:%SZ")
-                .to_string();
+            let exp = crate::clock::from_now(3600);
             return Ok((
                 201,
                 json!({"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1", "metadata": {"name": t.name, "namespace": t.namespace},

@@ -6,12 +6,10 @@ use super::{resources::ResourceDef, selectors::field};
 
 /// A duration in kubectl's short form (`45s`, `3m12s`, `5h`, `2d`).
 pub fn age(created: &str) -> String {
-    let Ok(t) = chrono::DateTime::parse_from_rfc3339(created) else {
+    let Some(s) = crate::clock::seconds_since(created) else {
         return "<unknown>".into();
     };
-    let s = (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
-        .num_seconds()
-        .max(0);
+    let s = s.max(0);
     match s {
         0..120 => format!("{s}s"),
         120..600 => format!("{}m{}s", s / 60, s % 60),
