@@ -11,7 +11,8 @@
 //!   SubjectAccessReview;
 //! - [`watch`]: the Pods bound to this node → Pod updates;
 //! - [`shared`]: the state all of them use; [`start`]: the wiring;
-//! - [`podsync`]: the Pod workers; [`state`]: one container's place in a move;
+//! - [`orders`]: what a Pod worker is asked ([`PodUpdate`]); [`podsync`]: the Pod workers;
+//!   [`moves`]: one move's record; [`state`]: one container's place in a move;
 //!   [`migration`]: the moves in flight; [`transfer`] and [`peer`]: the data path;
 //!   [`recovery`]: sources a crashed run left frozen.
 
@@ -27,6 +28,7 @@ pub mod journal;
 pub mod metrics;
 pub mod migration;
 pub mod moves;
+pub mod orders;
 pub mod peer;
 pub mod podsync;
 pub mod recovery;

@@ -15,9 +15,7 @@ use podmig_cri_ext::engine::CheckpointEngine;
 
 use crate::{Error, Result, store::CheckpointStore};
 
-use super::{
-    capabilities, estimate, journal, metrics, migration, peer, podsync::PodUpdate, report,
-};
+use super::{capabilities, estimate, journal, metrics, migration, orders::PodUpdate, peer, report};
 
 /// What the daemon is told about its place.
 #[derive(Debug, Clone)]

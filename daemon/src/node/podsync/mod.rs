@@ -10,15 +10,15 @@
 
 mod dump;
 mod fetch;
-mod orders;
+mod handover;
 mod restore;
 mod restore_group;
 mod source;
 
+pub use crate::node::orders::{MigrateOrder, MoveError, PodUpdate, Prepared, TargetRef};
 pub use dump::STREAM_MIN_BYTES;
 use dump::*;
 use fetch::*;
-pub use orders::{MigrateOrder, MoveError, PodUpdate, Prepared, TargetRef};
 use restore::*;
 pub use restore::{Delivery, PAGES_LIMIT, pages_lost, verdict_not_taken};
 use restore_group::*;

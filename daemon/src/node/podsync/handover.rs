@@ -1,0 +1,321 @@
+//! Target side: the checkpoint's way here from the source's worker on this node or from
+//! the source node's daemon — the hand-over request, the page streams landing while the
+//! source dumps and their check against what the source says it sent, and (lazy) the page
+//! tunnel to the source's page server.
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use podmig_api::{
+    contract::DaemonPhase,
+    nodeapi::{Handover, MigrateRequest},
+    v1alpha1::{MigrationReport, Strategy},
+};
+use podmig_cri_ext::{
+    engine::CheckpointEngine, lazy::LazyPages, proto::hook::v1::ContainerIdentity,
+};
+use tokio::sync::oneshot;
+
+use crate::node::stream::{Sink, StreamFigures};
+
+use super::*;
+
+impl<E: CheckpointEngine> PodWorker<E> {
+    pub(super) fn fetch_local(
+        &mut self,
+        c: &ContainerIdentity,
+        source_uid: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<Arrival, String> {
+        let (tx, rx) = oneshot::channel();
+        // Every container of the source, frozen together (empty: all that run).
+        let order = MigrateOrder {
+            migration: id.into(),
+            containers: Vec::new(),
+            target: TargetRef {
+                namespace: c.pod_namespace.clone(),
+                pod: c.pod_name.clone(),
+                node: self.node.settings.node_name.clone(),
+            },
+            deadline,
+            remote: false,
+            strategy: Strategy::Full,
+            stream_pages: false,
+            max_downtime_ms: podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS,
+            target_lazy_impossible: None,
+        };
+        self.node.dispatch(
+            source_uid,
+            PodUpdate::Migrate {
+                order,
+                prepared: tx,
+            },
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        let prepared = match self
+            .node
+            .rt
+            .block_on(async { tokio::time::timeout(left, rx).await })
+        {
+            Err(_) => return Err("the source's checkpoint did not come before the deadline".into()),
+            Ok(Err(_)) => return Err("the source's worker went away".into()),
+            Ok(Ok(Err(e))) => return Err(e.to_string()),
+            Ok(Ok(Ok(p))) => p,
+        };
+        let (dir, others) = split_arrival(prepared.images, &c.container_name)?;
+        Ok(Arrival {
+            dir,
+            others,
+            frozen_at: Some(prepared.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: prepared.checkpoint_ms,
+                bytes: prepared.bytes,
+                ..Default::default()
+            },
+            handback: Handback::Local(prepared.verdict),
+            lazy: None,
+        })
+    }
+
+    /// The hand-over from the source node's daemon: the request, the page streams landing
+    /// here while the source dumps, their check, then (lazy) the page tunnel.
+    pub(super) fn fetch_remote(
+        &mut self,
+        c: &ContainerIdentity,
+        i: &Incoming,
+        source_node: &str,
+    ) -> Result<Arrival, String> {
+        let req = self.handover_request(c, i)?;
+        let auto = i.strategy == Strategy::Auto;
+        let peers = self
+            .node
+            .peers
+            .clone()
+            .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
+        let host = self.node.node_address(source_node)?;
+        let handback = Handback::Remote {
+            host: host.clone(),
+            id: i.id.clone(),
+        };
+        let f = self.receive_handover(c, i, source_node, &peers, &host, &req, &handback)?;
+        self.node.metrics.phase_ms("transfer", f.transfer_ms);
+        let streamed_bytes: u64 = f.streamed.iter().map(|(_, s)| s.bytes).sum();
+        let (dir, others) = split_arrival(f.dirs, &c.container_name)?;
+        let lazy = if f.lazy {
+            let started = self.start_lazy_pages(&dir, &host, &i.id, &c.container_id, &peers);
+            Some(started.inspect_err(|why| {
+                self.node.store.remove(&dir);
+                let _ = self.hand_back(&handback, false, why);
+            })?)
+        } else {
+            None
+        };
+        Ok(Arrival {
+            dir,
+            others,
+            frozen_at: Some(f.frozen_at),
+            report: MigrationReport {
+                checkpoint_ms: f.checkpoint_ms,
+                transfer_ms: f.transfer_ms,
+                bytes: f.bytes + streamed_bytes,
+                streamed_bytes,
+                strategy: auto.then_some(if f.lazy {
+                    Strategy::Lazy
+                } else {
+                    Strategy::Full
+                }),
+                estimated_frozen_ms: f.choice.as_ref().map_or(0, |(ms, _)| *ms),
+                strategy_reason: f.choice.map(|(_, why)| why),
+                ..Default::default()
+            },
+            handback,
+            lazy,
+        })
+    }
+
+    /// What this target asks the source for: every container, frozen together, the
+    /// strategy and (full) page streams.
+    pub(super) fn handover_request(
+        &self,
+        c: &ContainerIdentity,
+        i: &Incoming,
+    ) -> Result<MigrateRequest, String> {
+        let auto = i.strategy == Strategy::Auto;
+        let strategy = match (i.strategy.wants_lazy(), self.node.lazy_impossible()) {
+            // The source chooses; it must know whether this node can take a lazy move.
+            _ if auto => Some(Strategy::Auto),
+            (false, _) => None,
+            (true, None) => Some(i.strategy),
+            (true, Some(why)) if i.strategy == Strategy::Lazy => {
+                return Err(format!("a lazy move is not possible: {why}"));
+            }
+            (true, Some(why)) => {
+                tracing::info!(pod_uid = %self.uid, migration = %i.id, %why, "lazy-or-full: moving in full");
+                None
+            }
+        };
+        let left = i.deadline.saturating_duration_since(Instant::now());
+        Ok(MigrateRequest {
+            // Every container of the source, frozen together (empty: all that run).
+            containers: Vec::new(),
+            handover: Some(Handover {
+                migration_id: i.id.clone(),
+                target_namespace: c.pod_namespace.clone(),
+                target_pod: c.pod_name.clone(),
+                target_pod_uid: self.uid.clone(),
+                target_node: self.node.settings.node_name.clone(),
+                timeout_seconds: left.as_secs().max(1) as u32,
+                strategy,
+                // A full move's pages come ahead in page streams while the source dumps.
+                stream_pages: strategy.is_none() || auto,
+                max_downtime_ms: auto.then_some(i.max_downtime_ms),
+                lazy_impossible: if auto {
+                    self.node.lazy_impossible()
+                } else {
+                    None
+                },
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Asks the source for the hand-over and takes it in, with the page streams that land
+    /// in this move's sink meanwhile; checks each stream against what the source says it
+    /// sent. On failure nothing of it stays on this node.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn receive_handover(
+        &self,
+        c: &ContainerIdentity,
+        i: &Incoming,
+        source_node: &str,
+        peers: &crate::node::peer::PeerClient,
+        host: &str,
+        req: &MigrateRequest,
+        handback: &Handback,
+    ) -> Result<crate::node::peer::Fetched, String> {
+        let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
+            p.spec
+                .as_ref()
+                .map(|s| s.containers.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default()
+        });
+        let sink = Arc::new(Sink::new(
+            self.node.store.clone(),
+            &self.uid,
+            source_node,
+            containers,
+        ));
+        self.node.manager.set_page_sink(&i.id, sink.clone());
+        let node = self.node.clone();
+        let (ns, pod) = (c.pod_namespace.clone(), c.pod_name.clone());
+        let target_uid = self.uid.clone();
+        let store = self.node.store.clone();
+        let left = i.deadline.saturating_duration_since(Instant::now());
+        let fetched = self.node.rt.block_on(peers.fetch(
+            host,
+            &i.source_uid,
+            req,
+            left,
+            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
+            move |container| store.path_for(&target_uid, container),
+        ));
+        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
+            let streamed = check_streams(&sink, &f.streamed);
+            (f, streamed)
+        });
+        self.node.manager.drop_page_sink(&i.id);
+        if !matches!(checked, Ok((_, Ok(())))) {
+            // Whatever the streams wrote is of no use now.
+            for d in sink.dirs() {
+                self.node.store.remove(&d);
+            }
+        }
+        match checked {
+            Ok((f, Ok(()))) => Ok(f),
+            Ok((f, Err(why))) => {
+                for (_, d) in &f.dirs {
+                    self.node.store.remove(d);
+                }
+                let _ = self.hand_back(handback, false, &why);
+                Err(why)
+            }
+            Err(why) => Err(why),
+        }
+    }
+
+    /// Starts the lazy-pages daemon on the arrived images and the tunnel that feeds it
+    /// from the source's page server. A break of the source's side freezes the restored
+    /// container at once.
+    pub(super) fn start_lazy_pages(
+        &self,
+        dir: &std::path::Path,
+        host: &str,
+        id: &str,
+        container_id: &str,
+        peers: &crate::node::peer::PeerClient,
+    ) -> Result<LazyTarget, String> {
+        let pages =
+            LazyPages::start(std::path::Path::new("criu"), dir).map_err(|e| e.to_string())?;
+        let listener = pages.listener.try_clone().map_err(|e| e.to_string())?;
+        let pages = Arc::new(pages);
+        let broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (peers, host, id, cid) = (
+            peers.clone(),
+            host.to_owned(),
+            id.to_owned(),
+            container_id.to_owned(),
+        );
+        let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
+        self.node.rt.spawn(async move {
+            let on_break = || {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Err(error) = engine.freeze(&cid) {
+                    tracing::warn!(migration = %id, %error, "cannot freeze the lazily restored container");
+                }
+            };
+            match peers.tunnel_pages(&host, &id, listener, PAGES_LIMIT, on_break).await {
+                Ok(end) => tracing::info!(migration = %id, ?end, "page tunnel ended"),
+                Err(error) => {
+                    tracing::warn!(migration = %id, %error, "page tunnel failed");
+                    waiting.kill();
+                }
+            }
+        });
+        Ok(LazyTarget { pages, broke })
+    }
+}
+
+/// Checks what the source says each page stream carried against what arrived here.
+pub(super) fn check_streams(
+    sink: &Sink,
+    announced: &[(String, StreamFigures)],
+) -> Result<(), String> {
+    for (container, sent) in announced {
+        let got = sink.wait(container, Duration::from_secs(30))?;
+        if got != *sent {
+            return Err(format!(
+                "the page stream of container {container:?} arrived damaged: the source sent \
+                 {} bytes (CRC {:#010x}), {} bytes (CRC {:#010x}) arrived",
+                sent.bytes, sent.crc, got.bytes, got.crc
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The images of container `name` and those of its siblings, from what the source handed over.
+pub(super) fn split_arrival(
+    images: Vec<(String, PathBuf)>,
+    name: &str,
+) -> Result<(PathBuf, Vec<(String, PathBuf)>), String> {
+    let (mine, others): (Vec<_>, Vec<_>) = images.into_iter().partition(|(n, _)| n == name);
+    let dir = mine
+        .into_iter()
+        .next()
+        .map(|(_, d)| d)
+        .ok_or_else(|| format!("the source handed over no images of container {name:?}"))?;
+    Ok((dir, others))
+}
