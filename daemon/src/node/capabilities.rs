@@ -41,11 +41,11 @@ impl std::fmt::Display for LazySupport {
 /// The decision from what was observed: CRIU's userfaultfd check, the node's
 /// `fs.pipe-max-size` and whether this process holds `CAP_SYS_RESOURCE`.
 pub fn lazy_support(
-    uffd: Result<(), String>,
+    uffd_missing: Option<String>,
     pipe_max_size: Option<u64>,
     cap_sys_resource: bool,
 ) -> LazySupport {
-    if let Err(why) = uffd {
+    if let Some(why) = uffd_missing {
         return LazySupport::Impossible(format!(
             "CRIU cannot restore lazily (criu check --feature uffd-noncoop: {why})"
         ));
@@ -73,17 +73,17 @@ pub fn has_cap_sys_resource(status: &str) -> bool {
 
 /// Looks at this node: runs `criu check --feature uffd-noncoop` with `criu` from `PATH`.
 pub fn probe() -> LazySupport {
-    let uffd = match Command::new("criu")
+    let uffd_missing = match Command::new("criu")
         .args(["check", "--feature", "uffd-noncoop"])
         .output()
     {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout).trim(),
             String::from_utf8_lossy(&out.stderr).trim()
         )),
-        Err(e) => Err(format!("cannot run criu: {e}")),
+        Err(e) => Some(format!("cannot run criu: {e}")),
     };
     let pipe_max_size = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
         .ok()
@@ -91,7 +91,7 @@ pub fn probe() -> LazySupport {
     let cap = std::fs::read_to_string("/proc/self/status")
         .map(|s| has_cap_sys_resource(&s))
         .unwrap_or(false);
-    lazy_support(uffd, pipe_max_size, cap)
+    lazy_support(uffd_missing, pipe_max_size, cap)
 }
 
 #[cfg(test)]
@@ -101,19 +101,19 @@ mod tests {
     #[test]
     fn lazy_moves_need_userfaultfd_and_big_enough_pipes() {
         assert_eq!(
-            lazy_support(Ok(()), Some(4 << 20), false),
+            lazy_support(None, Some(4 << 20), false),
             LazySupport::Possible
         );
         assert_eq!(
-            lazy_support(Ok(()), Some(1 << 20), true),
+            lazy_support(None, Some(1 << 20), true),
             LazySupport::Possible
         );
-        let small = lazy_support(Ok(()), Some(1 << 20), false);
+        let small = lazy_support(None, Some(1 << 20), false);
         assert!(
             small.to_string().contains("fs.pipe-max-size is 1048576"),
             "{small}"
         );
-        let no_uffd = lazy_support(Err("no".into()), Some(4 << 20), true);
+        let no_uffd = lazy_support(Some("no".into()), Some(4 << 20), true);
         assert!(no_uffd.to_string().contains("uffd-noncoop"), "{no_uffd}");
     }
 

@@ -65,8 +65,8 @@ impl Choice {
 }
 
 /// Chooses the strategy of an `auto` move from the full move's estimate, the budget and
-/// whether a lazy move is possible (`Err`: why not).
-pub fn choose(estimate_ms: u64, budget_ms: u32, lazy: Result<(), String>) -> Choice {
+/// why a lazy move is impossible, if it is.
+pub fn choose(estimate_ms: u64, budget_ms: u32, lazy_impossible: Option<&str>) -> Choice {
     let budget = u64::from(budget_ms);
     let (strategy, reason) = if estimate_ms <= budget {
         (
@@ -76,15 +76,15 @@ pub fn choose(estimate_ms: u64, budget_ms: u32, lazy: Result<(), String>) -> Cho
             ),
         )
     } else {
-        match lazy {
-            Ok(()) => (
+        match lazy_impossible {
+            None => (
                 Strategy::Lazy,
                 format!(
                     "a full move is estimated at {estimate_ms} ms frozen, over maxDowntimeMs \
                      {budget_ms}: moving lazily (memory follows after the resume)"
                 ),
             ),
-            Err(why) => (
+            Some(why) => (
                 Strategy::Full,
                 format!(
                     "a full move is estimated at {estimate_ms} ms frozen, {} ms over \
@@ -155,17 +155,17 @@ mod tests {
         let small = rates.full_frozen_ms(16 << 20);
         let big = rates.full_frozen_ms(2 << 30);
         assert!(small < 1000 && big > 1000, "{small} {big}");
-        let c = choose(small, 1000, Ok(()));
+        let c = choose(small, 1000, None);
         assert_eq!(c.strategy, Strategy::Full);
         assert!(!c.over_budget());
-        let c = choose(big, 1000, Ok(()));
+        let c = choose(big, 1000, None);
         assert_eq!(c.strategy, Strategy::Lazy);
         assert!(c.reason.contains("over maxDowntimeMs 1000"), "{}", c.reason);
     }
 
     #[test]
     fn without_lazy_the_overrun_is_said() {
-        let c = choose(2500, 1000, Err("two containers".into()));
+        let c = choose(2500, 1000, Some("two containers"));
         assert_eq!(c.strategy, Strategy::Full);
         assert!(c.over_budget());
         assert!(

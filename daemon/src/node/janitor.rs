@@ -67,25 +67,50 @@ pub fn garbage(root: &Path, keep: &InUse, now: SystemTime) -> Vec<PathBuf> {
     out
 }
 
+/// Why a dump must not start (figures in MiB).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    /// It would take the node over its checkpoint budget.
+    #[error(
+        "a checkpoint of about {needed} MiB does not fit the node's checkpoint budget: {held} MiB held of {budget} MiB"
+    )]
+    Budget {
+        /// About what the dump writes.
+        needed: u64,
+        /// What checkpoints hold now.
+        held: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// The checkpoint directory lacks the space.
+    #[error(
+        "a checkpoint of about {needed} MiB does not fit the {free} MiB free in the checkpoint directory"
+    )]
+    Disk {
+        /// About what the dump writes.
+        needed: u64,
+        /// Free space there.
+        free: u64,
+    },
+}
+
 /// Why a dump of `needed` bytes must not start, if it must not.
-pub fn room_for(held: u64, needed: u64, budget: u64, free: Option<u64>) -> Result<(), String> {
+pub fn room_for(held: u64, needed: u64, budget: u64, free: Option<u64>) -> Result<(), NoRoom> {
     let mib = |b: u64| b >> 20;
     if held + needed > budget {
-        return Err(format!(
-            "a checkpoint of about {} MiB does not fit the node's checkpoint budget: {} MiB held of {} MiB",
-            mib(needed),
-            mib(held),
-            mib(budget)
-        ));
+        return Err(NoRoom::Budget {
+            needed: mib(needed),
+            held: mib(held),
+            budget: mib(budget),
+        });
     }
     if let Some(free) = free
         && needed > free
     {
-        return Err(format!(
-            "a checkpoint of about {} MiB does not fit the {} MiB free in the checkpoint directory",
-            mib(needed),
-            mib(free)
-        ));
+        return Err(NoRoom::Disk {
+            needed: mib(needed),
+            free: mib(free),
+        });
     }
     Ok(())
 }
@@ -98,7 +123,7 @@ pub fn free_bytes(dir: &Path) -> Option<u64> {
 
 impl<E: CheckpointEngine> Node<E> {
     /// Checks that dumping the containers `ids` fits (budget and free space).
-    pub(crate) fn check_room(&self, ids: &[String]) -> Result<(), String> {
+    pub(crate) fn check_room(&self, ids: &[String]) -> Result<(), NoRoom> {
         let needed: u64 = ids
             .iter()
             .filter_map(|id| podmig_cri_ext::freezer::memory_usage(&self.settings.runc_root, id))
@@ -198,8 +223,8 @@ mod tests {
         let gib = 1 << 30;
         assert!(room_for(0, gib, 4 * gib, Some(2 * gib)).is_ok());
         let e = room_for(3 * gib, 2 * gib, 4 * gib, None).expect_err("over budget");
-        assert!(e.contains("3072 MiB held of 4096 MiB"), "{e}");
+        assert!(e.to_string().contains("3072 MiB held of 4096 MiB"), "{e}");
         let e = room_for(0, 2 * gib, 4 * gib, Some(gib)).expect_err("no space");
-        assert!(e.contains("1024 MiB free"), "{e}");
+        assert!(e.to_string().contains("1024 MiB free"), "{e}");
     }
 }

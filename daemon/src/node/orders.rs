@@ -13,7 +13,12 @@ use podmig_cri_ext::{
 };
 use tokio::sync::oneshot;
 
-use crate::node::{migration::Verdict, state::InvalidTransition, stream::StreamFigures};
+use crate::node::{
+    janitor::NoRoom,
+    migration::{Busy, Verdict},
+    state::InvalidTransition,
+    stream::StreamFigures,
+};
 
 /// One update of a Pod, like kubelet's `SyncPodType` plus a migrate kind.
 pub enum PodUpdate {
@@ -65,7 +70,7 @@ pub enum PodUpdate {
         /// The container.
         container: ContainerIdentity,
         /// The figures, or why pages are missing.
-        result: Result<PageStats, String>,
+        result: podmig_cri_ext::Result<PageStats>,
     },
     /// CRI `RestoreContainer`: the next create of `container` restores `images`.
     Arm {
@@ -144,17 +149,28 @@ pub struct Prepared {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MoveError {
     /// A container to move does not run here.
-    #[error("{0}")]
-    NotRunning(String),
+    #[error("container {container:?} of pod {pod} is not running on this node")]
+    NotRunning {
+        /// The container asked for.
+        container: String,
+        /// The Pod's uid.
+        pod: String,
+    },
+    /// No container of the Pod runs here.
+    #[error("no container of pod {0} runs on this node")]
+    NothingRuns(String),
+    /// A container is already part of a move.
+    #[error(transparent)]
+    Claimed(#[from] InvalidTransition),
     /// A move of the Pod is already under way.
-    #[error("{0}")]
-    Busy(String),
+    #[error(transparent)]
+    Busy(#[from] Busy),
     /// The dump failed (CRIU's reason); the containers keep running.
     #[error("checkpoint failed: {0}")]
     Checkpoint(String),
     /// The dump would not fit the node's checkpoint budget or free space.
-    #[error("{0}")]
-    NoRoom(String),
+    #[error(transparent)]
+    NoRoom(#[from] NoRoom),
     /// A `lazy` move was asked for and cannot be made here.
     #[error("a lazy move is not possible: {0}")]
     NotLazy(String),

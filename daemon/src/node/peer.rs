@@ -139,26 +139,36 @@ pub struct PeerClient {
     port: u16,
 }
 
+/// Why the CA bundle peers are trusted by cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// It is not PEM.
+    #[error("CA bundle: {0}")]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// A certificate in it is not one rustls accepts, or TLS cannot be set up.
+    #[error("CA certificate: {0}")]
+    Certificate(#[from] rustls::Error),
+    /// It holds none.
+    #[error("the CA bundle holds no certificate")]
+    Empty,
+}
+
 impl PeerClient {
     /// A client trusting the CA certificates in `ca_pem`, authenticating with `token`,
     /// calling peers on `port`.
-    pub fn new(ca_pem: &[u8], token: TokenSource, port: u16) -> Result<Self, String> {
+    pub fn new(ca_pem: &[u8], token: TokenSource, port: u16) -> Result<Self, TrustError> {
         use rustls::pki_types::{CertificateDer, pem::PemObject};
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            let cert = cert.map_err(|e| format!("CA bundle: {e}"))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("CA certificate: {e}"))?;
+            roots.add(cert?)?;
         }
         if roots.is_empty() {
-            return Err("the CA bundle holds no certificate".into());
+            return Err(TrustError::Empty);
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
         // TCP_NODELAY: verdicts and the page tunnel's small requests must not wait for

@@ -27,7 +27,8 @@ use podmig_cri_ext::{engine::CheckpointEngine, identity::find_container};
 use super::{
     journal::{Entry, Side, Step},
     migration::{Role, Verdict},
-    podsync::{Delivery, PodUpdate, verdict_not_taken},
+    podsync::{Delivery, NotTaken, PodUpdate, verdict_not_taken},
+    shared::AddressError,
     shared::Node,
 };
 use crate::node::migration::MovePhase;
@@ -178,7 +179,7 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
         }
     }
     let mut local_targets: HashMap<String, bool> = HashMap::new();
-    let mut verdicts: HashMap<String, Result<(), String>> = HashMap::new();
+    let mut verdicts: HashMap<String, Result<(), NotTaken>> = HashMap::new();
     for e in &targets {
         let whole = whole.get(&e.migration).copied().unwrap_or(false);
         let runs = settle_target(&node, e, whole, &mut verdicts).await;
@@ -287,7 +288,7 @@ async fn settle_target<E: CheckpointEngine>(
     node: &Arc<Node<E>>,
     e: &Entry,
     whole: bool,
-    verdicts: &mut HashMap<String, Result<(), String>>,
+    verdicts: &mut HashMap<String, Result<(), NotTaken>>,
 ) -> bool {
     let running = find_container(&node.settings.runc_root, &e.pod_uid, &e.container);
     let own_images = e.images.starts_with(node.store.root().join(&e.pod_uid));
@@ -296,11 +297,11 @@ async fn settle_target<E: CheckpointEngine>(
         TargetAction::Keep => Ok(()),
         TargetAction::Stop(why) => Err(why),
         TargetAction::AskSource => match verdicts.get(&e.migration) {
-            Some(v) => v.clone(),
+            Some(v) => v.clone().map_err(|why| why.to_string()),
             None => {
                 let v = confirm_with_source(node, e).await;
                 verdicts.insert(e.migration.clone(), v.clone());
-                v
+                v.map_err(|why| why.to_string())
             }
         },
     };
@@ -344,12 +345,12 @@ async fn settle_target<E: CheckpointEngine>(
 async fn confirm_with_source<E: CheckpointEngine>(
     node: &Arc<Node<E>>,
     e: &Entry,
-) -> Result<(), String> {
+) -> Result<(), NotTaken> {
     let address = {
         let (node, peer) = (node.clone(), e.peer_node.clone());
         tokio::task::spawn_blocking(move || node.node_address(&peer))
             .await
-            .unwrap_or_else(|e| Err(e.to_string()))
+            .unwrap_or_else(|e| Err(AddressError::Interrupted(e.to_string())))
     };
     let delivery = match (&node.peers, address) {
         (Some(peers), Ok(host)) => {
@@ -360,7 +361,7 @@ async fn confirm_with_source<E: CheckpointEngine>(
             };
             Delivery::from(peers.complete(&host, &e.migration, &body).await)
         }
-        (_, Err(why)) => Delivery::Unreachable(why),
+        (_, Err(why)) => Delivery::Unreachable(why.to_string()),
         (None, _) => Delivery::Unreachable("no peer credentials".into()),
     };
     match verdict_not_taken(&delivery, e.expired()) {

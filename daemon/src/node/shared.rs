@@ -57,6 +57,31 @@ pub struct Node<E> {
     pub(crate) rt: tokio::runtime::Handle,
 }
 
+/// Why another node's daemon cannot be addressed.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    /// Without API access no node can be looked up.
+    #[error("no API access to look up the source node")]
+    NoApi,
+    /// The API server did not answer in time.
+    #[error("looking up node {0}: timed out")]
+    TimedOut(String),
+    /// The API server refused or failed.
+    #[error("looking up node {node}: {source}")]
+    Api {
+        /// The node.
+        node: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// The lookup did not finish (its task was cancelled or panicked).
+    #[error("looking up the node: {0}")]
+    Interrupted(String),
+    /// The node has no address to reach it at.
+    #[error("node {0} has no InternalIP address")]
+    NoInternalIp(String),
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every update under these locks is a single insert or remove.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -169,24 +194,24 @@ impl<E: CheckpointEngine> Node<E> {
     }
 
     /// The address other daemons reach node `name`'s daemon at (its InternalIP).
-    pub(crate) fn node_address(&self, name: &str) -> std::result::Result<String, String> {
-        let client = self
-            .kube
-            .clone()
-            .ok_or("no API access to look up the source node")?;
+    pub(crate) fn node_address(&self, name: &str) -> std::result::Result<String, AddressError> {
+        let client = self.kube.clone().ok_or(AddressError::NoApi)?;
         let api: kube::Api<KubeNode> = kube::Api::all(client);
         let node = self
             .rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(5), api.get(name)).await })
-            .map_err(|_| format!("looking up node {name}: timed out"))?
-            .map_err(|e| format!("looking up node {name}: {e}"))?;
+            .map_err(|_| AddressError::TimedOut(name.to_owned()))?
+            .map_err(|source| AddressError::Api {
+                node: name.to_owned(),
+                source,
+            })?;
         node.status
             .and_then(|s| s.addresses)
             .unwrap_or_default()
             .into_iter()
             .find(|a| a.type_ == "InternalIP")
             .map(|a| a.address)
-            .ok_or_else(|| format!("node {name} has no InternalIP address"))
+            .ok_or_else(|| AddressError::NoInternalIp(name.to_owned()))
     }
 
     /// The cached Pod with `uid`, if it is bound to this node.

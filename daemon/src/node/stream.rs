@@ -227,13 +227,32 @@ impl Drop for PageStream {
     }
 }
 
+/// Why a target has no figures of a container's page stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// No stream of it ever opened.
+    #[error("no page stream of container {0:?} arrived")]
+    NeverArrived(String),
+    /// It was still open at the limit.
+    #[error("the page stream of container {0:?} did not end in time")]
+    NotEnded(String),
+    /// It failed.
+    #[error("the page stream of container {container:?} failed: {source}")]
+    Failed {
+        /// The container.
+        container: String,
+        /// How.
+        source: Arc<StreamError>,
+    },
+}
+
 /// One container's page stream as the target saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Arrival {
     /// Its tunnel is open (attempt `n`: a dump tried again opens a new one).
     Receiving(u32),
     /// It ended: the figures received, or why it failed.
-    Done(Result<StreamFigures, String>),
+    Done(Result<StreamFigures, Arc<StreamError>>),
 }
 
 /// A move whose target expects page streams: registered before the hand-over is asked
@@ -302,10 +321,11 @@ impl Sink {
         n
     }
 
-    fn finish(&self, container: &str, attempt: u32, result: Result<StreamFigures, String>) {
+    fn finish(&self, container: &str, attempt: u32, result: Result<StreamFigures, StreamError>) {
         let mut arrivals = self.arrivals();
         // A newer attempt's tunnel replaced this one: its outcome is the one that counts.
-        if arrivals.get(container) == Some(&Arrival::Receiving(attempt)) {
+        if matches!(arrivals.get(container), Some(Arrival::Receiving(n)) if *n == attempt) {
+            let result = result.map_err(Arc::new);
             arrivals.insert(container.to_owned(), Arrival::Done(result));
         }
         self.changed.notify_all();
@@ -313,20 +333,23 @@ impl Sink {
 
     /// Waits at most `limit` for container `container`'s stream to end; its figures, or
     /// why there are none. Blocking: for the pod worker's thread.
-    pub fn wait(&self, container: &str, limit: Duration) -> Result<StreamFigures, String> {
+    pub fn wait(&self, container: &str, limit: Duration) -> Result<StreamFigures, SinkError> {
         let deadline = Instant::now() + limit;
         let mut arrivals = self.arrivals();
         loop {
             match arrivals.get(container) {
-                Some(Arrival::Done(r)) => return r.clone(),
-                None => return Err(format!("no page stream of container {container:?} arrived")),
+                Some(Arrival::Done(r)) => {
+                    return r.clone().map_err(|source| SinkError::Failed {
+                        container: container.to_owned(),
+                        source,
+                    });
+                }
+                None => return Err(SinkError::NeverArrived(container.to_owned())),
                 Some(Arrival::Receiving(_)) => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "the page stream of container {container:?} did not end in time"
-                ));
+                return Err(SinkError::NotEnded(container.to_owned()));
             }
             arrivals = self
                 .changed
@@ -353,7 +376,7 @@ pub async fn receive<T>(
     if let Err(error) = &result {
         tracing::warn!(container = %container, %error, "page stream failed");
     }
-    sink.finish(&container, attempt, result.map_err(|e| e.to_string()));
+    sink.finish(&container, attempt, result);
 }
 
 async fn blocking<T: Send + 'static>(
@@ -435,15 +458,18 @@ mod tests {
         assert_eq!(sink.dir_for("intruder"), None);
         let first = sink.begin("app");
         let second = sink.begin("app");
-        sink.finish("app", first, Err("cut".into()));
+        sink.finish("app", first, Err(StreamError::Task("cut".into())));
         assert!(
             sink.wait("app", Duration::from_millis(50))
-                .is_err_and(|e| e.contains("in time")),
+                .is_err_and(|e| e.to_string().contains("in time")),
             "the first attempt's end must not count"
         );
         let figures = StreamFigures { bytes: 7, crc: 9 };
         sink.finish("app", second, Ok(figures));
-        assert_eq!(sink.wait("app", Duration::from_millis(50)), Ok(figures));
+        assert_eq!(
+            sink.wait("app", Duration::from_millis(50)).ok(),
+            Some(figures)
+        );
         assert!(sink.wait("other", Duration::from_millis(50)).is_err());
         assert_eq!(sink.dirs(), vec![tmp.path().join("uid/app")]);
     }

@@ -69,33 +69,25 @@ pub(super) async fn migrate<E: CheckpointEngine>(
     let pod = pod.ok_or_else(|| pod_not_found(&s, &uid))?;
     match body.strategy.unwrap_or_default() {
         Strategy::Precopy => {
-            return Err(not_migratable(
-                "strategy precopy is not possible on these kernels (no soft-dirty memory \
-                 tracking); use full, lazy or lazy-or-full"
-                    .to_owned(),
-            ));
+            return Err(not_migratable(NotMigratable::NoPrecopy));
         }
         Strategy::Lazy => {
             if let Some(why) = s.node.lazy_impossible() {
-                return Err(not_migratable(format!(
-                    "a lazy move is not possible: {why}; ask for lazy-or-full to fall back to full"
-                )));
+                return Err(not_migratable(NotMigratable::NotLazy(why)));
             }
         }
         _ => {}
     }
     check_migratable(&pod, &body.containers).map_err(not_migratable)?;
     if pod.metadata.deletion_timestamp.is_some() {
-        return Err(not_migratable(format!("Pod {name:?} is being deleted")));
+        return Err(not_migratable(NotMigratable::Deleting(name)));
     }
     let owned = pod
         .owner_references()
         .iter()
         .any(|o| o.controller == Some(true) && o.kind == "MigratingPod");
     if !owned {
-        return Err(not_migratable(format!(
-            "Pod {name:?} is not controlled by a MigratingPod"
-        )));
+        return Err(not_migratable(NotMigratable::NoController(name)));
     }
     if let Some(id) = s.node.manager.active_for(&uid) {
         return Err(Failure::new(
@@ -204,19 +196,59 @@ pub(super) async fn migrate<E: CheckpointEngine>(
     }
 }
 
-pub(super) fn not_migratable(message: String) -> Failure {
-    Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable", message)
+pub(super) fn not_migratable(why: NotMigratable) -> Failure {
+    Failure::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "NotMigratable",
+        why.to_string(),
+    )
+}
+
+/// Why a Pod cannot be moved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotMigratable {
+    /// It does not run under podmig's runtime handler.
+    #[error("Pod {0:?} does not run with runtimeClassName {RUNTIME_HANDLER:?}")]
+    OtherRuntime(String),
+    /// It is not running.
+    #[error("Pod {pod:?} is {phase:?}, not Running")]
+    NotRunning {
+        /// The Pod.
+        pod: String,
+        /// Its phase.
+        phase: String,
+    },
+    /// `precopy` needs soft-dirty memory tracking, which these kernels lack.
+    #[error(
+        "strategy precopy is not possible on these kernels (no soft-dirty memory tracking); use full, lazy or lazy-or-full"
+    )]
+    NoPrecopy,
+    /// `lazy` was asked for and this node cannot make one.
+    #[error("a lazy move is not possible: {0}; ask for lazy-or-full to fall back to full")]
+    NotLazy(String),
+    /// It is being deleted (its MigratingPod moves it, if anything does).
+    #[error("Pod {0:?} is being deleted")]
+    Deleting(String),
+    /// Nothing would recreate it elsewhere.
+    #[error("Pod {0:?} is not controlled by a MigratingPod")]
+    NoController(String),
+    /// A container asked for is not one of its.
+    #[error("Pod {pod:?} has no container {container:?}")]
+    NoContainer {
+        /// The Pod.
+        pod: String,
+        /// The container asked for.
+        container: String,
+    },
 }
 
 /// Why `pod` cannot be moved with `containers`, if it cannot (a Pod being deleted is
 /// exactly what migrate-on-delete moves: callers decide on deletion themselves).
-pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), String> {
+pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), NotMigratable> {
     let name = pod.name_any();
     let spec = pod.spec.clone().unwrap_or_default();
     if spec.runtime_class_name.as_deref() != Some(RUNTIME_HANDLER) {
-        return Err(format!(
-            "Pod {name:?} does not run with runtimeClassName {RUNTIME_HANDLER:?}"
-        ));
+        return Err(NotMigratable::OtherRuntime(name));
     }
     let phase = pod
         .status
@@ -224,11 +256,14 @@ pub fn check_migratable(pod: &Pod, containers: &[String]) -> Result<(), String> 
         .and_then(|s| s.phase.clone())
         .unwrap_or_default();
     if phase != "Running" {
-        return Err(format!("Pod {name:?} is {phase:?}, not Running"));
+        return Err(NotMigratable::NotRunning { pod: name, phase });
     }
     for c in containers {
         if !spec.containers.iter().any(|s| &s.name == c) {
-            return Err(format!("Pod {name:?} has no container {c:?}"));
+            return Err(NotMigratable::NoContainer {
+                pod: name,
+                container: c.clone(),
+            });
         }
     }
     Ok(())

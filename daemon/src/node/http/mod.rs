@@ -290,12 +290,12 @@ mod tests {
             &[],
         )
         .expect_err("runtime class");
-        assert!(e.contains("runtimeClassName"), "{e}");
+        assert!(e.to_string().contains("runtimeClassName"), "{e}");
         let e = check_migratable(&pod(json!({"status": {"phase": "Pending"}})), &[])
             .expect_err("pending");
-        assert!(e.contains("Pending"), "{e}");
+        assert!(e.to_string().contains("Pending"), "{e}");
         let e = check_migratable(&pod(json!({})), &["db".into()]).expect_err("container");
-        assert!(e.contains("\"db\""), "{e}");
+        assert!(e.to_string().contains("\"db\""), "{e}");
     }
 
     #[test]
@@ -327,7 +327,7 @@ mod tests {
     fn failures_answer_json_with_a_reason() {
         let r = Failure::from(AuthError::Unauthenticated("no token".into())).into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        let r = not_migratable("nope".into()).into_response();
+        let r = not_migratable(NotMigratable::NoPrecopy).into_response();
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }

@@ -159,10 +159,7 @@ pub(super) async fn handover<E: CheckpointEngine>(
     let h = body.handover.clone().unwrap_or_default();
     check_handover(s, uid, pod, caller, &h).await?;
     if body.strategy == Some(Strategy::Precopy) {
-        return Err(not_migratable(
-            "strategy precopy is not possible on these kernels (no soft-dirty memory tracking)"
-                .to_owned(),
-        ));
+        return Err(not_migratable(NotMigratable::NoPrecopy));
     }
     // A Pod being deleted is fine here: migrate-on-delete moves exactly those.
     check_migratable(pod, &body.containers).map_err(not_migratable)?;
@@ -214,10 +211,10 @@ pub(super) async fn handover<E: CheckpointEngine>(
         }
         Ok(Ok(Err(e))) => {
             let (status, reason) = match &e {
-                MoveError::NotRunning(_) | MoveError::NotLazy(_) => {
+                MoveError::NotRunning { .. } | MoveError::NothingRuns(_) | MoveError::NotLazy(_) => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable")
                 }
-                MoveError::Busy(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
+                MoveError::Busy(_) | MoveError::Claimed(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
                 MoveError::Checkpoint(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CheckpointFailed"),
                 MoveError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage"),
             };

@@ -22,18 +22,18 @@ impl<E: CheckpointEngine> PodWorker<E> {
         jobs: &[(String, String, PathBuf)],
         order: &MigrateOrder,
     ) -> Vec<PageStream> {
-        let opened = || -> Result<Vec<PageStream>, String> {
-            let peers = self.node.peers.clone().ok_or("no peer credentials")?;
+        let opened = || -> Result<Vec<PageStream>, OpenStreams> {
+            let peers = self.node.peers.clone().ok_or(OpenStreams::NoPeers)?;
             let host = self.node.node_address(&order.target.node)?;
             let limit = order.deadline.saturating_duration_since(Instant::now());
             jobs.iter()
                 .map(|(_, name, _)| {
-                    let tunnel = self
-                        .node
-                        .rt
-                        .block_on(peers.open_page_stream(&host, &order.migration, name))
-                        .map_err(|e| e.to_string())?;
-                    PageStream::open(&self.node.rt, name, tunnel, limit).map_err(|e| e.to_string())
+                    let tunnel = self.node.rt.block_on(peers.open_page_stream(
+                        &host,
+                        &order.migration,
+                        name,
+                    ))?;
+                    Ok(PageStream::open(&self.node.rt, name, tunnel, limit)?)
                 })
                 .collect()
         };
@@ -48,7 +48,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
     pub(super) fn streamed_figures(
         &self,
         streams: Vec<PageStream>,
-    ) -> Result<Vec<(String, StreamFigures)>, String> {
+    ) -> Result<Vec<(String, StreamFigures)>, DumpError> {
         streams
             .into_iter()
             .map(|s| {
@@ -57,7 +57,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .rt
                     .block_on(s.figures(Duration::from_secs(30)))
                     .map(|f| (name.clone(), f))
-                    .map_err(|e| format!("container {name:?}: {e}"))
+                    .map_err(|source| DumpError::Stream {
+                        container: name.clone(),
+                        source,
+                    })
             })
             .collect()
     }

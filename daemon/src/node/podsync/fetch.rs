@@ -85,7 +85,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let mv = match self.begin_receive(&c, &incoming) {
             Ok(mv) => mv,
             Err(reason) => {
-                let _ = reply.send(Answer::Refuse(Refuse { reason }));
+                let _ = reply.send(Answer::Refuse(Refuse {
+                    reason: reason.to_string(),
+                }));
                 return;
             }
         };
@@ -104,7 +106,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
     }
 
     /// The move this target container is part of; `Err`: not one podmig's controller made.
-    fn incoming(&self, c: &ContainerIdentity) -> Result<Incoming, String> {
+    fn incoming(&self, c: &ContainerIdentity) -> Result<Incoming, Untrusted> {
         // With API access, the move is what the API server records, never what the
         // container's annotations (written by whoever made the Pod) claim.
         let verified = self.verify_target(c)?;
@@ -148,9 +150,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
     fn refuse_untrusted(
         &self,
         c: &ContainerIdentity,
-        reason: String,
+        reason: Untrusted,
         reply: oneshot::Sender<Answer>,
     ) {
+        let reason = reason.to_string();
         tracing::warn!(pod_uid = %self.uid, namespace = %c.pod_namespace, pod = %c.pod_name,
             %reason, "refused a migration target podmig's controller did not make");
         self.node.metrics.moved(Role::Target, MovePhase::Refused);
@@ -166,11 +169,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
     }
 
     /// The container's state and the move's record, journaled as receiving.
-    fn begin_receive(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Move, String> {
+    fn begin_receive(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Move, FetchError> {
         let name = &c.container_name;
-        self.moves
-            .begin_receive(name, &i.id)
-            .map_err(|e| e.to_string())?;
+        self.moves.begin_receive(name, &i.id)?;
         let target = ReportTo {
             namespace: c.pod_namespace.clone(),
             pod: c.pod_name.clone(),
@@ -216,14 +217,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
             )),
             Err(busy) => {
                 let _ = self.moves.abandon(name, &busy.to_string());
-                Err(busy.to_string())
+                Err(busy.into())
             }
         }
     }
 
     /// Where the checkpoint comes from: the store, the source's worker here, or the source
     /// node's daemon.
-    fn arrival(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Arrival, String> {
+    fn arrival(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Arrival, FetchError> {
         let name = &c.container_name;
         let local_node = self.node.settings.node_name.clone();
         let stored = self
@@ -234,7 +235,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let running_here =
             || find_container(&self.node.settings.runc_root, &i.source_uid, name).is_some();
         if i.source_uid == self.uid {
-            Err("a Pod cannot be its own migration source".to_owned())
+            Err(FetchError::OwnSource)
         } else if let Some(dir) = stored {
             let bytes = dir_size(&dir);
             Ok(Arrival {
@@ -253,16 +254,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
         } else if let Some(node) = i.source_node.clone().filter(|n| *n != local_node) {
             self.fetch_remote(c, i, &node)
         } else {
-            Err(format!(
-                "no checkpoint of container {name:?} of source pod {} on this node and no \
-                 running source to take one from",
-                i.source_uid
-            ))
+            Err(FetchError::NoSource {
+                container: name.clone(),
+                source_uid: i.source_uid.clone(),
+            })
         }
     }
 
     /// The runtime stopped waiting: nobody will restore what arrived; the source resumes.
-    fn nobody_restores(&self, a: Arrival) -> String {
+    fn nobody_restores(&self, a: Arrival) -> FetchError {
         if let Some(l) = &a.lazy {
             l.pages.kill();
         }
@@ -273,7 +273,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 self.node.store.remove(d);
             }
         }
-        "the target's runtime stopped waiting for the checkpoint".to_owned()
+        FetchError::RuntimeGone
     }
 
     /// No checkpoint: the create is refused and the move ends failed.
@@ -281,9 +281,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
         &mut self,
         c: &ContainerIdentity,
         mv: Move,
-        reason: String,
+        reason: FetchError,
         reply: oneshot::Sender<Answer>,
     ) {
+        let reason = reason.to_string();
         tracing::warn!(pod_uid = %self.uid, container = %c.container_name, migration = %mv.id(),
             %reason, "migration target refused");
         let _ = self.moves.abandon(&c.container_name, &reason);
@@ -384,32 +385,32 @@ impl<E: CheckpointEngine> PodWorker<E> {
     pub(super) fn verify_target(
         &self,
         c: &ContainerIdentity,
-    ) -> Result<Option<crate::node::trust::VerifiedTarget>, String> {
+    ) -> Result<Option<crate::node::trust::VerifiedTarget>, Untrusted> {
         let Some(client) = self.node.kube.clone() else {
             return Ok(None);
         };
-        let v = self
-            .node
-            .rt
-            .block_on(crate::node::trust::verify_within(
-                &client,
-                &c.pod_namespace,
-                &c.pod_name,
-                TARGET_RECORD_WAIT,
-            ))
-            .map_err(|e| e.to_string())?;
+        let v = self.node.rt.block_on(crate::node::trust::verify_within(
+            &client,
+            &c.pod_namespace,
+            &c.pod_name,
+            TARGET_RECORD_WAIT,
+        ))?;
         let here = &self.node.settings.node_name;
         if v.target_uid != self.uid {
-            return Err(format!(
-                "Pod {}/{} has uid {}, this container belongs to {}",
-                v.namespace, v.target_pod, v.target_uid, self.uid
-            ));
+            return Err(Untrusted::OtherPod {
+                namespace: v.namespace,
+                pod: v.target_pod,
+                recorded: v.target_uid,
+                here: self.uid.clone(),
+            });
         }
         if !here.is_empty() && v.target_node != *here {
-            return Err(format!(
-                "Pod {}/{} is bound to node {:?}, not {here:?}",
-                v.namespace, v.target_pod, v.target_node
-            ));
+            return Err(Untrusted::OtherNode {
+                namespace: v.namespace,
+                pod: v.target_pod,
+                recorded: v.target_node,
+                here: here.clone(),
+            });
         }
         Ok(Some(v))
     }

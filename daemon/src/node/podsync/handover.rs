@@ -29,7 +29,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         source_uid: &str,
         id: &str,
         deadline: Instant,
-    ) -> Result<Arrival, String> {
+    ) -> Result<Arrival, FetchError> {
         let (tx, rx) = oneshot::channel();
         // Every container of the source, frozen together (empty: all that run).
         let order = MigrateOrder {
@@ -60,9 +60,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .rt
             .block_on(async { tokio::time::timeout(left, rx).await })
         {
-            Err(_) => return Err("the source's checkpoint did not come before the deadline".into()),
-            Ok(Err(_)) => return Err("the source's worker went away".into()),
-            Ok(Ok(Err(e))) => return Err(e.to_string()),
+            Err(_) => return Err(FetchError::LocalDeadline),
+            Ok(Err(_)) => return Err(FetchError::LocalWorkerGone),
+            Ok(Ok(Err(e))) => return Err(e.into()),
             Ok(Ok(Ok(p))) => p,
         };
         let (dir, others) = split_arrival(prepared.images, &c.container_name)?;
@@ -87,14 +87,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
         c: &ContainerIdentity,
         i: &Incoming,
         source_node: &str,
-    ) -> Result<Arrival, String> {
+    ) -> Result<Arrival, FetchError> {
         let req = self.handover_request(c, i)?;
         let auto = i.strategy == Strategy::Auto;
-        let peers = self
-            .node
-            .peers
-            .clone()
-            .ok_or("this daemon has no peer credentials (TLS CA and API access)")?;
+        let peers = self.node.peers.clone().ok_or(FetchError::NoPeers)?;
         let host = self.node.node_address(source_node)?;
         let handback = Handback::Remote {
             host: host.clone(),
@@ -108,7 +104,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let started = self.start_lazy_pages(&dir, &host, &i.id, &c.container_id, &peers);
             Some(started.inspect_err(|why| {
                 self.node.store.remove(&dir);
-                let _ = self.hand_back(&handback, false, why);
+                let _ = self.hand_back(&handback, false, &why.to_string());
             })?)
         } else {
             None
@@ -142,7 +138,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         &self,
         c: &ContainerIdentity,
         i: &Incoming,
-    ) -> Result<MigrateRequest, String> {
+    ) -> Result<MigrateRequest, FetchError> {
         let auto = i.strategy == Strategy::Auto;
         let strategy = match (i.strategy.wants_lazy(), self.node.lazy_impossible()) {
             // The source chooses; it must know whether this node can take a lazy move.
@@ -150,7 +146,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             (false, _) => None,
             (true, None) => Some(i.strategy),
             (true, Some(why)) if i.strategy == Strategy::Lazy => {
-                return Err(format!("a lazy move is not possible: {why}"));
+                return Err(FetchError::NotLazy(why));
             }
             (true, Some(why)) => {
                 tracing::info!(pod_uid = %self.uid, migration = %i.id, %why, "lazy-or-full: moving in full");
@@ -195,7 +191,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         host: &str,
         req: &MigrateRequest,
         handback: &Handback,
-    ) -> Result<crate::node::peer::Fetched, String> {
+    ) -> Result<crate::node::peer::Fetched, FetchError> {
         let containers = self.pod.as_ref().map_or_else(Vec::new, |p| {
             p.spec
                 .as_ref()
@@ -222,7 +218,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
             move |container| store.path_for(&target_uid, container),
         ));
-        let checked = fetched.map_err(|e| e.to_string()).map(|f| {
+        let checked = fetched.map(|f| {
             let streamed = check_streams(&sink, &f.streamed);
             (f, streamed)
         });
@@ -239,10 +235,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 for (_, d) in &f.dirs {
                     self.node.store.remove(d);
                 }
-                let _ = self.hand_back(handback, false, &why);
-                Err(why)
+                let _ = self.hand_back(handback, false, &why.to_string());
+                Err(why.into())
             }
-            Err(why) => Err(why),
+            Err(why) => Err(why.into()),
         }
     }
 
@@ -256,10 +252,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         id: &str,
         container_id: &str,
         peers: &crate::node::peer::PeerClient,
-    ) -> Result<LazyTarget, String> {
-        let pages =
-            LazyPages::start(std::path::Path::new("criu"), dir).map_err(|e| e.to_string())?;
-        let listener = pages.listener.try_clone().map_err(|e| e.to_string())?;
+    ) -> Result<LazyTarget, FetchError> {
+        let pages = LazyPages::start(std::path::Path::new("criu"), dir)?;
+        let listener = pages.listener.try_clone()?;
         let pages = Arc::new(pages);
         let broke = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (peers, host, id, cid) = (
@@ -292,15 +287,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
 pub(super) fn check_streams(
     sink: &Sink,
     announced: &[(String, StreamFigures)],
-) -> Result<(), String> {
+) -> Result<(), StreamCheck> {
     for (container, sent) in announced {
         let got = sink.wait(container, Duration::from_secs(30))?;
         if got != *sent {
-            return Err(format!(
-                "the page stream of container {container:?} arrived damaged: the source sent \
-                 {} bytes (CRC {:#010x}), {} bytes (CRC {:#010x}) arrived",
-                sent.bytes, sent.crc, got.bytes, got.crc
-            ));
+            return Err(StreamCheck::Damaged {
+                container: container.clone(),
+                sent: *sent,
+                got,
+            });
         }
     }
     Ok(())
@@ -310,12 +305,12 @@ pub(super) fn check_streams(
 pub(super) fn split_arrival(
     images: Vec<(String, PathBuf)>,
     name: &str,
-) -> Result<(PathBuf, Vec<(String, PathBuf)>), String> {
+) -> Result<(PathBuf, Vec<(String, PathBuf)>), FetchError> {
     let (mine, others): (Vec<_>, Vec<_>) = images.into_iter().partition(|(n, _)| n == name);
     let dir = mine
         .into_iter()
         .next()
         .map(|(_, d)| d)
-        .ok_or_else(|| format!("the source handed over no images of container {name:?}"))?;
+        .ok_or_else(|| FetchError::NoImages(name.to_owned()))?;
     Ok((dir, others))
 }

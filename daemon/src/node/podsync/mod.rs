@@ -9,6 +9,7 @@
 //! side hands them updates through `crossbeam-channel` and awaits `tokio` oneshot answers.
 
 mod dump;
+mod errors;
 mod fetch;
 mod handover;
 mod restore;
@@ -18,9 +19,10 @@ mod source;
 pub use crate::node::orders::{MigrateOrder, MoveError, PodUpdate, Prepared, TargetRef};
 pub use dump::STREAM_MIN_BYTES;
 use dump::*;
+use errors::*;
 use fetch::*;
 use restore::*;
-pub use restore::{Delivery, PAGES_LIMIT, pages_lost, verdict_not_taken};
+pub use restore::{Delivery, NotTaken, PAGES_LIMIT, pages_lost, verdict_not_taken};
 use restore_group::*;
 
 use std::{

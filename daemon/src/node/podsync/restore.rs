@@ -76,15 +76,24 @@ impl From<Result<(), PeerError>> for Delivery {
 /// Why a restored target must stop although its restore worked: the source refused the
 /// commit, or could not be told and its deadline (when it reads the target's phase) has
 /// passed. `None`: the target runs on.
-pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<String> {
+pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<NotTaken> {
     match delivery {
         Delivery::Taken => None,
-        Delivery::Refused(why) => Some(format!("the source did not take the move: {why}")),
-        Delivery::Unreachable(why) if deadline_passed => Some(format!(
-            "the source could not be told before the move's deadline: {why}"
-        )),
+        Delivery::Refused(why) => Some(NotTaken::Refused(why.clone())),
+        Delivery::Unreachable(why) if deadline_passed => Some(NotTaken::Late(why.clone())),
         Delivery::Unreachable(_) => None,
     }
+}
+
+/// Why a restored target must stop: the source did not take its commit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotTaken {
+    /// The source answered that no move waits for it.
+    #[error("the source did not take the move: {0}")]
+    Refused(String),
+    /// The source could not be told, and its deadline passed.
+    #[error("the source could not be told before the move's deadline: {0}")]
+    Late(String),
 }
 
 pub(super) struct PendingRestore {
@@ -297,7 +306,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 tracing::warn!(pod_uid = %self.uid, %error, "cannot stop the restored copy");
             }
             result.ok = false;
-            result.error = why;
+            result.error = why.to_string();
         }
         result
     }
@@ -337,7 +346,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let (node, uid, container, pages) =
             (self.node.clone(), self.uid.clone(), c.clone(), l.pages);
         std::thread::spawn(move || {
-            let result = pages.wait(PAGES_LIMIT).map_err(|e| e.to_string());
+            let result = pages.wait(PAGES_LIMIT);
             node.dispatch(&uid, PodUpdate::PagesArrived { container, result });
         });
     }
@@ -385,7 +394,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// The pages of a lazily restored container all arrived, or some never will: the move
     /// is settled. Missing pages stop the container (it would read zeros where its memory
     /// was) and refuse its restarts; the source is not resumed (the target already ran).
-    pub(super) fn on_pages(&mut self, c: &ContainerIdentity, result: Result<PageStats, String>) {
+    pub(super) fn on_pages(
+        &mut self,
+        c: &ContainerIdentity,
+        result: podmig_cri_ext::Result<PageStats>,
+    ) {
         let Some(pg) = self.paging.take_if(|pg| pg.container == c.container_name) else {
             tracing::warn!(pod_uid = %self.uid, container = %c.container_name, "pages of an unknown lazy restore");
             return;
@@ -413,7 +426,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 report.error = Some(format!(
                     "lazy move on {}: {}",
                     self.node.settings.node_name,
-                    pages_lost(why)
+                    pages_lost(&why.to_string())
                 ));
                 tracing::warn!(pod_uid = %self.uid, migration = %pg.migration, %why,
                     "pages lost after the resume; the target was stopped");

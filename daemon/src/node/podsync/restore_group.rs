@@ -191,8 +191,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             for id in g.plan.restored_ids() {
                 let _ = self.node.engine.discard(&id);
             }
-            g.plan.abandon(&why);
-            error = Some(why);
+            g.plan.abandon(&why.to_string());
+            error = Some(why.to_string());
         }
         let frozen_ms = g.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         let report = MigrationReport {

@@ -94,6 +94,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let dumped = match self.freeze_and_dump(&order, &claimed) {
             Ok(d) => d,
             Err(reason) => {
+                let reason = reason.to_string();
                 claimed
                     .mv
                     .finish(&self.node, MovePhase::Failed, Some(reason.clone()));
@@ -163,20 +164,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let mut out = Vec::new();
             for name in &order.containers {
                 let c = running.iter().find(|(_, n)| n == name).ok_or_else(|| {
-                    MoveError::NotRunning(format!(
-                        "container {name:?} of pod {} is not running on this node",
-                        self.uid
-                    ))
+                    MoveError::NotRunning {
+                        container: name.clone(),
+                        pod: self.uid.clone(),
+                    }
                 })?;
                 out.push(c.clone());
             }
             out
         };
         if wanted.is_empty() {
-            return Err(MoveError::NotRunning(format!(
-                "no container of pod {} runs on this node",
-                self.uid
-            )));
+            return Err(MoveError::NothingRuns(self.uid.clone()));
         }
         Ok(wanted)
     }
@@ -196,7 +194,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 for (_, n) in &plan.containers[..i] {
                     let _ = self.moves.keep_running(n);
                 }
-                return Err(MoveError::Busy(e.to_string()));
+                return Err(MoveError::Claimed(e));
             }
         }
         let jobs: Vec<(String, String, PathBuf)> = plan
@@ -239,7 +237,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             for (_, n) in &plan.containers {
                 let _ = self.moves.keep_running(n);
             }
-            MoveError::Busy(busy.to_string())
+            MoveError::Busy(busy)
         })?;
         tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target,
             containers = ?plan.containers.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
@@ -255,7 +253,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// Freezes and dumps the claimed containers: their pages go ahead in page streams
     /// (full, big enough, the target takes them), stay behind for a page server (lazy), or
     /// go into the images. On failure every container runs on and the reason is returned.
-    fn freeze_and_dump(&mut self, order: &MigrateOrder, c: &Claimed) -> Result<Dumped, String> {
+    fn freeze_and_dump(&mut self, order: &MigrateOrder, c: &Claimed) -> Result<Dumped, DumpError> {
         let id = &order.migration;
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
@@ -269,44 +267,62 @@ impl<E: CheckpointEngine> PodWorker<E> {
             dump_with_retries(&self.node.engine, &c.jobs, streams, &self.uid, id)
         };
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
-        let streamed = if results.iter().all(|(_, _, r)| r.is_ok()) {
-            self.streamed_figures(streams)
-        } else {
-            Ok(Vec::new())
-        };
-        let failure = results
-            .iter()
-            .find_map(|(name, _, r)| r.as_ref().err().map(|e| format!("container {name:?}: {e}")))
-            .or_else(|| (results.len() != c.jobs.len()).then(|| "bad container name".to_owned()))
-            .or_else(|| streamed.as_ref().err().cloned());
-        if let Some(reason) = failure {
-            for (name, dir, r) in &results {
-                if r.is_ok() {
-                    // Dumped and frozen while another failed: it runs on.
-                    let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
-                    self.resume_or_roll_back(name, &c.container_id(name));
-                } else {
-                    let _ = self.moves.keep_running(name);
+        let all_dumped = results.len() == c.jobs.len();
+        let mut failure = None;
+        let mut dumped = Vec::new();
+        for (name, dir, r) in results {
+            match r {
+                Ok(report) => dumped.push((name, dir, report)),
+                Err(source) => {
+                    let _ = self.moves.keep_running(&name);
+                    failure.get_or_insert(DumpError::Container {
+                        container: name,
+                        source,
+                    });
                 }
             }
-            tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
-            return Err(reason);
         }
-        let streamed = streamed.unwrap_or_default();
-        let bytes: u64 = results
-            .iter()
-            .filter_map(|(_, _, r)| r.as_ref().ok().map(|r| r.image_bytes))
-            .sum::<u64>()
+        if failure.is_none() && !all_dumped {
+            failure = Some(DumpError::Missing);
+        }
+        let streamed = match failure {
+            None => self.streamed_figures(streams),
+            Some(reason) => Err(reason),
+        };
+        let streamed = match streamed {
+            Ok(s) => s,
+            Err(reason) => return Err(self.thaw_after(id, c, &dumped, frozen_at, reason)),
+        };
+        let bytes: u64 = dumped.iter().map(|(_, _, r)| r.image_bytes).sum::<u64>()
             + streamed.iter().map(|(_, f)| f.bytes).sum::<u64>();
         self.node.metrics.checkpoint_bytes.inc_by(bytes);
         self.node.metrics.phase_ms("checkpoint", checkpoint_ms);
         Ok(Dumped {
-            images: results.into_iter().map(|(n, d, _)| (n, d)).collect(),
+            images: dumped.into_iter().map(|(n, d, _)| (n, d)).collect(),
             frozen_at,
             checkpoint_ms,
             bytes,
             streamed,
         })
+    }
+
+    /// A dump failed: the containers that were dumped (and stay frozen) run on; the reason
+    /// is returned for the move's record and the requester.
+    fn thaw_after(
+        &mut self,
+        id: &str,
+        c: &Claimed,
+        dumped: &[(String, PathBuf, CheckpointReport)],
+        frozen_at: Instant,
+        reason: DumpError,
+    ) -> DumpError {
+        for (name, dir, _) in dumped {
+            // Dumped and frozen while another failed: it runs on.
+            let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
+            self.resume_or_roll_back(name, &c.container_id(name));
+        }
+        tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
+        reason
     }
 
     /// Hands the checkpoint over on `prepared` and waits for the target's verdict until the
@@ -383,7 +399,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
         match pages {
-            Err(why) => c.mv.finish(&self.node, MovePhase::Failed, Some(why)),
+            Err(why) => {
+                c.mv.finish(&self.node, MovePhase::Failed, Some(why.to_string()))
+            }
             Ok(()) => c.mv.finish(&self.node, MovePhase::Succeeded, None),
         }
         self.assert_migrated_status();
@@ -439,7 +457,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let c = crate::node::estimate::choose(
             rates.full_frozen_ms(bytes),
             order.max_downtime_ms,
-            why_not_lazy.map_or(Ok(()), Err),
+            why_not_lazy.as_deref(),
         );
         tracing::info!(pod_uid = %self.uid, migration = %order.migration, bytes,
             estimate_ms = c.estimate_ms, budget_ms = c.budget_ms, strategy = c.strategy.as_str(),
@@ -484,16 +502,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
 
     /// After the commit of a lazy move: waits until the page server has served every page
     /// (or failed, or ran out of [`PAGES_LIMIT`]). `Ok` for a full move.
-    pub(super) fn serve_pages_to_the_end(&self, id: &str) -> Result<(), String> {
+    pub(super) fn serve_pages_to_the_end(&self, id: &str) -> Result<(), PagesBroke> {
         let Some(server) = self.node.manager.page_server(id) else {
             return Ok(());
         };
-        let served = server.wait(PAGES_LIMIT).map_err(|e| {
-            format!(
-                "the target resumed, then the page stream broke ({e}); this copy was not \
-                 resumed because the target had already run"
-            )
-        });
+        let served = server.wait(PAGES_LIMIT).map_err(PagesBroke);
         if server.running() {
             server.abort();
         }
