@@ -1,7 +1,8 @@
 //! podmig's test bed: real containerd instances with the `podmig` runtime handler, the
 //! node daemon as a real process, a CRI client playing kubelet, and probes of the test
 //! app. Everything started here is stopped by its own pid and cleaned up by guards, also
-//! when a test fails. The Kubernetes API server and kubelet stand-ins join in later issues.
+//! when a test fails. The Kubernetes API server, the kubelet stand-in and a scheduler make
+//! a local cluster of network namespaces ([`cluster`]).
 
 pub mod apiserver;
 pub mod bench;

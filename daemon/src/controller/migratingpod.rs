@@ -209,38 +209,57 @@ pub fn decide_with(
     local: &LocalClaims,
     now: Timestamp,
 ) -> Decision {
-    let generation = mpod.metadata.generation;
-    let mut status = mpod.status.clone().unwrap_or_default();
-    status.observed_generation = generation;
-    let mut actions = Vec::new();
-    let set = |status: &mut MigratingPodStatus,
-               state: MigratingPodState,
-               ok: bool,
-               reason: &str,
-               message: &str| {
-        status.state = Some(state);
-        let c = condition("Ready", ok, reason, message, now, generation);
-        match status.conditions.iter_mut().find(|x| x.type_ == "Ready") {
-            Some(old) if old.status == c.status && old.reason == c.reason => {
-                old.message = c.message
-            }
-            Some(old) => *old = c,
-            None => status.conditions.push(c),
-        }
-    };
-
+    let mut d = Deciding::new(mpod, pods, local, now);
     // Deleting the MigratingPod releases every finalizer it set, then its Pods go.
     if mpod.metadata.deletion_timestamp.is_some() {
-        for p in pods {
-            if has_finalizer(p) {
-                actions.push(Action::ReleaseFinalizer(p.name_any()));
-            }
-            if !deleting(p) {
-                actions.push(Action::DeletePod(p.name_any()));
-            }
-        }
-        return Decision { actions, status };
+        d.let_go_of_all(pods);
+        return d.done();
     }
+    if let Some((reason, message)) = invalid(mpod, pods) {
+        d.set(MigratingPodState::Invalid, false, reason, &message);
+        return d.done();
+    }
+    let pair = move_pair(pods);
+    // A `Migration`'s move is that Migration's to finish or roll back: here it is only
+    // reported.
+    if let Some((target, Some(source))) = pair
+        && !is_migrate_on_delete_target(target)
+    {
+        d.report_migrations_move(source, target);
+        return d.done();
+    }
+    match (pods, pair) {
+        ([], _) => d.create_fresh(),
+        (_, Some((target, Some(_)))) if deleting(target) => {
+            // A move being unwound: wait until its Pods are gone.
+        }
+        (_, Some((target, Some(source)))) => d.follow_move(source, target),
+        (_, Some((target, None))) if !ready(target) && !deleting(target) => {
+            d.source_vanished(target)
+        }
+        ([p], _)
+            if deleting(p)
+                && has_finalizer(p)
+                && unmovable_volumes(p.spec.as_ref(), p.annotations(), local).is_empty() =>
+        {
+            d.migrate_on_delete(p)
+        }
+        ([p], _) if deleting(p) || matches!(phase(p), "Failed" | "Succeeded") => d.replace(p),
+        ([p], _) | ([p, _], None) | ([_, p], None) if !deleting(p) || pods.len() == 1 => {
+            d.report_pod(p)
+        }
+        _ => d.set(
+            MigratingPodState::Invalid,
+            false,
+            "TooManyPods",
+            "two unrelated Pods belong to this MigratingPod",
+        ),
+    }
+    d.done()
+}
+
+/// Why the MigratingPod cannot be acted on: (reason, message).
+fn invalid(mpod: &MigratingPod, pods: &[Pod]) -> Option<(&'static str, String)> {
     if mpod
         .spec
         .template
@@ -248,42 +267,26 @@ pub fn decide_with(
         .as_ref()
         .is_none_or(|s| s.containers.is_empty())
     {
-        set(
-            &mut status,
-            MigratingPodState::Invalid,
-            false,
+        return Some((
             "NoContainers",
-            "spec.template.spec.containers must name at least one container",
-        );
-        return Decision { actions, status };
+            "spec.template.spec.containers must name at least one container".into(),
+        ));
     }
-    if pods.len() > 2 {
-        set(
-            &mut status,
-            MigratingPodState::Invalid,
-            false,
+    (pods.len() > 2).then(|| {
+        (
             "TooManyPods",
-            &format!(
+            format!(
                 "{} Pods belong to this MigratingPod; at most a source and a target may exist",
                 pods.len()
             ),
-        );
-        return Decision { actions, status };
-    }
-    let name = mpod.name_any();
-    let next_index = super::pod::next_index(
-        &name,
-        pods,
-        status.active_pod.as_deref(),
-        status.last_pod_index,
-    );
-    let timeout = i64::from(mpod.spec.migration_timeout_seconds);
+        )
+    })
+}
 
-    // A target and its source, if a move is under way. A `Migration`'s move is that
-    // Migration's to finish or roll back: here it is only reported.
-    // A Pod that was a target once and whose source is gone is an ordinary Pod now.
-    let pair = pods
-        .iter()
+/// A target and its source, if a move is under way. A Pod that was a target once and
+/// whose source is gone is an ordinary Pod now (unless it never became ready).
+fn move_pair(pods: &[Pod]) -> Option<(&Pod, Option<&Pod>)> {
+    pods.iter()
         .find_map(|t| {
             let from = annotation(t, ANNOTATION_MIGRATE_FROM)?;
             let source = pods.iter().find(|s| s.uid().as_deref() == Some(from))?;
@@ -293,14 +296,107 @@ pub fn decide_with(
             pods.iter()
                 .find(|t| annotation(t, ANNOTATION_MIGRATE_FROM).is_some() && !ready(t))
                 .map(|t| (t, None))
-        });
-    if let Some((target, Some(source))) = pair
-        && !is_migrate_on_delete_target(target)
-    {
-        status.active_pod = Some(source.name_any());
-        status.node = node(source);
-        set(
-            &mut status,
+        })
+}
+
+/// One reconcile of a MigratingPod being decided: what it observed, and the status and
+/// actions decided so far. Each situation is one method.
+struct Deciding<'a> {
+    mpod: &'a MigratingPod,
+    local: &'a LocalClaims,
+    now: Timestamp,
+    name: String,
+    next_index: u32,
+    timeout: i64,
+    status: MigratingPodStatus,
+    actions: Vec<Action>,
+}
+
+impl<'a> Deciding<'a> {
+    fn new(mpod: &'a MigratingPod, pods: &[Pod], local: &'a LocalClaims, now: Timestamp) -> Self {
+        let mut status = mpod.status.clone().unwrap_or_default();
+        status.observed_generation = mpod.metadata.generation;
+        let name = mpod.name_any();
+        let next_index = super::pod::next_index(
+            &name,
+            pods,
+            status.active_pod.as_deref(),
+            status.last_pod_index,
+        );
+        Self {
+            mpod,
+            local,
+            now,
+            name,
+            next_index,
+            timeout: i64::from(mpod.spec.migration_timeout_seconds),
+            status,
+            actions: Vec::new(),
+        }
+    }
+
+    /// Sets the state and its `Ready` condition.
+    fn set(&mut self, state: MigratingPodState, ok: bool, reason: &str, message: &str) {
+        self.status.state = Some(state);
+        let c = condition(
+            "Ready",
+            ok,
+            reason,
+            message,
+            self.now,
+            self.mpod.metadata.generation,
+        );
+        match self
+            .status
+            .conditions
+            .iter_mut()
+            .find(|x| x.type_ == "Ready")
+        {
+            Some(old) if old.status == c.status && old.reason == c.reason => {
+                old.message = c.message
+            }
+            Some(old) => *old = c,
+            None => self.status.conditions.push(c),
+        }
+    }
+
+    /// The decision, with the highest Pod index it creates recorded.
+    fn done(mut self) -> Decision {
+        let name = &self.name;
+        if let Some(n) = self
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CreatePod(p) => p.metadata.name.as_deref().and_then(|n| pod_index(name, n)),
+                _ => None,
+            })
+            .max()
+        {
+            self.status.last_pod_index = Some(n);
+        }
+        Decision {
+            actions: self.actions,
+            status: self.status,
+        }
+    }
+
+    /// The MigratingPod is deleted: its finalizers are released, its Pods deleted.
+    fn let_go_of_all(&mut self, pods: &[Pod]) {
+        for p in pods {
+            if has_finalizer(p) {
+                self.actions.push(Action::ReleaseFinalizer(p.name_any()));
+            }
+            if !deleting(p) {
+                self.actions.push(Action::DeletePod(p.name_any()));
+            }
+        }
+    }
+
+    /// A `Migration` moves the Pod: reported as migrating, nothing done.
+    fn report_migrations_move(&mut self, source: &Pod, target: &Pod) {
+        self.status.active_pod = Some(source.name_any());
+        self.status.node = node(source);
+        self.set(
             MigratingPodState::Migrating,
             false,
             "Migrating",
@@ -311,308 +407,295 @@ pub fn decide_with(
                 target.name_any()
             ),
         );
-        return Decision { actions, status };
     }
-    match (pods, pair) {
-        ([], _) => {
-            actions.push(Action::CreatePod(Box::new(pod_from_template(
-                mpod, next_index, None, local,
+
+    /// No Pod: the first one is created.
+    fn create_fresh(&mut self) {
+        self.actions
+            .push(Action::CreatePod(Box::new(pod_from_template(
+                self.mpod,
+                self.next_index,
+                None,
+                self.local,
             ))));
-            status.active_pod = Some(format!("{name}-{next_index}"));
-            status.node = None;
-            set(
-                &mut status,
-                MigratingPodState::Creating,
-                false,
-                "Creating",
-                "creating the Pod",
-            );
-        }
-        (_, Some((target, Some(_)))) if deleting(target) => {
-            // A move being unwound: wait until its Pods are gone.
-        }
-        (_, Some((target, Some(source)))) => {
-            let started = super::pod::deletion_requested_at(source).or(target
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0));
-            let elapsed = started.map_or(0, |s| (now - s).get_seconds());
-            let failed =
-                phase(target) == "Failed" || reported_phase(target) == Some(DaemonPhase::Failed);
-            // No node can take the target (the last schedulable node is being drained, say):
-            // waiting out the timeout would change nothing.
-            let unplaceable = unschedulable(target, now, UNSCHEDULABLE_GRACE_SECONDS);
-            let report = reported(target);
-            let mut record = MigrationRecord {
-                source_pod: source.name_any(),
-                target_pod: target.name_any(),
-                source_node: node(source),
-                target_node: node(target),
-                started_at: started.map(Time),
-                report: report.clone(),
-                ..Default::default()
-            };
-            if ready(target) {
-                // Recorded once: the source may take a while to go, reconciles repeat.
-                let known = status.last_migration.as_ref().is_some_and(|r| {
-                    r.target_pod == target.name_any() && r.outcome == Some(Outcome::Succeeded)
-                });
-                if has_finalizer(source) {
-                    actions.push(Action::ReleaseFinalizer(source.name_any()));
-                }
-                if !deleting(source) {
-                    actions.push(Action::DeletePod(source.name_any()));
-                }
-                record.outcome = Some(Outcome::Succeeded);
-                record.finished_at = Some(Time(now));
-                let frozen = super::pod::figures(report.as_ref());
-                if known {
-                    if let Some(old) = &status.last_migration {
-                        record.finished_at = old.finished_at.clone();
-                    }
-                } else {
-                    actions.push(Action::Event {
-                        reason: "MigrationSucceeded",
-                        message: format!(
-                            "{} moved to {} on {}{frozen}",
-                            source.name_any(),
-                            target.name_any(),
-                            node(target).unwrap_or_default()
-                        ),
-                        warning: false,
-                    });
-                }
-                status.active_pod = Some(target.name_any());
-                status.node = node(target);
-                status.last_migration = Some(record);
-                set(
-                    &mut status,
-                    MigratingPodState::Running,
-                    true,
-                    "Running",
-                    "the Pod runs",
-                );
-            } else if failed || elapsed > timeout || unplaceable.is_some() {
-                let (outcome, why) = if let Some(why) = unplaceable.filter(|_| !failed) {
-                    (
-                        Outcome::Failed,
-                        format!("target {} cannot be scheduled: {why}", target.name_any()),
-                    )
-                } else if failed {
-                    (
-                        Outcome::Failed,
-                        format!(
-                            "target {} failed: {}",
-                            target.name_any(),
-                            report
-                                .as_ref()
-                                .and_then(|r| r.error.clone())
-                                .unwrap_or_else(|| "restore failed".into())
-                        ),
-                    )
-                } else {
-                    (
-                        Outcome::GivenUp,
-                        format!(
-                            "the move of {} did not finish within {timeout}s",
-                            source.name_any()
-                        ),
-                    )
-                };
-                // Given up means not lost: the source is let go (or keeps running when nothing
-                // deleted it) and a fresh Pod replaces a deleted one.
-                if has_finalizer(source) {
-                    actions.push(Action::ReleaseFinalizer(source.name_any()));
-                }
-                if has_finalizer(target) {
-                    actions.push(Action::ReleaseFinalizer(target.name_any()));
-                }
-                actions.push(Action::DeletePod(target.name_any()));
-                actions.push(Action::Event {
-                    reason: if failed {
-                        "MigrationFailed"
-                    } else {
-                        "MigrationGivenUp"
-                    },
-                    message: why.clone(),
-                    warning: true,
-                });
-                record.outcome = Some(outcome);
-                record.finished_at = Some(Time(now));
-                record.message = Some(why.clone());
-                status.last_migration = Some(record);
-                status.active_pod = Some(source.name_any());
-                set(
-                    &mut status,
-                    MigratingPodState::Failed,
-                    false,
-                    "MigrationFailed",
-                    &why,
-                );
+        self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+        self.status.node = None;
+        self.set(
+            MigratingPodState::Creating,
+            false,
+            "Creating",
+            "creating the Pod",
+        );
+    }
+
+    /// A migrate-on-delete move under way: succeeded, failed or given up, or still going.
+    fn follow_move(&mut self, source: &Pod, target: &Pod) {
+        let started = super::pod::deletion_requested_at(source).or(target
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0));
+        let elapsed = started.map_or(0, |s| (self.now - s).get_seconds());
+        let failed =
+            phase(target) == "Failed" || reported_phase(target) == Some(DaemonPhase::Failed);
+        // No node can take the target (the last schedulable node is being drained, say):
+        // waiting out the timeout would change nothing.
+        let unplaceable = unschedulable(target, self.now, UNSCHEDULABLE_GRACE_SECONDS);
+        let record = MigrationRecord {
+            source_pod: source.name_any(),
+            target_pod: target.name_any(),
+            source_node: node(source),
+            target_node: node(target),
+            started_at: started.map(Time),
+            report: reported(target),
+            ..Default::default()
+        };
+        if ready(target) {
+            self.move_succeeded(source, target, record);
+        } else if failed || elapsed > self.timeout || unplaceable.is_some() {
+            let (outcome, why) = self.why_it_ended(source, target, failed, unplaceable, &record);
+            self.move_failed(source, target, record, outcome, why, failed);
+        } else {
+            let state = if node(target).is_some() {
+                MigratingPodState::Migrating
             } else {
-                let state = if node(target).is_some() {
-                    MigratingPodState::Migrating
-                } else {
-                    MigratingPodState::MigrationPending
-                };
-                record.outcome = None;
-                status.last_migration = Some(record);
-                set(
-                    &mut status,
-                    state,
-                    false,
-                    "Migrating",
-                    &format!("moving {} to {}", source.name_any(), target.name_any()),
-                );
-            }
-        }
-        (_, Some((target, None))) if !ready(target) && !deleting(target) => {
-            // The source vanished before its state was taken: the target can never restore.
-            let why = format!(
-                "source of {} vanished before its checkpoint",
-                target.name_any()
-            );
-            if has_finalizer(target) {
-                actions.push(Action::ReleaseFinalizer(target.name_any()));
-            }
-            actions.push(Action::DeletePod(target.name_any()));
-            actions.push(Action::Event {
-                reason: "MigrationFailed",
-                message: why.clone(),
-                warning: true,
-            });
-            set(
-                &mut status,
-                MigratingPodState::Failed,
+                MigratingPodState::MigrationPending
+            };
+            self.status.last_migration = Some(record);
+            self.set(
+                state,
                 false,
-                "SourceVanished",
-                &why,
+                "Migrating",
+                &format!("moving {} to {}", source.name_any(), target.name_any()),
             );
         }
-        ([p], _)
-            if deleting(p)
-                && has_finalizer(p)
-                && unmovable_volumes(p.spec.as_ref(), p.annotations(), local).is_empty() =>
-        {
-            // Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
-            let mut target = pod_from_template(mpod, next_index, Some(p), local);
-            let start = super::pod::deletion_requested_at(p).unwrap_or(now);
-            let annotations = target.metadata.annotations.get_or_insert_default();
-            annotations.insert(
-                ANNOTATION_MIGRATION_DEADLINE.into(),
-                super::pod::deadline(start, mpod.spec.migration_timeout_seconds),
-            );
-            if mpod.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
-                annotations.insert(
-                    ANNOTATION_MIGRATION_STRATEGY.into(),
-                    mpod.spec.strategy.as_str().into(),
-                );
-                if mpod.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
-                    annotations.insert(
-                        podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
-                        mpod.spec.max_downtime_ms.to_string(),
-                    );
-                }
+    }
+
+    /// The target runs: the source is let go of and deleted; recorded (and an Event) once.
+    fn move_succeeded(&mut self, source: &Pod, target: &Pod, mut record: MigrationRecord) {
+        // Recorded once: the source may take a while to go, reconciles repeat.
+        let known = self.status.last_migration.as_ref().is_some_and(|r| {
+            r.target_pod == target.name_any() && r.outcome == Some(Outcome::Succeeded)
+        });
+        if has_finalizer(source) {
+            self.actions
+                .push(Action::ReleaseFinalizer(source.name_any()));
+        }
+        if !deleting(source) {
+            self.actions.push(Action::DeletePod(source.name_any()));
+        }
+        record.outcome = Some(Outcome::Succeeded);
+        record.finished_at = Some(Time(self.now));
+        let frozen = super::pod::figures(record.report.as_ref());
+        if known {
+            if let Some(old) = &self.status.last_migration {
+                record.finished_at = old.finished_at.clone();
             }
-            actions.push(Action::Event {
-                reason: "MigrationStarted",
+        } else {
+            self.actions.push(Action::Event {
+                reason: "MigrationSucceeded",
                 message: format!(
-                    "{} is being deleted; moving it to {}",
-                    p.name_any(),
-                    target.name_any()
+                    "{} moved to {} on {}{frozen}",
+                    source.name_any(),
+                    target.name_any(),
+                    node(target).unwrap_or_default()
                 ),
                 warning: false,
             });
-            actions.push(Action::CreatePod(Box::new(target)));
-            set(
-                &mut status,
-                MigratingPodState::MigrationPending,
-                false,
-                "MigrationPending",
-                &format!("{} is being deleted; its move is starting", p.name_any()),
-            );
         }
-        ([p], _) if deleting(p) || matches!(phase(p), "Failed" | "Succeeded") => {
-            // Going away without a move: replace it, like a ReplicaSet. A deleted Pod still
-            // held by the migrate finalizer is one bound to node-local volumes since it was
-            // made: it is let go of.
-            let tied = deleting(p) && has_finalizer(p);
-            if !deleting(p) {
-                actions.push(Action::DeletePod(p.name_any()));
-            }
-            if tied {
-                actions.push(Action::ReleaseFinalizer(p.name_any()));
-            }
-            actions.push(Action::CreatePod(Box::new(pod_from_template(
-                mpod, next_index, None, local,
-            ))));
-            status.active_pod = Some(format!("{name}-{next_index}"));
-            let (reason, message) = if tied {
-                (
-                    "NotMigratable",
-                    format!(
-                        "{} has node-local volumes and is replaced, not moved: {}",
-                        p.name_any(),
-                        unmovable_volumes(p.spec.as_ref(), p.annotations(), local).join(", ")
-                    ),
-                )
+        self.status.active_pod = Some(target.name_any());
+        self.status.node = node(target);
+        self.status.last_migration = Some(record);
+        self.set(MigratingPodState::Running, true, "Running", "the Pod runs");
+    }
+
+    /// How a move that will not succeed ended, and why, for its record.
+    fn why_it_ended(
+        &self,
+        source: &Pod,
+        target: &Pod,
+        failed: bool,
+        unplaceable: Option<String>,
+        record: &MigrationRecord,
+    ) -> (Outcome, String) {
+        if let Some(why) = unplaceable.filter(|_| !failed) {
+            (
+                Outcome::Failed,
+                format!("target {} cannot be scheduled: {why}", target.name_any()),
+            )
+        } else if failed {
+            (
+                Outcome::Failed,
+                format!(
+                    "target {} failed: {}",
+                    target.name_any(),
+                    record
+                        .report
+                        .as_ref()
+                        .and_then(|r| r.error.clone())
+                        .unwrap_or_else(|| "restore failed".into())
+                ),
+            )
+        } else {
+            (
+                Outcome::GivenUp,
+                format!(
+                    "the move of {} did not finish within {}s",
+                    source.name_any(),
+                    self.timeout
+                ),
+            )
+        }
+    }
+
+    /// Given up means not lost: the source is let go of (or keeps running when nothing
+    /// deleted it), the target deleted, and a fresh Pod replaces a deleted source.
+    fn move_failed(
+        &mut self,
+        source: &Pod,
+        target: &Pod,
+        mut record: MigrationRecord,
+        outcome: Outcome,
+        why: String,
+        failed: bool,
+    ) {
+        if has_finalizer(source) {
+            self.actions
+                .push(Action::ReleaseFinalizer(source.name_any()));
+        }
+        if has_finalizer(target) {
+            self.actions
+                .push(Action::ReleaseFinalizer(target.name_any()));
+        }
+        self.actions.push(Action::DeletePod(target.name_any()));
+        self.actions.push(Action::Event {
+            reason: if failed {
+                "MigrationFailed"
             } else {
-                (
-                    "Replacing",
-                    format!("{} is gone; creating a fresh Pod", p.name_any()),
-                )
-            };
-            set(
-                &mut status,
+                "MigrationGivenUp"
+            },
+            message: why.clone(),
+            warning: true,
+        });
+        record.outcome = Some(outcome);
+        record.finished_at = Some(Time(self.now));
+        record.message = Some(why.clone());
+        self.status.last_migration = Some(record);
+        self.status.active_pod = Some(source.name_any());
+        self.set(MigratingPodState::Failed, false, "MigrationFailed", &why);
+    }
+
+    /// The source vanished before its state was taken: the target can never restore.
+    fn source_vanished(&mut self, target: &Pod) {
+        let why = format!(
+            "source of {} vanished before its checkpoint",
+            target.name_any()
+        );
+        if has_finalizer(target) {
+            self.actions
+                .push(Action::ReleaseFinalizer(target.name_any()));
+        }
+        self.actions.push(Action::DeletePod(target.name_any()));
+        self.actions.push(Action::Event {
+            reason: "MigrationFailed",
+            message: why.clone(),
+            warning: true,
+        });
+        self.set(MigratingPodState::Failed, false, "SourceVanished", &why);
+    }
+
+    /// Migrate-on-delete: the deleted Pod is held by its finalizer until the target runs.
+    fn migrate_on_delete(&mut self, p: &Pod) {
+        let mpod = self.mpod;
+        let mut target = pod_from_template(mpod, self.next_index, Some(p), self.local);
+        let start = super::pod::deletion_requested_at(p).unwrap_or(self.now);
+        let annotations = target.metadata.annotations.get_or_insert_default();
+        annotations.insert(
+            ANNOTATION_MIGRATION_DEADLINE.into(),
+            super::pod::deadline(start, mpod.spec.migration_timeout_seconds),
+        );
+        if mpod.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
+            annotations.insert(
+                ANNOTATION_MIGRATION_STRATEGY.into(),
+                mpod.spec.strategy.as_str().into(),
+            );
+            if mpod.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
+                annotations.insert(
+                    podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
+                    mpod.spec.max_downtime_ms.to_string(),
+                );
+            }
+        }
+        self.actions.push(Action::Event {
+            reason: "MigrationStarted",
+            message: format!(
+                "{} is being deleted; moving it to {}",
+                p.name_any(),
+                target.name_any()
+            ),
+            warning: false,
+        });
+        self.actions.push(Action::CreatePod(Box::new(target)));
+        self.set(
+            MigratingPodState::MigrationPending,
+            false,
+            "MigrationPending",
+            &format!("{} is being deleted; its move is starting", p.name_any()),
+        );
+    }
+
+    /// Going away without a move: replaced, like a ReplicaSet does. A deleted Pod still
+    /// held by the migrate finalizer is one bound to node-local volumes since it was made:
+    /// it is let go of.
+    fn replace(&mut self, p: &Pod) {
+        let tied = deleting(p) && has_finalizer(p);
+        if !deleting(p) {
+            self.actions.push(Action::DeletePod(p.name_any()));
+        }
+        if tied {
+            self.actions.push(Action::ReleaseFinalizer(p.name_any()));
+        }
+        self.actions
+            .push(Action::CreatePod(Box::new(pod_from_template(
+                self.mpod,
+                self.next_index,
+                None,
+                self.local,
+            ))));
+        self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+        let (reason, message) = if tied {
+            (
+                "NotMigratable",
+                format!(
+                    "{} has node-local volumes and is replaced, not moved: {}",
+                    p.name_any(),
+                    unmovable_volumes(p.spec.as_ref(), p.annotations(), self.local).join(", ")
+                ),
+            )
+        } else {
+            (
+                "Replacing",
+                format!("{} is gone; creating a fresh Pod", p.name_any()),
+            )
+        };
+        self.set(MigratingPodState::Creating, false, reason, &message);
+    }
+
+    /// One Pod, no move: it runs or is starting.
+    fn report_pod(&mut self, p: &Pod) {
+        self.status.active_pod = Some(p.name_any());
+        self.status.node = node(p);
+        if ready(p) {
+            self.set(MigratingPodState::Running, true, "Running", "the Pod runs");
+        } else {
+            self.set(
                 MigratingPodState::Creating,
                 false,
-                reason,
-                &message,
-            );
-        }
-        ([p], _) | ([p, _], None) | ([_, p], None) if !deleting(p) || pods.len() == 1 => {
-            status.active_pod = Some(p.name_any());
-            status.node = node(p);
-            if ready(p) {
-                set(
-                    &mut status,
-                    MigratingPodState::Running,
-                    true,
-                    "Running",
-                    "the Pod runs",
-                );
-            } else {
-                set(
-                    &mut status,
-                    MigratingPodState::Creating,
-                    false,
-                    "Creating",
-                    "the Pod is starting",
-                );
-            }
-        }
-        _ => {
-            set(
-                &mut status,
-                MigratingPodState::Invalid,
-                false,
-                "TooManyPods",
-                "two unrelated Pods belong to this MigratingPod",
+                "Creating",
+                "the Pod is starting",
             );
         }
     }
-    if let Some(n) = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::CreatePod(p) => p.metadata.name.as_deref().and_then(|n| pod_index(&name, n)),
-            _ => None,
-        })
-        .max()
-    {
-        status.last_pod_index = Some(n);
-    }
-    Decision { actions, status }
 }
 
 #[cfg(test)]

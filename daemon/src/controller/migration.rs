@@ -130,265 +130,271 @@ fn build_target(
 /// How long a Migration waits for its Pod to appear (applied together with its workload).
 pub const POD_APPEAR_GRACE_SECONDS: i64 = 30;
 
+/// What a check of a pending Migration found: wait (with what for), or fail (reason,
+/// message).
+enum Hold {
+    Wait(String),
+    Fail(&'static str, String),
+}
+
 fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
-    let m = o.migration;
-    let mut status = m.status.clone().unwrap_or_default();
+    let mut status = o.migration.status.clone().unwrap_or_default();
     let mut actions = Vec::new();
-    if status.phase.is_some_and(MigrationPhase::is_terminal) {
-        // The daemons' figures may land just after the target turned Ready.
-        if status.phase == Some(MigrationPhase::Succeeded)
-            && status.report.is_none()
-            && let Some(r) = o.target.and_then(reported)
-        {
-            status.frozen_ms = Some(r.frozen_ms);
-            status.report = Some(r);
+    match status.phase {
+        Some(p) if p.is_terminal() => keep_late_figures(o, &mut status),
+        None | Some(MigrationPhase::Pending) => {
+            set_phase(&mut status, MigrationPhase::Pending, now);
+            match start(o, now, &mut status) {
+                Ok(started) => actions = started,
+                Err(Hold::Wait(message)) => status.message = Some(message),
+                Err(Hold::Fail(reason, message)) => fail(&mut status, reason, message, now),
+            }
         }
-        return (actions, status);
+        Some(_) => actions = follow(o, now, &mut status),
     }
-    let name = m.name_any();
+    (actions, status)
+}
+
+/// The daemons' figures may land just after the target turned Ready.
+fn keep_late_figures(o: &Observed<'_>, status: &mut MigrationStatus) {
+    if status.phase == Some(MigrationPhase::Succeeded)
+        && status.report.is_none()
+        && let Some(r) = o.target.and_then(reported)
+    {
+        status.frozen_ms = Some(r.frozen_ms);
+        status.report = Some(r);
+    }
+}
+
+/// A pending Migration: its Pod checked, claimed, then its target created.
+fn start(
+    o: &Observed<'_>,
+    now: Timestamp,
+    status: &mut MigrationStatus,
+) -> Result<Vec<Action>, Hold> {
+    let m = o.migration;
     let pod_name = &m.spec.pod_name;
-    if status.phase.is_none() || status.phase == Some(MigrationPhase::Pending) {
-        set_phase(&mut status, MigrationPhase::Pending, now);
-        let Some(pod) = o.pod else {
-            let age = m
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map_or(i64::MAX, |t| (now - t.0).get_seconds());
-            if age < POD_APPEAR_GRACE_SECONDS {
-                status.message = Some(format!("waiting for Pod {pod_name:?} to exist"));
-                return (actions, status);
-            }
-            fail(
-                &mut status,
-                "PodNotFound",
-                format!("Pod {pod_name:?} does not exist"),
-                now,
-            );
-            return (actions, status);
-        };
-        let Some(owner) = o.owner else {
-            fail(
-                &mut status,
-                "NotMigratable",
-                format!("Pod {pod_name:?} is not controlled by a MigratingPod"),
-                now,
-            );
-            return (actions, status);
-        };
-        let local =
-            super::pod::node_local_volumes(pod.spec.as_ref(), pod.annotations(), o.local_claims);
-        if !local.is_empty() {
-            fail(
-                &mut status,
-                "NotMigratable",
-                format!(
-                    "Pod {pod_name:?} has node-local volumes that cannot move: {}; annotate it with {}=<names> if they exist on every node",
-                    local.join(", "),
-                    podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE
-                ),
-                now,
-            );
-            return (actions, status);
-        }
-        let (exclusive, per_pod) =
-            super::pod::single_node_volumes(pod.spec.as_ref(), o.local_claims);
-        let source_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-        let same_node =
-            m.spec.target_node.is_some() && m.spec.target_node.as_deref() == source_node;
-        if !exclusive.is_empty() && (per_pod || !same_node) {
-            fail(
-                &mut status,
-                "NotMigratable",
-                format!(
-                    "Pod {pod_name:?} has volumes that attach to {} only: {}; the source holds them until the target runs, so {}",
-                    if per_pod { "one Pod" } else { "one node" },
-                    exclusive.join(", "),
-                    if per_pod {
-                        "it cannot move".to_owned()
-                    } else {
-                        format!(
-                            "it can move only within its node (targetNode: {})",
-                            source_node.unwrap_or("its node")
-                        )
-                    }
-                ),
-                now,
-            );
-            return (actions, status);
-        }
-        if pod.metadata.deletion_timestamp.is_none() && !is_ready(pod) {
-            // Only a running Pod has state to move; one still starting is waited for.
-            let age = m
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map_or(i64::MAX, |t| (now - t.0).get_seconds());
-            if age < i64::from(m.spec.timeout_seconds) {
-                status.message = Some(format!("waiting for Pod {pod_name:?} to be Ready"));
-                return (actions, status);
-            }
-            fail(
-                &mut status,
+    let Some(pod) = o.pod else {
+        return Err(if age_of(m, now) < POD_APPEAR_GRACE_SECONDS {
+            Hold::Wait(format!("waiting for Pod {pod_name:?} to exist"))
+        } else {
+            Hold::Fail("PodNotFound", format!("Pod {pod_name:?} does not exist"))
+        });
+    };
+    let Some(owner) = o.owner else {
+        return Err(Hold::Fail(
+            "NotMigratable",
+            format!("Pod {pod_name:?} is not controlled by a MigratingPod"),
+        ));
+    };
+    check_volumes(o, pod)?;
+    check_pod_state(m, pod, now)?;
+    check_nodes(o)?;
+    if let Some(claim) = claim(o, pod)? {
+        status.message = Some(format!("claiming Pod {pod_name:?}"));
+        return Ok(vec![claim]);
+    }
+    Ok(create_target(o, pod, owner, now, status))
+}
+
+/// Seconds since the Migration was made (very many when unknown).
+fn age_of(m: &Migration, now: Timestamp) -> i64 {
+    m.metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(i64::MAX, |t| (now - t.0).get_seconds())
+}
+
+/// The Pod's volumes can go where it goes.
+fn check_volumes(o: &Observed<'_>, pod: &Pod) -> Result<(), Hold> {
+    let m = o.migration;
+    let pod_name = &m.spec.pod_name;
+    let local =
+        super::pod::node_local_volumes(pod.spec.as_ref(), pod.annotations(), o.local_claims);
+    if !local.is_empty() {
+        return Err(Hold::Fail(
+            "NotMigratable",
+            format!(
+                "Pod {pod_name:?} has node-local volumes that cannot move: {}; annotate it with {}=<names> if they exist on every node",
+                local.join(", "),
+                podmig_api::ANNOTATION_VOLUMES_ON_EVERY_NODE
+            ),
+        ));
+    }
+    let (exclusive, per_pod) = super::pod::single_node_volumes(pod.spec.as_ref(), o.local_claims);
+    let source_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    let same_node = m.spec.target_node.is_some() && m.spec.target_node.as_deref() == source_node;
+    if !exclusive.is_empty() && (per_pod || !same_node) {
+        return Err(Hold::Fail(
+            "NotMigratable",
+            format!(
+                "Pod {pod_name:?} has volumes that attach to {} only: {}; the source holds them until the target runs, so {}",
+                if per_pod { "one Pod" } else { "one node" },
+                exclusive.join(", "),
+                if per_pod {
+                    "it cannot move".to_owned()
+                } else {
+                    format!(
+                        "it can move only within its node (targetNode: {})",
+                        source_node.unwrap_or("its node")
+                    )
+                }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Only a running Pod has state to move: one still starting is waited for, one being
+/// deleted is refused.
+fn check_pod_state(m: &Migration, pod: &Pod, now: Timestamp) -> Result<(), Hold> {
+    let pod_name = &m.spec.pod_name;
+    if pod.metadata.deletion_timestamp.is_none() && !is_ready(pod) {
+        return Err(if age_of(m, now) < i64::from(m.spec.timeout_seconds) {
+            Hold::Wait(format!("waiting for Pod {pod_name:?} to be Ready"))
+        } else {
+            Hold::Fail(
                 "NotMigratable",
                 format!("Pod {pod_name:?} did not become Ready"),
-                now,
-            );
-            return (actions, status);
-        }
-        if pod.metadata.deletion_timestamp.is_some() {
-            fail(
-                &mut status,
-                "PodTerminating",
-                format!("Pod {pod_name:?} is being deleted"),
-                now,
-            );
-            return (actions, status);
-        }
-        if let Some(t) = &m.spec.target_node {
-            match o.nodes.iter().find(|n| n.name_any() == *t) {
-                None => {
-                    fail(
-                        &mut status,
-                        "NodeNotFound",
-                        format!("target node {t:?} does not exist"),
-                        now,
-                    );
-                    return (actions, status);
-                }
-                Some(n) if !schedulable(n) => {
-                    fail(
-                        &mut status,
-                        "NodeUnschedulable",
-                        format!("target node {t:?} is cordoned"),
-                        now,
-                    );
-                    return (actions, status);
-                }
-                Some(_) => {}
+            )
+        });
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(Hold::Fail(
+            "PodTerminating",
+            format!("Pod {pod_name:?} is being deleted"),
+        ));
+    }
+    Ok(())
+}
+
+/// The target node, or one matching the selector, exists and takes Pods.
+fn check_nodes(o: &Observed<'_>) -> Result<(), Hold> {
+    let m = o.migration;
+    if let Some(t) = &m.spec.target_node {
+        match o.nodes.iter().find(|n| n.name_any() == *t) {
+            None => {
+                return Err(Hold::Fail(
+                    "NodeNotFound",
+                    format!("target node {t:?} does not exist"),
+                ));
             }
-        }
-        if let Some(sel) = &m.spec.node_selector {
-            let fits = o
-                .nodes
-                .iter()
-                .any(|n| schedulable(n) && sel.iter().all(|(k, v)| n.labels().get(k) == Some(v)));
-            if !fits {
-                fail(
-                    &mut status,
-                    "NoMatchingNode",
-                    format!("no schedulable node matches {sel:?}"),
-                    now,
-                );
-                return (actions, status);
-            }
-        }
-        // One move per Pod: the Pod is claimed with optimistic concurrency, so of two
-        // Migrations created together exactly one holds it, whatever their order.
-        let holder = pod
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_CLAIMED_BY))
-            .filter(|h| {
-                **h == name
-                    || o.others.iter().any(|x| {
-                        x.name_any() == **h
-                            && !x
-                                .status
-                                .as_ref()
-                                .and_then(|s| s.phase)
-                                .is_some_and(MigrationPhase::is_terminal)
-                    })
-            });
-        match holder {
-            Some(h) if *h != name => {
-                fail(
-                    &mut status,
-                    "AlreadyMigrating",
-                    format!("Migration {h:?} is already moving Pod {pod_name:?}"),
-                    now,
-                );
-                return (actions, status);
+            Some(n) if !schedulable(n) => {
+                return Err(Hold::Fail(
+                    "NodeUnschedulable",
+                    format!("target node {t:?} is cordoned"),
+                ));
             }
             Some(_) => {}
-            None => {
-                status.message = Some(format!("claiming Pod {pod_name:?}"));
-                actions.push(Action::ClaimPod {
-                    pod: pod_name.clone(),
-                    resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
-                });
-                return (actions, status);
-            }
         }
-        let owner_name = owner.name_any();
-        let owner_status = owner.status.clone().unwrap_or_default();
-        let index = next_index(
-            &owner_name,
-            o.siblings,
-            owner_status.active_pod.as_deref(),
-            owner_status.last_pod_index,
-        );
-        let target = build_target(m, owner, pod, index, o.local_claims, now);
-        status.migrating_pod = Some(owner_name.clone());
-        status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-        status.target_pod = target.metadata.name.clone();
-        status.target_node = m.spec.target_node.clone();
-        status.reason = None;
-        status.message = Some(format!(
-            "creating target Pod {}",
-            target.metadata.name.clone().unwrap_or_default()
-        ));
-        actions.push(Action::Event {
-            reason: "MigrationStarted",
-            message: format!(
-                "moving {pod_name} to {}",
-                target.metadata.name.clone().unwrap_or_default()
-            ),
-            warning: false,
+    }
+    if let Some(sel) = &m.spec.node_selector {
+        let fits = o
+            .nodes
+            .iter()
+            .any(|n| schedulable(n) && sel.iter().all(|(k, v)| n.labels().get(k) == Some(v)));
+        if !fits {
+            return Err(Hold::Fail(
+                "NoMatchingNode",
+                format!("no schedulable node matches {sel:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One move per Pod: the Pod is claimed with optimistic concurrency, so of two Migrations
+/// created together exactly one holds it, whatever their order. `Some`: the claim to make
+/// first; `None`: this Migration holds it.
+fn claim(o: &Observed<'_>, pod: &Pod) -> Result<Option<Action>, Hold> {
+    let m = o.migration;
+    let name = m.name_any();
+    let pod_name = &m.spec.pod_name;
+    let holder = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_CLAIMED_BY))
+        .filter(|h| {
+            **h == name
+                || o.others.iter().any(|x| {
+                    x.name_any() == **h
+                        && !x
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.phase)
+                            .is_some_and(MigrationPhase::is_terminal)
+                })
         });
-        // Recorded before the Pod exists, so the name is never handed out again.
-        actions.push(Action::RecordPodIndex {
+    match holder {
+        Some(h) if *h != name => Err(Hold::Fail(
+            "AlreadyMigrating",
+            format!("Migration {h:?} is already moving Pod {pod_name:?}"),
+        )),
+        Some(_) => Ok(None),
+        None => Ok(Some(Action::ClaimPod {
+            pod: pod_name.clone(),
+            resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
+        })),
+    }
+}
+
+/// The target Pod, its name recorded before it exists (never handed out again).
+fn create_target(
+    o: &Observed<'_>,
+    pod: &Pod,
+    owner: &MigratingPod,
+    now: Timestamp,
+    status: &mut MigrationStatus,
+) -> Vec<Action> {
+    let m = o.migration;
+    let pod_name = &m.spec.pod_name;
+    let owner_name = owner.name_any();
+    let owner_status = owner.status.clone().unwrap_or_default();
+    let index = next_index(
+        &owner_name,
+        o.siblings,
+        owner_status.active_pod.as_deref(),
+        owner_status.last_pod_index,
+    );
+    let target = build_target(m, owner, pod, index, o.local_claims, now);
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    status.migrating_pod = Some(owner_name.clone());
+    status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    status.target_pod = target.metadata.name.clone();
+    status.target_node = m.spec.target_node.clone();
+    status.reason = None;
+    status.message = Some(format!("creating target Pod {target_name}"));
+    set_phase(status, MigrationPhase::Scheduling, now);
+    vec![
+        Action::Event {
+            reason: "MigrationStarted",
+            message: format!("moving {pod_name} to {target_name}"),
+            warning: false,
+        },
+        Action::RecordPodIndex {
             migrating_pod: owner_name,
             index,
-        });
-        actions.push(Action::CreatePod(Box::new(target)));
-        set_phase(&mut status, MigrationPhase::Scheduling, now);
-        return (actions, status);
-    }
+        },
+        Action::CreatePod(Box::new(target)),
+    ]
+}
 
+/// A Migration whose target exists (or should): succeeded, failed, timed out, or the
+/// daemons' progress.
+fn follow(o: &Observed<'_>, now: Timestamp, status: &mut MigrationStatus) -> Vec<Action> {
+    let m = o.migration;
+    let pod_name = &m.spec.pod_name;
     let started = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     let target_name = status.target_pod.clone().unwrap_or_default();
     let Some(target) = o.target else {
-        // Recorded but not created yet (the status is written before the Pod): create it,
-        // under the recorded name, so a retry never makes a second target.
-        if status.phase == Some(MigrationPhase::Scheduling)
-            && let (Some(pod), Some(owner)) = (o.pod, o.owner)
-            && let Some(index) = super::pod::pod_index(&owner.name_any(), &target_name)
-        {
-            actions.push(Action::CreatePod(Box::new(build_target(
-                m,
-                owner,
-                pod,
-                index,
-                o.local_claims,
-                now,
-            ))));
-            return (actions, status);
-        }
-        fail(
-            &mut status,
-            "TargetPodDeleted",
-            format!("target Pod {target_name:?} disappeared"),
-            now,
-        );
-        return (actions, status);
+        return target_missing(o, now, status, &target_name);
     };
     status.target_node = target
         .spec
         .as_ref()
         .and_then(|s| s.node_name.clone())
-        .or(status.target_node);
+        .or(status.target_node.take());
     let report = reported(target);
     if let Some(r) = &report {
         status.frozen_ms = Some(r.frozen_ms);
@@ -398,75 +404,119 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
     let target_failed = target.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")
         || daemon_phase == Some(DaemonPhase::Failed);
     if super::pod::moved_in(target) {
-        // The move is done: the source goes (its state runs in the target).
-        if let Some(source) = o.pod.filter(|p| p.metadata.uid != target.metadata.uid) {
-            if has_finalizer(source) {
-                actions.push(Action::ReleaseFinalizer(source.name_any()));
-            }
-            if !is_deleting(source) {
-                actions.push(Action::DeletePod(source.name_any()));
-            }
-        }
-        // Phases the daemons moved through too fast to be seen still count.
-        for p in [
-            MigrationPhase::Checkpointing,
-            MigrationPhase::Transferring,
-            MigrationPhase::Restoring,
-        ] {
-            if status.phase.is_some_and(|cur| cur < p) {
-                set_phase(&mut status, p, now);
-            }
-        }
-        set_phase(&mut status, MigrationPhase::Succeeded, now);
-        status.message = Some(format!("{pod_name} runs as {target_name}"));
-        status.conditions = vec![Condition {
-            type_: "Succeeded".into(),
-            status: "True".into(),
-            reason: "Moved".into(),
-            message: status.message.clone().unwrap_or_default(),
-            last_transition_time: Time(now),
-            observed_generation: None,
-        }];
-        actions.push(Action::Event {
-            reason: "MigrationSucceeded",
-            message: format!(
-                "{pod_name} moved to {target_name}{}",
-                super::pod::figures(report.as_ref())
-            ),
-            warning: false,
-        });
-    } else if target_failed {
+        return succeeded(o, target, report.as_ref(), now, status);
+    }
+    let (reason, event, why) = if target_failed {
         let why = report
             .and_then(|r| r.error)
             .unwrap_or_else(|| "the target failed to restore".into());
-        actions.push(Action::ReleaseFinalizer(target_name.clone()));
-        actions.push(Action::DeletePod(target_name));
-        actions.push(Action::Event {
-            reason: "MigrationFailed",
-            message: why.clone(),
-            warning: true,
-        });
-        fail(&mut status, "RestoreFailed", why, now);
+        ("RestoreFailed", "MigrationFailed", why)
     } else if (now - started).get_seconds() > i64::from(m.spec.timeout_seconds) {
         let why = format!(
             "not done within {}s; rolled back: {pod_name} keeps running",
             m.spec.timeout_seconds
         );
-        actions.push(Action::ReleaseFinalizer(target_name.clone()));
-        actions.push(Action::DeletePod(target_name));
-        actions.push(Action::Event {
-            reason: "MigrationTimedOut",
+        ("Timeout", "MigrationTimedOut", why)
+    } else {
+        if let Some(p) = daemon_phase
+            .map(DaemonPhase::migration_phase)
+            .filter(|p| status.phase.is_some_and(|cur| cur < *p))
+        {
+            set_phase(status, p, now);
+        }
+        return Vec::new();
+    };
+    let actions = vec![
+        Action::ReleaseFinalizer(target_name.clone()),
+        Action::DeletePod(target_name),
+        Action::Event {
+            reason: event,
             message: why.clone(),
             warning: true,
-        });
-        fail(&mut status, "Timeout", why, now);
-    } else if let Some(p) = daemon_phase
-        .map(DaemonPhase::migration_phase)
-        .filter(|p| status.phase.is_some_and(|cur| cur < *p))
+        },
+    ];
+    fail(status, reason, why, now);
+    actions
+}
+
+/// Recorded but not created yet (the status is written before the Pod): created under
+/// the recorded name, so a retry never makes a second target. Gone after that: failed.
+fn target_missing(
+    o: &Observed<'_>,
+    now: Timestamp,
+    status: &mut MigrationStatus,
+    target_name: &str,
+) -> Vec<Action> {
+    if status.phase == Some(MigrationPhase::Scheduling)
+        && let (Some(pod), Some(owner)) = (o.pod, o.owner)
+        && let Some(index) = super::pod::pod_index(&owner.name_any(), target_name)
     {
-        set_phase(&mut status, p, now);
+        return vec![Action::CreatePod(Box::new(build_target(
+            o.migration,
+            owner,
+            pod,
+            index,
+            o.local_claims,
+            now,
+        )))];
     }
-    (actions, status)
+    fail(
+        status,
+        "TargetPodDeleted",
+        format!("target Pod {target_name:?} disappeared"),
+        now,
+    );
+    Vec::new()
+}
+
+/// The move is done: the source goes (its state runs in the target).
+fn succeeded(
+    o: &Observed<'_>,
+    target: &Pod,
+    report: Option<&podmig_api::v1alpha1::MigrationReport>,
+    now: Timestamp,
+    status: &mut MigrationStatus,
+) -> Vec<Action> {
+    let pod_name = &o.migration.spec.pod_name;
+    let target_name = status.target_pod.clone().unwrap_or_default();
+    let mut actions = Vec::new();
+    if let Some(source) = o.pod.filter(|p| p.metadata.uid != target.metadata.uid) {
+        if has_finalizer(source) {
+            actions.push(Action::ReleaseFinalizer(source.name_any()));
+        }
+        if !is_deleting(source) {
+            actions.push(Action::DeletePod(source.name_any()));
+        }
+    }
+    // Phases the daemons moved through too fast to be seen still count.
+    for p in [
+        MigrationPhase::Checkpointing,
+        MigrationPhase::Transferring,
+        MigrationPhase::Restoring,
+    ] {
+        if status.phase.is_some_and(|cur| cur < p) {
+            set_phase(status, p, now);
+        }
+    }
+    set_phase(status, MigrationPhase::Succeeded, now);
+    status.message = Some(format!("{pod_name} runs as {target_name}"));
+    status.conditions = vec![Condition {
+        type_: "Succeeded".into(),
+        status: "True".into(),
+        reason: "Moved".into(),
+        message: status.message.clone().unwrap_or_default(),
+        last_transition_time: Time(now),
+        observed_generation: None,
+    }];
+    actions.push(Action::Event {
+        reason: "MigrationSucceeded",
+        message: format!(
+            "{pod_name} moved to {target_name}{}",
+            super::pod::figures(report)
+        ),
+        warning: false,
+    });
+    actions
 }
 
 #[cfg(test)]

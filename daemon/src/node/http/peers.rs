@@ -211,10 +211,12 @@ pub(super) async fn handover<E: CheckpointEngine>(
         }
         Ok(Ok(Err(e))) => {
             let (status, reason) = match &e {
-                MoveError::NotRunning { .. } | MoveError::NothingRuns(_) | MoveError::NotLazy(_) => {
-                    (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable")
+                MoveError::NotRunning { .. }
+                | MoveError::NothingRuns(_)
+                | MoveError::NotLazy(_) => (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable"),
+                MoveError::Busy(_) | MoveError::Claimed(_) => {
+                    (StatusCode::CONFLICT, "AlreadyMigrating")
                 }
-                MoveError::Busy(_) | MoveError::Claimed(_) => (StatusCode::CONFLICT, "AlreadyMigrating"),
                 MoveError::Checkpoint(_) => (StatusCode::INTERNAL_SERVER_ERROR, "CheckpointFailed"),
                 MoveError::NoRoom(_) => (StatusCode::INSUFFICIENT_STORAGE, "InsufficientStorage"),
             };
