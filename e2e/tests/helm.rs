@@ -29,14 +29,8 @@ fn helm(args: &[&str]) -> anyhow::Result<String> {
 
 /// The objects of a multi-document YAML stream.
 fn objects(yaml: &str) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v: Value = serde::Deserialize::deserialize(doc)?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
+    let docs: Vec<Value> = serde_saphyr::from_multiple(yaml)?;
+    Ok(docs.into_iter().filter(|v| !v.is_null()).collect())
 }
 
 fn find<'a>(objs: &'a [Value], kind: &str, suffix: &str) -> Option<&'a Value> {
@@ -171,7 +165,7 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
 fn every_value_the_readme_names_exists() -> anyhow::Result<()> {
     let root = podmig_e2e::paths::repo_root();
     let values: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
+        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("values.yaml"))?)?;
     let readme = std::fs::read_to_string(root.join("README.md"))?;
     let tops: Vec<String> = values
         .as_object()
