@@ -5,6 +5,9 @@ use std::path::PathBuf;
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What CRIU prints when a dumped Unix socket's peer is outside the dump.
+pub const CRIU_EXTERNAL_UNIX_SOCKET: &str = "External socket is used";
+
 /// What went wrong in the runtime extension, named after the step that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -100,8 +103,16 @@ impl Error {
     /// Whether CRIU refused the dump because a Unix socket's peer is outside it: in a
     /// multi-container Pod, a connection between two containers caught at the freeze,
     /// which a retry a moment later usually no longer finds.
+    /// Read from what the failed command returned (CRIU's message reaches runc's log,
+    /// whose tail is the command's `stderr` here); CRIU gives this failure no code of its
+    /// own.
     pub fn is_external_unix_socket(&self) -> bool {
-        self.to_string().contains("External socket is used")
+        match self {
+            Error::CommandFailed { stdout, stderr, .. } => [stdout, stderr]
+                .iter()
+                .any(|out| out.contains(CRIU_EXTERNAL_UNIX_SOCKET)),
+            _ => false,
+        }
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -110,5 +121,31 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod external_socket_tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn an_external_socket_is_read_from_what_the_command_returned() {
+        let failed = |stderr: &str| Error::CommandFailed {
+            command: "runc checkpoint app".into(),
+            status: std::process::ExitStatus::from_raw(256),
+            stdout: String::new(),
+            stderr: stderr.into(),
+        };
+        assert!(
+            failed("--- (00.18) Error (criu/sk-unix.c:874): unix: External socket is used.")
+                .is_external_unix_socket()
+        );
+        assert!(!failed("Error (criu/cr-dump.c:1): Dumping FAILED.").is_external_unix_socket());
+        // A message of podmig's own that quotes CRIU is not CRIU's answer.
+        assert!(
+            !Error::CheckpointFailed("External socket is used".into()).is_external_unix_socket()
+        );
     }
 }

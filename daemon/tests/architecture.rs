@@ -104,6 +104,34 @@ fn the_invariant_table_names_tests_that_exist() {
 }
 
 #[test]
+fn workers_cross_into_async_code_at_one_place() {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("node/").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let node = repo().join("daemon/src/node");
+    let mut files = Vec::new();
+    walk(&node, &mut files);
+    assert!(files.len() > 20, "{} files under node/", files.len());
+    let crossing: Vec<String> = files
+        .iter()
+        .filter(|f| !f.ends_with("shared.rs"))
+        .filter(|f| std::fs::read_to_string(f).is_ok_and(|s| s.contains("block_on(")))
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(
+        crossing.is_empty(),
+        "only Node::wait_on (shared.rs) may block on async code: {crossing:?}"
+    );
+}
+
+#[test]
 fn the_parser_sees_a_row_and_a_definition() {
     let rows = named_functions("| step | `go` | `a/b.rs` |\n| x | y | z |\n");
     assert_eq!(rows, [("go".to_owned(), "a/b.rs".to_owned())]);

@@ -1,6 +1,12 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that two controller replicas
 //! never act at once: acquire (or take over an expired lease), then renew; a replica
 //! that cannot renew stops acting.
+//!
+//! Why not a crate: kube-runtime 5 (the version this workspace uses) has no leader
+//! election, and `kube-lease-manager` would add a dependency (and its own timing of
+//! renewals) for what is ~100 lines here whose behaviour the e2e tests pin (one leader
+//! acts, a dead leader's lease is taken over after [`LEASE_SECONDS`]). Switch when
+//! kube-runtime ships one.
 
 use std::time::Duration;
 

@@ -2,6 +2,13 @@
 //! node's daemon to hand over a Pod's checkpoint (`POST /migrate/{uid}` with a
 //! `handover`) and later tells it the verdict (`POST /migrations/{id}/complete`). HTTPS
 //! verified against the daemons' CA; authenticated with this daemon's own token.
+//!
+//! Why hyper-util and not reqwest: reqwest could carry this too (`bytes_stream` for the
+//! streamed hand-over, `upgrade` for the page tunnel and page streams); this client came
+//! first, is small (one rustls config trusting only the daemons' CA, `TCP_NODELAY`), and
+//! the fault tests pin its behaviour, so it stays until it needs what reqwest adds. No
+//! retry crate: nothing here may be retried blindly — a hand-over asked twice would freeze
+//! the source twice — and the verdict's retries are the recovery rules (`recovery.rs`).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -50,12 +57,23 @@ impl TokenSource {
             .map(|f| TokenSource::File(f.into()))
     }
 
-    fn token(&self) -> String {
+    /// The token now; a file that cannot be read, or holds none, is an error (never an
+    /// empty bearer header, which a peer would answer with a puzzling 401).
+    fn token(&self) -> Result<String, PeerError> {
         match self {
-            TokenSource::Fixed(t) => t.clone(),
-            TokenSource::File(f) => std::fs::read_to_string(f)
-                .map(|t| t.trim().to_owned())
-                .unwrap_or_default(),
+            TokenSource::Fixed(t) => Ok(t.clone()),
+            TokenSource::File(f) => {
+                let unreadable = |reason: String| PeerError::Token {
+                    path: f.clone(),
+                    reason,
+                };
+                let t = std::fs::read_to_string(f).map_err(|e| unreadable(e.to_string()))?;
+                let t = t.trim();
+                if t.is_empty() {
+                    return Err(unreadable("the file is empty".into()));
+                }
+                Ok(t.to_owned())
+            }
         }
     }
 }
@@ -72,6 +90,14 @@ pub enum PeerError {
         status: u16,
         /// Its JSON error.
         body: ApiError,
+    },
+    /// This daemon's own token cannot be read.
+    #[error("this daemon's token at {path:?} cannot be used: {reason}")]
+    Token {
+        /// The token file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
     },
     /// The peer could not be reached or the connection broke.
     #[error("cannot reach the podmig daemon at {peer}: {message}")]
@@ -195,7 +221,7 @@ impl PeerClient {
         body: Vec<u8>,
     ) -> Result<hyper::Request<Full<Bytes>>, PeerError> {
         hyper::Request::post(format!("https://{host}:{}{path}", self.port))
-            .header("authorization", format!("Bearer {}", self.token.token()))
+            .header("authorization", format!("Bearer {}", self.token.token()?))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| PeerError::Transport {
@@ -477,5 +503,27 @@ async fn refused(host: &str, resp: hyper::Response<hyper::body::Incoming>) -> Pe
         peer: host.into(),
         status,
         body: serde_json::from_slice(&bytes).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_that_cannot_be_read_is_an_error_not_an_empty_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        let source = TokenSource::File(file.clone());
+        assert!(matches!(source.token(), Err(PeerError::Token { .. })));
+        std::fs::write(&file, "  \n").expect("write");
+        let e = source.token().expect_err("empty");
+        assert!(e.to_string().contains("empty"), "{e}");
+        std::fs::write(&file, "abc\n").expect("write");
+        assert_eq!(source.token().ok().as_deref(), Some("abc"));
+        assert_eq!(
+            TokenSource::Fixed("x".into()).token().ok().as_deref(),
+            Some("x")
+        );
     }
 }

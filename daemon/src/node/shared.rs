@@ -54,7 +54,9 @@ pub struct Node<E> {
     pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
     /// The rates of full moves towards each target node, for `strategy: auto`.
     pub(crate) learned: estimate::Learned,
-    pub(crate) rt: tokio::runtime::Handle,
+    /// The daemon's async runtime: reached from a worker's thread only through
+    /// [`Node::wait_on`] and [`Node::start_async`].
+    rt: tokio::runtime::Handle,
 }
 
 /// Why another node's daemon cannot be addressed.
@@ -186,7 +188,7 @@ impl<E: CheckpointEngine> Node<E> {
             action: reason.into(),
             secondary: None,
         };
-        self.rt.spawn(async move {
+        self.start_async(async move {
             if let Err(error) = recorder.publish(&event, &reference).await {
                 tracing::warn!(%error, "cannot record event");
             }
@@ -198,8 +200,7 @@ impl<E: CheckpointEngine> Node<E> {
         let client = self.kube.clone().ok_or(AddressError::NoApi)?;
         let api: kube::Api<KubeNode> = kube::Api::all(client);
         let node = self
-            .rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(5), api.get(name)).await })
+            .wait_on(async { tokio::time::timeout(Duration::from_secs(5), api.get(name)).await })
             .map_err(|_| AddressError::TimedOut(name.to_owned()))?
             .map_err(|source| AddressError::Api {
                 node: name.to_owned(),
@@ -212,6 +213,30 @@ impl<E: CheckpointEngine> Node<E> {
             .find(|a| a.type_ == "InternalIP")
             .map(|a| a.address)
             .ok_or_else(|| AddressError::NoInternalIp(name.to_owned()))
+    }
+
+    /// The one crossing from a Pod worker's (blocking) thread into async code: runs `fut` on
+    /// the daemon's runtime and waits for its output. Workers are threads because dumps and
+    /// restores are blocking runc/CRIU calls; everything that talks to the network (peers,
+    /// the API server) is async. Never called from async code (it would block the runtime);
+    /// async code reaches a worker only with a [`super::orders::PodUpdate`] and awaits its
+    /// oneshot answer, and hands its own blocking work to `spawn_blocking`.
+    pub(crate) fn wait_on<F: std::future::Future>(&self, fut: F) -> F::Output {
+        self.rt.block_on(fut)
+    }
+
+    /// Starts `fut` on the daemon's runtime from a worker's thread without waiting (a page
+    /// tunnel, an Event).
+    pub(crate) fn start_async<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut);
+    }
+
+    /// The runtime, for a component that runs its own task on it (a page stream's carrier).
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
     }
 
     /// The cached Pod with `uid`, if it is bound to this node.

@@ -28,12 +28,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let limit = order.deadline.saturating_duration_since(Instant::now());
             jobs.iter()
                 .map(|(_, name, _)| {
-                    let tunnel = self.node.rt.block_on(peers.open_page_stream(
-                        &host,
-                        &order.migration,
-                        name,
-                    ))?;
-                    Ok(PageStream::open(&self.node.rt, name, tunnel, limit)?)
+                    let tunnel =
+                        self.node
+                            .wait_on(peers.open_page_stream(&host, &order.migration, name))?;
+                    Ok(PageStream::open(self.node.runtime(), name, tunnel, limit)?)
                 })
                 .collect()
         };
@@ -54,8 +52,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             .map(|s| {
                 let name = s.container.clone();
                 self.node
-                    .rt
-                    .block_on(s.figures(Duration::from_secs(30)))
+                    .wait_on(s.figures(Duration::from_secs(30)))
                     .map(|f| (name.clone(), f))
                     .map_err(|source| DumpError::Stream {
                         container: name.clone(),
@@ -242,9 +239,12 @@ mod dump_tests {
             let mut left = self.external.lock().expect("left");
             if id == "a" && *left > 0 {
                 *left -= 1;
-                return Err(podmig_cri_ext::Error::CheckpointFailed(
-                    "Error (criu/sk-unix.c:874): unix: External socket is used.".into(),
-                ));
+                return Err(podmig_cri_ext::Error::CommandFailed {
+                    command: "runc checkpoint a".into(),
+                    status: std::os::unix::process::ExitStatusExt::from_raw(256),
+                    stdout: String::new(),
+                    stderr: "Error (criu/sk-unix.c:874): unix: External socket is used.".into(),
+                });
             }
             std::fs::create_dir_all(&opts.image_path).expect("mkdir");
             Ok(CheckpointReport {

@@ -389,7 +389,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let Some(client) = self.node.kube.clone() else {
             return Ok(None);
         };
-        let v = self.node.rt.block_on(crate::node::trust::verify_within(
+        let v = self.node.wait_on(crate::node::trust::verify_within(
             &client,
             &c.pod_namespace,
             &c.pod_name,

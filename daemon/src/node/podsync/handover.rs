@@ -57,8 +57,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let left = deadline.saturating_duration_since(Instant::now());
         let prepared = match self
             .node
-            .rt
-            .block_on(async { tokio::time::timeout(left, rx).await })
+            .wait_on(async { tokio::time::timeout(left, rx).await })
         {
             Err(_) => return Err(FetchError::LocalDeadline),
             Ok(Err(_)) => return Err(FetchError::LocalWorkerGone),
@@ -210,7 +209,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let target_uid = self.uid.clone();
         let store = self.node.store.clone();
         let left = i.deadline.saturating_duration_since(Instant::now());
-        let fetched = self.node.rt.block_on(peers.fetch(
+        let fetched = self.node.wait_on(peers.fetch(
             host,
             &i.source_uid,
             req,
@@ -264,7 +263,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             container_id.to_owned(),
         );
         let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
-        self.node.rt.spawn(async move {
+        self.node.start_async(async move {
             let on_break = || {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 if let Err(error) = engine.freeze(&cid) {

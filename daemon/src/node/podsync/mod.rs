@@ -187,7 +187,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             return false;
         }
         let api: kube::Api<Pod> = kube::Api::namespaced(client, &ns);
-        let got = self.node.rt.block_on(async {
+        let got = self.node.wait_on(async {
             tokio::time::timeout(Duration::from_secs(3), api.get_opt(&name)).await
         });
         match got {

@@ -154,8 +154,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     error: (!ok).then(|| error.to_owned()),
                     restore_ms,
                 };
-                let delivery =
-                    Delivery::from(self.node.rt.block_on(peers.complete(host, id, &body)));
+                let delivery = Delivery::from(self.node.wait_on(peers.complete(host, id, &body)));
                 if let Delivery::Unreachable(error) = &delivery {
                     tracing::warn!(migration = %id, %error, "cannot tell the source the verdict; it decides at its deadline");
                 }

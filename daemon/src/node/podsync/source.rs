@@ -546,7 +546,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             return no_answer;
         };
         let api: kube::Api<Pod> = kube::Api::namespaced(client, &order.target.namespace);
-        let got = self.node.rt.block_on(async {
+        let got = self.node.wait_on(async {
             tokio::time::timeout(Duration::from_secs(5), api.get_opt(&order.target.pod)).await
         });
         let phase = match got {
