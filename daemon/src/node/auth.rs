@@ -37,15 +37,35 @@ pub struct Attributes {
 /// Why a request was turned away.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// No token, or one the API server does not know (401).
-    #[error("{0}")]
-    Unauthenticated(String),
+    /// No bearer token (401).
+    #[error("a bearer token is required")]
+    NoToken,
+    /// A token the API server does not accept (401), with its TokenReview's reason.
+    #[error("the API server does not accept the bearer token: {reason}")]
+    Unauthenticated {
+        /// What the TokenReview said.
+        reason: String,
+    },
     /// Known caller, not allowed (403).
-    #[error("{0}")]
-    Forbidden(String),
+    #[error("user {user:?} cannot {verb} resource \"{resource}\"{scope}{why}")]
+    Forbidden {
+        /// The caller.
+        user: String,
+        /// The verb asked for.
+        verb: &'static str,
+        /// `resource[.group][/subresource]`.
+        resource: String,
+        /// ` in namespace "…"`, or empty.
+        scope: String,
+        /// `: <the SubjectAccessReview's reason>`, or empty.
+        why: String,
+    },
     /// The API server could not be asked (503).
-    #[error("{0}")]
-    Unavailable(String),
+    #[error("cannot reach the API server: {reason}")]
+    Unavailable {
+        /// The client's error.
+        reason: String,
+    },
 }
 
 /// Who called, as the API server knows the token.
@@ -82,9 +102,7 @@ impl Authorizer {
         token: Option<&str>,
         attrs: &Attributes,
     ) -> Result<Caller, AuthError> {
-        let token = token
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| AuthError::Unauthenticated("a bearer token is required".into()))?;
+        let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::NoToken)?;
         let key = (
             ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
                 .as_ref()
@@ -102,7 +120,7 @@ impl Authorizer {
             }
         }
         let decision = self.ask(token, attrs).await;
-        if !matches!(decision, Err(AuthError::Unavailable(_))) {
+        if !matches!(decision, Err(AuthError::Unavailable { .. })) {
             self.cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -112,8 +130,9 @@ impl Authorizer {
     }
 
     async fn ask(&self, token: &str, attrs: &Attributes) -> Result<Caller, AuthError> {
-        let unavailable =
-            |e: kube::Error| AuthError::Unavailable(format!("cannot reach the API server: {e}"));
+        let unavailable = |e: kube::Error| AuthError::Unavailable {
+            reason: e.to_string(),
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.into()),
@@ -129,12 +148,8 @@ impl Authorizer {
         let user = status
             .user
             .filter(|_| status.authenticated == Some(true))
-            .ok_or_else(|| {
-                AuthError::Unauthenticated(
-                    status
-                        .error
-                        .unwrap_or_else(|| "the bearer token is not valid".into()),
-                )
+            .ok_or_else(|| AuthError::Unauthenticated {
+                reason: status.error.unwrap_or_else(|| "it is not valid".into()),
             })?;
         let caller = Caller {
             name: user.username.clone().unwrap_or_default(),
@@ -179,14 +194,17 @@ impl Authorizer {
                 (group, "") => format!("{}.{group}", attrs.resource),
                 (group, sub) => format!("{}.{group}/{sub}", attrs.resource),
             };
-            Err(AuthError::Forbidden(format!(
-                "user {name:?} cannot {} resource \"{resource}\"{ns}{}",
-                attrs.verb,
-                s.reason
+            Err(AuthError::Forbidden {
+                user: name,
+                verb: attrs.verb,
+                resource,
+                scope: ns,
+                why: s
+                    .reason
                     .filter(|r| !r.is_empty())
                     .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            )))
+                    .unwrap_or_default(),
+            })
         }
     }
 }

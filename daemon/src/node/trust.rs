@@ -43,11 +43,120 @@ pub struct VerifiedTarget {
 pub enum Unverified {
     /// Its MigratingPod records another move or none: the controller writes the record
     /// right after it creates the Pod, so this may still change.
-    #[error("{0}")]
-    NotRecorded(String),
+    #[error(transparent)]
+    NotRecorded(#[from] NotYet),
     /// It can never be a target podmig made (no owner, another namespace, unreadable).
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] Never),
+}
+
+/// Why a target is not verified yet (asked again until the move's record may have come).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotYet {
+    /// The MigratingPod records no move.
+    #[error(
+        "MigratingPod {namespace}/{owner} records no move: podmig's controller did not make Pod {pod}"
+    )]
+    NoRecord {
+        /// Namespace.
+        namespace: String,
+        /// The MigratingPod.
+        owner: String,
+        /// The Pod.
+        pod: String,
+    },
+    /// The MigratingPod records another target.
+    #[error(transparent)]
+    OtherRecord(Box<RecordMismatch>),
+    /// The Pod is not bound to a node yet.
+    #[error("Pod {namespace}/{pod} is not bound to a node")]
+    Unbound {
+        /// Namespace.
+        namespace: String,
+        /// The Pod.
+        pod: String,
+    },
+    /// The API server could not be read.
+    #[error("cannot read {kind} {namespace}/{name}: {reason}")]
+    Unreadable {
+        /// `Pod` or `MigratingPod`.
+        kind: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// The client's error.
+        reason: String,
+    },
+}
+
+/// A target Pod that is not the one its MigratingPod records.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Pod {namespace}/{pod} (uid {uid}, move {migration:?}, source {source_uid}) is not the target MigratingPod {owner} records (Pod {recorded_pod} uid {recorded_uid}, move {recorded_migration:?}, source {recorded_source}): podmig's controller did not make it"
+)]
+pub struct RecordMismatch {
+    /// Namespace.
+    namespace: String,
+    /// The Pod.
+    pod: String,
+    /// Its uid.
+    uid: String,
+    /// The move its annotations name.
+    migration: String,
+    /// The source its annotations name.
+    source_uid: String,
+    /// The MigratingPod.
+    owner: String,
+    /// The target Pod recorded.
+    recorded_pod: String,
+    /// Its uid.
+    recorded_uid: String,
+    /// The move recorded.
+    recorded_migration: String,
+    /// The source recorded.
+    recorded_source: String,
+}
+
+/// Why a Pod can never be a target podmig's controller made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Never {
+    /// It names no source.
+    #[error("Pod {namespace}/{pod} is not a migration target")]
+    NotATarget {
+        /// Namespace.
+        namespace: String,
+        /// The Pod.
+        pod: String,
+    },
+    /// No MigratingPod controls it.
+    #[error("Pod {namespace}/{pod} names a source but no MigratingPod controls it")]
+    NoController {
+        /// Namespace.
+        namespace: String,
+        /// The Pod.
+        pod: String,
+    },
+    /// The MigratingPod it names does not exist.
+    #[error(
+        "the MigratingPod {namespace}/{owner} that Pod {pod} names as its controller does not exist"
+    )]
+    ControllerGone {
+        /// Namespace.
+        namespace: String,
+        /// The MigratingPod named.
+        owner: String,
+        /// The Pod.
+        pod: String,
+    },
+    /// There is no such Pod.
+    #[error("no Pod {namespace}/{pod}")]
+    NoPod {
+        /// Namespace.
+        namespace: String,
+        /// The Pod.
+        pod: String,
+    },
 }
 
 /// Whether `target` is a target podmig's controller made, judged from the Pod and the
@@ -64,7 +173,10 @@ pub fn check_target(
         .get(ANNOTATION_MIGRATE_FROM)
         .filter(|v| !v.is_empty())
         .ok_or_else(|| {
-            Unverified::Refused(format!("Pod {namespace}/{name} is not a migration target"))
+            Unverified::from(Never::NotATarget {
+                namespace: namespace.clone(),
+                pod: name.clone(),
+            })
         })?;
     let migration_id = a.get(ANNOTATION_MIGRATION_ID).cloned().unwrap_or_default();
     let owner_ref = target
@@ -72,9 +184,10 @@ pub fn check_target(
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == "MigratingPod")
         .ok_or_else(|| {
-            Unverified::Refused(format!(
-                "Pod {namespace}/{name} names a source but no MigratingPod controls it"
-            ))
+            Unverified::from(Never::NoController {
+                namespace: namespace.clone(),
+                pod: name.clone(),
+            })
         })?;
     let owner = owner
         .filter(|m| {
@@ -83,20 +196,22 @@ pub fn check_target(
                 && m.namespace().as_deref() == Some(namespace.as_str())
         })
         .ok_or_else(|| {
-            Unverified::Refused(format!(
-                "the MigratingPod {namespace}/{} that Pod {name} names as its controller does not exist",
-                owner_ref.name
-            ))
+            Unverified::from(Never::ControllerGone {
+                namespace: namespace.clone(),
+                owner: owner_ref.name.clone(),
+                pod: name.clone(),
+            })
         })?;
     let record = owner
         .status
         .as_ref()
         .and_then(|s| s.move_target.as_ref())
         .ok_or_else(|| {
-            Unverified::NotRecorded(format!(
-                "MigratingPod {namespace}/{} records no move: podmig's controller did not make Pod {name}",
-                owner.name_any()
-            ))
+            Unverified::from(NotYet::NoRecord {
+                namespace: namespace.clone(),
+                owner: owner.name_any(),
+                pod: name.clone(),
+            })
         })?;
     let uid = target.uid().unwrap_or_default();
     let matches = record.target_pod == name
@@ -105,23 +220,29 @@ pub fn check_target(
         && record.migration_id == migration_id
         && record.source_node.as_deref() == a.get(ANNOTATION_SOURCE_NODE).map(String::as_str);
     if !matches {
-        return Err(Unverified::NotRecorded(format!(
-            "Pod {namespace}/{name} (uid {uid}, move {migration_id:?}, source {source_uid}) is not \
-             the target MigratingPod {} records (Pod {} uid {}, move {:?}, source {}): \
-             podmig's controller did not make it",
-            owner.name_any(),
-            record.target_pod,
-            record.target_pod_uid,
-            record.migration_id,
-            record.source_pod_uid
-        )));
+        return Err(NotYet::OtherRecord(Box::new(RecordMismatch {
+            namespace: namespace.clone(),
+            pod: name.clone(),
+            uid,
+            migration: migration_id,
+            source_uid: source_uid.clone(),
+            owner: owner.name_any(),
+            recorded_pod: record.target_pod.clone(),
+            recorded_uid: record.target_pod_uid.clone(),
+            recorded_migration: record.migration_id.clone(),
+            recorded_source: record.source_pod_uid.clone(),
+        }))
+        .into());
     }
     let target_node = target
         .spec
         .as_ref()
         .and_then(|s| s.node_name.clone())
         .ok_or_else(|| {
-            Unverified::NotRecorded(format!("Pod {namespace}/{name} is not bound to a node"))
+            Unverified::from(NotYet::Unbound {
+                namespace: namespace.clone(),
+                pod: name.clone(),
+            })
         })?;
     Ok(VerifiedTarget {
         migration_id,
@@ -145,8 +266,20 @@ pub async fn verify(
     let pod = pods
         .get_opt(name)
         .await
-        .map_err(|e| Unverified::NotRecorded(format!("cannot read Pod {namespace}/{name}: {e}")))?
-        .ok_or_else(|| Unverified::Refused(format!("no Pod {namespace}/{name}")))?;
+        .map_err(|e| {
+            Unverified::from(NotYet::Unreadable {
+                kind: "Pod",
+                namespace: namespace.into(),
+                name: name.into(),
+                reason: e.to_string(),
+            })
+        })?
+        .ok_or_else(|| {
+            Unverified::from(Never::NoPod {
+                namespace: namespace.into(),
+                pod: name.into(),
+            })
+        })?;
     let owner = match pod
         .owner_references()
         .iter()
@@ -156,10 +289,12 @@ pub async fn verify(
             .get_opt(&o.name)
             .await
             .map_err(|e| {
-                Unverified::NotRecorded(format!(
-                    "cannot read MigratingPod {namespace}/{}: {e}",
-                    o.name
-                ))
+                Unverified::from(NotYet::Unreadable {
+                    kind: "MigratingPod",
+                    namespace: namespace.into(),
+                    name: o.name.clone(),
+                    reason: e.to_string(),
+                })
             })?,
         None => None,
     };

@@ -67,15 +67,14 @@ impl Failure {
 
 impl From<AuthError> for Failure {
     fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Unauthenticated(m) => {
-                Failure::new(StatusCode::UNAUTHORIZED, "Unauthorized", m)
+        let (status, reason) = match &e {
+            AuthError::NoToken | AuthError::Unauthenticated { .. } => {
+                (StatusCode::UNAUTHORIZED, "Unauthorized")
             }
-            AuthError::Forbidden(m) => Failure::new(StatusCode::FORBIDDEN, "Forbidden", m),
-            AuthError::Unavailable(m) => {
-                Failure::new(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", m)
-            }
-        }
+            AuthError::Forbidden { .. } => (StatusCode::FORBIDDEN, "Forbidden"),
+            AuthError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
+        };
+        Failure::new(status, reason, e.to_string())
     }
 }
 
@@ -325,7 +324,7 @@ mod tests {
 
     #[test]
     fn failures_answer_json_with_a_reason() {
-        let r = Failure::from(AuthError::Unauthenticated("no token".into())).into_response();
+        let r = Failure::from(AuthError::NoToken).into_response();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         let r = not_migratable(NotMigratable::NoPrecopy).into_response();
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
