@@ -254,16 +254,19 @@ async fn record_move_targets(
     Ok(())
 }
 
-async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+/// What both reconcilers do first: count the reconciliation of `kind` and find the
+/// object's namespace (both kinds are namespaced).
+fn begin_reconcile<K: ResourceExt>(ctx: &Context, kind: &str, obj: &K) -> Result<String, Error> {
     ctx.metrics
         .reconciliations
-        .get_or_create(&metrics::KindLabels {
-            kind: "migratingpod".into(),
-        })
+        .get_or_create(&metrics::KindLabels { kind: kind.into() })
         .inc();
-    let ns = mpod
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(mpod.name_any()))?;
+    obj.namespace()
+        .ok_or_else(|| Error::NoNamespace(obj.name_any()))
+}
+
+async fn reconcile_mpod(mpod: Arc<MigratingPod>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let ns = begin_reconcile(&ctx, "migratingpod", mpod.as_ref())?;
     let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, CLEANUP_FINALIZER, mpod, |event| async {
         match event {
@@ -378,15 +381,7 @@ fn short(a: &Action) -> String {
 
 #[tracing::instrument(skip(m, ctx), fields(migration = %m.name_any()))]
 async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    ctx.metrics
-        .reconciliations
-        .get_or_create(&metrics::KindLabels {
-            kind: "migration".into(),
-        })
-        .inc();
-    let ns = m
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(m.name_any()))?;
+    let ns = begin_reconcile(&ctx, "migration", m.as_ref())?;
     let waiting_for_report = m
         .status
         .as_ref()
