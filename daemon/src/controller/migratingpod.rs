@@ -10,9 +10,8 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt};
 use podmig_api::{
-    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
-    ANNOTATION_MIGRATION_STRATEGY, ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD, MIGRATE_FINALIZER,
-    RUNTIME_HANDLER,
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_SOURCE_NODE, LABEL_MIGRATING_POD,
+    MIGRATE_FINALIZER, RUNTIME_HANDLER,
     contract::DaemonPhase,
     v1alpha1::{MigratingPod, MigratingPodState, MigratingPodStatus, MigrationRecord, Outcome},
 };
@@ -409,16 +408,16 @@ impl<'a> Deciding<'a> {
         );
     }
 
+    /// A fresh Pod from the template, under the next index, becomes the active one.
+    fn create_next_pod(&mut self) {
+        let pod = pod_from_template(self.mpod, self.next_index, None, self.local);
+        self.actions.push(Action::CreatePod(Box::new(pod)));
+        self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+    }
+
     /// No Pod: the first one is created.
     fn create_fresh(&mut self) {
-        self.actions
-            .push(Action::CreatePod(Box::new(pod_from_template(
-                self.mpod,
-                self.next_index,
-                None,
-                self.local,
-            ))));
-        self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+        self.create_next_pod();
         self.status.node = None;
         self.set(
             MigratingPodState::Creating,
@@ -609,23 +608,13 @@ impl<'a> Deciding<'a> {
         let mpod = self.mpod;
         let mut target = pod_from_template(mpod, self.next_index, Some(p), self.local);
         let start = super::pod::deletion_requested_at(p).unwrap_or(self.now);
-        let annotations = target.metadata.annotations.get_or_insert_default();
-        annotations.insert(
-            ANNOTATION_MIGRATION_DEADLINE.into(),
-            super::pod::deadline(start, mpod.spec.migration_timeout_seconds),
+        super::pod::annotate_move(
+            target.metadata.annotations.get_or_insert_default(),
+            start,
+            mpod.spec.migration_timeout_seconds,
+            mpod.spec.strategy,
+            mpod.spec.max_downtime_ms,
         );
-        if mpod.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
-            annotations.insert(
-                ANNOTATION_MIGRATION_STRATEGY.into(),
-                mpod.spec.strategy.as_str().into(),
-            );
-            if mpod.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
-                annotations.insert(
-                    podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
-                    mpod.spec.max_downtime_ms.to_string(),
-                );
-            }
-        }
         self.actions.push(Action::Event {
             reason: "MigrationStarted",
             message: format!(
@@ -655,14 +644,7 @@ impl<'a> Deciding<'a> {
         if tied {
             self.actions.push(Action::ReleaseFinalizer(p.name_any()));
         }
-        self.actions
-            .push(Action::CreatePod(Box::new(pod_from_template(
-                self.mpod,
-                self.next_index,
-                None,
-                self.local,
-            ))));
-        self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+        self.create_next_pod();
         let (reason, message) = if tied {
             (
                 "NotMigratable",

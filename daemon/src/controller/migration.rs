@@ -9,8 +9,7 @@ use k8s_openapi::{
 };
 use kube::ResourceExt;
 use podmig_api::{
-    ANNOTATION_CLAIMED_BY, ANNOTATION_MIGRATION_DEADLINE, ANNOTATION_MIGRATION_ID,
-    ANNOTATION_MIGRATION_STRATEGY,
+    ANNOTATION_CLAIMED_BY, ANNOTATION_MIGRATION_ID,
     contract::DaemonPhase,
     v1alpha1::{MigratingPod, Migration, MigrationPhase, MigrationStatus, PhaseTransition},
 };
@@ -99,22 +98,13 @@ fn build_target(
     let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
     let annotations = target.metadata.annotations.get_or_insert_default();
     annotations.insert(ANNOTATION_MIGRATION_ID.into(), m.name_any());
-    annotations.insert(
-        ANNOTATION_MIGRATION_DEADLINE.into(),
-        super::pod::deadline(start, m.spec.timeout_seconds),
+    super::pod::annotate_move(
+        annotations,
+        start,
+        m.spec.timeout_seconds,
+        m.spec.strategy,
+        m.spec.max_downtime_ms,
     );
-    if m.spec.strategy != podmig_api::v1alpha1::Strategy::Full {
-        annotations.insert(
-            ANNOTATION_MIGRATION_STRATEGY.into(),
-            m.spec.strategy.as_str().into(),
-        );
-        if m.spec.strategy == podmig_api::v1alpha1::Strategy::Auto {
-            annotations.insert(
-                podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
-                m.spec.max_downtime_ms.to_string(),
-            );
-        }
-    }
     let spec = target.spec.get_or_insert_default();
     if let Some(t) = &m.spec.target_node {
         spec.node_name = Some(t.clone());

@@ -145,6 +145,35 @@ pub fn pod_index(mpod: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(mpod)?.strip_prefix('-')?.parse().ok()
 }
 
+/// Writes what a target Pod's daemons need to know of its move into its annotations: the
+/// deadline (`timeout_seconds` after `start`), and the strategy (absent: `full`) with, for
+/// `auto`, the downtime budget.
+pub fn annotate_move(
+    annotations: &mut std::collections::BTreeMap<String, String>,
+    start: Timestamp,
+    timeout_seconds: u32,
+    strategy: podmig_api::v1alpha1::Strategy,
+    max_downtime_ms: u32,
+) {
+    use podmig_api::v1alpha1::Strategy;
+    annotations.insert(
+        podmig_api::ANNOTATION_MIGRATION_DEADLINE.into(),
+        deadline(start, timeout_seconds),
+    );
+    if strategy != Strategy::Full {
+        annotations.insert(
+            podmig_api::ANNOTATION_MIGRATION_STRATEGY.into(),
+            strategy.as_str().into(),
+        );
+        if strategy == Strategy::Auto {
+            annotations.insert(
+                podmig_api::ANNOTATION_MAX_DOWNTIME.into(),
+                max_downtime_ms.to_string(),
+            );
+        }
+    }
+}
+
 /// The next unused index of MigratingPod `mpod`'s Pods: above every Pod that exists, the
 /// active one and the last index the MigratingPod recorded — so no name is ever reused.
 pub fn next_index<'a>(

@@ -11,7 +11,7 @@ use podmig_api::{
     v1alpha1::MigrationReport,
 };
 
-use podmig_cri_ext::engine::CheckpointEngine;
+use podmig_cri_ext::{engine::CheckpointEngine, proto::hook::v1::ContainerIdentity};
 
 use super::{
     journal::{Entry, Side, Step},
@@ -26,6 +26,16 @@ pub struct ReportTo {
     pub namespace: String,
     /// Its name.
     pub pod: String,
+}
+
+impl ReportTo {
+    /// The Pod of a container the runtime is creating.
+    pub fn pod_of(c: &ContainerIdentity) -> Self {
+        Self {
+            namespace: c.pod_namespace.clone(),
+            pod: c.pod_name.clone(),
+        }
+    }
 }
 
 /// One move on this node: its identity, its journal entries (one per container) and where
@@ -69,23 +79,9 @@ impl Move {
         report_to: ReportTo,
         entries: Vec<Entry>,
     ) -> Result<Self, Busy> {
-        let step = entries.first().map(|e| e.step);
         let id = info.id.clone();
         node.manager.begin(role, info)?;
-        let mut mv = Self {
-            id,
-            role,
-            report_to,
-            entries: Vec::new(),
-            phase: MovePhase::Checkpointing,
-        };
-        for e in entries {
-            mv.journal(node, e);
-        }
-        if let Some(step) = step {
-            mv.show(node, step);
-        }
-        Ok(mv)
+        Ok(Self::rejoin(node, role, &id, report_to, entries))
     }
 
     /// A move of this id already registered (a target's create asked again): keeps its
@@ -117,16 +113,6 @@ impl Move {
     /// The move's id.
     pub fn id(&self) -> &str {
         &self.id
-    }
-
-    /// Where it stands.
-    pub fn phase(&self) -> MovePhase {
-        self.phase
-    }
-
-    /// Its journal entries.
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
     }
 
     /// Journals one more container of the move.
@@ -161,12 +147,6 @@ impl Move {
         }
     }
 
-    /// Hands the journal entries over (a group keeps its members' entries until the whole
-    /// move is settled).
-    pub fn take_entries(&mut self) -> Vec<Entry> {
-        std::mem::take(&mut self.entries)
-    }
-
     /// Whether the move's deadline passed (from its journal).
     pub fn expired(&self) -> bool {
         self.entries.iter().any(Entry::expired)
@@ -175,17 +155,14 @@ impl Move {
     /// Ends the move with `outcome` (and `error`): files its record with the figures it
     /// has, counts it, then forgets its journal entries.
     pub fn finish<E: CheckpointEngine>(
-        mut self,
+        self,
         node: &Node<E>,
         outcome: MovePhase,
         error: Option<String>,
     ) {
         node.manager.finish(self.role, &self.id, outcome, error);
         node.metrics.moved(self.role, outcome);
-        self.phase = outcome;
-        for e in self.entries.drain(..) {
-            node.journal.remove(&e);
-        }
+        self.forget(node);
     }
 
     /// Ends the move with `outcome` and its final figures `report` (its error with them):

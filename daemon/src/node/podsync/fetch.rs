@@ -94,8 +94,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %incoming.id,
             source_pod_uid = %incoming.source_uid, source_node = ?incoming.source_node,
             "fetching checkpoint for a migration target");
-        let arrival = self.arrival(&c, &incoming);
-        let arrival = match arrival {
+        let arrival = match self.arrival(&c, &incoming) {
             Ok(a) if reply.is_closed() => Err(self.nobody_restores(a)),
             other => other,
         };
@@ -172,10 +171,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
     fn begin_receive(&mut self, c: &ContainerIdentity, i: &Incoming) -> Result<Move, FetchError> {
         let name = &c.container_name;
         self.moves.begin_receive(name, &i.id)?;
-        let target = ReportTo {
-            namespace: c.pod_namespace.clone(),
-            pod: c.pod_name.clone(),
-        };
+        let target = ReportTo::pod_of(c);
         let images = self
             .node
             .store

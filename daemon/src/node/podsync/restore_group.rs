@@ -74,10 +74,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             self.fail_group(reason.clone(), Vec::new(), vec![dir]);
             return Some(refuse(reason));
         }
-        let target = ReportTo {
-            namespace: c.pod_namespace.clone(),
-            pod: c.pod_name.clone(),
-        };
+        let target = ReportTo::pod_of(c);
         let peer_node = c.annotations.get(ANNOTATION_SOURCE_NODE);
         let entry = EntryFor {
             migration: id,

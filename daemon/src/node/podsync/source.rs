@@ -47,6 +47,9 @@ struct Plan {
 /// A claimed move: its record and what each container is dumped into.
 struct Claimed {
     mv: Move,
+    /// How many containers were claimed (a job is missing for one whose name the store
+    /// refused).
+    claimed: usize,
     /// (runc id, name, images) of each container.
     jobs: Vec<(String, String, PathBuf)>,
     lazy: bool,
@@ -243,6 +246,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             containers = ?plan.containers.iter().map(|(_, n)| n).collect::<Vec<_>>(), "checkpointing for a move");
         Ok(Claimed {
             mv,
+            claimed: plan.containers.len(),
             jobs,
             lazy: plan.lazy,
             choice: plan.choice,
@@ -267,7 +271,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             dump_with_retries(&self.node.engine, &c.jobs, streams, &self.uid, id)
         };
         let checkpoint_ms = frozen_at.elapsed().as_millis() as u64;
-        let all_dumped = results.len() == c.jobs.len();
+        let all_dumped = results.len() == c.claimed;
         let mut failure = None;
         let mut dumped = Vec::new();
         for (name, dir, r) in results {
@@ -285,11 +289,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         if failure.is_none() && !all_dumped {
             failure = Some(DumpError::Missing);
         }
-        let streamed = match failure {
-            None => self.streamed_figures(streams),
-            Some(reason) => Err(reason),
-        };
-        let streamed = match streamed {
+        let streamed = match failure.map_or_else(|| self.streamed_figures(streams), Err) {
             Ok(s) => s,
             Err(reason) => return Err(self.thaw_after(id, c, &dumped, frozen_at, reason)),
         };
