@@ -284,6 +284,14 @@ pub struct MigrationReport {
     /// Lazy moves: pages pushed in the background before the app touched them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub pages_pushed: u64,
+    /// How long CRIU itself ran in the source's dump (from its log), ms: of
+    /// `checkpointMs`, the rest is runc and podmig.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub criu_dump_ms: u64,
+    /// How long CRIU itself ran in the target's restore (from its log), ms: of
+    /// `restoreMs`, the rest is runc and podmig.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub criu_restore_ms: u64,
     /// Failure reason, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

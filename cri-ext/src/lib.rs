@@ -1,6 +1,7 @@
 //! podmig's runtime extension: the protos of the CRI checkpoint/restore extension and of
 //! the runtime hook, the runc + CRIU engine, and the pieces of the `podmig-runc` wrapper.
 
+pub mod criu_log;
 pub mod engine;
 pub mod error;
 pub mod freezer;

@@ -465,6 +465,7 @@ fn restore(
                 .map(ToString::to_string)
                 .unwrap_or_default(),
             duration_ms,
+            criu_ms: crate::criu_log::elapsed_ms(&work.join("restore.log")).unwrap_or(0),
         }),
         ..Default::default()
     };

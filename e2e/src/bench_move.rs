@@ -38,6 +38,34 @@ struct Sample {
     latency: (Duration, Duration),
     /// `auto`: the strategy it chose and the full move's estimated frozen time, ms.
     chose: Option<(&'static str, u64)>,
+    /// Rates of the move's phases, MB/s: the pages streamed during the dump, the restore,
+    /// the lazy pages after the resume (0: the phase did not run).
+    rates: Rates,
+}
+
+/// A move's phase rates, MB/s.
+#[derive(Debug, Clone, Copy, Default)]
+struct Rates {
+    stream: f64,
+    restore: f64,
+    pages: f64,
+}
+
+impl Rates {
+    fn of(r: &podmig_api::v1alpha1::MigrationReport) -> Self {
+        let rate = |bytes: u64, ms: u64| {
+            if ms == 0 || bytes == 0 {
+                0.0
+            } else {
+                bytes as f64 / 1e6 / (ms as f64 / 1e3)
+            }
+        };
+        Self {
+            stream: rate(r.streamed_bytes, r.checkpoint_ms),
+            restore: rate(r.bytes, r.restore_ms),
+            pages: rate(r.bytes, r.pages_ms),
+        }
+    }
 }
 
 /// One answer of the app: (when, count, address, how long it took).
@@ -180,21 +208,31 @@ fn phases(strategy: &str, mem: u64, r: &podmig_api::v1alpha1::MigrationReport) -
         String::new()
     };
     format!(
-        "podmig-phases strategy={strategy} mem_mib={mem} dump={}ms (streamed {} MB at {} MB/s) \
-         transfer={}ms restore={}ms ({} MB/s) frozen={}ms bytes={}{pages}",
+        "podmig-phases strategy={strategy} mem_mib={mem} dump={}ms (criu {}ms; streamed {} MB at {} MB/s) \
+         transfer={}ms ({} MB/s) restore={}ms (criu {}ms; {} MB/s) frozen={}ms bytes={}{pages}",
         r.checkpoint_ms,
+        r.criu_dump_ms,
         r.streamed_bytes / 1_000_000,
         rate(r.streamed_bytes, r.checkpoint_ms),
         r.transfer_ms,
+        rate(r.bytes.saturating_sub(r.streamed_bytes), r.transfer_ms),
         r.restore_ms,
+        r.criu_restore_ms,
         rate(r.bytes, r.restore_ms),
         r.frozen_ms,
         r.bytes,
     )
 }
 
-async fn podmig_once(c: &Cluster, mem: u64, run: usize, strategy: &str) -> anyhow::Result<Sample> {
-    let name = format!("pm{}{mem}r{run}", &strategy[..1]);
+/// A `Migration` of a fresh MigratingPod of `mem` MiB from node-0 to `to` with `strategy`.
+async fn podmig_once(
+    c: &Cluster,
+    mem: u64,
+    run: usize,
+    strategy: &str,
+    to: &str,
+) -> anyhow::Result<Sample> {
+    let name = format!("pm{}{}{mem}r{run}", &strategy[..1], &to[to.len() - 1..]);
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&format!(
         "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      nodeName: node-0\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mem}']}}\n"
@@ -208,7 +246,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, strategy: &str) -> anyho
     tokio::time::sleep(Duration::from_millis(300)).await;
     let from = Instant::now();
     c.apply(&format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod0}, targetNode: node-1, strategy: {strategy}}}\n"
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod0}, targetNode: {to}, strategy: {strategy}}}\n"
     ))?;
     let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
     // The target's address is known once its sandbox runs; probe it from then on.
@@ -246,7 +284,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, strategy: &str) -> anyho
         migs.get(&name).await.ok()?.status?.report
     })
     .await?;
-    println!("{}", phases(strategy, mem, &report));
+    println!("{}", phases(&format!("{strategy}->{to}"), mem, &report));
     let lazy = report.strategy == Some(podmig_api::v1alpha1::Strategy::Lazy);
     Ok(Sample {
         downtime,
@@ -259,6 +297,7 @@ async fn podmig_once(c: &Cluster, mem: u64, run: usize, strategy: &str) -> anyho
             if lazy { "lazy" } else { "full" },
             report.estimated_frozen_ms,
         )),
+        rates: Rates::of(&report),
     })
 }
 
@@ -300,6 +339,7 @@ async fn restart_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sampl
         bytes: None,
         latency: (Duration::ZERO, Duration::ZERO),
         chose: None,
+        rates: Rates::default(),
     })
 }
 
@@ -388,6 +428,7 @@ async fn thesis_once(c: &Cluster, mem: u64, run: usize) -> anyhow::Result<Sample
         bytes: None,
         latency: (Duration::ZERO, Duration::ZERO),
         chose: None,
+        rates: Rates::default(),
     })
 }
 
@@ -451,12 +492,21 @@ async fn pingpong(c: &Cluster, moves: usize) -> anyhow::Result<()> {
     };
     println!(
         "pingpong: {moves} cross-node moves of a 16 MiB Pod: frozen median {} ms, p95 {} ms \
-         (dump median {} ms, rest of the images {} ms, restore {} ms)",
+         (medians: dump {} ms of which CRIU {} ms, images {} ms, restore {} ms of which CRIU {} ms; \
+         frozen outside CRIU {} ms)",
         pick(&|r| r.frozen_ms, 0.5),
         pick(&|r| r.frozen_ms, 0.95),
         pick(&|r| r.checkpoint_ms, 0.5),
+        pick(&|r| r.criu_dump_ms, 0.5),
         pick(&|r| r.transfer_ms, 0.5),
         pick(&|r| r.restore_ms, 0.5),
+        pick(&|r| r.criu_restore_ms, 0.5),
+        pick(
+            &|r| r
+                .frozen_ms
+                .saturating_sub(r.criu_dump_ms + r.criu_restore_ms),
+            0.5
+        ),
     );
     c.kubectl(&["delete", "mpod", "pingpong", "--wait=true", "--timeout=60s"])?;
     Ok(())
@@ -464,22 +514,28 @@ async fn pingpong(c: &Cluster, moves: usize) -> anyhow::Result<()> {
 
 /// The cross-node benchmark: every strategy at every size, then the `pingpong` line.
 pub async fn moves(sizes: &[u64], runs: usize, pingpong_moves: usize) -> anyhow::Result<()> {
+    let limits = crate::bench_raw::measure(std::path::Path::new("/dev/shm"), 256).await?;
+    println!(
+        "machine: raw tmpfs write {:.0} MB/s, raw TLS loopback copy {:.0} MB/s (256 MiB each)",
+        limits.tmpfs_write, limits.tls_copy
+    );
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
     let (_ctl, _) = c.start_controller("bench")?;
     if pingpong_moves > 0 {
         pingpong(&c, pingpong_moves).await?;
     }
-    let strategies = ["podmig", "restart", "thesis", "lazy", "auto"];
+    let strategies = ["podmig", "restart", "thesis", "lazy", "auto", "same-node"];
     let mut rows = Vec::new();
     for &mem in sizes {
         let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); strategies.len()];
         for run in 0..runs {
             for (i, s) in strategies.iter().enumerate() {
                 let sample = match *s {
-                    "podmig" => podmig_once(&c, mem, run, "full").await,
-                    "lazy" => podmig_once(&c, mem, run, "lazy").await,
-                    "auto" => podmig_once(&c, mem, run, "auto").await,
+                    "podmig" => podmig_once(&c, mem, run, "full", "node-1").await,
+                    "lazy" => podmig_once(&c, mem, run, "lazy", "node-1").await,
+                    "auto" => podmig_once(&c, mem, run, "auto", "node-1").await,
+                    "same-node" => podmig_once(&c, mem, run, "full", "node-0").await,
                     "restart" => restart_once(&c, mem, run).await,
                     _ => thesis_once(&c, mem, run).await,
                 }
@@ -571,6 +627,49 @@ pub async fn moves(sizes: &[u64], runs: usize, pingpong_moves: usize) -> anyhow:
             ms(med_frozen(&s[4])),
             chose.join(" "),
             med(&s[4]).as_secs_f64() / med(&s[0]).as_secs_f64().max(1e-6),
+        );
+    }
+    println!();
+    println!("cross-node vs same-node (the same engine, no network in between), full, same runs:");
+    println!("| mem MiB | cross-node frozen | same-node frozen | cross / same |");
+    println!("|---:|---:|---:|---:|");
+    for (mem, s) in &rows {
+        let (cross, same) = (med_frozen(&s[0]), med_frozen(&s[5]));
+        println!(
+            "| {mem} | {} | {} | {} |",
+            ms(cross),
+            ms(same),
+            cross.zip(same).map_or("-".into(), |(c, s)| format!(
+                "{:.2}",
+                c.as_secs_f64() / s.as_secs_f64().max(1e-6)
+            )),
+        );
+    }
+    println!();
+    println!(
+        "phase rates (MB/s, medians) next to the machine: raw TLS loopback copy {:.0}, raw tmpfs write {:.0}:",
+        limits.tls_copy, limits.tmpfs_write
+    );
+    println!(
+        "| mem MiB | full: dump streaming pages | / TLS copy | full: restore | / tmpfs write | lazy: pages after the resume | / TLS copy |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let med_rate = |s: &[Sample], f: &dyn Fn(&Rates) -> f64| {
+        let mut v: Vec<f64> = s.iter().map(|x| f(&x.rates)).filter(|r| *r > 0.0).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    for (mem, s) in &rows {
+        let (stream, restore, pages) = (
+            med_rate(&s[0], &|r| r.stream),
+            med_rate(&s[0], &|r| r.restore),
+            med_rate(&s[3], &|r| r.pages),
+        );
+        println!(
+            "| {mem} | {stream:.0} | {:.2} | {restore:.0} | {:.2} | {pages:.0} | {:.2} |",
+            stream / limits.tls_copy.max(1e-6),
+            restore / limits.tmpfs_write.max(1e-6),
+            pages / limits.tls_copy.max(1e-6),
         );
     }
     let series: Vec<crate::plot::Series> = strategies

@@ -338,6 +338,7 @@ impl Cluster {
                     cluster_dir: Some(dir.to_path_buf()),
                     hook_socket: node_fs.host_path(HOOK_SOCKET),
                     node_fs: Some(node_fs.clone()),
+                    checkpoint_budget_mib: None,
                 })
             })?;
             let kclient = client_from(&kc).await?;

@@ -85,6 +85,8 @@ pub struct DaemonOptions {
     pub node_fs: Option<crate::node_fs::NodeFs>,
     /// Where it serves the runtime hook (default: `hook.sock` in `dir`).
     pub hook_socket: Option<PathBuf>,
+    /// Its checkpoint budget in MiB (default: the daemon's).
+    pub checkpoint_budget_mib: Option<u64>,
 }
 
 impl NodeDaemon {
@@ -201,6 +203,9 @@ impl NodeDaemon {
         if let Some(n) = &opts.node_name {
             cmd.arg("--node-name").arg(n);
         }
+        if let Some(mib) = opts.checkpoint_budget_mib {
+            cmd.arg("--checkpoint-budget-mib").arg(mib.to_string());
+        }
         if let Some(tls) = &opts.tls {
             cmd.arg("--tls-cert")
                 .arg(&tls.cert)
@@ -241,6 +246,12 @@ impl NodeDaemon {
     /// Starts the daemon again with other API credentials (a ServiceAccount's, say).
     pub fn restart_with_kubeconfig(&mut self, kubeconfig: &Path) -> anyhow::Result<()> {
         self.opts.kubeconfig = Some(kubeconfig.to_path_buf());
+        self.restart()
+    }
+
+    /// Starts the daemon again with a checkpoint budget of `mib` MiB.
+    pub fn restart_with_budget(&mut self, mib: u64) -> anyhow::Result<()> {
+        self.opts.checkpoint_budget_mib = Some(mib);
         self.restart()
     }
 

@@ -1223,14 +1223,22 @@ async fn a_1gib_pod_moves_in_full_with_its_pages_streamed_and_its_memory_intact(
     // Reported, not asserted: timings on a shared machine are the benchmark's business.
     eprintln!(
         "1 GiB full move across nodes (debug build): frozen {} ms = dump with the pages \
-         streamed {} ms ({} MB) + rest {} ms + restore {} ms",
+         streamed {} ms ({} MB; CRIU {} ms) + rest {} ms + restore {} ms (CRIU {} ms)",
         report.frozen_ms,
         report.checkpoint_ms,
         report.streamed_bytes / 1_000_000,
+        report.criu_dump_ms,
         report.transfer_ms,
-        report.restore_ms
+        report.restore_ms,
+        report.criu_restore_ms,
     );
     assert!(report.streamed_bytes > 1 << 30, "{report:?}");
+    // CRIU's own share of each phase, read from its logs, is part of that phase.
+    assert!(
+        (1..=report.checkpoint_ms).contains(&report.criu_dump_ms)
+            && (1..=report.restore_ms).contains(&report.criu_restore_ms),
+        "{report:?}"
+    );
     let p1 = ready(&pods, "big-1", Duration::from_secs(30)).await?;
     assert_eq!(node_of(&p1), c.nodes[1 - src].name);
     assert_eq!(
@@ -1274,5 +1282,39 @@ async fn a_page_stream_cut_mid_dump_rolls_back_to_the_source() -> anyhow::Result
         String::from_utf8_lossy(&out.stdout)
     );
     assert_ne!(outcome, MigrationPhase::Succeeded, "{}", diagnostics(&c));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_room_for_the_streamed_pages_refuses_them_before_the_freeze()
+-> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("roomless", "'--mem-mib', '128'"))?;
+    let p0 = ready(&pods, "roomless-0", Duration::from_secs(120)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    // The target node may hold 64 MiB of checkpoints: less than the Pod's 128 MiB of pages,
+    // which would stream into it (streams start at 64 MiB).
+    c.nodes[1 - src].daemon.restart_with_budget(64)?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: roomless}}\nspec: {{podName: roomless-0, targetNode: {}, strategy: full, timeoutSeconds: 60}}\n",
+        c.nodes[1 - src].name
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = podmig_e2e::wait::migration_ended(&migs, "roomless", Duration::from_secs(90))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
+    let message = st.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("cannot take the pages") && message.contains("checkpoint budget"),
+        "the Migration says why: {message}"
+    );
+    // Refused before the freeze: the source runs on, nothing is held on either node.
+    let before = get_count(&ip(&p0)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(get_count(&ip(&p0)).await? > before, "the source counts on");
+    no_checkpoints_within(&c, 0..2, Duration::from_secs(30)).await?;
     Ok(())
 }

@@ -333,6 +333,8 @@ async fn auto_moves_a_big_pod_lazily_and_a_small_one_in_full_by_the_downtime_bud
             .is_some_and(|w| w.contains(words))
     };
     assert!(reason_has(&report, "over maxDowntimeMs 200"), "{report:?}");
+    // The first move to that node times the link before it estimates.
+    assert!(reason_has(&report, "its link probed at"), "{report:?}");
     assert_eq!(before, after, "memory intact after the lazy move");
     // A small Pod fits a generous budget: full.
     let (st, before, after) = auto_move(&c, &pods, "smallauto", 0, 5000).await?;

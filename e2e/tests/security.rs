@@ -315,6 +315,19 @@ async fn peer_endpoints_answer_only_the_daemon_of_the_moves_target_node() -> any
         eprintln!("page tunnel as {who}: {code}");
         assert_eq!(code, "403", "{who}");
     }
+    // The link probe reads bytes from node daemons only.
+    for (who, token, expected) in [
+        ("migrator", &sched, 403),
+        ("person", &person, 403),
+        ("other node", &other_node, 200),
+    ] {
+        let (code, b) = curl(&c, src, "POST", "/probe", Some(token), Some("0000"))?;
+        eprintln!("link probe as {who}: {code} {b}");
+        assert_eq!(code, expected, "{who}: {b}");
+        if expected == 200 {
+            assert!(b.contains("\"bytes\":4"), "{b}");
+        }
+    }
     // The real move, between the right two daemons, goes through.
     let st = migration_ended(&migs, "real", Duration::from_secs(120)).await?;
     assert_eq!(st.phase, Some(MigrationPhase::Succeeded), "{st:?}");

@@ -124,6 +124,23 @@ impl Learned {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether a move to `node` or a probe of its link taught anything yet.
+    pub fn knows(&self, node: &str) -> bool {
+        self.lock().contains_key(node)
+    }
+
+    /// Starts the rates towards `node` from a probe of the link (MB/s): pages cannot
+    /// stream faster than the link carries them; a faster link leaves the default, which
+    /// is the dump's own pace. Returns the rates now held.
+    pub fn seed_from_link(&self, node: &str, link_mb_s: f64) -> Rates {
+        let mut all = self.lock();
+        let r = all.entry(node.to_owned()).or_default();
+        if link_mb_s > 0.0 {
+            r.stream_mb_s = r.stream_mb_s.min(link_mb_s);
+        }
+        *r
+    }
+
     /// Learns from a full move of `bytes` to `node` whose streamed dump took `dump_ms`
     /// and whose restore took `restore_ms`, frozen `frozen_ms` in all. Moves too small to
     /// say anything about a rate (under 32 MB) only teach the fixed cost.
@@ -173,6 +190,23 @@ mod tests {
             "{}",
             c.reason
         );
+    }
+
+    #[test]
+    fn a_probed_slow_link_slows_the_estimate_and_a_fast_one_leaves_the_default() {
+        let learned = Learned::default();
+        assert!(!learned.knows("slow"));
+        // 1 Gbit/s: ~117 MB/s.
+        let slow = learned.seed_from_link("slow", 117.0);
+        assert!(learned.knows("slow"));
+        assert_eq!(slow.stream_mb_s, 117.0);
+        let gib = 1 << 30;
+        assert!(slow.full_frozen_ms(gib) > Rates::default().full_frozen_ms(gib) + 5000);
+        let fast = learned.seed_from_link("fast", 5000.0);
+        assert_eq!(fast, Rates::default());
+        // A later move teaches from the seeded rates on.
+        learned.learn("slow", 1_000_000_000, 10_000, 1000, 11_500);
+        assert!(learned.rates("slow").stream_mb_s < 117.0);
     }
 
     #[test]

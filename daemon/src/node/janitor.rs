@@ -115,6 +115,69 @@ pub fn room_for(held: u64, needed: u64, budget: u64, free: Option<u64>) -> Resul
     Ok(())
 }
 
+/// Pages still arriving: what each page stream into this node's store announced, and
+/// where it writes. The part not yet written counts against the budget like images held,
+/// so two moves cannot both be let in on room only one of them will find.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    streams: std::sync::Mutex<std::collections::HashMap<u64, (PathBuf, u64)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One page stream's share of [`InFlight`], given back when it is dropped (the stream
+/// ended: what it wrote is held, or was removed).
+#[derive(Debug)]
+pub struct Reservation {
+    of: Arc<InFlight>,
+    key: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.of.lock().remove(&self.key);
+    }
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (PathBuf, u64)>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Announced bytes not yet written into their directories.
+    pub fn unwritten(&self) -> u64 {
+        self.lock()
+            .values()
+            .map(|(dir, announced)| announced.saturating_sub(dir_size(dir)))
+            .sum()
+    }
+
+    /// Lets in a stream of `announced` bytes into `dir` when it fits next to `held` bytes
+    /// (the store's) and what other streams still bring, within `budget` and `free`.
+    pub fn reserve(
+        self: &Arc<Self>,
+        dir: &Path,
+        announced: u64,
+        held: u64,
+        budget: u64,
+        free: Option<u64>,
+    ) -> Result<Reservation, NoRoom> {
+        let mut streams = self.lock();
+        let unwritten: u64 = streams
+            .values()
+            .map(|(d, a)| a.saturating_sub(dir_size(d)))
+            .sum();
+        room_for(held + unwritten, announced, budget, free)?;
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        streams.insert(key, (dir.to_owned(), announced));
+        Ok(Reservation {
+            of: self.clone(),
+            key,
+        })
+    }
+}
+
 /// Free bytes of the file system holding `dir`.
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(dir).ok()?;
@@ -132,8 +195,20 @@ impl<E: CheckpointEngine> Node<E> {
         let held = dir_size(root);
         self.metrics.bytes_held.set(held as i64);
         room_for(
-            held,
+            held + self.in_flight.unwritten(),
             needed,
+            self.settings.checkpoint_budget,
+            free_bytes(root),
+        )
+    }
+
+    /// Lets in a page stream announcing `announced` bytes into `dir` (see [`InFlight`]).
+    pub(crate) fn reserve_stream(&self, dir: &Path, announced: u64) -> Result<Reservation, NoRoom> {
+        let root = self.store.root();
+        self.in_flight.reserve(
+            dir,
+            announced,
+            dir_size(root),
             self.settings.checkpoint_budget,
             free_bytes(root),
         )
@@ -216,6 +291,32 @@ mod tests {
             vec![tmp.path().join("gone/app"), tmp.path().join("here/app")]
         );
         assert!(garbage(tmp.path(), &keep, SystemTime::now()).is_empty());
+    }
+
+    #[test]
+    fn streams_in_flight_count_until_written_and_are_given_back() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mib = 1 << 20;
+        let flight = Arc::new(InFlight::default());
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).expect("dir");
+        let first = flight
+            .reserve(&a, 6 * mib, 0, 10 * mib, None)
+            .expect("the first stream fits");
+        assert_eq!(flight.unwritten(), 6 * mib);
+        // Announced but unwritten bytes count: a second stream of 6 MiB does not fit.
+        let e = flight
+            .reserve(&b, 6 * mib, 0, 10 * mib, None)
+            .expect_err("the second does not fit");
+        assert!(e.to_string().contains("6 MiB held of 10 MiB"), "{e}");
+        // What the first wrote is no longer in flight (it is held, counted by the store).
+        std::fs::write(a.join("pages-1.img"), vec![0u8; 4 * mib as usize]).expect("write");
+        assert_eq!(flight.unwritten(), 2 * mib);
+        drop(first);
+        assert_eq!(flight.unwritten(), 0);
+        flight
+            .reserve(&b, 6 * mib, 4 * mib, 10 * mib, None)
+            .expect("room again once the first ended");
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub const HEADER_STRATEGY: &str = "x-podmig-strategy";
 pub const HEADER_ESTIMATE_MS: &str = "x-podmig-estimate-ms";
 /// Answer header of a hand-over with `strategy: auto`: why it chose what it chose.
 pub const HEADER_STRATEGY_REASON: &str = "x-podmig-strategy-reason";
+/// Page stream: the bytes of memory the source expects to send (the container's memory),
+/// which the target counts against its checkpoint budget while they arrive.
+pub const HEADER_EXPECTED_BYTES: &str = "x-podmig-expected-bytes";
+/// Bytes a link probe sends (`POST /probe`): long enough to reach the link's pace, short
+/// enough not to matter before a move (~20–50 ms here).
+pub const PROBE_BYTES: usize = 16 << 20;
+/// The most a daemon reads of a link probe.
+pub const PROBE_MAX_BYTES: usize = 64 << 20;
 /// Protocol named in the `Upgrade` header of the page tunnel.
 pub const PAGES_PROTOCOL: &str = "podmig-pages";
 
@@ -82,7 +90,7 @@ impl TokenSource {
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// The peer answered with an error.
-    #[error("source daemon at {peer} answered {status}: {} ({})", .body.error, .body.reason)]
+    #[error("the daemon at {peer} answered {status}: {} ({})", .body.error, .body.reason)]
     Refused {
         /// The peer.
         peer: String,
@@ -374,7 +382,7 @@ impl PeerClient {
             message: e.to_string(),
         };
         let upgraded = self
-            .upgrade(host, &format!("/migrations/{id}/pages"))
+            .upgrade(host, &format!("/migrations/{id}/pages"), None)
             .await?;
         local.set_nonblocking(true).map_err(|e| transport(&e))?;
         let listener = tokio::net::TcpListener::from_std(local).map_err(|e| transport(&e))?;
@@ -410,6 +418,7 @@ impl PeerClient {
         &self,
         host: &str,
         path: &str,
+        expected_bytes: Option<u64>,
     ) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, PeerError> {
         let transport = |e: &dyn std::fmt::Display| PeerError::Transport {
             peer: host.to_owned(),
@@ -424,6 +433,12 @@ impl PeerClient {
             "upgrade",
             hyper::header::HeaderValue::from_static(PAGES_PROTOCOL),
         );
+        if let Some(bytes) = expected_bytes {
+            request.headers_mut().insert(
+                HEADER_EXPECTED_BYTES,
+                hyper::header::HeaderValue::from(bytes),
+            );
+        }
         let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
             .await
             .map_err(|_| PeerError::Timeout {
@@ -438,16 +453,49 @@ impl PeerClient {
         Ok(hyper_util::rt::TokioIo::new(upgraded))
     }
 
+    /// Times the link to the daemon on `host`: `bytes` zeros sent through the daemons'
+    /// TLS channel (after a first empty probe opened the connection), in MB/s.
+    pub async fn probe_link(&self, host: &str, bytes: usize) -> Result<f64, PeerError> {
+        let send = |n: usize| async move {
+            let request = self.request(host, "/probe", vec![0u8; n])?;
+            let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+                .await
+                .map_err(|_| PeerError::Timeout {
+                    peer: host.into(),
+                    secs: 10,
+                })?
+                .map_err(|e| PeerError::Transport {
+                    peer: host.into(),
+                    message: e.to_string(),
+                })?;
+            if !resp.status().is_success() {
+                return Err(refused(host, resp).await);
+            }
+            // The answer's body is read so that the connection goes back to the pool.
+            let _ = resp.into_body().collect().await;
+            Ok(())
+        };
+        send(0).await?;
+        let started = std::time::Instant::now();
+        send(bytes).await?;
+        Ok(bytes as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-6))
+    }
+
     /// Opens the page stream of container `container` of streamed move `id` to the
-    /// target's daemon on `host` (see `stream.rs`).
+    /// target's daemon on `host` (see `stream.rs`), announcing the `expected` bytes.
     pub async fn open_page_stream(
         &self,
         host: &str,
         id: &str,
         container: &str,
+        expected: u64,
     ) -> Result<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, PeerError> {
-        self.upgrade(host, &format!("/migrations/{id}/streams/{container}"))
-            .await
+        self.upgrade(
+            host,
+            &format!("/migrations/{id}/streams/{container}"),
+            Some(expected),
+        )
+        .await
     }
 
     /// Tells the daemon on `host` the verdict on move `id`; retried a few times.

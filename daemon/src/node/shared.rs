@@ -54,6 +54,8 @@ pub struct Node<E> {
     pub lazy: std::sync::OnceLock<capabilities::LazySupport>,
     /// The rates of full moves towards each target node, for `strategy: auto`.
     pub(crate) learned: estimate::Learned,
+    /// Page streams still arriving into the store, counted against its budget.
+    pub(crate) in_flight: Arc<super::janitor::InFlight>,
     /// The daemon's async runtime: reached from a worker's thread only through
     /// [`Node::wait_on`] and [`Node::start_async`].
     rt: tokio::runtime::Handle,
@@ -112,6 +114,7 @@ impl<E: CheckpointEngine> Node<E> {
             pods: Mutex::default(),
             lazy: std::sync::OnceLock::new(),
             learned: estimate::Learned::default(),
+            in_flight: Arc::default(),
             rt: tokio::runtime::Handle::current(),
         })
     }

@@ -128,6 +128,7 @@ fn restored(id: &str, uid: &str, ok: bool) -> HookRequest {
     r.restore_result = Some(RestoreResult {
         ok,
         duration_ms: 40,
+        criu_ms: 25,
         error: if ok {
             String::new()
         } else {

@@ -171,6 +171,7 @@ fn router<E: CheckpointEngine>(state: Arc<AppState<E>>) -> Router {
         .route("/migrations/{id}/complete", post(complete::<E>))
         .route("/migrations/{id}/pages", post(pages::<E>))
         .route("/migrations/{id}/streams/{container}", post(streams::<E>))
+        .route("/probe", post(probe::<E>))
         .fallback(|| async { Failure::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint") })
         .with_state(state)
 }

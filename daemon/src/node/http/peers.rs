@@ -374,8 +374,24 @@ pub(super) async fn streams<E: CheckpointEngine>(
             format!("move {id:?} takes no pages of a container {container:?}"),
         )
     })?;
+    // The pages count against this node's checkpoint budget from now until they are in.
+    let expected = request
+        .headers()
+        .get(crate::node::peer::HEADER_EXPECTED_BYTES)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let reservation = s.node.reserve_stream(&dir, expected).map_err(|why| {
+        tracing::warn!(migration = %id, container, %why, "page stream refused: no room");
+        Failure::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "InsufficientStorage",
+            format!("node {}: {why}", s.node.settings.node_name),
+        )
+    })?;
     let upgrade = hyper::upgrade::on(&mut request);
     tokio::spawn(async move {
+        let _reservation = reservation;
         match upgrade.await {
             Ok(u) => {
                 let tunnel = hyper_util::rt::TokioIo::new(u);
@@ -392,6 +408,47 @@ pub(super) async fn streams<E: CheckpointEngine>(
         }
     });
     switching_to_pages()
+}
+
+/// Link probe: another node's daemon sends zeros, this one reads and counts them (at most
+/// the body limit) and answers how many, so that the sender can time the link before its
+/// first move here (`strategy: auto`).
+pub(super) async fn probe<E: CheckpointEngine>(
+    State(s): State<Arc<AppState<E>>>,
+    request: Request,
+) -> Result<Response, Failure> {
+    use http_body_util::BodyExt;
+    let token = bearer(request.headers()).map(str::to_owned);
+    s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
+    let mut body = request.into_body();
+    let mut bytes = 0usize;
+    let counted = tokio::time::timeout(READ_TIMEOUT, async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            bytes += frame.data_ref().map_or(0, Bytes::len);
+            if bytes > crate::node::peer::PROBE_MAX_BYTES {
+                return Err(format!(
+                    "a probe is at most {} bytes",
+                    crate::node::peer::PROBE_MAX_BYTES
+                ));
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match counted {
+        Ok(Ok(())) => Ok(axum::Json(serde_json::json!({ "bytes": bytes })).into_response()),
+        Ok(Err(why)) => Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BodyTooLarge",
+            why,
+        )),
+        Err(_) => Err(Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "Timeout",
+            "the probe did not arrive in time",
+        )),
+    }
 }
 
 pub(super) async fn complete<E: CheckpointEngine>(

@@ -16,30 +16,43 @@ use super::*;
 impl<E: CheckpointEngine> PodWorker<E> {
     /// Opens one page stream per container to the target before the freeze, so that the
     /// dump sends its pages there as it goes (see `stream.rs`). Empty when any cannot be
-    /// opened: the pages then travel in the hand-over, as without streams.
+    /// opened: the pages then travel in the hand-over, as without streams. An error when
+    /// the target has no room for them: they would not fit through the hand-over either.
     pub(super) fn open_page_streams(
         &self,
         jobs: &[(String, String, PathBuf)],
         order: &MigrateOrder,
-    ) -> Vec<PageStream> {
+    ) -> Result<Vec<PageStream>, DumpError> {
+        let runc_root = &self.node.settings.runc_root;
         let opened = || -> Result<Vec<PageStream>, OpenStreams> {
             let peers = self.node.peers.clone().ok_or(OpenStreams::NoPeers)?;
             let host = self.node.node_address(&order.target.node)?;
             let limit = order.deadline.saturating_duration_since(Instant::now());
             jobs.iter()
-                .map(|(_, name, _)| {
-                    let tunnel =
-                        self.node
-                            .wait_on(peers.open_page_stream(&host, &order.migration, name))?;
+                .map(|(cid, name, _)| {
+                    let expected =
+                        podmig_cri_ext::freezer::memory_usage(runc_root, cid).unwrap_or(0);
+                    let tunnel = self.node.wait_on(peers.open_page_stream(
+                        &host,
+                        &order.migration,
+                        name,
+                        expected,
+                    ))?;
                     Ok(PageStream::open(self.node.runtime(), name, tunnel, limit)?)
                 })
                 .collect()
         };
-        opened().unwrap_or_else(|why| {
-            tracing::warn!(pod_uid = %self.uid, migration = %order.migration, %why,
-                "cannot stream the pages; they go in the hand-over");
-            Vec::new()
-        })
+        match opened() {
+            Ok(streams) => Ok(streams),
+            Err(OpenStreams::Peer(
+                e @ crate::node::peer::PeerError::Refused { status: 507, .. },
+            )) => Err(DumpError::TargetNoRoom(e)),
+            Err(why) => {
+                tracing::warn!(pod_uid = %self.uid, migration = %order.migration, %why,
+                    "cannot stream the pages; they go in the hand-over");
+                Ok(Vec::new())
+            }
+        }
     }
 
     /// What each page stream carried, once the dump that fed it ended.

@@ -165,6 +165,9 @@ pub enum DumpError {
         /// Why.
         source: StreamError,
     },
+    /// The target has no room for the pages (refused before anything froze).
+    #[error("the target cannot take the pages: {0}")]
+    TargetNoRoom(PeerError),
 }
 
 /// A lazy move's pages stopped coming after the target resumed.

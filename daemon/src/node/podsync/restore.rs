@@ -188,6 +188,10 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         // Read before the images go: what their file-system part cost on the source.
         let fs = podmig_cri_ext::volumes::FilesystemCapture::read(&p.images);
+        // CRIU's own share of the dump and of the restore, from their logs.
+        p.report.criu_dump_ms =
+            podmig_cri_ext::criu_log::elapsed_ms(&p.images.join("dump.log")).unwrap_or(0);
+        p.report.criu_restore_ms = result.criu_ms;
         let frozen_ms = self.record_restore(c, &p, &result);
         if matches!(p.handback, Handback::Group) {
             self.settle_group_member(c, p, &result, fs);

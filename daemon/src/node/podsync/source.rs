@@ -262,7 +262,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
-            self.open_page_streams(&c.jobs, order)
+            match self.open_page_streams(&c.jobs, order) {
+                Ok(streams) => streams,
+                Err(reason) => {
+                    // Nothing froze: every claimed container runs on as before.
+                    for (_, name, _) in &c.jobs {
+                        let _ = self.moves.keep_running(name);
+                    }
+                    tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
+                    return Err(reason);
+                }
+            }
         };
         let (frozen_at, results, streams) = if c.lazy {
             let (at, results) = self.dump_lazy(&c.jobs, id);
@@ -453,12 +463,19 @@ impl<E: CheckpointEngine> PodWorker<E> {
         order: &MigrateOrder,
         why_not_lazy: Option<String>,
     ) -> crate::node::estimate::Choice {
+        let probed = self.probe_link_once(&order.target.node);
         let rates = self.node.learned.rates(&order.target.node);
-        let c = crate::node::estimate::choose(
+        let mut c = crate::node::estimate::choose(
             rates.full_frozen_ms(bytes),
             order.max_downtime_ms,
             why_not_lazy.as_deref(),
         );
+        if let Some(mb_s) = probed {
+            c.reason.push_str(&format!(
+                " (first move to {}: its link probed at {mb_s:.0} MB/s)",
+                order.target.node
+            ));
+        }
         tracing::info!(pod_uid = %self.uid, migration = %order.migration, bytes,
             estimate_ms = c.estimate_ms, budget_ms = c.budget_ms, strategy = c.strategy.as_str(),
             ?rates, "auto strategy chose");
@@ -473,6 +490,31 @@ impl<E: CheckpointEngine> PodWorker<E> {
             );
         }
         c
+    }
+
+    /// Before the first move to `node`, times the link to it (see
+    /// [`crate::node::peer::PeerClient::probe_link`]) and seeds its rates; the rate, or
+    /// `None` when the node is known already or cannot be probed (the defaults apply).
+    fn probe_link_once(&self, node: &str) -> Option<f64> {
+        if self.node.learned.knows(node) {
+            return None;
+        }
+        let peers = self.node.peers.as_ref()?;
+        let host = self.node.node_address(node).ok()?;
+        match self
+            .node
+            .wait_on(peers.probe_link(&host, crate::node::peer::PROBE_BYTES))
+        {
+            Ok(mb_s) => {
+                let rates = self.node.learned.seed_from_link(node, mb_s);
+                tracing::info!(pod_uid = %self.uid, node, link_mb_s = mb_s, ?rates, "link probed");
+                Some(mb_s)
+            }
+            Err(error) => {
+                tracing::warn!(pod_uid = %self.uid, node, %error, "cannot probe the link; default rates apply");
+                None
+            }
+        }
     }
 
     /// Learns the rates towards the target from a committed streamed full move (its
