@@ -64,6 +64,33 @@ pub fn downtime_svg(path: &Path, title: &str, series: &[Series]) -> anyhow::Resu
     Ok(())
 }
 
+/// The series of a saved `make bench` output: its `podmig-bench strategy=… mem_mib=…
+/// downtime_ms=…` lines, one series per strategy in the order they first appear.
+pub fn series_from_bench(output: &str) -> Vec<Series> {
+    let mut series: Vec<Series> = Vec::new();
+    for line in output.lines().filter(|l| l.starts_with("podmig-bench ")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+        };
+        let (Some(name), Some(mem), Some(ms)) = (
+            field("strategy"),
+            field("mem_mib").and_then(|v| v.parse::<f64>().ok()),
+            field("downtime_ms").and_then(|v| v.parse::<f64>().ok()),
+        ) else {
+            continue;
+        };
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push((mem, ms)),
+            None => series.push(Series {
+                name: name.to_owned(),
+                points: vec![(mem, ms)],
+            }),
+        }
+    }
+    series
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +116,20 @@ mod tests {
             svg.contains("\npodmig\n") && svg.contains("\nrestart\n"),
             "legend"
         );
+    }
+
+    #[test]
+    fn a_saved_run_gives_one_series_per_strategy() {
+        let out = "machine: raw\npodmig-bench strategy=podmig mem_mib=0 runs=3 downtime_ms=299 frozen_ms=186\n\
+                   podmig-bench strategy=lazy mem_mib=0 runs=3 downtime_ms=310 frozen_ms=211\n\
+                   podmig-bench strategy=podmig mem_mib=1024 runs=3 downtime_ms=3749 frozen_ms=3650\n\
+                   podmig-bench strategy=broken mem_mib=x downtime_ms=1\n";
+        let s = series_from_bench(out);
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].name.as_str(), s[0].points.clone()),
+            ("podmig", vec![(0.0, 299.0), (1024.0, 3749.0)])
+        );
+        assert_eq!(s[1].points, vec![(0.0, 310.0)]);
     }
 }

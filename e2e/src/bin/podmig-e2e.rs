@@ -54,6 +54,18 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         pingpong: usize,
     },
+    /// Redraws `docs/downtime.svg` from a saved `make bench` output (its `podmig-bench`
+    /// lines), e.g. after editing the README's tables from that run.
+    Plot {
+        /// The saved output.
+        from: std::path::PathBuf,
+        /// The plot's title.
+        #[arg(
+            long,
+            default_value = "cross-node move downtime, medians of 3 runs (2-core VM)"
+        )]
+        title: String,
+    },
     /// Checkpoint, restore and frozen time of podmig next to plain CRIU.
     BenchEngine {
         /// Ballast sizes in MiB.
@@ -128,5 +140,17 @@ async fn main() -> anyhow::Result<()> {
             pingpong,
         } => podmig_e2e::bench_move::moves(&sizes, runs, pingpong).await,
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
+        Command::Plot { from, title } => {
+            let series = podmig_e2e::plot::series_from_bench(&std::fs::read_to_string(&from)?);
+            anyhow::ensure!(
+                !series.is_empty(),
+                "no podmig-bench lines in {}",
+                from.display()
+            );
+            let svg = podmig_e2e::paths::repo_root().join("docs/downtime.svg");
+            podmig_e2e::plot::downtime_svg(&svg, &title, &series)?;
+            println!("plot: {}", svg.display());
+            Ok(())
+        }
     }
 }
