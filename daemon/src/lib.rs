@@ -5,6 +5,7 @@ pub mod config;
 pub mod controller;
 pub mod crds;
 pub mod error;
+pub mod kubeclient;
 pub mod node;
 pub mod nodeprep;
 pub mod store;

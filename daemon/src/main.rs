@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
             name,
             timeout_seconds,
         } => {
-            let client = kube::Client::try_default().await?;
+            let client = podmig_daemon::kubeclient::infer().await?;
             let said = podmig_daemon::cleanup::await_daemonset(
                 client,
                 &namespace,
@@ -73,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Idle => shutdown().await,
         Command::ReleaseFinalizers => {
-            let client = kube::Client::try_default().await?;
+            let client = podmig_daemon::kubeclient::infer().await?;
             println!(
                 "{}",
                 podmig_daemon::cleanup::release_finalizers_within(
@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Node(cfg) => podmig_daemon::node::run(*cfg, shutdown()).await?,
         Command::Controller(cfg) => {
-            let client = kube::Client::try_default().await?;
+            let client = podmig_daemon::kubeclient::infer().await?;
             let identity = cfg.identity.clone();
             let metrics =
                 std::sync::Arc::new(podmig_daemon::controller::metrics::Metrics::default());

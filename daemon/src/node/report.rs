@@ -25,6 +25,16 @@ use tokio::sync::mpsc;
 /// How long a Pod's reporter task lives without work.
 const IDLE: Duration = Duration::from_secs(120);
 
+/// Tries of one write when the API server is busy or unreachable
+/// ([`crate::kubeclient::is_transient`]); the waits between them double from
+/// [`FIRST_WAIT`]: a write is given up after ~25 s of trying (0.2 + 0.4 + … + 12.8 s). It
+/// runs in the Pod's reporter task, so the move never waits for it; it is long because
+/// the target's `Restored` is what commits a move whose verdict was lost. The client itself
+/// does not retry (see [`crate::kubeclient`]).
+const WRITE_TRIES: u32 = 8;
+/// The wait before the second try of a write.
+const FIRST_WAIT: Duration = Duration::from_millis(200);
+
 /// One patch of a Pod.
 #[derive(Debug)]
 enum Write {
@@ -111,23 +121,104 @@ impl PodReporter {
 
 async fn apply_in_order(api: Api<Pod>, pod: String, mut rx: mpsc::UnboundedReceiver<Write>) {
     while let Ok(Some(write)) = tokio::time::timeout(IDLE, rx.recv()).await {
-        let result = match &write {
+        if let Err(error) = apply_with_tries(&api, &pod, &write, FIRST_WAIT).await {
+            tracing::warn!(%error, pod = %pod, "cannot report migration progress");
+        }
+    }
+}
+
+/// Applies one write, trying again (at most [`WRITE_TRIES`] in all, waits doubling from
+/// `first_wait`) while the API server is busy or unreachable.
+async fn apply_with_tries(
+    api: &Api<Pod>,
+    pod: &str,
+    write: &Write,
+    first_wait: Duration,
+) -> Result<(), kube::Error> {
+    let mut wait = first_wait;
+    let mut tries = 1;
+    loop {
+        let result = match write {
             Write::Meta(annotations) => {
                 let body = json!({"metadata": {"annotations": annotations}});
-                api.patch(&pod, &PatchParams::default(), &Patch::Merge(body))
+                api.patch(pod, &PatchParams::default(), &Patch::Merge(body))
                     .await
             }
             Write::Status(status) => {
                 api.patch_status(
-                    &pod,
+                    pod,
                     &PatchParams::default(),
                     &Patch::Merge(json!({ "status": status })),
                 )
                 .await
             }
         };
-        if let Err(error) = result {
-            tracing::warn!(%error, pod = %pod, "cannot report migration progress");
+        match result {
+            Ok(_) => return Ok(()),
+            Err(error) if tries < WRITE_TRIES && crate::kubeclient::is_transient(&error) => {
+                tracing::info!(%error, pod, tries, "API server busy; trying the write again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                tries += 1;
+            }
+            Err(error) => return Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// An API server answering the first `busy` requests `503`, then the Pod; counts them.
+    async fn busy_then_fine(busy: u32) -> (Api<Pod>, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let app = axum::Router::new().fallback(move || {
+            let seen = seen.clone();
+            async move {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let json = [("content-type", "application/json")];
+                if n < busy {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        json,
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"ServiceUnavailable","code":503}"#,
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::OK,
+                        json,
+                        r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"default"}}"#,
+                    )
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = crate::kubeclient::from_config(kube::Config::new(url.parse().expect("url")))
+            .expect("client");
+        (Api::namespaced(client, "default"), calls)
+    }
+
+    #[tokio::test]
+    async fn a_write_is_tried_again_while_the_api_server_is_busy_and_then_given_up() {
+        let write = Write::Meta(json!({ "podmig.dev/migration-phase": "Restored" }));
+        let wait = Duration::from_millis(1);
+        let (api, calls) = busy_then_fine(2).await;
+        apply_with_tries(&api, "p", &write, wait)
+            .await
+            .expect("the third try lands");
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        let (api, calls) = busy_then_fine(u32::MAX).await;
+        let error = apply_with_tries(&api, "p", &write, wait)
+            .await
+            .expect_err("always busy");
+        assert!(crate::kubeclient::is_transient(&error), "{error}");
+        assert_eq!(calls.load(Ordering::SeqCst), WRITE_TRIES, "bounded");
     }
 }

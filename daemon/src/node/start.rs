@@ -49,7 +49,7 @@ async fn kube_client(
     };
     let token = peer::TokenSource::from_config(&config);
     let client =
-        kube::Client::try_from(config).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        crate::kubeclient::from_config(config).map_err(|e| Error::InvalidRequest(e.to_string()))?;
     Ok(Some((client, token)))
 }
 
