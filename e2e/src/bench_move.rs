@@ -51,19 +51,21 @@ struct Rates {
     pages: f64,
 }
 
+/// `bytes` in `ms`, MB/s; 0 when either is 0 (the phase did not run).
+fn mb_per_s(bytes: u64, ms: u64) -> f64 {
+    if ms == 0 || bytes == 0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / (ms as f64 / 1e3)
+    }
+}
+
 impl Rates {
     fn of(r: &podmig_api::v1alpha1::MigrationReport) -> Self {
-        let rate = |bytes: u64, ms: u64| {
-            if ms == 0 || bytes == 0 {
-                0.0
-            } else {
-                bytes as f64 / 1e6 / (ms as f64 / 1e3)
-            }
-        };
         Self {
-            stream: rate(r.streamed_bytes, r.checkpoint_ms),
-            restore: rate(r.bytes, r.restore_ms),
-            pages: rate(r.bytes, r.pages_ms),
+            stream: mb_per_s(r.streamed_bytes, r.checkpoint_ms),
+            restore: mb_per_s(r.bytes, r.restore_ms),
+            pages: mb_per_s(r.bytes, r.pages_ms),
         }
     }
 }
@@ -191,12 +193,9 @@ fn latencies(
 
 /// One move's phases and the rate of each, as the daemons reported them.
 fn phases(strategy: &str, mem: u64, r: &podmig_api::v1alpha1::MigrationReport) -> String {
-    let rate = |bytes: u64, ms: u64| {
-        if ms == 0 {
-            "-".to_owned()
-        } else {
-            format!("{:.0}", bytes as f64 / 1e6 / (ms as f64 / 1e3))
-        }
+    let rate = |bytes: u64, ms: u64| match mb_per_s(bytes, ms) {
+        0.0 => "-".to_owned(),
+        r => format!("{r:.0}"),
     };
     let pages = if r.pages_ms > 0 {
         format!(

@@ -147,10 +147,7 @@ impl InFlight {
 
     /// Announced bytes not yet written into their directories.
     pub fn unwritten(&self) -> u64 {
-        self.lock()
-            .values()
-            .map(|(dir, announced)| announced.saturating_sub(dir_size(dir)))
-            .sum()
+        unwritten_in(&self.lock())
     }
 
     /// Lets in a stream of `announced` bytes into `dir` when it fits next to `held` bytes
@@ -164,11 +161,7 @@ impl InFlight {
         free: Option<u64>,
     ) -> Result<Reservation, NoRoom> {
         let mut streams = self.lock();
-        let unwritten: u64 = streams
-            .values()
-            .map(|(d, a)| a.saturating_sub(dir_size(d)))
-            .sum();
-        room_for(held + unwritten, announced, budget, free)?;
+        room_for(held + unwritten_in(&streams), announced, budget, free)?;
         let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         streams.insert(key, (dir.to_owned(), announced));
         Ok(Reservation {
@@ -176,6 +169,14 @@ impl InFlight {
             key,
         })
     }
+}
+
+/// What the streams of `streams` announced and have not written yet.
+fn unwritten_in(streams: &std::collections::HashMap<u64, (PathBuf, u64)>) -> u64 {
+    streams
+        .values()
+        .map(|(dir, announced)| announced.saturating_sub(dir_size(dir)))
+        .sum()
 }
 
 /// Free bytes of the file system holding `dir`.

@@ -439,13 +439,7 @@ impl PeerClient {
                 hyper::header::HeaderValue::from(bytes),
             );
         }
-        let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
-            .await
-            .map_err(|_| PeerError::Timeout {
-                peer: host.into(),
-                secs: 10,
-            })?
-            .map_err(|e| transport(&e))?;
+        let resp = self.send_within(host, request, 10).await?;
         if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
             return Err(refused(host, resp).await);
         }
@@ -453,21 +447,32 @@ impl PeerClient {
         Ok(hyper_util::rt::TokioIo::new(upgraded))
     }
 
+    /// Sends `request` to the daemon on `host` and waits at most `secs` for its answer's
+    /// head.
+    async fn send_within(
+        &self,
+        host: &str,
+        request: hyper::Request<Full<Bytes>>,
+        secs: u64,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
+        tokio::time::timeout(Duration::from_secs(secs), self.client.request(request))
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: host.into(),
+                secs,
+            })?
+            .map_err(|e| PeerError::Transport {
+                peer: host.into(),
+                message: e.to_string(),
+            })
+    }
+
     /// Times the link to the daemon on `host`: `bytes` zeros sent through the daemons'
     /// TLS channel (after a first empty probe opened the connection), in MB/s.
     pub async fn probe_link(&self, host: &str, bytes: usize) -> Result<f64, PeerError> {
         let send = |n: usize| async move {
             let request = self.request(host, "/probe", vec![0u8; n])?;
-            let resp = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
-                .await
-                .map_err(|_| PeerError::Timeout {
-                    peer: host.into(),
-                    secs: 10,
-                })?
-                .map_err(|e| PeerError::Transport {
-                    peer: host.into(),
-                    message: e.to_string(),
-                })?;
+            let resp = self.send_within(host, request, 10).await?;
             if !resp.status().is_success() {
                 return Err(refused(host, resp).await);
             }
@@ -513,22 +518,11 @@ impl PeerClient {
             }
             let request =
                 self.request(host, &format!("/migrations/{id}/complete"), body.clone())?;
-            match tokio::time::timeout(Duration::from_secs(5), self.client.request(request)).await {
-                Ok(Ok(resp)) if resp.status().is_success() => return Ok(()),
+            match self.send_within(host, request, 5).await {
+                Ok(resp) if resp.status().is_success() => return Ok(()),
                 // A refusal is final: retrying changes nothing.
-                Ok(Ok(resp)) => return Err(refused(host, resp).await),
-                Ok(Err(e)) => {
-                    last = Some(PeerError::Transport {
-                        peer: host.into(),
-                        message: e.to_string(),
-                    })
-                }
-                Err(_) => {
-                    last = Some(PeerError::Timeout {
-                        peer: host.into(),
-                        secs: 5,
-                    })
-                }
+                Ok(resp) => return Err(refused(host, resp).await),
+                Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or(PeerError::Timeout {
