@@ -101,6 +101,15 @@ pub fn is_podmig_owned(key: &str) -> bool {
 /// Target-Pod annotation set by the controller from the move's `strategy` (absent: `full`).
 pub const ANNOTATION_MIGRATION_STRATEGY: &str = "podmig.dev/migration-strategy";
 
+/// Target-Pod annotation set by the controller when the move keeps the Pod's address: the
+/// source Pod's IP, which podmig's CNI plugin gives the target's sandbox once it has
+/// checked the move's record (a Pod cannot claim another's address by annotating itself).
+pub const ANNOTATION_POD_IP: &str = "podmig.dev/pod-ip";
+
+/// The `proto` of the /32 route by which a node announces a Pod address it took over in a
+/// move (`ip route ... proto 211`): what carries routes between nodes picks it up.
+pub const KEPT_IP_ROUTE_PROTO: &str = "211";
+
 /// Target-Pod annotation set by the controller for `strategy: auto`: the move's
 /// `maxDowntimeMs`.
 pub const ANNOTATION_MAX_DOWNTIME: &str = "podmig.dev/max-downtime-ms";

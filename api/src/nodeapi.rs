@@ -32,6 +32,9 @@ pub struct MigrateRequest {
     /// Containers to move; empty means all of the Pod's containers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
+    /// Keep the Pod's IP address and connections where the network can (default: yes).
+    #[serde(default, rename = "keepIP", skip_serializing_if = "Option::is_none")]
+    pub keep_ip: Option<bool>,
     /// Set by a peer daemon: hand the checkpoint over to this target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<Handover>,
@@ -70,6 +73,11 @@ pub struct Handover {
     /// `auto`: why the target cannot take a lazy move, if it cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy_impossible: Option<String>,
+    /// The target's sandbox took over the source Pod's address (this one): the source
+    /// holds the address's traffic from before its freeze until it is gone, so that it
+    /// never answers (ACK, FIN, reset) for connections the target carries on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_ip: Option<String>,
 }
 
 /// Answer to a person's `POST /migrate/{pod-uid}`: the Migration that records the move
@@ -277,5 +285,8 @@ mod tests {
         let ok: MigrateRequest =
             serde_json::from_str(r#"{"targetNode":"n","strategy":"full"}"#).expect("ok");
         assert_eq!(ok.target_node.as_deref(), Some("n"));
+        let keep: MigrateRequest =
+            serde_json::from_str(r#"{"targetNode":"n","keepIP":false}"#).expect("ok");
+        assert_eq!(keep.keep_ip, Some(false));
     }
 }

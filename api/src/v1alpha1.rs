@@ -117,6 +117,11 @@ pub struct MigratingPodSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub migration_timeout_seconds: u32,
+    /// Moves keep the Pod's IP address (and its established TCP connections) where the
+    /// target node's network can take the address over; unset: wherever it can. `false`:
+    /// the target gets a new address and connections are closed.
+    #[serde(default, rename = "keepIP", skip_serializing_if = "Option::is_none")]
+    pub keep_ip: Option<bool>,
 }
 
 /// Where a MigratingPod is in its life (thesis fig. 5.4, plus Failed).
@@ -356,6 +361,10 @@ pub struct MigrationSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub timeout_seconds: u32,
+    /// Keep the Pod's IP address and its established TCP connections where the target
+    /// node's network can take the address over; unset: wherever it can.
+    #[serde(default, rename = "keepIP", skip_serializing_if = "Option::is_none")]
+    pub keep_ip: Option<bool>,
 }
 
 /// Phases of a Migration.

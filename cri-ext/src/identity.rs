@@ -156,6 +156,14 @@ pub fn find_container(root: &Path, pod_uid: &str, container: &str) -> Option<Str
     })
 }
 
+/// The id of the sandbox container `container_id` (under runc root `root`) belongs to.
+pub fn sandbox_of(root: &Path, container_id: &str) -> Option<String> {
+    let (ann, _) = Annotations::from_runc_state(root, container_id).ok()?;
+    ann.get(cri::SANDBOX_ID)
+        .filter(|id| !id.is_empty() && !id.contains('/'))
+        .map(str::to_owned)
+}
+
 /// The running application containers of Pod `pod_uid` under `root`: (id, name) pairs.
 pub fn running_containers(root: &Path, pod_uid: &str) -> Vec<(String, String)> {
     let Ok(entries) = std::fs::read_dir(root) else {

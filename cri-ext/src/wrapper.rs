@@ -244,6 +244,67 @@ impl CreateArgs {
     }
 }
 
+/// The node's CRIU settings for runc (`/etc/criu/runc.conf`).
+pub const RUNC_CRIU_CONF: &str = "/etc/criu/runc.conf";
+
+/// runc's annotation naming the CRIU configuration file of one container's restore.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+
+/// CRIU settings for one restore: the node's own (`runc.conf`), with established TCP
+/// connections restored (`keep`: the container kept its address, they go on) or closed
+/// (`tcp-close`: a new address; the clients reconnect). Dumps never close them, so the
+/// restore can choose.
+pub fn restore_conf(node_conf: &str, keep: bool) -> String {
+    let mut out: String = node_conf
+        .lines()
+        .filter(|l| !matches!(l.trim(), "tcp-close" | "tcp-established"))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    out.push_str("tcp-established\n");
+    if !keep {
+        out.push_str("tcp-close\n");
+    }
+    out
+}
+
+/// The CRIU settings file of a restored container (beside its marker): runc reads it for
+/// the restore and, as the container's `org.criu.config`, for every later checkpoint of
+/// it, so after the restore it holds the node's settings.
+pub fn criu_conf_of(marker: &Path) -> PathBuf {
+    marker.with_extension("criu.conf")
+}
+
+/// Points this container's restore at its CRIU settings ([`restore_conf`]) in `conf`,
+/// named by runc's `org.criu.config` annotation in the bundle, which runc reads instead of
+/// the node's `runc.conf`.
+fn connections_conf(bundle: &Path, conf: &Path, keep: bool) -> Result<()> {
+    let node_conf = std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default();
+    std::fs::write(conf, restore_conf(&node_conf, keep))
+        .map_err(|e| Error::io("write", conf, e))?;
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+    let mut spec: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::RestoreFailed(format!("{}: {e}", path.display())))?;
+    let Some(obj) = spec.as_object_mut() else {
+        return Err(Error::RestoreFailed(format!(
+            "{} is not a JSON object",
+            path.display()
+        )));
+    };
+    let annotations = obj
+        .entry("annotations")
+        .or_insert_with(|| serde_json::json!({}));
+    if let Some(a) = annotations.as_object_mut() {
+        a.insert(
+            CRIU_CONFIG_ANNOTATION.into(),
+            conf.display().to_string().into(),
+        );
+    }
+    let out = serde_json::to_vec(&spec)
+        .map_err(|e| Error::RestoreFailed(format!("{}: {e}", path.display())))?;
+    std::fs::write(&path, out).map_err(|e| Error::io("write", &path, e))
+}
+
 /// Marker left by a restore so the following `start` becomes a no-op; lives beside
 /// runc's state root (not inside it: `runc list` reads every entry there).
 pub fn restored_marker(root: &Path, id: &str) -> PathBuf {
@@ -404,6 +465,18 @@ fn restore(
         globals.insert(0, criu.clone().into());
         globals.insert(0, "--criu".into());
     }
+    let layer = layer.and_then(|l| {
+        let conf = criu_conf_of(&marker);
+        if let Some(parent) = conf.parent() {
+            create_private_dir(parent)?;
+        }
+        connections_conf(
+            &create.bundle,
+            &conf,
+            from.tcp_established && !from.tcp_close,
+        )?;
+        Ok(l)
+    });
     let status = match &layer {
         Ok(_) => Some(
             Command::new(&cfg.runc)
@@ -476,6 +549,9 @@ fn restore(
             &format!("cannot report restore outcome: {e}"),
         );
     }
+    // The container's later checkpoints read the same file: from now on the node's own.
+    let node_conf = std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default();
+    let _ = std::fs::write(criu_conf_of(&marker), restore_conf(&node_conf, true));
     if from.work_path.is_empty() && result.is_ok() {
         let _ = std::fs::remove_dir_all(&work);
     }
@@ -569,7 +645,9 @@ fn delete(cfg: &Config, inv: &Invocation, args: &[OsString]) -> i32 {
         }
     };
     if let Some(id) = &id {
-        let _ = std::fs::remove_file(restored_marker(&inv.root(), id));
+        let marker = restored_marker(&inv.root(), id);
+        let _ = std::fs::remove_file(criu_conf_of(&marker));
+        let _ = std::fs::remove_file(marker);
     }
     let _ = std::io::stdout().write_all(&out.stdout);
     if out.status.success() {
@@ -666,6 +744,20 @@ pub fn os_args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(it: I) -> Vec<OsStrin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_closes_connections_unless_it_keeps_them() {
+        let node = "# podmig\nnetwork-lock nftables\ntcp-established\ntcp-close\nskip-in-flight\n";
+        assert_eq!(
+            restore_conf(node, true),
+            "# podmig\nnetwork-lock nftables\nskip-in-flight\ntcp-established\n"
+        );
+        assert_eq!(
+            restore_conf(node, false),
+            "# podmig\nnetwork-lock nftables\nskip-in-flight\ntcp-established\ntcp-close\n"
+        );
+        assert_eq!(restore_conf("", true), "tcp-established\n");
+    }
 
     const SHIM_CREATE: &[&str] = &[
         "--root",

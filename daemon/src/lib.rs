@@ -1,10 +1,12 @@
 //! The podmig node daemon and controller: the library behind the `podmig` binary.
 
 pub mod cleanup;
+pub mod cni;
 pub mod config;
 pub mod controller;
 pub mod crds;
 pub mod error;
+pub mod keepip;
 pub mod kubeclient;
 pub mod node;
 pub mod nodeprep;

@@ -61,7 +61,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Pr
 /// network locked in process, established TCP connections dumped and closed on restore
 /// (the Pod has a new address), connections still in a listen queue dropped. The same
 /// body as `scripts/setup` writes on test machines.
-pub const RUNC_CONF: &str = "# podmig: CRIU settings for runc checkpoint/restore (scripts/setup)\nnetwork-lock nftables\ntcp-established\ntcp-close\nskip-in-flight\n";
+pub const RUNC_CONF: &str = "# podmig: CRIU settings for runc checkpoint/restore (scripts/setup)\nnetwork-lock nftables\ntcp-established\nskip-in-flight\n";
 
 /// The drop-in's name, in `/etc/containerd/conf.d/` or `/etc/crio/crio.conf.d/`.
 pub const DROPIN: &str = "podmig.toml";
@@ -632,7 +632,7 @@ pub fn run(cfg: &crate::config::PrepareConfig) -> Result<String, PrepError> {
             "unchanged"
         },
         if outcome.foreign_runc_conf {
-            "; the node's own /etc/criu/runc.conf was kept: podmig needs network-lock nftables, tcp-established, tcp-close and skip-in-flight in it"
+            "; the node's own /etc/criu/runc.conf was kept: podmig needs network-lock nftables, tcp-established and skip-in-flight in it (and no tcp-close: podmig-runc closes connections per restore)"
         } else {
             ""
         }

@@ -512,7 +512,12 @@ async fn pingpong(c: &Cluster, moves: usize) -> anyhow::Result<()> {
 }
 
 /// The cross-node benchmark: every strategy at every size, then the `pingpong` line.
-pub async fn moves(sizes: &[u64], runs: usize, pingpong_moves: usize) -> anyhow::Result<()> {
+pub async fn moves(
+    sizes: &[u64],
+    runs: usize,
+    pingpong_moves: usize,
+    connection_sizes: &[u64],
+) -> anyhow::Result<()> {
     let limits = crate::bench_raw::measure(std::path::Path::new("/dev/shm"), 256).await?;
     println!(
         "machine: raw tmpfs write {:.0} MB/s, raw TLS loopback copy {:.0} MB/s (256 MiB each)",
@@ -523,6 +528,12 @@ pub async fn moves(sizes: &[u64], runs: usize, pingpong_moves: usize) -> anyhow:
     let (_ctl, _) = c.start_controller("bench")?;
     if pingpong_moves > 0 {
         pingpong(&c, pingpong_moves).await?;
+    }
+    if !connection_sizes.is_empty() {
+        crate::bench_conn::connections(&c, connection_sizes, runs).await?;
+    }
+    if sizes.is_empty() {
+        return Ok(());
     }
     let strategies = ["podmig", "restart", "thesis", "lazy", "auto", "same-node"];
     let mut rows = Vec::new();

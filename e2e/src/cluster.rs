@@ -89,6 +89,14 @@ impl Network {
     pub fn pod_cidr(&self, i: usize) -> String {
         format!("10.{}.{}.0/24", self.octet, i + 1)
     }
+    /// The /24 of Services' ClusterIPs (its first three octets).
+    pub fn service_range(&self) -> [u8; 3] {
+        [10, u8::try_from(self.octet).unwrap_or(150), 200]
+    }
+    /// The service proxy's iptables chain (per cluster: the host's tables are shared).
+    pub fn service_chain(&self) -> String {
+        format!("PMSVC-{}", self.prefix)
+    }
     /// Node `i`'s network namespace.
     pub fn netns(&self, i: usize) -> String {
         format!("{}-n{i}", self.prefix)
@@ -210,6 +218,10 @@ pub struct Cluster {
     _checkpoints: tempfile::TempDir,
     /// A temporary parent directory the cluster owns (removed after the teardown).
     _tmp: Option<tempfile::TempDir>,
+    /// Routes of Pod addresses kept across nodes.
+    fabric: Option<crate::fabric::Fabric>,
+    /// The EndpointSlice controller and the service proxy.
+    services: [tokio::task::JoinHandle<()>; 2],
 }
 
 /// A kube client from a kubeconfig file.
@@ -244,6 +256,7 @@ impl Cluster {
         for i in 0..nodes {
             network.create_node(i, nodes)?;
         }
+        let fabric = crate::fabric::Fabric::start(&network, nodes, dir)?;
         let apiserver = ApiServer::start(Options {
             listen: format!("{}:6443", network.gateway()).parse()?,
             extra_sans: vec![],
@@ -251,6 +264,7 @@ impl Cluster {
             bookmark_interval: Duration::from_secs(5),
         })
         .await?;
+        apiserver.api.set_service_range(network.service_range());
         let client = client_from(&apiserver.kubeconfig).await?;
         bootstrap(&client).await?;
         let scheduler = {
@@ -271,6 +285,20 @@ impl Cluster {
             client.clone(),
             std::fs::read_to_string(&apiserver.ca)?,
         ));
+        let slices = tokio::spawn(crate::services::run_endpoint_slices(client.clone()));
+        let proxy = tokio::spawn(crate::services::run_proxy(
+            client.clone(),
+            network.service_chain(),
+            std::iter::once(crate::services::ProxyTarget {
+                netns: None,
+                node_ip: None,
+            })
+            .chain((0..nodes).map(|i| crate::services::ProxyTarget {
+                netns: Some(network.netns(i)),
+                node_ip: Some(network.node_ip(i)),
+            }))
+            .collect(),
+        ));
         let checkpoints = tempfile::Builder::new()
             .prefix("podmig-ckpt-")
             .tempdir_in(crate::paths::memory_dir())?;
@@ -286,6 +314,8 @@ impl Cluster {
             workloads,
             _checkpoints: checkpoints,
             _tmp: None,
+            fabric: Some(fabric),
+            services: [slices, proxy],
         };
         let tls = crate::pki::create(
             &dir.join("pki"),
@@ -304,6 +334,7 @@ impl Cluster {
             let ckpts = cluster._checkpoints.path().join(&name);
             let node_fs = tokio::task::block_in_place(|| NodeFs::create(&ndir))?;
             let netns = network.netns(i);
+            let kc = ndir.join("kubelet.kubeconfig");
             let containerd = tokio::task::block_in_place(|| {
                 Containerd::start_with(ContainerdOptions {
                     hook_socket: PathBuf::from(HOOK_SOCKET),
@@ -311,10 +342,10 @@ impl Cluster {
                     netns: Some(netns.clone()),
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                     node_fs: Some(node_fs.clone()),
+                    cni_kubeconfig: Some(kc.clone()),
                 })
             })?;
             track_pid_in(dir, containerd.pid())?;
-            let kc = ndir.join("kubelet.kubeconfig");
             let api = cluster.apiserver.as_ref().context("api server")?;
             api.kubeconfig_for(
                 User {
@@ -641,6 +672,10 @@ impl Cluster {
     fn teardown(&mut self) {
         self.scheduler.abort();
         self.workloads.abort();
+        for t in &self.services {
+            t.abort();
+        }
+        crate::services::remove(&self.network.service_chain(), None);
         for n in &self.nodes {
             n.kubelet.abort();
             if let Some(logs) = &n.logs {
@@ -654,6 +689,7 @@ impl Cluster {
         if let Some(api) = self.apiserver.take() {
             drop(api);
         }
+        self.fabric = None;
         self.network.remove(count);
         let mut mounts = crate::containerd::mounts_under(&self.dir);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -843,6 +879,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
                 netns: ns_alive.then_some(netns),
                 network: Some(("cni0".into(), state.network.pod_cidr(i))),
                 node_fs: Some(node_fs),
+                cni_kubeconfig: None,
             });
             drop(restarted);
         }
@@ -850,6 +887,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     for m in crate::containerd::mounts_under(dir) {
         quiet("umount", &["-l", &m]);
     }
+    crate::services::remove(&state.network.service_chain(), None);
     state.network.remove(state.nodes);
     if let Some(c) = &state.checkpoints {
         let _ = std::fs::remove_dir_all(c);

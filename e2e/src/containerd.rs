@@ -28,6 +28,9 @@ pub struct ContainerdOptions {
     /// The node's own file system (a node of the local cluster): containerd runs in its
     /// mount namespace with its root, state and runc state at the standard paths there.
     pub node_fs: Option<crate::node_fs::NodeFs>,
+    /// The node's kubeconfig for podmig's CNI plugin: with it, `podmig-cni` is chained
+    /// after the bridge and migration targets keep their source's address.
+    pub cni_kubeconfig: Option<PathBuf>,
 }
 
 /// One containerd with everything it made; torn down (containers, sandboxes, network
@@ -39,6 +42,7 @@ pub struct Containerd {
     bridge: String,
     subnet: String,
     netns: Option<String>,
+    cni_kubeconfig: Option<PathBuf>,
     node_fs: Option<crate::node_fs::NodeFs>,
     proc: Option<Proc>,
 }
@@ -78,6 +82,7 @@ impl Containerd {
             bridge,
             subnet,
             netns: opts.netns.clone(),
+            cni_kubeconfig: opts.cni_kubeconfig.clone(),
             node_fs: opts.node_fs.clone(),
             proc: None,
         };
@@ -177,6 +182,7 @@ impl Containerd {
         let d = self.dir.as_path();
         let cni = d.join("cni");
         std::fs::create_dir_all(&cni)?;
+        let cni_bin = self.cni_bin_dir()?;
         let wrapper = paths::bin("podmig-runc");
         if !wrapper.exists() {
             bail!(
@@ -207,7 +213,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE); kubelet-style -998 fails.
   restrict_oom_score_adj = true
 [{cri}.cni]
-  bin_dir = "/usr/lib/cni"
+  bin_dir = "{cni_bin}"
   conf_dir = "{cni}"
 [{cri}.containerd]
   snapshotter = "overlayfs"
@@ -229,6 +235,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             opt = d.join("opt").display(),
             pause = paths::PAUSE_IMAGE,
             cni = cni.display(),
+            cni_bin = cni_bin.display(),
             runc = runc.display(),
             wrapper = wrapper.display(),
         );
@@ -237,23 +244,42 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         for dir in [host_root, host_state, host_runc] {
             std::fs::create_dir_all(dir)?;
         }
+        let mut plugins = vec![serde_json::json!({
+            "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}],
+                     "dataDir": d.join("cni-ipam").display().to_string()}
+        })];
+        if let Some(kc) = &self.cni_kubeconfig {
+            plugins.push(serde_json::json!({"type": "podmig-cni", "kubeconfig": kc}));
+        }
+        plugins.push(serde_json::json!({"type": "loopback"}));
         let net = serde_json::json!({
             "cniVersion": "0.4.0",
             "name": self.bridge,
-            "plugins": [
-                {
-                    "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
-                    "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}],
-                             "dataDir": d.join("cni-ipam").display().to_string()}
-                },
-                {"type": "loopback"}
-            ]
+            "plugins": plugins,
         });
         std::fs::write(
             cni.join("10-podmig.conflist"),
             serde_json::to_vec_pretty(&net)?,
         )?;
         Ok(())
+    }
+
+    /// containerd 1.x reads CNI plugins from one directory: Debian's, and podmig's own.
+    fn cni_bin_dir(&self) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.join("cni-bin");
+        std::fs::create_dir_all(&dir)?;
+        let mut plugins: Vec<(std::ffi::OsString, PathBuf)> = std::fs::read_dir("/usr/lib/cni")?
+            .flatten()
+            .map(|e| (e.file_name(), e.path()))
+            .collect();
+        plugins.push(("podmig-cni".into(), paths::bin("podmig-cni")));
+        for (name, target) in plugins {
+            let link = dir.join(name);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, link)?;
+        }
+        Ok(dir)
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {

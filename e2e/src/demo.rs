@@ -8,7 +8,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use podmig_api::v1alpha1::MigratingPod;
 
-use crate::{cluster::Cluster, testapp::get_count, wait::until};
+use crate::{
+    cluster::Cluster,
+    testapp::{get_count, get_count_at},
+    wait::until,
+};
 
 /// What the demo saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -17,8 +21,12 @@ pub struct DemoResult {
     pub from: String,
     /// Node it runs on after the drain.
     pub to: String,
-    /// Longest time the app did not answer while the node drained.
-    pub downtime_ms: u64,
+    /// Longest time the app did not answer through its Service while the node drained.
+    pub service_downtime_ms: u64,
+    /// A connection held open through the Service (`GET /stream`) went on across the move.
+    pub connection_kept: bool,
+    /// The longest pause of that connection's ticks.
+    pub connection_gap_ms: u64,
     /// Frozen time the node daemons reported.
     pub frozen_ms: u64,
     /// The app's count just before the drain.
@@ -36,11 +44,13 @@ impl DemoResult {
     /// The last line `make demo` prints.
     pub fn line(&self) -> String {
         format!(
-            "podmig-demo result={} from={} to={} downtime_ms={} frozen_ms={} count_before={} count_after={}",
+            "podmig-demo result={} from={} to={} service_downtime_ms={} connection_kept={} connection_gap_ms={} frozen_ms={} count_before={} count_after={}",
             if self.ok() { "ok" } else { "failed" },
             self.from,
             self.to,
-            self.downtime_ms,
+            self.service_downtime_ms,
+            self.connection_kept,
+            self.connection_gap_ms,
             self.frozen_ms,
             self.count_before,
             self.count_after
@@ -92,17 +102,29 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     for _ in 0..8 {
         get_count(&ip0).await?;
     }
+    let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::default_namespaced(c.client.clone());
+    let cluster_ip = until(
+        "the Service's ClusterIP",
+        Duration::from_secs(10),
+        async || svcs.get("counter").await.ok()?.spec?.cluster_ip,
+    )
+    .await?;
+    until("the Service answers", Duration::from_secs(20), async || {
+        crate::testapp::get_count_at(&cluster_ip, 80).await.ok()
+    })
+    .await?;
     say(format!(
-        "kubectl apply -f examples/migratingpod.yaml examples/service.yaml: counter-0 runs on {from} at {ip0} (polled at the Pod's address: the local cluster has no Service proxy)"
+        "kubectl apply -f examples/migratingpod.yaml examples/service.yaml: counter-0 runs on {from} at {ip0}; Service counter at {cluster_ip}:80"
     ));
 
-    // Poll the app wherever it runs, as a client of its Service would.
+    // Poll the app through its Service, and hold a connection open through it.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let poller = tokio::spawn(poll(pods.clone(), ip0.clone(), stopped));
+    let poller = tokio::spawn(poll(cluster_ip.clone(), stopped));
+    let held = crate::testapp::HeldStream::open(&cluster_ip, 80)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let count_before = get_count(&ip0).await?;
+    let count_before = get_count_at(&cluster_ip, 80).await?;
     say(format!(
-        "GET /count -> {count_before}; kubectl drain {from} --ignore-daemonsets"
+        "GET {cluster_ip}/count -> {count_before}, GET {cluster_ip}/stream held open; kubectl drain {from} --ignore-daemonsets"
     ));
     let drain_started = Instant::now();
     c.kubectl(&["drain", &from, "--ignore-daemonsets", "--timeout=150s"])?;
@@ -124,14 +146,22 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let p1 = crate::wait::ready_pod(&pods, &record.target_pod, Duration::from_secs(30)).await?;
     let to = node_of(&p1);
     let ip1 = pod_ip(&p1).unwrap_or_default();
-    let count_after = get_count(&ip1).await?;
+    let count_after = get_count_at(&cluster_ip, 80).await?;
+    let moved = Instant::now();
+    let connection_kept = until("ticks after the move", Duration::from_secs(5), async || {
+        (held.ticks_since(moved) >= 3 && held.ended().is_none()).then_some(())
+    })
+    .await
+    .is_ok();
+    let connection_gap_ms = held.longest_gap().as_millis() as u64;
     let _ = stop.send(());
     let answers = poller.await.unwrap_or_default();
-    let downtime_ms = longest_gap(&answers, drain_started).as_millis() as u64;
+    let service_downtime_ms = longest_gap(&answers, drain_started).as_millis() as u64;
     let frozen_ms = record.report.as_ref().map_or(0, |r| r.frozen_ms);
     say(format!(
-        "{} runs on {to} at {ip1}: GET /count -> {count_after}; the app did not answer for {downtime_ms} ms at most ({frozen_ms} ms frozen)",
-        record.target_pod
+        "{} runs on {to} at {ip1}: GET {cluster_ip}/count -> {count_after}; through the Service the app did not answer for {service_downtime_ms} ms at most ({frozen_ms} ms frozen); the held connection {} (longest pause {connection_gap_ms} ms)",
+        record.target_pod,
+        if connection_kept { "went on" } else { "ended" }
     ));
     let log = c
         .kubectl(&["logs", &record.target_pod, "--tail=1"])
@@ -147,44 +177,22 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     Ok(DemoResult {
         from,
         to,
-        downtime_ms,
+        service_downtime_ms,
+        connection_kept,
+        connection_gap_ms,
         frozen_ms,
         count_before,
         count_after,
     })
 }
 
-/// Polls the counter every 20 ms until stopped, following it to wherever its Ready Pod
-/// runs; returns when each answer came.
-async fn poll(
-    pods: Api<Pod>,
-    mut ip: String,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> Vec<Instant> {
+/// Polls the counter through its Service every 20 ms until stopped, as a client of the
+/// Service would; returns when each answer came.
+async fn poll(cluster_ip: String, mut stop: tokio::sync::oneshot::Receiver<()>) -> Vec<Instant> {
     let mut answers = Vec::new();
     loop {
-        match get_count(&ip).await {
-            Ok(_) => answers.push(Instant::now()),
-            Err(_) => {
-                let params = kube::api::ListParams::default().labels("app=counter");
-                if let Ok(list) = pods.list(&params).await
-                    && let Some(x) = list
-                        .items
-                        .iter()
-                        .filter(|p| p.metadata.deletion_timestamp.is_none())
-                        .find(|p| {
-                            p.status
-                                .as_ref()
-                                .and_then(|s| s.conditions.as_ref())
-                                .is_some_and(|c| {
-                                    c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                                })
-                        })
-                        .and_then(pod_ip)
-                {
-                    ip = x;
-                }
-            }
+        if get_count_at(&cluster_ip, 80).await.is_ok() {
+            answers.push(Instant::now());
         }
         tokio::select! {
             _ = &mut stop => return answers,
@@ -217,7 +225,9 @@ mod tests {
         let r = DemoResult {
             from: "node-0".into(),
             to: "node-1".into(),
-            downtime_ms: 560,
+            service_downtime_ms: 560,
+            connection_kept: true,
+            connection_gap_ms: 300,
             frozen_ms: 200,
             count_before: 10,
             count_after: 11,
@@ -225,7 +235,7 @@ mod tests {
         assert!(r.ok());
         assert_eq!(
             r.line(),
-            "podmig-demo result=ok from=node-0 to=node-1 downtime_ms=560 frozen_ms=200 count_before=10 count_after=11"
+            "podmig-demo result=ok from=node-0 to=node-1 service_downtime_ms=560 connection_kept=true connection_gap_ms=300 frozen_ms=200 count_before=10 count_after=11"
         );
         assert!(
             !DemoResult {

@@ -6,6 +6,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod bench_conn;
 pub mod bench_move;
 pub mod bench_raw;
 pub mod clock;
@@ -16,6 +17,7 @@ pub mod cri;
 pub mod daemon;
 pub mod daemon_api;
 pub mod demo;
+pub mod fabric;
 pub mod kubelet;
 pub mod kubelet_logs;
 pub mod kubelet_pod;
@@ -29,6 +31,7 @@ pub mod plot;
 pub mod process;
 pub mod scenario;
 pub mod scheduler;
+pub mod services;
 pub mod testapp;
 pub mod wait;
 pub mod workloads;

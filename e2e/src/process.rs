@@ -28,6 +28,11 @@ impl Proc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Its standard output, when it was piped (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
     /// Lets the process run on past the guard (debugging aid).
     pub fn detach(&mut self) {
         self.child = None;

@@ -112,3 +112,80 @@ spec:
 "#
     )
 }
+
+/// A client holding `GET /stream` open to `ip:port`: every tick with when it came, and how
+/// the connection ended (`None` while open).
+pub struct HeldStream {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, u64)>>>,
+    ended: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+}
+
+impl HeldStream {
+    /// Connects and asks for the stream.
+    pub fn open(ip: &str, port: u16) -> anyhow::Result<Self> {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect((ip, port))?;
+        s.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")?;
+        // A connection that hangs shows as a read timeout.
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (l, e) = (lines.clone(), ended.clone());
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(s);
+            let mut line = String::new();
+            let end = loop {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => break "closed (EOF)".to_owned(),
+                    Ok(_) if line.starts_with("tick") => {
+                        let n = line
+                            .trim()
+                            .strip_prefix("tick ")
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(0);
+                        l.lock().expect("lock").push((std::time::Instant::now(), n));
+                    }
+                    Ok(_) => {}
+                    Err(err) => break format!("{:?}", err.kind()),
+                }
+            };
+            *e.lock().expect("lock") = Some((std::time::Instant::now(), end));
+        });
+        Ok(Self { lines, ended })
+    }
+
+    /// Ticks received after `t`.
+    pub fn ticks_since(&self, t: std::time::Instant) -> usize {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(x, _)| *x > t)
+            .count()
+    }
+
+    /// The tick numbers received, in order.
+    pub fn numbers(&self) -> Vec<u64> {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, n)| *n)
+            .collect()
+    }
+
+    /// The longest time between two ticks.
+    pub fn longest_gap(&self) -> Duration {
+        let l = self.lines.lock().expect("lock");
+        l.windows(2)
+            .map(|w| w[1].0.saturating_duration_since(w[0].0))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// How and when the connection ended, once it did.
+    pub fn ended(&self) -> Option<(std::time::Instant, String)> {
+        self.ended.lock().expect("lock").clone()
+    }
+}

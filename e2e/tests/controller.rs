@@ -128,6 +128,22 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
             .map(String::as_str),
         Some("Restored")
     );
+    // Within one node the address cannot be kept (two sandboxes of a node cannot share
+    // it): the target has a new one, and an Event says so and why.
+    assert_ne!(
+        p1.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        Some(ip0.clone())
+    );
+    let events = until(
+        "the PodIPNotKept Event",
+        Duration::from_secs(20),
+        async || {
+            let out = c.kubectl(&["get", "events", "-o", "json"]).ok()?;
+            out.contains("PodIPNotKept").then_some(out)
+        },
+    )
+    .await?;
+    assert!(events.contains("the source runs on this node"), "{events}");
     assert_eq!(
         p1.annotations().get(ANNOTATION_MIGRATE_FROM),
         p0.metadata.uid.as_ref()

@@ -34,6 +34,7 @@ async fn setup() -> anyhow::Result<(Cluster, Proc)> {
     Ok((c, ctl))
 }
 
+use podmig_e2e::testapp::HeldStream;
 use podmig_e2e::wait::{node_of, pod_ip as ip, ready_pod as ready};
 
 fn index_of(c: &Cluster, node: &str) -> usize {
@@ -1051,56 +1052,6 @@ async fn a_failed_restore_of_one_container_rolls_back_the_whole_pod() -> anyhow:
     Ok(())
 }
 
-/// A client holding `GET /stream` open to `ip`: every line with when it came, and how the
-/// connection ended (`None` while open).
-struct HeldConnection {
-    lines: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
-    ended: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
-}
-
-impl HeldConnection {
-    fn open(ip: &str) -> anyhow::Result<Self> {
-        use std::io::{BufRead, Write};
-        let mut s = std::net::TcpStream::connect((ip, 8080))?;
-        s.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")?;
-        // A connection that hangs shows as a read timeout.
-        s.set_read_timeout(Some(Duration::from_secs(15)))?;
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let (l, e) = (lines.clone(), ended.clone());
-        std::thread::spawn(move || {
-            let mut r = std::io::BufReader::new(s);
-            let mut line = String::new();
-            let end = loop {
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) => break "closed (EOF)".to_owned(),
-                    Ok(_) if line.starts_with("tick") => {
-                        l.lock().expect("lock").push(std::time::Instant::now());
-                    }
-                    Ok(_) => {}
-                    Err(err) => break format!("{:?}", err.kind()),
-                }
-            };
-            *e.lock().expect("lock") = Some((std::time::Instant::now(), end));
-        });
-        Ok(Self { lines, ended })
-    }
-
-    fn ticks_since(&self, t: std::time::Instant) -> usize {
-        self.lines
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|x| **x > t)
-            .count()
-    }
-
-    fn ended(&self) -> Option<(std::time::Instant, String)> {
-        self.ended.lock().expect("lock").clone()
-    }
-}
-
 async fn migrate_and_wait(
     c: &Cluster,
     name: &str,
@@ -1110,11 +1061,107 @@ async fn migrate_and_wait(
     Ok(c.migrate(name, pod, to, 60).await?.phase.expect("terminal"))
 }
 
+/// Output of `ip`/`iptables` in node `i`'s network namespace.
+fn in_node(c: &Cluster, i: usize, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.nodes[i].netns])
+        .args(args)
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_connection_survives_a_cross_node_move_on_the_kept_address() -> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("kept", "'--mem-mib', '16'"))?;
+    let p0 = ready(&pods, "kept-0", Duration::from_secs(60)).await?;
+    let addr = ip(&p0);
+    podmig_e2e::testapp::wait_count(&addr, Duration::from_secs(60)).await?;
+    let held = HeldStream::open(&addr, 8080)?;
+    let opened = std::time::Instant::now();
+    until("ticks", Duration::from_secs(10), async || {
+        (held.ticks_since(opened) >= 3).then_some(())
+    })
+    .await?;
+    let src = index_of(&c, &node_of(&p0));
+    let dst = 1 - src;
+    let m = c.migrate("kept", "kept-0", &c.nodes[dst].name, 60).await?;
+    assert_eq!(
+        m.phase,
+        Some(MigrationPhase::Succeeded),
+        "{m:?}\n{}",
+        diagnostics(&c)
+    );
+    let moved = std::time::Instant::now();
+    let p1 = ready(&pods, "kept-1", Duration::from_secs(30)).await?;
+    assert_eq!(ip(&p1), addr, "the target Pod has the source's address");
+    // The same connection goes on: no reset, no tick lost or repeated.
+    until(
+        "ticks on the held connection after the move",
+        Duration::from_secs(15),
+        async || (held.ticks_since(moved) >= 5).then_some(()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; the connection ended: {:?}", held.ended()))?;
+    assert!(held.ended().is_none(), "{:?}", held.ended());
+    let numbers = held.numbers();
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "the tick sequence is broken: {numbers:?}"
+    );
+    let frozen = m.report.as_ref().map_or(0, |r| r.frozen_ms);
+    eprintln!(
+        "kept connection: longest gap between ticks {:?}, frozen {frozen} ms, {} ticks",
+        held.longest_gap(),
+        numbers.len()
+    );
+    // Only the target answers on the address; the count goes on where it was.
+    assert!(get_count(&addr).await? >= 2, "the moved app answers");
+    let host = format!("{addr}/32");
+    until("the source Pod gone", Duration::from_secs(30), async || {
+        pods.get_opt("kept-0").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    // The target's node announces the address; the source's routes it there, holds
+    // nothing and has no route of its own for it.
+    let target_routes = in_node(&c, dst, &["ip", "-o", "route", "show", &host]);
+    assert!(
+        target_routes.contains("proto 211") && !target_routes.contains("via"),
+        "target node: {target_routes}"
+    );
+    until(
+        "the source's hold released",
+        Duration::from_secs(30),
+        async || {
+            let rules = in_node(&c, src, &["iptables", "-w", "-S", "FORWARD"]);
+            (!rules.contains("podmig-hold")).then_some(())
+        },
+    )
+    .await?;
+    let source_routes = in_node(&c, src, &["ip", "-o", "route", "show", &host]);
+    assert!(
+        source_routes.lines().all(|l| l.contains("via")),
+        "source node routes the address only through the network: {source_routes}"
+    );
+    let target_rules = in_node(&c, dst, &["iptables", "-w", "-S", "FORWARD"]);
+    assert!(
+        !target_rules.contains("podmig-hold"),
+        "the target's hold is released: {target_rules}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_connection_is_reset_by_a_move_and_survives_a_rollback() -> anyhow::Result<()> {
     let (c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    c.apply(&mpod_yaml("tcp", "'--mem-mib', '16'"))?;
+    // `keepIP: false`: the target gets a new address, as on a network that cannot keep it.
+    c.apply(
+        &mpod_yaml("tcp", "'--mem-mib', '16'")
+            .replace("strategy: full", "strategy: full\n  keepIP: false"),
+    )?;
     // Its restore will fail (it holds a file the target cannot have): the move rolls back.
     c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml(
         "tcpkeep", 60, 16,
@@ -1123,8 +1170,8 @@ async fn a_held_connection_is_reset_by_a_move_and_survives_a_rollback() -> anyho
     let k0 = ready(&pods, "tcpkeep-0", Duration::from_secs(60)).await?;
     podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
     podmig_e2e::testapp::wait_count(&ip(&k0), Duration::from_secs(60)).await?;
-    let moved = HeldConnection::open(&ip(&p0))?;
-    let kept = HeldConnection::open(&ip(&k0))?;
+    let moved = HeldStream::open(&ip(&p0), 8080)?;
+    let kept = HeldStream::open(&ip(&k0), 8080)?;
     let opened = std::time::Instant::now();
     until("ticks", Duration::from_secs(10), async || {
         (moved.ticks_since(opened) >= 3 && kept.ticks_since(opened) >= 3).then_some(())
@@ -1160,7 +1207,12 @@ async fn a_held_connection_is_reset_by_a_move_and_survives_a_rollback() -> anyho
         at.saturating_duration_since(done)
     );
     let p1 = ready(&pods, "tcp-1", Duration::from_secs(30)).await?;
-    let again = HeldConnection::open(&ip(&p1))?;
+    assert_ne!(
+        ip(&p1),
+        ip(&p0),
+        "keepIP: false gives the target a new address"
+    );
+    let again = HeldStream::open(&ip(&p1), 8080)?;
     let reopened = std::time::Instant::now();
     until(
         "the moved app streams",
@@ -1316,5 +1368,163 @@ async fn a_target_without_room_for_the_streamed_pages_refuses_them_before_the_fr
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(get_count(&ip(&p0)).await? > before, "the source counts on");
     no_checkpoints_within(&c, 0..2, Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// Every `GET /count` through `ip:80` until `stop`: when each was answered, and how many
+/// never were (each request is tried again for up to 10 s: retries are allowed while the
+/// Pod is frozen, an unanswered request is not).
+async fn poll_service(
+    ip: String,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Vec<std::time::Instant>, usize) {
+    let (mut answers, mut unanswered) = (Vec::new(), 0);
+    loop {
+        let asked = std::time::Instant::now();
+        loop {
+            if podmig_e2e::testapp::get_count_at(&ip, 80).await.is_ok() {
+                answers.push(std::time::Instant::now());
+                break;
+            }
+            if asked.elapsed() > Duration::from_secs(10) {
+                unanswered += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::select! {
+            _ = &mut stop => return (answers, unanswered),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_terminating()
+-> anyhow::Result<()> {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("web", "'--mem-mib', '16'"))?;
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n",
+    )?;
+    let p0 = ready(&pods, "web-0", Duration::from_secs(60)).await?;
+    let svcs: Api<Service> = Api::default_namespaced(c.client.clone());
+    let cluster_ip = until("a ClusterIP", Duration::from_secs(10), async || {
+        svcs.get("web").await.ok()?.spec?.cluster_ip
+    })
+    .await?;
+    until("the Service answers", Duration::from_secs(30), async || {
+        podmig_e2e::testapp::get_count_at(&cluster_ip, 80)
+            .await
+            .ok()
+    })
+    .await?;
+    // As on a real cluster: the ClusterIP, the NodePort and the endpoint are listed, and
+    // every node answers on the NodePort (the app runs on one of them).
+    let listed = c.kubectl(&["get", "svc,endpointslices"])?;
+    let node_port = svcs
+        .get("web")
+        .await?
+        .spec
+        .and_then(|s| s.ports)
+        .and_then(|p| p.first().and_then(|p| p.node_port))
+        .context("a nodePort")?;
+    assert!(
+        listed.contains(&cluster_ip)
+            && listed.contains(&ip(&p0))
+            && listed.contains(&format!("80:{node_port}/TCP")),
+        "{listed}"
+    );
+    for n in &c.nodes {
+        let port = u16::try_from(node_port)?;
+        podmig_e2e::testapp::get_count_at(&n.ip, port)
+            .await
+            .with_context(|| format!("NodePort {node_port} of {}", n.name))?;
+    }
+
+    // The slice as the Service's clients' proxies see it, sampled through the move.
+    let slices: Api<EndpointSlice> = Api::default_namespaced(c.client.clone());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let watcher = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(s) = slices.get("web").await {
+                    for e in s.endpoints {
+                        let c = e.conditions.unwrap_or_default();
+                        let pod = e.target_ref.and_then(|r| r.name).unwrap_or_default();
+                        seen.lock().expect("lock").insert((
+                            pod,
+                            c.ready.unwrap_or(false),
+                            c.serving.unwrap_or(false),
+                            c.terminating.unwrap_or(false),
+                        ));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let poller = tokio::spawn(poll_service(cluster_ip.clone(), stopped));
+    let held = HeldStream::open(&cluster_ip, 80)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let drained = std::time::Instant::now();
+    c.kubectl(&[
+        "drain",
+        &node_of(&p0),
+        "--ignore-daemonsets",
+        "--timeout=120s",
+    ])?;
+    let p1 = ready(&pods, "web-1", Duration::from_secs(60)).await?;
+    assert_eq!(ip(&p1), ip(&p0), "the moved Pod kept its address");
+    let moved = std::time::Instant::now();
+    until(
+        "ticks after the move",
+        Duration::from_secs(10),
+        async || (held.ticks_since(moved) >= 3).then_some(()),
+    )
+    .await?;
+    let _ = stop.send(());
+    let (answers, unanswered) = poller.await?;
+    watcher.abort();
+    assert_eq!(
+        unanswered, 0,
+        "a client request through the Service was never answered"
+    );
+    assert!(held.ended().is_none(), "{:?}", held.ended());
+    let ticks = held.numbers();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "the held connection lost or repeated ticks: {ticks:?}"
+    );
+    let seen = seen.lock().expect("lock").clone();
+    // Upstream's conditions: the Pod being deleted stays serving (not ready) while its
+    // readiness holds; the target becomes ready.
+    assert!(
+        seen.contains(&("web-0".to_owned(), false, true, true)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("web-1".to_owned(), true, true, false)),
+        "{seen:?}"
+    );
+    let gap = podmig_e2e::demo::longest_gap(&answers, drained);
+    let mpods: Api<podmig_api::v1alpha1::MigratingPod> = Api::default_namespaced(c.client.clone());
+    let frozen = mpods
+        .get("web")
+        .await?
+        .status
+        .and_then(|s| s.last_migration)
+        .and_then(|r| r.report)
+        .map_or(0, |r| r.frozen_ms);
+    eprintln!(
+        "drain behind a Service: {} requests answered, longest wait {gap:?}; held connection's longest pause {:?}; frozen {frozen} ms",
+        answers.len(),
+        held.longest_gap()
+    );
     Ok(())
 }

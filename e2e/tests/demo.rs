@@ -7,6 +7,10 @@ async fn the_demo_drains_a_node_and_the_app_keeps_counting_on_the_other() -> any
     assert!(r.ok(), "{r:?}");
     assert_ne!(r.from, r.to);
     assert!(r.count_after > r.count_before, "{r:?}");
-    assert!(r.frozen_ms > 0 && r.downtime_ms > 0, "{r:?}");
+    assert!(r.frozen_ms > 0 && r.service_downtime_ms > 0, "{r:?}");
+    assert!(
+        r.connection_kept,
+        "the held connection ended across the move: {r:?}"
+    );
     Ok(())
 }

@@ -189,14 +189,9 @@ async fn prepare_and_check(version: u8, binary: &Path) -> anyhow::Result<()> {
     let runc_conf = std::fs::read_to_string(node.root.join("etc/criu/runc.conf"))?;
     assert!(
         runc_conf.starts_with("# podmig")
-            && [
-                "network-lock nftables",
-                "tcp-established",
-                "tcp-close",
-                "skip-in-flight"
-            ]
-            .iter()
-            .all(|o| runc_conf.lines().any(|l| l == *o)),
+            && ["network-lock nftables", "tcp-established", "skip-in-flight"]
+                .iter()
+                .all(|o| runc_conf.lines().any(|l| l == *o)),
         "{runc_conf}"
     );
 
@@ -308,6 +303,7 @@ fn the_podmig_image_prepares_a_node_and_its_criu_runs() -> anyhow::Result<()> {
             netns: None,
             network: None,
             node_fs: None,
+            cni_kubeconfig: None,
         },
     )?;
     containerd.ctr(&[

@@ -11,7 +11,7 @@ use std::{process::Command, time::Duration};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use podmig_api::{
-    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_SOURCE_NODE,
+    ANNOTATION_MIGRATE_FROM, ANNOTATION_MIGRATION_ID, ANNOTATION_POD_IP, ANNOTATION_SOURCE_NODE,
     nodeapi::MoveInfo,
     v1alpha1::{MigratingPod, Migration, MigrationPhase},
 };
@@ -143,6 +143,11 @@ async fn forged_targets_are_refused_and_the_victim_keeps_running() -> anyhow::Re
         v.uid, c.nodes[v.node].name
     );
     c.apply(&mpod_yaml("evil", "copycat", &forged, 0))?;
+    // 4. A Pod on the other node claiming the victim's address.
+    c.apply(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: squatter\n  namespace: evil\n  annotations: {{{ANNOTATION_POD_IP}: '{}'}}\nspec:\n  nodeName: {other}\n  containers:\n  - {{name: app, image: '{IMAGE}'}}\n",
+        v.ip
+    ))?;
 
     let msg = refused(&c, "evil", "thief").await?;
     eprintln!("evil/thief: {msg}");
@@ -172,6 +177,33 @@ async fn forged_targets_are_refused_and_the_victim_keeps_running() -> anyhow::Re
     })
     .await?;
     assert!(events.contains("thief"), "{events}");
+    // The squatter gets no sandbox (podmig-cni checks the move's record), and its node
+    // never routes the victim's address to it.
+    let squat = until(
+        "the squatter refused",
+        Duration::from_secs(60),
+        async || {
+            let out = c
+                .kubectl(&["get", "pod", "squatter", "-n", "evil", "-o", "json"])
+                .ok()?;
+            let pod: Value = serde_json::from_str(&out).ok()?;
+            let st = &pod["status"]["containerStatuses"][0]["state"];
+            assert!(st["running"].is_null(), "the squatter runs: {st}");
+            let msg = st["waiting"]["message"].as_str()?.to_owned();
+            msg.contains("may not take address").then_some(msg)
+        },
+    )
+    .await?;
+    eprintln!("evil/squatter: {squat}");
+    let node = &c.nodes[1 - v.node].netns;
+    let routes = Command::new("ip")
+        .args(["-n", node, "-o", "route", "show", &format!("{}/32", v.ip)])
+        .output()?;
+    assert!(
+        routes.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
     v.untouched(&c, &admin).await?;
     Ok(())
 }

@@ -610,10 +610,14 @@ impl<'a> Deciding<'a> {
         let start = super::pod::deletion_requested_at(p).unwrap_or(self.now);
         super::pod::annotate_move(
             target.metadata.annotations.get_or_insert_default(),
-            start,
-            mpod.spec.migration_timeout_seconds,
-            mpod.spec.strategy,
-            mpod.spec.max_downtime_ms,
+            super::pod::MoveAsked {
+                start,
+                timeout_seconds: mpod.spec.migration_timeout_seconds,
+                strategy: mpod.spec.strategy,
+                max_downtime_ms: mpod.spec.max_downtime_ms,
+                keep_ip: mpod.spec.keep_ip,
+            },
+            p,
         );
         self.actions.push(Action::Event {
             reason: "MigrationStarted",

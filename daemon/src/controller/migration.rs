@@ -100,10 +100,14 @@ fn build_target(
     annotations.insert(ANNOTATION_MIGRATION_ID.into(), m.name_any());
     super::pod::annotate_move(
         annotations,
-        start,
-        m.spec.timeout_seconds,
-        m.spec.strategy,
-        m.spec.max_downtime_ms,
+        super::pod::MoveAsked {
+            start,
+            timeout_seconds: m.spec.timeout_seconds,
+            strategy: m.spec.strategy,
+            max_downtime_ms: m.spec.max_downtime_ms,
+            keep_ip: m.spec.keep_ip.or(owner.spec.keep_ip),
+        },
+        pod,
     );
     let spec = target.spec.get_or_insert_default();
     if let Some(t) = &m.spec.target_node {

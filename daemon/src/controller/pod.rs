@@ -145,21 +145,55 @@ pub fn pod_index(mpod: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(mpod)?.strip_prefix('-')?.parse().ok()
 }
 
+/// How a move is to be made, as its MigratingPod or Migration asks.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveAsked {
+    /// When the move was asked for (its deadline counts from here).
+    pub start: Timestamp,
+    /// Its time limit.
+    pub timeout_seconds: u32,
+    /// How its state is carried.
+    pub strategy: podmig_api::v1alpha1::Strategy,
+    /// `auto`'s downtime budget.
+    pub max_downtime_ms: u32,
+    /// `keepIP` (unset: keep where the network can).
+    pub keep_ip: Option<bool>,
+}
+
 /// Writes what a target Pod's daemons need to know of its move into its annotations: the
-/// deadline (`timeout_seconds` after `start`), and the strategy (absent: `full`) with, for
-/// `auto`, the downtime budget.
+/// deadline (`timeout_seconds` after `start`), the strategy (absent: `full`) with, for
+/// `auto`, the downtime budget, and the source's address to keep (unless `keepIP: false`
+/// or the source has none).
 pub fn annotate_move(
     annotations: &mut std::collections::BTreeMap<String, String>,
-    start: Timestamp,
-    timeout_seconds: u32,
-    strategy: podmig_api::v1alpha1::Strategy,
-    max_downtime_ms: u32,
+    asked: MoveAsked,
+    source: &Pod,
 ) {
     use podmig_api::v1alpha1::Strategy;
+    let MoveAsked {
+        start,
+        timeout_seconds,
+        strategy,
+        max_downtime_ms,
+        keep_ip,
+    } = asked;
     annotations.insert(
         podmig_api::ANNOTATION_MIGRATION_DEADLINE.into(),
         deadline(start, timeout_seconds),
     );
+    let source_ip = source
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .filter(|ip| !ip.is_empty());
+    match source_ip {
+        Some(ip) if keep_ip != Some(false) => {
+            annotations.insert(podmig_api::ANNOTATION_POD_IP.into(), ip.to_owned());
+        }
+        _ => {
+            annotations.remove(podmig_api::ANNOTATION_POD_IP);
+        }
+    }
     if strategy != Strategy::Full {
         annotations.insert(
             podmig_api::ANNOTATION_MIGRATION_STRATEGY.into(),
@@ -293,6 +327,37 @@ mod tests {
 
     fn pod(name: &str) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": name}})).expect("pod")
+    }
+
+    #[test]
+    fn a_target_asks_for_its_sources_address_unless_keep_ip_is_false() {
+        let source: Pod = serde_json::from_value(
+            json!({"metadata": {"name": "s-0"}, "status": {"podIP": "10.1.1.5"}}),
+        )
+        .expect("pod");
+        let asked = |keep_ip, source: &Pod| {
+            let mut a = std::collections::BTreeMap::from([(
+                podmig_api::ANNOTATION_POD_IP.to_owned(),
+                "stale".to_owned(),
+            )]);
+            annotate_move(
+                &mut a,
+                MoveAsked {
+                    start: Timestamp::UNIX_EPOCH,
+                    timeout_seconds: 60,
+                    strategy: podmig_api::v1alpha1::Strategy::Full,
+                    max_downtime_ms: 1000,
+                    keep_ip,
+                },
+                source,
+            );
+            a.get(podmig_api::ANNOTATION_POD_IP).cloned()
+        };
+        assert_eq!(asked(None, &source).as_deref(), Some("10.1.1.5"));
+        assert_eq!(asked(Some(true), &source).as_deref(), Some("10.1.1.5"));
+        // An annotation copied from an earlier move never survives.
+        assert_eq!(asked(Some(false), &source), None);
+        assert_eq!(asked(None, &pod("no-address")), None);
     }
 
     #[test]

@@ -122,6 +122,8 @@ pub struct MigrateOrder {
     pub max_downtime_ms: u32,
     /// `auto`: why the target cannot take a lazy move, if it cannot.
     pub target_lazy_impossible: Option<String>,
+    /// The target's sandbox took over this Pod's address: hold it from the freeze on.
+    pub kept_ip: Option<String>,
 }
 
 /// A checkpoint ready to hand over.

@@ -308,8 +308,15 @@ async fn settle_target<E: CheckpointEngine>(
     if own_images {
         node.store.remove(&e.images);
     }
+    let sandbox = podmig_cri_ext::identity::sandbox_of(
+        &node.settings.runc_root,
+        running.as_deref().unwrap_or(&e.container_id),
+    );
     let runs = match outcome {
         Ok(()) => {
+            if let Some(id) = &running {
+                release_hold(node, id);
+            }
             node.report_done(
                 &e.target_namespace,
                 &e.target_pod,
@@ -323,6 +330,13 @@ async fn settle_target<E: CheckpointEngine>(
                 let engine = node.engine.clone();
                 let id = id.clone();
                 let _ = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
+            }
+            // A kept address announced for this restore goes back to the source.
+            if let Some(sb) = &sandbox {
+                for ip in crate::keepip::held_addresses(sb).unwrap_or_default() {
+                    let _ = crate::keepip::unroute(ip);
+                }
+                let _ = crate::keepip::release(sb);
             }
             node.report_done(
                 &e.target_namespace,
@@ -370,6 +384,27 @@ async fn confirm_with_source<E: CheckpointEngine>(
     }
 }
 
+/// A source that runs again (or will) is reached again: the hold a previous run set on its
+/// address for a move that kept it (rules tagged with its sandbox) goes.
+fn release_hold<E: CheckpointEngine>(node: &Arc<Node<E>>, container_id: &str) {
+    let Some(sandbox) =
+        podmig_cri_ext::identity::sandbox_of(&node.settings.runc_root, container_id)
+    else {
+        return;
+    };
+    match crate::keepip::release(&sandbox) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            container_id,
+            rules = n,
+            "released the address hold a previous run set"
+        ),
+        Err(error) => {
+            tracing::warn!(container_id, %error, "cannot release the address hold a previous run set")
+        }
+    }
+}
+
 async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, action: SourceAction) {
     let engine = node.engine.clone();
     let id = e.container_id.clone();
@@ -382,11 +417,13 @@ async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, acti
             format!("stopped for good: {r:?}")
         }
         _ if alive => {
+            release_hold(node, &e.container_id);
             let r = tokio::task::spawn_blocking(move || engine.resume(&id)).await;
             node.store.remove(&e.images);
             format!("resumed in place: {r:?}")
         }
         _ if complete => {
+            release_hold(node, &e.container_id);
             // The dumped container is gone: its next start restores the checkpoint.
             let (tx, rx) = tokio::sync::oneshot::channel();
             node.dispatch(

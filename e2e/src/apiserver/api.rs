@@ -181,6 +181,8 @@ pub struct Api {
     /// Objects.
     pub store: Store,
     resources: RwLock<Vec<ResourceDef>>,
+    /// The /24 ClusterIPs are allocated from (its first three octets), once set.
+    service_range: std::sync::OnceLock<[u8; 3]>,
 }
 
 impl Default for Api {
@@ -195,6 +197,7 @@ impl Api {
         let api = Self {
             store: Store::new(),
             resources: RwLock::new(resources::builtins()),
+            service_range: std::sync::OnceLock::new(),
         };
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let def = api
@@ -349,7 +352,68 @@ impl Api {
         }
     }
 
+    /// Sets the /24 (`a.b.c.0/24`) Services' ClusterIPs come from (once).
+    pub fn set_service_range(&self, first_three: [u8; 3]) {
+        let _ = self.service_range.set(first_three);
+    }
+
+    /// kube-apiserver's Service defaults and allocations: `type: ClusterIP`, a free
+    /// ClusterIP of the service range, TCP ports with `targetPort` = `port`, and a free
+    /// `nodePort` (30000–32767) for each port of a `NodePort` Service.
+    fn service_defaults(&self, def: &ResourceDef, obj: &mut Value) {
+        let (taken, _) = self.store.list(&def.key(), None);
+        let spec = &mut obj["spec"];
+        if spec["type"].is_null() {
+            spec["type"] = json!("ClusterIP");
+        }
+        if spec["sessionAffinity"].is_null() {
+            spec["sessionAffinity"] = json!("None");
+        }
+        if let Some([a, b, c]) = self.service_range.get().copied()
+            && spec["clusterIP"].as_str().is_none_or(str::is_empty)
+            && spec["type"] != "ExternalName"
+        {
+            let used: std::collections::HashSet<String> = taken
+                .iter()
+                .filter_map(|s| s["spec"]["clusterIP"].as_str().map(str::to_owned))
+                .collect();
+            if let Some(ip) = (1..=254)
+                .map(|d| format!("{a}.{b}.{c}.{d}"))
+                .find(|ip| !used.contains(ip))
+            {
+                spec["clusterIP"] = json!(ip);
+                spec["clusterIPs"] = json!([ip]);
+            }
+        }
+        let mut used_ports: std::collections::HashSet<u64> = taken
+            .iter()
+            .flat_map(|s| s["spec"]["ports"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["nodePort"].as_u64())
+            .collect();
+        let node_port = spec["type"] == "NodePort" || spec["type"] == "LoadBalancer";
+        if let Some(ports) = spec["ports"].as_array_mut() {
+            for p in ports {
+                if p["protocol"].is_null() {
+                    p["protocol"] = json!("TCP");
+                }
+                if p["targetPort"].is_null() {
+                    p["targetPort"] = p["port"].clone();
+                }
+                if node_port
+                    && p["nodePort"].is_null()
+                    && let Some(n) = (30000..=32767).find(|n| !used_ports.contains(n))
+                {
+                    used_ports.insert(n);
+                    p["nodePort"] = json!(n);
+                }
+            }
+        }
+    }
+
     fn defaults(&self, def: &ResourceDef, obj: &mut Value) {
+        if def.group.is_empty() && def.plural == "services" {
+            self.service_defaults(def, obj);
+        }
         if def.is_pod() {
             let spec = &mut obj["spec"];
             if spec["restartPolicy"].is_null() {

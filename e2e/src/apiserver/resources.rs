@@ -184,6 +184,13 @@ pub fn builtins() -> Vec<ResourceDef> {
             .with_status()
             .all(),
         ResourceDef::new("", "v1", "Endpoints", "endpoints", true).short(&["ep"]),
+        ResourceDef::new(
+            "discovery.k8s.io",
+            "v1",
+            "EndpointSlice",
+            "endpointslices",
+            true,
+        ),
         ResourceDef::new("", "v1", "Event", "events", true).short(&["ev"]),
         ResourceDef::new("", "v1", "ConfigMap", "configmaps", true).short(&["cm"]),
         ResourceDef::new("", "v1", "PersistentVolume", "persistentvolumes", false)

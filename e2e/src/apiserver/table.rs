@@ -185,6 +185,94 @@ const BUILTIN_COLUMNS: &[BuiltinColumns] = &[
     ),
 ];
 
+/// `kubectl get services` as upstream prints it: `80/TCP`, `80:30001/TCP` with a NodePort.
+fn service_cells(o: &Value) -> Vec<Value> {
+    let spec = &o["spec"];
+    let ports: Vec<String> = spec["ports"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    let proto = p["protocol"].as_str().unwrap_or("TCP");
+                    match p["nodePort"].as_u64() {
+                        Some(np) => format!("{}:{np}/{proto}", p["port"]),
+                        None => format!("{}/{proto}", p["port"]),
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let selector: Vec<String> = spec["selector"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let or_none = |s: String| if s.is_empty() { "<none>".to_owned() } else { s };
+    vec![
+        json!(o["metadata"]["name"]),
+        json!(spec["type"].as_str().unwrap_or("ClusterIP")),
+        json!(or_none(
+            spec["clusterIP"].as_str().unwrap_or_default().to_owned()
+        )),
+        json!("<none>"),
+        json!(or_none(ports.join(","))),
+        json!(age(o["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default())),
+        json!(or_none(selector.join(","))),
+    ]
+}
+
+/// `kubectl get endpointslices` as upstream prints it: ports joined, the first three
+/// addresses and `+ N more...`.
+fn endpoint_slice_cells(o: &Value) -> Vec<Value> {
+    let ports: Vec<String> = o["ports"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter_map(|p| p["port"].as_u64().map(|n| n.to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let addresses: Vec<String> = o["endpoints"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut shown = addresses
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
+    if addresses.len() > 3 {
+        shown.push_str(&format!(" + {} more...", addresses.len() - 3));
+    }
+    let or_none = |s: String| {
+        if s.is_empty() {
+            "<unset>".to_owned()
+        } else {
+            s
+        }
+    };
+    vec![
+        json!(o["metadata"]["name"]),
+        json!(o["addressType"]),
+        json!(or_none(ports.join(","))),
+        json!(or_none(shown)),
+        json!(age(o["metadata"]["creationTimestamp"]
+            .as_str()
+            .unwrap_or_default())),
+    ]
+}
+
 /// Renders one object into the cells of its row.
 type Cells = Box<dyn Fn(&Value) -> Vec<Value>>;
 
@@ -213,6 +301,28 @@ fn layout(def: &ResourceDef) -> (Vec<Value>, Cells) {
             col("Version", "string", 0),
         ];
         return (cols, Box::new(node_cells));
+    }
+    if def.group.is_empty() && def.plural == "services" {
+        let cols = vec![
+            col("Name", "string", 0),
+            col("Type", "string", 0),
+            col("Cluster-IP", "string", 0),
+            col("External-IP", "string", 0),
+            col("Port(s)", "string", 0),
+            col("Age", "string", 0),
+            col("Selector", "string", 1),
+        ];
+        return (cols, Box::new(service_cells));
+    }
+    if def.group == "discovery.k8s.io" && def.plural == "endpointslices" {
+        let cols = vec![
+            col("Name", "string", 0),
+            col("AddressType", "string", 0),
+            col("Ports", "string", 0),
+            col("Endpoints", "string", 0),
+            col("Age", "string", 0),
+        ];
+        return (cols, Box::new(endpoint_slice_cells));
     }
     if def.group.is_empty() && def.plural == "events" {
         let cols = vec![

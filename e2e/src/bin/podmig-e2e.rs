@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Drain a node of the local two-node cluster under the running example app, narrated;
-    /// ends with `podmig-demo result=ok from=… to=… downtime_ms=… frozen_ms=… count_before=… count_after=…`.
+    /// ends with `podmig-demo result=ok from=… to=… service_downtime_ms=… connection_kept=… connection_gap_ms=… frozen_ms=… count_before=… count_after=…`.
     Demo,
     /// Serve the Kubernetes API for tests until interrupted; prints the kubeconfig path.
     Apiserver {
@@ -53,6 +53,13 @@ enum Command {
         /// Cross-node moves in a row of one 16 MiB Pod for the `pingpong` line (0: none).
         #[arg(long, default_value_t = 20)]
         pingpong: usize,
+        /// Ballast sizes in MiB for the connections table (clients of a Service across a
+        /// move that keeps the Pod's address).
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 256])]
+        connections: Vec<u64>,
+        /// Measure only the connections table.
+        #[arg(long)]
+        only_connections: bool,
     },
     /// Redraws `docs/downtime.svg` from a saved `make bench` output (its `podmig-bench`
     /// lines), e.g. after editing the README's tables from that run.
@@ -138,7 +145,13 @@ async fn main() -> anyhow::Result<()> {
             sizes,
             runs,
             pingpong,
-        } => podmig_e2e::bench_move::moves(&sizes, runs, pingpong).await,
+            connections,
+            only_connections,
+        } => {
+            let sizes = if only_connections { vec![] } else { sizes };
+            let pingpong = if only_connections { 0 } else { pingpong };
+            podmig_e2e::bench_move::moves(&sizes, runs, pingpong, &connections).await
+        }
         Command::BenchEngine { sizes, runs } => podmig_e2e::bench::engine(&sizes, runs).await,
         Command::Plot { from, title } => {
             let series = podmig_e2e::plot::series_from_bench(&std::fs::read_to_string(&from)?);

@@ -190,6 +190,7 @@ pub(super) async fn handover<E: CheckpointEngine>(
                     .max_downtime_ms
                     .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS),
                 target_lazy_impossible: h.lazy_impossible.clone(),
+                kept_ip: h.kept_ip.clone(),
             },
             prepared: tx,
         },

@@ -92,6 +92,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 let options = CheckpointOptions {
                     image_path: dir.clone(),
                     keep_frozen: true,
+                    // Connections are dumped with their state; the target's restore
+                    // keeps or closes them.
+                    tcp_established: true,
                     ..Default::default()
                 };
                 let report =
@@ -205,6 +208,7 @@ pub(super) fn dump_all<E: CheckpointEngine + 'static>(
                 let options = CheckpointOptions {
                     image_path: dir.clone(),
                     keep_frozen: true,
+                    tcp_established: true,
                     stream_pages: streams.get(i).cloned().flatten(),
                     ..Default::default()
                 };

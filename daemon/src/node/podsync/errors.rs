@@ -168,6 +168,9 @@ pub enum DumpError {
     /// The target has no room for the pages (refused before anything froze).
     #[error("the target cannot take the pages: {0}")]
     TargetNoRoom(PeerError),
+    /// The Pod's address could not be held for the target (refused before the freeze).
+    #[error("cannot keep the Pod's address: {0}")]
+    Hold(#[from] super::address::HoldError),
 }
 
 /// A lazy move's pages stopped coming after the target resumed.

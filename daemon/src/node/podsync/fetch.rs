@@ -19,7 +19,7 @@ use podmig_cri_ext::{
     engine::{CheckpointEngine, dir_size},
     identity::find_container,
     lazy::LazyPages,
-    proto::hook::v1::{ContainerIdentity, Refuse, RestoreFrom, hook_response::Decision as Answer},
+    proto::hook::v1::{ContainerIdentity, Refuse, hook_response::Decision as Answer},
 };
 use tokio::sync::oneshot;
 
@@ -94,6 +94,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         tracing::info!(pod_uid = %self.uid, container = %c.container_name, migration = %incoming.id,
             source_pod_uid = %incoming.source_uid, source_node = ?incoming.source_node,
             "fetching checkpoint for a migration target");
+        self.kept_ip = self.address_taken_over(&c, incoming.source_node.as_deref());
         let arrival = match self.arrival(&c, &incoming) {
             Ok(a) if reply.is_closed() => Err(self.nobody_restores(a)),
             other => other,
@@ -318,15 +319,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
         tracing::info!(pod_uid = %self.uid, container = %name, images = %a.dir.display(),
             since_freeze_ms = a.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64),
             "restoring container");
+        self.announce_kept_address();
         let _ = reply.send(match &a.lazy {
             // The lazy-pages daemon's socket is in the images directory.
-            Some(_) => Answer::RestoreFrom(RestoreFrom {
-                image_path: a.dir.display().to_string(),
-                work_path: a.dir.display().to_string(),
-                lazy_pages: true,
-                ..Default::default()
-            }),
-            None => restore_from(&a.dir),
+            Some(_) => self.restore_answer(&a.dir, true),
+            None => self.restore_answer(&a.dir, false),
         });
         let Arrival {
             dir,

@@ -46,6 +46,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             stream_pages: false,
             max_downtime_ms: podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS,
             target_lazy_impossible: None,
+            kept_ip: None,
         };
         self.node.dispatch(
             source_uid,
@@ -172,6 +173,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 } else {
                     None
                 },
+                kept_ip: self.kept_ip.as_ref().map(|k| k.ip.to_string()),
             }),
             ..Default::default()
         })

@@ -8,6 +8,7 @@
 //! Workers are threads because dumps and restores are blocking calls to runc; the async
 //! side hands them updates through `crossbeam-channel` and awaits `tokio` oneshot answers.
 
+mod address;
 mod dump;
 mod errors;
 mod fetch;
@@ -80,6 +81,8 @@ pub struct PodWorker<E> {
     group: Option<GroupMove>,
     /// A lazily restored container whose pages are still arriving.
     paging: Option<Paging>,
+    /// A target's address taken over from its source (announced when the move commits).
+    kept_ip: Option<address::KeptIp>,
     gone: bool,
 }
 
@@ -96,6 +99,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             pending: HashMap::new(),
             group: None,
             paging: None,
+            kept_ip: None,
             gone: false,
         };
         if let Err(error) = std::thread::Builder::new()

@@ -200,7 +200,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
         if !self.drop_images_after(c, &p, &result, lazy.is_some()) {
             return;
         }
+        let remote = matches!(p.handback, Handback::Remote { .. });
+        if remote {
+            self.restored_kept_address();
+        }
         let result = self.deliver_verdict(c, &mut p, lazy.is_some(), result);
+        if remote {
+            self.settle_kept_address(result.ok);
+        }
         let Some(mv) = p.mv.take() else { return };
         if p.migration.is_empty() || p.source_uid.is_empty() {
             mv.forget(&self.node);

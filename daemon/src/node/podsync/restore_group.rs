@@ -103,7 +103,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 lazy: None,
             },
         );
-        Some(restore_from(&dir))
+        Some(self.restore_answer(&dir, false))
     }
 
     /// Records one container's restore in its group; settles the move when it is the
@@ -173,6 +173,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             return;
         };
         let mut error = failure;
+        self.restored_kept_address();
         let delivered = self.hand_back_after(
             &g.handback,
             error.is_none(),
@@ -191,6 +192,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             g.plan.abandon(&why.to_string());
             error = Some(why.to_string());
         }
+        self.settle_kept_address(error.is_none());
         let frozen_ms = g.frozen_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         let report = MigrationReport {
             restore_ms: g.plan.restore_ms(),

@@ -55,6 +55,8 @@ struct Claimed {
     lazy: bool,
     choice: Option<crate::node::estimate::Choice>,
     memory: u64,
+    /// The Pod's address, held for a target that took it over.
+    held: Option<super::address::KeptIp>,
 }
 
 impl Claimed {
@@ -94,7 +96,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 return;
             }
         };
-        let dumped = match self.freeze_and_dump(&order, &claimed) {
+        let dumped = match self.freeze_and_dump(&order, &mut claimed) {
             Ok(d) => d,
             Err(reason) => {
                 let reason = reason.to_string();
@@ -251,13 +253,18 @@ impl<E: CheckpointEngine> PodWorker<E> {
             lazy: plan.lazy,
             choice: plan.choice,
             memory: plan.memory,
+            held: None,
         })
     }
 
     /// Freezes and dumps the claimed containers: their pages go ahead in page streams
     /// (full, big enough, the target takes them), stay behind for a page server (lazy), or
     /// go into the images. On failure every container runs on and the reason is returned.
-    fn freeze_and_dump(&mut self, order: &MigrateOrder, c: &Claimed) -> Result<Dumped, DumpError> {
+    fn freeze_and_dump(
+        &mut self,
+        order: &MigrateOrder,
+        c: &mut Claimed,
+    ) -> Result<Dumped, DumpError> {
         let id = &order.migration;
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
@@ -274,6 +281,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
             }
         };
+        if let Some(asked) = &order.kept_ip
+            && let Err(reason) = self.freeze_and_hold(asked, c)
+        {
+            tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
+            return Err(reason);
+        }
         let (frozen_at, results, streams) = if c.lazy {
             let (at, results) = self.dump_lazy(&c.jobs, id);
             (at, results, Vec::new())
@@ -316,6 +329,47 @@ impl<E: CheckpointEngine> PodWorker<E> {
         })
     }
 
+    /// A move that keeps the Pod's address: the containers are frozen first, then the
+    /// address's traffic held — what the app sent before the freeze has left, nothing the
+    /// frozen copy's kernel would ACK or resend after it gets out — so that the target's
+    /// restored sockets carry on from exactly the dumped state. On failure nothing is held
+    /// and every container runs on.
+    fn freeze_and_hold(&mut self, asked: &str, c: &mut Claimed) -> Result<(), DumpError> {
+        let ids: Vec<&str> = c.jobs.iter().map(|(cid, _, _)| cid.as_str()).collect();
+        let held = match self.hold_own_address(asked, ids.first().copied().unwrap_or("")) {
+            Ok(h) => h,
+            Err(reason) => {
+                for (_, name, _) in &c.jobs {
+                    let _ = self.moves.keep_running(name);
+                }
+                return Err(reason.into());
+            }
+        };
+        let frozen = self
+            .node
+            .engine
+            .freeze_all(&ids)
+            .map_err(|source| DumpError::Container {
+                container: c.jobs.first().map(|j| j.1.clone()).unwrap_or_default(),
+                source,
+            })
+            .and_then(|()| Ok(self.hold_traffic(&held)?));
+        match frozen {
+            Ok(()) => {
+                c.held = Some(held);
+                Ok(())
+            }
+            Err(reason) => {
+                self.release_own_address(&held);
+                for (cid, name, _) in &c.jobs {
+                    let _ = self.node.engine.resume(cid);
+                    let _ = self.moves.keep_running(name);
+                }
+                Err(reason)
+            }
+        }
+    }
+
     /// A dump failed: the containers that were dumped (and stay frozen) run on; the reason
     /// is returned for the move's record and the requester.
     fn thaw_after(
@@ -330,6 +384,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
             // Dumped and frozen while another failed: it runs on.
             let _ = self.moves.handed_over(name, dir.clone(), frozen_at);
             self.resume_or_roll_back(name, &c.container_id(name));
+        }
+        if let Some(held) = &c.held {
+            self.release_own_address(held);
         }
         tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "checkpoint failed; the source keeps running");
         reason
@@ -427,6 +484,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         for (name, _) in &d.images {
             self.resume_or_roll_back(name, &c.container_id(name));
+        }
+        if let Some(held) = &c.held {
+            self.release_own_address(held);
         }
         tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
             "move failed after the freeze; the source resumes from its checkpoint");
