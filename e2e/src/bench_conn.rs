@@ -73,7 +73,11 @@ async fn once(c: &Cluster, mem: u64, run: usize, keep: bool) -> anyhow::Result<C
             .await
             .ok()?
             .status
-            .filter(|s| s.phase.is_some_and(MigrationPhase::is_terminal))
+            // The frozen time comes with the daemons' report, just after the phase.
+            .filter(|s| {
+                s.phase == Some(MigrationPhase::Failed)
+                    || s.phase.is_some_and(MigrationPhase::is_terminal) && s.frozen_ms.is_some()
+            })
     })
     .await?;
     anyhow::ensure!(
@@ -142,14 +146,18 @@ pub async fn connections(c: &Cluster, sizes: &[u64], runs: usize) -> anyhow::Res
         let m = |f: &dyn Fn(&ConnSample) -> Duration| median(s.iter().map(f).collect());
         let (frozen, gap, wait) = (m(&|x| x.frozen), m(&|x| x.held_gap), m(&|x| x.service_wait));
         let less = |d: Duration| d.as_millis() as i128 - frozen.as_millis() as i128;
+        let kept = s.iter().filter(|x| x.kept).count();
+        // A connection that ended has no pause to speak of.
+        let (gap, gap_less) = if kept == 0 {
+            ("-".to_owned(), "-".to_owned())
+        } else {
+            (gap.as_millis().to_string(), less(gap).to_string())
+        };
         println!(
-            "| {mem} | {keep} | {} | {} | {} | {} | {} | {}/{} |",
+            "| {mem} | {keep} | {} | {gap} | {gap_less} | {} | {} | {kept}/{} |",
             frozen.as_millis(),
-            gap.as_millis(),
-            less(gap),
             wait.as_millis(),
             less(wait),
-            s.iter().filter(|x| x.kept).count(),
             s.len()
         );
     }
