@@ -252,9 +252,12 @@ const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
 
 /// CRIU settings for one restore: the node's own (`runc.conf`), with established TCP
 /// connections restored (`keep`: the container kept its address, they go on) or closed
-/// (`tcp-close`: a new address; the clients reconnect). Dumps never close them, so the
-/// restore can choose.
+/// (`tcp-close`: a new address; the clients reconnect). podmig's dumps never close them,
+/// so the restore can choose — unless the node's own settings say `tcp-close` (a
+/// `runc.conf` podmig did not write): its dumps carry no connection state, and the restore
+/// must close them too.
 pub fn restore_conf(node_conf: &str, keep: bool) -> String {
+    let keep = keep && !node_conf.lines().any(|l| l.trim() == "tcp-close");
     let mut out: String = node_conf
         .lines()
         .filter(|l| !matches!(l.trim(), "tcp-close" | "tcp-established"))
@@ -747,7 +750,7 @@ mod tests {
 
     #[test]
     fn a_restore_closes_connections_unless_it_keeps_them() {
-        let node = "# podmig\nnetwork-lock nftables\ntcp-established\ntcp-close\nskip-in-flight\n";
+        let node = "# podmig\nnetwork-lock nftables\ntcp-established\nskip-in-flight\n";
         assert_eq!(
             restore_conf(node, true),
             "# podmig\nnetwork-lock nftables\nskip-in-flight\ntcp-established\n"
@@ -757,6 +760,8 @@ mod tests {
             "# podmig\nnetwork-lock nftables\nskip-in-flight\ntcp-established\ntcp-close\n"
         );
         assert_eq!(restore_conf("", true), "tcp-established\n");
+        // A node's own settings that close connections at the dump close them here too.
+        assert!(restore_conf("tcp-close\n", true).ends_with("tcp-close\n"));
     }
 
     const SHIM_CREATE: &[&str] = &[

@@ -149,14 +149,13 @@ fn refuse_new_rule(ip: Ipv4Addr, dev: &str, owner: &str) -> Vec<String> {
 }
 
 /// Drops `ip`'s traffic to and from `dev` (the Pod's side of this node), tagged as
-/// `owner`'s (its sandbox id); a [`refuse_new`] rule set before stays above them.
-/// Idempotent.
+/// `owner`'s (its sandbox id), near the top of the chain (above any rule that accepts
+/// established traffic) but right below a [`refuse_new`] rule set before, so new
+/// connections are still refused, not dropped. Idempotent.
 pub fn hold(ip: Ipv4Addr, dev: &str, owner: &str) -> Result<(), KeepIpError> {
     let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
-    // `iptables -S` prints `--syn` as `--tcp-flags FIN,SYN,RST,ACK SYN`.
-    let refusing = listed
-        .lines()
-        .any(|l| l.contains("REJECT") && l.contains(&format!("{HOLD_TAG}:{ip}:{owner}")));
+    let at = refusal_position(&listed, &format!("{HOLD_TAG}:{ip}:{owner}")).map_or(1, |p| p + 1);
+    let at = at.to_string();
     for rule in hold_rules(ip, dev, owner) {
         let args: Vec<&str> = rule.iter().map(String::as_str).collect();
         let mut check = vec!["-w", "-C"];
@@ -164,15 +163,22 @@ pub fn hold(ip: Ipv4Addr, dev: &str, owner: &str) -> Result<(), KeepIpError> {
         if run("iptables", &check).is_ok() {
             continue;
         }
-        // Below the refusal (position 2) when there is one, else on top.
-        let mut insert = vec!["-w", "-I", args[0]];
-        if refusing {
-            insert.push("2");
-        }
+        let mut insert = vec!["-w", "-I", args[0], at.as_str()];
         insert.extend(&args[1..]);
         run("iptables", &insert)?;
     }
     Ok(())
+}
+
+/// The position (1-based, as `iptables -I` counts) of the refusal tagged `tag` in an
+/// `iptables -S` listing of one chain. NB: `-S` prints `--syn` as `--tcp-flags
+/// FIN,SYN,RST,ACK SYN`; the refusal is the tagged rule that REJECTs.
+fn refusal_position(listed: &str, tag: &str) -> Option<usize> {
+    listed
+        .lines()
+        .filter(|l| l.starts_with("-A "))
+        .position(|l| l.contains("REJECT") && l.contains(tag))
+        .map(|i| i + 1)
 }
 
 /// Drops only the resets `ip` sends from `dev`, and refuses new connections: while a
@@ -297,6 +303,16 @@ mod tests {
             device_of_route("local 10.1.2.1 dev lo src 10.1.2.1 uid 0"),
             None
         );
+    }
+
+    #[test]
+    fn the_drop_goes_right_below_the_refusal() {
+        let listed = "-P FORWARD ACCEPT\n-A FORWARD -j PMSVC-REJ\n-A FORWARD -d 10.1.1.5/32 -o cni0 -p tcp -m comment --comment podmig-hold:10.1.1.5:abc -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset\n";
+        assert_eq!(
+            refusal_position(listed, "podmig-hold:10.1.1.5:abc"),
+            Some(2)
+        );
+        assert_eq!(refusal_position(listed, "podmig-hold:10.1.1.5:other"), None);
     }
 
     #[test]
