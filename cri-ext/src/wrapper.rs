@@ -280,10 +280,8 @@ pub fn criu_conf_of(marker: &Path) -> PathBuf {
 /// Points this container's restore at its CRIU settings ([`restore_conf`]) in `conf`,
 /// named by runc's `org.criu.config` annotation in the bundle, which runc reads instead of
 /// the node's `runc.conf`.
-fn connections_conf(bundle: &Path, conf: &Path, keep: bool) -> Result<()> {
-    let node_conf = std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default();
-    std::fs::write(conf, restore_conf(&node_conf, keep))
-        .map_err(|e| Error::io("write", conf, e))?;
+fn connections_conf(bundle: &Path, conf: &Path, node_conf: &str, keep: bool) -> Result<()> {
+    std::fs::write(conf, restore_conf(node_conf, keep)).map_err(|e| Error::io("write", conf, e))?;
     let path = bundle.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
     let mut spec: serde_json::Value = serde_json::from_slice(&bytes)
@@ -468,6 +466,7 @@ fn restore(
         globals.insert(0, criu.clone().into());
         globals.insert(0, "--criu".into());
     }
+    let node_conf = std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default();
     let layer = layer.and_then(|l| {
         let conf = criu_conf_of(&marker);
         if let Some(parent) = conf.parent() {
@@ -476,6 +475,7 @@ fn restore(
         connections_conf(
             &create.bundle,
             &conf,
+            &node_conf,
             from.tcp_established && !from.tcp_close,
         )?;
         Ok(l)
@@ -553,7 +553,6 @@ fn restore(
         );
     }
     // The container's later checkpoints read the same file: from now on the node's own.
-    let node_conf = std::fs::read_to_string(RUNC_CRIU_CONF).unwrap_or_default();
     let _ = std::fs::write(criu_conf_of(&marker), restore_conf(&node_conf, true));
     if from.work_path.is_empty() && result.is_ok() {
         let _ = std::fs::remove_dir_all(&work);

@@ -3,10 +3,11 @@
 //!
 //! - **Hold**: while a move is under way the address's traffic is dropped where it enters
 //!   or leaves the Pod's host-side device (`FORWARD` rules, tagged with the sandbox that
-//!   owns them). On the source it starts before the freeze, so the frozen copy never ACKs,
-//!   resets or closes a connection the target will carry on; on the target it lasts from
-//!   the sandbox's creation to the restore, so no packet reaches an address without its
-//!   sockets. A client sees only lost packets and retransmits: TCP goes on.
+//!   owns them), and new connections are refused. On the source it starts with the freeze,
+//!   so the frozen copy never ACKs, resets or closes a connection the target will carry on;
+//!   on the target only the resets are held, during the restore, so no packet that comes
+//!   before its socket is answered by one. A client sees only lost packets and
+//!   retransmits: TCP goes on.
 //! - **Announce**: the target's node marks its /32 route to the Pod with
 //!   [`ROUTE_PROTO`], as Calico's BIRD exports a borrowed /32 and Cilium its endpoint
 //!   routes; whatever carries routes between nodes (the local cluster's fabric, BGP)
@@ -155,19 +156,7 @@ fn refuse_new_rule(ip: Ipv4Addr, dev: &str, owner: &str) -> Vec<String> {
 pub fn hold(ip: Ipv4Addr, dev: &str, owner: &str) -> Result<(), KeepIpError> {
     let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
     let at = refusal_position(&listed, &format!("{HOLD_TAG}:{ip}:{owner}")).map_or(1, |p| p + 1);
-    let at = at.to_string();
-    for rule in hold_rules(ip, dev, owner) {
-        let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-        let mut check = vec!["-w", "-C"];
-        check.extend(&args);
-        if run("iptables", &check).is_ok() {
-            continue;
-        }
-        let mut insert = vec!["-w", "-I", args[0], at.as_str()];
-        insert.extend(&args[1..]);
-        run("iptables", &insert)?;
-    }
-    Ok(())
+    insert_rules(hold_rules(ip, dev, owner), at)
 }
 
 /// The position (1-based, as `iptables -I` counts) of the refusal tagged `tag` in an
@@ -191,7 +180,14 @@ pub fn hold_resets(ip: Ipv4Addr, dev: &str, owner: &str) -> Result<(), KeepIpErr
     add_rules([resets, refuse_new_rule(ip, dev, owner)])
 }
 
+/// Inserts each of `rules` on top of its chain unless it is there already.
 fn add_rules<const N: usize>(rules: [Vec<String>; N]) -> Result<(), KeepIpError> {
+    insert_rules(rules, 1)
+}
+
+/// Inserts each of `rules` at position `at` of its chain unless it is there already.
+fn insert_rules<const N: usize>(rules: [Vec<String>; N], at: usize) -> Result<(), KeepIpError> {
+    let at = at.to_string();
     for rule in rules {
         let args: Vec<&str> = rule.iter().map(String::as_str).collect();
         let mut check = vec!["-w", "-C"];
@@ -199,22 +195,40 @@ fn add_rules<const N: usize>(rules: [Vec<String>; N]) -> Result<(), KeepIpError>
         if run("iptables", &check).is_ok() {
             continue;
         }
-        let mut insert = vec!["-w", "-I"];
-        insert.extend(&args);
+        let mut insert = vec!["-w", "-I", args[0], at.as_str()];
+        insert.extend(&args[1..]);
         run("iptables", &insert)?;
     }
     Ok(())
 }
 
+/// The rules of an `iptables -S FORWARD` listing that `owner` set: each with its address
+/// and its specification (without `-A`, the comment unquoted — our tags have no spaces).
+fn owned_rules<'a>(listed: &'a str, owner: &str) -> Vec<(Option<Ipv4Addr>, Vec<&'a str>)> {
+    let suffix = format!(":{owner}");
+    listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .filter_map(|rest| {
+            let words: Vec<&str> = rest
+                .split_whitespace()
+                .map(|w| w.trim_matches('"'))
+                .collect();
+            let tag = words.iter().find_map(|w| {
+                w.strip_prefix(&format!("{HOLD_TAG}:"))?
+                    .strip_suffix(&suffix)
+            })?;
+            Some((tag.parse().ok(), words))
+        })
+        .collect()
+}
+
 /// The addresses `owner`'s hold rules are for.
 pub fn held_addresses(owner: &str) -> Result<Vec<Ipv4Addr>, KeepIpError> {
     let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
-    let mut out: Vec<Ipv4Addr> = listed
-        .split_whitespace()
-        .map(|w| w.trim_matches('"'))
-        .filter_map(|w| w.strip_prefix(&format!("{HOLD_TAG}:")))
-        .filter_map(|rest| rest.strip_suffix(&format!(":{owner}")))
-        .filter_map(|ip| ip.parse().ok())
+    let mut out: Vec<Ipv4Addr> = owned_rules(&listed, owner)
+        .into_iter()
+        .filter_map(|(ip, _)| ip)
         .collect();
     out.sort();
     out.dedup();
@@ -224,28 +238,13 @@ pub fn held_addresses(owner: &str) -> Result<Vec<Ipv4Addr>, KeepIpError> {
 /// Removes every hold rule `owner` set; returns how many went.
 pub fn release(owner: &str) -> Result<usize, KeepIpError> {
     let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
-    let mut gone = 0;
-    for line in listed.lines() {
-        let Some(rest) = line.strip_prefix("-A ") else {
-            continue;
-        };
-        // `iptables -S` quotes a comment; our tags have no spaces.
-        let words: Vec<&str> = rest
-            .split_whitespace()
-            .map(|w| w.trim_matches('"'))
-            .collect();
-        let mine = words
-            .iter()
-            .any(|w| w.starts_with(HOLD_TAG) && w.ends_with(&format!(":{owner}")));
-        if !mine {
-            continue;
-        }
+    let owned = owned_rules(&listed, owner);
+    for (_, words) in &owned {
         let mut args = vec!["-w", "-D"];
         args.extend(words);
         run("iptables", &args)?;
-        gone += 1;
     }
-    Ok(gone)
+    Ok(owned.len())
 }
 
 /// Routes `ip` to `dev` on this node without announcing it (the target before its restore).
@@ -303,6 +302,20 @@ mod tests {
             device_of_route("local 10.1.2.1 dev lo src 10.1.2.1 uid 0"),
             None
         );
+    }
+
+    #[test]
+    fn only_the_owners_rules_are_found() {
+        let listed = "-P FORWARD ACCEPT\n-A FORWARD -d 10.1.1.5/32 -o cni0 -m comment --comment \"podmig-hold:10.1.1.5:abc\" -j DROP\n-A FORWARD -d 10.1.1.6/32 -o cni0 -m comment --comment podmig-hold:10.1.1.6:xyz -j DROP\n";
+        let mine = owned_rules(listed, "abc");
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].0, Some(Ipv4Addr::new(10, 1, 1, 5)));
+        assert!(
+            mine[0].1.contains(&"podmig-hold:10.1.1.5:abc"),
+            "{:?}",
+            mine[0].1
+        );
+        assert!(owned_rules(listed, "ab").is_empty());
     }
 
     #[test]

@@ -48,20 +48,13 @@ async fn once(c: &Cluster, mem: u64, run: usize, keep: bool) -> anyhow::Result<C
     )
     .await?;
     let held = HeldStream::open(&ip, 80)?;
-    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
-    let poll_ip = ip.clone();
-    let poller = tokio::spawn(async move {
-        let mut answers = Vec::new();
-        loop {
-            if get_count_at(&poll_ip, 80).await.is_ok() {
-                answers.push(Instant::now());
-            }
-            tokio::select! {
-                _ = &mut stopped => return answers,
-                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-            }
-        }
-    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let poller = tokio::spawn(crate::demo::poll(
+        ip.clone(),
+        80,
+        Duration::from_millis(10),
+        stopped,
+    ));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let from = Instant::now();
     c.apply(&format!(

@@ -119,7 +119,12 @@ pub async fn run() -> anyhow::Result<DemoResult> {
 
     // Poll the app through its Service, and hold a connection open through it.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let poller = tokio::spawn(poll(cluster_ip.clone(), stopped));
+    let poller = tokio::spawn(poll(
+        cluster_ip.clone(),
+        80,
+        Duration::from_millis(20),
+        stopped,
+    ));
     let held = crate::testapp::HeldStream::open(&cluster_ip, 80)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let count_before = get_count_at(&cluster_ip, 80).await?;
@@ -186,17 +191,22 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     })
 }
 
-/// Polls the counter through its Service every 20 ms until stopped, as a client of the
-/// Service would; returns when each answer came.
-async fn poll(cluster_ip: String, mut stop: tokio::sync::oneshot::Receiver<()>) -> Vec<Instant> {
+/// Polls `GET /count` on `ip:port` every `every` until stopped, as a client of a Service
+/// would; returns when each answer came.
+pub async fn poll(
+    ip: String,
+    port: u16,
+    every: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Instant> {
     let mut answers = Vec::new();
     loop {
-        if get_count_at(&cluster_ip, 80).await.is_ok() {
+        if get_count_at(&ip, port).await.is_ok() {
             answers.push(Instant::now());
         }
         tokio::select! {
             _ = &mut stop => return answers,
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }
