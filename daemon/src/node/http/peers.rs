@@ -414,14 +414,33 @@ pub(super) async fn streams<E: CheckpointEngine>(
 /// Link probe: another node's daemon sends zeros, this one reads and counts them (at most
 /// the body limit) and answers how many, so that the sender can time the link before its
 /// first move here (`strategy: auto`).
+/// How much of a refused probe's body is read before the refusal is answered.
+const REFUSED_BODY_BYTES: usize = 64 << 10;
+
 pub(super) async fn probe<E: CheckpointEngine>(
     State(s): State<Arc<AppState<E>>>,
     request: Request,
 ) -> Result<Response, Failure> {
     use http_body_util::BodyExt;
     let token = bearer(request.headers()).map(str::to_owned);
-    s.auth.check(token.as_deref(), &peer_attrs(&s)).await?;
+    let allowed = s.auth.check(token.as_deref(), &peer_attrs(&s)).await;
     let mut body = request.into_body();
+    if let Err(refused) = allowed {
+        // A client still sending would see its stream reset instead of the refusal
+        // (curl: "Stream error in the HTTP/2 framing layer"): a small body is read first,
+        // never more than REFUSED_BODY_BYTES of someone not allowed to send any.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut read = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > REFUSED_BODY_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+        return Err(refused.into());
+    }
     let mut bytes = 0usize;
     let counted = tokio::time::timeout(READ_TIMEOUT, async {
         while let Some(frame) = body.frame().await {
