@@ -91,7 +91,21 @@ pub const ANNOTATION_MIGRATION_DEADLINE: &str = "podmig.dev/migration-deadline";
 /// The `podmig.dev/*` annotations a user may put on a Pod template: options. Every other
 /// `podmig.dev/` annotation is podmig's own, and the controller never copies one from a
 /// user's object into a Pod it makes.
-pub const USER_ANNOTATIONS: &[&str] = &[ANNOTATION_VOLUMES_ON_EVERY_NODE];
+pub const USER_ANNOTATIONS: &[&str] = &[ANNOTATION_VOLUMES_ON_EVERY_NODE, ANNOTATION_ON_EVICTION];
+
+/// Pod annotation (a user's option): what an eviction of the Pod does. `migrate` or
+/// `migrate-or-evict`: podmig moves it first, and lets the eviction through when it cannot;
+/// `migrate-only`: podmig moves it or the eviction is refused; `evict`: a plain eviction.
+/// A MigratingPod's Pods default to `migrate-or-evict`; other Pods to `evict`.
+pub const ANNOTATION_ON_EVICTION: &str = "podmig.dev/on-eviction";
+
+/// Migration annotation: the eviction that started it (`<user>`), set by the eviction
+/// webhook; later evictions of the Pod read the outcome of such Migrations.
+pub const ANNOTATION_STARTED_BY_EVICTION: &str = "podmig.dev/started-by-eviction";
+
+/// MigratingPod annotation set by the eviction webhook when it adopts a bare Pod: that
+/// Pod's name. The MigratingPod makes no Pod of its own while it waits for that one.
+pub const ANNOTATION_ADOPTS: &str = "podmig.dev/adopts";
 
 /// True for a `podmig.dev/*` annotation only podmig itself may set.
 pub fn is_podmig_owned(key: &str) -> bool {

@@ -335,6 +335,8 @@ pub struct ContainerFigures {
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.sourceNode"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetNode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason"}"#,
+    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queuePosition"}"#,
     printcolumn = r#"{"name":"Frozen ms","type":"integer","jsonPath":".status.frozenMs"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -361,6 +363,15 @@ pub struct MigrationSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub timeout_seconds: u32,
+    /// A move of a large Pod gets longer: at least this many seconds per GiB of the Pod's
+    /// memory (its containers' limits, else requests); unset: the controller's default.
+    /// Time spent queued (phase `Pending`, reason `Queued`) does not count.
+    #[serde(
+        default,
+        rename = "timeoutSecondsPerGiB",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout_seconds_per_gib: Option<u32>,
     /// Keep the Pod's IP address and its established TCP connections where the target
     /// node's network can take the address over; unset: wherever it can.
     #[serde(default, rename = "keepIP", skip_serializing_if = "Option::is_none")]
@@ -441,6 +452,10 @@ pub struct MigrationStatus {
     /// Target node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node: Option<String>,
+    /// Place in the queue of moves waiting for the cluster's or a node's limit (1: next);
+    /// set only while `reason` is `Queued`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
     /// Frozen time the daemons reported, ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen_ms: Option<u64>,

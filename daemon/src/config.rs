@@ -85,6 +85,37 @@ pub struct ControllerConfig {
     /// This replica's identity in the Lease.
     #[arg(long, env = "PODMIG_IDENTITY", default_value_t = default_identity())]
     pub identity: String,
+    /// Moves at once in the cluster; more wait queued.
+    #[arg(long, env = "PODMIG_MAX_MOVES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_moves: u32,
+    /// Moves at once into or out of one node; more wait queued.
+    #[arg(long, env = "PODMIG_MAX_MOVES_PER_NODE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_moves_per_node: u32,
+    /// A Migration's timeout is at least this many seconds per GiB of its Pod's memory
+    /// (unless the Migration says `timeoutSecondsPerGiB`).
+    #[arg(long, env = "PODMIG_TIMEOUT_SECONDS_PER_GIB", default_value_t = 60)]
+    pub timeout_seconds_per_gib: u32,
+    /// Address of the HTTPS admission webhook answering evictions (`POST /evict`); off
+    /// unless given, with `--webhook-cert` and `--webhook-key`.
+    #[arg(long, env = "PODMIG_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<std::net::SocketAddr>,
+    /// The webhook's serving certificate (PEM); re-read when the file changes (rotation).
+    #[arg(long, env = "PODMIG_WEBHOOK_CERT")]
+    pub webhook_cert: Option<PathBuf>,
+    /// Its key (PEM).
+    #[arg(long, env = "PODMIG_WEBHOOK_KEY")]
+    pub webhook_key: Option<PathBuf>,
+}
+
+impl ControllerConfig {
+    /// The limits on moves at once these flags set.
+    pub fn limits(&self) -> crate::controller::limits::Limits {
+        crate::controller::limits::Limits {
+            per_cluster: self.max_moves as usize,
+            per_node: self.max_moves_per_node as usize,
+            timeout_seconds_per_gib: self.timeout_seconds_per_gib,
+        }
+    }
 }
 
 fn default_identity() -> String {

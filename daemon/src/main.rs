@@ -96,13 +96,35 @@ async fn main() -> anyhow::Result<()> {
                     tracing::error!(%error, %addr, "metrics endpoint failed");
                 }
             });
+            let _webhook = match (&cfg.webhook_addr, &cfg.webhook_cert, &cfg.webhook_key) {
+                (Some(addr), Some(cert), Some(key)) => Some(
+                    podmig_daemon::controller::webhook::serve(
+                        client.clone(),
+                        &identity,
+                        *addr,
+                        cert,
+                        key,
+                    )
+                    .await?,
+                ),
+                (None, _, _) => None,
+                _ => anyhow::bail!("--webhook-addr needs --webhook-cert and --webhook-key"),
+            };
             let lost = metrics.clone();
+            let limits = cfg.limits();
             podmig_daemon::controller::leader::lead(
                 client.clone(),
                 &cfg.lease_namespace,
                 &cfg.lease_name,
                 &identity,
-                || podmig_daemon::controller::run(client.clone(), &identity, metrics.clone()),
+                || {
+                    podmig_daemon::controller::run(
+                        client.clone(),
+                        &identity,
+                        metrics.clone(),
+                        limits,
+                    )
+                },
                 |why| lost.leadership_lost(why.label()),
                 shutdown(),
             )

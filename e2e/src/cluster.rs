@@ -502,6 +502,49 @@ impl Cluster {
         self.start_controller_as(identity, &self.kubeconfig(), "default")
     }
 
+    /// Starts `podmig controller` serving the eviction webhook on a port of its own, and
+    /// registers it as the chart does (`failure_policy`: `Ignore` or `Fail`), with the
+    /// limits `extra` flags set (`--max-moves-per-node`, …).
+    pub fn start_controller_with_webhook(
+        &self,
+        identity: &str,
+        failure_policy: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<crate::process::Proc> {
+        use base64::Engine;
+        let certs = crate::apiserver::tls::Certs::generate(&["127.0.0.1".to_owned()])?;
+        let dir = self.dir.join(format!("webhook-{identity}"));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&cert, &certs.cert_pem)?;
+        std::fs::write(&key, &certs.key_pem)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut args: Vec<String> = vec![
+            "--webhook-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--webhook-cert".into(),
+            cert.display().to_string(),
+            "--webhook-key".into(),
+            key.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        let (proc, _) =
+            self.start_controller_with(identity, &self.kubeconfig(), "default", &args)?;
+        let config = serde_json::json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": "podmig-eviction"},
+            "webhooks": [{"name": "eviction.podmig.dev", "admissionReviewVersions": ["v1"],
+                "sideEffects": "NoneOnDryRun", "failurePolicy": failure_policy, "timeoutSeconds": 5,
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                    "resources": ["pods/eviction"], "scope": "Namespaced"}],
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/evict"),
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(&certs.cert_pem)}}]});
+        self.apply(&config.to_string())?;
+        Ok(proc)
+    }
+
     /// Starts `podmig controller` with the credentials of `kubeconfig` and its Lease in
     /// `lease_namespace` (as the chart runs it).
     pub fn start_controller_as(
@@ -509,6 +552,17 @@ impl Cluster {
         identity: &str,
         kubeconfig: &Path,
         lease_namespace: &str,
+    ) -> anyhow::Result<(crate::process::Proc, u16)> {
+        self.start_controller_with(identity, kubeconfig, lease_namespace, &[])
+    }
+
+    /// [`Self::start_controller_as`] with more flags.
+    pub fn start_controller_with(
+        &self,
+        identity: &str,
+        kubeconfig: &Path,
+        lease_namespace: &str,
+        extra: &[String],
     ) -> anyhow::Result<(crate::process::Proc, u16)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -523,6 +577,7 @@ impl Cluster {
         ])
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,kube=warn")
         .stdout(Stdio::null())

@@ -191,6 +191,35 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     })
 }
 
+/// Asks `GET /count` on `ip:port` every 20 ms until `stop`, each request retried until
+/// answered (at most 10 s): the times of the answers, and how many requests were never
+/// answered (what a Service's client sees of a move).
+pub async fn poll_answered(
+    ip: String,
+    port: u16,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> (Vec<Instant>, usize) {
+    let (mut answers, mut unanswered) = (Vec::new(), 0);
+    loop {
+        let asked = Instant::now();
+        loop {
+            if get_count_at(&ip, port).await.is_ok() {
+                answers.push(Instant::now());
+                break;
+            }
+            if asked.elapsed() > Duration::from_secs(10) {
+                unanswered += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::select! {
+            _ = &mut stop => return (answers, unanswered),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
 /// Polls `GET /count` on `ip:port` every `every` until stopped, as a client of a Service
 /// would; returns when each answer came.
 pub async fn poll(

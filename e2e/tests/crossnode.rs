@@ -1374,31 +1374,6 @@ async fn a_target_without_room_for_the_streamed_pages_refuses_them_before_the_fr
 /// Every `GET /count` through `ip:80` until `stop`: when each was answered, and how many
 /// never were (each request is tried again for up to 10 s: retries are allowed while the
 /// Pod is frozen, an unanswered request is not).
-async fn poll_service(
-    ip: String,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
-) -> (Vec<std::time::Instant>, usize) {
-    let (mut answers, mut unanswered) = (Vec::new(), 0);
-    loop {
-        let asked = std::time::Instant::now();
-        loop {
-            if podmig_e2e::testapp::get_count_at(&ip, 80).await.is_ok() {
-                answers.push(std::time::Instant::now());
-                break;
-            }
-            if asked.elapsed() > Duration::from_secs(10) {
-                unanswered += 1;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::select! {
-            _ = &mut stop => return (answers, unanswered),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_terminating()
 -> anyhow::Result<()> {
@@ -1468,7 +1443,11 @@ async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_termin
         })
     };
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let poller = tokio::spawn(poll_service(cluster_ip.clone(), stopped));
+    let poller = tokio::spawn(podmig_e2e::demo::poll_answered(
+        cluster_ip.clone(),
+        80,
+        stopped,
+    ));
     let held = HeldStream::open(&cluster_ip, 80)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 

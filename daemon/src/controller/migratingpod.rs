@@ -228,6 +228,12 @@ pub fn decide_with(
         return d.done();
     }
     match (pods, pair) {
+        ([], _) if adopting(mpod, now) => d.set(
+            MigratingPodState::Creating,
+            false,
+            "Adopting",
+            "waiting for the Pod it adopts to be handed over",
+        ),
         ([], _) => d.create_fresh(),
         (_, Some((target, Some(_)))) if deleting(target) => {
             // A move being unwound: wait until its Pods are gone.
@@ -255,6 +261,20 @@ pub fn decide_with(
         ),
     }
     d.done()
+}
+
+/// How long a MigratingPod made to adopt a bare Pod waits for it before it makes its own.
+pub const ADOPTION_GRACE_SECONDS: i64 = 30;
+
+/// True while a MigratingPod made to adopt a Pod (the eviction webhook's) waits for it.
+fn adopting(mpod: &MigratingPod, now: Timestamp) -> bool {
+    mpod.annotations()
+        .contains_key(podmig_api::ANNOTATION_ADOPTS)
+        && mpod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| (now - t.0).get_seconds() < ADOPTION_GRACE_SECONDS)
 }
 
 /// Why the MigratingPod cannot be acted on: (reason, message).

@@ -15,6 +15,7 @@ use podmig_api::{
 };
 
 use super::{
+    limits::{Admission, Busy, Limits, REASON_QUEUED},
     migratingpod::{Action, pod_from_template},
     pod::{has_finalizer, is_deleting, is_ready, next_index, reported, reported_phase},
 };
@@ -37,6 +38,12 @@ pub struct Observed<'a> {
     pub others: &'a [Migration],
     /// The Pod's claims bound to node-local PersistentVolumes.
     pub local_claims: &'a super::pod::LocalClaims,
+    /// The controller's limits on moves at once, and the default timeout per GiB.
+    pub limits: &'a Limits,
+    /// The moves under way in the whole cluster.
+    pub busy: &'a [Busy],
+    /// The Migrations of the whole cluster waiting for a place, with what they would load.
+    pub queued: &'a [(Migration, Busy)],
 }
 
 fn fail(status: &mut MigrationStatus, reason: &str, message: String, now: Timestamp) {
@@ -92,17 +99,18 @@ fn build_target(
     pod: &Pod,
     index: u32,
     local: &super::pod::LocalClaims,
+    limits: &Limits,
     now: Timestamp,
 ) -> Pod {
     let mut target = pod_from_template(owner, index, Some(pod), local);
-    let start = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+    let start = started_at(m).unwrap_or(now);
     let annotations = target.metadata.annotations.get_or_insert_default();
     annotations.insert(ANNOTATION_MIGRATION_ID.into(), m.name_any());
     super::pod::annotate_move(
         annotations,
         super::pod::MoveAsked {
             start,
-            timeout_seconds: m.spec.timeout_seconds,
+            timeout_seconds: super::limits::timeout_seconds(m, Some(pod), limits),
             strategy: m.spec.strategy,
             max_downtime_ms: m.spec.max_downtime_ms,
             keep_ip: m.spec.keep_ip.or(owner.spec.keep_ip),
@@ -121,6 +129,17 @@ fn build_target(
     target
 }
 
+/// When the move itself started (its target was decided): the timeout counts from there,
+/// not from the time spent queued.
+fn started_at(m: &Migration) -> Option<Timestamp> {
+    m.status.as_ref().and_then(|s| {
+        s.transitions
+            .iter()
+            .find(|t| t.phase == MigrationPhase::Scheduling)
+            .map(|t| t.at.0)
+    })
+}
+
 /// How long a Migration waits for its Pod to appear (applied together with its workload).
 pub const POD_APPEAR_GRACE_SECONDS: i64 = 30;
 
@@ -128,6 +147,7 @@ pub const POD_APPEAR_GRACE_SECONDS: i64 = 30;
 /// message).
 enum Hold {
     Wait(String),
+    Queued(u32, String),
     Fail(&'static str, String),
 }
 
@@ -138,9 +158,18 @@ fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatu
         Some(p) if p.is_terminal() => keep_late_figures(o, &mut status),
         None | Some(MigrationPhase::Pending) => {
             set_phase(&mut status, MigrationPhase::Pending, now);
+            status.queue_position = None;
+            if status.reason.as_deref() == Some(REASON_QUEUED) {
+                status.reason = None;
+            }
             match start(o, now, &mut status) {
                 Ok(started) => actions = started,
                 Err(Hold::Wait(message)) => status.message = Some(message),
+                Err(Hold::Queued(position, message)) => {
+                    status.reason = Some(REASON_QUEUED.into());
+                    status.queue_position = Some(position);
+                    status.message = Some(message);
+                }
                 Err(Hold::Fail(reason, message)) => fail(&mut status, reason, message, now),
             }
         }
@@ -187,6 +216,19 @@ fn start(
     if let Some(claim) = claim(o, pod)? {
         status.message = Some(format!("claiming Pod {pod_name:?}"));
         return Ok(vec![claim]);
+    }
+    // Claimed (so no other Migration takes the Pod meanwhile), then in line for a place.
+    let source = super::pod::node(pod);
+    status.source_node.clone_from(&source);
+    if let Admission::Queued { position, message } = super::limits::admit(
+        m,
+        source.as_deref(),
+        m.spec.target_node.as_deref(),
+        o.busy,
+        o.queued,
+        o.limits,
+    ) {
+        return Err(Hold::Queued(position, message));
     }
     Ok(create_target(o, pod, owner, now, status))
 }
@@ -351,7 +393,7 @@ fn create_target(
         owner_status.active_pod.as_deref(),
         owner_status.last_pod_index,
     );
-    let target = build_target(m, owner, pod, index, o.local_claims, now);
+    let target = build_target(m, owner, pod, index, o.local_claims, o.limits, now);
     let target_name = target.metadata.name.clone().unwrap_or_default();
     status.migrating_pod = Some(owner_name.clone());
     status.source_node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -379,7 +421,10 @@ fn create_target(
 fn follow(o: &Observed<'_>, now: Timestamp, status: &mut MigrationStatus) -> Vec<Action> {
     let m = o.migration;
     let pod_name = &m.spec.pod_name;
-    let started = m.metadata.creation_timestamp.as_ref().map_or(now, |t| t.0);
+    let started = started_at(m)
+        .or(m.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .unwrap_or(now);
+    let timeout = super::limits::timeout_seconds(m, o.pod, o.limits);
     let target_name = status.target_pod.clone().unwrap_or_default();
     let Some(target) = o.target else {
         return target_missing(o, now, status, &target_name);
@@ -405,11 +450,8 @@ fn follow(o: &Observed<'_>, now: Timestamp, status: &mut MigrationStatus) -> Vec
             .and_then(|r| r.error)
             .unwrap_or_else(|| "the target failed to restore".into());
         ("RestoreFailed", "MigrationFailed", why)
-    } else if (now - started).get_seconds() > i64::from(m.spec.timeout_seconds) {
-        let why = format!(
-            "not done within {}s; rolled back: {pod_name} keeps running",
-            m.spec.timeout_seconds
-        );
+    } else if (now - started).get_seconds() > i64::from(timeout) {
+        let why = format!("not done within {timeout}s; rolled back: {pod_name} keeps running");
         ("Timeout", "MigrationTimedOut", why)
     } else {
         if let Some(p) = daemon_phase
@@ -451,6 +493,7 @@ fn target_missing(
             pod,
             index,
             o.local_claims,
+            o.limits,
             now,
         )))];
     }
@@ -571,11 +614,19 @@ mod tests {
             nodes,
             others,
             local_claims: &NO_CLAIMS,
+            limits: &LIMITS,
+            busy: &[],
+            queued: &[],
         }
     }
 
     static NO_CLAIMS: crate::controller::pod::LocalClaims =
         crate::controller::pod::LocalClaims::NONE;
+    static LIMITS: Limits = Limits {
+        per_cluster: 5,
+        per_node: 2,
+        timeout_seconds_per_gib: 60,
+    };
 
     #[test]
     fn bad_requests_fail_with_precise_reasons() {
@@ -883,6 +934,67 @@ mod tests {
             matches!(&actions[..], [Action::ClaimPod { .. }]),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_claimed_move_over_the_nodes_limit_waits_queued_then_starts() {
+        let nodes = [node("n1", false), node("n2", false)];
+        let own = owner();
+        let src = pod(
+            "x-0",
+            json!({"metadata": {"name": "x-0", "uid": "uid-x-0", "annotations": {ANNOTATION_CLAIMED_BY: "m"}},
+                "spec": {"containers": [], "nodeName": "n1"},
+                "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let m = mig("m", "x-0", json!({}));
+        let two_out = [
+            Busy {
+                source: Some("n1".into()),
+                target: Some("n2".into()),
+            },
+            Busy {
+                source: Some("n1".into()),
+                target: None,
+            },
+        ];
+        let mut o = observe(&m, Some(&src), Some(&own), None, &nodes, &[]);
+        o.busy = &two_out;
+        let (actions, st) = decide(&o, now());
+        assert!(actions.is_empty(), "{actions:?}");
+        assert_eq!(st.phase, Some(MigrationPhase::Pending));
+        assert_eq!(st.reason.as_deref(), Some(REASON_QUEUED));
+        assert_eq!(st.queue_position, Some(1));
+        assert!(
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("2 moves run in or out of node n1"),
+            "{st:?}"
+        );
+        // A place is free: it starts, and the queue fields go.
+        let mut queued = m.clone();
+        queued.status = Some(st);
+        let mut o = observe(&queued, Some(&src), Some(&own), None, &nodes, &[]);
+        o.busy = &two_out[..1];
+        let (actions, st) = decide(&o, now());
+        assert_eq!(st.phase, Some(MigrationPhase::Scheduling));
+        assert_eq!((st.reason, st.queue_position), (None, None));
+        assert_eq!(actions.len(), 3, "{actions:?}");
+        // The target's deadline counts from the start, not from the queueing.
+        let started = now().to_string();
+        let target = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::CreatePod(p) => Some(p.clone()),
+                _ => None,
+            })
+            .expect("a target");
+        let deadline = target
+            .annotations()
+            .get(podmig_api::ANNOTATION_MIGRATION_DEADLINE)
+            .cloned()
+            .unwrap_or_default();
+        assert!(deadline > started, "{deadline} after {started}");
     }
 
     #[test]

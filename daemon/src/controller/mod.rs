@@ -1,11 +1,14 @@
 //! `podmig controller`: reconciles MigratingPods (migrate-on-delete) and Migrations (moves
 //! on request), leader-elected on a Lease so that two replicas are safe.
 
+pub mod eviction;
 pub mod leader;
+pub mod limits;
 pub mod metrics;
 pub mod migratingpod;
 pub mod migration;
 pub mod pod;
+pub mod webhook;
 
 use std::{sync::Arc, time::Duration};
 
@@ -65,6 +68,11 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// Limits on moves at once.
+    pub limits: limits::Limits,
+    /// Held while a pending Migration is admitted: two reconciles never both take the
+    /// last place.
+    pub admission: tokio::sync::Mutex<()>,
 }
 
 /// How often objects are looked at again when nothing happens (timeouts, give-ups).
@@ -343,6 +351,22 @@ fn split_events(actions: Vec<Action>) -> (Vec<Action>, Vec<Action>) {
         .partition(|a| matches!(a, Action::Event { .. }))
 }
 
+/// `new` as a merge patch over `old`: a field `new` no longer has (a queue place, a
+/// reason) is written as null, so the write removes it.
+fn cleared<T: serde::Serialize>(old: Option<&T>, new: &T) -> serde_json::Value {
+    let mut patch = serde_json::json!(new);
+    if let (Some(serde_json::Value::Object(was)), serde_json::Value::Object(now)) =
+        (old.map(|o| serde_json::json!(o)), &mut patch)
+    {
+        for key in was.keys() {
+            if !now.contains_key(key) {
+                now.insert(key.clone(), serde_json::Value::Null);
+            }
+        }
+    }
+    patch
+}
+
 /// Writes `status` on `obj` only if it is still the version this decision saw; false
 /// when it changed meanwhile (the next reconcile decides again on the new version).
 async fn patch_status_from<K>(
@@ -397,6 +421,21 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     {
         return Ok(Requeue::await_change());
     }
+    let pending = m
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_none_or(|p| p == MigrationPhase::Pending);
+    let _admitting = if pending {
+        Some(ctx.admission.lock().await)
+    } else {
+        None
+    };
+    let (busy, queued) = if pending {
+        moves_under_way(&ctx.client, &m).await?
+    } else {
+        (vec![], vec![])
+    };
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let pod = pods.get_opt(&m.spec.pod_name).await?;
     let owner_name = pod.as_ref().and_then(|p| {
@@ -439,6 +478,9 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         nodes: &nodes,
         others: &others,
         local_claims: &local_claims,
+        limits: &ctx.limits,
+        busy: &busy,
+        queued: &queued,
     };
     let (actions, status) = migration::decide(&observed, Timestamp::now());
     let (events, effects) = split_events(actions);
@@ -453,7 +495,8 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     }
     if m.status.as_ref() != Some(&status) {
         tracing::info!(phase = ?status.phase, reason = ?status.reason, "migration progressed");
-        if !patch_status_from(&migrations, m.as_ref(), serde_json::json!(status)).await? {
+        let patch = cleared(m.status.as_ref(), &status);
+        if !patch_status_from(&migrations, m.as_ref(), patch).await? {
             return Ok(Requeue::requeue(Duration::from_millis(200)));
         }
     }
@@ -462,10 +505,44 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         record_move_targets(&ctx, &ns, made).await?;
     }
     apply_actions(&ctx, &ns, m.as_ref(), events).await?;
-    // Watches of the Pods drive progress; this only bounds how late a timeout is seen.
+    // A queued move looks for its place often (no watch tells it a place came free);
+    // otherwise watches of the Pods drive progress and this bounds how late a timeout is seen.
+    if status.reason.as_deref() == Some(limits::REASON_QUEUED) {
+        return Ok(Requeue::requeue(QUEUE_RESYNC));
+    }
     Ok(Requeue::requeue(MIGRATION_RESYNC))
 }
 
+/// The moves under way in the cluster and the Migrations queued for a place (but `m`).
+async fn moves_under_way(
+    client: &Client,
+    m: &Migration,
+) -> Result<(Vec<limits::Busy>, Vec<(Migration, limits::Busy)>), Error> {
+    let all = Api::<Migration>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let targets = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().labels(LABEL_MIGRATING_POD))
+        .await?
+        .items;
+    let busy = limits::busy(&all, &targets);
+    let queued = all
+        .into_iter()
+        .filter(|x| limits::is_queued(x) && x.uid() != m.uid())
+        .map(|x| {
+            let b = limits::Busy {
+                source: x.status.as_ref().and_then(|s| s.source_node.clone()),
+                target: x.spec.target_node.clone(),
+            };
+            (x, b)
+        })
+        .collect();
+    Ok((busy, queued))
+}
+
+/// How often a queued Migration looks for a free place.
+pub const QUEUE_RESYNC: Duration = Duration::from_millis(500);
 /// How often an unfinished Migration is looked at without any change (its timeout).
 pub const MIGRATION_RESYNC: Duration = Duration::from_secs(2);
 /// Back-off after a failed reconcile.
@@ -491,9 +568,16 @@ fn error_policy<K: Resource<DynamicType = ()>>(
 }
 
 /// Runs both controllers until the future is dropped.
-pub async fn run(client: Client, identity: &str, metrics: Arc<metrics::Metrics>) {
+pub async fn run(
+    client: Client,
+    identity: &str,
+    metrics: Arc<metrics::Metrics>,
+    limits: limits::Limits,
+) {
     let ctx = Arc::new(Context {
         metrics,
+        limits,
+        admission: tokio::sync::Mutex::new(()),
         client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -540,4 +624,18 @@ pub async fn run(client: Client, identity: &str, metrics: Arc<metrics::Metrics>)
     .run(reconcile_migration, error_policy, ctx)
     .for_each(|_| futures::future::ready(()));
     tokio::join!(mpods, migrations);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_status_field_that_went_is_removed_by_the_patch() {
+        let old = serde_json::json!({"phase": "Pending", "reason": "Queued", "queuePosition": 2});
+        let new = serde_json::json!({"phase": "Scheduling", "targetPod": "x-1"});
+        assert_eq!(
+            super::cleared(Some(&old), &new),
+            serde_json::json!({"phase": "Scheduling", "targetPod": "x-1", "reason": null, "queuePosition": null})
+        );
+        assert_eq!(super::cleared(None, &new), new);
+    }
 }

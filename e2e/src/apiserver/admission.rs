@@ -237,15 +237,43 @@ fn review(req: &Request<'_>, uid: &str) -> Value {
     json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": r})
 }
 
-async fn call(hook: &Value, body: &Value) -> Result<Value, String> {
-    let config = &hook["clientConfig"];
-    let url = config["url"]
+/// Where a webhook is called: its `url`, or its Service's ClusterIP with the name its
+/// certificate must hold (`<name>.<namespace>.svc`), as kube-apiserver dials a Service.
+fn endpoint(api: &Api, config: &Value) -> Result<(String, Option<String>), String> {
+    if let Some(url) = config["url"].as_str() {
+        return Ok((url.to_owned(), None));
+    }
+    let svc = &config["service"];
+    let (ns, name) = (
+        svc["namespace"].as_str().unwrap_or_default(),
+        svc["name"].as_str().unwrap_or_default(),
+    );
+    let def = api
+        .resource("", "v1", "services")
+        .ok_or("no services resource")?;
+    let found = api
+        .get(&def, ns, name)
+        .map_err(|_| format!("service \"{name}\" not found"))?;
+    let ip = found["spec"]["clusterIP"]
         .as_str()
-        .ok_or("only clientConfig.url is reachable from this API server (no Service proxy)")?;
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+        .ok_or_else(|| format!("service \"{name}\" has no ClusterIP"))?;
+    let port = svc["port"].as_u64().unwrap_or(443);
+    let path = svc["path"].as_str().unwrap_or("/");
+    Ok((
+        format!("https://{ip}:{port}{path}"),
+        Some(format!("{name}.{ns}.svc")),
+    ))
+}
+
+async fn call(api: &Api, hook: &Value, body: &Value) -> Result<Value, String> {
+    let config = &hook["clientConfig"];
+    let (url, server_name) = endpoint(api, config)?;
+    let url = url.as_str();
     let ca = base64::engine::general_purpose::STANDARD
         .decode(config["caBundle"].as_str().unwrap_or_default())
         .map_err(|e| format!("caBundle: {e}"))?;
-    let client = outbound::https_client(&ca)?;
+    let client = outbound::https_client_for(&ca, server_name.as_deref())?;
     let timeout = Duration::from_secs(hook["timeoutSeconds"].as_u64().unwrap_or(10).clamp(1, 30));
     let request = axum::http::Request::post(url)
         .header("content-type", "application/json")
@@ -280,7 +308,7 @@ pub async fn admit(api: &Api, mut req: Request<'_>) -> ApiResult<Option<Value>> 
             }
             let name = hook["name"].as_str().unwrap_or_default().to_owned();
             let uid = uuid::Uuid::new_v4().to_string();
-            let answer = match call(&hook, &review(&req, &uid)).await {
+            let answer = match call(api, &hook, &review(&req, &uid)).await {
                 Ok(a) => a,
                 Err(e) if hook["failurePolicy"].as_str() == Some("Ignore") => {
                     tracing::warn!(webhook = %name, error = %e, "webhook failed; ignored by its failurePolicy");

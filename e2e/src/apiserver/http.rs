@@ -605,7 +605,6 @@ async fn admit(
             None,
         ),
         "patch" => {
-            let old = current()?;
             let kind = match headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
@@ -620,9 +619,22 @@ async fn admit(
                 "application/apply-patch+yaml" | "application/apply-patch+json" => PatchType::Apply,
                 _ => PatchType::Merge,
             };
-            let mut new = old.clone();
+            // Server-side apply creates what does not exist yet: admitted as a create.
+            let old = match current() {
+                Err(e) if e.code == 404 && kind == PatchType::Apply => None,
+                other => Some(other?),
+            };
+            let mut new = old.clone().unwrap_or_else(|| {
+                json!({"apiVersion": def.api_version(), "kind": def.kind,
+                    "metadata": {"name": t.name, "namespace": t.namespace}})
+            });
             super::api::apply_patch(&mut new, kind, &parse_body(body)?)?;
-            (Operation::Update, Some(new), Some(old), None)
+            let operation = if old.is_some() {
+                Operation::Update
+            } else {
+                Operation::Create
+            };
+            (operation, Some(new), old, None)
         }
         _ => (Operation::Delete, None, current().ok(), None),
     };
@@ -645,7 +657,7 @@ async fn admit(
     let admitted = admission::admit(&st.api, request).await?;
     Ok(match admitted {
         Some(o) if Some(&o) != object.as_ref() => {
-            if verb == "patch" {
+            if verb == "patch" && old.is_some() {
                 let mut o = o;
                 o["metadata"]["resourceVersion"] = old
                     .map(|x| x["metadata"]["resourceVersion"].clone())

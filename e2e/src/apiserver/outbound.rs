@@ -15,6 +15,12 @@ pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<
 
 /// A client trusting exactly the certificates in `ca_pem`.
 pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient, String> {
+    https_client_for(ca_pem, None)
+}
+
+/// [`https_client`], checking the server's certificate for `server_name` instead of the
+/// URL's host (a Service reached at its ClusterIP presents `<svc>.<ns>.svc`).
+pub fn https_client_for(ca_pem: &[u8], server_name: Option<&str>) -> Result<HttpsClient, String> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem) {
@@ -33,11 +39,20 @@ pub fn https_client(ca_pem: &[u8]) -> Result<HttpsClient, String> {
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .build();
+        .https_only();
+    let https = match server_name {
+        Some(name) => {
+            let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+                .map_err(|e| format!("server name {name:?}: {e}"))?;
+            builder
+                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                .enable_http1()
+                .build()
+        }
+        None => builder.enable_http1().build(),
+    };
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 

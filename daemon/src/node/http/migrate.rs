@@ -146,6 +146,7 @@ pub(super) async fn migrate<E: CheckpointEngine>(
                 .unwrap_or(podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS)
                 .max(1),
             timeout_seconds: body.timeout_seconds.unwrap_or(300).max(1),
+            timeout_seconds_per_gib: None,
             keep_ip: body.keep_ip,
         },
     );
