@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image
+.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -61,3 +61,9 @@ crds:
 
 clean:
 	$(CARGO) clean
+
+# The kubectl plugin: `kubectl podmig …` finds kubectl-podmig on the PATH.
+PREFIX ?= /usr/local
+kubectl-plugin:
+	$(CARGO) build --release -p podmig-daemon --bin kubectl-podmig
+	install -m 0755 target/release/kubectl-podmig $(PREFIX)/bin/kubectl-podmig

@@ -103,6 +103,11 @@ pub const ANNOTATION_ON_EVICTION: &str = "podmig.dev/on-eviction";
 /// webhook; later evictions of the Pod read the outcome of such Migrations.
 pub const ANNOTATION_STARTED_BY_EVICTION: &str = "podmig.dev/started-by-eviction";
 
+/// Migration annotation asking the controller to give the move up (`kubectl podmig
+/// cancel`; its value says who asked): a queued move ends, one under way rolls back (the
+/// target goes, the source keeps running). A move that has succeeded stays done.
+pub const ANNOTATION_CANCEL: &str = "podmig.dev/cancel";
+
 /// MigratingPod annotation set by the eviction webhook when it adopts a bare Pod: that
 /// Pod's name. The MigratingPod makes no Pod of its own while it waits for that one.
 pub const ANNOTATION_ADOPTS: &str = "podmig.dev/adopts";

@@ -10,6 +10,7 @@ pub mod keepip;
 pub mod kubeclient;
 pub mod node;
 pub mod nodeprep;
+pub mod plugin;
 pub mod store;
 
 pub use error::{Error, Result};

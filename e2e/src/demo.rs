@@ -134,7 +134,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let drain_started = Instant::now();
     c.kubectl(&["drain", &from, "--ignore-daemonsets", "--timeout=150s"])?;
     say(format!(
-        "kubectl drain {from} returned after {:.1} s: counter-0 was evicted, moved, not killed",
+        "kubectl drain {from} returned after {:.1} s: its eviction of counter-0 was answered by a move (429 until the Pod ran elsewhere), not a kill",
         drain_started.elapsed().as_secs_f64()
     ));
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());

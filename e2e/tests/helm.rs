@@ -104,6 +104,20 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
     );
     let secret = find(&objs, "Secret", "-node-ca").expect("generated CA");
     assert!(secret["data"]["tls.key"].is_string());
+    // The eviction webhook: registered by Service, its CA in the configuration, served by
+    // the controller from the mounted serving certificate, limits passed on.
+    let hook = find(&objs, "ValidatingWebhookConfiguration", "-eviction").expect("webhook");
+    let w = &hook["webhooks"][0];
+    assert_eq!(w["rules"][0]["resources"][0], "pods/eviction");
+    assert_eq!(w["failurePolicy"], "Ignore");
+    assert_eq!(w["clientConfig"]["service"]["name"], "podmig-webhook");
+    assert_eq!(w["clientConfig"]["service"]["path"], "/evict");
+    let ca = find(&objs, "Secret", "-webhook-ca").expect("webhook CA");
+    assert_eq!(w["clientConfig"]["caBundle"], ca["data"]["tls.crt"]);
+    assert!(find(&objs, "Secret", "-webhook-tls").is_some());
+    assert!(find(&objs, "Service", "-webhook").is_some());
+    assert_eq!(env(ctl, "PODMIG_WEBHOOK_ADDR")["value"], "0.0.0.0:8443");
+    assert_eq!(env(ctl, "PODMIG_MAX_MOVES_PER_NODE")["value"], "2");
     for kind in [
         "ClusterRole",
         "ClusterRoleBinding",
@@ -132,6 +146,8 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         "runtimeClass.create=false",
         "--set",
         "node.prepare.enabled=false",
+        "--set",
+        "webhook.enabled=false",
     ])?)?;
     let deploy = find(&objs, "Deployment", "-controller").expect("controller");
     assert_eq!(deploy["spec"]["replicas"], 3);
@@ -147,9 +163,16 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         pod["initContainers"].is_null(),
         "node preparation left to the operator"
     );
-    for kind in ["Secret", "RuntimeClass"] {
+    for kind in ["Secret", "RuntimeClass", "ValidatingWebhookConfiguration"] {
         assert!(!objs.iter().any(|o| o["kind"] == kind), "{kind} rendered");
     }
+    assert!(
+        env(
+            &deploy["spec"]["template"]["spec"]["containers"][0],
+            "PODMIG_WEBHOOK_ADDR"
+        )
+        .is_null()
+    );
     // Without RBAC and node preparation only the post-delete hook's own role is rendered.
     let roles: Vec<&str> = objs
         .iter()

@@ -413,6 +413,11 @@ impl<'a> Deciding<'a> {
 
     /// A `Migration` moves the Pod: reported as migrating, nothing done.
     fn report_migrations_move(&mut self, source: &Pod, target: &Pod) {
+        if ready(target) {
+            // Done: the Migration lets the source go; here the move is recorded.
+            self.record_migrations_success(Some(source), target);
+            return;
+        }
         self.status.active_pod = Some(source.name_any());
         self.status.node = node(source);
         self.set(
@@ -688,7 +693,41 @@ impl<'a> Deciding<'a> {
     }
 
     /// One Pod, no move: it runs or is starting.
+    /// A Migration's target that runs: the MigratingPod's record of its last move says
+    /// so (once; the Migration records its own Event and deletes the source).
+    fn record_migrations_success(&mut self, source: Option<&Pod>, target: &Pod) {
+        let known = self
+            .status
+            .last_migration
+            .as_ref()
+            .is_some_and(|r| r.target_pod == target.name_any());
+        if !known {
+            self.status.last_migration = Some(MigrationRecord {
+                source_pod: source.map(|s| s.name_any()).unwrap_or_default(),
+                target_pod: target.name_any(),
+                source_node: annotation(target, ANNOTATION_SOURCE_NODE).map(str::to_owned),
+                target_node: node(target),
+                started_at: target.metadata.creation_timestamp.clone(),
+                finished_at: Some(Time(self.now)),
+                outcome: Some(Outcome::Succeeded),
+                report: reported(target),
+                message: annotation(target, ANNOTATION_MIGRATION_ID)
+                    .map(|m| format!("moved by Migration {m}")),
+            });
+        }
+        self.status.active_pod = Some(target.name_any());
+        self.status.node = node(target);
+        self.set(MigratingPodState::Running, true, "Running", "the Pod runs");
+    }
+
     fn report_pod(&mut self, p: &Pod) {
+        if annotation(p, ANNOTATION_MIGRATE_FROM).is_some()
+            && !is_migrate_on_delete_target(p)
+            && ready(p)
+        {
+            self.record_migrations_success(None, p);
+            return;
+        }
         self.status.active_pod = Some(p.name_any());
         self.status.node = node(p);
         if ready(p) {
@@ -1056,6 +1095,29 @@ mod tests {
         assert!(d.actions.is_empty(), "{:?}", d.actions);
         assert_eq!(d.status.state, Some(MigratingPodState::Migrating));
         assert_eq!(d.status.active_pod.as_deref(), Some("x-0"));
+    }
+
+    #[test]
+    fn a_migrations_finished_move_is_recorded_without_acting() {
+        let src = TestPod::new("x-0").running().on_node("n1").build();
+        let moved = TestPod::new("x-1")
+            .target_of("x-0")
+            .annotated(ANNOTATION_MIGRATION_ID, "move-1")
+            .running()
+            .on_node("n2")
+            .build();
+        for pods in [vec![src, moved.clone()], vec![moved]] {
+            let d = decide(&mpod(true), &pods, now());
+            assert!(d.actions.is_empty(), "the Migration acts: {:?}", d.actions);
+            let r = d.status.last_migration.expect("recorded");
+            assert_eq!(
+                (r.target_pod.as_str(), r.outcome),
+                ("x-1", Some(Outcome::Succeeded))
+            );
+            assert_eq!(r.message.as_deref(), Some("moved by Migration move-1"));
+            assert_eq!(d.status.active_pod.as_deref(), Some("x-1"));
+            assert_eq!(d.status.state, Some(MigratingPodState::Running));
+        }
     }
 
     #[test]

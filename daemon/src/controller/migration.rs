@@ -151,11 +151,32 @@ enum Hold {
     Fail(&'static str, String),
 }
 
+/// Who asked to cancel the Migration, if anybody did.
+fn cancelled_by(m: &Migration) -> Option<&str> {
+    m.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(podmig_api::ANNOTATION_CANCEL))
+        .map(String::as_str)
+}
+
 fn decide_step(o: &Observed<'_>, now: Timestamp) -> (Vec<Action>, MigrationStatus) {
     let mut status = o.migration.status.clone().unwrap_or_default();
     let mut actions = Vec::new();
     match status.phase {
         Some(p) if p.is_terminal() => keep_late_figures(o, &mut status),
+        None | Some(MigrationPhase::Pending) if cancelled_by(o.migration).is_some() => {
+            status.queue_position = None;
+            fail(
+                &mut status,
+                "Cancelled",
+                format!(
+                    "cancelled by {} before it started",
+                    cancelled_by(o.migration).unwrap_or_default()
+                ),
+                now,
+            );
+        }
         None | Some(MigrationPhase::Pending) => {
             set_phase(&mut status, MigrationPhase::Pending, now);
             status.queue_position = None;
@@ -445,7 +466,10 @@ fn follow(o: &Observed<'_>, now: Timestamp, status: &mut MigrationStatus) -> Vec
     if super::pod::moved_in(target) {
         return succeeded(o, target, report.as_ref(), now, status);
     }
-    let (reason, event, why) = if target_failed {
+    let (reason, event, why) = if let Some(who) = cancelled_by(m) {
+        let why = format!("cancelled by {who}; rolled back: {pod_name} keeps running");
+        ("Cancelled", "MigrationCancelled", why)
+    } else if target_failed {
         let why = report
             .and_then(|r| r.error)
             .unwrap_or_else(|| "the target failed to restore".into());
@@ -1185,5 +1209,62 @@ mod tests {
             !actions.contains(&Action::DeletePod("x-0".into())),
             "the source keeps running"
         );
+    }
+
+    #[test]
+    fn a_cancelled_move_ends_queued_or_rolls_back_under_way() {
+        let nodes = [node("n1", false)];
+        let own = owner();
+        let src = pod(
+            "x-0",
+            json!({"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let mut m = mig("m", "x-0", json!({}));
+        m.metadata.annotations = Some(std::collections::BTreeMap::from([(
+            podmig_api::ANNOTATION_CANCEL.to_owned(),
+            "alice".to_owned(),
+        )]));
+        m.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Pending),
+            reason: Some(REASON_QUEUED.into()),
+            queue_position: Some(3),
+            ..Default::default()
+        });
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.phase, Some(MigrationPhase::Failed));
+        assert_eq!(st.reason.as_deref(), Some("Cancelled"));
+        assert_eq!(st.queue_position, None);
+        assert!(
+            matches!(
+                &actions[..],
+                [Action::Event {
+                    reason: "MigrationFailed",
+                    ..
+                }]
+            ),
+            "{actions:?}"
+        );
+        m.status = Some(MigrationStatus {
+            phase: Some(MigrationPhase::Transferring),
+            target_pod: Some("x-1".into()),
+            ..Default::default()
+        });
+        let target = pod("x-1", json!({"metadata": {"name": "x-1"}}));
+        let (actions, st) = decide(
+            &observe(&m, Some(&src), Some(&own), Some(&target), &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.reason.as_deref(), Some("Cancelled"));
+        assert!(
+            st.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("cancelled by alice")
+        );
+        assert!(actions.contains(&Action::DeletePod("x-1".into())));
+        assert!(!actions.contains(&Action::DeletePod("x-0".into())));
     }
 }
