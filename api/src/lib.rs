@@ -132,3 +132,32 @@ pub const KEPT_IP_ROUTE_PROTO: &str = "211";
 /// Target-Pod annotation set by the controller for `strategy: auto`: the move's
 /// `maxDowntimeMs`.
 pub const ANNOTATION_MAX_DOWNTIME: &str = "podmig.dev/max-downtime-ms";
+
+/// The value of a resource quantity: millicores for CPU (`cpu`: `500m`, `2`), bytes
+/// otherwise (`512Mi`, `1Gi`, `3G`, `1000`); 0 when unreadable. What the scheduler and
+/// podmig's limits count Pods' requests and limits in.
+pub fn quantity(q: &k8s_openapi::apimachinery::pkg::api::resource::Quantity, cpu: bool) -> f64 {
+    let s = q.0.trim();
+    if cpu {
+        return match s.strip_suffix('m') {
+            Some(m) => m.parse().unwrap_or(0.0),
+            None => s.parse::<f64>().map(|c| c * 1000.0).unwrap_or(0.0),
+        };
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().unwrap_or(0.0);
+    n * match unit {
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        _ => 1.0,
+    }
+}

@@ -6,6 +6,7 @@ pub mod config;
 pub mod controller;
 pub mod crds;
 pub mod error;
+pub mod extender;
 pub mod keepip;
 pub mod kubeclient;
 pub mod node;

@@ -37,6 +37,23 @@ enum Command {
     ReleaseFinalizers,
     /// Do nothing until SIGTERM (the main container of the uninstall hook's DaemonSet).
     Idle,
+    /// Run the kube-scheduler extender (`filter`, `prioritize`, `preempt`): a preemption
+    /// moves the victims podmig can move instead of letting them be killed.
+    Extender {
+        /// Address to serve on.
+        #[arg(long, env = "PODMIG_EXTENDER_ADDR", default_value = "0.0.0.0:8888")]
+        listen: std::net::SocketAddr,
+        /// The node daemons' CA bundle (PEM).
+        #[arg(long, env = "PODMIG_TLS_CA")]
+        daemon_ca: std::path::PathBuf,
+        /// Port of the node daemons' HTTPS API.
+        #[arg(long, env = "PODMIG_DAEMON_PORT", default_value_t = podmig_api::nodeapi::DEFAULT_API_PORT)]
+        daemon_port: u16,
+        /// Bearer token for the daemons (needs `create pods/migrate`), re-read at each use;
+        /// default: the Kubernetes credentials' token.
+        #[arg(long, env = "PODMIG_TOKEN_FILE")]
+        token_file: Option<std::path::PathBuf>,
+    },
     /// Print the CustomResourceDefinitions (YAML), or write one file per CRD into a directory.
     Crds {
         /// Directory to write `<plural>.<group>.yaml` files into.
@@ -129,6 +146,30 @@ async fn main() -> anyhow::Result<()> {
                 shutdown(),
             )
             .await;
+        }
+        Command::Extender {
+            listen,
+            daemon_ca,
+            daemon_port,
+            token_file,
+        } => {
+            let config = kube::Config::infer().await?;
+            let token = match token_file {
+                Some(f) => podmig_daemon::node::peer::TokenSource::File(f),
+                None => podmig_daemon::node::peer::TokenSource::from_config(&config)
+                    .ok_or_else(|| anyhow::anyhow!("no token: pass --token-file"))?,
+            };
+            let client = podmig_daemon::kubeclient::from_config(config)?;
+            let peers = podmig_daemon::node::peer::PeerClient::new(
+                &std::fs::read(&daemon_ca)?,
+                token,
+                daemon_port,
+            )?;
+            let ext = std::sync::Arc::new(podmig_daemon::extender::Extender::new(client, peers));
+            tokio::select! {
+                served = podmig_daemon::extender::serve(ext, listen) => served?,
+                () = shutdown() => {}
+            }
         }
         Command::Crds { write: None } => print!("{}", podmig_daemon::crds::yaml()?),
         Command::Crds { write: Some(dir) } => {

@@ -25,6 +25,10 @@ use crate::{
     paths,
 };
 
+/// The scheduler's `KubeSchedulerConfiguration` in the cluster's directory
+/// (`cluster up --scheduler-config` copies one there; re-read on every scheduling pass).
+pub const SCHEDULER_CONFIG: &str = "scheduler-config.yaml";
+
 /// The chart's daemon CA, once the chart is installed (relative to the cluster directory).
 const CHART_CA: &str = "chart-ca.crt";
 
@@ -279,7 +283,7 @@ impl Cluster {
                 &path,
             )?;
             let c = client_from(&path).await?;
-            tokio::spawn(crate::scheduler::run(c))
+            tokio::spawn(crate::scheduler::run(c, Some(dir.join(SCHEDULER_CONFIG))))
         };
         let workloads = tokio::spawn(crate::workloads::run(
             client.clone(),
@@ -585,6 +589,46 @@ impl Cluster {
             self.dir.join(format!("controller-{identity}.log")),
         )?);
         Ok((crate::process::Proc::spawn("podmig controller", cmd)?, port))
+    }
+
+    /// Starts `podmig extender` on a port of its own, reading the cluster with the admin
+    /// kubeconfig and calling the node daemons with `token` (which needs `create
+    /// pods/migrate`), and configures the scheduler to call it for `filter`,
+    /// `prioritize` and `preempt` (weight 1, not ignorable; `node_cache_capable` as given).
+    pub fn start_extender(
+        &self,
+        token: &str,
+        node_cache_capable: bool,
+    ) -> anyhow::Result<crate::process::Proc> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let token_file = self.dir.join("extender.token");
+        std::fs::write(&token_file, token)?;
+        let mut cmd = Command::new(crate::paths::bin("podmig"));
+        cmd.arg("extender")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--daemon-ca")
+            .arg(self.daemon_ca())
+            .arg("--token-file")
+            .arg(&token_file)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("extender.log"))?);
+        let proc = crate::process::Proc::spawn("podmig extender", cmd)?;
+        self.configure_scheduler(&format!(
+            "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nextenders:\n- urlPrefix: http://127.0.0.1:{port}\n  filterVerb: filter\n  prioritizeVerb: prioritize\n  preemptVerb: preempt\n  weight: 1\n  ignorable: false\n  nodeCacheCapable: {node_cache_capable}\n"
+        ))?;
+        Ok(proc)
+    }
+
+    /// Gives the scheduler a `KubeSchedulerConfiguration` (its `extenders:`), read from its
+    /// next pass on.
+    pub fn configure_scheduler(&self, yaml: &str) -> anyhow::Result<()> {
+        std::fs::write(self.dir.join(SCHEDULER_CONFIG), yaml)?;
+        Ok(())
     }
 
     /// Records a process the cluster started in `state.json`, for `cluster down`.

@@ -395,3 +395,57 @@ async fn an_eviction_webhook_that_is_down_follows_its_failure_policy() -> anyhow
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preemption_moves_the_low_priority_migratingpod_through_the_extender_instead_of_killing_it()
+-> anyhow::Result<()> {
+    let c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let (_ctl, _) = c.start_controller("a")?;
+    // The extender calls the daemons as any caller: a ServiceAccount bound to the migrate
+    // permission (as the chart's podmig-migrator ClusterRole grants it).
+    let user = "system:serviceaccount:kube-system:podmig-extender";
+    c.apply(&format!("apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: migrator}}\nrules:\n- {{apiGroups: [''], resources: [pods/migrate], verbs: [create]}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: extender-migrates}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: migrator}}\nsubjects:\n- {{kind: User, name: '{user}'}}\n"))?;
+    let token = c.token_for(user, &["system:serviceaccounts", "system:authenticated"])?;
+    let _ext = c.start_extender(&token, true)?;
+    c.apply("apiVersion: scheduling.k8s.io/v1\nkind: PriorityClass\nmetadata: {name: urgent}\nvalue: 1000\n")?;
+    // A low-priority MigratingPod asking for two thirds of a node.
+    c.apply("apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {name: low}\nspec:\n  strategy: full\n  template:\n    metadata: {labels: {app: low}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '8'], resources: {requests: {memory: 16Gi}}}\n")?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "low-0", Duration::from_secs(60)).await?;
+    let node = node_of(&p0);
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(30)).await?;
+    let before = get_count(&ip(&p0)).await?;
+    // A high-priority Pod that must run on that node and does not fit beside it.
+    c.apply(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: urgent}}\nspec:\n  priorityClassName: urgent\n  nodeSelector: {{kubernetes.io/hostname: {node}}}\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: app, image: 'podmig.local/testapp:latest', resources: {{requests: {{memory: 16Gi}}}}}}\n"))?;
+    let urgent = ready(&pods, "urgent", Duration::from_secs(90)).await?;
+    assert_eq!(node_of(&urgent), node, "the preemptor got its room");
+    assert_eq!(
+        urgent.spec.as_ref().and_then(|s| s.priority),
+        Some(1000),
+        "priority from its PriorityClass"
+    );
+    let p1 = ready(&pods, "low-1", Duration::from_secs(30)).await?;
+    assert_ne!(node_of(&p1), node, "the victim moved away");
+    assert_eq!(get_count(&ip(&p1)).await?, before + 1, "and kept its count");
+    let migrations: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let m = migrations
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|m| m.spec.pod_name == "low-0")
+        .expect("the extender's Migration");
+    assert_eq!(
+        m.annotations()
+            .get("podmig.dev/requested-by")
+            .map(String::as_str),
+        Some(user)
+    );
+    let reasons = event_reasons(&c, "low-0").await;
+    assert!(
+        !reasons.iter().any(|(r, _)| r == "Preempted"),
+        "the victim was moved, not preempted: {reasons:?}"
+    );
+    Ok(())
+}

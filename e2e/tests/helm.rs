@@ -118,6 +118,10 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
     assert!(find(&objs, "Service", "-webhook").is_some());
     assert_eq!(env(ctl, "PODMIG_WEBHOOK_ADDR")["value"], "0.0.0.0:8443");
     assert_eq!(env(ctl, "PODMIG_MAX_MOVES_PER_NODE")["value"], "2");
+    assert!(
+        find(&objs, "Deployment", "-extender").is_none(),
+        "extender off by default"
+    );
     for kind in [
         "ClusterRole",
         "ClusterRoleBinding",
@@ -148,7 +152,21 @@ fn chart_lints_and_renders_for_default_and_other_values() -> anyhow::Result<()> 
         "node.prepare.enabled=false",
         "--set",
         "webhook.enabled=false",
+        "--set",
+        "extender.enabled=true",
     ])?)?;
+    // The scheduler extender: only the daemons' CA certificate, never its key.
+    let ext = find(&objs, "Deployment", "-extender").expect("extender");
+    let ext_pod = &ext["spec"]["template"]["spec"];
+    assert_eq!(ext_pod["containers"][0]["command"][1], "extender");
+    assert_eq!(
+        ext_pod["volumes"][0]["secret"]["secretName"],
+        "my-daemon-ca"
+    );
+    assert_eq!(
+        ext_pod["volumes"][0]["secret"]["items"],
+        serde_json::json!([{"key": "ca.crt", "path": "ca.crt"}])
+    );
     let deploy = find(&objs, "Deployment", "-controller").expect("controller");
     assert_eq!(deploy["spec"]["replicas"], 3);
     let ds = find(&objs, "DaemonSet", "-node").expect("daemonset");

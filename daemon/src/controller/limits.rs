@@ -171,29 +171,6 @@ pub fn admit(
     }
 }
 
-/// Bytes a quantity stands for (`512Mi`, `1Gi`, `1G`, `1000`); `None` when unreadable.
-fn bytes_of(q: &Quantity) -> Option<f64> {
-    let s = q.0.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let factor = match unit {
-        "" => 1.0,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1024.0 * 1024.0,
-        "Gi" => 1024.0 * 1024.0 * 1024.0,
-        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    Some(n * factor)
-}
-
 /// The Pod's memory as its containers declare it (limit, else request), GiB.
 pub fn memory_gib(pod: &Pod) -> f64 {
     pod.spec
@@ -204,7 +181,9 @@ pub fn memory_gib(pod: &Pod) -> f64 {
                 .filter_map(|c| {
                     let r = c.resources.as_ref()?;
                     let pick = |m: &Option<BTreeMap<String, Quantity>>| {
-                        m.as_ref().and_then(|m| m.get("memory")).and_then(bytes_of)
+                        m.as_ref()
+                            .and_then(|m| m.get("memory"))
+                            .map(|q| super::pod::quantity(q, false))
                     };
                     pick(&r.limits).or_else(|| pick(&r.requests))
                 })

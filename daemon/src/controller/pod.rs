@@ -224,6 +224,8 @@ pub fn next_index<'a>(
         .map_or(0, |i| i + 1)
 }
 
+pub use podmig_api::quantity;
+
 /// The Pod's phase (`Pending` when none is reported yet).
 pub fn phase(p: &Pod) -> &str {
     p.status

@@ -467,6 +467,34 @@ impl PeerClient {
             })
     }
 
+    /// Asks the daemon on `host` to move Pod `uid` (`POST /migrate/{uid}` without a
+    /// hand-over: what a person or a scheduler asks, needing `create pods/migrate`). The
+    /// answer's status and body (a `MigrateResponse`, or an error body).
+    pub async fn request_move(
+        &self,
+        host: &str,
+        uid: &str,
+        req: &MigrateRequest,
+    ) -> Result<(u16, Vec<u8>), PeerError> {
+        let body = serde_json::to_vec(req).map_err(|e| PeerError::Transport {
+            peer: host.into(),
+            message: e.to_string(),
+        })?;
+        let request = self.request(host, &format!("/migrate/{uid}"), body)?;
+        let resp = self.send_within(host, request, 30).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| PeerError::Transport {
+                peer: host.into(),
+                message: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((status, bytes.to_vec()))
+    }
+
     /// Times the link to the daemon on `host`: `bytes` zeros sent through the daemons'
     /// TLS channel (after a first empty probe opened the connection), in MB/s.
     pub async fn probe_link(&self, host: &str, bytes: usize) -> Result<f64, PeerError> {

@@ -410,6 +410,37 @@ impl Api {
         }
     }
 
+    /// The Priority admission plugin: `spec.priority` (and `preemptionPolicy`) from the
+    /// Pod's PriorityClass, or from the global default class, else 0.
+    fn priority_admission(&self, spec: &mut Value) {
+        if !spec["priority"].is_null() {
+            return;
+        }
+        let class = self
+            .resource("scheduling.k8s.io", "v1", "priorityclasses")
+            .and_then(|def| {
+                let (all, _) = self.store.list(&def.key(), None);
+                match spec["priorityClassName"].as_str() {
+                    Some(name) => all.into_iter().find(|c| c["metadata"]["name"] == name),
+                    None => all.into_iter().find(|c| c["globalDefault"] == true),
+                }
+            });
+        match class {
+            Some(c) => {
+                spec["priority"] = c["value"].clone();
+                spec["preemptionPolicy"] = c
+                    .get("preemptionPolicy")
+                    .filter(|v| !v.is_null())
+                    .cloned()
+                    .unwrap_or(json!("PreemptLowerPriority"));
+            }
+            None => {
+                spec["priority"] = json!(0);
+                spec["preemptionPolicy"] = json!("PreemptLowerPriority");
+            }
+        }
+    }
+
     fn defaults(&self, def: &ResourceDef, obj: &mut Value) {
         if def.group.is_empty() && def.plural == "services" {
             self.service_defaults(def, obj);
@@ -426,6 +457,7 @@ impl Api {
                 spec["schedulerName"] = json!("default-scheduler");
             }
             service_account_admission(spec);
+            self.priority_admission(spec);
             if obj["status"]["phase"].is_null() {
                 obj["status"] = json!({"phase": "Pending", "qosClass": "BestEffort"});
             }

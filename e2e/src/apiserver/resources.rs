@@ -228,6 +228,14 @@ pub fn builtins() -> Vec<ResourceDef> {
         ResourceDef::new("coordination.k8s.io", "v1", "Lease", "leases", true),
         ResourceDef::new("node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", false),
         ResourceDef::new(
+            "scheduling.k8s.io",
+            "v1",
+            "PriorityClass",
+            "priorityclasses",
+            false,
+        )
+        .short(&["pc"]),
+        ResourceDef::new(
             "apiextensions.k8s.io",
             "v1",
             "CustomResourceDefinition",
