@@ -63,3 +63,44 @@ pub fn error_reason(body: &str) -> String {
         .map(|e| e.reason)
         .unwrap_or_else(|_| format!("not a JSON error: {body}"))
 }
+
+/// Sends raw `bytes` to node `node`'s daemon over TLS (verified against the daemons' CA)
+/// and reads what comes back within `within`: the answer's text, and whether the daemon
+/// closed the connection in that time. For requests `curl` will not send.
+pub async fn raw_exchange(
+    c: &Cluster,
+    node: usize,
+    bytes: &[u8],
+    within: std::time::Duration,
+) -> anyhow::Result<(String, bool)> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(c.daemon_ca())? {
+        roots.add(cert?)?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let ip = c.network.node_ip(node);
+    let tcp = tokio::net::TcpStream::connect((ip.as_str(), podmig_api::nodeapi::DEFAULT_API_PORT))
+        .await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from(ip.clone())?, tcp)
+        .await?;
+    tls.write_all(bytes).await?;
+    tls.flush().await?;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+            Err(_) => return Ok((String::from_utf8_lossy(&got).into_owned(), false)),
+            Ok(Ok(0) | Err(_)) => return Ok((String::from_utf8_lossy(&got).into_owned(), true)),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}

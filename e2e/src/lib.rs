@@ -7,6 +7,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod bench_conn;
+pub mod bench_drain;
 pub mod bench_move;
 pub mod bench_raw;
 pub mod clock;

@@ -378,3 +378,70 @@ async fn peer_endpoints_answer_only_the_daemon_of_the_moves_target_node() -> any
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_http_edges_refuse_hostile_requests_at_once_with_json() -> anyhow::Result<()> {
+    use podmig_e2e::daemon_api::raw_exchange;
+    let c = Cluster::up_temp(1).await?;
+    let quick = Duration::from_secs(3);
+    // An oversize body announced with Expect: 100-continue: 413 before any 100 Continue
+    // (an unauthenticated one gets its 401 just as early).
+    let token = c.token_for("kubernetes-admin", &["system:masters"])?;
+    let head = |auth: &str| {
+        format!(
+            "POST /migrate/x HTTP/1.1\r\nHost: node\r\n{auth}Content-Type: application/json\r\nContent-Length: 100000000\r\nExpect: 100-continue\r\n\r\n"
+        )
+    };
+    let (answer, _) = raw_exchange(&c, 0, head("").as_bytes(), quick).await?;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    let (answer, _) = raw_exchange(
+        &c,
+        0,
+        head(&format!("Authorization: Bearer {token}\r\n")).as_bytes(),
+        quick,
+    )
+    .await?;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(answer.contains("\"reason\":\"BodyTooLarge\""), "{answer}");
+    // Garbage on the HTTP/1.1 listener: 400 at once. An HTTP/2 preface (ALPN offers
+    // http/1.1 alone) is answered at once too: hyper's upgrade-capable connection
+    // recognises it and speaks HTTP/2 (its SETTINGS frame, type 4).
+    let t = std::time::Instant::now();
+    let (answer, _) = raw_exchange(&c, 0, b"hello there\r\n\r\n", quick).await?;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(t.elapsed() < quick, "answered in {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let (answer, closed) = raw_exchange(
+        &c,
+        0,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        Duration::from_millis(1500),
+    )
+    .await?;
+    assert!(
+        answer.as_bytes().get(3) == Some(&4) || closed,
+        "{answer:?} closed={closed}"
+    );
+    assert!(t.elapsed() < quick, "answered in {:?}", t.elapsed());
+    // A request head that never ends is dropped, not kept forever.
+    let (_, closed) = raw_exchange(
+        &c,
+        0,
+        b"GET /healthz HTTP/1.1\r\nHost: node\r\nX-Slow: ",
+        Duration::from_secs(15),
+    )
+    .await?;
+    assert!(closed, "a never-finished request head is dropped");
+    // A malformed query is refused with the JSON error body.
+    let (status, body) =
+        podmig_e2e::daemon_api::curl(&c, 0, "POST", "/migrate/x?wait=maybe", None, Some("{}"))?;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(
+        podmig_e2e::daemon_api::error_reason(&body),
+        "BadRequest",
+        "{body}"
+    );
+    Ok(())
+}

@@ -35,11 +35,22 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/tmp/podmig-cluster")]
         dir: std::path::PathBuf,
     },
-    /// `cluster up`/`down` times and the API server's watch latency.
+    /// `cluster up`/`down` times, the API server's watch latency, and a node's drain
+    /// (MigratingPods through the eviction webhook within the limits, against one move
+    /// alone and against a Deployment's plain eviction).
     BenchCluster {
-        /// Runs of up/down (the median is reported).
+        /// Runs of each (medians are reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// MigratingPods on the drained node.
+        #[arg(long, default_value_t = 8)]
+        drain_pods: usize,
+        /// Memory of each, MiB.
+        #[arg(long, default_value_t = 64)]
+        drain_mib: u64,
+        /// Only the drain.
+        #[arg(long)]
+        only_drain: bool,
     },
     /// Downtime of a cross-node move: podmig (full and lazy) vs delete-and-recreate vs the
     /// thesis' order.
@@ -140,7 +151,17 @@ async fn main() -> anyhow::Result<()> {
                 podmig_e2e::cluster::run_foreground(&dir, nodes, chart).await
             }
         },
-        Command::BenchCluster { runs } => podmig_e2e::bench::cluster(runs).await,
+        Command::BenchCluster {
+            runs,
+            drain_pods,
+            drain_mib,
+            only_drain,
+        } => {
+            if !only_drain {
+                podmig_e2e::bench::cluster(runs).await?;
+            }
+            podmig_e2e::bench_drain::run(runs, drain_pods, drain_mib).await
+        }
         Command::Bench {
             sizes,
             runs,

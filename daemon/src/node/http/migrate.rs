@@ -34,11 +34,19 @@ pub(super) struct MigrateQuery {
 pub(super) async fn migrate<E: CheckpointEngine>(
     State(s): State<Arc<AppState<E>>>,
     UrlPath(uid): UrlPath<String>,
-    Query(q): Query<MigrateQuery>,
+    query: Result<Query<MigrateQuery>, axum::extract::rejection::QueryRejection>,
     request: Request,
 ) -> Result<Response, Failure> {
+    // A malformed query (`?wait=maybe`) is answered with the JSON error body, as the rest.
+    let Query(q) = query.map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("query: {}", e.body_text()),
+        )
+    })?;
     let token = bearer(request.headers()).map(str::to_owned);
-    let raw = read_body(request.into_body()).await;
+    let raw = read_body(request).await;
     // Authenticate before anything is revealed about the Pod.
     let pod = s.node.pod(&uid);
     let (ns, name) = pod

@@ -37,6 +37,8 @@ use peers::*;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
+/// Bound on reading a request's head (request line and headers).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on reading a request body.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Annotation on a Migration created through this API: who asked.
@@ -125,6 +127,11 @@ pub async fn serve<E: CheckpointEngine>(
             path: cert.to_path_buf(),
             source,
         })?;
+    // Offer HTTP/1.1 alone in ALPN: the server speaks nothing else (below), and a client
+    // offered h2 (curl) would speak it.
+    let mut only_h1 = (*tls.get_inner()).clone();
+    only_h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.reload_from_config(Arc::new(only_h1));
     let state = Arc::new(AppState {
         node,
         auth: Authorizer::new(client),
@@ -145,13 +152,21 @@ pub async fn serve<E: CheckpointEngine>(
     // through the page tunnel are small messages that Nagle would hold back.
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
         .acceptor(axum_server::accept::NoDelayAcceptor::new());
-    let server = axum_server::from_tcp(listener)
+    // Garbage is answered 400; a client that never finishes its request head is dropped
+    // after 10 s. (ALPN offers HTTP/1.1 alone; an HTTP/2 prior-knowledge preface is still
+    // served as HTTP/2 by hyper's upgrade-capable connection, which the page tunnel needs.)
+    let mut server = axum_server::from_tcp(listener)
         .map_err(|source| crate::Error::Listen {
             path: listen.to_string().into(),
             source,
         })?
         .acceptor(acceptor)
         .handle(handle.clone());
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     tokio::spawn(async move {
         if let Err(error) = server.serve(app.into_make_service()).await {
             tracing::error!(%error, "migration API stopped");
@@ -232,7 +247,23 @@ async fn one<E: CheckpointEngine>(
 
 /// Reads a whole (bounded) request body. Read before any answer: an HTTP/2 client whose
 /// body is left unread when the answer comes sees its stream reset.
-async fn read_body(body: Body) -> Result<Bytes, Failure> {
+/// Reads a request's body (at most [`MAX_BODY`]). A request announcing more is refused
+/// before anything is read — so a client sending `Expect: 100-continue` gets its 413
+/// instead of a `100 Continue` (hyper sends that only once the body is read).
+async fn read_body(request: axum::extract::Request) -> Result<Bytes, Failure> {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = announced.filter(|n| *n > MAX_BODY as u64) {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "BodyTooLarge",
+            format!("request body of {n} bytes announced, at most {MAX_BODY} accepted"),
+        ));
+    }
+    let body: Body = request.into_body();
     tokio::time::timeout(READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY))
         .await
         .map_err(|_| {

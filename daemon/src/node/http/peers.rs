@@ -477,7 +477,7 @@ pub(super) async fn complete<E: CheckpointEngine>(
     request: Request,
 ) -> Result<Response, Failure> {
     let token = bearer(request.headers()).map(str::to_owned);
-    let raw = read_body(request.into_body()).await;
+    let raw = read_body(request).await;
     check_peer_of_move(&s, token.as_deref(), &id).await?;
     let body: CompleteRequest = parse_json(&raw?)?;
     if let Some(ms) = body.restore_ms {
