@@ -36,6 +36,10 @@ pub struct NodeConfig {
     /// free space of the checkpoint directory) is refused before anything is frozen.
     #[arg(long, env = "PODMIG_CHECKPOINT_BUDGET_MIB", default_value_t = 16_384)]
     pub checkpoint_budget_mib: u64,
+    /// Bandwidth cap of each move leaving this node, MiB/s (its page streams and its image
+    /// stream; lazy pages are not capped: the application waits for them); 0: none.
+    #[arg(long, env = "PODMIG_MOVE_BANDWIDTH_MIBPS", default_value_t = 0)]
+    pub move_bandwidth_mibps: u64,
     /// Kubeconfig of the node's API credentials; progress of moves is then written on the
     /// target Pods (the contract with the controller). Without it nothing is reported.
     #[arg(long, env = "PODMIG_KUBECONFIG")]

@@ -374,6 +374,7 @@ impl Cluster {
                     hook_socket: node_fs.host_path(HOOK_SOCKET),
                     node_fs: Some(node_fs.clone()),
                     checkpoint_budget_mib: None,
+                    move_bandwidth_mibps: None,
                 })
             })?;
             let kclient = client_from(&kc).await?;

@@ -87,6 +87,8 @@ pub struct DaemonOptions {
     pub hook_socket: Option<PathBuf>,
     /// Its checkpoint budget in MiB (default: the daemon's).
     pub checkpoint_budget_mib: Option<u64>,
+    /// Its moves' bandwidth cap in MiB/s (default: none).
+    pub move_bandwidth_mibps: Option<u64>,
 }
 
 impl NodeDaemon {
@@ -203,6 +205,9 @@ impl NodeDaemon {
         if let Some(n) = &opts.node_name {
             cmd.arg("--node-name").arg(n);
         }
+        if let Some(mibps) = opts.move_bandwidth_mibps {
+            cmd.arg("--move-bandwidth-mibps").arg(mibps.to_string());
+        }
         if let Some(mib) = opts.checkpoint_budget_mib {
             cmd.arg("--checkpoint-budget-mib").arg(mib.to_string());
         }
@@ -246,6 +251,12 @@ impl NodeDaemon {
     /// Starts the daemon again with other API credentials (a ServiceAccount's, say).
     pub fn restart_with_kubeconfig(&mut self, kubeconfig: &Path) -> anyhow::Result<()> {
         self.opts.kubeconfig = Some(kubeconfig.to_path_buf());
+        self.restart()
+    }
+
+    /// Starts the daemon again with its moves capped at `mibps` MiB/s.
+    pub fn restart_with_bandwidth(&mut self, mibps: u64) -> anyhow::Result<()> {
+        self.opts.move_bandwidth_mibps = Some(mibps);
         self.restart()
     }
 

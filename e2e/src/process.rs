@@ -79,3 +79,13 @@ pub fn signal(pid: u32, sig: i32) {
         .stderr(std::process::Stdio::null())
         .status();
 }
+
+/// Sends signal `sig` to every process of process group `pgid` (as a terminal's Ctrl-C).
+pub fn signal_group(pgid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .stderr(std::process::Stdio::null())
+        .status();
+}

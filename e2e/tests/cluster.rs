@@ -769,3 +769,81 @@ spec:
     .await?;
     Ok(())
 }
+
+/// Processes whose command line names `dir` (containerd's config, the daemons' sockets…).
+fn processes_under(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            text.contains(&needle)
+                .then(|| format!("{} {text}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // a synchronous test driving CLI processes
+fn an_interrupted_cluster_run_tears_down_whatever_it_had_started() -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let bin = podmig_e2e::paths::bin("podmig-e2e");
+    // Ctrl-C once it is up, and Ctrl-C while it comes up (its network made, nodes starting).
+    for when_ready in [true, false] {
+        let parent = tempfile::Builder::new()
+            .prefix("podmig-int-")
+            .tempdir_in("/var/tmp")?;
+        let dir = parent.path().join("cluster");
+        let mut child = Command::new(&bin)
+            .args(["cluster", "run", "--nodes", "1", "--dir"])
+            .arg(&dir)
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let pgid = child.id();
+        let marker = if when_ready { "ready" } else { "state.json" };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !dir.join(marker).exists() {
+            anyhow::ensure!(Instant::now() < deadline, "no {marker}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !when_ready {
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        let prefix = state["network"]["prefix"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        // As a terminal's Ctrl-C: SIGINT to the whole process group.
+        podmig_e2e::process::signal_group(pgid, libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "still running after SIGINT");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let left = processes_under(parent.path());
+        assert!(
+            left.is_empty(),
+            "ready={when_ready}: left running: {left:?}"
+        );
+        let netns =
+            String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output()?.stdout)
+                .into_owned();
+        assert!(
+            !netns.contains(&format!("{prefix}-n")),
+            "ready={when_ready}: {netns}"
+        );
+        assert!(podmig_e2e::containerd::mounts_under(parent.path()).is_empty());
+    }
+    Ok(())
+}

@@ -1338,6 +1338,51 @@ async fn a_page_stream_cut_mid_dump_rolls_back_to_the_source() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_move_takes_at_least_its_bytes_over_the_cap() -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("capped", "'--mem-mib', '96'"))?;
+    let p0 = ready(&pods, "capped-0", Duration::from_secs(120)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    let before = get_count(&ip(&p0)).await?;
+    const CAP_MIBPS: u64 = 32;
+    c.nodes[src].daemon.restart_with_bandwidth(CAP_MIBPS)?;
+    let to = c.nodes[1 - src].name.clone();
+    assert_eq!(
+        migrate_and_wait(&c, "capped", "capped-0", &to).await?,
+        MigrationPhase::Succeeded,
+        "{}",
+        diagnostics(&c)
+    );
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let report = until("the figures", Duration::from_secs(30), async || {
+        migs.get("capped").await.ok()?.status?.report
+    })
+    .await?;
+    // Whatever else is slow, the state cannot have gone faster than the cap.
+    let carried_ms = report.checkpoint_ms + report.transfer_ms;
+    let floor_ms = report.bytes as f64 / (CAP_MIBPS << 20) as f64 * 1000.0;
+    assert!(
+        carried_ms as f64 >= 0.9 * floor_ms && report.bytes >= 96 << 20,
+        "{} MiB carried in {carried_ms} ms under a {CAP_MIBPS} MiB/s cap (floor {floor_ms:.0} ms)",
+        report.bytes >> 20
+    );
+    let p1 = ready(&pods, "capped-1", Duration::from_secs(30)).await?;
+    assert_eq!(
+        get_count(&ip(&p1)).await?,
+        before + 1,
+        "moved with its count"
+    );
+    eprintln!(
+        "capped move: {} MiB in {carried_ms} ms at {CAP_MIBPS} MiB/s (floor {floor_ms:.0} ms), frozen {} ms",
+        report.bytes >> 20,
+        report.frozen_ms
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_without_room_for_the_streamed_pages_refuses_them_before_the_freeze()
 -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;

@@ -278,12 +278,22 @@ async fn a_drain_of_six_pods_moves_them_all_never_more_than_the_per_node_limit_a
                         .filter_map(|m| m.status.as_ref()?.queue_position)
                         .max()
                         .unwrap_or(0);
-                    let mut p = peak.lock().expect("lock");
-                    p.0 = p.0.max(running);
-                    if deepest > p.1 {
-                        p.1 = deepest;
-                        p.2 = podmig_e2e::cluster::kubectl(&kubeconfig, &["get", "mig"])
-                            .unwrap_or_default();
+                    let want_table = {
+                        let mut p = peak.lock().expect("lock");
+                        p.0 = p.0.max(running);
+                        p.1 = p.1.max(deepest);
+                        deepest > 0 && !p.2.contains("Queued")
+                    };
+                    if want_table {
+                        // What a person sees while moves wait (kubectl off the runtime).
+                        let kc = kubeconfig.clone();
+                        let table = tokio::task::spawn_blocking(move || {
+                            podmig_e2e::cluster::kubectl(&kc, &["get", "mig"])
+                        })
+                        .await;
+                        if let Ok(Ok(t)) = table {
+                            peak.lock().expect("lock").2 = t;
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

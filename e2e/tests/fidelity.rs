@@ -380,6 +380,29 @@ async fn admission_webhooks_see_evictions_and_can_deny_and_mutate() -> anyhow::R
             "objectSelector": {"matchLabels": {"mutate": "yes"}},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]});
     c.apply(&mutating.to_string())?;
+    // With webhooks configured, a server-side apply still creates what does not exist (the
+    // EndpointSlice controller and kubectl --server-side write this way).
+    let out = c.kubectl(&[
+        "create",
+        "configmap",
+        "ssa-probe",
+        "--from-literal=a=b",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ])?;
+    std::fs::write(c.dir.join("ssa.yaml"), out)?;
+    let applied = c.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &c.dir.join("ssa.yaml").display().to_string(),
+    ])?;
+    assert!(applied.contains("serverside-applied"), "{applied}");
+    assert!(
+        c.kubectl(&["get", "configmap", "ssa-probe"])?
+            .contains("ssa-probe")
+    );
 
     // A client that shows a 429 instead of retrying it (kube-rs retries 429s by default).
     let client = {

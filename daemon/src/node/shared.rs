@@ -30,6 +30,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// Checkpoint bytes the node may hold at once.
     pub checkpoint_budget: u64,
+    /// A move's bandwidth cap towards its target, MiB/s (0: none).
+    pub move_bandwidth_mibps: u64,
 }
 
 /// The daemon's shared state: everything the workers and adapters use.

@@ -67,6 +67,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         hold: Duration::from_millis(cfg.kill_hold_ms),
         state_dir: cfg.state_dir.clone(),
         checkpoint_budget: cfg.checkpoint_budget_mib << 20,
+        move_bandwidth_mibps: cfg.move_bandwidth_mibps,
     };
     let mut node = Node::new(engine, CheckpointStore::new(&cfg.checkpoint_dir), settings)?;
     let kube = kube_client(&cfg).await?;

@@ -53,21 +53,100 @@ pub enum StreamError {
     Task(String),
 }
 
+/// A move's bandwidth cap (`--move-bandwidth-mibps`): the bytes a move sends to its
+/// target (page streams, then the image stream) go out no faster than `rate`. One per
+/// phase of a move, shared by its containers' streams.
+#[derive(Debug)]
+pub struct Pace {
+    /// Bytes per second.
+    rate: f64,
+    /// When the first byte went, and how many went since.
+    sent: std::sync::Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl Pace {
+    /// A cap of `mibps` MiB/s; `None` (no cap) for 0.
+    pub fn per_move(mibps: u64) -> Option<Arc<Self>> {
+        (mibps > 0).then(|| {
+            Arc::new(Self {
+                rate: mibps as f64 * 1024.0 * 1024.0,
+                sent: std::sync::Mutex::new((None, 0)),
+            })
+        })
+    }
+
+    /// How long `n` more bytes must wait to stay within the rate.
+    fn delay_for(&self, n: usize) -> Duration {
+        let Ok(mut sent) = self.sent.lock() else {
+            return Duration::ZERO;
+        };
+        let now = tokio::time::Instant::now();
+        let start = *sent.0.get_or_insert(now);
+        sent.1 += n as u64;
+        let due = start + Duration::from_secs_f64(sent.1 as f64 / self.rate);
+        due.saturating_duration_since(now)
+    }
+
+    /// Waits until `n` more bytes may go (async callers).
+    pub async fn take(&self, n: usize) {
+        let wait = self.delay_for(n);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Waits until `n` more bytes may go (blocking callers: the image stream is sent from
+    /// a blocking task).
+    #[allow(clippy::disallowed_methods)]
+    pub fn take_blocking(&self, n: usize) {
+        let wait = self.delay_for(n);
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// Copies `from` into `to` until `from` ends, counting and hashing what passed; `to` is
 /// shut down at the end so the other side sees the end too.
-pub async fn pump<R, W>(from: R, mut to: W) -> std::io::Result<StreamFigures>
+pub async fn pump<R, W>(from: R, to: W) -> std::io::Result<StreamFigures>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let figures = pump_open(from, &mut to).await?;
+    pump_within(from, to, None).await
+}
+
+/// [`pump`] within a bandwidth cap, when there is one.
+async fn pump_within<R, W>(
+    from: R,
+    mut to: W,
+    pace: Option<&Pace>,
+) -> std::io::Result<StreamFigures>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let figures = pump_paced(from, &mut to, pace).await?;
     let _ = to.shutdown().await;
     Ok(figures)
 }
 
 /// [`pump`] that leaves `to` open at the end (its owner decides when the other side
 /// may learn that the stream ended).
-pub async fn pump_open<R, W>(mut from: R, mut to: W) -> std::io::Result<StreamFigures>
+pub async fn pump_open<R, W>(from: R, to: W) -> std::io::Result<StreamFigures>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pump_paced(from, to, None).await
+}
+
+/// [`pump_open`] within a bandwidth cap, when there is one.
+pub async fn pump_paced<R, W>(
+    mut from: R,
+    mut to: W,
+    pace: Option<&Pace>,
+) -> std::io::Result<StreamFigures>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -82,6 +161,9 @@ where
         }
         crc.update(&buf[..n]);
         bytes += n as u64;
+        if let Some(p) = pace {
+            p.take(n).await;
+        }
         to.write_all(&buf[..n]).await?;
     }
     to.flush().await?;
@@ -121,6 +203,7 @@ pub async fn carry_from_criu<T>(
     listener: std::net::TcpListener,
     tunnel: T,
     limit: Duration,
+    pace: Option<Arc<Pace>>,
 ) -> Result<StreamFigures, StreamError>
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
@@ -131,7 +214,7 @@ where
         .await
         .map_err(|_| StreamError::Timeout("CRIU's connection", limit))??;
     criu.set_nodelay(true)?;
-    carry(criu, tunnel, Flow::FromCriu, limit).await
+    carry(criu, tunnel, Flow::FromCriu, limit, pace).await
 }
 
 /// Which way the pages go through a carried connection.
@@ -150,6 +233,7 @@ async fn carry<T>(
     tunnel: T,
     flow: Flow,
     limit: Duration,
+    pace: Option<Arc<Pace>>,
 ) -> Result<StreamFigures, StreamError>
 where
     T: AsyncRead + AsyncWrite + Send + 'static,
@@ -160,7 +244,8 @@ where
     let carried = async {
         match flow {
             Flow::FromCriu => {
-                both_ways(pump(criu_rx, tunnel_tx), pump(tunnel_rx, criu_tx), linger).await
+                let pages = pump_within(criu_rx, tunnel_tx, pace.as_deref());
+                both_ways(pages, pump(tunnel_rx, criu_tx), linger).await
             }
             Flow::ToCriu => {
                 both_ways(pump(tunnel_rx, criu_tx), pump(criu_rx, tunnel_tx), linger).await
@@ -192,13 +277,14 @@ impl PageStream {
         container: &str,
         tunnel: T,
         limit: Duration,
+        pace: Option<Arc<Pace>>,
     ) -> Result<Self, StreamError>
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
         let net = Arc::new(podmig_cri_ext::lazy::PrivateNet::new()?);
         let listener = net.listen(podmig_cri_ext::lazy::PAGE_PORT)?;
-        let carrier = rt.spawn(carry_from_criu(listener, tunnel, limit));
+        let carrier = rt.spawn(carry_from_criu(listener, tunnel, limit, pace));
         Ok(Self {
             container: container.to_owned(),
             net,
@@ -413,6 +499,7 @@ where
         tunnel,
         Flow::ToCriu,
         limit,
+        None,
     )
     .await?;
     // The pages are in the files once CRIU's page server ended well.
@@ -422,6 +509,22 @@ where
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test(start_paused = true)]
+    async fn a_capped_move_sends_no_faster_than_its_rate() {
+        assert!(Pace::per_move(0).is_none(), "0: no cap");
+        let pace = Pace::per_move(4).expect("a cap");
+        let start = tokio::time::Instant::now();
+        // 8 MiB at 4 MiB/s, in 64 KiB pieces: 2 s (virtual time).
+        for _ in 0..128 {
+            pace.take(64 << 10).await;
+        }
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1980) && took <= Duration::from_millis(2100),
+            "{took:?}"
+        );
+    }
+
     use super::*;
 
     #[tokio::test]

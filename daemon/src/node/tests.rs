@@ -98,6 +98,7 @@ fn node_with(tmp: &Path, fail: bool, cannot_thaw: bool) -> Arc<Node<FakeEngine>>
                 hold: Duration::from_secs(5),
                 state_dir: tmp.join("state"),
                 checkpoint_budget: 1 << 40,
+                move_bandwidth_mibps: 0,
             },
         )
         .expect("node"),

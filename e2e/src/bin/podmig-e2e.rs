@@ -120,9 +120,49 @@ enum ClusterAction {
     },
 }
 
+/// Waits for SIGINT or SIGTERM (Ctrl-C of `make` reaches the whole process group); its name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // `cluster run` tears down on a signal itself once it is up; a signal while it comes
+    // up, or during a demo or a benchmark, drops the work in progress: every Cluster it
+    // holds tears itself down (containerd, daemons, controller, network), and what a
+    // cluster started but did not finish is swept from its state file.
+    let sweep_dir = match &command {
+        Command::Cluster {
+            action: ClusterAction::Run { .. },
+            dir,
+        } => Some(dir.clone()),
+        _ => None,
+    };
+    tokio::select! {
+        done = run(command) => done,
+        signal = interrupted() => {
+            eprintln!("podmig-e2e: {signal}: everything it started is torn down");
+            if let Some(dir) = sweep_dir {
+                tokio::task::block_in_place(|| podmig_e2e::cluster::sweep(&dir))?;
+            }
+            anyhow::bail!("interrupted by {signal}")
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo => {
             let result = podmig_e2e::demo::run().await?;
             println!("{}", result.line());

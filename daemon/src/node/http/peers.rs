@@ -232,9 +232,15 @@ pub(super) async fn handover<E: CheckpointEngine>(
     let images = prepared.images.clone();
     let streamed = prepared.streamed.clone();
     let verdict = prepared.verdict;
+    let pace = crate::node::stream::Pace::per_move(s.node.settings.move_bandwidth_mibps);
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let sent = send_images(&images, &streamed, |b| chunks.blocking_send(Ok(b)).is_ok());
+        let sent = send_images(&images, &streamed, |b| {
+            if let Some(p) = &pace {
+                p.take_blocking(b.len());
+            }
+            chunks.blocking_send(Ok(b)).is_ok()
+        });
         match sent {
             Ok(bytes) => {
                 let ms = started.elapsed().as_millis() as u64;

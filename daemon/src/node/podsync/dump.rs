@@ -28,6 +28,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
             let peers = self.node.peers.clone().ok_or(OpenStreams::NoPeers)?;
             let host = self.node.node_address(&order.target.node)?;
             let limit = order.deadline.saturating_duration_since(Instant::now());
+            // One cap for the move: its containers' streams share it.
+            let pace = crate::node::stream::Pace::per_move(self.node.settings.move_bandwidth_mibps);
             jobs.iter()
                 .map(|(cid, name, _)| {
                     let expected =
@@ -38,7 +40,13 @@ impl<E: CheckpointEngine> PodWorker<E> {
                         name,
                         expected,
                     ))?;
-                    Ok(PageStream::open(self.node.runtime(), name, tunnel, limit)?)
+                    Ok(PageStream::open(
+                        self.node.runtime(),
+                        name,
+                        tunnel,
+                        limit,
+                        pace.clone(),
+                    )?)
                 })
                 .collect()
         };
