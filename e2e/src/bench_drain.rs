@@ -68,7 +68,7 @@ async fn podmig_drain(
 ) -> anyhow::Result<(Duration, Vec<(Duration, Duration, bool)>)> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    let _ctl = c.start_controller_with_webhook("bench", "Fail", &[])?;
+    let (_ctl, _) = c.start_controller_with_webhook("bench", "Fail", &[])?;
     let api: Api<Pod> = Api::default_namespaced(c.client.clone());
     let mut targets = Vec::new();
     for i in 0..pods {
@@ -115,7 +115,7 @@ async fn podmig_drain(
 async fn alone(mib: u64) -> anyhow::Result<(Duration, Duration)> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    let _ctl = c.start_controller_with_webhook("bench", "Fail", &[])?;
+    let (_ctl, _) = c.start_controller_with_webhook("bench", "Fail", &[])?;
     let api: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&mpod("solo", mib))?;
     let p = ready_pod(&api, "solo-0", Duration::from_secs(120)).await?;

@@ -509,23 +509,17 @@ impl Cluster {
 
     /// Starts `podmig controller` serving the eviction webhook on a port of its own, and
     /// registers it as the chart does (`failure_policy`: `Ignore` or `Fail`), with the
-    /// limits `extra` flags set (`--max-moves-per-node`, …).
+    /// limits `extra` flags set (`--max-moves-per-node`, …). Returns it and the webhook's port.
     pub fn start_controller_with_webhook(
         &self,
         identity: &str,
         failure_policy: &str,
         extra: &[&str],
-    ) -> anyhow::Result<crate::process::Proc> {
-        use base64::Engine;
-        let certs = crate::apiserver::tls::Certs::generate(&["127.0.0.1".to_owned()])?;
-        let dir = self.dir.join(format!("webhook-{identity}"));
-        std::fs::create_dir_all(&dir)?;
-        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-        std::fs::write(&cert, &certs.cert_pem)?;
-        std::fs::write(&key, &certs.key_pem)?;
+    ) -> anyhow::Result<(crate::process::Proc, u16)> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let (cert, key) = self.issue_webhook_certificate(identity)?;
         let mut args: Vec<String> = vec![
             "--webhook-addr".into(),
             format!("127.0.0.1:{port}"),
@@ -537,6 +531,33 @@ impl Cluster {
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         let (proc, _) =
             self.start_controller_with(identity, &self.kubeconfig(), "default", &args)?;
+        self.register_webhook(identity, port, failure_policy)?;
+        Ok((proc, port))
+    }
+
+    /// Writes a new serving certificate for controller `identity`'s webhook (as a rotated
+    /// Secret volume would): (certificate, key) paths.
+    pub fn issue_webhook_certificate(&self, identity: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let certs = crate::apiserver::tls::Certs::generate(&["127.0.0.1".to_owned()])?;
+        let dir = self.dir.join(format!("webhook-{identity}"));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        // Key first, then the certificate: a reader sees a matching pair or the old one.
+        std::fs::write(&key, &certs.key_pem)?;
+        std::fs::write(&cert, &certs.cert_pem)?;
+        Ok((cert, key))
+    }
+
+    /// Registers (again) the webhook of controller `identity` on `port`, trusting its
+    /// current certificate.
+    pub fn register_webhook(
+        &self,
+        identity: &str,
+        port: u16,
+        failure_policy: &str,
+    ) -> anyhow::Result<()> {
+        use base64::Engine;
+        let cert = std::fs::read(self.dir.join(format!("webhook-{identity}")).join("tls.crt"))?;
         let config = serde_json::json!({
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "podmig-eviction"},
@@ -545,9 +566,9 @@ impl Cluster {
                 "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                     "resources": ["pods/eviction"], "scope": "Namespaced"}],
                 "clientConfig": {"url": format!("https://127.0.0.1:{port}/evict"),
-                    "caBundle": base64::engine::general_purpose::STANDARD.encode(&certs.cert_pem)}}]});
+                    "caBundle": base64::engine::general_purpose::STANDARD.encode(&cert)}}]});
         self.apply(&config.to_string())?;
-        Ok(proc)
+        Ok(())
     }
 
     /// Starts `podmig controller` with the credentials of `kubeconfig` and its Lease in

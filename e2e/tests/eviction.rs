@@ -59,7 +59,7 @@ async fn kubectl_drain_through_the_eviction_webhook_moves_a_migratingpod_that_se
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    let _ctl = c.start_controller_with_webhook("a", "Fail", &[])?;
+    let (_ctl, _) = c.start_controller_with_webhook("a", "Fail", &[])?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply(&mpod_yaml("web"))?;
     c.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 8080}\n")?;
@@ -188,7 +188,7 @@ async fn an_api_eviction_of_an_annotated_bare_pod_is_answered_429_and_the_pod_mo
 -> anyhow::Result<()> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    let _ctl = c.start_controller_with_webhook("a", "Fail", &[])?;
+    let (_ctl, _) = c.start_controller_with_webhook("a", "Fail", &[])?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     c.apply("apiVersion: v1\nkind: Pod\nmetadata:\n  name: cache\n  labels: {app: cache}\n  annotations: {podmig.dev/on-eviction: migrate}\nspec:\n  runtimeClassName: podmig\n  terminationGracePeriodSeconds: 5\n  containers:\n  - {name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '8']}\n")?;
     let p0 = ready(&pods, "cache", Duration::from_secs(60)).await?;
@@ -237,7 +237,7 @@ async fn a_drain_of_six_pods_moves_them_all_never_more_than_the_per_node_limit_a
 -> anyhow::Result<()> {
     let c = Cluster::up_temp(2).await?;
     c.install_crds()?;
-    let _ctl = c.start_controller_with_webhook("a", "Fail", &["--max-moves-per-node", "2"])?;
+    let (_ctl, _) = c.start_controller_with_webhook("a", "Fail", &["--max-moves-per-node", "2"])?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     // All six on node-0: node-1 is cordoned while they start.
     c.kubectl(&["cordon", "node-1"])?;
@@ -359,15 +359,24 @@ async fn a_drain_of_six_pods_moves_them_all_never_more_than_the_per_node_limit_a
 async fn an_eviction_webhook_that_is_down_follows_its_failure_policy() -> anyhow::Result<()> {
     let c = Cluster::up_temp(1).await?;
     c.install_crds()?;
-    let ctl = c.start_controller_with_webhook("a", "Fail", &[])?;
+    let (ctl, port) = c.start_controller_with_webhook("a", "Fail", &[])?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     for n in ["kept", "gone"] {
         c.apply(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {n}}}\nspec:\n  terminationGracePeriodSeconds: 1\n  containers:\n  - {{name: app, image: 'podmig.local/testapp:latest'}}\n"))?;
         ready(&pods, n, Duration::from_secs(60)).await?;
     }
     let evicting: Api<Pod> = Api::default_namespaced(no_retry_client(&c).await?);
-    // Up: a Pod podmig does not move is evicted as usual.
-    evicting.evict("gone", &EvictParams::default()).await?;
+    // Up: a Pod podmig does not move is evicted as usual — here after the serving
+    // certificate rotated (a new Secret volume): the controller serves the new one within
+    // its 10 s poll, so a configuration trusting only the new one works.
+    c.issue_webhook_certificate("a")?;
+    c.register_webhook("a", port, "Fail")?;
+    until(
+        "the rotated certificate served",
+        Duration::from_secs(30),
+        async || evicting.evict("gone", &EvictParams::default()).await.ok(),
+    )
+    .await?;
     until("evicted", Duration::from_secs(30), async || {
         pods.get_opt("gone").await.ok()?.is_none().then_some(())
     })

@@ -14,7 +14,8 @@ fn merge_key(field: &str) -> Option<&'static str> {
         | "ephemeralContainers"
         | "env"
         | "volumes"
-        | "imagePullSecrets" => "name",
+        | "imagePullSecrets"
+        | "webhooks" => "name",
         "ports" => "containerPort",
         "volumeMounts" => "mountPath",
         "conditions" => "type",
@@ -135,5 +136,21 @@ mod tests {
         );
         assert_eq!(doc["metadata"], json!({"finalizers": ["b"]}));
         assert_eq!(doc["spec"]["x"], json!({"new": 2}));
+    }
+
+    #[test]
+    fn webhooks_merge_by_name_as_kubectl_apply_sends_a_rotated_ca_bundle() {
+        let mut doc = json!({"webhooks": [{"name": "e.podmig.dev", "failurePolicy": "Fail",
+            "rules": [{"resources": ["pods/eviction"]}], "clientConfig": {"caBundle": "old"}}]});
+        strategic_merge(
+            &mut doc,
+            &json!({"webhooks": [{"name": "e.podmig.dev", "clientConfig": {"caBundle": "new"}}]}),
+        );
+        assert_eq!(doc["webhooks"][0]["clientConfig"]["caBundle"], json!("new"));
+        assert_eq!(doc["webhooks"][0]["failurePolicy"], json!("Fail"));
+        assert_eq!(
+            doc["webhooks"][0]["rules"][0]["resources"],
+            json!(["pods/eviction"])
+        );
     }
 }
