@@ -10,6 +10,7 @@ pub mod identity;
 pub mod lazy;
 pub mod rootfs;
 pub mod stream;
+pub mod untrusted;
 pub mod volumes;
 pub mod wrapper;
 

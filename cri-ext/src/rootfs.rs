@@ -8,7 +8,7 @@
 
 use std::{
     os::unix::fs::{FileTypeExt, MetadataExt},
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     process::Command,
 };
 
@@ -170,31 +170,31 @@ pub fn capture(upper: &Path, images: &Path) -> Result<u64> {
     Ok(bytes)
 }
 
-/// A relative path that stays below its root (no `..`, not absolute).
-fn contained(rel: &Path) -> bool {
-    rel.components().all(|c| matches!(c, Component::Normal(_))) && rel.components().next().is_some()
-}
-
 /// Applies a captured writable layer in `images` (if there is one) to `rootfs`:
-/// deletions first, then the changed and new entries.
+/// deletions first, then the changed and new entries. Both come from another node: each
+/// is checked ([`crate::untrusted`]) before it touches `rootfs`.
 pub fn apply(images: &Path, rootfs: &Path) -> Result<bool> {
     let tar = images.join(DIFF_TAR);
     if !tar.is_file() {
         return Ok(false);
     }
+    let refused = |r: crate::untrusted::Refusal| {
+        Error::RestoreFailed(format!("the carried writable layer is refused: {r}"))
+    };
     let deleted_path = images.join(DELETED);
-    let deleted: Vec<String> = std::fs::read(&deleted_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    for rel in deleted.iter().map(PathBuf::from) {
-        if !contained(&rel) {
-            return Err(Error::RestoreFailed(format!(
-                "the writable layer names a path outside the root: {}",
-                rel.display()
-            )));
-        }
-        let target = rootfs.join(&rel);
+    let deleted: Vec<String> = match std::fs::read(&deleted_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            refused(crate::untrusted::Refusal::Unreadable {
+                what: DELETED.into(),
+                reason: e.to_string(),
+            })
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("read", &deleted_path, e)),
+    };
+    crate::untrusted::check_deletions(DELETED, &deleted, rootfs).map_err(refused)?;
+    for rel in &deleted {
+        let target = rootfs.join(rel);
         let removed = match std::fs::symlink_metadata(&target) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target),
             Ok(_) => std::fs::remove_file(&target),
@@ -202,6 +202,7 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<bool> {
         };
         removed.map_err(|e| Error::io("remove", &target, e))?;
     }
+    crate::untrusted::check_archive(DIFF_TAR, &tar, rootfs).map_err(refused)?;
     let out = Command::new("tar")
         .args(["--extract", "--file"])
         .arg(&tar)
@@ -214,7 +215,7 @@ pub fn apply(images: &Path, rootfs: &Path) -> Result<bool> {
             "--xattrs",
             "--xattrs-include=*",
             "--acls",
-            "--overwrite",
+            // Not --overwrite: an existing file is unlinked, never written through.
         ])
         .output()
         .map_err(|source| Error::Spawn {
@@ -355,5 +356,47 @@ mod tests {
         );
         assert!(!p("target/srv/old.txt").exists(), "replaced, not merged");
         assert!(!is_opaque(&p("target/srv")), "overlay marks stay behind");
+    }
+
+    /// A peer's layer that reaches out through a link of the image is refused before
+    /// anything is written, and the refusal names the check.
+    #[test]
+    fn a_hostile_layer_is_refused_before_anything_is_written() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (images, rootfs, outside) = (
+            tmp.path().join("images"),
+            tmp.path().join("rootfs"),
+            tmp.path().join("outside"),
+        );
+        for d in [&images, &rootfs, &outside] {
+            std::fs::create_dir_all(d).expect("dir");
+        }
+        std::os::unix::fs::symlink(&outside, rootfs.join("var")).expect("symlink");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(6);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "fresh.txt", &b"benign"[..])
+            .expect("append");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(6);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "var/pwned", &b"pwned!"[..])
+            .expect("append");
+        std::fs::write(images.join(DIFF_TAR), b.into_inner().expect("tar")).expect("write");
+        std::fs::write(images.join(DELETED), b"[]").expect("write");
+        let err = apply(&images, &rootfs).expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("symbolic link") && text.contains("var/pwned"),
+            "{text}"
+        );
+        assert!(!rootfs.join("fresh.txt").exists(), "nothing applied");
+        assert_eq!(std::fs::read_dir(&outside).expect("read").count(), 0);
+        // A deletion list that reaches out is refused too, and deletes nothing.
+        std::fs::write(outside.join("keep"), b"k").expect("write");
+        std::fs::write(images.join(DELETED), br#"["var/keep"]"#).expect("write");
+        assert!(apply(&images, &rootfs).is_err());
+        assert!(outside.join("keep").exists());
     }
 }

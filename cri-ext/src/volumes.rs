@@ -211,13 +211,19 @@ pub fn apply(images: &Path, mounts: &[HostMount]) -> Result<u64> {
         if v.archive.is_empty() || !is_empty_dir(dir)? {
             continue;
         }
-        if v.archive.contains('/') {
+        if v.archive.contains('/') || v.archive == ".." || v.archive == "." {
             return Err(Error::RestoreFailed(format!(
                 "bad archive name {:?}",
                 v.archive
             )));
         }
         let archive = images.join(&v.archive);
+        crate::untrusted::check_archive(&v.archive, &archive, dir).map_err(|r| {
+            Error::RestoreFailed(format!(
+                "the carried volume at {} is refused: {r}",
+                v.destination
+            ))
+        })?;
         tar(
             &[
                 "--extract".as_ref(),

@@ -239,7 +239,8 @@ impl PeerClient {
     }
 
     /// Asks the daemon on `host` to hand over Pod `source_uid`'s checkpoint and writes it
-    /// into `dest(container)`. `on_dumped` runs when the source answers (its dump is done).
+    /// through `receiver` (where each container's files go, and the bound on their bytes).
+    /// `on_dumped` runs when the source answers (its dump is done).
     /// The whole exchange is bounded by `limit`.
     pub async fn fetch(
         &self,
@@ -248,7 +249,7 @@ impl PeerClient {
         req: &MigrateRequest,
         limit: Duration,
         on_dumped: impl FnOnce(),
-        dest: impl FnMut(&str) -> Option<PathBuf>,
+        mut receiver: Receiver<impl FnMut(&str) -> Option<PathBuf>>,
     ) -> Result<Fetched, PeerError> {
         let peer = host.to_owned();
         let body = serde_json::to_vec(req).unwrap_or_default();
@@ -311,7 +312,6 @@ impl PeerClient {
         }
         on_dumped();
         let started = std::time::Instant::now();
-        let mut receiver = Receiver::new(dest);
         let result: Result<(), PeerError> = async {
             loop {
                 let frame = tokio::time::timeout_at(deadline, body.frame())

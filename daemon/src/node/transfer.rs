@@ -57,6 +57,21 @@ pub enum TransferError {
     /// The checksum at the end does not match the bytes received.
     #[error("checkpoint stream checksum mismatch: the images were damaged")]
     Digest,
+    /// A file would take the stream over what the target accepts.
+    #[error(
+        "checkpoint stream too big: file {name:?} of {size} bytes after {received} bytes \
+         goes over the bound of {bound} bytes"
+    )]
+    TooBig {
+        /// The file.
+        name: String,
+        /// Its announced size.
+        size: u64,
+        /// Bytes received before it.
+        received: u64,
+        /// The bound.
+        bound: u64,
+    },
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TransferError + 'a {
@@ -65,6 +80,35 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Tr
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Whether `name` is a file a checkpoint holds: CRIU's images (`*.img` and its few other
+/// files), runc's descriptor list and dump log, podmig's layer and volume captures.
+/// Anything else (a CRIU or runc configuration, a socket name, a hidden file) is refused.
+pub fn allowed_image_name(name: &str) -> bool {
+    const FIXED: [&str; 8] = [
+        "descriptors.json",
+        "stats-dump",
+        "irmap-cache",
+        "dump.log",
+        podmig_cri_ext::rootfs::DIFF_TAR,
+        podmig_cri_ext::rootfs::DELETED,
+        podmig_cri_ext::volumes::VOLUMES,
+        podmig_cri_ext::volumes::FILESYSTEM,
+    ];
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    FIXED.contains(&name)
+        || name
+            .strip_suffix(".img")
+            .is_some_and(|stem| plain(stem) && !stem.starts_with('.'))
+        || name
+            .strip_prefix("volume-")
+            .and_then(|n| n.strip_suffix(".tar"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn safe_name(s: &str) -> bool {
@@ -165,6 +209,7 @@ pub struct Receiver<F> {
     bytes: u64,
     dirs: Vec<(String, PathBuf)>,
     streamed: Vec<(String, StreamFigures)>,
+    bound: u64,
 }
 
 /// A complete, checked checkpoint stream.
@@ -190,7 +235,15 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
             bytes: 0,
             dirs: Vec::new(),
             streamed: Vec::new(),
+            bound: u64::MAX,
         }
+    }
+
+    /// Refuses a stream whose files add up to more than `bound` bytes, at the header of
+    /// the file that would go over (before any of it is written).
+    pub fn bounded(mut self, bound: u64) -> Self {
+        self.bound = bound;
+        self
     }
 
     /// Bytes of image content received so far.
@@ -279,6 +332,19 @@ impl<F: FnMut(&str) -> Option<PathBuf>> Receiver<F> {
                     else {
                         return Ok(()); // incomplete: wait for more
                     };
+                    if !allowed_image_name(&name) {
+                        return Err(TransferError::Malformed(format!(
+                            "{name:?} is not a checkpoint file"
+                        )));
+                    }
+                    if self.bytes.saturating_add(size) > self.bound {
+                        return Err(TransferError::TooBig {
+                            name,
+                            size,
+                            received: self.bytes,
+                            bound: self.bound,
+                        });
+                    }
                     let header: Vec<u8> = self.buf.drain(..used).collect();
                     self.hash(&header);
                     let dir = self.dir_for(&container)?;
@@ -579,5 +645,119 @@ mod tests {
             .try_for_each(|c| r.feed(c))
             .expect_err("no pages arrived");
         assert!(err.to_string().contains("none arrived"), "{err}");
+    }
+
+    /// A file header for container `c`, file `name` of `size` bytes (no content).
+    fn file_header(c: &str, name: &str, size: u64) -> Vec<u8> {
+        let mut h = vec![b'F'];
+        put_name(&mut h, c);
+        put_name(&mut h, name);
+        h.extend_from_slice(&0o600u32.to_be_bytes());
+        h.extend_from_slice(&size.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn only_checkpoint_files_are_taken_from_a_peer() {
+        for ok in [
+            "inventory.img",
+            "pages-1.img",
+            "descriptors.json",
+            "rootfs-diff.tar",
+            "volume-12.tar",
+            "stats-dump",
+        ] {
+            assert!(allowed_image_name(ok), "{ok}");
+        }
+        for bad in [
+            "criu.conf",
+            "runc.conf",
+            ".img",
+            "..img",
+            "config.json",
+            "volume-.tar",
+            "volume-1.tar.gz",
+            "x y.img",
+        ] {
+            assert!(!allowed_image_name(bad), "{bad}");
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut r = Receiver::new(|c: &str| Some(tmp.path().join(c)));
+        let got = r.feed(&file_header("a", "criu.conf", 3));
+        assert!(
+            matches!(&got, Err(TransferError::Malformed(m)) if m.contains("criu.conf")),
+            "{got:?}"
+        );
+        assert!(!tmp.path().join("a").exists(), "nothing written");
+    }
+
+    #[test]
+    fn a_file_over_the_bound_is_refused_at_its_header() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut r = Receiver::new(|c: &str| Some(tmp.path().join(c))).bounded(1 << 20);
+        let mut first = file_header("a", "core-1.img", 1000);
+        first.extend_from_slice(&[7u8; 1000]);
+        r.feed(&first).expect("within the bound");
+        let got = r.feed(&file_header("a", "pages-1.img", u64::MAX - 10));
+        assert!(
+            matches!(
+                got,
+                Err(TransferError::TooBig {
+                    received: 1000,
+                    bound: 1048576,
+                    ..
+                })
+            ),
+            "{got:?}"
+        );
+        assert!(!tmp.path().join("a/pages-1.img").exists());
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Any bytes, cut anywhere: the receiver answers (no panic), writes only
+            /// checkpoint files, only inside the directories it was given.
+            #[test]
+            fn any_stream_is_answered_and_stays_in_its_directories(
+                frames in proptest::collection::vec(
+                    prop_oneof![
+                        proptest::collection::vec(any::<u8>(), 0..64),
+                        (any::<u8>(), prop_oneof!["[a-z./]{0,12}", "[a-z]{1,6}\\.img"], 0u64..64).prop_map(
+                            |(c, n, size)| file_header(&format!("c{}", c % 3), &n, size)),
+                    ],
+                    0..8,
+                ),
+                cut in 1usize..97,
+            ) {
+                let tmp = tempfile::tempdir().expect("tmp");
+                let store = tmp.path().join("store");
+                let mut r = Receiver::new(|c: &str| Some(store.join(c))).bounded(4096);
+                let bytes: Vec<u8> = frames.concat();
+                for chunk in bytes.chunks(cut) {
+                    if r.feed(chunk).is_err() {
+                        break;
+                    }
+                }
+                let outside: Vec<_> = std::fs::read_dir(tmp.path())
+                    .expect("read")
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .filter(|n| n != "store")
+                    .collect();
+                prop_assert!(outside.is_empty(), "{:?}", outside);
+                for dir in std::fs::read_dir(&store).into_iter().flatten().filter_map(Result::ok) {
+                    for f in std::fs::read_dir(dir.path()).expect("read").filter_map(Result::ok) {
+                        let name = f.file_name().to_string_lossy().into_owned();
+                        prop_assert!(allowed_image_name(&name), "{}", name);
+                    }
+                }
+                prop_assert!(r.bytes() <= 4096);
+            }
+        }
     }
 }

@@ -18,7 +18,10 @@ use podmig_cri_ext::{
 };
 use tokio::sync::oneshot;
 
-use crate::node::stream::{Sink, StreamFigures};
+use crate::node::{
+    stream::{Sink, StreamFigures},
+    transfer::Receiver,
+};
 
 use super::*;
 
@@ -211,14 +214,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let target_uid = self.uid.clone();
         let store = self.node.store.clone();
         let left = i.deadline.saturating_duration_since(Instant::now());
-        let fetched = self.node.wait_on(peers.fetch(
-            host,
-            &i.source_uid,
-            req,
-            left,
-            move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
-            move |container| store.path_for(&target_uid, container),
-        ));
+        let fetched = self.node.wait_on(
+            peers.fetch(
+                host,
+                &i.source_uid,
+                req,
+                left,
+                move || node.report_phase(&ns, &pod, DaemonPhase::Transferring),
+                Receiver::new(move |container: &str| store.path_for(&target_uid, container))
+                    .bounded(self.node.settings.checkpoint_budget),
+            ),
+        );
         let checked = fetched.map(|f| {
             let streamed = check_streams(&sink, &f.streamed);
             (f, streamed)
