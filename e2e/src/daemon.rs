@@ -300,10 +300,16 @@ impl NodeDaemon {
 
     /// True while the journal holds a source entry: this node has claimed a Pod's
     /// containers for a move (the freeze is under way or done).
+    /// (A source entry kept at `MovedAway` only marks a container moved off this node.)
     pub fn source_claimed(&self) -> bool {
         std::fs::read_dir(self.journal_dir()).is_ok_and(|d| {
-            d.flatten()
-                .any(|e| e.file_name().to_string_lossy().starts_with("source-"))
+            d.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with("source-")
+                    && std::fs::read(e.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                        .is_none_or(|v| v["step"] != "MovedAway")
+            })
         })
     }
 

@@ -38,6 +38,10 @@ pub enum Step {
     Restoring,
     /// Target: restored lazily and running; its memory pages are still arriving.
     Paging,
+    /// Source: the move is over and the target runs this container: it is never started
+    /// here again. Kept until the Pod leaves the node, so a restarted daemon still
+    /// refuses the kubelet's restart of it.
+    MovedAway,
 }
 
 /// One container's move as the journal keeps it.
@@ -165,6 +169,15 @@ impl Journal {
     /// Forgets a settled move.
     pub fn remove(&self, entry: &Entry) {
         let _ = std::fs::remove_file(self.path(entry));
+    }
+
+    /// The source Pod `pod_uid` left the node: its moved-away entries are of no use now.
+    pub fn forget_moved_away(&self, pod_uid: &str) {
+        for e in self.entries() {
+            if e.step == Step::MovedAway && e.pod_uid == pod_uid {
+                self.remove(&e);
+            }
+        }
     }
 
     /// Every entry a previous run (or this one) left.

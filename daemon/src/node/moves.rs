@@ -54,6 +54,7 @@ pub fn listed_phase(step: Step) -> MovePhase {
     match step {
         Step::Claimed | Step::Receiving => MovePhase::Checkpointing,
         Step::Dumped | Step::Committed => MovePhase::Transferring,
+        Step::MovedAway => MovePhase::Succeeded,
         Step::Restoring => MovePhase::Restoring,
         Step::Paging => MovePhase::Paging,
     }
@@ -64,7 +65,7 @@ pub fn reported_phase(step: Step) -> Option<DaemonPhase> {
     match step {
         Step::Receiving => Some(DaemonPhase::Checkpointing),
         Step::Restoring => Some(DaemonPhase::Restoring),
-        Step::Claimed | Step::Dumped | Step::Committed | Step::Paging => None,
+        Step::Claimed | Step::Dumped | Step::Committed | Step::Paging | Step::MovedAway => None,
     }
 }
 
@@ -177,6 +178,22 @@ impl Move {
             .update(self.role, &self.id, |i| i.report = report.clone());
         node.report_done(&self.report_to.namespace, &self.report_to.pod, report);
         self.finish(node, outcome, report.error.clone());
+    }
+
+    /// Ends a source's move whose target runs (with `outcome`: a lazy move's pages may
+    /// still have failed): files and counts it, and keeps its journal entries at
+    /// [`Step::MovedAway`] until the Pod leaves the node.
+    pub fn finish_moved_away<E: CheckpointEngine>(
+        mut self,
+        node: &Node<E>,
+        outcome: MovePhase,
+        error: Option<String>,
+    ) {
+        node.manager.finish(self.role, &self.id, outcome, error);
+        node.metrics.moved(self.role, outcome);
+        for mut e in self.entries.drain(..) {
+            node.journal.advance(&mut e, Step::MovedAway);
+        }
     }
 
     /// Forgets the journal entries of a move that ends without a record of its own.

@@ -81,6 +81,16 @@ pub enum PodUpdate {
         /// The outcome.
         reply: oneshot::Sender<Result<(), InvalidTransition>>,
     },
+    /// A previous run of the daemon moved `container` away (from its journal): it is
+    /// never started here again.
+    MovedAway {
+        /// Name within the Pod.
+        container: String,
+        /// The move.
+        migration: String,
+        /// Where it went, for the refusal.
+        target: String,
+    },
 }
 
 /// Where a moved Pod goes.

@@ -158,7 +158,14 @@ fn seen(target: Option<&Option<Pod>>) -> (Option<DaemonPhase>, bool) {
 /// Settles every journaled move; moves whose target is still at work are waited for in
 /// the background (their source stays frozen meanwhile and the Pod stays busy).
 pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
-    let entries = node.journal.entries();
+    let (moved_away, entries): (Vec<Entry>, Vec<Entry>) = node
+        .journal
+        .entries()
+        .into_iter()
+        .partition(|e| e.step == Step::MovedAway);
+    for e in &moved_away {
+        refuse_restarts(&node, e);
+    }
     if entries.is_empty() {
         return;
     }
@@ -405,6 +412,31 @@ fn release_hold<E: CheckpointEngine>(node: &Arc<Node<E>>, container_id: &str) {
     }
 }
 
+/// Where a moved-away container went, for the runtime's refusal.
+fn moved_to<E: CheckpointEngine>(node: &Node<E>, e: &Entry) -> String {
+    let on = if e.peer_node.is_empty() {
+        &node.settings.node_name
+    } else {
+        &e.peer_node
+    };
+    format!("{}/{} on {on}", e.target_namespace, e.target_pod)
+}
+
+/// A container a previous run moved away stays refused: the kubelet, seeing it exited,
+/// would otherwise start it again fresh next to its moved copy.
+fn refuse_restarts<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry) {
+    tracing::info!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container,
+        "a container a previous run moved away stays refused");
+    node.dispatch(
+        &e.pod_uid,
+        PodUpdate::MovedAway {
+            container: e.container.clone(),
+            migration: e.migration.clone(),
+            target: moved_to(node, e),
+        },
+    );
+}
+
 async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, action: SourceAction) {
     let engine = node.engine.clone();
     let id = e.container_id.clone();
@@ -414,7 +446,12 @@ async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, acti
         SourceAction::Discard => {
             let r = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
             node.store.remove(&e.images);
-            format!("stopped for good: {r:?}")
+            let mut kept = e.clone();
+            node.journal.advance(&mut kept, Step::MovedAway);
+            refuse_restarts(node, &kept);
+            tracing::warn!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container,
+                step = ?e.step, outcome = ?r, "settled a move source a previous run left: stopped for good");
+            return;
         }
         _ if alive => {
             release_hold(node, &e.container_id);

@@ -281,6 +281,24 @@ impl PodMoves {
         Ok(images)
     }
 
+    /// Source, after a daemon restart: the journal says the container moved away.
+    pub fn moved_away(
+        &mut self,
+        container: &str,
+        migration: &str,
+        target: &str,
+    ) -> Result<(), InvalidTransition> {
+        self.change(
+            container,
+            "mark moved away",
+            |s| matches!(s, None | Some(MoveState::MigratedAway { .. })),
+            Some(MoveState::MigratedAway {
+                migration: migration.into(),
+                target: target.into(),
+            }),
+        )
+    }
+
     /// Source: the move failed after the freeze and the container, kept frozen, runs on
     /// where it stopped; returns the images to delete.
     pub fn resume(&mut self, container: &str) -> Result<PathBuf, InvalidTransition> {

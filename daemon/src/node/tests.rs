@@ -331,6 +331,26 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
     }
     let other = ask(&hook, req(Event::Create, "c4", "unrelated", None)).await;
     assert!(matches!(other, Answer::Pass(_)));
+    // The daemon restarts (a new process: nothing in memory) before the Pod is deleted:
+    // its journal still refuses the kubelet's restart of the moved-away container.
+    let restarted = node(tmp.path(), false);
+    crate::node::recovery::run(restarted.clone()).await;
+    let again = NodeHook(restarted.clone());
+    match ask(&again, req(Event::Create, "c5", "src", None)).await {
+        Answer::Refuse(r) => assert!(
+            r.reason.contains("migrated away to ns/pod-dst on n1"),
+            "{}",
+            r.reason
+        ),
+        other => panic!("after a restart, expected refuse, got {other:?}"),
+    }
+    // Once the Pod leaves the node, nothing is kept for it.
+    restarted.journal.forget_moved_away("src");
+    assert!(
+        restarted.journal.entries().is_empty(),
+        "{:?}",
+        restarted.journal.entries()
+    );
     let states = states(&n);
     assert!(
         states.contains(&("source".into(), "Succeeded".into())),

@@ -163,6 +163,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
             } => {
                 let _ = reply.send(self.moves.arm(&container, images));
             }
+            PodUpdate::MovedAway {
+                container,
+                migration,
+                target,
+            } => {
+                if let Err(error) = self.moves.moved_away(&container, &migration, &target) {
+                    tracing::warn!(pod_uid = %self.uid, %error, "cannot mark a container moved away");
+                }
+            }
         }
     }
 

@@ -467,9 +467,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
         tracing::info!(pod_uid = %self.uid, migration = %id, target = %order.target, "moved away");
         match pages {
             Err(why) => {
-                c.mv.finish(&self.node, MovePhase::Failed, Some(why.to_string()))
+                c.mv.finish_moved_away(&self.node, MovePhase::Failed, Some(why.to_string()))
             }
-            Ok(()) => c.mv.finish(&self.node, MovePhase::Succeeded, None),
+            Ok(()) => {
+                c.mv.finish_moved_away(&self.node, MovePhase::Succeeded, None)
+            }
         }
         self.assert_migrated_status();
     }
