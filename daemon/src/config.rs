@@ -109,6 +109,11 @@ pub struct ControllerConfig {
     /// Its key (PEM).
     #[arg(long, env = "PODMIG_WEBHOOK_KEY")]
     pub webhook_key: Option<PathBuf>,
+    /// How long the webhook waits for a moving Pod's move to end before it answers 429
+    /// (seconds; 0: at once). Keep it below the webhook configuration's `timeoutSeconds`
+    /// (by 2 s or more): an answer after it counts as the webhook being down.
+    #[arg(long, env = "PODMIG_EVICTION_WAIT_SECONDS", default_value_t = 8, value_parser = clap::value_parser!(u64).range(0..=28))]
+    pub eviction_wait_seconds: u64,
 }
 
 impl ControllerConfig {

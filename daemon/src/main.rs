@@ -121,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
                         *addr,
                         cert,
                         key,
+                        std::time::Duration::from_secs(cfg.eviction_wait_seconds),
                     )
                     .await?,
                 ),

@@ -562,7 +562,7 @@ impl Cluster {
             "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
             "metadata": {"name": "podmig-eviction"},
             "webhooks": [{"name": "eviction.podmig.dev", "admissionReviewVersions": ["v1"],
-                "sideEffects": "NoneOnDryRun", "failurePolicy": failure_policy, "timeoutSeconds": 5,
+                "sideEffects": "NoneOnDryRun", "failurePolicy": failure_policy, "timeoutSeconds": 10,
                 "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
                     "resources": ["pods/eviction"], "scope": "Namespaced"}],
                 "clientConfig": {"url": format!("https://127.0.0.1:{port}/evict"),

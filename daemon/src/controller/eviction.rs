@@ -86,6 +86,14 @@ pub enum Answer {
     Allow(Option<Note>),
     /// Refuse it with 429 (the client retries later).
     Deny(String, Option<Note>),
+    /// Refuse it with 429 while Migration `migration` moves the Pod (the webhook may first
+    /// wait a little for the move to end).
+    Moving {
+        /// The Migration under way.
+        migration: String,
+        /// The refusal.
+        message: String,
+    },
     /// Start a Migration to `target_node` (adopting the Pod first when bare), then refuse
     /// the eviction with 429 naming it.
     Move {
@@ -151,14 +159,14 @@ pub fn decide(
         }));
     }
     if let Some(m) = migrations.iter().find(|m| !is_finished(m)) {
-        return Answer::Deny(
-            format!(
+        return Answer::Moving {
+            migration: m.name_any(),
+            message: format!(
                 "Pod {name} is being moved by Migration {} ({}); the eviction succeeds once the move ended",
                 m.name_any(),
                 phase_of(m)
             ),
-            None,
-        );
+        };
     }
     let cannot = |why: String| fallback(&name, policy, why);
     if owner == Owner::Bare
@@ -224,7 +232,8 @@ fn phase_of(m: &Migration) -> &'static str {
     }
 }
 
-fn is_finished(m: &Migration) -> bool {
+/// True once Migration `m` ended (succeeded, failed or rolled back).
+pub fn is_finished(m: &Migration) -> bool {
     m.status
         .as_ref()
         .and_then(|s| s.phase)
@@ -388,9 +397,14 @@ mod tests {
             "2026-12-03T00:59:00Z",
             json!({"phase": "Transferring"}),
         );
-        let Answer::Deny(msg, None) = decide(&p, &[moving], target(), now()) else {
-            panic!("denied")
+        let Answer::Moving {
+            migration,
+            message: msg,
+        } = decide(&p, &[moving], target(), now())
+        else {
+            panic!("denied while it moves")
         };
+        assert_eq!(migration, "web-0-evict-1");
         assert!(
             msg.contains("Migration web-0-evict-1 (Transferring)"),
             "{msg}"

@@ -59,6 +59,29 @@ struct Hook {
     /// One eviction decided at a time in this replica: two evictions of one Pod at once
     /// start one Migration.
     deciding: tokio::sync::Mutex<()>,
+    /// How long a review of a Pod that is moving waits for the move to end before it
+    /// answers 429 (kept below the configuration's `timeoutSeconds`).
+    wait: Duration,
+}
+
+/// What a review answers.
+#[derive(Debug)]
+enum Reply {
+    /// Let the eviction through.
+    Allow,
+    /// 429 with this message.
+    Refuse(String),
+    /// 429 with this message unless the Pod (uid) is gone before the wait ends: then the
+    /// eviction is let through and finds nothing to evict (404), and the evicting client
+    /// goes on at once instead of after its retry period.
+    Moving {
+        /// The refusal.
+        message: String,
+        /// The Migration under way.
+        migration: String,
+        /// The Pod's uid.
+        uid: String,
+    },
 }
 
 /// Serves the webhook on `addr` until the process ends; the certificate files are polled
@@ -69,6 +92,7 @@ pub async fn serve(
     addr: SocketAddr,
     cert: &Path,
     key: &Path,
+    wait: Duration,
 ) -> Result<axum_server::Handle<SocketAddr>, Error> {
     let read_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -87,6 +111,7 @@ pub async fn serve(
         ),
         client,
         deciding: tokio::sync::Mutex::new(()),
+        wait,
     });
     let app = Router::new()
         .route("/evict", axum::routing::post(review))
@@ -170,31 +195,80 @@ async fn review(State(hook): State<Arc<Hook>>, body: Bytes) -> axum::response::R
     }
     let ns = req.namespace.clone().unwrap_or_default();
     let user = req.user_info.username.clone().unwrap_or_default();
-    match answer(&hook, &ns, &req.name, &user, req.dry_run).await {
-        Ok(None) => Json(allowed.into_review()).into_response(),
-        Ok(Some(message)) => {
-            let mut denied = allowed.deny(message);
-            denied.result.code = 429;
-            denied.result.reason = "TooManyRequests".into();
-            Json(denied.into_review()).into_response()
+    let until = tokio::time::Instant::now() + hook.wait;
+    let message = match answer(&hook, &ns, &req.name, &user, req.dry_run).await {
+        Ok(Reply::Allow) => return Json(allowed.into_review()).into_response(),
+        Ok(Reply::Refuse(message)) => message,
+        Ok(Reply::Moving {
+            message,
+            migration,
+            uid,
+        }) => {
+            if moved_before(&hook, &ns, &req.name, &uid, &migration, until).await {
+                tracing::info!(pod = %req.name, namespace = %ns, %migration,
+                    "the evicted Pod moved away during the review; the eviction goes on");
+                return Json(allowed.into_review()).into_response();
+            }
+            message
         }
-        Err(e) => unavailable(e),
+        Err(e) => return unavailable(e),
+    };
+    let mut denied = allowed.deny(message);
+    denied.result.code = 429;
+    denied.result.reason = "TooManyRequests".into();
+    Json(denied.into_review()).into_response()
+}
+
+/// Waits until Pod `name` (`uid`) is gone, Migration `migration` ended with the Pod still
+/// there, or `until`; true when the Pod is gone.
+async fn moved_before(
+    hook: &Hook,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    migration: &str,
+    until: tokio::time::Instant,
+) -> bool {
+    let pods: Api<Pod> = Api::namespaced(hook.client.clone(), ns);
+    let migrations: Api<Migration> = Api::namespaced(hook.client.clone(), ns);
+    loop {
+        match pods.get_opt(name).await {
+            Ok(None) => return true,
+            Ok(Some(p)) if p.metadata.uid.as_deref() != Some(uid) => return true,
+            Ok(Some(_)) => {}
+            Err(_) => return false,
+        }
+        if let Ok(Some(m)) = migrations.get_opt(migration).await
+            && eviction::is_finished(&m)
+            && m.status.as_ref().and_then(|s| s.phase)
+                != Some(podmig_api::v1alpha1::MigrationPhase::Succeeded)
+        {
+            return false;
+        }
+        if tokio::time::Instant::now() + WAIT_POLL >= until {
+            return false;
+        }
+        tokio::time::sleep(WAIT_POLL).await;
     }
 }
 
-/// Decides and acts: `None` lets the eviction through, `Some(message)` refuses it with 429.
+/// How often a waiting review looks at the Pod.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// Decides and acts.
 async fn answer(
     hook: &Hook,
     ns: &str,
     name: &str,
     user: &str,
     dry_run: bool,
-) -> Result<Option<String>, kube::Error> {
+) -> Result<Reply, kube::Error> {
     let _one = hook.deciding.lock().await;
     let pods: Api<Pod> = Api::namespaced(hook.client.clone(), ns);
     let Some(pod) = pods.get_opt(name).await? else {
-        return Ok(None);
+        return Ok(Reply::Allow);
     };
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
     let migrations: Vec<Migration> = Api::<Migration>::namespaced(hook.client.clone(), ns)
         .list(&ListParams::default())
         .await?
@@ -226,10 +300,21 @@ async fn answer(
     tracing::info!(pod = %name, namespace = %ns, %user, answer = ?decided, "eviction reviewed");
     let (target_node, adopt) = match decided {
         Answer::Move { target_node, adopt } => (target_node, adopt),
-        other => return Ok(settle(hook, &pod, other, dry_run).await),
+        Answer::Moving { migration, message } if !dry_run => {
+            return Ok(Reply::Moving {
+                message,
+                migration,
+                uid,
+            });
+        }
+        other => {
+            return Ok(settle(hook, &pod, other, dry_run)
+                .await
+                .map_or(Reply::Allow, Reply::Refuse));
+        }
     };
     if dry_run {
-        return Ok(Some(format!(
+        return Ok(Reply::Refuse(format!(
             "podmig would move Pod {name} to node {target_node} first (dry run)"
         )));
     }
@@ -237,7 +322,9 @@ async fn answer(
         match adopt_pod(hook, &pod).await {
             Ok(o) => Some(o),
             Err(why) => {
-                return Ok(settle(hook, &pod, eviction::cannot_move(&pod, why), false).await);
+                return Ok(settle(hook, &pod, eviction::cannot_move(&pod, why), false)
+                    .await
+                    .map_or(Reply::Allow, Reply::Refuse));
             }
         }
     } else if let eviction::Owner::MigratingPod(o) = eviction::owner_of(&pod) {
@@ -261,7 +348,11 @@ async fn answer(
         false,
     )
     .await;
-    Ok(Some(message))
+    Ok(Reply::Moving {
+        message,
+        migration: m,
+        uid,
+    })
 }
 
 /// Carries out an answer that starts no move: its Event (not on a dry run), and the
@@ -270,6 +361,7 @@ async fn settle(hook: &Hook, pod: &Pod, answer: Answer, dry_run: bool) -> Option
     let (note, refusal) = match answer {
         Answer::Allow(note) => (note, None),
         Answer::Deny(message, note) => (note, Some(message)),
+        Answer::Moving { message, .. } => (None, Some(message)),
         Answer::Move { .. } => (None, None),
     };
     if let Some(n) = note.filter(|_| !dry_run) {
