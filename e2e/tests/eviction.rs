@@ -365,7 +365,7 @@ async fn a_drain_of_six_pods_moves_them_all_never_more_than_the_per_node_limit_a
             .collect::<Vec<_>>()
     );
     eprintln!(
-        "drain of 6 Pods, 2 per node: {drained_in:?}, at most {max_running} at once, queue up to {deepest}\n{table}"
+        "drain of 6 Pods, 2 per node: {drained_in:?}, at most {max_running} at once, queue up to {deepest}\n{table}\n{history:#?}"
     );
     Ok(())
 }

@@ -73,6 +73,24 @@ pub struct Context {
     /// Held while a pending Migration is admitted: two reconciles never both take the
     /// last place.
     pub admission: tokio::sync::Mutex<()>,
+    /// The Migrations waiting in the queue (namespace, name): a move that ends wakes them
+    /// at once, instead of at their next look ([`QUEUE_RESYNC`]).
+    pub waiting: Arc<std::sync::Mutex<std::collections::BTreeSet<(String, String)>>>,
+}
+
+impl Context {
+    fn set_waiting(&self, ns: &str, name: &str, waiting: bool) {
+        let mut w = self
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (ns.to_owned(), name.to_owned());
+        if waiting {
+            w.insert(key);
+        } else {
+            w.remove(&key);
+        }
+    }
 }
 
 /// How often objects are looked at again when nothing happens (timeouts, give-ups).
@@ -419,6 +437,7 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
         .is_some_and(|p| p.is_terminal())
         && !waiting_for_report
     {
+        ctx.set_waiting(&ns, &m.name_any(), false);
         return Ok(Requeue::await_change());
     }
     let pending = m
@@ -507,7 +526,9 @@ async fn reconcile_migration(m: Arc<Migration>, ctx: Arc<Context>) -> Result<Req
     apply_actions(&ctx, &ns, m.as_ref(), events).await?;
     // A queued move looks for its place often (no watch tells it a place came free);
     // otherwise watches of the Pods drive progress and this bounds how late a timeout is seen.
-    if status.reason.as_deref() == Some(limits::REASON_QUEUED) {
+    let queued_now = status.reason.as_deref() == Some(limits::REASON_QUEUED);
+    ctx.set_waiting(&ns, &m.name_any(), queued_now);
+    if queued_now {
         return Ok(Requeue::requeue(QUEUE_RESYNC));
     }
     Ok(Requeue::requeue(MIGRATION_RESYNC))
@@ -578,6 +599,7 @@ pub async fn run(
         metrics,
         limits,
         admission: tokio::sync::Mutex::new(()),
+        waiting: Arc::default(),
         client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -618,6 +640,30 @@ pub async fn run(
             .filter_map(|k| a.get(k).cloned())
             .map(|name| kube::runtime::reflector::ObjectRef::new(&name).within(&ns))
             .collect::<Vec<_>>()
+        },
+    )
+    // A move that ended frees its place: the queued Migrations look at once.
+    .watches(
+        Api::<Migration>::all(client.clone()),
+        watcher::Config::default(),
+        {
+            let waiting = ctx.waiting.clone();
+            move |m: Migration| {
+                let ended = m
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_terminal());
+                let w = waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !ended {
+                    return Vec::new();
+                }
+                w.iter()
+                    .map(|(ns, name)| kube::runtime::reflector::ObjectRef::new(name).within(ns))
+                    .collect::<Vec<_>>()
+            }
         },
     )
     .shutdown_on_signal()
