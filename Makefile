@@ -20,6 +20,8 @@ test: setup build
 lint: setup
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny --version 0.20.2
+	$(CARGO) deny --offline check licenses bans sources
 
 demo: setup
 	$(CARGO) build --release --workspace --bins
