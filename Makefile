@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
+.PHONY: setup build test lint fuzz demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -22,6 +22,12 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	command -v cargo-deny >/dev/null || $(CARGO) install --locked cargo-deny --version 0.20.2
 	$(CARGO) deny --offline check licenses bans sources
+
+# The property tests of what a peer sends (stream receiver, layer and volume archives),
+# run long: `make test` runs 256 cases of each.
+fuzz:
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p podmig-cri-ext -p podmig-daemon --lib -- \
+	  any_bytes_are_answered_and_nothing_passed_leaves any_stream_is_answered_and_stays_in_its_directories
 
 demo: setup
 	$(CARGO) build --release --workspace --bins

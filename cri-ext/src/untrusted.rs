@@ -486,7 +486,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        // 256 cases by default (make test); PROPTEST_CASES sets more (make fuzz).
 
         /// Whatever bytes arrive, the check answers (no panic), and what it passes has
         /// only contained paths.

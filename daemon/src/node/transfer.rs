@@ -718,7 +718,7 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+            // 256 cases by default (make test); PROPTEST_CASES sets more (make fuzz).
 
             /// Any bytes, cut anywhere: the receiver answers (no panic), writes only
             /// checkpoint files, only inside the directories it was given.
