@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint fuzz demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
+.PHONY: setup build test lint fuzz soak demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -28,6 +28,12 @@ lint: setup
 fuzz:
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p podmig-cri-ext -p podmig-daemon --lib -- \
 	  any_bytes_are_answered_and_nothing_passed_leaves any_stream_is_answered_and_stays_in_its_directories
+
+# The fault soak: 50 cross-node moves (16 and 256 MiB) with a node daemon or the
+# controller killed at a random moment; `make test` runs ten.
+soak: setup
+	$(CARGO) build --release --workspace --bins
+	target/release/podmig-e2e soak --moves $${SOAK_MOVES:-50}
 
 demo: setup
 	$(CARGO) build --release --workspace --bins

@@ -33,6 +33,7 @@ pub mod process;
 pub mod scenario;
 pub mod scheduler;
 pub mod services;
+pub mod soak;
 pub mod testapp;
 pub mod wait;
 pub mod workloads;

@@ -35,6 +35,19 @@ enum Command {
         #[arg(long, global = true, default_value = "/var/tmp/podmig-cluster")]
         dir: std::path::PathBuf,
     },
+    /// Cross-node moves with one fault each (a node daemon or the controller killed at a
+    /// random moment), the invariants checked after each; prints fault × outcome.
+    Soak {
+        /// Moves.
+        #[arg(long, default_value_t = 50)]
+        moves: usize,
+        /// Memory of the apps moved in turn, MiB.
+        #[arg(long, value_delimiter = ',', default_values_t = [16u32, 256])]
+        sizes: Vec<u32>,
+        /// Seed of the faults and their moments (printed; a run is replayed from it).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// `cluster up`/`down` times, the API server's watch latency, and a node's drain
     /// (MigratingPods through the eviction webhook within the limits, against one move
     /// alone and against a Deployment's plain eviction).
@@ -201,6 +214,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 podmig_e2e::bench::cluster(runs).await?;
             }
             podmig_e2e::bench_drain::run(runs, drain_pods, drain_mib).await
+        }
+        Command::Soak { moves, sizes, seed } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            println!("soak: {moves} moves, sizes {sizes:?} MiB, seed {seed}");
+            let outcomes = podmig_e2e::soak::run(moves, &sizes, seed).await?;
+            print!("{}", podmig_e2e::soak::table(&outcomes));
+            println!("podmig-soak moves={} seed={seed} result=ok", outcomes.len());
+            Ok(())
         }
         Command::Bench {
             sizes,

@@ -1,0 +1,299 @@
+//! The fault soak (`make soak`, a short run in `make test`): cross-node moves of a small
+//! and a 256 MiB MigratingPod back and forth on one local cluster, each with one fault
+//! injected at a random moment after its Migration is created — the source's or the
+//! target's node daemon killed (SIGKILL; its supervisor restarts it), the controller
+//! killed and started again, or none — and after each the invariants checked: the
+//! Migration ends, exactly one copy of the app answers, its count never went back (a
+//! restart would count from 1), and no checkpoint file is left on any node. Prints a
+//! table of fault × outcome.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, ResourceExt, api::ListParams};
+use podmig_api::v1alpha1::{Migration, MigrationPhase};
+
+use crate::{
+    cluster::Cluster,
+    testapp::{get_count, wait_count},
+    wait::{migration_ended, node_of, pod_ip, ready_pod, until},
+};
+
+/// A fault the soak injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// None: the control.
+    None,
+    /// The source node's daemon killed.
+    SourceDaemon,
+    /// The target node's daemon killed.
+    TargetDaemon,
+    /// The controller killed, then started again.
+    Controller,
+}
+
+impl Fault {
+    const ALL: [Fault; 4] = [
+        Fault::None,
+        Fault::SourceDaemon,
+        Fault::TargetDaemon,
+        Fault::Controller,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::None => "none",
+            Fault::SourceDaemon => "kill -9 source daemon",
+            Fault::TargetDaemon => "kill -9 target daemon",
+            Fault::Controller => "kill -9 controller",
+        }
+    }
+}
+
+/// A small deterministic generator (xorshift64*): a soak is replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One move of the soak and how it ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The fault injected.
+    pub fault: Fault,
+    /// The app's memory, MiB.
+    pub mib: u32,
+    /// When the fault came, ms after the Migration was created.
+    pub at_ms: u64,
+    /// The Migration's end: its phase, and its reason when it failed.
+    pub end: String,
+    /// The count before the move and the count after it.
+    pub counts: (u64, u64),
+}
+
+fn mpod_yaml(name: &str, mib: u32) -> String {
+    format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {name}}}\nspec:\n  strategy: full\n  migrationTimeoutSeconds: 60\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - {{name: app, image: 'podmig.local/testapp:latest', args: ['--mem-mib', '{mib}']}}\n"
+    )
+}
+
+/// The one Pod of app `name` that answers, and its count; an error when none or more
+/// than one answers within `within`.
+async fn the_one_copy(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<(Pod, u64)> {
+    until("exactly one copy answers", within, async || {
+        let list = pods
+            .list(&ListParams::default().labels(&format!("app={name}")))
+            .await
+            .ok()?;
+        let mut answers = Vec::new();
+        for p in list
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+        {
+            if let Ok(n) = get_count(&pod_ip(&p)).await {
+                answers.push((p, n));
+            }
+        }
+        (answers.len() == 1).then(|| answers.remove(0))
+    })
+    .await
+}
+
+fn checkpoint_files(c: &Cluster) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return vec![];
+        };
+        rd.flatten()
+            .flat_map(|e| {
+                let p = e.path();
+                if p.is_dir() { walk(&p) } else { vec![p] }
+            })
+            .collect()
+    }
+    c.nodes
+        .iter()
+        .flat_map(|n| walk(&n.daemon.checkpoint_dir()))
+        .collect()
+}
+
+/// Runs `moves` faulted moves (seeded by `seed`); returns every outcome, or the first
+/// broken invariant.
+pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<Outcome>> {
+    let mut c = Cluster::up_temp(2).await?;
+    c.install_crds()?;
+    let mut controller = Some(c.start_controller("soak")?.0);
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let migrations: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let apps: Vec<(String, u32)> = sizes.iter().map(|m| (format!("soak-{m}"), *m)).collect();
+    for (name, mib) in &apps {
+        c.apply(&mpod_yaml(name, *mib))?;
+    }
+    for (name, _) in &apps {
+        let p = ready_pod(&pods, &format!("{name}-0"), Duration::from_secs(180)).await?;
+        wait_count(&pod_ip(&p), Duration::from_secs(120)).await?;
+    }
+    let mut rng = Rng(seed | 1);
+    let mut out = Vec::new();
+    for i in 0..moves {
+        let (name, mib) = apps[i % apps.len()].clone();
+        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+        let at_ms = rng.below(if mib > 64 { 2500 } else { 1000 });
+        let (pod, before) = the_one_copy(&pods, &name, Duration::from_secs(60)).await?;
+        let src = c
+            .nodes
+            .iter()
+            .position(|n| n.name == node_of(&pod))
+            .unwrap_or(0);
+        let dst = 1 - src;
+        let m = format!("{name}-m{i}");
+        c.apply(&format!(
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {m}}}\nspec: {{podName: {}, targetNode: {}, strategy: full, timeoutSeconds: 60}}\n",
+            pod.name_any(),
+            c.nodes[dst].name
+        ))?;
+        tokio::time::sleep(Duration::from_millis(at_ms)).await;
+        match fault {
+            Fault::None => {}
+            Fault::SourceDaemon => c.nodes[src].daemon.kill(),
+            Fault::TargetDaemon => c.nodes[dst].daemon.kill(),
+            Fault::Controller => {
+                if let Some(p) = controller.take() {
+                    tokio::task::block_in_place(|| drop(p));
+                }
+                controller = Some(c.start_controller("soak")?.0);
+            }
+        }
+        let context = |what: String| {
+            anyhow::anyhow!(
+                "move {i} of {name} ({mib} MiB) from {} to {}, {} at {at_ms} ms: {what}",
+                c.nodes[src].name,
+                c.nodes[dst].name,
+                fault.name()
+            )
+        };
+        let st = migration_ended(&migrations, &m, Duration::from_secs(150))
+            .await
+            .map_err(|e| context(e.to_string()))?;
+        let phase = st.phase.unwrap_or(MigrationPhase::Failed);
+        let end = match (phase, st.reason.as_deref()) {
+            (MigrationPhase::Failed, Some(r)) => format!("Failed ({r})"),
+            (p, _) => format!("{p:?}"),
+        };
+        let (_, after) = the_one_copy(&pods, &name, Duration::from_secs(90))
+            .await
+            .map_err(|e| context(e.to_string()))?;
+        if after < before {
+            return Err(context(format!(
+                "the count went back from {before} to {after} ({phase:?})"
+            )));
+        }
+        until("no checkpoint left", Duration::from_secs(60), async || {
+            checkpoint_files(&c).is_empty().then_some(())
+        })
+        .await
+        .map_err(|e| context(format!("{e}: {:?}", checkpoint_files(&c))))?;
+        for n in &c.nodes {
+            n.daemon
+                .wait_serving(Duration::from_secs(30))
+                .map_err(|e| context(e.to_string()))?;
+        }
+        eprintln!(
+            "soak {i}: {name} {} -> {}, {} at {at_ms} ms: {end}, count {before} -> {after}",
+            c.nodes[src].name,
+            c.nodes[dst].name,
+            fault.name()
+        );
+        out.push(Outcome {
+            fault,
+            mib,
+            at_ms,
+            end,
+            counts: (before, after),
+        });
+    }
+    drop(controller);
+    tokio::task::block_in_place(|| drop(c));
+    Ok(out)
+}
+
+/// The table of fault × outcome (moves per cell).
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut cells: BTreeMap<(Fault, String), usize> = BTreeMap::new();
+    let mut phases: Vec<String> = Vec::new();
+    for o in outcomes {
+        let p = o.end.clone();
+        if !phases.contains(&p) {
+            phases.push(p.clone());
+        }
+        *cells.entry((o.fault, p)).or_default() += 1;
+    }
+    phases.sort();
+    let mut s = format!("| fault | {} | moves |\n", phases.join(" | "));
+    s.push_str(&format!("| --- |{} --- |\n", " --- |".repeat(phases.len())));
+    for f in Fault::ALL {
+        let row: Vec<usize> = phases
+            .iter()
+            .map(|p| cells.get(&(f, p.clone())).copied().unwrap_or(0))
+            .collect();
+        let total: usize = row.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let cols: Vec<String> = row.iter().map(ToString::to_string).collect();
+        s.push_str(&format!(
+            "| {} | {} | {total} |\n",
+            f.name(),
+            cols.join(" | ")
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_counts_moves_per_fault_and_outcome() {
+        let o = |fault, end: &str| Outcome {
+            fault,
+            mib: 16,
+            at_ms: 0,
+            end: end.into(),
+            counts: (3, 4),
+        };
+        let t = table(&[
+            o(Fault::None, "Succeeded"),
+            o(Fault::SourceDaemon, "Failed (RolledBack)"),
+            o(Fault::SourceDaemon, "Succeeded"),
+        ]);
+        assert!(
+            t.contains("| fault | Failed (RolledBack) | Succeeded | moves |"),
+            "{t}"
+        );
+        assert!(t.contains("| kill -9 source daemon | 1 | 1 | 2 |"), "{t}");
+        assert!(t.contains("| none | 0 | 1 | 1 |"), "{t}");
+        assert!(!t.contains("controller"), "{t}");
+    }
+
+    #[test]
+    fn a_seed_replays_the_same_faults() {
+        let (mut a, mut b) = (Rng(7), Rng(7));
+        let xs: Vec<u64> = (0..5).map(|_| a.below(4)).collect();
+        let ys: Vec<u64> = (0..5).map(|_| b.below(4)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().all(|x| *x < 4));
+    }
+}

@@ -1,0 +1,25 @@
+//! The short fault soak of `make test`: ten cross-node moves of a small app, each with a
+//! node daemon or the controller killed at a random moment (or nothing), every invariant
+//! checked after each move (`podmig_e2e::soak`); `make soak` runs 50 with a 256 MiB app.
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_faulted_moves_keep_one_copy_with_its_count_and_leave_nothing() -> anyhow::Result<()> {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64;
+    eprintln!("soak seed {seed} (podmig-e2e soak --moves 10 --sizes 16 --seed {seed} replays it)");
+    let outcomes = tokio::time::timeout(
+        Duration::from_secs(900),
+        podmig_e2e::soak::run(10, &[16], seed),
+    )
+    .await??;
+    eprintln!("{}", podmig_e2e::soak::table(&outcomes));
+    assert_eq!(outcomes.len(), 10);
+    assert!(
+        outcomes.iter().all(|o| o.counts.1 >= o.counts.0),
+        "{outcomes:?}"
+    );
+    Ok(())
+}
