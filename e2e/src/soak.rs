@@ -90,6 +90,7 @@ fn mpod_yaml(name: &str, mib: u32) -> String {
 /// The one Pod of app `name` that answers, and its count; an error when none or more
 /// than one answers within `within`.
 async fn the_one_copy(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<(Pod, u64)> {
+    let seen = std::sync::Mutex::new(String::new());
     until("exactly one copy answers", within, async || {
         let list = pods
             .list(&ListParams::default().labels(&format!("app={name}")))
@@ -105,9 +106,24 @@ async fn the_one_copy(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::
                 answers.push((p, n));
             }
         }
+        if let Ok(mut s) = seen.lock() {
+            *s = format!(
+                "answering: {:?}",
+                answers
+                    .iter()
+                    .map(|(p, n)| (p.name_any(), node_of(p), *n))
+                    .collect::<Vec<_>>()
+            );
+        }
         (answers.len() == 1).then(|| answers.remove(0))
     })
     .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; last look {}",
+            seen.lock().map(|s| s.clone()).unwrap_or_default()
+        )
+    })
 }
 
 fn checkpoint_files(c: &Cluster) -> Vec<std::path::PathBuf> {
@@ -193,7 +209,13 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         };
         let (_, after) = the_one_copy(&pods, &name, Duration::from_secs(90))
             .await
-            .map_err(|e| context(e.to_string()))?;
+            .map_err(|e| {
+                let all = tokio::task::block_in_place(|| {
+                    c.kubectl(&["get", "pods,mig", "-o", "wide"])
+                        .unwrap_or_default()
+                });
+                context(format!("{e} ({end})\n{all}"))
+            })?;
         if after < before {
             return Err(context(format!(
                 "the count went back from {before} to {after} ({phase:?})"
@@ -204,9 +226,11 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         })
         .await
         .map_err(|e| context(format!("{e}: {:?}", checkpoint_files(&c))))?;
+        // A daemon killed again soon is restarted after the supervisor's back-off (10 s,
+        // doubling up to 5 min, as kubelet's for a crashing container).
         for n in &c.nodes {
             n.daemon
-                .wait_serving(Duration::from_secs(30))
+                .wait_serving(Duration::from_secs(330))
                 .map_err(|e| context(e.to_string()))?;
         }
         eprintln!(

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub bytes_held: Gauge,
     /// 1 when lazy (post-copy) moves are possible on this node.
     pub lazy_possible: Gauge,
+    /// Sources frozen past their deadline because their target's outcome cannot be known.
+    pub awaiting_verdict: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,12 @@ impl Default for Metrics {
         let held_kills = Gauge::default();
         let bytes_held = Gauge::default();
         let lazy_possible = Gauge::default();
+        let awaiting_verdict = Gauge::default();
+        registry.register(
+            "moves_awaiting_verdict",
+            "Sources frozen past their deadline: neither the target nor the API server can say whether the target runs",
+            awaiting_verdict.clone(),
+        );
         registry.register(
             "lazy_moves_possible",
             "1 when CRIU can restore lazily and serve pages on this node (userfaultfd, pipe size)",
@@ -108,6 +116,7 @@ impl Default for Metrics {
             held_kills,
             bytes_held,
             lazy_possible,
+            awaiting_verdict,
         }
     }
 }

@@ -44,15 +44,23 @@ pub enum SourceAction {
     Wait,
 }
 
+/// What the API server shows of a move's target Pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sight {
+    /// The Pod, with its reported phase (`None`: none yet).
+    Seen(Option<DaemonPhase>),
+    /// No such Pod.
+    Gone,
+    /// The API server could not be asked: the target may run.
+    Blind,
+}
+
 /// The decision for a source entry, from what is known of its target: the outcome of a
-/// same-node target settled in this recovery, else the target Pod's reported phase
-/// (`None`: no phase, or the Pod is gone).
-pub fn decide_source(
-    entry: &Entry,
-    local_target: Option<bool>,
-    target_phase: Option<DaemonPhase>,
-    target_exists: bool,
-) -> SourceAction {
+/// same-node target settled in this recovery, else what the API server shows of the
+/// target Pod. Past the deadline anything but `Restored` resumes the source — but only
+/// when the API server could be read: while blind, the source stays frozen (it may be
+/// unavailable for a while, it is never doubled).
+pub fn decide_source(entry: &Entry, local_target: Option<bool>, target: Sight) -> SourceAction {
     if entry.step == Step::Committed {
         return SourceAction::Discard;
     }
@@ -61,13 +69,14 @@ pub fn decide_source(
         Some(false) => return SourceAction::Resume,
         None => {}
     }
-    match target_phase {
-        Some(DaemonPhase::Restored) => SourceAction::Discard,
-        Some(DaemonPhase::Failed) => SourceAction::Resume,
-        _ if !target_exists || entry.expired() => SourceAction::Resume,
+    match target {
+        Sight::Seen(Some(DaemonPhase::Restored)) => SourceAction::Discard,
+        Sight::Seen(Some(DaemonPhase::Failed)) | Sight::Gone => SourceAction::Resume,
         // Claimed: the dump was cut with the daemon; no target can have the images.
         _ if entry.step == Step::Claimed => SourceAction::Resume,
-        _ => SourceAction::Wait,
+        Sight::Blind => SourceAction::Wait,
+        Sight::Seen(_) if entry.expired() => SourceAction::Resume,
+        Sight::Seen(_) => SourceAction::Wait,
     }
 }
 
@@ -144,14 +153,14 @@ fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
         .and_then(|v| DaemonPhase::parse(v))
 }
 
-/// The target's reported phase and whether it exists, from a lookup (`None`: the API
-/// server could not be asked — it may exist: wait, the source stays frozen and no copy
-/// appears, unless the deadline passed).
-fn seen(target: Option<&Option<Pod>>) -> (Option<DaemonPhase>, bool) {
+/// What a lookup showed (`None`: the API server could not be asked — or there is none,
+/// and then nothing else can be learnt either: the deadline decides).
+fn seen<E: CheckpointEngine>(node: &Node<E>, target: Option<&Option<Pod>>) -> Sight {
     match target {
-        Some(Some(p)) => (phase_of(p), true),
-        Some(None) => (None, false),
-        None => (None, true),
+        Some(Some(p)) => Sight::Seen(phase_of(p)),
+        Some(None) => Sight::Gone,
+        None if node.kube.is_some() => Sight::Blind,
+        None => Sight::Seen(None),
     }
 }
 
@@ -199,8 +208,7 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
         } else {
             target_pod(&node, e).await
         };
-        let (phase, exists) = seen(target.as_ref());
-        match decide_source(e, local, phase, exists) {
+        match decide_source(e, local, seen(&node, target.as_ref())) {
             SourceAction::Wait => {
                 let node = node.clone();
                 let e = e.clone();
@@ -509,8 +517,7 @@ async fn wait_for_target<E: CheckpointEngine>(node: Arc<Node<E>>, e: Entry) {
             break by_verdict(v);
         }
         let target = target_pod(&node, &e).await;
-        let (phase, exists) = seen(target.as_ref());
-        match decide_source(&e, None, phase, exists) {
+        match decide_source(&e, None, seen(&node, target.as_ref())) {
             SourceAction::Wait => tokio::time::sleep(Duration::from_millis(500)).await,
             action => {
                 // A verdict taken meanwhile decides (its sender was told it was taken).
@@ -599,33 +606,39 @@ mod tests {
         use SourceAction::*;
         let dumped = entry(Step::Dumped, 60);
         assert_eq!(
-            decide_source(&entry(Step::Committed, 60), None, None, false),
-            Discard
-        );
-        assert_eq!(decide_source(&dumped, Some(true), None, true), Discard);
-        assert_eq!(
-            decide_source(&dumped, Some(false), Some(DaemonPhase::Restored), true),
-            Resume
-        );
-        assert_eq!(
-            decide_source(&dumped, None, Some(DaemonPhase::Restored), true),
+            decide_source(&entry(Step::Committed, 60), None, Sight::Gone),
             Discard
         );
         assert_eq!(
-            decide_source(&dumped, None, Some(DaemonPhase::Failed), true),
+            decide_source(&dumped, Some(true), Sight::Seen(None)),
+            Discard
+        );
+        assert_eq!(
+            decide_source(
+                &dumped,
+                Some(false),
+                Sight::Seen(Some(DaemonPhase::Restored))
+            ),
             Resume
         );
-        assert_eq!(decide_source(&dumped, None, None, false), Resume);
         assert_eq!(
-            decide_source(&dumped, None, Some(DaemonPhase::Restoring), true),
+            decide_source(&dumped, None, Sight::Seen(Some(DaemonPhase::Restored))),
+            Discard
+        );
+        assert_eq!(
+            decide_source(&dumped, None, Sight::Seen(Some(DaemonPhase::Failed))),
+            Resume
+        );
+        assert_eq!(decide_source(&dumped, None, Sight::Gone), Resume);
+        assert_eq!(
+            decide_source(&dumped, None, Sight::Seen(Some(DaemonPhase::Restoring))),
             Wait
         );
         assert_eq!(
             decide_source(
                 &entry(Step::Claimed, 60),
                 None,
-                Some(DaemonPhase::Transferring),
-                true
+                Sight::Seen(Some(DaemonPhase::Transferring))
             ),
             Resume
         );
@@ -633,9 +646,18 @@ mod tests {
             decide_source(
                 &entry(Step::Dumped, 0),
                 None,
-                Some(DaemonPhase::Restoring),
-                true
+                Sight::Seen(Some(DaemonPhase::Restoring))
             ),
+            Resume
+        );
+        // Blind (the API server cannot be read): never resumed, even past the deadline.
+        assert_eq!(decide_source(&dumped, None, Sight::Blind), Wait);
+        assert_eq!(
+            decide_source(&entry(Step::Dumped, 0), None, Sight::Blind),
+            Wait
+        );
+        assert_eq!(
+            decide_source(&entry(Step::Claimed, 0), None, Sight::Blind),
             Resume
         );
     }

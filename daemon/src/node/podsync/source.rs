@@ -32,6 +32,10 @@ use crate::node::{
 use super::*;
 use crate::node::migration::MovePhase;
 
+/// How often a source frozen past its deadline without a verdict asks the API server for
+/// its target's phase again.
+const BLIND_RETRY: Duration = Duration::from_secs(2);
+
 /// What a source move will dump, decided before anything is claimed.
 struct Plan {
     /// (runc id, name) of each container.
@@ -431,13 +435,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         } else {
             match vrx.recv_deadline(order.deadline) {
                 Ok(v) => v,
-                Err(_) => {
-                    // Close the door first: a verdict that got in meanwhile was answered
-                    // as taken, so it decides, not this node's own reading.
-                    self.node.manager.stop_waiting(id);
-                    vrx.try_recv()
-                        .unwrap_or_else(|_| self.verdict_without_answer(order))
-                }
+                Err(_) => self.verdict_after_deadline(order, &vrx),
             }
         };
         if order.remote {
@@ -643,26 +641,88 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
     }
 
-    /// No verdict came by the deadline: the target Pod's reported phase decides.
-    pub(super) fn verdict_without_answer(&self, order: &MigrateOrder) -> Verdict {
-        let no_answer = Verdict::Abort("no verdict from the target before the deadline".into());
+    /// The verdict once the move's deadline passed without one from the target: the
+    /// target Pod's reported phase decides (`Restored` commits, anything else rolls back,
+    /// the target stopping itself when it could not tell this node in time) — but only
+    /// once the API server can be read. While neither the target nor the API server can
+    /// be reached, the source stays frozen (unavailable, never doubled): the door for the
+    /// target's verdict stays open and the API server is asked again every
+    /// [`BLIND_RETRY`], with the gauge `podmig_moves_awaiting_verdict` meanwhile and a
+    /// Warning Event on the Pod once it can be recorded.
+    fn verdict_after_deadline(
+        &self,
+        order: &MigrateOrder,
+        vrx: &crossbeam_channel::Receiver<Verdict>,
+    ) -> Verdict {
+        let id = &order.migration;
+        let mut blind: Option<(Instant, String)> = None;
+        let verdict = loop {
+            match self.target_phase(order) {
+                Err(why) if self.node.kube.is_some() => {
+                    if blind.is_none() {
+                        self.node.metrics.awaiting_verdict.inc();
+                        tracing::warn!(pod_uid = %self.uid, migration = %id, reason = %why,
+                            "no verdict by the deadline and the target's phase cannot be read; the source stays frozen");
+                        blind = Some((Instant::now(), why));
+                    }
+                    if let Ok(v) = vrx.recv_timeout(BLIND_RETRY) {
+                        break v;
+                    }
+                }
+                seen => {
+                    // Close the door first: a verdict that got in meanwhile was answered
+                    // as taken, so it decides, not this node's own reading.
+                    self.node.manager.stop_waiting(id);
+                    break vrx.try_recv().unwrap_or_else(|_| match seen {
+                        Ok(Some(DaemonPhase::Restored)) => Verdict::Commit,
+                        _ => {
+                            Verdict::Abort("no verdict from the target before the deadline".into())
+                        }
+                    });
+                }
+            }
+        };
+        if let Some((since, why)) = blind {
+            self.node.metrics.awaiting_verdict.dec();
+            let outcome = match &verdict {
+                Verdict::Commit => "the target runs: the source is stopped".to_owned(),
+                Verdict::Abort(reason) => format!("the source resumes ({reason})"),
+            };
+            tracing::warn!(pod_uid = %self.uid, migration = %id, %outcome, "the target's outcome is known again");
+            // Recorded once the API server answers again (it could not be told before).
+            if let Some(p) = &self.pod {
+                self.node.event_on_pod(
+                    &p.namespace().unwrap_or_default(),
+                    &p.name_any(),
+                    "MigrationVerdictUnknown",
+                    &format!(
+                        "move {id} to {}: no verdict by its deadline and the API server could not be read ({why}); the Pod stayed frozen {} s longer, so that it never ran twice; then {outcome}",
+                        order.target,
+                        since.elapsed().as_secs()
+                    ),
+                );
+            }
+        }
+        verdict
+    }
+
+    /// The phase the target Pod reports (`None`: none, or the Pod is gone), or why it
+    /// cannot be read.
+    fn target_phase(&self, order: &MigrateOrder) -> Result<Option<DaemonPhase>, String> {
         let Some(client) = self.node.kube.clone() else {
-            return no_answer;
+            return Err("no API access".into());
         };
         let api: kube::Api<Pod> = kube::Api::namespaced(client, &order.target.namespace);
         let got = self.node.wait_on(async {
             tokio::time::timeout(Duration::from_secs(5), api.get_opt(&order.target.pod)).await
         });
-        let phase = match got {
-            Ok(Ok(Some(p))) => p
-                .metadata
-                .annotations
-                .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE).cloned()),
-            _ => None,
-        };
-        match phase.as_deref().and_then(DaemonPhase::parse) {
-            Some(DaemonPhase::Restored) => Verdict::Commit,
-            _ => no_answer,
+        match got {
+            Ok(Ok(p)) => Ok(p
+                .and_then(|p| p.metadata.annotations)
+                .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE).cloned())
+                .and_then(|v| DaemonPhase::parse(&v))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the API server did not answer within 5 s".into()),
         }
     }
 }
