@@ -127,20 +127,9 @@ async fn the_one_copy(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::
 }
 
 fn checkpoint_files(c: &Cluster) -> Vec<std::path::PathBuf> {
-    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return vec![];
-        };
-        rd.flatten()
-            .flat_map(|e| {
-                let p = e.path();
-                if p.is_dir() { walk(&p) } else { vec![p] }
-            })
-            .collect()
-    }
     c.nodes
         .iter()
-        .flat_map(|n| walk(&n.daemon.checkpoint_dir()))
+        .flat_map(|n| crate::paths::files_under(&n.daemon.checkpoint_dir()))
         .collect()
 }
 

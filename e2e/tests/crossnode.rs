@@ -80,17 +80,7 @@ async fn no_checkpoints_within(
     Ok(())
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    rd.flatten()
-        .flat_map(|e| {
-            let p = e.path();
-            if p.is_dir() { walk(&p) } else { vec![p] }
-        })
-        .collect()
-}
+use podmig_e2e::paths::files_under as walk;
 
 fn diagnostics(c: &Cluster) -> String {
     c.nodes
