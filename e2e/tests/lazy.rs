@@ -134,15 +134,17 @@ fn pids_with(words: &[&str]) -> Vec<i32> {
         .collect()
 }
 
-/// Waits until the move of `uid`'s pages is under way (the target's lazy-pages daemon
-/// runs and the restored app answers), then runs `cut`; returns the Migration's end.
+/// Starts a `mib` MiB app `name`; waits until the move of its pages is under way (the
+/// target's lazy-pages daemon runs and the restored app answers), then runs `cut`; returns
+/// the Migration's end.
 async fn cut_mid_stream(
     c: &mut Cluster,
     pods: &Api<Pod>,
     name: &str,
+    mib: u32,
     cut: impl FnOnce(&mut Cluster, usize),
 ) -> anyhow::Result<(MigrationStatus, u64)> {
-    let (src, src_ip, _) = start_app(c, pods, name, 1024).await?;
+    let (src, src_ip, _) = start_app(c, pods, name, mib).await?;
     for _ in 0..20 {
         get_count(&src_ip).await?;
     }
@@ -223,7 +225,9 @@ async fn pages_lost_after_the_resume_stop_the_target_and_never_resume_the_source
 -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let ended = cut_mid_stream(&mut c, &pods, "cut", |c, src| {
+    // 3 GiB: the pages still stream for a few seconds after the restore is seen, even on
+    // a busy machine (with 1 GiB every page had sometimes arrived before the kill).
+    let ended = cut_mid_stream(&mut c, &pods, "cut", 3072, |c, src| {
         // The page-serving side dies: runc checkpoint and its CRIU, by their own pids.
         let dir = c.nodes[src].daemon.checkpoint_dir().display().to_string();
         let serving = pids_with(&["checkpoint", "--lazy-pages", &dir]);
@@ -253,7 +257,7 @@ async fn pages_lost_after_the_resume_stop_the_target_and_never_resume_the_source
 async fn a_target_daemon_killed_mid_stream_stops_the_copy_when_it_restarts() -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let ended = cut_mid_stream(&mut c, &pods, "tgt", |c, src| {
+    let ended = cut_mid_stream(&mut c, &pods, "tgt", 1024, |c, src| {
         c.nodes[1 - src].daemon.kill();
     })
     .await?;
@@ -265,7 +269,7 @@ async fn a_link_cut_mid_stream_stops_the_target_and_never_resumes_the_source() -
 {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let ended = cut_mid_stream(&mut c, &pods, "link", |c, src| {
+    let ended = cut_mid_stream(&mut c, &pods, "link", 1024, |c, src| {
         // The target node's TCP connections to the source's daemon are torn down (the
         // kernel resets them, as a failing link or firewall would).
         let port = format!(":{}", podmig_api::nodeapi::DEFAULT_API_PORT);
