@@ -180,13 +180,14 @@ pub fn check_archive(what: &str, archive: &Path, root: &Path) -> Result<usize, R
                 link: link.display().to_string(),
             });
         }
-        let on_disk = std::fs::symlink_metadata(root.join(&rel)).ok();
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 check_privilege(what, &shown, &mut entry, &root.join(&rel))?;
             }
             tar::EntryType::Directory => {
-                if on_disk.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
+                if std::fs::symlink_metadata(root.join(&rel))
+                    .is_ok_and(|m| m.file_type().is_symlink())
+                {
                     // A real directory over a link would be an opaque one, deleted first.
                     return Err(Refusal::ThroughSymlink {
                         what: what.into(),

@@ -195,14 +195,6 @@ fn fits(free: &Requests, r: &Requests) -> bool {
     r.cpu_milli <= free.cpu_milli && r.memory <= free.memory
 }
 
-fn schedulable(n: &Node) -> bool {
-    n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true)
-        && n.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// A victim podmig can move: a MigratingPod's Pod, Ready.
 pub fn movable(p: &Pod) -> bool {
     matches!(
@@ -241,7 +233,9 @@ pub fn plan(candidates: &BTreeMap<String, Vec<Pod>>, nodes: &[Node], pods: &[Pod
                 .then(|| {
                     nodes
                         .iter()
-                        .filter(|n| n.name_any() != *node && schedulable(n))
+                        .filter(|n| {
+                            n.name_any() != *node && crate::controller::eviction::schedulable(n)
+                        })
                         .filter(|n| room.get(&n.name_any()).is_some_and(|f| fits(f, &r)))
                         .max_by(|a, b| {
                             let fa = room.get(&a.name_any()).map_or(0.0, |f| f.memory);

@@ -87,9 +87,13 @@ fn mpod_yaml(name: &str, mib: u32) -> String {
     )
 }
 
-/// The one Pod of app `name` that answers, and its count; an error when none or more
-/// than one answers within `within`.
-async fn the_one_copy(pods: &Api<Pod>, name: &str, within: Duration) -> anyhow::Result<(Pod, u64)> {
+/// The one Pod of app `name` (label `app`) that answers, and its count; an error naming
+/// who answered when none or more than one does within `within`.
+pub async fn the_one_copy(
+    pods: &Api<Pod>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<(Pod, u64)> {
     let seen = std::sync::Mutex::new(String::new());
     until("exactly one copy answers", within, async || {
         let list = pods

@@ -170,29 +170,10 @@ async fn one_copy_went_on(
         .await
         .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
     let phase = st.phase.expect("terminal");
-    let (answering, count) = until(
-        "exactly one copy answers",
-        Duration::from_secs(60),
-        async || {
-            let list = pods
-                .list(&kube::api::ListParams::default().labels(&format!("app={name}")))
-                .await
-                .ok()?;
-            let mut answers = Vec::new();
-            for p in list
-                .items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-            {
-                if let Ok(n) = get_count(&ip(p)).await {
-                    answers.push((p.name_any(), n));
-                }
-            }
-            (answers.len() == 1).then(|| answers.remove(0))
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    let (answering, count) = podmig_e2e::soak::the_one_copy(pods, name, Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(c)))?;
+    let answering = answering.name_any();
     assert!(
         count >= 2,
         "{answering} counts from {count}: its state was lost"

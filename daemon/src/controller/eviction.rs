@@ -313,6 +313,15 @@ fn fallback(name: &str, policy: Policy, why: String) -> Answer {
     }
 }
 
+/// Whether node `n` takes new Pods: Ready and not cordoned.
+pub fn schedulable(n: &Node) -> bool {
+    n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true)
+        && n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// The node a move of `pod` goes to, as the scheduler would pick it: Ready, schedulable,
 /// matching the Pod's node selector, not the Pod's own, the one running the fewest Pods.
 pub fn pick_target(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) -> Option<String> {
@@ -324,14 +333,7 @@ pub fn pick_target(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) ->
         .unwrap_or_default();
     nodes
         .iter()
-        .filter(|n| Some(n.name_any()) != here)
-        .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true))
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
+        .filter(|n| Some(n.name_any()) != here && schedulable(n))
         .filter(|n| {
             let labels = n.labels();
             selector.iter().all(|(k, v)| labels.get(k) == Some(v))

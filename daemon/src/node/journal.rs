@@ -171,10 +171,11 @@ impl Journal {
         let _ = std::fs::remove_file(self.path(entry));
     }
 
-    /// The source Pod `pod_uid` left the node: its moved-away entries are of no use now.
-    pub fn forget_moved_away(&self, pod_uid: &str) {
+    /// Forgets the moved-away entries of the Pods (by uid) that `left` the node: they
+    /// need no refusal any more.
+    pub fn forget_moved_away(&self, left: impl Fn(&str) -> bool) {
         for e in self.entries() {
-            if e.step == Step::MovedAway && e.pod_uid == pod_uid {
+            if e.step == Step::MovedAway && left(&e.pod_uid) {
                 self.remove(&e);
             }
         }

@@ -161,9 +161,14 @@ impl Move {
         outcome: MovePhase,
         error: Option<String>,
     ) {
+        self.file(node, outcome, error);
+        self.forget(node);
+    }
+
+    /// Files the move's record and counts it.
+    fn file<E: CheckpointEngine>(&self, node: &Node<E>, outcome: MovePhase, error: Option<String>) {
         node.manager.finish(self.role, &self.id, outcome, error);
         node.metrics.moved(self.role, outcome);
-        self.forget(node);
     }
 
     /// Ends the move with `outcome` and its final figures `report` (its error with them):
@@ -189,8 +194,7 @@ impl Move {
         outcome: MovePhase,
         error: Option<String>,
     ) {
-        node.manager.finish(self.role, &self.id, outcome, error);
-        node.metrics.moved(self.role, outcome);
+        self.file(node, outcome, error);
         for mut e in self.entries.drain(..) {
             node.journal.advance(&mut e, Step::MovedAway);
         }

@@ -397,8 +397,8 @@ impl PeerClient {
         let (mut lazy_rx, mut lazy_tx) = conn.into_split();
         let (mut source_rx, mut source_tx) = tokio::io::split(upgraded);
         // Large buffers: CRIU asks for pages in runs of up to 4 MiB.
-        let up = super::stream::pump(&mut lazy_rx, &mut source_tx);
-        let down = super::stream::pump_open(&mut source_rx, &mut lazy_tx);
+        let up = super::stream::pump(&mut lazy_rx, &mut source_tx, None);
+        let down = super::stream::pump_open(&mut source_rx, &mut lazy_tx, None);
         tokio::pin!(up, down);
         tokio::select! {
             _ = &mut up => {

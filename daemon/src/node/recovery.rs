@@ -136,16 +136,30 @@ async fn wait_for_orphans(entry: &Entry) {
     }
 }
 
-async fn target_pod<E: CheckpointEngine>(node: &Node<E>, e: &Entry) -> Option<Option<Pod>> {
-    let client = node.kube.clone()?;
-    let api: kube::Api<Pod> = kube::Api::namespaced(client, &e.target_namespace);
-    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&e.target_pod)).await {
-        Ok(Ok(p)) => Some(p),
-        _ => None,
+/// A move's target Pod `ns/name` as the API server shows it (`None`: gone), or why it
+/// cannot be read (no API access, an error, no answer within 5 s).
+pub(crate) async fn look_at_target<E: CheckpointEngine>(
+    node: &Node<E>,
+    ns: &str,
+    name: &str,
+) -> Result<Option<Pod>, String> {
+    let client = node.kube.clone().ok_or("no API access")?;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, ns);
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the API server did not answer within 5 s".into()),
     }
 }
 
-fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
+async fn target_pod<E: CheckpointEngine>(node: &Node<E>, e: &Entry) -> Option<Option<Pod>> {
+    look_at_target(node, &e.target_namespace, &e.target_pod)
+        .await
+        .ok()
+}
+
+/// The phase a target Pod reports.
+pub(crate) fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
     pod.metadata
         .annotations
         .as_ref()
@@ -454,12 +468,7 @@ async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, acti
         SourceAction::Discard => {
             let r = tokio::task::spawn_blocking(move || engine.discard(&id)).await;
             node.store.remove(&e.images);
-            let mut kept = e.clone();
-            node.journal.advance(&mut kept, Step::MovedAway);
-            refuse_restarts(node, &kept);
-            tracing::warn!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container,
-                step = ?e.step, outcome = ?r, "settled a move source a previous run left: stopped for good");
-            return;
+            format!("stopped for good: {r:?}")
         }
         _ if alive => {
             release_hold(node, &e.container_id);
@@ -488,7 +497,14 @@ async fn settle_source<E: CheckpointEngine>(node: &Arc<Node<E>>, e: &Entry, acti
     };
     tracing::warn!(migration = %e.migration, pod_uid = %e.pod_uid, container = %e.container, step = ?e.step,
         ?action, %outcome, "settled a move source a previous run left");
-    node.journal.remove(e);
+    if action == SourceAction::Discard {
+        // Its container now runs elsewhere: kept as moved away until the Pod leaves.
+        let mut kept = e.clone();
+        node.journal.advance(&mut kept, Step::MovedAway);
+        refuse_restarts(node, &kept);
+    } else {
+        node.journal.remove(e);
+    }
 }
 
 /// A source whose target is still at work: it can still take the move. The move is

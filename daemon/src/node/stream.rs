@@ -106,43 +106,22 @@ impl Pace {
     }
 }
 
-/// Copies `from` into `to` until `from` ends, counting and hashing what passed; `to` is
-/// shut down at the end so the other side sees the end too.
-pub async fn pump<R, W>(from: R, to: W) -> std::io::Result<StreamFigures>
+/// Copies `from` into `to` until `from` ends (within the bandwidth cap `pace`, when there
+/// is one), counting and hashing what passed; `to` is shut down at the end so the other
+/// side sees the end too.
+pub async fn pump<R, W>(from: R, mut to: W, pace: Option<&Pace>) -> std::io::Result<StreamFigures>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    pump_within(from, to, None).await
-}
-
-/// [`pump`] within a bandwidth cap, when there is one.
-async fn pump_within<R, W>(
-    from: R,
-    mut to: W,
-    pace: Option<&Pace>,
-) -> std::io::Result<StreamFigures>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let figures = pump_paced(from, &mut to, pace).await?;
+    let figures = pump_open(from, &mut to, pace).await?;
     let _ = to.shutdown().await;
     Ok(figures)
 }
 
-/// [`pump`] that leaves `to` open at the end (its owner decides when the other side
-/// may learn that the stream ended).
-pub async fn pump_open<R, W>(from: R, to: W) -> std::io::Result<StreamFigures>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    pump_paced(from, to, None).await
-}
-
-/// [`pump_open`] within a bandwidth cap, when there is one.
-pub async fn pump_paced<R, W>(
+/// [`pump`] that leaves `to` open at the end (its owner decides when the other side may
+/// learn that the stream ended).
+pub async fn pump_open<R, W>(
     mut from: R,
     mut to: W,
     pace: Option<&Pace>,
@@ -244,11 +223,16 @@ where
     let carried = async {
         match flow {
             Flow::FromCriu => {
-                let pages = pump_within(criu_rx, tunnel_tx, pace.as_deref());
-                both_ways(pages, pump(tunnel_rx, criu_tx), linger).await
+                let pages = pump(criu_rx, tunnel_tx, pace.as_deref());
+                both_ways(pages, pump(tunnel_rx, criu_tx, None), linger).await
             }
             Flow::ToCriu => {
-                both_ways(pump(tunnel_rx, criu_tx), pump(criu_rx, tunnel_tx), linger).await
+                both_ways(
+                    pump(tunnel_rx, criu_tx, None),
+                    pump(criu_rx, tunnel_tx, None),
+                    linger,
+                )
+                .await
             }
         }
     };
@@ -542,7 +526,7 @@ mod tests {
             d.read_to_end(&mut got).await.expect("read");
             got
         });
-        let figures = pump(b, c).await.expect("pump");
+        let figures = pump(b, c, None).await.expect("pump");
         writer.await.expect("writer");
         assert_eq!(reader.await.expect("reader"), data);
         assert_eq!(figures.bytes, data.len() as u64);

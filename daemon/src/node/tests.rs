@@ -345,7 +345,7 @@ async fn target_of_a_local_source_checkpoints_it_and_records_frozen_time() {
         other => panic!("after a restart, expected refuse, got {other:?}"),
     }
     // Once the Pod leaves the node, nothing is kept for it.
-    restarted.journal.forget_moved_away("src");
+    restarted.journal.forget_moved_away(|uid| uid == "src");
     assert!(
         restarted.journal.entries().is_empty(),
         "{:?}",

@@ -10,7 +10,6 @@ use kube::runtime::watcher;
 use podmig_cri_ext::engine::CheckpointEngine;
 
 use super::{
-    journal::Step,
     podsync::PodUpdate,
     shared::{Node, lock},
 };
@@ -45,19 +44,15 @@ pub async fn run<E: CheckpointEngine>(node: Arc<Node<E>>) {
                     lock(&node.pods).remove(&uid);
                     node.dispatch(&uid, PodUpdate::Gone);
                 }
-                // Moved-away containers of Pods no longer on the node need no refusal.
-                for e in node.journal.entries() {
-                    if e.step == Step::MovedAway && !seen_in_init.contains(&e.pod_uid) {
-                        node.journal.remove(&e);
-                    }
-                }
+                node.journal
+                    .forget_moved_away(|uid| !seen_in_init.contains(uid));
             }
             Ok(watcher::Event::Apply(p)) => apply(&node, p),
             Ok(watcher::Event::Delete(p)) => {
                 if let Some(uid) = p.metadata.uid.clone() {
                     lock(&node.pods).remove(&uid);
                     node.dispatch(&uid, PodUpdate::Gone);
-                    node.journal.forget_moved_away(&uid);
+                    node.journal.forget_moved_away(|u| u == uid);
                 }
             }
             Err(error) => {

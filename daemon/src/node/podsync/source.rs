@@ -7,9 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Pod;
 use podmig_api::{
-    ANNOTATION_MIGRATION_PHASE,
     contract::DaemonPhase,
     nodeapi::MoveInfo,
     v1alpha1::{MigrationReport, Strategy},
@@ -709,20 +707,11 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// The phase the target Pod reports (`None`: none, or the Pod is gone), or why it
     /// cannot be read.
     fn target_phase(&self, order: &MigrateOrder) -> Result<Option<DaemonPhase>, String> {
-        let Some(client) = self.node.kube.clone() else {
-            return Err("no API access".into());
-        };
-        let api: kube::Api<Pod> = kube::Api::namespaced(client, &order.target.namespace);
-        let got = self.node.wait_on(async {
-            tokio::time::timeout(Duration::from_secs(5), api.get_opt(&order.target.pod)).await
-        });
-        match got {
-            Ok(Ok(p)) => Ok(p
-                .and_then(|p| p.metadata.annotations)
-                .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE).cloned())
-                .and_then(|v| DaemonPhase::parse(&v))),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the API server did not answer within 5 s".into()),
-        }
+        let target = self.node.wait_on(crate::node::recovery::look_at_target(
+            &self.node,
+            &order.target.namespace,
+            &order.target.pod,
+        ))?;
+        Ok(target.as_ref().and_then(crate::node::recovery::phase_of))
     }
 }
