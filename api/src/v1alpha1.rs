@@ -74,6 +74,13 @@ fn default_timeout() -> u32 {
     300
 }
 
+/// How many targets a migrate-on-delete tries, each on another node, when none is given.
+pub const DEFAULT_MOVE_ATTEMPTS: u32 = 3;
+
+fn default_move_attempts() -> u32 {
+    DEFAULT_MOVE_ATTEMPTS
+}
+
 /// The downtime budget of `strategy: auto` when none is given, ms.
 pub const DEFAULT_MAX_DOWNTIME_MS: u32 = 1000;
 
@@ -117,6 +124,12 @@ pub struct MigratingPodSpec {
     #[serde(default = "default_timeout")]
     #[schemars(range(min = 1))]
     pub migration_timeout_seconds: u32,
+    /// How many targets a migrate-on-delete tries before the state is given up: a target
+    /// that fails is followed by another on a node not tried yet (the source stays frozen
+    /// in its held kill meanwhile, running), all within `migrationTimeoutSeconds`.
+    #[serde(default = "default_move_attempts")]
+    #[schemars(range(min = 1))]
+    pub move_attempts: u32,
     /// Moves keep the Pod's IP address (and its established TCP connections) where the
     /// target node's network can take the address over; unset: wherever it can. `false`:
     /// the target gets a new address and connections are closed.
@@ -166,6 +179,10 @@ pub struct MigratingPodStatus {
     /// The last move.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_migration: Option<MigrationRecord>,
+    /// Failed moves of the Pod being deleted now, oldest first: the next target avoids
+    /// their nodes. Cleared when a move succeeds or a fresh Pod is started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_attempts: Vec<MigrationRecord>,
     /// The target Pod podmig's controller made for the newest move. Node daemons act on a
     /// migration target only when it matches this record (written through the status
     /// subresource, which users of the MigratingPod cannot write).

@@ -19,27 +19,67 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Api, ResourceExt, api::ListParams};
 use serde_json::{Value, json};
 
-/// Nodes `pod` may run on apart from room: Ready, schedulable, matching its selector.
+/// Nodes `pod` may run on apart from room: Ready, schedulable, matching its selector and
+/// its required node affinity.
 fn eligible<'a>(pod: &Pod, nodes: &'a [Node]) -> Vec<&'a Node> {
-    let selector = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_selector.clone())
-        .unwrap_or_default();
     nodes
         .iter()
         .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) != Some(true))
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .filter(|n| {
-            let labels = n.metadata.labels.clone().unwrap_or_default();
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
+        .filter(|n| is_ready(n))
+        .filter(|n| matches_pod(pod, n))
         .collect()
+}
+
+fn is_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `pod`'s `nodeSelector` and required node affinity (terms ORed, requirements ANDed;
+/// `matchExpressions` on labels, `matchFields` on `metadata.name`) accept node `n`.
+fn matches_pod(pod: &Pod, n: &Node) -> bool {
+    use k8s_openapi::api::core::v1::NodeSelectorRequirement;
+    let labels = n.metadata.labels.clone().unwrap_or_default();
+    let name = n.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref();
+    let selector = spec
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
+    if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        return false;
+    }
+    let holds = |r: &NodeSelectorRequirement, value: Option<&String>| {
+        let values = r.values.as_deref().unwrap_or_default();
+        match r.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    };
+    let Some(required) = spec
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+    else {
+        return true;
+    };
+    required.node_selector_terms.iter().any(|t| {
+        t.match_expressions
+            .iter()
+            .flatten()
+            .all(|r| holds(r, labels.get(&r.key)))
+            && t.match_fields
+                .iter()
+                .flatten()
+                .all(|r| r.key == "metadata.name" && holds(r, Some(&name)))
+    })
 }
 
 /// CPU (millicores) and memory (bytes).
@@ -426,24 +466,13 @@ async fn extenders_preempt(
 
 /// kube-scheduler's explanation when no node fits `pod` ("0/2 nodes are available: …").
 pub fn unschedulable_message(pod: &Pod, nodes: &[Node]) -> String {
-    let selector = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_selector.clone())
-        .unwrap_or_default();
     let (mut cordoned, mut not_ready, mut mismatch) = (0, 0, 0);
     for n in nodes {
-        let ready = n
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        let labels = n.metadata.labels.clone().unwrap_or_default();
         if n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true) {
             cordoned += 1;
-        } else if !ready {
+        } else if !is_ready(n) {
             not_ready += 1;
-        } else if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+        } else if !matches_pod(pod, n) {
             mismatch += 1;
         }
     }
@@ -732,6 +761,41 @@ mod tests {
             unschedulable_message(&nowhere, &nodes),
             "0/4 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }, 1 node(s) were unschedulable."
         );
+    }
+
+    #[test]
+    fn required_node_affinity_is_obeyed_by_name_and_by_label() {
+        let nodes = vec![
+            node("a", true, false, "x"),
+            node("b", true, false, "y"),
+            node("c", true, false, "x"),
+        ];
+        let load = BTreeMap::new();
+        let with = |terms: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": {"containers": [],
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}}}))
+            .expect("pod")
+        };
+        let not_ab = with(json!([{"matchFields": [
+            {"key": "metadata.name", "operator": "NotIn", "values": ["a", "b"]}]}]));
+        assert_eq!(pick(&not_ab, &nodes, &load).as_deref(), Some("c"));
+        let nowhere = with(json!([{"matchFields": [
+            {"key": "metadata.name", "operator": "NotIn", "values": ["a", "b", "c"]}]}]));
+        assert_eq!(pick(&nowhere, &nodes, &load), None);
+        assert_eq!(
+            unschedulable_message(&nowhere, &nodes),
+            "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector."
+        );
+        // Terms are ORed, expressions ANDed.
+        let y_or_c = with(json!([
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["y"]}]},
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["c"]}],
+             "matchExpressions": [{"key": "zone", "operator": "Exists"}]}]));
+        let fits: Vec<_> = eligible(&y_or_c, &nodes)
+            .iter()
+            .map(|n| n.name_any())
+            .collect();
+        assert_eq!(fits, ["b", "c"]);
     }
 
     fn sized(name: &str, node: Option<&str>, mem: &str, prio: i32) -> Pod {

@@ -203,10 +203,17 @@ async fn migration_moves_a_running_pod_with_its_state() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyhow::Result<()> {
+async fn migrate_on_delete_that_cannot_restore_anywhere_gives_up_to_a_fresh_pod()
+-> anyhow::Result<()> {
     let (c, (_ctl, _)) = setup(2).await?;
-    // The app keeps a file open that no target finds: CRIU refuses every restore.
-    c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml("web", 60, 8))?;
+    // The app keeps a file open that no target finds: CRIU refuses every restore. Two
+    // attempts: one on each node.
+    c.apply(
+        &podmig_e2e::testapp::unrestorable_mpod_yaml("web", 60, 8).replace(
+            "migrationTimeoutSeconds: 60",
+            "migrationTimeoutSeconds: 60\n  moveAttempts: 2",
+        ),
+    )?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
     let p0 = running(&pods, "web-0").await?;
     let node0 = p0
@@ -234,15 +241,25 @@ async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyh
         held.metadata.deletion_timestamp.is_some(),
         "the source is being deleted…"
     );
-    // The restore fails: the source is let go and a fresh Pod takes over, with an Event
-    // saying why.
-    let p2 = running(&pods, "web-2").await?;
+    // Its restore fails: a second target tries the other node while the source waits.
+    let p2 = until("second target", Duration::from_secs(60), async || {
+        pods.get_opt("web-2").await.ok()?
+    })
+    .await?;
+    assert_eq!(
+        p2.annotations().get(ANNOTATION_MIGRATE_FROM),
+        p0.metadata.uid.as_ref(),
+        "a second target of the same source"
+    );
+    // That fails too: the source is let go and a fresh Pod takes over, with Events
+    // saying why and that the state is lost.
+    let p3 = running(&pods, "web-3").await?;
     assert!(
-        p2.annotations().get(ANNOTATION_MIGRATE_FROM).is_none(),
+        p3.annotations().get(ANNOTATION_MIGRATE_FROM).is_none(),
         "a fresh Pod, not a target"
     );
     until(
-        "source and target gone",
+        "source and targets gone",
         Duration::from_secs(30),
         async || {
             let names: Vec<String> = pods
@@ -253,23 +270,30 @@ async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyh
                 .iter()
                 .map(|p| p.name_any())
                 .collect();
-            (names == ["web-2"]).then_some(())
+            (names == ["web-3"]).then_some(())
         },
     )
     .await?;
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::default_namespaced(c.client.clone());
-    let reasons: Vec<String> = events
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|e| e.reason)
-        .collect();
+    let events = events.list(&Default::default()).await?.items;
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+    for want in [
+        "MigrationStarted",
+        "MigrationRetrying",
+        "MigrationFailed",
+        "MigrationStateLost",
+    ] {
+        assert!(reasons.contains(&want), "{want} missing: {reasons:?}");
+    }
+    let lost = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("MigrationStateLost"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_default();
     assert!(
-        reasons.contains(&"MigrationStarted".to_owned())
-            && reasons.contains(&"MigrationFailed".to_owned()),
-        "{reasons:?}"
+        lost.contains("2 move(s)") && lost.contains("web-1 on node-"),
+        "{lost}"
     );
     let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
     let mp = mpods.get("web").await?.status.expect("status");
@@ -277,6 +301,7 @@ async fn migrate_on_delete_that_cannot_restore_gives_up_to_a_fresh_pod() -> anyh
         mp.last_migration.and_then(|r| r.outcome),
         Some(podmig_api::v1alpha1::Outcome::Failed)
     );
+    assert!(mp.failed_attempts.is_empty(), "{:?}", mp.failed_attempts);
     Ok(())
 }
 

@@ -581,6 +581,90 @@ async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migrate_on_delete_keeps_the_state_and_moves_to_another_node() -> anyhow::Result<()>
+{
+    let (c, _ctl) = setup().await?;
+    // The app holds `/state/state.db` of a per-Pod subdirectory: the first target
+    // (`retry-1`) finds none and its restore fails after the source was frozen. The
+    // second (`retry-2`) finds one, on either node: it can restore.
+    c.apply(&podmig_e2e::testapp::unrestorable_mpod_yaml("retry", 90, 8))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let p0 = ready(&pods, "retry-0", Duration::from_secs(60)).await?;
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    for _ in 0..2 {
+        get_count(&ip(&p0)).await?;
+    }
+    // CRIU wants the file as it was: same owner, mode and size.
+    let held = c.nodes[index_of(&c, &node_of(&p0))]
+        .fs
+        .host_path("/srv/podmig-state/retry-0/state.db")
+        .context("hostPath")?;
+    let meta = std::fs::metadata(&held)?;
+    for n in &c.nodes {
+        use std::os::unix::fs::MetadataExt;
+        let file =
+            n.fs.host_path("/srv/podmig-state/retry-2/state.db")
+                .context("hostPath")?;
+        let dir = file.parent().context("parent")?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::copy(&held, &file)?;
+        std::fs::set_permissions(&file, meta.permissions())?;
+        std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid()))?;
+        std::os::unix::fs::chown(&file, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    c.kubectl(&["delete", "pod", "retry-0", "--wait=false"])?;
+    // Where the first target went (it is deleted once it failed).
+    let first_node = until("first target placed", Duration::from_secs(30), async || {
+        pods.get_opt("retry-1").await.ok()??.spec?.node_name
+    })
+    .await?;
+    let p2 = ready(&pods, "retry-2", Duration::from_secs(90))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_ne!(
+        node_of(&p2),
+        first_node,
+        "the second target avoided the first's node"
+    );
+    assert_eq!(
+        get_count(&ip(&p2)).await?,
+        4,
+        "the state survived the failed move and the second one\n{}",
+        diagnostics(&c)
+    );
+    until("source gone", Duration::from_secs(30), async || {
+        pods.get_opt("retry-0").await.ok()?.is_none().then_some(())
+    })
+    .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::default_namespaced(c.client.clone());
+    let events = events.list(&Default::default()).await?.items;
+    let note = |reason: &str| {
+        events
+            .iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+            .and_then(|e| e.note.clone())
+    };
+    let retrying = note("MigrationRetrying").unwrap_or_default();
+    assert!(
+        retrying.contains("retry-1") && retrying.contains(&first_node),
+        "{retrying}"
+    );
+    assert_eq!(note("MigrationStateLost"), None);
+    let mpods: Api<MigratingPod> = Api::default_namespaced(c.client.clone());
+    let st = until("recorded", Duration::from_secs(15), async || {
+        mpods.get("retry").await.ok()?.status.filter(|s| {
+            s.last_migration.as_ref().and_then(|r| r.outcome)
+                == Some(podmig_api::v1alpha1::Outcome::Succeeded)
+        })
+    })
+    .await?;
+    assert!(st.failed_attempts.is_empty(), "{:?}", st.failed_attempts);
+    assert_no_checkpoints(&c);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_daemon_killed_mid_transfer_resumes_the_source() -> anyhow::Result<()> {
     let (mut c, _ctl) = setup().await?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());

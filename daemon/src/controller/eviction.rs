@@ -216,7 +216,20 @@ pub fn decide(
             target_node,
             adopt: owner == Owner::Bare,
         },
-        None => cannot("no other Ready, schedulable node fits it".into()),
+        None => {
+            let failed: Vec<String> = tried
+                .iter()
+                .filter_map(|m| m.spec.target_node.clone())
+                .collect();
+            cannot(if failed.is_empty() {
+                "no other Ready, schedulable node fits it".into()
+            } else {
+                format!(
+                    "no other Ready, schedulable node fits it but {}, where its moves failed",
+                    failed.join(", ")
+                )
+            })
+        }
     }
 }
 
@@ -279,6 +292,7 @@ pub fn adopter_of(pod: &Pod) -> MigratingPod {
             max_downtime_ms: podmig_api::v1alpha1::DEFAULT_MAX_DOWNTIME_MS,
             node_selector: None,
             migration_timeout_seconds: 300,
+            move_attempts: podmig_api::v1alpha1::DEFAULT_MOVE_ATTEMPTS,
             keep_ip: None,
         },
     );
@@ -322,9 +336,32 @@ pub fn schedulable(n: &Node) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// The nodes where a move started by an eviction of this Pod failed lately (within
+/// [`RETRY_WINDOW_SECONDS`]): the next try goes elsewhere.
+pub fn failed_targets(migrations: &[Migration], now: Timestamp) -> Vec<String> {
+    migrations
+        .iter()
+        .filter(|m| m.annotations().contains_key(ANNOTATION_STARTED_BY_EVICTION))
+        .filter(|m| phase_of(m) == "Failed")
+        .filter(|m| {
+            m.metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| (now - t.0).get_seconds() < RETRY_WINDOW_SECONDS)
+        })
+        .filter_map(|m| m.spec.target_node.clone())
+        .collect()
+}
+
 /// The node a move of `pod` goes to, as the scheduler would pick it: Ready, schedulable,
-/// matching the Pod's node selector, not the Pod's own, the one running the fewest Pods.
-pub fn pick_target(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) -> Option<String> {
+/// matching the Pod's node selector, not the Pod's own nor one in `avoid` (where a move
+/// of it failed lately), the one running the fewest Pods.
+pub fn pick_target(
+    pod: &Pod,
+    nodes: &[Node],
+    load: &BTreeMap<String, usize>,
+    avoid: &[String],
+) -> Option<String> {
     let here = node(pod);
     let selector = pod
         .spec
@@ -334,6 +371,7 @@ pub fn pick_target(pod: &Pod, nodes: &[Node], load: &BTreeMap<String, usize>) ->
     nodes
         .iter()
         .filter(|n| Some(n.name_any()) != here && schedulable(n))
+        .filter(|n| !avoid.contains(&n.name_any()))
         .filter(|n| {
             let labels = n.labels();
             selector.iter().all(|(k, v)| labels.get(k) == Some(v))
@@ -563,7 +601,33 @@ mod tests {
         ];
         let load = BTreeMap::from([("n1".to_owned(), 4), ("n2".to_owned(), 1)]);
         let p = pod(json!({"spec": {"nodeSelector": {"zone": "a"}}}));
-        assert_eq!(pick_target(&p, &nodes, &load).as_deref(), Some("n2"));
-        assert_eq!(pick_target(&p, &nodes[..1], &load), None);
+        assert_eq!(pick_target(&p, &nodes, &load, &[]).as_deref(), Some("n2"));
+        assert_eq!(pick_target(&p, &nodes[..1], &load, &[]), None);
+        // A node where a move of the Pod failed lately is passed over.
+        assert_eq!(
+            pick_target(&p, &nodes, &load, &["n2".into()]).as_deref(),
+            Some("n1")
+        );
+        let failed_on = |name: &str, node: &str, at: &str| -> Migration {
+            let mut m = mig(
+                name,
+                at,
+                json!({"phase": "Failed", "reason": "RestoreFailed"}),
+            );
+            m.spec.target_node = Some(node.into());
+            m
+        };
+        let tried = [
+            failed_on("a", "n1", "2026-12-03T00:59:00Z"),
+            failed_on("b", "n2", "2026-12-03T00:10:00Z"),
+        ];
+        assert_eq!(failed_targets(&tried, now()), ["n1"], "only lately");
+        let Answer::Allow(Some(note)) = decide(&p, &tried[..1], None, now()) else {
+            panic!("evicted")
+        };
+        assert!(
+            note.message.contains("but n1, where its moves failed"),
+            "{note:?}"
+        );
     }
 }

@@ -195,6 +195,41 @@ pub fn unschedulable(pod: &Pod, now: Timestamp, grace: i64) -> Option<String> {
     ((now - since).get_seconds() > grace).then(|| c.message.clone().unwrap_or_default())
 }
 
+/// A migrate-on-delete starts another target only with at least this much of its time left.
+pub const RETRY_MIN_SECONDS: i64 = 10;
+
+/// Keeps `pod` off `nodes` (required node affinity on `metadata.name`, as the DaemonSet
+/// controller pins Pods), on top of any affinity it has.
+fn avoid_nodes(pod: &mut Pod, nodes: &[String]) {
+    use k8s_openapi::api::core::v1::{
+        Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    };
+    if nodes.is_empty() {
+        return;
+    }
+    let not_there = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: "NotIn".into(),
+        values: Some(nodes.to_vec()),
+    };
+    let spec = pod.spec.get_or_insert_default();
+    let required = spec
+        .affinity
+        .get_or_insert_with(Affinity::default)
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default)
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm::default()],
+        });
+    // Terms are ORed: the requirement joins every one of them.
+    for term in &mut required.node_selector_terms {
+        term.match_fields
+            .get_or_insert_default()
+            .push(not_there.clone());
+    }
+}
+
 /// Decides what to do for `mpod` given the Pods it controls, at time `now`.
 pub fn decide(mpod: &MigratingPod, pods: &[Pod], now: Timestamp) -> Decision {
     decide_with(mpod, pods, &LocalClaims::NONE, now)
@@ -438,6 +473,17 @@ impl<'a> Deciding<'a> {
         let pod = pod_from_template(self.mpod, self.next_index, None, self.local);
         self.actions.push(Action::CreatePod(Box::new(pod)));
         self.status.active_pod = Some(format!("{}-{}", self.name, self.next_index));
+        self.status.failed_attempts.clear();
+    }
+
+    /// The failed moves of `source` so far (each one's target node is avoided next).
+    fn failed_attempts_of(&self, source: &Pod) -> Vec<&MigrationRecord> {
+        let name = source.name_any();
+        self.status
+            .failed_attempts
+            .iter()
+            .filter(|r| r.source_pod == name)
+            .collect()
     }
 
     /// No Pod: the first one is created.
@@ -530,6 +576,7 @@ impl<'a> Deciding<'a> {
         self.status.active_pod = Some(target.name_any());
         self.status.node = node(target);
         self.status.last_migration = Some(record);
+        self.status.failed_attempts.clear();
         self.set(MigratingPodState::Running, true, "Running", "the Pod runs");
     }
 
@@ -572,8 +619,10 @@ impl<'a> Deciding<'a> {
         }
     }
 
-    /// Given up means not lost: the source is let go of (or keeps running when nothing
-    /// deleted it), the target deleted, and a fresh Pod replaces a deleted source.
+    /// A failed target is followed by another on a node not tried yet while attempts and
+    /// time remain: the source keeps running, its kill held by its finalizer. Only when no
+    /// node can take it (unschedulable), the attempts are spent or the time is up is the
+    /// source let go of — its state lost, said by an Event — and a fresh Pod replaces it.
     fn move_failed(
         &mut self,
         source: &Pod,
@@ -583,15 +632,48 @@ impl<'a> Deciding<'a> {
         why: String,
         failed: bool,
     ) {
-        if has_finalizer(source) {
-            self.actions
-                .push(Action::ReleaseFinalizer(source.name_any()));
-        }
+        record.outcome = Some(outcome);
+        record.finished_at = Some(Time(self.now));
+        record.message = Some(why.clone());
+        let tried = self.failed_attempts_of(source).len() as u32 + 1;
+        let allowed = self.mpod.spec.move_attempts.max(1);
+        let retry = failed && node(target).is_some() && tried < allowed && self.time_left(source);
         if has_finalizer(target) {
             self.actions
                 .push(Action::ReleaseFinalizer(target.name_any()));
         }
         self.actions.push(Action::DeletePod(target.name_any()));
+        self.status.last_migration = Some(record.clone());
+        self.status.active_pod = Some(source.name_any());
+        if retry {
+            self.status.failed_attempts.push(record);
+            let message = format!(
+                "{why}; {} keeps running and moves again, avoiding {} (attempt {} of {allowed})",
+                source.name_any(),
+                self.failed_attempts_of(source)
+                    .iter()
+                    .filter_map(|r| r.target_node.as_deref())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                tried + 1
+            );
+            self.actions.push(Action::Event {
+                reason: "MigrationRetrying",
+                message: message.clone(),
+                warning: true,
+            });
+            self.set(
+                MigratingPodState::MigrationPending,
+                false,
+                "MigrationRetrying",
+                &message,
+            );
+            return;
+        }
+        if has_finalizer(source) {
+            self.actions
+                .push(Action::ReleaseFinalizer(source.name_any()));
+        }
         self.actions.push(Action::Event {
             reason: if failed {
                 "MigrationFailed"
@@ -601,12 +683,40 @@ impl<'a> Deciding<'a> {
             message: why.clone(),
             warning: true,
         });
-        record.outcome = Some(outcome);
-        record.finished_at = Some(Time(self.now));
-        record.message = Some(why.clone());
-        self.status.last_migration = Some(record);
-        self.status.active_pod = Some(source.name_any());
+        if deleting(source) {
+            let earlier: Vec<String> = self
+                .failed_attempts_of(source)
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} on {}: {}",
+                        r.target_pod,
+                        r.target_node.as_deref().unwrap_or("no node"),
+                        r.message.as_deref().unwrap_or("failed")
+                    )
+                })
+                .chain(std::iter::once(why.clone()))
+                .collect();
+            self.actions.push(Action::Event {
+                reason: "MigrationStateLost",
+                message: format!(
+                    "the in-memory state of {} is lost: {} move(s) did not succeed ({}); a fresh Pod replaces it",
+                    source.name_any(),
+                    earlier.len(),
+                    earlier.join("; ")
+                ),
+                warning: true,
+            });
+        }
+        self.status.failed_attempts.clear();
         self.set(MigratingPodState::Failed, false, "MigrationFailed", &why);
+    }
+
+    /// True while a migrate-on-delete of `source` may still start another target: some of
+    /// its `migrationTimeoutSeconds`, counted from the deletion, is left.
+    fn time_left(&self, source: &Pod) -> bool {
+        super::pod::deletion_requested_at(source)
+            .is_none_or(|s| (self.now - s).get_seconds() + RETRY_MIN_SECONDS < self.timeout)
     }
 
     /// The source vanished before its state was taken: the target can never restore.
@@ -632,6 +742,12 @@ impl<'a> Deciding<'a> {
     fn migrate_on_delete(&mut self, p: &Pod) {
         let mpod = self.mpod;
         let mut target = pod_from_template(mpod, self.next_index, Some(p), self.local);
+        let avoid: Vec<String> = self
+            .failed_attempts_of(p)
+            .iter()
+            .filter_map(|r| r.target_node.clone())
+            .collect();
+        avoid_nodes(&mut target, &avoid);
         let start = super::pod::deletion_requested_at(p).unwrap_or(self.now);
         super::pod::annotate_move(
             target.metadata.annotations.get_or_insert_default(),
@@ -644,10 +760,20 @@ impl<'a> Deciding<'a> {
             },
             p,
         );
+        let attempt = if avoid.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (attempt {} of {}, not on {})",
+                avoid.len() + 1,
+                mpod.spec.move_attempts,
+                avoid.join(", ")
+            )
+        };
         self.actions.push(Action::Event {
             reason: "MigrationStarted",
             message: format!(
-                "{} is being deleted; moving it to {}",
+                "{} is being deleted; moving it to {}{attempt}",
                 p.name_any(),
                 target.name_any()
             ),
@@ -1223,6 +1349,127 @@ mod tests {
                 .as_deref(),
             Some("x-2")
         );
+    }
+
+    #[test]
+    fn a_failed_migrate_on_delete_keeps_the_source_and_tries_other_nodes_until_spent() {
+        let src = || {
+            TestPod::new("x-0")
+                .on_node("n1")
+                .deleted_at("2026-11-22T00:59:50Z")
+                .build()
+        };
+        let events = |d: &Decision| -> Vec<&'static str> {
+            d.actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Event { reason, .. } => Some(*reason),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut mp = mpod(true);
+        for (attempt, node) in [(1u32, "n2"), (2, "n3")] {
+            let target = format!("x-{attempt}");
+            let failed = TestPod::new(&target)
+                .target_of("x-0")
+                .on_node(node)
+                .failed()
+                .build();
+            let d = decide(&mp, &[src(), failed], now());
+            assert!(
+                !d.actions.contains(&Action::ReleaseFinalizer("x-0".into())),
+                "the source's kill stays held: {:?}",
+                d.actions
+            );
+            assert!(d.actions.contains(&Action::DeletePod(target.clone())));
+            assert_eq!(events(&d), ["MigrationRetrying"]);
+            assert_eq!(d.status.state, Some(MigratingPodState::MigrationPending));
+            assert_eq!(d.status.failed_attempts.len(), attempt as usize);
+            assert_eq!(
+                d.status
+                    .failed_attempts
+                    .last()
+                    .and_then(|r| r.target_node.as_deref()),
+                Some(node)
+            );
+            let mut status = d.status;
+            status.last_pod_index = Some(attempt);
+            mp.status = Some(status);
+            // Its target gone, the source alone: the next target avoids every node tried.
+            let d = decide(&mp, &[src()], now());
+            let next = &created(&d)[0];
+            assert_eq!(
+                next.metadata.name.as_deref(),
+                Some(format!("x-{}", attempt + 1).as_str())
+            );
+            let avoided = next
+                .spec
+                .as_ref()
+                .and_then(|s| s.affinity.as_ref())
+                .and_then(|a| a.node_affinity.as_ref())
+                .and_then(|a| {
+                    a.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
+                .map(|r| {
+                    r.node_selector_terms[0]
+                        .match_fields
+                        .clone()
+                        .unwrap_or_default()
+                })
+                .unwrap_or_default();
+            assert_eq!(avoided.len(), 1);
+            assert_eq!(avoided[0].key, "metadata.name");
+            assert_eq!(avoided[0].operator, "NotIn");
+            assert_eq!(
+                avoided[0].values.as_deref().map(<[String]>::len),
+                Some(attempt as usize)
+            );
+            mp.status = Some(d.status);
+        }
+        // The third failure spends the attempts: the source goes, the state is said lost.
+        let failed = TestPod::new("x-3")
+            .target_of("x-0")
+            .on_node("n4")
+            .failed()
+            .build();
+        let d = decide(&mp, &[src(), failed], now());
+        assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())));
+        assert_eq!(events(&d), ["MigrationFailed", "MigrationStateLost"]);
+        let lost = d
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Event {
+                    reason: "MigrationStateLost",
+                    message,
+                    ..
+                } => Some(message.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        assert!(
+            lost.contains("3 move(s)") && lost.contains("x-1 on n2") && lost.contains("x-2 on n3"),
+            "{lost}"
+        );
+        assert!(d.status.failed_attempts.is_empty());
+        assert_eq!(d.status.state, Some(MigratingPodState::Failed));
+
+        // Out of time (less than RETRY_MIN_SECONDS of the timeout left): no second target.
+        mp.status = None;
+        let late_src = TestPod::new("x-0")
+            .on_node("n1")
+            .deleted_at("2026-11-22T00:55:05Z")
+            .build();
+        let failed = TestPod::new("x-1")
+            .target_of("x-0")
+            .on_node("n2")
+            .failed()
+            .build();
+        let d = decide(&mp, &[late_src, failed], now());
+        assert!(d.actions.contains(&Action::ReleaseFinalizer("x-0".into())));
+        assert_eq!(events(&d), ["MigrationFailed", "MigrationStateLost"]);
     }
 
     #[test]

@@ -349,7 +349,7 @@ async fn sync_mpod(m: &MigratingPod, ctx: &Context, ns: &str) -> Result<Requeue,
     record_move_targets(ctx, ns, others).await?;
     if m.metadata.deletion_timestamp.is_none() && m.status.as_ref() != Some(&status) {
         let api: Api<MigratingPod> = Api::namespaced(ctx.client.clone(), ns);
-        if !patch_status_from(&api, m, serde_json::json!(status)).await? {
+        if !patch_status_from(&api, m, cleared(m.status.as_ref(), &status)).await? {
             // Changed meanwhile: the record must not be lost with this write.
             record_move_targets(ctx, ns, own).await?;
             return Ok(Requeue::requeue(Duration::from_millis(200)));

@@ -290,13 +290,10 @@ async fn answer(
             *load.entry(n).or_default() += 1;
         }
     }
-    let target = eviction::pick_target(&pod, &nodes, &load);
-    let decided = eviction::decide(
-        &pod,
-        &migrations,
-        target,
-        k8s_openapi::jiff::Timestamp::now(),
-    );
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let avoid = eviction::failed_targets(&migrations, now);
+    let target = eviction::pick_target(&pod, &nodes, &load, &avoid);
+    let decided = eviction::decide(&pod, &migrations, target, now);
     tracing::info!(pod = %name, namespace = %ns, %user, answer = ?decided, "eviction reviewed");
     let (target_node, adopt) = match decided {
         Answer::Move { target_node, adopt } => (target_node, adopt),
