@@ -9,6 +9,7 @@ pub mod hook;
 pub mod identity;
 pub mod lazy;
 pub mod rootfs;
+pub mod stray;
 pub mod stream;
 pub mod untrusted;
 pub mod volumes;

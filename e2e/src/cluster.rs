@@ -164,8 +164,42 @@ impl Network {
         Ok(())
     }
 
-    /// Removes namespaces, veths, routes and the bridge (whatever of them exists).
+    /// The Pod network namespaces (`cni-*`, made by containerd's CNI) holding an address
+    /// of this cluster's Pod subnets: found by address, since their names say nothing of
+    /// the cluster. Read while the nodes' namespaces exist (a Pod's `eth0` goes with them).
+    pub fn pod_namespaces(&self, nodes: usize) -> Vec<String> {
+        let listed = Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let subnets: Vec<String> = (0..nodes)
+            .map(|i| format!("inet 10.{}.{}.", self.octet, i + 1))
+            .collect();
+        listed
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with("cni-"))
+            .filter(|n| {
+                Command::new("ip")
+                    .args(["-n", n, "-4", "-o", "addr"])
+                    .output()
+                    .is_ok_and(|o| {
+                        let addrs = String::from_utf8_lossy(&o.stdout);
+                        subnets.iter().any(|s| addrs.contains(s.as_str()))
+                    })
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Removes namespaces, veths, routes and the bridge (whatever of them exists), and
+    /// any Pod network namespace of the cluster that containerd left behind.
     pub fn remove(&self, nodes: usize) {
+        for ns in self.pod_namespaces(nodes) {
+            tracing::warn!(netns = %ns, "removing a Pod network namespace containerd left");
+            quiet("ip", &["netns", "del", &ns]);
+        }
         for i in 0..nodes {
             quiet("ip", &["route", "del", &self.pod_cidr(i)]);
             quiet("ip", &["netns", "del", &self.netns(i)]);
@@ -785,6 +819,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// CRIU page servers and lazy-pages daemons working in the nodes' checkpoint
+    /// directories now (none once every move ended).
+    pub fn criu_helpers(&self) -> Vec<u32> {
+        podmig_cri_ext::stray::helpers_below(self._checkpoints.path())
+    }
+
+    /// The Pod network namespaces of this cluster now (see [`Network::pod_namespaces`]).
+    pub fn pod_namespaces(&self) -> Vec<String> {
+        self.network.pod_namespaces(self.nodes.len())
+    }
+
     /// Stops everything and removes what the cluster made.
     pub fn down(mut self) {
         self.teardown();
@@ -811,6 +856,10 @@ impl Cluster {
             drop(api);
         }
         self.fabric = None;
+        let stray = podmig_cri_ext::stray::kill_helpers_below(self._checkpoints.path());
+        if !stray.is_empty() {
+            tracing::warn!(pids = ?stray, "stopped CRIU page servers the daemons left");
+        }
         self.network.remove(count);
         let mut mounts = crate::containerd::mounts_under(&self.dir);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
@@ -1011,6 +1060,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     crate::services::remove(&state.network.service_chain(), None);
     state.network.remove(state.nodes);
     if let Some(c) = &state.checkpoints {
+        podmig_cri_ext::stray::kill_helpers_below(c);
         let _ = std::fs::remove_dir_all(c);
     }
     let _ = std::fs::remove_dir_all(dir);

@@ -1,11 +1,11 @@
-//! The fault soak (`make soak`, a short run in `make test`): cross-node moves of a small
-//! and a 256 MiB MigratingPod back and forth on one local cluster, each with one fault
+//! The fault soak (`make soak`, a short run in `make test`): cross-node moves (full or lazy)
+//! of a small and a 256 MiB MigratingPod back and forth on one local cluster, each with one fault
 //! injected at a random moment after its Migration is created — the source's or the
 //! target's node daemon killed (SIGKILL; its supervisor restarts it), the controller
 //! killed and started again, or none — and after each the invariants checked: the
 //! Migration ends, exactly one copy of the app answers, its count never went back (a
-//! restart would count from 1), and no checkpoint file is left on any node. Prints a
-//! table of fault × outcome.
+//! restart would count from 1), and no checkpoint file, CRIU page server or Pod network
+//! namespace is left on any node beyond the one copy's. Prints a table of fault × outcome.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -73,6 +73,8 @@ pub struct Outcome {
     pub fault: Fault,
     /// The app's memory, MiB.
     pub mib: u32,
+    /// The move's strategy (`full` or `lazy`).
+    pub strategy: &'static str,
     /// When the fault came, ms after the Migration was created.
     pub at_ms: u64,
     /// The Migration's end: its phase, and its reason when it failed.
@@ -159,6 +161,7 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         let (name, mib) = apps[i % apps.len()].clone();
         let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
         let at_ms = rng.below(if mib > 64 { 2500 } else { 1000 });
+        let strategy = ["full", "lazy"][rng.below(2) as usize];
         let (pod, before) = the_one_copy(&pods, &name, Duration::from_secs(60)).await?;
         let src = c
             .nodes
@@ -168,7 +171,7 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         let dst = 1 - src;
         let m = format!("{name}-m{i}");
         c.apply(&format!(
-            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {m}}}\nspec: {{podName: {}, targetNode: {}, strategy: full, timeoutSeconds: 60}}\n",
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {m}}}\nspec: {{podName: {}, targetNode: {}, strategy: {strategy}, timeoutSeconds: 60}}\n",
             pod.name_any(),
             c.nodes[dst].name
         ))?;
@@ -186,7 +189,7 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         }
         let context = |what: String| {
             anyhow::anyhow!(
-                "move {i} of {name} ({mib} MiB) from {} to {}, {} at {at_ms} ms: {what}",
+                "move {i} of {name} ({mib} MiB, {strategy}) from {} to {}, {} at {at_ms} ms: {what}",
                 c.nodes[src].name,
                 c.nodes[dst].name,
                 fault.name()
@@ -219,6 +222,19 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         })
         .await
         .map_err(|e| context(format!("{e}: {:?}", checkpoint_files(&c))))?;
+        // Nor a CRIU page server, nor a sandbox: one network namespace per app.
+        until("no CRIU helper left", Duration::from_secs(30), async || {
+            c.criu_helpers().is_empty().then_some(())
+        })
+        .await
+        .map_err(|e| context(format!("{e}: pids {:?}", c.criu_helpers())))?;
+        until(
+            "one network namespace per app",
+            Duration::from_secs(60),
+            async || (c.pod_namespaces().len() == apps.len()).then_some(()),
+        )
+        .await
+        .map_err(|e| context(format!("{e}: {:?}", c.pod_namespaces())))?;
         // A daemon killed again soon is restarted after the supervisor's back-off (10 s,
         // doubling up to 5 min, as kubelet's for a crashing container).
         for n in &c.nodes {
@@ -227,7 +243,7 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
                 .map_err(|e| context(e.to_string()))?;
         }
         eprintln!(
-            "soak {i}: {name} {} -> {}, {} at {at_ms} ms: {end}, count {before} -> {after}",
+            "soak {i}: {name} {strategy} {} -> {}, {} at {at_ms} ms: {end}, count {before} -> {after}",
             c.nodes[src].name,
             c.nodes[dst].name,
             fault.name()
@@ -235,6 +251,7 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         out.push(Outcome {
             fault,
             mib,
+            strategy,
             at_ms,
             end,
             counts: (before, after),
@@ -287,6 +304,7 @@ mod tests {
         let o = |fault, end: &str| Outcome {
             fault,
             mib: 16,
+            strategy: "full",
             at_ms: 0,
             end: end.into(),
             counts: (3, 4),

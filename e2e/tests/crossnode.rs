@@ -188,6 +188,14 @@ async fn one_copy_went_on(
         "{answering} runs after a {phase:?} move: {st:?}"
     );
     no_checkpoints_within(c, 0..c.nodes.len(), Duration::from_secs(30)).await?;
+    // The other copy's sandbox is gone with its network namespace: one is left.
+    until(
+        "one Pod network namespace",
+        Duration::from_secs(60),
+        async || (c.pod_namespaces().len() == 1).then_some(()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}\n{}", c.pod_namespaces(), diagnostics(c)))?;
     Ok(phase)
 }
 

@@ -95,6 +95,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let node = Arc::new(node);
     let hook = bind(&cfg.hook_socket)?;
     let api = bind(&cfg.api_socket)?;
+    // CRIU helpers of a killed run serve moves nobody will finish: stopped first.
+    let stray = podmig_cri_ext::stray::kill_helpers_below(&cfg.checkpoint_dir);
+    if !stray.is_empty() {
+        tracing::warn!(pids = ?stray, "stopped CRIU page servers a previous run left");
+    }
     // Sources a crashed run left frozen are settled before anything else moves.
     recovery::run(node.clone()).await;
     let mut tasks = vec![
