@@ -819,6 +819,36 @@ impl Cluster {
         Ok(())
     }
 
+    /// Cuts node `i` off from the API server and every other node (its own namespace drops
+    /// their packets both ways) until the returned guard is dropped. Its Pods' traffic,
+    /// forwarded through the node, and the kubelet's, over local sockets, go on.
+    pub fn cut_off(&self, i: usize) -> anyhow::Result<Cut> {
+        let netns = self.network.netns(i);
+        let peers: Vec<String> = std::iter::once(self.network.gateway())
+            .chain(
+                (0..self.nodes.len())
+                    .filter(|&j| j != i)
+                    .map(|j| self.network.node_ip(j)),
+            )
+            .collect();
+        let cut = Cut {
+            netns,
+            rules: peers
+                .iter()
+                .flat_map(|ip| {
+                    [
+                        vec!["INPUT".to_owned(), "-s".into(), ip.clone()],
+                        vec!["OUTPUT".to_owned(), "-d".into(), ip.clone()],
+                    ]
+                })
+                .collect(),
+        };
+        for r in &cut.rules {
+            cut.iptables("-I", r)?;
+        }
+        Ok(cut)
+    }
+
     /// CRIU page servers and lazy-pages daemons working in the nodes' checkpoint
     /// directories now (none once every move ended).
     pub fn criu_helpers(&self) -> Vec<u32> {
@@ -880,6 +910,38 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
+    }
+}
+
+/// A node cut off from the API server and the other nodes ([`Cluster::cut_off`]); the
+/// link comes back when it is dropped.
+pub struct Cut {
+    netns: String,
+    rules: Vec<Vec<String>>,
+}
+
+impl Cut {
+    fn iptables(&self, op: &str, rule: &[String]) -> anyhow::Result<()> {
+        let (chain, rest) = rule.split_first().context("empty rule")?;
+        let status = crate::node_fs::node_command("iptables", Some(&self.netns), None)
+            .args(["-w", op, chain])
+            .args(rest)
+            .args(["-j", "DROP"])
+            .stderr(Stdio::null())
+            .status()?;
+        anyhow::ensure!(status.success(), "iptables {op} {rule:?} in {}", self.netns);
+        Ok(())
+    }
+
+    /// Brings the link back.
+    pub fn heal(self) {}
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for r in &self.rules {
+            let _ = self.iptables("-D", r);
+        }
     }
 }
 

@@ -588,6 +588,121 @@ async fn a_failed_restore_resumes_the_source_and_keeps_it_migratable() -> anyhow
     Ok(())
 }
 
+/// Whether a line of node `n`'s daemon log mentions migration `id` and says `what`.
+fn logged(c: &Cluster, n: usize, id: &str, what: &str) -> bool {
+    // Its fields are coloured: `migration` `=` `fence` with escapes between.
+    let plain = |l: &str| {
+        let mut out = String::with_capacity(l.len());
+        let mut chars = l.chars();
+        while let Some(ch) = chars.next() {
+            if ch == '\u{1b}' {
+                for e in chars.by_ref() {
+                    if e.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(ch);
+            }
+        }
+        out
+    };
+    c.nodes[n]
+        .daemon
+        .log()
+        .lines()
+        .map(plain)
+        .any(|l| l.contains(what) && l.contains(&format!("migration={id}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_cut_off_at_the_verdict_stays_frozen_and_settles_once_it_sees()
+-> anyhow::Result<()> {
+    let (c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    // Big enough that its restore outlasts the cut being put in place.
+    c.apply(&mpod_yaml("fence", "'--mem-mib', '1024'"))?;
+    let p0 = ready(&pods, "fence-0", Duration::from_secs(120)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(120)).await?;
+    let before = get_count(&ip(&p0)).await?;
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: fence}}\nspec: {{podName: fence-0, targetNode: {}, strategy: full, timeoutSeconds: 20}}\n",
+        c.nodes[1 - src].name
+    ))?;
+    // The images are handed over, the target restores: the source is cut off from the
+    // target and from the API server, so the target's verdict cannot reach it.
+    until(
+        "the checkpoint handed over",
+        Duration::from_secs(60),
+        async || {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            logged(&c, src, "fence", "checkpoint handed over").then_some(())
+        },
+    )
+    .await?;
+    let cut = c.cut_off(src)?;
+    let cut_at = std::time::Instant::now();
+    anyhow::ensure!(
+        !logged(&c, src, "fence", "moved away"),
+        "the verdict arrived before the cut: nothing was tested"
+    );
+    // Past the deadline, blind: the source stays frozen and never resumes, while the
+    // target runs on with the state.
+    until(
+        "the source blind at its deadline",
+        Duration::from_secs(60),
+        async || logged(&c, src, "fence", "the source stays frozen").then_some(()),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let p1 = ready(&pods, "fence-1", Duration::from_secs(30)).await?;
+    let during = get_count(&ip(&p1)).await?;
+    assert!(
+        during > before,
+        "the target runs with the state: {before} → {during}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let src_log = c.nodes[src].daemon.log();
+    assert!(
+        !src_log.contains("source resumed in place") && !logged(&c, src, "fence", "moved away"),
+        "the source decided blind:\n{src_log}"
+    );
+    let blind_for = cut_at.elapsed();
+    cut.heal();
+    // It sees again: the target's Restored phase commits it; one copy, the count went on.
+    until("the source settled", Duration::from_secs(30), async || {
+        logged(&c, src, "fence", "the target's outcome is known again").then_some(())
+    })
+    .await?;
+    assert!(
+        logged(&c, src, "fence", "the target runs: the source is stopped"),
+        "{}",
+        diagnostics(&c)
+    );
+    let (answering, after) =
+        podmig_e2e::soak::the_one_copy(&pods, "fence", Duration::from_secs(60)).await?;
+    assert_eq!(answering.name_any(), "fence-1");
+    assert!(after > during, "count went on: {during} → {after}");
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::default_namespaced(c.client.clone());
+    let said = until("the Event", Duration::from_secs(30), async || {
+        events
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("MigrationVerdictUnknown"))?
+            .note
+    })
+    .await?;
+    assert!(said.contains("stayed frozen"), "{said}");
+    eprintln!("cut off for {blind_for:?}; {said}");
+    no_checkpoints_within(&c, 0..c.nodes.len(), Duration::from_secs(30)).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_migrate_on_delete_keeps_the_state_and_moves_to_another_node() -> anyhow::Result<()>
 {

@@ -5,6 +5,8 @@
 //! reported phase (the controller's view) and the metrics — so that no step can update
 //! one of them and forget another.
 
+use std::time::Duration;
+
 use podmig_api::{
     contract::DaemonPhase,
     nodeapi::{MoveInfo, MovePhase, MoveRole},
@@ -151,6 +153,32 @@ impl Move {
     /// Whether the move's deadline passed (from its journal).
     pub fn expired(&self) -> bool {
         self.entries.iter().any(Entry::expired)
+    }
+
+    /// Target side, restored: records `Restored` on the target Pod, where its source reads
+    /// it at its deadline when the verdict does not reach it. True only when the write
+    /// landed at least `margin` before the deadline, so that a source reading at the
+    /// deadline sees it (the API server's reads follow its writes).
+    pub fn record_restored<E: CheckpointEngine>(&self, node: &Node<E>, margin: Duration) -> bool {
+        let Some(deadline) = self.entries.iter().map(|e| e.deadline_unix_ms).min() else {
+            return false;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let Some(left) = deadline
+            .checked_sub(now_ms)
+            .map(Duration::from_millis)
+            .and_then(|l| l.checked_sub(margin))
+            .filter(|l| !l.is_zero())
+        else {
+            return false;
+        };
+        node.report_restored_by(
+            &self.report_to.namespace,
+            &self.report_to.pod,
+            std::time::Instant::now() + left,
+        )
     }
 
     /// Ends the move with `outcome` (and `error`): files its record with the figures it

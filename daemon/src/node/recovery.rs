@@ -407,7 +407,9 @@ async fn confirm_with_source<E: CheckpointEngine>(
         (_, Err(why)) => Delivery::Unreachable(why.to_string()),
         (None, _) => Delivery::Unreachable("no peer credentials".into()),
     };
-    match verdict_not_taken(&delivery, e.expired()) {
+    // Restored before the restart: its phase was recorded then, or it stops (the old
+    // rule of a run before the deadline, kept for entries a previous version journaled).
+    match verdict_not_taken(&delivery, !e.expired()) {
         None => Ok(()),
         Some(why) => Err(why),
     }
@@ -702,13 +704,20 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_target_stops_when_the_source_will_not_take_it() {
-        assert_eq!(verdict_not_taken(&Delivery::Taken, true), None);
-        assert!(verdict_not_taken(&Delivery::Refused("404".into()), false).is_some());
+    fn a_restored_target_stops_when_the_source_will_not_take_it_nor_see_it() {
+        assert_eq!(verdict_not_taken(&Delivery::Taken, false), None);
+        assert!(matches!(
+            verdict_not_taken(&Delivery::Refused("409".into()), true),
+            Some(NotTaken::Refused(_))
+        ));
+        // Unreachable: it runs on only where the source will read its `Restored`.
         assert_eq!(
-            verdict_not_taken(&Delivery::Unreachable("down".into()), false),
+            verdict_not_taken(&Delivery::Unreachable("down".into()), true),
             None
         );
-        assert!(verdict_not_taken(&Delivery::Unreachable("down".into()), true).is_some());
+        assert!(matches!(
+            verdict_not_taken(&Delivery::Unreachable("down".into()), false),
+            Some(NotTaken::Unseen(_))
+        ));
     }
 }

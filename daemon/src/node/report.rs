@@ -44,8 +44,15 @@ enum Write {
     Status(Value),
 }
 
+/// One queued write, with whom to tell once it landed (or was given up).
+#[derive(Debug)]
+struct Queued {
+    write: Write,
+    landed: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
 /// The queue of each Pod's reporter task, by (namespace, name).
-type Queues = HashMap<(String, String), mpsc::UnboundedSender<Write>>;
+type Queues = HashMap<(String, String), mpsc::UnboundedSender<Queued>>;
 
 /// Writes move progress on Pods, in order per Pod.
 #[derive(Clone)]
@@ -67,6 +74,16 @@ impl PodReporter {
     }
 
     fn send(&self, ns: &str, pod: &str, write: Write) {
+        self.send_noting(ns, pod, write, None);
+    }
+
+    fn send_noting(
+        &self,
+        ns: &str,
+        pod: &str,
+        write: Write,
+        landed: Option<tokio::sync::oneshot::Sender<bool>>,
+    ) {
         if ns.is_empty() || pod.is_empty() {
             return;
         }
@@ -82,8 +99,8 @@ impl PodReporter {
             self.rt.spawn(apply_in_order(api, key.1.clone(), rx));
             tx
         });
-        if let Err(mpsc::error::SendError(write)) = tx.send(write) {
-            tracing::warn!(namespace = %ns, pod = %pod, ?write, "reporter queue closed; dropped");
+        if let Err(mpsc::error::SendError(q)) = tx.send(Queued { write, landed }) {
+            tracing::warn!(namespace = %ns, pod = %pod, write = ?q.write, "reporter queue closed; dropped");
         }
     }
 
@@ -94,6 +111,19 @@ impl PodReporter {
             pod,
             Write::Meta(json!({ANNOTATION_MIGRATION_PHASE: phase.as_str()})),
         );
+    }
+
+    /// The move into `ns/pod` restored its Pod: the phase `Restored`, after every write
+    /// queued before it; the answer says whether it landed on the API server.
+    pub fn restored(&self, ns: &str, pod: &str) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_noting(
+            ns,
+            pod,
+            Write::Meta(json!({ANNOTATION_MIGRATION_PHASE: DaemonPhase::Restored.as_str()})),
+            Some(tx),
+        );
+        rx
     }
 
     /// The move into `ns/pod` ended (`Failed` when the report carries an error).
@@ -119,10 +149,14 @@ impl PodReporter {
     }
 }
 
-async fn apply_in_order(api: Api<Pod>, pod: String, mut rx: mpsc::UnboundedReceiver<Write>) {
-    while let Ok(Some(write)) = tokio::time::timeout(IDLE, rx.recv()).await {
-        if let Err(error) = apply_with_tries(&api, &pod, &write, FIRST_WAIT).await {
+async fn apply_in_order(api: Api<Pod>, pod: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
+    while let Ok(Some(q)) = tokio::time::timeout(IDLE, rx.recv()).await {
+        let result = apply_with_tries(&api, &pod, &q.write, FIRST_WAIT).await;
+        if let Err(error) = &result {
             tracing::warn!(%error, pod = %pod, "cannot report migration progress");
+        }
+        if let Some(tx) = q.landed {
+            let _ = tx.send(result.is_ok());
         }
     }
 }

@@ -152,6 +152,21 @@ impl<E: CheckpointEngine> Node<E> {
         }
     }
 
+    /// Writes the phase `Restored` on target Pod `ns/pod` and waits until it landed on the
+    /// API server, at most until `by`; false when it did not (or there is no API access).
+    pub(crate) fn report_restored_by(&self, ns: &str, pod: &str, by: std::time::Instant) -> bool {
+        let Some(r) = &self.reporter else {
+            return false;
+        };
+        let landed = r.restored(ns, pod);
+        self.wait_on(async {
+            matches!(
+                tokio::time::timeout_at(by.into(), landed).await,
+                Ok(Ok(true))
+            )
+        })
+    }
+
     pub(crate) fn report_done(&self, ns: &str, pod: &str, report: &MigrationReport) {
         if let Some(r) = &self.reporter {
             r.done(ns, pod, report);

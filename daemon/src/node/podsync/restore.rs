@@ -73,15 +73,22 @@ impl From<Result<(), PeerError>> for Delivery {
     }
 }
 
+/// How long before the move's deadline a target's `Restored` must have landed on the API
+/// server for the target to run on without its source's answer: a source that cannot be
+/// told reads the phase at the deadline, and must then see it.
+pub const RECORD_MARGIN: Duration = Duration::from_secs(2);
+
 /// Why a restored target must stop although its restore worked: the source refused the
-/// commit, or could not be told and its deadline (when it reads the target's phase) has
-/// passed. `None`: the target runs on.
-pub fn verdict_not_taken(delivery: &Delivery, deadline_passed: bool) -> Option<NotTaken> {
+/// commit, or could not be told and would not see that the target runs (`seen`: its
+/// `Restored` phase landed on the API server in time, [`RECORD_MARGIN`] before the
+/// deadline — the source then commits when it reads it, or stays frozen while it cannot
+/// read). `None`: the target runs on.
+pub fn verdict_not_taken(delivery: &Delivery, seen: bool) -> Option<NotTaken> {
     match delivery {
         Delivery::Taken => None,
         Delivery::Refused(why) => Some(NotTaken::Refused(why.clone())),
-        Delivery::Unreachable(why) if deadline_passed => Some(NotTaken::Late(why.clone())),
-        Delivery::Unreachable(_) => None,
+        Delivery::Unreachable(_) if seen => None,
+        Delivery::Unreachable(why) => Some(NotTaken::Unseen(why.clone())),
     }
 }
 
@@ -91,9 +98,11 @@ pub enum NotTaken {
     /// The source answered that no move waits for it.
     #[error("the source did not take the move: {0}")]
     Refused(String),
-    /// The source could not be told, and its deadline passed.
-    #[error("the source could not be told before the move's deadline: {0}")]
-    Late(String),
+    /// The source could not be told, and would not see that the target runs.
+    #[error(
+        "the source could not be told and the target's Restored phase was not recorded before the move's deadline: {0}"
+    )]
+    Unseen(String),
 }
 
 pub(super) struct PendingRestore {
@@ -300,6 +309,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 mv.advance(&self.node, journal::Step::Paging);
             }
         }
+        // Recorded first: a source the verdict cannot reach reads it at its deadline.
+        let seen = result.ok
+            && matches!(p.handback, Handback::Remote { .. })
+            && p.mv
+                .as_ref()
+                .is_some_and(|mv| mv.record_restored(&self.node, RECORD_MARGIN));
         let delivered = self.hand_back_after(
             &p.handback,
             result.ok,
@@ -307,8 +322,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Some(result.duration_ms),
         );
         if result.ok
-            && let Some(why) =
-                verdict_not_taken(&delivered, p.mv.as_ref().is_some_and(Move::expired))
+            && let Some(why) = verdict_not_taken(&delivered, seen)
         {
             tracing::warn!(pod_uid = %self.uid, container = %c.container_name, migration = %p.migration, %why,
                 "the source did not take the commit; stopping the restored copy");

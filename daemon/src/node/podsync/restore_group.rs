@@ -174,6 +174,12 @@ impl<E: CheckpointEngine> PodWorker<E> {
         };
         let mut error = failure;
         self.restored_kept_address();
+        // Recorded first: a source the verdict cannot reach reads it at its deadline.
+        let seen = error.is_none()
+            && matches!(g.handback, Handback::Remote { .. })
+            && g.mv
+                .as_ref()
+                .is_some_and(|mv| mv.record_restored(&self.node, RECORD_MARGIN));
         let delivered = self.hand_back_after(
             &g.handback,
             error.is_none(),
@@ -181,8 +187,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             Some(g.plan.restore_ms()),
         );
         if error.is_none()
-            && let Some(why) =
-                verdict_not_taken(&delivered, g.mv.as_ref().is_some_and(Move::expired))
+            && let Some(why) = verdict_not_taken(&delivered, seen)
         {
             tracing::warn!(pod_uid = %self.uid, migration = %g.plan.migration, %why,
                 "the source did not take the commit; stopping the restored containers");
