@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod daemon_api;
 pub mod demo;
 pub mod fabric;
+pub mod hostile;
 pub mod kubelet;
 pub mod kubelet_logs;
 pub mod kubelet_pod;

@@ -2,7 +2,8 @@
 //! of a small and a 256 MiB MigratingPod back and forth on one local cluster, each with one fault
 //! injected at a random moment after its Migration is created — the source's or the
 //! target's node daemon killed (SIGKILL; its supervisor restarts it), the controller
-//! killed and started again, or none — and after each the invariants checked: the
+//! killed and started again, the source node cut off from the API server and the target
+//! for 1–4 s, or none — and after each the invariants checked: the
 //! Migration ends, exactly one copy of the app answers, its count never went back (a
 //! restart would count from 1), and no checkpoint file, CRIU page server or Pod network
 //! namespace is left on any node beyond the one copy's. Prints a table of fault × outcome.
@@ -30,14 +31,17 @@ pub enum Fault {
     TargetDaemon,
     /// The controller killed, then started again.
     Controller,
+    /// The source node cut off from the API server and the target for 1–4 s.
+    LinkCut,
 }
 
 impl Fault {
-    const ALL: [Fault; 4] = [
+    const ALL: [Fault; 5] = [
         Fault::None,
         Fault::SourceDaemon,
         Fault::TargetDaemon,
         Fault::Controller,
+        Fault::LinkCut,
     ];
 
     fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl Fault {
             Fault::SourceDaemon => "kill -9 source daemon",
             Fault::TargetDaemon => "kill -9 target daemon",
             Fault::Controller => "kill -9 controller",
+            Fault::LinkCut => "source node cut off 1-4 s",
         }
     }
 }
@@ -185,6 +190,11 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
                     tokio::task::block_in_place(|| drop(p));
                 }
                 controller = Some(c.start_controller("soak")?.0);
+            }
+            Fault::LinkCut => {
+                let cut = c.cut_off(src)?;
+                tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
+                cut.heal();
             }
         }
         let context = |what: String| {

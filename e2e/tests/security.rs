@@ -5,6 +5,10 @@
 //! the peer endpoints (hand-over, verdict, page tunnel) answer 403 to a migrator's token,
 //! a person's, and another node's daemon credentials. After each, the victim was never
 //! frozen and keeps its count; the real move between the right two daemons still works.
+//! A hostile source — a server with a node's own certificate on its address — answering
+//! hand-overs with crafted streams (traversal, a symlink out, a device node, an oversize
+//! frame, a bad CRC, another Pod's directory, a file no checkpoint holds) gets each move
+//! failed with the check named and nothing written on the target.
 
 use std::{process::Command, time::Duration};
 
@@ -443,5 +447,91 @@ async fn the_daemons_http_edges_refuse_hostile_requests_at_once_with_json() -> a
         "BadRequest",
         "{body}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_source_with_node_credentials_writes_nothing_on_the_target() -> anyhow::Result<()>
+{
+    use podmig_e2e::hostile::{HostileSource, cases};
+    let (mut c, _ctl) = setup().await?;
+    let mut v = start_victim(&c, 16).await?;
+    let (src, dst) = (v.node, 1 - v.node);
+    // The attacker owns the source node: its daemon is replaced by a server with that
+    // node's own certificate, on its address and port.
+    c.nodes[src].daemon.stop();
+    let marker = format!("podmig-pwned-{}", uuid::Uuid::new_v4().simple());
+    let crafted = cases("app", &marker);
+    let pki = c.dir.join("pki");
+    let name = c.nodes[src].name.clone();
+    let hostile = HostileSource::start(
+        &c.network.netns(src),
+        format!(
+            "{}:{}",
+            c.network.node_ip(src),
+            podmig_api::nodeapi::DEFAULT_API_PORT
+        )
+        .parse()?,
+        &pki.join(format!("{name}.crt")),
+        &pki.join(format!("{name}.key")),
+        crafted.clone(),
+    )
+    .await?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    for (i, case) in crafted.iter().enumerate() {
+        let m = format!("hostile-{i}");
+        c.apply(&format!(
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {m}}}\nspec: {{podName: counter-0, targetNode: {}, strategy: full, timeoutSeconds: 30}}\n",
+            c.nodes[dst].name
+        ))?;
+        let st = migration_ended(&migs, &m, Duration::from_secs(90)).await?;
+        let msg = st.message.clone().unwrap_or_default();
+        eprintln!("{}: {:?} {:?}: {msg}", case.name, st.phase, st.reason);
+        assert_eq!(
+            st.phase,
+            Some(MigrationPhase::Failed),
+            "{}: {st:?}",
+            case.name
+        );
+        assert!(
+            msg.contains(case.refused_with),
+            "{}: the refusal names the check ({:?}): {msg}\n{}",
+            case.name,
+            case.refused_with,
+            c.nodes[dst].daemon.log()
+        );
+        // The target Pod goes; nothing it received stays, nothing landed outside.
+        until("the target gone", Duration::from_secs(60), async || {
+            (pods.list(&Default::default()).await.ok()?.items.len() == 1).then_some(())
+        })
+        .await?;
+        until(
+            "no image left on the target",
+            Duration::from_secs(30),
+            async || {
+                podmig_e2e::paths::files_under(&c.nodes[dst].daemon.checkpoint_dir())
+                    .is_empty()
+                    .then_some(())
+            },
+        )
+        .await?;
+        for root in [std::path::PathBuf::from("/"), c.nodes[dst].fs.root.clone()] {
+            let planted = root.join("tmp").join(&marker);
+            assert!(
+                !planted.exists(),
+                "{}: {} written",
+                case.name,
+                planted.display()
+            );
+        }
+        // The victim was never frozen (its own daemon is gone): it counts on.
+        let n = get_count(&v.ip).await?;
+        assert!(n > v.count, "the victim counts on");
+        v.count = n;
+    }
+    let seen = hostile.seen.lock().map(|s| s.handovers.len()).unwrap_or(0);
+    assert_eq!(seen, crafted.len(), "every case was asked for");
+    drop(hostile);
     Ok(())
 }

@@ -309,12 +309,19 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 mv.advance(&self.node, journal::Step::Paging);
             }
         }
-        // Recorded first: a source the verdict cannot reach reads it at its deadline.
-        let seen = result.ok
-            && matches!(p.handback, Handback::Remote { .. })
-            && p.mv
-                .as_ref()
-                .is_some_and(|mv| mv.record_restored(&self.node, RECORD_MARGIN));
+        // Recorded first: a source the verdict cannot reach reads it at its deadline. Not
+        // for a lazy restore: it runs on pages only its source serves, so `Restored` waits
+        // for the last page, and without its source it stops anyway (the old rule: it
+        // runs on only before the deadline).
+        let seen = if lazy {
+            !p.mv.as_ref().is_some_and(Move::expired)
+        } else {
+            result.ok
+                && matches!(p.handback, Handback::Remote { .. })
+                && p.mv
+                    .as_ref()
+                    .is_some_and(|mv| mv.record_restored(&self.node, RECORD_MARGIN))
+        };
         let delivered = self.hand_back_after(
             &p.handback,
             result.ok,
