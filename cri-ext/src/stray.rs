@@ -1,8 +1,10 @@
-//! CRIU helpers a killed node daemon left running. The receiving page server and the
-//! lazy-pages daemon run in their own process group (so a move can stop them with their
-//! children) and so outlive a daemon killed with SIGKILL; a restarted daemon settles every
-//! move from its journal and never reattaches to them, so they only hold memory, a port
-//! in their namespace and files in the checkpoint directory until they are stopped here.
+//! CRIU and runc processes a killed node daemon left running. The receiving page server
+//! and the lazy-pages daemon run in their own process group (so a move can stop them with
+//! their children) and so outlive a daemon killed with SIGKILL, as does a lazy dump
+//! serving pages; a restarted daemon settles every move from its journal and never
+//! reattaches to them, so they only hold memory, a port, files in the checkpoint directory
+//! — and a lazy dump the source's tasks — until they are stopped here. A restore whose
+//! pages can no longer come is stopped here too ([`kill_restore_of`]).
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +17,20 @@ fn is_helper_below(argv: &[String], root: &Path) -> bool {
         && argv.iter().any(|a| Path::new(a).starts_with(root))
 }
 
-/// The pids of CRIU helpers (`page-server`, `lazy-pages`) working on images below `root`.
-pub fn helpers_below(root: &Path) -> Vec<u32> {
+/// The command line of process `pid` (empty when it is gone).
+fn argv_of(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every process but this one whose command line satisfies `wanted`.
+fn processes(wanted: impl Fn(&[String]) -> bool) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -24,18 +38,133 @@ pub fn helpers_below(root: &Path) -> Vec<u32> {
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let argv: Vec<String> = raw
-                .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            is_helper_below(&argv, root)
-        })
+        .filter(|&pid| wanted(&argv_of(pid)))
         .collect()
+}
+
+/// The pids of CRIU helpers (`page-server`, `lazy-pages`) working on images below `root`.
+pub fn helpers_below(root: &Path) -> Vec<u32> {
+    processes(|argv| is_helper_below(argv, root))
+}
+
+/// Every process whose command line names a path below `root` (a checkpoint directory):
+/// CRIU helpers, `runc restore` and `runc checkpoint` of its images.
+pub fn users_of(root: &Path) -> Vec<u32> {
+    processes(|argv| argv.iter().any(|a| Path::new(a).starts_with(root)))
+}
+
+/// `pid`'s descendants, deepest first.
+fn descendants(pid: u32) -> Vec<u32> {
+    let children: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .flat_map(|c| {
+                    c.split_whitespace()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<u32>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for c in children {
+        out.extend(descendants(c));
+        out.push(c);
+    }
+    out
+}
+
+/// Kills `pids` and every descendant of theirs (descendants first: a restored tree never
+/// outlives the CRIU that was restoring it). Returns the pids killed.
+pub fn kill_trees(pids: &[u32]) -> Vec<u32> {
+    let mut all = Vec::new();
+    for &pid in pids {
+        all.extend(descendants(pid));
+        all.push(pid);
+    }
+    for &pid in &all {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    all
+}
+
+/// Kills (with their CRIU) the `runc checkpoint` runs of images below `root` that a
+/// previous run of the daemon left: a lazy dump serves pages until it is told to stop and
+/// holds the container's tasks meanwhile, so a source could not resume. Returns the pids.
+pub fn kill_dumps_below(root: &Path) -> Vec<u32> {
+    let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let dumps = processes(|argv| {
+        argv.iter().any(|a| a == "checkpoint")
+            && argv.iter().any(|a| Path::new(a).starts_with(&root))
+    });
+    kill_trees(&dumps)
+}
+
+/// Kills (with their CRIU and what it restored so far) the lazy restores of images below
+/// `root` a previous run of the daemon left: their lazy-pages daemon is gone with that
+/// run, so they could only hang or run without their memory. Returns the pids.
+pub fn kill_lazy_restores_below(root: &Path) -> Vec<u32> {
+    let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+    let restores = processes(|argv| {
+        argv.iter().any(|a| a == "restore")
+            && argv.iter().any(|a| a == "--lazy-pages")
+            && argv.iter().any(|a| Path::new(a).starts_with(&root))
+    });
+    kill_trees(&restores)
+}
+
+/// The CRIU and runc runs (dumps, restores, page servers, lazy-pages daemons) working on
+/// images below `root`, without the processes that merely name it (a node daemon's
+/// `--checkpoint-dir`).
+pub fn runs_below(root: &Path) -> Vec<u32> {
+    const VERBS: [&str; 4] = ["restore", "checkpoint", "page-server", "lazy-pages"];
+    processes(|argv| {
+        argv.iter().any(|a| VERBS.contains(&a.as_str()))
+            && argv.iter().any(|a| Path::new(a).starts_with(root))
+    })
+}
+
+/// Mount points below `dir` in this mount namespace, deepest first: a CRIU killed during
+/// a restore leaves its cgroup yard (`.criu.cgyard.*`, a tmpfs and the cgroup hierarchies)
+/// mounted in its work directory, which is the images directory.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+}
+
+/// Detaches every mount below `dir` (see [`mounts_below`]), so the directory can go;
+/// returns how many were detached.
+pub fn detach_mounts_below(dir: &Path) -> usize {
+    mounts_below(dir)
+        .iter()
+        .filter(|p| nix::mount::umount2(p.as_path(), nix::mount::MntFlags::MNT_DETACH).is_ok())
+        .count()
+}
+
+/// Stops a restore of `images` that is still running (`runc restore --image-path images`,
+/// its CRIU and what CRIU restored so far), so that it fails instead of finishing: for a
+/// lazy restore whose pages can no longer come. Returns the pids killed (none: no such
+/// restore runs).
+pub fn kill_restore_of(images: &Path) -> Vec<u32> {
+    let restores = processes(|argv| {
+        argv.iter().any(|a| a == "restore") && argv.iter().any(|a| Path::new(a) == images)
+    });
+    kill_trees(&restores)
 }
 
 /// Kills (SIGKILL, with their process group) the CRIU helpers working below `root` that a
@@ -58,6 +187,7 @@ pub fn kill_helpers_below(root: &Path) -> Vec<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // synchronous tests: they wait with the thread
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
@@ -97,6 +227,107 @@ mod tests {
     }
 
     #[test]
+    fn mounts_left_below_a_directory_are_detached_so_it_can_go() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let yard = tmp.path().join("app").join(".criu.cgyard.x");
+        std::fs::create_dir_all(yard.join("inner")).expect("dirs");
+        nix::mount::mount(
+            Some("none"),
+            &yard,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount (needs root)");
+        std::fs::create_dir_all(yard.join("inner")).expect("dir");
+        nix::mount::mount(
+            Some("none"),
+            &yard.join("inner"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount");
+        assert_eq!(mounts_below(tmp.path()), [yard.join("inner"), yard.clone()]);
+        assert_eq!(detach_mounts_below(tmp.path()), 2);
+        assert!(mounts_below(tmp.path()).is_empty());
+        std::fs::remove_dir_all(tmp.path().join("app")).expect("removable now");
+    }
+
+    #[test]
+    fn a_left_dump_below_the_root_is_killed_with_its_criu() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let images = tmp.path().join("uid").join("app");
+        let mut dump = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sleep 60 & wait",
+                "runc",
+                "checkpoint",
+                "--image-path",
+            ])
+            .arg(&images)
+            .spawn()
+            .expect("spawn");
+        let pid = dump.id();
+        let criu = (0..200)
+            .find_map(|_| {
+                let c = descendants(pid);
+                if c.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                c.first().copied()
+            })
+            .expect("the child started");
+        assert_eq!(kill_dumps_below(tmp.path()), [criu, pid]);
+        assert!(!dump.wait().expect("wait").success());
+    }
+
+    #[test]
+    fn a_running_restore_of_the_images_is_killed_with_its_children() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let images = tmp.path().join("app");
+        // A stand-in `runc restore --image-path images` whose child stands for its CRIU.
+        let mut restore = std::process::Command::new("sh")
+            .args(["-c", "sleep 60 & wait", "runc", "restore", "--image-path"])
+            .arg(&images)
+            .spawn()
+            .expect("spawn");
+        let pid = restore.id();
+        let child = (0..200)
+            .find_map(|_| {
+                let c = descendants(pid);
+                if c.is_empty() {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                c.first().copied()
+            })
+            .expect("the child started");
+        let mut other = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "sleep 60; true",
+                "runc",
+                "restore",
+                "--image-path",
+                "/else",
+            ])
+            .spawn()
+            .expect("spawn");
+        let killed = kill_restore_of(&images);
+        assert_eq!(killed, [child, pid]);
+        assert!(!restore.wait().expect("wait").success());
+        assert_eq!(
+            other.try_wait().expect("try_wait"),
+            None,
+            "another restore runs on"
+        );
+        let _ = other.kill();
+        let _ = other.wait();
+        assert_eq!(users_of(tmp.path()), Vec::<u32>::new());
+    }
+
+    #[test]
     fn a_left_helper_is_killed_with_its_group_and_others_are_not() {
         let tmp = tempfile::tempdir().expect("tmp");
         let images = tmp.path().join("uid").join("app");
@@ -118,6 +349,14 @@ mod tests {
         let mut left = spawn(&images);
         let other_tmp = tempfile::tempdir().expect("tmp");
         let mut other = spawn(other_tmp.path());
+        // Until the shells have exec'd, their command lines are this test's.
+        for _ in 0..200 {
+            if !helpers_below(tmp.path()).is_empty() && !helpers_below(other_tmp.path()).is_empty()
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let killed = kill_helpers_below(tmp.path());
         assert_eq!(killed, [left.id()]);
         let status = left.wait().expect("wait");

@@ -235,6 +235,42 @@ pub fn held_addresses(owner: &str) -> Result<Vec<Ipv4Addr>, KeepIpError> {
     Ok(out)
 }
 
+/// The addresses `owner`'s hold rules are for, each with the device they hold it on.
+fn held_on(listed: &str, owner: &str) -> Vec<(Ipv4Addr, String)> {
+    let mut out: Vec<(Ipv4Addr, String)> = owned_rules(listed, owner)
+        .into_iter()
+        .filter_map(|(ip, words)| {
+            let dev = words
+                .windows(2)
+                .find(|w| w[0] == "-o" || w[0] == "-i")
+                .map(|w| w[1].to_owned())?;
+            Some((ip?, dev))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A source that runs on after a move of its address failed: its hold rules go, and an
+/// address the node no longer routes to the Pod (the target's announcement replaced this
+/// node's own, then was withdrawn) is announced again from here — else the address's
+/// traffic would go to the node its address block belongs to. Returns the addresses
+/// announced again.
+pub fn release_and_reclaim(owner: &str) -> Result<Vec<Ipv4Addr>, KeepIpError> {
+    let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
+    let held = held_on(&listed, owner);
+    release(owner)?;
+    let mut announced = Vec::new();
+    for (ip, dev) in held {
+        if local_device(ip)?.as_deref() != Some(dev.as_str()) {
+            announce(ip, &dev)?;
+            announced.push(ip);
+        }
+    }
+    Ok(announced)
+}
+
 /// Removes every hold rule `owner` set; returns how many went.
 pub fn release(owner: &str) -> Result<usize, KeepIpError> {
     let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
@@ -316,6 +352,14 @@ mod tests {
             mine[0].1
         );
         assert!(owned_rules(listed, "ab").is_empty());
+        // With the device each is held on, once per address.
+        let both = format!(
+            "{listed}-A FORWARD -s 10.1.1.5/32 -i cni0 -m comment --comment podmig-hold:10.1.1.5:abc -j DROP\n"
+        );
+        assert_eq!(
+            held_on(&both, "abc"),
+            [("10.1.1.5".parse().expect("ip"), "cni0".to_owned())]
+        );
     }
 
     #[test]

@@ -35,6 +35,11 @@ impl CheckpointStore {
 
     /// Removes a checkpoint and its Pod directory when that became empty.
     pub fn remove(&self, dir: &Path) {
+        // What a killed CRIU left mounted inside (its cgroup yard) would keep it.
+        let detached = podmig_cri_ext::stray::detach_mounts_below(dir);
+        if detached > 0 {
+            tracing::warn!(dir = %dir.display(), mounts = detached, "detached mounts a CRIU run left in a checkpoint");
+        }
         if let Err(error) = std::fs::remove_dir_all(dir)
             && error.kind() != std::io::ErrorKind::NotFound
         {

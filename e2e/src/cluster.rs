@@ -878,6 +878,10 @@ impl Cluster {
                 logs.abort();
             }
         }
+        // A restore or dump that hangs would hold its shim and so containerd's stop.
+        podmig_cri_ext::stray::kill_trees(&podmig_cri_ext::stray::runs_below(
+            self._checkpoints.path(),
+        ));
         // containerd first (its sandboxes go through CRI), then the daemons.
         let nodes = std::mem::take(&mut self.nodes);
         let count = nodes.len().max(self.network_nodes());
@@ -886,9 +890,11 @@ impl Cluster {
             drop(api);
         }
         self.fabric = None;
-        let stray = podmig_cri_ext::stray::kill_helpers_below(self._checkpoints.path());
+        let stray = podmig_cri_ext::stray::kill_trees(&podmig_cri_ext::stray::users_of(
+            self._checkpoints.path(),
+        ));
         if !stray.is_empty() {
-            tracing::warn!(pids = ?stray, "stopped CRIU page servers the daemons left");
+            tracing::warn!(pids = ?stray, "stopped CRIU and runc processes the daemons left");
         }
         self.network.remove(count);
         let mut mounts = crate::containerd::mounts_under(&self.dir);
@@ -1122,7 +1128,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
     crate::services::remove(&state.network.service_chain(), None);
     state.network.remove(state.nodes);
     if let Some(c) = &state.checkpoints {
-        podmig_cri_ext::stray::kill_helpers_below(c);
+        podmig_cri_ext::stray::kill_trees(&podmig_cri_ext::stray::users_of(c));
         let _ = std::fs::remove_dir_all(c);
     }
     let _ = std::fs::remove_dir_all(dir);

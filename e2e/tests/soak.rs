@@ -17,8 +17,11 @@ async fn ten_faulted_moves_keep_one_copy_with_its_count_and_leave_nothing() -> a
     .await??;
     eprintln!("{}", podmig_e2e::soak::table(&outcomes));
     assert_eq!(outcomes.len(), 10);
+    // Only a lazy move whose Migration said the state is lost may start the count over.
     assert!(
-        outcomes.iter().all(|o| o.counts.1 >= o.counts.0),
+        outcomes
+            .iter()
+            .all(|o| o.counts.1 >= o.counts.0 || o.end.ends_with("state lost (lazy)")),
         "{outcomes:?}"
     );
     Ok(())

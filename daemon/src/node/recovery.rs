@@ -423,11 +423,10 @@ fn release_hold<E: CheckpointEngine>(node: &Arc<Node<E>>, container_id: &str) {
     else {
         return;
     };
-    match crate::keepip::release(&sandbox) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
+    match crate::keepip::release_and_reclaim(&sandbox) {
+        Ok(again) => tracing::info!(
             container_id,
-            rules = n,
+            announced_again = ?again,
             "released the address hold a previous run set"
         ),
         Err(error) => {

@@ -96,9 +96,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let hook = bind(&cfg.hook_socket)?;
     let api = bind(&cfg.api_socket)?;
     // CRIU helpers of a killed run serve moves nobody will finish: stopped first.
-    let stray = podmig_cri_ext::stray::kill_helpers_below(&cfg.checkpoint_dir);
+    let mut stray = podmig_cri_ext::stray::kill_helpers_below(&cfg.checkpoint_dir);
+    stray.extend(podmig_cri_ext::stray::kill_dumps_below(&cfg.checkpoint_dir));
+    stray.extend(podmig_cri_ext::stray::kill_lazy_restores_below(
+        &cfg.checkpoint_dir,
+    ));
     if !stray.is_empty() {
-        tracing::warn!(pids = ?stray, "stopped CRIU page servers a previous run left");
+        tracing::warn!(pids = ?stray, "stopped CRIU page servers, dumps and lazy restores a previous run left");
     }
     // Sources a crashed run left frozen are settled before anything else moves.
     recovery::run(node.clone()).await;

@@ -185,10 +185,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
         Ok(())
     }
 
-    /// Source: the move rolled back; the address's traffic flows again.
+    /// Source: the move rolled back; the address's traffic flows again, to this node.
     pub(super) fn release_own_address(&self, held: &KeptIp) {
-        if let Err(error) = keepip::release(&held.sandbox) {
-            tracing::warn!(pod_uid = %self.uid, ip = %held.ip, %error, "cannot release the held address");
+        match keepip::release_and_reclaim(&held.sandbox) {
+            Ok(again) if !again.is_empty() => {
+                tracing::info!(pod_uid = %self.uid, ip = %held.ip, "announced the address again after the failed move")
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(pod_uid = %self.uid, ip = %held.ip, %error, "cannot release the held address")
+            }
         }
     }
 }

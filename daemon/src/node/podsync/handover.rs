@@ -271,11 +271,22 @@ impl<E: CheckpointEngine> PodWorker<E> {
             container_id.to_owned(),
         );
         let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
+        let images = dir.to_path_buf();
         self.node.start_async(async move {
             let on_break = || {
                 flag.store(true, std::sync::atomic::Ordering::SeqCst);
                 if let Err(error) = engine.freeze(&cid) {
-                    tracing::warn!(migration = %id, %error, "cannot freeze the lazily restored container");
+                    // Not restored yet: the restore would wait for pages forever, or
+                    // finish and run without them. It is stopped, with its CRIU; then
+                    // the lazy-pages daemon (nothing can fault on it any more).
+                    let killed = podmig_cri_ext::stray::kill_restore_of(&images);
+                    if killed.is_empty() {
+                        tracing::warn!(migration = %id, %error, "cannot freeze the lazily restored container");
+                    } else {
+                        tracing::warn!(migration = %id, %error, pids = ?killed,
+                            "the page source broke during the restore: stopped the restore, so the container never runs on missing memory");
+                        waiting.kill();
+                    }
                 }
             };
             match peers.tunnel_pages(&host, &id, listener, PAGES_LIMIT, on_break).await {
