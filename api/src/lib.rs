@@ -36,6 +36,11 @@ pub const LABEL_MIGRATING_POD: &str = "podmig.dev/migratingpod";
 /// (`Checkpointing`, `Transferring`, `Restoring`, `Restored`, `Failed`).
 pub const ANNOTATION_MIGRATION_PHASE: &str = "podmig.dev/migration-phase";
 
+/// Target-Pod annotation a target's node daemon writes as soon as its (full) restore
+/// worked, before it tells the source: a source that cannot be told reads it at its
+/// deadline as `Restored` (the phase itself, with the move's figures, follows at its end).
+pub const ANNOTATION_RESTORED: &str = "podmig.dev/restored";
+
 /// Target-Pod annotation the node daemons write when the move ended: a JSON
 /// [`v1alpha1::MigrationReport`].
 pub const ANNOTATION_MIGRATION_REPORT: &str = "podmig.dev/migration-report";

@@ -29,8 +29,21 @@ fn argv_of(pid: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Every process but this one whose command line satisfies `wanted`.
-fn processes(wanted: impl Fn(&[String]) -> bool) -> Vec<u32> {
+/// Whether `dir` as process `pid` sees it (through its root, in its mount namespace) is
+/// the very directory this process sees at `dir`: a path names another node's directory
+/// in another node's namespace (nodes on one kernel, as in the local test cluster).
+fn sees_same_dir(pid: u32, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = Path::new(&format!("/proc/{pid}/root")).join(dir.strip_prefix("/").unwrap_or(dir));
+    match (std::fs::metadata(theirs), std::fs::metadata(dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Every process but this one whose command line satisfies `wanted` and that works on
+/// this process's `root` (see [`sees_same_dir`]).
+fn processes(root: &Path, wanted: impl Fn(&[String]) -> bool) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -39,18 +52,21 @@ fn processes(wanted: impl Fn(&[String]) -> bool) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me)
         .filter(|&pid| wanted(&argv_of(pid)))
+        .filter(|&pid| sees_same_dir(pid, root))
         .collect()
 }
 
 /// The pids of CRIU helpers (`page-server`, `lazy-pages`) working on images below `root`.
 pub fn helpers_below(root: &Path) -> Vec<u32> {
-    processes(|argv| is_helper_below(argv, root))
+    processes(root, |argv| is_helper_below(argv, root))
 }
 
 /// Every process whose command line names a path below `root` (a checkpoint directory):
 /// CRIU helpers, `runc restore` and `runc checkpoint` of its images.
 pub fn users_of(root: &Path) -> Vec<u32> {
-    processes(|argv| argv.iter().any(|a| Path::new(a).starts_with(root)))
+    processes(root, |argv| {
+        argv.iter().any(|a| Path::new(a).starts_with(root))
+    })
 }
 
 /// `pid`'s descendants, deepest first.
@@ -95,13 +111,15 @@ pub fn kill_trees(pids: &[u32]) -> Vec<u32> {
     all
 }
 
-/// Kills (with their CRIU) the `runc checkpoint` runs of images below `root` that a
+/// Kills (with their CRIU) the lazy `runc checkpoint` runs of images below `root` that a
 /// previous run of the daemon left: a lazy dump serves pages until it is told to stop and
-/// holds the container's tasks meanwhile, so a source could not resume. Returns the pids.
-pub fn kill_dumps_below(root: &Path) -> Vec<u32> {
+/// holds the container's tasks meanwhile, so a source could not resume. A full dump is
+/// left to end on its own (recovery settles it). Returns the pids.
+pub fn kill_lazy_dumps_below(root: &Path) -> Vec<u32> {
     let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let dumps = processes(|argv| {
+    let dumps = processes(&root, |argv| {
         argv.iter().any(|a| a == "checkpoint")
+            && argv.iter().any(|a| a == "--lazy-pages")
             && argv.iter().any(|a| Path::new(a).starts_with(&root))
     });
     kill_trees(&dumps)
@@ -112,7 +130,7 @@ pub fn kill_dumps_below(root: &Path) -> Vec<u32> {
 /// run, so they could only hang or run without their memory. Returns the pids.
 pub fn kill_lazy_restores_below(root: &Path) -> Vec<u32> {
     let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let restores = processes(|argv| {
+    let restores = processes(&root, |argv| {
         argv.iter().any(|a| a == "restore")
             && argv.iter().any(|a| a == "--lazy-pages")
             && argv.iter().any(|a| Path::new(a).starts_with(&root))
@@ -125,7 +143,7 @@ pub fn kill_lazy_restores_below(root: &Path) -> Vec<u32> {
 /// `--checkpoint-dir`).
 pub fn runs_below(root: &Path) -> Vec<u32> {
     const VERBS: [&str; 4] = ["restore", "checkpoint", "page-server", "lazy-pages"];
-    processes(|argv| {
+    processes(root, |argv| {
         argv.iter().any(|a| VERBS.contains(&a.as_str()))
             && argv.iter().any(|a| Path::new(a).starts_with(root))
     })
@@ -161,7 +179,7 @@ pub fn detach_mounts_below(dir: &Path) -> usize {
 /// lazy restore whose pages can no longer come. Returns the pids killed (none: no such
 /// restore runs).
 pub fn kill_restore_of(images: &Path) -> Vec<u32> {
-    let restores = processes(|argv| {
+    let restores = processes(images.parent().unwrap_or(images), |argv| {
         argv.iter().any(|a| a == "restore") && argv.iter().any(|a| Path::new(a) == images)
     });
     kill_trees(&restores)
@@ -264,6 +282,7 @@ mod tests {
                 "sleep 60 & wait",
                 "runc",
                 "checkpoint",
+                "--lazy-pages",
                 "--image-path",
             ])
             .arg(&images)
@@ -279,7 +298,7 @@ mod tests {
                 c.first().copied()
             })
             .expect("the child started");
-        assert_eq!(kill_dumps_below(tmp.path()), [criu, pid]);
+        assert_eq!(kill_lazy_dumps_below(tmp.path()), [criu, pid]);
         assert!(!dump.wait().expect("wait").success());
     }
 

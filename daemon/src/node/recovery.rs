@@ -160,11 +160,16 @@ async fn target_pod<E: CheckpointEngine>(node: &Node<E>, e: &Entry) -> Option<Op
 
 /// The phase a target Pod reports.
 pub(crate) fn phase_of(pod: &Pod) -> Option<DaemonPhase> {
-    pod.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MIGRATION_PHASE))
-        .and_then(|v| DaemonPhase::parse(v))
+    let a = pod.metadata.annotations.as_ref()?;
+    let phase = a
+        .get(ANNOTATION_MIGRATION_PHASE)
+        .and_then(|v| DaemonPhase::parse(v));
+    // A restored target says so before its move ends (and before it tells its source).
+    match phase {
+        Some(DaemonPhase::Failed) => phase,
+        _ if a.contains_key(podmig_api::ANNOTATION_RESTORED) => Some(DaemonPhase::Restored),
+        _ => phase,
+    }
 }
 
 /// What a lookup showed (`None`: the API server could not be asked — or there is none,
@@ -700,6 +705,33 @@ mod tests {
         assert!(!whole_move(Some(&names), &receiving, |_| true));
         // Without the Pod's spec the journal's entries stand for the containers.
         assert!(whole_move(None, &app_only, |_| true));
+    }
+
+    #[test]
+    fn a_target_annotated_restored_reads_as_restored_unless_it_failed() {
+        let pod = |a: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({"metadata": {"annotations": a}}))
+                .expect("pod")
+        };
+        let restored = podmig_api::ANNOTATION_RESTORED;
+        assert_eq!(
+            phase_of(&pod(
+                serde_json::json!({ANNOTATION_MIGRATION_PHASE: "Restoring", restored: "true"})
+            )),
+            Some(DaemonPhase::Restored)
+        );
+        assert_eq!(
+            phase_of(&pod(
+                serde_json::json!({ANNOTATION_MIGRATION_PHASE: "Failed", restored: "true"})
+            )),
+            Some(DaemonPhase::Failed)
+        );
+        assert_eq!(
+            phase_of(&pod(
+                serde_json::json!({ANNOTATION_MIGRATION_PHASE: "Restoring"})
+            )),
+            Some(DaemonPhase::Restoring)
+        );
     }
 
     #[test]

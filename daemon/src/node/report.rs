@@ -113,14 +113,14 @@ impl PodReporter {
         );
     }
 
-    /// The move into `ns/pod` restored its Pod: the phase `Restored`, after every write
-    /// queued before it; the answer says whether it landed on the API server.
+    /// The move into `ns/pod` restored its Pod: [`podmig_api::ANNOTATION_RESTORED`], after
+    /// every write queued before it; the answer says whether it landed on the API server.
     pub fn restored(&self, ns: &str, pod: &str) -> tokio::sync::oneshot::Receiver<bool> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send_noting(
             ns,
             pod,
-            Write::Meta(json!({ANNOTATION_MIGRATION_PHASE: DaemonPhase::Restored.as_str()})),
+            Write::Meta(json!({podmig_api::ANNOTATION_RESTORED: "true"})),
             Some(tx),
         );
         rx

@@ -97,7 +97,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
     let api = bind(&cfg.api_socket)?;
     // CRIU helpers of a killed run serve moves nobody will finish: stopped first.
     let mut stray = podmig_cri_ext::stray::kill_helpers_below(&cfg.checkpoint_dir);
-    stray.extend(podmig_cri_ext::stray::kill_dumps_below(&cfg.checkpoint_dir));
+    stray.extend(podmig_cri_ext::stray::kill_lazy_dumps_below(
+        &cfg.checkpoint_dir,
+    ));
     stray.extend(podmig_cri_ext::stray::kill_lazy_restores_below(
         &cfg.checkpoint_dir,
     ));
