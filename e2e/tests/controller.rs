@@ -274,18 +274,27 @@ async fn migrate_on_delete_that_cannot_restore_anywhere_gives_up_to_a_fresh_pod(
         },
     )
     .await?;
+    // The Events of the give-up are recorded once its status is written: waited for.
     let events: Api<k8s_openapi::api::events::v1::Event> =
         Api::default_namespaced(c.client.clone());
-    let events = events.list(&Default::default()).await?.items;
-    let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
-    for want in [
+    let wanted = [
         "MigrationStarted",
         "MigrationRetrying",
         "MigrationFailed",
         "MigrationStateLost",
-    ] {
-        assert!(reasons.contains(&want), "{want} missing: {reasons:?}");
-    }
+    ];
+    let events = until(
+        "the give-up's Events",
+        Duration::from_secs(30),
+        async || {
+            let items = events.list(&Default::default()).await.ok()?.items;
+            wanted
+                .iter()
+                .all(|w| items.iter().any(|e| e.reason.as_deref() == Some(*w)))
+                .then_some(items)
+        },
+    )
+    .await?;
     let lost = events
         .iter()
         .find(|e| e.reason.as_deref() == Some("MigrationStateLost"))
