@@ -116,26 +116,25 @@ pub fn kill_trees(pids: &[u32]) -> Vec<u32> {
 /// holds the container's tasks meanwhile, so a source could not resume. A full dump is
 /// left to end on its own (recovery settles it). Returns the pids.
 pub fn kill_lazy_dumps_below(root: &Path) -> Vec<u32> {
+    kill_lazy_runs_below(root, "checkpoint")
+}
+
+/// Kills the lazy `runc <verb>` runs (with their descendants) of images below `root`.
+fn kill_lazy_runs_below(root: &Path, verb: &str) -> Vec<u32> {
     let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let dumps = processes(&root, |argv| {
-        argv.iter().any(|a| a == "checkpoint")
+    let runs = processes(&root, |argv| {
+        argv.iter().any(|a| a == verb)
             && argv.iter().any(|a| a == "--lazy-pages")
             && argv.iter().any(|a| Path::new(a).starts_with(&root))
     });
-    kill_trees(&dumps)
+    kill_trees(&runs)
 }
 
 /// Kills (with their CRIU and what it restored so far) the lazy restores of images below
 /// `root` a previous run of the daemon left: their lazy-pages daemon is gone with that
 /// run, so they could only hang or run without their memory. Returns the pids.
 pub fn kill_lazy_restores_below(root: &Path) -> Vec<u32> {
-    let root: PathBuf = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let restores = processes(&root, |argv| {
-        argv.iter().any(|a| a == "restore")
-            && argv.iter().any(|a| a == "--lazy-pages")
-            && argv.iter().any(|a| Path::new(a).starts_with(&root))
-    });
-    kill_trees(&restores)
+    kill_lazy_runs_below(root, "restore")
 }
 
 /// The CRIU and runc runs (dumps, restores, page servers, lazy-pages daemons) working on
