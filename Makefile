@@ -29,8 +29,9 @@ fuzz:
 	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test -p podmig-cri-ext -p podmig-daemon --lib -- \
 	  any_bytes_are_answered_and_nothing_passed_leaves any_stream_is_answered_and_stays_in_its_directories
 
-# The fault soak: 50 cross-node moves (16 and 256 MiB) with a node daemon or the
-# controller killed at a random moment; `make test` runs ten.
+# The fault soak: 50 cross-node moves (16 and 256 MiB) between a containerd 1.6 node and
+# a containerd 2.x node, each with one fault at a random moment (a daemon, the controller
+# or containerd killed, a node cut off, the API server down); `make test` runs ten.
 soak: setup
 	$(CARGO) build --release --workspace --bins
 	target/release/podmig-e2e soak --moves $${SOAK_MOVES:-50}

@@ -93,12 +93,17 @@ fn descendants(pid: u32) -> Vec<u32> {
 }
 
 /// Kills `pids` and every descendant of theirs (descendants first: a restored tree never
-/// outlives the CRIU that was restoring it). Returns the pids killed.
+/// outlives the CRIU that was restoring it). Returns the pids killed, each once (one of
+/// `pids` may descend from another: a forked child not yet exec'd has its parent's
+/// command line).
 pub fn kill_trees(pids: &[u32]) -> Vec<u32> {
-    let mut all = Vec::new();
+    let mut all: Vec<u32> = Vec::new();
     for &pid in pids {
-        all.extend(descendants(pid));
-        all.push(pid);
+        for p in descendants(pid).into_iter().chain([pid]) {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
     }
     for &pid in &all {
         if let Ok(raw) = i32::try_from(pid) {
@@ -208,6 +213,16 @@ pub fn kill_helpers_below(root: &Path) -> Vec<u32> {
 mod tests {
     use super::*;
     use std::os::unix::process::CommandExt;
+
+    /// Kills the process group a test's shell leads (the shell and its `sleep`).
+    fn stop_group(pid: u32) {
+        if let Ok(raw) = i32::try_from(pid) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 
     #[test]
     fn only_criu_helpers_on_images_below_the_root_are_recognised() {
@@ -330,6 +345,7 @@ mod tests {
                 "--image-path",
                 "/else",
             ])
+            .process_group(0)
             .spawn()
             .expect("spawn");
         let killed = kill_restore_of(&images);
@@ -340,7 +356,7 @@ mod tests {
             None,
             "another restore runs on"
         );
-        let _ = other.kill();
+        stop_group(other.id());
         let _ = other.wait();
         assert_eq!(users_of(tmp.path()), Vec::<u32>::new());
     }
@@ -367,9 +383,11 @@ mod tests {
         let mut left = spawn(&images);
         let other_tmp = tempfile::tempdir().expect("tmp");
         let mut other = spawn(other_tmp.path());
-        // Until the shells have exec'd, their command lines are this test's.
-        for _ in 0..200 {
-            if !helpers_below(tmp.path()).is_empty() && !helpers_below(other_tmp.path()).is_empty()
+        // Until the shells have exec'd, their command lines are this test's; until their
+        // `sleep` child has exec'd, it has the shell's: wait for exactly the two shells.
+        for _ in 0..500 {
+            if helpers_below(tmp.path()) == [left.id()]
+                && helpers_below(other_tmp.path()) == [other.id()]
             {
                 break;
             }
@@ -380,7 +398,7 @@ mod tests {
         let status = left.wait().expect("wait");
         assert!(!status.success(), "killed: {status}");
         assert_eq!(other.try_wait().expect("try_wait"), None, "still running");
-        let _ = other.kill();
+        stop_group(other.id());
         let _ = other.wait();
     }
 }

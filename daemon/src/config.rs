@@ -48,6 +48,12 @@ pub struct NodeConfig {
     /// and about to be migrated) and of a held create without a move deadline of its own.
     #[arg(long, env = "PODMIG_KILL_HOLD_MS", default_value_t = 300_000)]
     pub kill_hold_ms: u64,
+    /// The kubelet's `--runtime-request-timeout` on this node, ms (kubelet's default: 2
+    /// minutes). A migration target's create is a CRI call the kubelet gives up on after
+    /// it: the daemon holds it at most this less a quarter (at most 15 s), kept for the
+    /// restore, and fails the move when the checkpoint does not arrive within that.
+    #[arg(long, env = "PODMIG_RUNTIME_REQUEST_TIMEOUT_MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    pub runtime_request_timeout_ms: u64,
     /// This node's name (in the chart: from the downward API, `spec.nodeName`). Needed to
     /// watch the node's Pods and for moves across nodes.
     #[arg(long, env = "PODMIG_NODE_NAME")]

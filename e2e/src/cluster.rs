@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::{
     apiserver::{ApiServer, Options, auth::User},
-    containerd::{Containerd, ContainerdOptions},
+    containerd::{Containerd, ContainerdOptions, ContainerdVersion},
     daemon::{DaemonOptions, NodeDaemon},
     kubelet::{self, KubeletConfig},
     kubelet_logs,
@@ -73,8 +73,14 @@ pub struct Network {
 }
 
 impl Network {
+    /// Names not in use: a bridge that exists belongs to another live cluster (another
+    /// test process on this machine), whose "leftovers" `up` would otherwise remove.
     fn new() -> Self {
-        let k = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 90;
+        let start = std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7;
+        let k = (0..90)
+            .map(|j| (start + j) % 90)
+            .find(|k| !std::path::Path::new(&format!("/sys/class/net/pmc{k}")).exists())
+            .unwrap_or(start % 90);
         Self {
             bridge: format!("pmc{k}"),
             octet: 150 + k,
@@ -218,6 +224,9 @@ struct State {
     /// The nodes' checkpoint directory (on tmpfs, outside the cluster directory).
     #[serde(default)]
     checkpoints: Option<PathBuf>,
+    /// Each node's containerd.
+    #[serde(default)]
+    containerd: Vec<ContainerdVersion>,
 }
 
 /// One node of the cluster.
@@ -236,6 +245,8 @@ pub struct ClusterNode {
     pub daemon: NodeDaemon,
     kubelet: tokio::task::JoinHandle<()>,
     logs: Option<tokio::task::JoinHandle<()>>,
+    /// The kubelet stand-in's `--runtime-request-timeout` (a test may shorten it).
+    pub runtime_request_timeout: kubelet::RuntimeRequestTimeout,
 }
 
 /// A running cluster, torn down when dropped.
@@ -278,15 +289,34 @@ fn write_state(dir: &Path, state: &State) -> anyhow::Result<()> {
 
 impl Cluster {
     /// Brings up a cluster of `nodes` nodes in `dir` (created; must not hold a running cluster).
+    /// Its nodes run the containerd `PODMIG_E2E_CONTAINERD` names (1 unless set).
     pub async fn up(dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+        Self::up_with(dir, nodes, &ContainerdVersion::from_env()?).await
+    }
+
+    /// Brings up a cluster whose node `i` runs containerd `versions[i % len]`.
+    pub async fn up_with(
+        dir: &Path,
+        nodes: usize,
+        versions: &[ContainerdVersion],
+    ) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         std::fs::create_dir_all(dir)?;
         let network = Network::new();
+        let versions: Vec<ContainerdVersion> = (0..nodes)
+            .map(|i| {
+                versions
+                    .get(i % versions.len().max(1))
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .collect();
         let mut state = State {
             network: network.clone(),
             nodes,
             pids: vec![std::process::id()],
             checkpoints: None,
+            containerd: versions.clone(),
         };
         write_state(dir, &state)?;
         network.remove(nodes); // leftovers of a crashed run with the same names
@@ -381,6 +411,7 @@ impl Cluster {
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                     node_fs: Some(node_fs.clone()),
                     cni_kubeconfig: Some(kc.clone()),
+                    version: versions[i],
                 })
             })?;
             track_pid_in(dir, containerd.pid())?;
@@ -409,6 +440,8 @@ impl Cluster {
                     node_fs: Some(node_fs.clone()),
                     checkpoint_budget_mib: None,
                     move_bandwidth_mibps: None,
+                    runtime_request_timeout_ms: None,
+                    runc_binary: Some(versions[i].runc()),
                 })
             })?;
             let kclient = client_from(&kc).await?;
@@ -420,7 +453,10 @@ impl Cluster {
                 logs_root: ndir.join("logs"),
                 volumes: crate::kubelet_volumes::VolumeRoots::of(node_fs.clone()),
                 api_server: api.addr,
+                runtime_request_timeout: kubelet::RuntimeRequestTimeout::default(),
+                runtime_version: versions[i].runtime_version(),
             };
+            let runtime_request_timeout = cfg.runtime_request_timeout.clone();
             let logs = match tls.get(i) {
                 Some(t) => {
                     let addr = format!("{}:{}", network.node_ip(i), kubelet_logs::KUBELET_PORT);
@@ -448,6 +484,7 @@ impl Cluster {
                 daemon,
                 kubelet,
                 logs,
+                runtime_request_timeout,
             });
         }
         cluster.wait_nodes_ready(Duration::from_secs(20)).await?;
@@ -456,10 +493,18 @@ impl Cluster {
 
     /// Brings up a cluster in a fresh temporary directory it owns (tests).
     pub async fn up_temp(nodes: usize) -> anyhow::Result<Self> {
+        Self::up_temp_with(nodes, &ContainerdVersion::from_env()?).await
+    }
+
+    /// A temporary cluster whose node `i` runs containerd `versions[i % len]`.
+    pub async fn up_temp_with(
+        nodes: usize,
+        versions: &[ContainerdVersion],
+    ) -> anyhow::Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("podmig-cluster-")
             .tempdir_in("/var/tmp")?;
-        let mut c = Self::up(&tmp.path().join("c"), nodes).await?;
+        let mut c = Self::up_with(&tmp.path().join("c"), nodes, versions).await?;
         c._tmp = Some(tmp);
         Ok(c)
     }
@@ -849,6 +894,24 @@ impl Cluster {
         Ok(cut)
     }
 
+    /// Kills node `i`'s containerd (SIGKILL; shims and containers live on) and starts it
+    /// again on the same state, as systemd would.
+    pub fn kill_containerd(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self.nodes.get_mut(i).context("no such node")?;
+        let pid = tokio::task::block_in_place(|| node.containerd.kill_and_restart())?;
+        track_pid_in(&self.dir, pid)
+    }
+
+    /// Takes the API server down for `down` (every connection and watch dropped, every
+    /// object kept) and brings it back on its address.
+    pub async fn restart_apiserver(&mut self, down: Duration) -> anyhow::Result<()> {
+        self.apiserver
+            .as_mut()
+            .context("no API server")?
+            .restart(down)
+            .await
+    }
+
     /// CRIU page servers and lazy-pages daemons working in the nodes' checkpoint
     /// directories now (none once every move ended).
     pub fn criu_helpers(&self) -> Vec<u32> {
@@ -1118,6 +1181,7 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
                 network: Some(("cni0".into(), state.network.pod_cidr(i))),
                 node_fs: Some(node_fs),
                 cni_kubeconfig: None,
+                version: state.containerd.get(i).copied().unwrap_or_default(),
             });
             drop(restarted);
         }
@@ -1138,8 +1202,13 @@ pub fn sweep(dir: &Path) -> anyhow::Result<()> {
 
 /// `cluster run`: brings the cluster up with podmig (as processes, or with `chart` the
 /// chart's Pods), marks it ready, serves until SIGTERM or SIGINT.
-pub async fn run_foreground(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()> {
-    let mut cluster = Cluster::up(dir, nodes).await?;
+pub async fn run_foreground(
+    dir: &Path,
+    nodes: usize,
+    chart: bool,
+    containerd: &[ContainerdVersion],
+) -> anyhow::Result<()> {
+    let mut cluster = Cluster::up_with(dir, nodes, containerd).await?;
     // podmig itself: the chart's Pods, or its CRDs and the controller as a process.
     let controller = if chart {
         cluster
@@ -1168,7 +1237,12 @@ pub async fn run_foreground(dir: &Path, nodes: usize, chart: bool) -> anyhow::Re
 }
 
 /// `cluster up`: starts `cluster run` detached, waits until it is ready, prints the kubeconfig.
-pub fn up_background(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()> {
+pub fn up_background(
+    dir: &Path,
+    nodes: usize,
+    chart: bool,
+    containerd: &str,
+) -> anyhow::Result<()> {
     if dir.join("state.json").exists() {
         bail!(
             "{} holds a cluster already; run `podmig-e2e cluster down --dir {}` first",
@@ -1184,6 +1258,7 @@ pub fn up_background(dir: &Path, nodes: usize, chart: bool) -> anyhow::Result<()
         .args(["cluster", "run", "--nodes", &nodes.to_string(), "--dir"])
         .arg(dir)
         .args(chart.then_some("--chart"))
+        .args(["--containerd", containerd])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -14,6 +14,77 @@ use crate::{paths, process::Proc};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Which containerd a node runs: Debian 12's 1.6 with its runc 1.1 (configuration
+/// version 2), or 2.x with runc 1.2+ (configuration version 3; `scripts/setup` installs
+/// both under `/opt/podmig`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ContainerdVersion {
+    /// containerd 1.6, runc 1.1.
+    #[default]
+    V1,
+    /// containerd 2.x, runc 1.2+.
+    V2,
+}
+
+impl ContainerdVersion {
+    /// Parses `1` or `2`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s.trim() {
+            "1" => Ok(Self::V1),
+            "2" => Ok(Self::V2),
+            other => bail!("containerd version {other:?}: 1 or 2"),
+        }
+    }
+
+    /// The versions of a list such as `1,2` (node `i` gets entry `i % len`); empty: 1.
+    pub fn parse_list(s: &str) -> anyhow::Result<Vec<Self>> {
+        let v: Vec<Self> = s
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Self::parse)
+            .collect::<anyhow::Result<_>>()?;
+        Ok(if v.is_empty() { vec![Self::V1] } else { v })
+    }
+
+    /// The versions the environment asks every test cluster for (`PODMIG_E2E_CONTAINERD`,
+    /// e.g. `2` or `1,2`); 1 when unset.
+    pub fn from_env() -> anyhow::Result<Vec<Self>> {
+        Self::parse_list(&std::env::var("PODMIG_E2E_CONTAINERD").unwrap_or_default())
+    }
+
+    /// Directory of this version's containerd, shim and ctr.
+    pub fn bin_dir(self) -> PathBuf {
+        match self {
+            Self::V1 => PathBuf::from("/usr/bin"),
+            Self::V2 => paths::prefix().join("containerd2/usr/bin"),
+        }
+    }
+
+    /// The runc its nodes run.
+    pub fn runc(self) -> PathBuf {
+        match self {
+            Self::V1 => PathBuf::from("/usr/sbin/runc"),
+            Self::V2 => paths::prefix().join("runc/runc"),
+        }
+    }
+
+    /// What a kubelet reports as the node's `containerRuntimeVersion`.
+    pub fn runtime_version(self) -> String {
+        match self {
+            Self::V1 => "containerd://1.6.20".into(),
+            Self::V2 => "containerd://2.1.9".into(),
+        }
+    }
+
+    /// `PATH` of its containerd: its own shim first.
+    fn path(self) -> String {
+        match self {
+            Self::V1 => paths::RUNTIME_PATH.to_owned(),
+            Self::V2 => format!("{}:{}", self.bin_dir().display(), paths::RUNTIME_PATH),
+        }
+    }
+}
+
 /// Where and how a containerd instance runs.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerdOptions {
@@ -31,6 +102,8 @@ pub struct ContainerdOptions {
     /// The node's kubeconfig for podmig's CNI plugin: with it, `podmig-cni` is chained
     /// after the bridge and migration targets keep their source's address.
     pub cni_kubeconfig: Option<PathBuf>,
+    /// Which containerd (and runc) it is.
+    pub version: ContainerdVersion,
 }
 
 /// One containerd with everything it made; torn down (containers, sandboxes, network
@@ -44,6 +117,8 @@ pub struct Containerd {
     netns: Option<String>,
     cni_kubeconfig: Option<PathBuf>,
     node_fs: Option<crate::node_fs::NodeFs>,
+    hook_socket: PathBuf,
+    version: ContainerdVersion,
     proc: Option<Proc>,
 }
 
@@ -84,31 +159,59 @@ impl Containerd {
             netns: opts.netns.clone(),
             cni_kubeconfig: opts.cni_kubeconfig.clone(),
             node_fs: opts.node_fs.clone(),
+            hook_socket: opts.hook_socket.clone(),
+            version: opts.version,
             proc: None,
         };
         me.write_config()?;
-        let mut cmd = crate::node_fs::node_command(
-            "containerd",
-            opts.netns.as_deref(),
-            opts.node_fs.as_ref(),
-        );
-        cmd.arg("--config")
-            .arg(me.dir.join("config.toml"))
-            .env_clear()
-            .env("PATH", paths::RUNTIME_PATH)
-            .env("PODMIG_HOOK_SOCKET", &opts.hook_socket)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(me.dir.join("containerd.log"))?);
-        // Debugging aid: run podmig-runc over another runc (e.g. one under strace).
-        if let Some(runc) = std::env::var_os("PODMIG_RUNC_BINARY") {
-            cmd.env("PODMIG_RUNC_BINARY", runc);
-        }
-        me.proc = Some(Proc::spawn("containerd", cmd)?);
-        me.wait_ready()?;
+        me.spawn()?;
         for image in ["pause", "testapp"] {
             me.import(image)?;
         }
         Ok(me)
+    }
+
+    /// Starts the containerd process on the written configuration (its log appended to).
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut cmd = crate::node_fs::node_command(
+            self.version.bin_dir().join("containerd"),
+            self.netns.as_deref(),
+            self.node_fs.as_ref(),
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))?;
+        cmd.arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .env_clear()
+            .env("PATH", self.version.path())
+            .env("PODMIG_RUNC_BINARY", self.version.runc())
+            .env("PODMIG_HOOK_SOCKET", &self.hook_socket)
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Debugging aid: run podmig-runc over another runc (e.g. one under strace).
+        if let Some(runc) = std::env::var_os("PODMIG_RUNC_BINARY") {
+            cmd.env("PODMIG_RUNC_BINARY", runc);
+        }
+        self.proc = Some(Proc::spawn("containerd", cmd)?);
+        self.wait_ready()
+    }
+
+    /// Kills containerd with SIGKILL — its shims, and so the containers, live on — and
+    /// starts it again on the same state, as systemd restarts a crashed containerd.
+    /// Returns the new process's pid.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<Option<u32>> {
+        if let Some(mut p) = self.proc.take() {
+            if let Some(pid) = p.pid() {
+                crate::process::signal(pid, libc::SIGKILL);
+            }
+            p.stop(Duration::from_secs(5));
+        }
+        // The socket of the killed process stays on disk; the new one replaces it.
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn()?;
+        Ok(self.pid())
     }
 
     /// Imports image `podmig.local/<name>:latest` built by `scripts/build-images` (the
@@ -124,6 +227,11 @@ impl Containerd {
         ])
         .with_context(|| format!("importing {name} (did scripts/setup run?)"))?;
         Ok(())
+    }
+
+    /// Which containerd this is.
+    pub fn version(&self) -> ContainerdVersion {
+        self.version
     }
 
     /// The pid of the containerd process.
@@ -190,9 +298,84 @@ impl Containerd {
                 wrapper.display()
             );
         }
-        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
         let [(root, _), (state, _), (runc, _)] = self.dirs();
-        let config = format!(
+        let config = if self.version == ContainerdVersion::V2 {
+            format!(
+                r#"version = 3
+root = '{root}'
+state = '{state}'
+disabled_plugins = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs', 'io.containerd.snapshotter.v1.erofs', 'io.containerd.differ.v1.erofs', 'io.containerd.nri.v1.nri', 'io.containerd.tracing.processor.v1.otlp', 'io.containerd.internal.v1.tracing']
+[grpc]
+  address = '{sock}'
+[ttrpc]
+  address = '{sock}.ttrpc'
+[debug]
+  level = 'info'
+[plugins.'io.containerd.internal.v1.opt']
+  path = '{opt}'
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+  stream_server_port = '0'
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = '{pause}'
+[plugins.'io.containerd.cri.v1.runtime']
+  enable_cdi = false
+  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE).
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['{cni_bin}']
+    conf_dir = '{cni}'
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = 'runc'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = 'io.containerd.runc.v2'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        BinaryName = '{runc_bin}'
+        Root = '{runc}'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig]
+      runtime_type = 'io.containerd.runc.v2'
+      pod_annotations = ['podmig.dev/*']
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig.options]
+        BinaryName = '{wrapper}'
+        Root = '{runc}'
+"#,
+                root = root.display(),
+                state = state.display(),
+                sock = self.socket().display(),
+                opt = d.join("opt").display(),
+                pause = paths::PAUSE_IMAGE,
+                cni = cni.display(),
+                cni_bin = cni_bin.display(),
+                runc = runc.display(),
+                runc_bin = self.version.runc().display(),
+                wrapper = wrapper.display(),
+            )
+        } else {
+            self.config_v2(&root, &state, &runc, &cni, &cni_bin, &wrapper)
+        };
+        std::fs::write(d.join("config.toml"), config)?;
+        let (host_root, host_state, host_runc) = self.host_dirs();
+        for dir in [host_root, host_state, host_runc] {
+            std::fs::create_dir_all(dir)?;
+        }
+        self.write_cni(&cni)
+    }
+
+    /// containerd 1.6's configuration (version 2).
+    fn config_v2(
+        &self,
+        root: &Path,
+        state: &Path,
+        runc: &Path,
+        cni: &Path,
+        cni_bin: &Path,
+        wrapper: &Path,
+    ) -> String {
+        let d = self.dir.as_path();
+        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+        format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
@@ -238,12 +421,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             cni_bin = cni_bin.display(),
             runc = runc.display(),
             wrapper = wrapper.display(),
-        );
-        std::fs::write(d.join("config.toml"), config)?;
-        let (host_root, host_state, host_runc) = self.host_dirs();
-        for dir in [host_root, host_state, host_runc] {
-            std::fs::create_dir_all(dir)?;
-        }
+        )
+    }
+
+    /// The node's CNI network: the bridge, podmig's plugin when it has a kubeconfig, loopback.
+    fn write_cni(&self, cni: &Path) -> anyhow::Result<()> {
+        let d = self.dir.as_path();
         let mut plugins = vec![serde_json::json!({
             "type": "bridge", "bridge": self.bridge, "isGateway": true, "ipMasq": false,
             "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet}]], "routes": [{"dst": "0.0.0.0/0"}],
@@ -265,7 +448,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         Ok(())
     }
 
-    /// containerd 1.x reads CNI plugins from one directory: Debian's, and podmig's own.
+    /// One directory of CNI plugins (containerd 1.x reads one): Debian's, and podmig's own.
     fn cni_bin_dir(&self) -> anyhow::Result<PathBuf> {
         let dir = self.dir.join("cni-bin");
         std::fs::create_dir_all(&dir)?;
@@ -299,7 +482,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Runs `ctr` against this instance in the `k8s.io` namespace.
     pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("ctr")
+        let out = Command::new(self.version.bin_dir().join("ctr"))
             .arg("--address")
             .arg(self.socket())
             .args(["--namespace", "k8s.io"])
@@ -347,7 +530,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 cri.remove_all_sandboxes().await.ok()
             })
         });
-        let _ = cri.join();
+        // A containerd stuck on a sandbox must not hang the teardown: CRI gets 30 s, then
+        // the shims are stopped by pid below.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cri.is_finished() && Instant::now() < deadline {
+            #[allow(clippy::disallowed_methods)]
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if cri.is_finished() {
+            let _ = cri.join();
+        }
         shims.extend(self.shim_pids());
         shims.extend(shims_serving(&socket));
         // Containers CRI could not stop (containerd already gone): by their runc init pid.

@@ -89,6 +89,10 @@ pub struct DaemonOptions {
     pub checkpoint_budget_mib: Option<u64>,
     /// Its moves' bandwidth cap in MiB/s (default: none).
     pub move_bandwidth_mibps: Option<u64>,
+    /// The kubelet's runtime request timeout it is told, ms (default: the daemon's, 2 min).
+    pub runtime_request_timeout_ms: Option<u64>,
+    /// The runc it checkpoints and restores with (default: `runc` on its PATH).
+    pub runc_binary: Option<PathBuf>,
 }
 
 impl NodeDaemon {
@@ -211,6 +215,12 @@ impl NodeDaemon {
         if let Some(mib) = opts.checkpoint_budget_mib {
             cmd.arg("--checkpoint-budget-mib").arg(mib.to_string());
         }
+        if let Some(runc) = &opts.runc_binary {
+            cmd.arg("--runc-binary").arg(runc);
+        }
+        if let Some(ms) = opts.runtime_request_timeout_ms {
+            cmd.arg("--runtime-request-timeout-ms").arg(ms.to_string());
+        }
         if let Some(tls) = &opts.tls {
             cmd.arg("--tls-cert")
                 .arg(&tls.cert)
@@ -257,6 +267,12 @@ impl NodeDaemon {
     /// Starts the daemon again with its moves capped at `mibps` MiB/s.
     pub fn restart_with_bandwidth(&mut self, mibps: u64) -> anyhow::Result<()> {
         self.opts.move_bandwidth_mibps = Some(mibps);
+        self.restart()
+    }
+
+    /// Starts the daemon again told that the kubelet's runtime request timeout is `ms`.
+    pub fn restart_with_runtime_request_timeout(&mut self, ms: u64) -> anyhow::Result<()> {
+        self.opts.runtime_request_timeout_ms = Some(ms);
         self.restart()
     }
 

@@ -42,7 +42,63 @@ pub struct KubeletConfig {
     /// The API server's address as Pods reach it (`KUBERNETES_SERVICE_HOST`/`_PORT`,
     /// which in-cluster clients read).
     pub api_server: std::net::SocketAddr,
+    /// kubelet's `--runtime-request-timeout` (2 minutes unless a test shortens it).
+    pub runtime_request_timeout: RuntimeRequestTimeout,
+    /// The runtime's name and version for the Node's status (`containerd://1.6.20`).
+    pub runtime_version: String,
 }
+
+/// How long kubelet waits on one CRI call (`--runtime-request-timeout`, 2 minutes by
+/// default) before it gives up with `DeadlineExceeded`; shared, so a test can shorten it
+/// on a running node.
+#[derive(Debug, Clone)]
+pub struct RuntimeRequestTimeout(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Default for RuntimeRequestTimeout {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(120))
+    }
+}
+
+impl RuntimeRequestTimeout {
+    /// A timeout of `d`.
+    pub fn new(d: Duration) -> Self {
+        Self(std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+            d.as_millis() as u64,
+        )))
+    }
+
+    /// Sets it to `d` (calls started from now on).
+    pub fn set(&self, d: Duration) {
+        self.0
+            .store(d.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The timeout now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// Runs CRI call `what`, giving up after the timeout (plus `extra`: a stop's grace
+    /// period) as kubelet's context deadline does; the abandoned call is cancelled.
+    pub async fn within<T>(
+        &self,
+        what: &str,
+        extra: Duration,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(self.get() + extra, call).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => anyhow::bail!(
+                "{what}: rpc error: code = DeadlineExceeded desc = context deadline exceeded"
+            ),
+        }
+    }
+}
+
+/// How long kubelet's pod worker waits before it tries a failed sandbox or container
+/// creation again.
+pub const CREATE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Now, as Kubernetes writes times in status fields.
 pub(crate) fn now() -> String {
@@ -118,7 +174,7 @@ fn node_status(cfg: &KubeletConfig) -> Value {
         "daemonEndpoints": {"kubeletEndpoint": {"Port": crate::kubelet_logs::KUBELET_PORT}},
         "capacity": {"cpu": "2", "memory": "24Gi", "pods": "110"},
         "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "110"},
-        "nodeInfo": {"kubeletVersion": "v1.32.0-podmig-e2e", "containerRuntimeVersion": "containerd://1.6.20", "osImage": "Debian GNU/Linux 12",
+        "nodeInfo": {"kubeletVersion": "v1.32.0-podmig-e2e", "containerRuntimeVersion": cfg.runtime_version, "osImage": "Debian GNU/Linux 12",
                      "operatingSystem": "linux", "architecture": "amd64", "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
     }})
 }
@@ -190,7 +246,15 @@ struct PodWorker {
     volume_dirs: HashMap<String, PathBuf>,
     /// Its containers' readiness and liveness probes.
     probes: crate::kubelet_pod::Probes,
+    /// Failed creations (a container's name, or `SANDBOX`) not to try again before the
+    /// back-off passed, with the failure the status keeps showing meanwhile.
+    backoff: HashMap<String, (std::time::Instant, &'static str, String)>,
+    /// The attempt number of the next sandbox (a failed one is removed, not reused).
+    sandbox_attempt: u32,
 }
+
+/// The back-off key of the Pod's sandbox.
+const SANDBOX: &str = "\0sandbox";
 
 impl PodWorker {
     fn new(client: kube::Client, cri: Cri, cfg: KubeletConfig) -> Self {
@@ -206,7 +270,35 @@ impl PodWorker {
             started_at: now(),
             volume_dirs: HashMap::new(),
             probes: Default::default(),
+            backoff: HashMap::new(),
+            sandbox_attempt: 0,
         }
+    }
+
+    /// The failure of `key` still backing off, if any.
+    fn backing_off(&mut self, key: &str) -> Option<(&'static str, String)> {
+        match self.backoff.get(key) {
+            Some((until, reason, message)) if std::time::Instant::now() < *until => {
+                Some((*reason, message.clone()))
+            }
+            Some(_) => {
+                self.backoff.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Records a failed creation of `key`: not tried again for [`CREATE_BACKOFF`].
+    fn back_off(&mut self, key: &str, reason: &'static str, message: &str) {
+        self.backoff.insert(
+            key.to_owned(),
+            (
+                std::time::Instant::now() + CREATE_BACKOFF,
+                reason,
+                message.to_owned(),
+            ),
+        );
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<PodEvent>) {
@@ -260,12 +352,21 @@ impl PodWorker {
         if phase == "Succeeded" || phase == "Failed" {
             return Ok(false);
         }
-        if self.sandbox.is_none()
-            && let Err(e) = self.start_sandbox(pod).await
-        {
-            self.report(pod, Some(("CreatePodSandboxError", e.to_string())))
-                .await?;
-            return Ok(false);
+        if self.sandbox.is_none() {
+            if let Some(problem) = self.backing_off(SANDBOX) {
+                self.report(pod, Some(problem)).await?;
+                return Ok(false);
+            }
+            if let Err(e) = self.start_sandbox(pod).await {
+                let message = e.to_string();
+                self.back_off(SANDBOX, "CreatePodSandboxError", &message);
+                // What the failed attempt left is removed; the next one is a new sandbox.
+                self.remove_sandboxes_of(pod).await;
+                self.sandbox_attempt += 1;
+                self.report(pod, Some(("CreatePodSandboxError", message)))
+                    .await?;
+                return Ok(false);
+            }
         }
         let spec = pod.spec.clone().unwrap_or_default();
         if !self.init_done {
@@ -303,14 +404,73 @@ impl PodWorker {
                     restart.then_some(r.restarts as u32 + 1)
                 }
             };
-            if let Some(attempt) = attempt
-                && let Err(e) = self.start_attempt(pod, c, attempt).await
-            {
-                problem = Some(("CreateContainerError", e.to_string()));
+            let Some(attempt) = attempt else { continue };
+            if let Some(p) = self.backing_off(&c.name) {
+                problem = Some(p);
+                continue;
+            }
+            if self.adopt(pod, c).await {
+                continue;
+            }
+            if let Err(e) = self.start_attempt(pod, c, attempt).await {
+                let message = e.to_string();
+                self.back_off(&c.name, "CreateContainerError", &message);
+                problem = Some(("CreateContainerError", message));
             }
         }
         self.report(pod, problem).await?;
         Ok(false)
+    }
+
+    /// A container of the Pod that runs although its start call failed (the call timed
+    /// out while the runtime went on): taken as the running one, as kubelet's PLEG finds it.
+    async fn adopt(&mut self, pod: &Pod, c: &Container) -> bool {
+        if !self.next_attempt.contains_key(&c.name) {
+            return false; // never failed: nothing unseen can run
+        }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let Ok(all) = self.cri.clone().containers().await else {
+            return false;
+        };
+        let running = all.into_iter().find(|x| {
+            x.state() == cri::ContainerState::ContainerRunning
+                && x.labels.get("io.kubernetes.pod.uid") == Some(&uid)
+                && x.metadata.as_ref().is_some_and(|m| m.name == c.name)
+                && !self.containers.values().any(|r| r.id == x.id)
+        });
+        let Some(found) = running else {
+            return false;
+        };
+        let attempt = found.metadata.as_ref().map_or(0, |m| m.attempt);
+        tracing::info!(pod = ?pod.metadata.name, container = %c.name, id = %found.id,
+            "a container whose start failed runs: adopted");
+        self.containers.insert(
+            c.name.clone(),
+            Running {
+                id: found.id,
+                restarts: attempt as i32,
+                started: std::time::Instant::now(),
+            },
+        );
+        true
+    }
+
+    /// Removes every sandbox of the Pod the runtime holds (after a failed creation).
+    async fn remove_sandboxes_of(&mut self, pod: &Pod) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let mut cri = self.cri.clone();
+        let Ok(list) = cri
+            .runtime
+            .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+            .await
+        else {
+            return;
+        };
+        for s in list.into_inner().items {
+            if s.metadata.as_ref().is_some_and(|m| m.uid == uid) {
+                let _ = cri.remove_pod(&s.id).await;
+            }
+        }
     }
 
     async fn handler(&self, pod: &Pod) -> anyhow::Result<String> {
@@ -354,7 +514,7 @@ impl PodWorker {
                 name: name.clone(),
                 uid,
                 namespace: ns,
-                attempt: 0,
+                attempt: self.sandbox_attempt,
             }),
             // A host-network Pod keeps the node's hostname (its UTS namespace is the node's).
             hostname: if spec.host_network == Some(true) {
@@ -377,14 +537,19 @@ impl PodWorker {
         };
         let handler = self.handler(pod).await?;
         let mut cri = self.cri.clone();
-        let id = cri
-            .runtime
-            .run_pod_sandbox(cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: handler,
-            })
+        let mut rt = cri.runtime.clone();
+        let id = self
+            .cfg
+            .runtime_request_timeout
+            .within(
+                "RunPodSandbox",
+                Duration::ZERO,
+                rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                    config: Some(config.clone()),
+                    runtime_handler: handler,
+                }),
+            )
             .await?
-            .into_inner()
             .pod_sandbox_id;
         // A Pod on the host network has the node's address.
         let ip = if spec.host_network == Some(true) {
@@ -522,20 +687,27 @@ impl PodWorker {
             present,
             "image {image:?} is not present on the node (nothing can be pulled here)"
         );
-        let id = cri
-            .runtime
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: sandbox_id,
-                config: Some(config),
-                sandbox_config: Some(sandbox_config),
-            })
+        let timeout = self.cfg.runtime_request_timeout.clone();
+        let id = timeout
+            .within(
+                "CreateContainer",
+                Duration::ZERO,
+                cri.runtime.create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: sandbox_id,
+                    config: Some(config),
+                    sandbox_config: Some(sandbox_config),
+                }),
+            )
             .await?
-            .into_inner()
             .container_id;
-        cri.runtime
-            .start_container(cri::StartContainerRequest {
-                container_id: id.clone(),
-            })
+        timeout
+            .within(
+                "StartContainer",
+                Duration::ZERO,
+                cri.runtime.start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                }),
+            )
             .await?;
         Ok(id)
     }
@@ -687,16 +859,23 @@ impl PodWorker {
         let ids: Vec<String> = self.containers.values().map(|r| r.id.clone()).collect();
         {
             let cri = self.cri.clone();
-            // Stop containers in parallel, each with the full grace period, as kubelet does.
+            // Stop containers in parallel, each with the full grace period, as kubelet does
+            // (its CRI deadline then is the runtime request timeout plus the grace period).
             let stops = ids.iter().map(|id| {
                 let mut rt = cri.runtime.clone();
                 let id = id.clone();
+                let timeout = self.cfg.runtime_request_timeout.clone();
                 async move {
-                    rt.stop_container(cri::StopContainerRequest {
-                        container_id: id,
-                        timeout: grace,
-                    })
-                    .await
+                    timeout
+                        .within(
+                            "StopContainer",
+                            Duration::from_secs(grace as u64),
+                            rt.stop_container(cri::StopContainerRequest {
+                                container_id: id,
+                                timeout: grace,
+                            }),
+                        )
+                        .await
                 }
             });
             for r in futures::future::join_all(stops).await {
@@ -708,9 +887,11 @@ impl PodWorker {
         if !ids.is_empty() {
             let _ = self.report(pod, None).await;
         }
-        if let Some((id, _, _)) = self.sandbox.take() {
+        // The sandbox is forgotten only once its removal succeeded (a retry removes it).
+        if let Some((id, _, _)) = self.sandbox.clone() {
             let mut cri = self.cri.clone();
             cri.remove_pod(&id).await?;
+            self.sandbox = None;
         }
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         crate::kubelet_volumes::tear_down(&self.cfg.volumes, &uid);
@@ -729,6 +910,42 @@ pub fn cpu_shares(q: &str) -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cri_call_past_the_runtime_request_timeout_fails_with_deadline_exceeded() {
+        let t = RuntimeRequestTimeout::new(Duration::from_millis(50));
+        let started = std::time::Instant::now();
+        let never = std::future::pending::<Result<tonic::Response<()>, tonic::Status>>();
+        let err = t
+            .within("StartContainer", Duration::ZERO, never)
+            .await
+            .expect_err("a call that never answers must give up");
+        assert!(
+            err.to_string().contains("StartContainer")
+                && err.to_string().contains("DeadlineExceeded"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A stop's grace period comes on top; a quick answer passes through.
+        t.set(Duration::from_millis(10));
+        let slow = async {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            Ok::<_, tonic::Status>(tonic::Response::new(7))
+        };
+        let v = t
+            .within("StopContainer", Duration::from_millis(200), slow)
+            .await
+            .expect("within timeout plus grace");
+        assert_eq!(v, 7);
+        let refused = async { Err::<tonic::Response<()>, _>(tonic::Status::unknown("refused")) };
+        let err = t
+            .within("CreateContainer", Duration::ZERO, refused)
+            .await
+            .expect_err("the runtime's error passes through");
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+
     #[test]
     fn cpu_shares_follow_kubelet() {
         assert_eq!(super::cpu_shares("1"), 1024);

@@ -2,6 +2,11 @@
 
 use std::path::PathBuf;
 
+/// Where `scripts/setup` installs (`PODMIG_PREFIX`, default `/opt/podmig`).
+pub fn prefix() -> PathBuf {
+    std::env::var_os("PODMIG_PREFIX").map_or_else(|| PathBuf::from("/opt/podmig"), PathBuf::from)
+}
+
 /// Images built by `scripts/setup` (`scripts/build-images`).
 pub fn images_dir() -> PathBuf {
     std::env::var_os("PODMIG_IMAGES")

@@ -3,11 +3,13 @@
 //! with one fault injected at a random moment after its Migration is created — the
 //! source's or the target's node daemon killed (SIGKILL; its supervisor restarts it), the
 //! controller killed and started again, the source node cut off from the API server and
-//! the target for 1–4 s, or none — and after each the invariants checked: the Migration
+//! the target for 1–4 s, containerd killed on the source or the target node (its shims
+//! and containers live on) and started again, the API server down for 1–4 s, or none — and after each the invariants checked: the Migration
 //! ends, exactly one copy of the app answers, its count never went back (a restart would
 //! count from 1; only a lazy move whose Migration says the in-memory state is lost may
 //! start over, the post-copy policy), and no checkpoint file, CRIU page server or Pod
-//! network namespace is left on any node beyond the one copy's. Prints a table of fault ×
+//! network namespace is left on any node beyond the one copy's, and no kill is held back
+//! from the kubelet. Prints a table of fault ×
 //! outcome.
 
 use std::{collections::BTreeMap, time::Duration};
@@ -35,15 +37,24 @@ pub enum Fault {
     Controller,
     /// The source node cut off from the API server and the target for 1–4 s.
     LinkCut,
+    /// The source node's containerd killed (SIGKILL) and started again.
+    SourceContainerd,
+    /// The target node's containerd killed (SIGKILL) and started again.
+    TargetContainerd,
+    /// The API server down for 1–4 s (connections and watches dropped, objects kept).
+    ApiServerDown,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 8] = [
         Fault::None,
         Fault::SourceDaemon,
         Fault::TargetDaemon,
         Fault::Controller,
         Fault::LinkCut,
+        Fault::SourceContainerd,
+        Fault::TargetContainerd,
+        Fault::ApiServerDown,
     ];
 
     fn name(self) -> &'static str {
@@ -53,6 +64,9 @@ impl Fault {
             Fault::TargetDaemon => "kill -9 target daemon",
             Fault::Controller => "kill -9 controller",
             Fault::LinkCut => "source node cut off 1-4 s",
+            Fault::SourceContainerd => "kill -9 source containerd",
+            Fault::TargetContainerd => "kill -9 target containerd",
+            Fault::ApiServerDown => "API server down 1-4 s",
         }
     }
 }
@@ -163,10 +177,29 @@ fn daemon_tails(c: &Cluster) -> String {
         .join("\n")
 }
 
+/// Node `n`'s `podmig_held_kills` gauge, read from its daemon's `/metrics` (None when
+/// the daemon does not answer, e.g. while it restarts).
+fn held_kills(c: &Cluster, n: usize, token: &str) -> Option<u64> {
+    let (code, body) = tokio::task::block_in_place(|| {
+        crate::daemon_api::curl(c, n, "GET", "/metrics", Some(token), None)
+    })
+    .ok()?;
+    (code == 200).then_some(())?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("podmig_held_kills "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
 /// Runs `moves` faulted moves (seeded by `seed`); returns every outcome, or the first
 /// broken invariant.
-pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<Outcome>> {
-    let mut c = Cluster::up_temp(2).await?;
+pub async fn run(
+    moves: usize,
+    sizes: &[u32],
+    seed: u64,
+    containerd: &[crate::containerd::ContainerdVersion],
+) -> anyhow::Result<Vec<Outcome>> {
+    let mut c = Cluster::up_temp_with(2, containerd).await?;
     c.install_crds()?;
     let mut controller = Some(c.start_controller("soak")?.0);
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
@@ -180,10 +213,13 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         wait_count(&pod_ip(&p), Duration::from_secs(120)).await?;
     }
     let mut rng = Rng(seed | 1);
+    let first_fault = rng.below(Fault::ALL.len() as u64) as usize;
+    let admin = c.token_for("soak-admin", &["system:masters", "system:authenticated"])?;
     let mut out = Vec::new();
     for i in 0..moves {
         let (name, mib) = apps[i % apps.len()].clone();
-        let fault = Fault::ALL[rng.below(Fault::ALL.len() as u64) as usize];
+        // Faults in turn from a seeded start: a short soak tries each at least once.
+        let fault = Fault::ALL[(first_fault + i) % Fault::ALL.len()];
         let at_ms = rng.below(if mib > 64 { 2500 } else { 1000 });
         let strategy = ["full", "lazy"][rng.below(2) as usize];
         let (pod, before) = the_one_copy(&pods, &name, Duration::from_secs(60)).await?;
@@ -214,6 +250,12 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
                 let cut = c.cut_off(src)?;
                 tokio::time::sleep(Duration::from_millis(1000 + rng.below(3000))).await;
                 cut.heal();
+            }
+            Fault::SourceContainerd => c.kill_containerd(src)?,
+            Fault::TargetContainerd => c.kill_containerd(dst)?,
+            Fault::ApiServerDown => {
+                let down = Duration::from_millis(1000 + rng.below(3000));
+                c.restart_apiserver(down).await?;
             }
         }
         let context = |what: String| {
@@ -278,6 +320,19 @@ pub async fn run(moves: usize, sizes: &[u32], seed: u64) -> anyhow::Result<Vec<O
         )
         .await
         .map_err(|e| context(format!("{e}: {:?}", c.pod_namespaces())))?;
+        // Nor a kill the daemons still hold back from the kubelet.
+        until("no held kill", Duration::from_secs(60), async || {
+            (0..c.nodes.len())
+                .all(|n| held_kills(&c, n, &admin) == Some(0))
+                .then_some(())
+        })
+        .await
+        .map_err(|e| {
+            let held: Vec<Option<u64>> = (0..c.nodes.len())
+                .map(|n| held_kills(&c, n, &admin))
+                .collect();
+            context(format!("{e}: podmig_held_kills per node {held:?}"))
+        })?;
         // A daemon killed again soon is restarted after the supervisor's back-off (10 s,
         // doubling up to 5 min, as kubelet's for a crashing container).
         for n in &c.nodes {

@@ -1730,3 +1730,58 @@ async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_termin
     );
     Ok(())
 }
+
+/// The kubelet gives up on a CRI call after its runtime request timeout; a target's create
+/// is such a call, held while the checkpoint travels. A move slower than that timeout must
+/// fail before it, cleanly: the hold ends in time, the Migration says why, the source runs
+/// on with its state, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_slower_than_the_kubelets_timeout_fails_cleanly_before_it() -> anyhow::Result<()> {
+    let (mut c, _ctl) = setup().await?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    c.apply(&mpod_yaml("slow", "'--mem-mib', '128'"))?;
+    let p0 = ready(&pods, "slow-0", Duration::from_secs(120)).await?;
+    let src = index_of(&c, &node_of(&p0));
+    let dst = 1 - src;
+    podmig_e2e::testapp::wait_count(&ip(&p0), Duration::from_secs(60)).await?;
+    // 128 MiB at 8 MiB/s: 16 s on the wire, twice the target kubelet's 8 s.
+    c.nodes[src].daemon.restart_with_bandwidth(8)?;
+    c.nodes[dst]
+        .runtime_request_timeout
+        .set(Duration::from_secs(8));
+    c.nodes[dst]
+        .daemon
+        .restart_with_runtime_request_timeout(8_000)?;
+    let before = get_count(&ip(&p0)).await?;
+    let started = std::time::Instant::now();
+    c.apply(&format!(
+        "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: slow}}\nspec: {{podName: slow-0, targetNode: {}, strategy: full, timeoutSeconds: 90}}\n",
+        c.nodes[dst].name
+    ))?;
+    let migs: Api<Migration> = Api::default_namespaced(c.client.clone());
+    let st = podmig_e2e::wait::migration_ended(&migs, "slow", Duration::from_secs(120))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    let took = started.elapsed();
+    let message = st.message.clone().unwrap_or_default();
+    eprintln!("slow move ended after {took:?}: {st:?}");
+    assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
+    assert!(
+        message.contains("runtime request timeout (8s)"),
+        "the Migration names the kubelet's timeout: {message}\n{}",
+        diagnostics(&c)
+    );
+    // Failed at the hold's bound (6 s after the create), not at the move's 90 s deadline.
+    assert!(took < Duration::from_secs(45), "failed only after {took:?}");
+    // One copy — the source — counting on from where it was.
+    let (pod, after) = podmig_e2e::soak::the_one_copy(&pods, "slow", Duration::from_secs(60))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", diagnostics(&c)))?;
+    assert_eq!(pod.name_any(), "slow-0", "the source is the copy that runs");
+    assert!(
+        after > before,
+        "the source kept its count: {before} -> {after}"
+    );
+    no_checkpoints_within(&c, 0..2, Duration::from_secs(60)).await?;
+    Ok(())
+}

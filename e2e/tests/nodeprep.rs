@@ -304,6 +304,7 @@ fn the_podmig_image_prepares_a_node_and_its_criu_runs() -> anyhow::Result<()> {
             network: None,
             node_fs: None,
             cni_kubeconfig: None,
+            version: Default::default(),
         },
     )?;
     containerd.ctr(&[

@@ -32,6 +32,15 @@ pub struct Settings {
     pub checkpoint_budget: u64,
     /// A move's bandwidth cap towards its target, MiB/s (0: none).
     pub move_bandwidth_mibps: u64,
+    /// The kubelet's runtime request timeout: how long it waits on a target's create.
+    pub runtime_request_timeout: Duration,
+}
+
+/// How long a target's held create may wait for its checkpoint: the kubelet's runtime
+/// request timeout less a quarter of it (at most 15 s), kept for the restore itself.
+pub fn create_share(runtime_request_timeout: Duration) -> Duration {
+    let kept = (runtime_request_timeout / 4).min(Duration::from_secs(15));
+    runtime_request_timeout.saturating_sub(kept)
 }
 
 /// The daemon's shared state: everything the workers and adapters use.
@@ -262,5 +271,19 @@ impl<E: CheckpointEngine> Node<E> {
     /// The cached Pod with `uid`, if it is bound to this node.
     pub fn pod(&self, uid: &str) -> Option<Pod> {
         lock(&self.pods).get(uid).cloned()
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn a_held_create_leaves_a_quarter_of_the_kubelets_timeout_at_most_15_s() {
+        let s = |t| create_share(Duration::from_secs(t)).as_secs();
+        assert_eq!(s(120), 105, "kubelet's default: 15 s kept for the restore");
+        assert_eq!(s(8), 6, "a short timeout keeps a quarter");
+        assert_eq!(s(40), 30);
+        assert_eq!(s(600), 585);
     }
 }

@@ -65,6 +65,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()
         node_name: cfg.node_name.clone().unwrap_or_default(),
         runc_root: cfg.runc_root.clone(),
         hold: Duration::from_millis(cfg.kill_hold_ms),
+        runtime_request_timeout: Duration::from_millis(cfg.runtime_request_timeout_ms),
         state_dir: cfg.state_dir.clone(),
         checkpoint_budget: cfg.checkpoint_budget_mib << 20,
         move_bandwidth_mibps: cfg.move_bandwidth_mibps,

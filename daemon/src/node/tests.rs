@@ -96,6 +96,7 @@ fn node_with(tmp: &Path, fail: bool, cannot_thaw: bool) -> Arc<Node<FakeEngine>>
                 node_name: "n1".into(),
                 runc_root: tmp.join("runc"),
                 hold: Duration::from_secs(5),
+                runtime_request_timeout: Duration::from_secs(120),
                 state_dir: tmp.join("state"),
                 checkpoint_budget: 1 << 40,
                 move_bandwidth_mibps: 0,

@@ -48,6 +48,9 @@ pub struct ApiServer {
     denied: Arc<std::sync::Mutex<Vec<String>>>,
     handle: axum_server::Handle<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
+    /// What a restart serves again: the routes (over the same state) and the TLS setup.
+    app: axum::Router,
+    tls: axum_server::tls_rustls::RustlsConfig,
 }
 
 /// How to start the server.
@@ -105,17 +108,7 @@ impl ApiServer {
             denied: denied.clone(),
         });
         let app = axum::Router::new().fallback(http::handle).with_state(state);
-        let handle = axum_server::Handle::new();
-        let listener = std::net::TcpListener::bind(opts.listen)
-            .with_context(|| format!("bind {}", opts.listen))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let server = axum_server::from_tcp_rustls(listener, config)?.handle(handle.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = server.serve(app.into_make_service()).await {
-                tracing::error!(%error, "API server stopped");
-            }
-        });
+        let (addr, handle, task) = serve(opts.listen, app.clone(), config.clone())?;
         let kubeconfig = opts.dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &format!("https://{addr}"), &ca, &admin_token)?;
         Ok(Self {
@@ -128,7 +121,23 @@ impl ApiServer {
             denied,
             handle,
             task,
+            app,
+            tls: config,
         })
+    }
+
+    /// Goes down for `down` and comes back on the same address: every connection and
+    /// watch is dropped, the objects and their resource versions stay (as etcd keeps
+    /// them across a kube-apiserver restart), so clients must relist or resume.
+    pub async fn restart(&mut self, down: Duration) -> anyhow::Result<()> {
+        self.handle.shutdown();
+        let _ = (&mut self.task).await;
+        tokio::time::sleep(down).await;
+        let (addr, handle, task) = serve(self.addr, self.app.clone(), self.tls.clone())?;
+        self.addr = addr;
+        self.handle = handle;
+        self.task = task;
+        Ok(())
     }
 
     /// `https://addr`.
@@ -173,6 +182,29 @@ impl Drop for ApiServer {
     }
 }
 
+/// Binds `listen` and serves `app` over TLS on a task of its own.
+fn serve(
+    listen: SocketAddr,
+    app: axum::Router,
+    tls: axum_server::tls_rustls::RustlsConfig,
+) -> anyhow::Result<(
+    SocketAddr,
+    axum_server::Handle<SocketAddr>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let handle = axum_server::Handle::new();
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
+    let task = tokio::spawn(async move {
+        if let Err(error) = server.serve(app.into_make_service()).await {
+            tracing::error!(%error, "API server stopped");
+        }
+    });
+    Ok((addr, handle, task))
+}
+
 /// Writes a kubeconfig for `server` trusting `ca` and authenticating with `token`.
 pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> anyhow::Result<()> {
     let text = format!(
@@ -183,4 +215,52 @@ pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> an
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{PostParams, WatchParams};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_drops_every_watch_and_keeps_every_object() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut server = ApiServer::start(Options {
+            listen: "127.0.0.1:0".parse()?,
+            extra_sans: vec![],
+            dir: dir.path().to_path_buf(),
+            bookmark_interval: Duration::from_secs(60),
+        })
+        .await?;
+        let client = crate::cluster::client_from(&server.kubeconfig).await?;
+        let maps: kube::Api<ConfigMap> = kube::Api::default_namespaced(client.clone());
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some("kept".into());
+        let made = maps.create(&PostParams::default(), &cm).await?;
+        let rv = made.metadata.resource_version.clone();
+        let mut watch = maps
+            .watch(&WatchParams::default(), rv.as_deref().unwrap_or("0"))
+            .await?
+            .boxed();
+        let addr = server.addr;
+        server.restart(Duration::from_millis(300)).await?;
+        assert_eq!(server.addr, addr, "back on the same address");
+        // The watch's connection is gone: its stream ends (or errs) instead of hanging.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match watch.next().await {
+                    None | Some(Err(_)) => return,
+                    Some(Ok(_)) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the watch outlived the restart");
+        let again = maps.get("kept").await?;
+        assert_eq!(again.metadata.resource_version, rv);
+        Ok(())
+    }
 }

@@ -1,6 +1,7 @@
 //! `podmig-e2e`: the demo and the benchmarks of the local test bed.
 
 use clap::{Parser, Subcommand};
+use podmig_e2e::containerd::ContainerdVersion;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +48,9 @@ enum Command {
         /// Seed of the faults and their moments (printed; a run is replayed from it).
         #[arg(long)]
         seed: Option<u64>,
+        /// The two nodes' containerd, as for `cluster up` (`1,2`: a 1.6 node and a 2.x node).
+        #[arg(long, default_value = "1,2")]
+        containerd: String,
     },
     /// `cluster up`/`down` times, the API server's watch latency, and a node's drain
     /// (MigratingPods through the eviction webhook within the limits, against one move
@@ -119,6 +123,10 @@ enum ClusterAction {
         /// instead of running the daemons and the controller as processes.
         #[arg(long)]
         chart: bool,
+        /// The nodes' containerd: `1` (1.6 with runc 1.1), `2` (2.x with runc 1.3), or a
+        /// list such as `1,2` (node i takes entry i modulo its length).
+        #[arg(long, default_value = "1")]
+        containerd: String,
     },
     /// Stop the cluster and remove everything it made.
     Down,
@@ -130,6 +138,9 @@ enum ClusterAction {
         /// As for `up`.
         #[arg(long)]
         chart: bool,
+        /// As for `up`.
+        #[arg(long, default_value = "1")]
+        containerd: String,
     },
 }
 
@@ -196,12 +207,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cluster { action, dir } => match action {
-            ClusterAction::Up { nodes, chart } => {
-                podmig_e2e::cluster::up_background(&dir, nodes, chart)
+            ClusterAction::Up {
+                nodes,
+                chart,
+                containerd,
+            } => {
+                ContainerdVersion::parse_list(&containerd)?;
+                podmig_e2e::cluster::up_background(&dir, nodes, chart, &containerd)
             }
             ClusterAction::Down => tokio::task::block_in_place(|| podmig_e2e::cluster::sweep(&dir)),
-            ClusterAction::Run { nodes, chart } => {
-                podmig_e2e::cluster::run_foreground(&dir, nodes, chart).await
+            ClusterAction::Run {
+                nodes,
+                chart,
+                containerd,
+            } => {
+                let versions = ContainerdVersion::parse_list(&containerd)?;
+                podmig_e2e::cluster::run_foreground(&dir, nodes, chart, &versions).await
             }
         },
         Command::BenchCluster {
@@ -215,14 +236,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             podmig_e2e::bench_drain::run(runs, drain_pods, drain_mib).await
         }
-        Command::Soak { moves, sizes, seed } => {
+        Command::Soak {
+            moves,
+            sizes,
+            seed,
+            containerd,
+        } => {
+            let versions = ContainerdVersion::parse_list(&containerd)?;
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64)
             });
-            println!("soak: {moves} moves, sizes {sizes:?} MiB, seed {seed}");
-            let outcomes = podmig_e2e::soak::run(moves, &sizes, seed).await?;
+            println!(
+                "soak: {moves} moves, sizes {sizes:?} MiB, seed {seed}, containerd {containerd}"
+            );
+            let outcomes = podmig_e2e::soak::run(moves, &sizes, seed, &versions).await?;
             print!("{}", podmig_e2e::soak::table(&outcomes));
             println!("podmig-soak moves={} seed={seed} result=ok", outcomes.len());
             Ok(())

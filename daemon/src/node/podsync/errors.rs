@@ -99,6 +99,25 @@ pub enum FetchError {
     /// Its listening socket could not be shared with the tunnel.
     #[error("the lazy-pages daemon's socket: {0}")]
     LazySocket(#[from] std::io::Error),
+    /// The checkpoint did not arrive within the part of the kubelet's runtime request
+    /// timeout a held create may wait.
+    #[error(
+        "the checkpoint did not arrive within {}s, the part of the kubelet's runtime request \
+         timeout ({}s) a target's create may be held (a quarter, at most 15 s, is kept for \
+         the restore); the move is too slow for this timeout (raise kubelet's \
+         --runtime-request-timeout with the daemon's --runtime-request-timeout-ms, or move \
+         less memory): {cause}",
+        share.as_secs(),
+        timeout.as_secs()
+    )]
+    KubeletTimeout {
+        /// How long the create was held.
+        share: std::time::Duration,
+        /// The kubelet's timeout.
+        timeout: std::time::Duration,
+        /// What the fetch saw when it gave up.
+        cause: Box<FetchError>,
+    },
     /// The runtime stopped waiting for the checkpoint.
     #[error("the target's runtime stopped waiting for the checkpoint")]
     RuntimeGone,

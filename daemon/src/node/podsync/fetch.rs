@@ -67,6 +67,30 @@ pub(super) struct Incoming {
     pub(super) strategy: Strategy,
     /// `auto`: the downtime budget, ms.
     pub(super) max_downtime_ms: u32,
+    /// Set when the kubelet's runtime request timeout, not the move's, bounds `deadline`:
+    /// the part of it the create may wait, and the timeout.
+    pub(super) kubelet_bound: Option<(Duration, Duration)>,
+}
+
+impl Incoming {
+    /// Why the checkpoint did not come: past a deadline the kubelet's timeout set, the
+    /// failure says so (the cause alone would only name a broken transfer).
+    fn explain(&self, cause: FetchError) -> FetchError {
+        match self.kubelet_bound {
+            // The source is given whole seconds (rounded down): it may give up to a
+            // second before this deadline.
+            Some((share, timeout))
+                if Instant::now() + Duration::from_millis(1500) >= self.deadline =>
+            {
+                FetchError::KubeletTimeout {
+                    share,
+                    timeout,
+                    cause: Box::new(cause),
+                }
+            }
+            _ => cause,
+        }
+    }
 }
 
 impl<E: CheckpointEngine> PodWorker<E> {
@@ -97,7 +121,8 @@ impl<E: CheckpointEngine> PodWorker<E> {
         self.kept_ip = self.address_taken_over(&c, incoming.source_node.as_deref());
         let arrival = match self.arrival(&c, &incoming) {
             Ok(a) if reply.is_closed() => Err(self.nobody_restores(a)),
-            other => other,
+            Err(cause) => Err(incoming.explain(cause)),
+            ok => ok,
         };
         match arrival {
             Err(reason) => self.refuse_arrival(&c, mv, reason, reply),
@@ -126,14 +151,26 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     .unwrap_or_else(|| self.uid.clone()),
             ),
         };
+        // The kubelet gives up on this create after its runtime request timeout: the
+        // checkpoint must be here in time for the restore to fit in it too.
+        let timeout = self.node.settings.runtime_request_timeout;
+        let share = crate::node::shared::create_share(timeout);
+        let of_move = deadline_from(
+            ann.get(ANNOTATION_MIGRATION_DEADLINE),
+            self.node.settings.hold,
+        );
+        let of_kubelet = Instant::now() + share;
+        let (deadline, kubelet_bound) = if of_kubelet < of_move {
+            (of_kubelet, Some((share, timeout)))
+        } else {
+            (of_move, None)
+        };
         Ok(Incoming {
             id: if id.is_empty() { self.uid.clone() } else { id },
             source_uid,
             source_node,
-            deadline: deadline_from(
-                ann.get(ANNOTATION_MIGRATION_DEADLINE),
-                self.node.settings.hold,
-            ),
+            deadline,
+            kubelet_bound,
             // No annotation: the controller asked for `full`.
             strategy: ann
                 .get(ANNOTATION_MIGRATION_STRATEGY)
