@@ -395,7 +395,7 @@ impl Cluster {
         if let (Some(api), Some(first)) = (cluster.apiserver.as_ref(), tls.first()) {
             api.set_kubelet_client(&std::fs::read(&first.ca)?, kubelet_token.clone())?;
         }
-        for i in 0..nodes {
+        for (i, &version) in versions.iter().enumerate() {
             let name = format!("node-{i}");
             let ndir = dir.join(&name);
             std::fs::create_dir_all(&ndir)?;
@@ -411,7 +411,7 @@ impl Cluster {
                     network: Some(("cni0".into(), network.pod_cidr(i))),
                     node_fs: Some(node_fs.clone()),
                     cni_kubeconfig: Some(kc.clone()),
-                    version: versions[i],
+                    version,
                 })
             })?;
             track_pid_in(dir, containerd.pid())?;
@@ -441,7 +441,7 @@ impl Cluster {
                     checkpoint_budget_mib: None,
                     move_bandwidth_mibps: None,
                     runtime_request_timeout_ms: None,
-                    runc_binary: Some(versions[i].runc()),
+                    runc_binary: Some(version.runc()),
                 })
             })?;
             let kclient = client_from(&kc).await?;
@@ -454,7 +454,7 @@ impl Cluster {
                 volumes: crate::kubelet_volumes::VolumeRoots::of(node_fs.clone()),
                 api_server: api.addr,
                 runtime_request_timeout: kubelet::RuntimeRequestTimeout::default(),
-                runtime_version: versions[i].runtime_version(),
+                runtime_version: version.runtime_version(),
             };
             let runtime_request_timeout = cfg.runtime_request_timeout.clone();
             let logs = match tls.get(i) {
