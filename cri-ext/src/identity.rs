@@ -185,9 +185,15 @@ pub fn running_containers(root: &Path, pod_uid: &str) -> Vec<(String, String)> {
     out
 }
 
-/// True while the init process runc recorded for a container still exists.
+/// True while the init process runc recorded for a container still runs (a zombie
+/// waiting for its shim to reap it has ended).
 fn is_running(state_dir: &Path) -> bool {
-    init_pid(state_dir).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    init_pid(state_dir).is_some_and(|pid| {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains("(zombie)"))
+        })
+    })
 }
 
 /// The host pid of a container's init process, from runc's state directory.

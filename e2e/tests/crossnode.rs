@@ -1211,16 +1211,24 @@ async fn a_failed_restore_of_one_container_rolls_back_the_whole_pod() -> anyhow:
         2,
         "sidecar resumed at the source"
     );
-    // And nowhere else: the target's restored app was stopped, its Pod goes.
+    // And nowhere else: the target's restored app was stopped, and the kubelet's restart
+    // of it is refused (no fresh copy starts in the target Pod) until the Pod goes.
     let target_root = c.nodes[index_of(&c, &other)].containerd.runc_root();
-    let leftovers: Vec<String> =
-        podmig_cri_ext::identity::running_containers(&target_root, &target_uid)
+    let mut leftovers: Vec<String> = Vec::new();
+    let watch_until = std::time::Instant::now() + Duration::from_secs(3);
+    while leftovers.is_empty() && std::time::Instant::now() < watch_until {
+        leftovers = podmig_cri_ext::identity::running_containers(&target_root, &target_uid)
             .into_iter()
             .map(|(_, n)| n)
             .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         leftovers.is_empty(),
-        "a restored container still runs on the target: {leftovers:?}"
+        "a restored container still runs on the target {other}: {leftovers:?}\n{}\n{}",
+        c.kubectl(&["get", "pods", "-o", "wide"])
+            .unwrap_or_default(),
+        diagnostics(&c)
     );
     until("target gone", Duration::from_secs(30), async || {
         pods.get_opt("split-1").await.ok()?.is_none().then_some(())

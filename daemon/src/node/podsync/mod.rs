@@ -277,6 +277,19 @@ impl<E: CheckpointEngine> PodWorker<E> {
             }));
             return;
         }
+        // A restored member of a failed multi-container move was stopped; the kubelet's
+        // restart of it must not start a fresh copy in the target Pod.
+        if let Some(why) = self
+            .group
+            .as_ref()
+            .filter(|_| target)
+            .and_then(|g| g.plan.failure())
+        {
+            let reason = format!("the move of this Pod failed: {why}");
+            tracing::info!(pod_uid = %self.uid, container = %name, %reason, "refusing create");
+            let _ = reply.send(Answer::Refuse(Refuse { reason }));
+            return;
+        }
         let state = self.moves.get(&name).cloned();
         match MoveState::create_answer(state.as_ref(), target) {
             CreateAnswer::Pass => {
