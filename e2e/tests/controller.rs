@@ -294,7 +294,14 @@ async fn migrate_on_delete_that_cannot_restore_anywhere_gives_up_to_a_fresh_pod(
                 .then_some(items)
         },
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        let seen = tokio::task::block_in_place(|| {
+            c.kubectl(&["get", "events", "-o", "wide"])
+                .unwrap_or_default()
+        });
+        anyhow::anyhow!("{e}; wanted {wanted:?}, the Events:\n{seen}")
+    })?;
     let lost = events
         .iter()
         .find(|e| e.reason.as_deref() == Some("MigrationStateLost"))
