@@ -175,7 +175,7 @@ fn node_status(cfg: &KubeletConfig) -> Value {
         "capacity": {"cpu": "2", "memory": "24Gi", "pods": "110"},
         "allocatable": {"cpu": "2", "memory": "24Gi", "pods": "110"},
         "nodeInfo": {"kubeletVersion": "v1.32.0-podmig-e2e", "containerRuntimeVersion": cfg.runtime_version, "osImage": "Debian GNU/Linux 12",
-                     "operatingSystem": "linux", "architecture": "amd64", "kernelVersion": "", "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
+                     "operatingSystem": "linux", "architecture": "amd64", "kernelVersion": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(), "kubeProxyVersion": "", "machineID": "", "systemUUID": "", "bootID": ""},
     }})
 }
 

@@ -97,7 +97,30 @@ fn node_cells(n: &Value) -> Vec<Value> {
                 .as_str()
                 .unwrap_or("")
         ),
+        json!(node_address(n, "InternalIP")),
+        json!(node_address(n, "ExternalIP")),
+        json!(node_info(n, "osImage")),
+        json!(node_info(n, "kernelVersion")),
+        json!(node_info(n, "containerRuntimeVersion")),
     ]
+}
+
+/// A Node's address of `kind`, `<none>` when it has none (as kubectl prints it).
+fn node_address(n: &Value, kind: &str) -> String {
+    n["status"]["addresses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["type"] == kind))
+        .and_then(|a| a["address"].as_str())
+        .unwrap_or("<none>")
+        .to_owned()
+}
+
+/// A field of a Node's `status.nodeInfo`, `<unknown>` when empty.
+fn node_info(n: &Value, field: &str) -> String {
+    match n["status"]["nodeInfo"][field].as_str() {
+        Some(v) if !v.is_empty() => v.to_owned(),
+        _ => "<unknown>".to_owned(),
+    }
 }
 
 fn event_cells(e: &Value) -> Vec<Value> {
@@ -299,6 +322,11 @@ fn layout(def: &ResourceDef) -> (Vec<Value>, Cells) {
             col("Roles", "string", 0),
             col("Age", "string", 0),
             col("Version", "string", 0),
+            col("Internal-IP", "string", 1),
+            col("External-IP", "string", 1),
+            col("OS-Image", "string", 1),
+            col("Kernel-Version", "string", 1),
+            col("Container-Runtime", "string", 1),
         ];
         return (cols, Box::new(node_cells));
     }
@@ -434,5 +462,23 @@ mod tests {
         let lease = json!({"metadata": {"name": "l"}, "spec": {"holderIdentity": "a"}});
         let t = table(&def("coordination.k8s.io", "leases"), &[lease], 1);
         assert_eq!(t["rows"][0]["cells"][1], "a");
+        // `kubectl get nodes -o wide`: addresses, OS, kernel and the container runtime.
+        let node = json!({"metadata": {"name": "node-1"}, "status": {
+            "addresses": [{"type": "InternalIP", "address": "10.1.0.11"}],
+            "nodeInfo": {"kubeletVersion": "v1.32.0", "osImage": "Debian GNU/Linux 12",
+                         "kernelVersion": "", "containerRuntimeVersion": "containerd://2.1.9"}}});
+        let t = table(&def("", "nodes"), &[node], 1);
+        let cells = &t["rows"][0]["cells"];
+        assert_eq!(cells[5], "10.1.0.11");
+        assert_eq!(cells[6], "<none>");
+        assert_eq!(cells[8], "<unknown>");
+        assert_eq!(cells[9], "containerd://2.1.9");
+        let wide = t["columnDefinitions"]
+            .as_array()
+            .expect("cols")
+            .iter()
+            .filter(|c| c["priority"] == 1)
+            .count();
+        assert_eq!(wide, 5);
     }
 }
