@@ -27,7 +27,7 @@ use crate::store::CheckpointStore;
 
 /// Engine that writes an inventory image after a delay, or fails; records resumes and
 /// discards of sources kept frozen.
-struct FakeEngine {
+pub(super) struct FakeEngine {
     delay: Duration,
     fail: bool,
     cannot_thaw: bool,
@@ -78,7 +78,7 @@ impl CheckpointEngine for FakeEngine {
     }
 }
 
-fn node(tmp: &Path, fail: bool) -> Arc<Node<FakeEngine>> {
+pub(super) fn node(tmp: &Path, fail: bool) -> Arc<Node<FakeEngine>> {
     node_with(tmp, fail, false)
 }
 

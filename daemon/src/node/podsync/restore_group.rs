@@ -245,3 +245,97 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::node::{group::TargetGroup, state::PodMoves};
+
+    /// A worker of a target Pod whose two-container move failed after `app` restored.
+    fn worker_after_a_failed_group(
+        tmp: &std::path::Path,
+    ) -> PodWorker<crate::node::tests::FakeEngine> {
+        let node = crate::node::tests::node(tmp, false);
+        let mut plan = TargetGroup::new(
+            "m1",
+            vec![
+                ("app".into(), tmp.join("app"), 1),
+                ("sidecar".into(), tmp.join("sidecar"), 1),
+            ],
+            Instant::now() + std::time::Duration::from_secs(30),
+        );
+        plan.take("app");
+        plan.record("app", "id-app", true, "", 5);
+        plan.take("sidecar");
+        let step = plan.record("sidecar", "id-sidecar", false, "CRIU: no such file", 5);
+        assert!(matches!(step, crate::node::group::Step::Failed { .. }));
+        let mut moves = PodMoves::default();
+        // The restored member ends as a target that arrived: a create alone would pass.
+        moves.begin_receive("app", "m1").expect("receive");
+        moves
+            .begin_restore("app", tmp.join("app"))
+            .expect("restore");
+        moves.restored("app", true).expect("restored");
+        PodWorker {
+            node,
+            uid: "target-uid".into(),
+            pod: None,
+            moves,
+            parked: Vec::new(),
+            pending: HashMap::new(),
+            group: Some(GroupMove {
+                plan,
+                handback: Handback::Group,
+                frozen_at: None,
+                report: MigrationReport::default(),
+                source_uid: "source-uid".into(),
+                namespace: "ns".into(),
+                pod: "web-1".into(),
+                mv: None,
+                filesystem: (0, 0),
+            }),
+            paging: None,
+            kept_ip: None,
+            gone: false,
+        }
+    }
+
+    fn create(w: &mut PodWorker<crate::node::tests::FakeEngine>, name: &str) -> Answer {
+        let (tx, mut rx) = oneshot::channel();
+        let c = ContainerIdentity {
+            container_id: format!("restart-{name}"),
+            pod_uid: "target-uid".into(),
+            pod_name: "web-1".into(),
+            pod_namespace: "ns".into(),
+            container_name: name.into(),
+            annotations: [(
+                podmig_api::ANNOTATION_MIGRATE_FROM.to_owned(),
+                "source-uid".to_owned(),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        w.on_create(c, tx);
+        rx.try_recv().expect("answered at once")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_group_refuses_the_kubelets_restart_of_a_member_that_had_restored() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut w = worker_after_a_failed_group(tmp.path());
+        for name in ["app", "sidecar"] {
+            match create(&mut w, name) {
+                Answer::Refuse(r) => assert!(
+                    r.reason.contains("the move of this Pod failed")
+                        && r.reason.contains("CRIU: no such file"),
+                    "{name}: {}",
+                    r.reason
+                ),
+                other => panic!("{name}: a fresh copy would start: {other:?}"),
+            }
+        }
+    }
+}
