@@ -894,6 +894,24 @@ impl Cluster {
         Ok(cut)
     }
 
+    /// The last `lines` lines of every node daemon's log, each under a `--- node-N daemon`
+    /// header (for a failed check's report).
+    pub fn daemon_log_tails(&self, lines: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let log = n.daemon.log();
+                let all: Vec<&str> = log.lines().collect();
+                format!(
+                    "--- {} daemon\n{}",
+                    n.name,
+                    all[all.len().saturating_sub(lines)..].join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Kills node `i`'s containerd (SIGKILL; shims and containers live on) and starts it
     /// again on the same state, as systemd would.
     pub fn kill_containerd(&mut self, i: usize) -> anyhow::Result<()> {

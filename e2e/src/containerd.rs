@@ -14,6 +14,87 @@ use crate::{paths, process::Proc};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// containerd 1.6's configuration (version 2); `{name}` placeholders are filled in by
+/// `Containerd::write_config`.
+const CONFIG_V2: &str = r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_cdi = false
+  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE); kubelet-style -998 fails.
+  restrict_oom_score_adj = true
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{cni_bin}"
+  conf_dir = "{cni}"
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "overlayfs"
+  default_runtime_name = "runc"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+  Root = "{runc}"
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podmig]
+  runtime_type = "io.containerd.runc.v2"
+  pod_annotations = ["podmig.dev/*"]
+[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podmig.options]
+  BinaryName = "{wrapper}"
+  Root = "{runc}"
+"#;
+
+/// containerd 2.x's configuration (version 3), with the same placeholders.
+const CONFIG_V3: &str = r#"version = 3
+root = '{root}'
+state = '{state}'
+disabled_plugins = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs', 'io.containerd.snapshotter.v1.erofs', 'io.containerd.differ.v1.erofs', 'io.containerd.nri.v1.nri', 'io.containerd.tracing.processor.v1.otlp', 'io.containerd.internal.v1.tracing']
+[grpc]
+  address = '{sock}'
+[ttrpc]
+  address = '{sock}.ttrpc'
+[debug]
+  level = 'info'
+[plugins.'io.containerd.internal.v1.opt']
+  path = '{opt}'
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+  stream_server_port = '0'
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = 'overlayfs'
+  [plugins.'io.containerd.cri.v1.images'.pinned_images]
+    sandbox = '{pause}'
+[plugins.'io.containerd.cri.v1.runtime']
+  enable_cdi = false
+  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE).
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['{cni_bin}']
+    conf_dir = '{cni}'
+  [plugins.'io.containerd.cri.v1.runtime'.containerd]
+    default_runtime_name = 'runc'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+      runtime_type = 'io.containerd.runc.v2'
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+        BinaryName = '{runc_bin}'
+        Root = '{runc}'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig]
+      runtime_type = 'io.containerd.runc.v2'
+      pod_annotations = ['podmig.dev/*']
+      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig.options]
+        BinaryName = '{wrapper}'
+        Root = '{runc}'
+"#;
+
 /// Which containerd a node runs: Debian 12's 1.6 with its runc 1.1 (configuration
 /// version 2), or 2.x with runc 1.2+ (configuration version 3; `scripts/setup` installs
 /// both under `/opt/podmig`).
@@ -49,7 +130,15 @@ impl ContainerdVersion {
     /// The versions the environment asks every test cluster for (`PODMIG_E2E_CONTAINERD`,
     /// e.g. `2` or `1,2`); 1 when unset.
     pub fn from_env() -> anyhow::Result<Vec<Self>> {
-        Self::parse_list(&std::env::var("PODMIG_E2E_CONTAINERD").unwrap_or_default())
+        Self::from_env_or(&[Self::V1])
+    }
+
+    /// As [`ContainerdVersion::from_env`], `default` when unset.
+    pub fn from_env_or(default: &[Self]) -> anyhow::Result<Vec<Self>> {
+        match std::env::var("PODMIG_E2E_CONTAINERD") {
+            Ok(list) => Self::parse_list(&list),
+            Err(_) => Ok(default.to_vec()),
+        }
     }
 
     /// Directory of this version's containerd, shim and ctr.
@@ -299,129 +388,31 @@ impl Containerd {
             );
         }
         let [(root, _), (state, _), (runc, _)] = self.dirs();
-        let config = if self.version == ContainerdVersion::V2 {
-            format!(
-                r#"version = 3
-root = '{root}'
-state = '{state}'
-disabled_plugins = ['io.containerd.snapshotter.v1.btrfs', 'io.containerd.snapshotter.v1.zfs', 'io.containerd.snapshotter.v1.devmapper', 'io.containerd.snapshotter.v1.aufs', 'io.containerd.snapshotter.v1.erofs', 'io.containerd.differ.v1.erofs', 'io.containerd.nri.v1.nri', 'io.containerd.tracing.processor.v1.otlp', 'io.containerd.internal.v1.tracing']
-[grpc]
-  address = '{sock}'
-[ttrpc]
-  address = '{sock}.ttrpc'
-[debug]
-  level = 'info'
-[plugins.'io.containerd.internal.v1.opt']
-  path = '{opt}'
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = 'overlayfs'
-  [plugins.'io.containerd.cri.v1.images'.pinned_images]
-    sandbox = '{pause}'
-[plugins.'io.containerd.cri.v1.runtime']
-  enable_cdi = false
-  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE).
-  restrict_oom_score_adj = true
-  [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = ['{cni_bin}']
-    conf_dir = '{cni}'
-  [plugins.'io.containerd.cri.v1.runtime'.containerd]
-    default_runtime_name = 'runc'
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-      runtime_type = 'io.containerd.runc.v2'
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-        BinaryName = '{runc_bin}'
-        Root = '{runc}'
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig]
-      runtime_type = 'io.containerd.runc.v2'
-      pod_annotations = ['podmig.dev/*']
-      [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.podmig.options]
-        BinaryName = '{wrapper}'
-        Root = '{runc}'
-"#,
-                root = root.display(),
-                state = state.display(),
-                sock = self.socket().display(),
-                opt = d.join("opt").display(),
-                pause = paths::PAUSE_IMAGE,
-                cni = cni.display(),
-                cni_bin = cni_bin.display(),
-                runc = runc.display(),
-                runc_bin = self.version.runc().display(),
-                wrapper = wrapper.display(),
-            )
-        } else {
-            self.config_v2(&root, &state, &runc, &cni, &cni_bin, &wrapper)
+        let template = match self.version {
+            ContainerdVersion::V1 => CONFIG_V2,
+            ContainerdVersion::V2 => CONFIG_V3,
         };
+        let values = [
+            ("root", root.display().to_string()),
+            ("state", state.display().to_string()),
+            ("sock", self.socket().display().to_string()),
+            ("opt", d.join("opt").display().to_string()),
+            ("pause", paths::PAUSE_IMAGE.to_owned()),
+            ("cni", cni.display().to_string()),
+            ("cni_bin", cni_bin.display().to_string()),
+            ("runc", runc.display().to_string()),
+            ("runc_bin", self.version.runc().display().to_string()),
+            ("wrapper", wrapper.display().to_string()),
+        ];
+        let config = values.iter().fold(template.to_owned(), |t, (k, v)| {
+            t.replace(&format!("{{{k}}}"), v)
+        });
         std::fs::write(d.join("config.toml"), config)?;
         let (host_root, host_state, host_runc) = self.host_dirs();
         for dir in [host_root, host_state, host_runc] {
             std::fs::create_dir_all(dir)?;
         }
         self.write_cni(&cni)
-    }
-
-    /// containerd 1.6's configuration (version 2).
-    fn config_v2(
-        &self,
-        root: &Path,
-        state: &Path,
-        runc: &Path,
-        cni: &Path,
-        cni_bin: &Path,
-        wrapper: &Path,
-    ) -> String {
-        let d = self.dir.as_path();
-        let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
-        format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[debug]
-  level = "info"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-[{cri}]
-  sandbox_image = "{pause}"
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  enable_cdi = false
-  # NB: this machine denies lowering oom_score_adj (no CAP_SYS_RESOURCE); kubelet-style -998 fails.
-  restrict_oom_score_adj = true
-[{cri}.cni]
-  bin_dir = "{cni_bin}"
-  conf_dir = "{cni}"
-[{cri}.containerd]
-  snapshotter = "overlayfs"
-  default_runtime_name = "runc"
-[{cri}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-[{cri}.containerd.runtimes.runc.options]
-  Root = "{runc}"
-[{cri}.containerd.runtimes.podmig]
-  runtime_type = "io.containerd.runc.v2"
-  pod_annotations = ["podmig.dev/*"]
-[{cri}.containerd.runtimes.podmig.options]
-  BinaryName = "{wrapper}"
-  Root = "{runc}"
-"#,
-            root = root.display(),
-            state = state.display(),
-            sock = self.socket().display(),
-            opt = d.join("opt").display(),
-            pause = paths::PAUSE_IMAGE,
-            cni = cni.display(),
-            cni_bin = cni_bin.display(),
-            runc = runc.display(),
-            wrapper = wrapper.display(),
-        )
     }
 
     /// The node's CNI network: the bridge, podmig's plugin when it has a kubeconfig, loopback.

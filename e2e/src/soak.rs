@@ -160,23 +160,6 @@ fn checkpoint_files(c: &Cluster) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// The last lines of every node daemon's log, for a broken invariant's report.
-fn daemon_tails(c: &Cluster) -> String {
-    c.nodes
-        .iter()
-        .map(|n| {
-            let log = n.daemon.log();
-            let lines: Vec<&str> = log.lines().collect();
-            format!(
-                "--- {} daemon\n{}",
-                n.name,
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Node `n`'s `podmig_held_kills` gauge, read from its daemon's `/metrics` (None when
 /// the daemon does not answer, e.g. while it restarts).
 fn held_kills(c: &Cluster, n: usize, token: &str) -> Option<u64> {
@@ -281,7 +264,7 @@ pub async fn run(
                     c.kubectl(&["get", "pods,mig", "-o", "wide"])
                         .unwrap_or_default()
                 });
-                context(format!("{e} ({end})\n{all}\n{}", daemon_tails(&c)))
+                context(format!("{e} ({end})\n{all}\n{}", c.daemon_log_tails(30)))
             })?;
         // A lazy target that ran loses the state when its pages cannot all arrive — the
         // policy, said by the Migration; the source never resumes then (never two). Any

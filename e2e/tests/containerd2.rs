@@ -58,19 +58,7 @@ async fn moves_between_a_containerd_1_node_and_a_containerd_2_node_keep_the_coun
         let st =
             podmig_e2e::wait::migration_ended(&migs, &format!("up-{i}"), Duration::from_secs(120))
                 .await?;
-        let logs: String = c
-            .nodes
-            .iter()
-            .map(|n| {
-                let log = n.daemon.log();
-                let lines: Vec<&str> = log.lines().collect();
-                format!(
-                    "--- {}\n{}\n",
-                    n.name,
-                    lines[lines.len().saturating_sub(30)..].join("\n")
-                )
-            })
-            .collect();
+        let logs = c.daemon_log_tails(30);
         assert_eq!(
             st.phase,
             Some(MigrationPhase::Succeeded),

@@ -83,19 +83,7 @@ async fn no_checkpoints_within(
 use podmig_e2e::paths::files_under as walk;
 
 fn diagnostics(c: &Cluster) -> String {
-    c.nodes
-        .iter()
-        .map(|n| {
-            let log = n.daemon.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            format!(
-                "--- {} daemon\n{}",
-                n.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    c.daemon_log_tails(40)
 }
 
 /// Starts a 768 MiB MigratingPod `name`, asks a Migration to move it to the other node

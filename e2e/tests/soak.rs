@@ -15,10 +15,8 @@ async fn ten_faulted_moves_keep_one_copy_with_its_count_and_leave_nothing() -> a
     let seed = 1_796_266_546_974_927_918;
     eprintln!("soak seed {seed} (podmig-e2e soak --moves 10 --sizes 16 --seed {seed} replays it)");
     // A containerd 1.6 node and a 2.x node, unless PODMIG_E2E_CONTAINERD says otherwise.
-    let containerd = match std::env::var("PODMIG_E2E_CONTAINERD") {
-        Ok(_) => ContainerdVersion::from_env()?,
-        Err(_) => vec![ContainerdVersion::V1, ContainerdVersion::V2],
-    };
+    let containerd =
+        ContainerdVersion::from_env_or(&[ContainerdVersion::V1, ContainerdVersion::V2])?;
     let outcomes = tokio::time::timeout(
         Duration::from_secs(900),
         podmig_e2e::soak::run(10, &[16], seed, &containerd),
