@@ -75,6 +75,18 @@ pub trait CheckpointEngine: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Asks CRIU whether container `id` can be checkpointed, before a move freezes it:
+    /// CRIU's real dump runs up to the first task's memory and is stopped there (its fault
+    /// injection `FI_DUMP_PAGES`), so everything it refuses in that task — a file, socket,
+    /// device, `io_uring` or namespace it cannot dump — fails exactly as the move would,
+    /// with CRIU's own words; the task tree is seized for that long (tens of ms, no memory
+    /// copied) and then runs on. `scratch` holds CRIU's images and log meanwhile and is
+    /// removed. `Ok(None)`: nothing blocks; `Ok(Some(why))`: CRIU's reason. Default:
+    /// nothing checked.
+    fn preflight(&self, _id: &str, _scratch: &Path) -> Result<Option<String>> {
+        Ok(None)
+    }
+
     /// Dumps container `id` into `opts.image_path` without its memory pages and serves
     /// them from a [`PageServer`] until a lazy restore has pulled them all. The container
     /// stays frozen (as with `keep_frozen`) whatever happens to the page server. Default:
@@ -156,8 +168,35 @@ pub fn log_tail(path: &Path) -> Option<String> {
     Some(format!("{}: {tail}{hint}", path.display()))
 }
 
+/// CRIU's fault `FI_DUMP_PAGES` (`CRIU_FAULT=3`): the dump fails where the first task's
+/// memory would be copied.
+pub const PREFLIGHT_FAULT: &str = "3";
+
+/// What CRIU logs when a preflight reached the injected fault: nothing before it failed.
+pub const PREFLIGHT_REACHED: &str = "fault: Dump VMA pages failure";
+
+/// The reason a preflight's CRIU log gives: its first error, with a hint when it is a
+/// known one.
+pub fn preflight_reason(log: &str) -> Option<String> {
+    let first = log
+        .lines()
+        .filter(|l| !l.contains("RLIMIT_NOFILE for self"))
+        .find_map(|l| l.split_once("Error (criu/").map(|(_, e)| e))?;
+    let what = first.split_once("): ").map_or(first, |(_, m)| m).trim();
+    Some(match known_cause(log) {
+        Some(hint) => format!("CRIU: {what} — {hint}"),
+        None => format!("CRIU: {what}"),
+    })
+}
+
 /// What a CRIU failure seen often means on a node, in words an operator can act on.
 pub fn known_cause(log: &str) -> Option<&'static str> {
+    if log.contains("anon_inode:[io_uring]") {
+        return Some(
+            "the process uses io_uring, which CRIU cannot checkpoint; turn it off in the \
+             application (MariaDB: innodb_use_native_aio=0)",
+        );
+    }
     (log.contains("Can't get rlimit") && log.contains("Operation not permitted")).then_some(
         "CRIU cannot read the resource limits of a process running as another user without \
          CAP_SYS_RESOURCE, which the checkpointing process lacks here (a privileged DaemonSet \
@@ -321,6 +360,35 @@ impl CheckpointEngine for Runc {
         killed.and(thawed).map(|_| ())
     }
 
+    fn preflight(&self, id: &str, scratch: &Path) -> Result<Option<String>> {
+        if scratch.exists() {
+            std::fs::remove_dir_all(scratch).map_err(|e| Error::io("remove", scratch, e))?;
+        }
+        create_private_dir(scratch)?;
+        let mut cmd = self.command();
+        // CRIU's fault injection: fail the dump where the first task's pages would be
+        // copied (criu/include/fault-injection.h; runc passes its environment to CRIU).
+        cmd.env("CRIU_FAULT", PREFLIGHT_FAULT)
+            .arg("checkpoint")
+            .arg("--leave-running")
+            .arg("--image-path")
+            .arg(scratch)
+            .arg("--work-path")
+            .arg(scratch)
+            .arg(id);
+        let log = scratch.join("dump.log");
+        let out = run(cmd, None);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(scratch);
+        match out {
+            Ok(_) => Ok(None),
+            Err(_) if text.contains(PREFLIGHT_REACHED) => Ok(None),
+            Err(e) => Ok(Some(
+                preflight_reason(&text).unwrap_or_else(|| e.to_string()),
+            )),
+        }
+    }
+
     fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
         let dir = &opts.image_path;
         if dir.exists() {
@@ -402,6 +470,25 @@ impl CheckpointEngine for Runc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_preflight_names_criu_s_first_error_with_its_hint() {
+        let log = "(00.001) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
+                   (00.05) Error (criu/files-ext.c:96): Can't dump file 600 of that type [7] (unknown anon_inode:[io_uring])\n\
+                   (00.06) Error (criu/cr-dump.c:1698): Dump files (pid: 1) failed with -1\n";
+        let why = preflight_reason(log).expect("a reason");
+        assert!(
+            why.starts_with(
+                "CRIU: Can't dump file 600 of that type [7] (unknown anon_inode:[io_uring])"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("innodb_use_native_aio=0"), "{why}");
+        assert_eq!(
+            preflight_reason("(00.01) Warn (criu/x.c:1): nothing\n"),
+            None
+        );
+    }
 
     #[test]
     fn private_dir_is_root_only() {

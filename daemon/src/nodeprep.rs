@@ -58,10 +58,11 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Pr
 }
 
 /// CRIU's settings for runc's checkpoints and restores (`/etc/criu/runc.conf`): the
-/// network locked in process, established TCP connections dumped and closed on restore
-/// (the Pod has a new address), connections still in a listen queue dropped. The same
+/// network locked in process, established TCP connections dumped (podmig-runc decides per
+/// restore whether they go on), connections still in a listen queue dropped, the file
+/// locks a process holds dumped and taken again (databases lock their files). The same
 /// body as `scripts/setup` writes on test machines.
-pub const RUNC_CONF: &str = "# podmig: CRIU settings for runc checkpoint/restore (scripts/setup)\nnetwork-lock nftables\ntcp-established\nskip-in-flight\n";
+pub const RUNC_CONF: &str = "# podmig: CRIU settings for runc checkpoint/restore (scripts/setup)\nnetwork-lock nftables\ntcp-established\nskip-in-flight\nfile-locks\n";
 
 /// The drop-in's name, in `/etc/containerd/conf.d/` or `/etc/crio/crio.conf.d/`.
 pub const DROPIN: &str = "podmig.toml";

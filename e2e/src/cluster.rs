@@ -455,6 +455,7 @@ impl Cluster {
                 api_server: api.addr,
                 runtime_request_timeout: kubelet::RuntimeRequestTimeout::default(),
                 runtime_version: version.runtime_version(),
+                user_namespaces: Default::default(),
             };
             let runtime_request_timeout = cfg.runtime_request_timeout.clone();
             let logs = match tls.get(i) {

@@ -8,7 +8,6 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
-    process::Command,
     time::Duration,
 };
 
@@ -19,6 +18,7 @@ use podmig_api::v1alpha1::MigrationPhase;
 
 use crate::{
     cluster::Cluster,
+    compat_load::{self, Seen, psql},
     wait::{node_of, pod_ip, until},
 };
 
@@ -46,18 +46,30 @@ pub struct Row {
     pub filesystem_bytes: u64,
     /// Time spent capturing it, ms.
     pub filesystem_ms: u64,
+    /// The client that worked through the move.
+    pub client: String,
+    /// Errors that client met during the move.
+    pub client_errors: u64,
+    /// The data check after the move (`passed: …` or `failed: …`).
+    pub data: String,
+    /// Whether the client's connections lasted (`yes`, `no`, `—` for none).
+    pub kept: String,
 }
 
 impl Row {
     /// The suite's output line for this move.
     pub fn line(&self) -> String {
         format!(
-            "podmig-compat app={} version={} move={:?} outcome={:?} frozen_ms={} filesystem_bytes={} filesystem_ms={} checked={:?}",
+            "podmig-compat app={} version={} move={:?} outcome={:?} frozen_ms={} client={:?} client_errors={} data={:?} kept={} filesystem_bytes={} filesystem_ms={} checked={:?}",
             self.app,
             self.version,
             self.mv,
             self.outcome,
             self.frozen_ms,
+            self.client,
+            self.client_errors,
+            self.data,
+            self.kept,
             self.filesystem_bytes,
             self.filesystem_ms,
             self.checked
@@ -70,6 +82,8 @@ struct App {
     name: &'static str,
     image: &'static str,
     port: u16,
+    /// Arguments after the image's entrypoint.
+    args: &'static [&'static str],
     /// What is checked after each move.
     checks: &'static str,
 }
@@ -79,24 +93,43 @@ const APPS: &[App] = &[
         name: "postgresql",
         image: "postgres",
         port: 5432,
-        checks: "1000 rows kept, postmaster start time unchanged, writes accepted",
+        args: &[],
+        checks: "1000 rows kept, postmaster start time unchanged, writes accepted after",
+    },
+    App {
+        name: "mariadb",
+        image: "mariadb",
+        port: 3306,
+        // Debian's MariaDB uses io_uring, which CRIU cannot dump (see `preflight_refusal`).
+        args: &["--innodb-use-native-aio=0"],
+        checks: "1000 rows kept, uptime went on, writes accepted after",
+    },
+    App {
+        name: "redis",
+        image: "redis",
+        port: 6379,
+        args: &[],
+        checks: "100 keys served, same run id, uptime went on",
     },
     App {
         name: "memcached",
         image: "memcached",
         port: 11211,
+        args: &[],
         checks: "100 keys served, same pid, uptime went on",
     },
     App {
         name: "app+sidecar",
         image: "testapp",
         port: 8080,
+        args: &[],
         checks: "both counts went on, the sidecar never lost the app's Unix socket in their shared emptyDir",
     },
     App {
         name: "nginx",
         image: "nginx",
         port: 80,
+        args: &[],
         checks: "same content, same worker PIDs",
     },
 ];
@@ -133,9 +166,10 @@ spec:
         );
     }
     format!(
-        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {n}}}\nspec:\n  migrationTimeoutSeconds: 90\n  template:\n    metadata: {{labels: {{app: {n}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: app\n        image: 'podmig.local/{i}:latest'\n",
+        "apiVersion: podmig.dev/v1alpha1\nkind: MigratingPod\nmetadata: {{name: {n}}}\nspec:\n  migrationTimeoutSeconds: 90\n  template:\n    metadata: {{labels: {{app: {n}}}}}\n    spec:\n      terminationGracePeriodSeconds: 5\n      containers:\n      - name: app\n        image: 'podmig.local/{i}:latest'\n        args: {a:?}\n",
         n = app.name,
         i = app.image,
+        a = app.args,
     )
 }
 
@@ -147,6 +181,13 @@ enum Before {
     },
     Memcached {
         pid: String,
+        uptime: u64,
+    },
+    Redis {
+        run_id: String,
+        uptime: u64,
+    },
+    Mariadb {
         uptime: u64,
     },
     Nginx {
@@ -162,20 +203,6 @@ enum Before {
 }
 
 // ---- clients -------------------------------------------------------------------------
-
-fn psql(ip: &str, sql: &str) -> anyhow::Result<String> {
-    let out = Command::new("psql")
-        .args([
-            "-h", ip, "-U", "postgres", "-d", "postgres", "-Atq", "-c", sql,
-        ])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .output()
-        .context("running psql (postgresql-client)")?;
-    if !out.status.success() {
-        bail!("psql: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
 
 fn connect(ip: &str, port: u16) -> anyhow::Result<TcpStream> {
     let addr = format!("{ip}:{port}").parse()?;
@@ -211,6 +238,37 @@ fn memcached_stat(ip: &str, key: &str) -> anyhow::Result<String> {
         .with_context(|| format!("no stat {key}"))
 }
 
+/// A field of Redis's `INFO server` (a bulk reply: `$<len>`, then the text).
+fn redis_info(ip: &str, key: &str) -> anyhow::Result<String> {
+    let mut s = connect(ip, 6379)?;
+    s.write_all(b"INFO server\r\nQUIT\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_owned())
+        .with_context(|| format!("no {key} in Redis's INFO"))
+}
+
+/// Sends Redis inline commands; returns the reply lines.
+fn redis(ip: &str, cmds: &str) -> anyhow::Result<Vec<String>> {
+    let mut s = connect(ip, 6379)?;
+    s.write_all(format!("{cmds}QUIT\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// MariaDB's `Uptime` status, seconds.
+fn mariadb_uptime(ip: &str) -> anyhow::Result<u64> {
+    let out = compat_load::mariadb(ip, "SHOW GLOBAL STATUS LIKE 'Uptime'")?;
+    out.split_whitespace()
+        .nth(1)
+        .context("no Uptime")?
+        .parse()
+        .context("Uptime")
+}
+
 /// `GET path` over HTTP/1.0: (headers, body).
 fn http_get(ip: &str, port: u16, path: &str) -> anyhow::Result<(String, String)> {
     let mut s = connect(ip, port)?;
@@ -244,6 +302,7 @@ async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
                 "CREATE TABLE moved (id serial PRIMARY KEY, note text); \
                  INSERT INTO moved (note) SELECT 'row ' || g FROM generate_series(1, 1000) g",
             )?;
+            compat_load::pgbench_init(&ip)?;
             let started = psql(&ip, "SELECT pg_postmaster_start_time()")?;
             let rows = psql(&ip, "SELECT count(*) FROM moved")?.parse()?;
             Ok((version, Before::Postgres { started, rows }))
@@ -272,6 +331,35 @@ async fn prepare(app: &App, ip: &str) -> anyhow::Result<(String, Before)> {
                     last,
                 },
             ))
+        }
+        "mariadb" => {
+            let version = until("mariadb ready", Duration::from_secs(60), async || {
+                compat_load::mariadb(&ip, "SELECT VERSION()").ok()
+            })
+            .await?;
+            compat_load::mariadb(
+                &ip,
+                "CREATE DATABASE moved; USE moved; CREATE TABLE t (id INT PRIMARY KEY, note TEXT); \
+                 INSERT INTO t SELECT seq, CONCAT('row ', seq) FROM seq_1_to_1000",
+            )?;
+            let uptime = mariadb_uptime(&ip)?;
+            Ok((version, Before::Mariadb { uptime }))
+        }
+        "redis" => {
+            let mut cmds = String::new();
+            for k in 0..100 {
+                cmds.push_str(&format!("SET key{k} v{k}\r\n"));
+            }
+            let replies = redis(&ip, &cmds)?;
+            anyhow::ensure!(
+                // One per SET, one for the QUIT.
+                replies.iter().filter(|l| *l == "+OK").count() == 101,
+                "Redis did not store the keys: {replies:?}"
+            );
+            let version = redis_info(&ip, "redis_version")?;
+            let run_id = redis_info(&ip, "run_id")?;
+            let uptime = redis_info(&ip, "uptime_in_seconds")?.parse()?;
+            Ok((version, Before::Redis { run_id, uptime }))
         }
         "memcached" => {
             let mut cmds = String::new();
@@ -375,6 +463,36 @@ async fn verify(ip: &str, before: &mut Before) -> anyhow::Result<()> {
             anyhow::ensure!(now_up >= *uptime, "uptime {now_up} < {uptime}: restarted");
             Ok(())
         }
+        Before::Redis { run_id, uptime } => {
+            let mut cmds = String::new();
+            for k in 0..100 {
+                cmds.push_str(&format!("GET key{k}\r\n"));
+            }
+            let replies = redis(ip, &cmds)?;
+            for k in 0..100 {
+                anyhow::ensure!(
+                    replies.get(k * 2 + 1) == Some(&format!("v{k}")),
+                    "key{k} lost or changed"
+                );
+            }
+            let now_id = redis_info(ip, "run_id")?;
+            anyhow::ensure!(
+                now_id == *run_id,
+                "run id {now_id}, was {run_id}: restarted"
+            );
+            let now_up: u64 = redis_info(ip, "uptime_in_seconds")?.parse()?;
+            anyhow::ensure!(now_up >= *uptime, "uptime {now_up} < {uptime}: restarted");
+            Ok(())
+        }
+        Before::Mariadb { uptime } => {
+            let rows: u64 = compat_load::mariadb(ip, "SELECT count(*) FROM moved.t")?.parse()?;
+            anyhow::ensure!(rows == 1000, "{rows} rows after the move, 1000 before");
+            let now_up = mariadb_uptime(ip)?;
+            anyhow::ensure!(now_up >= *uptime, "uptime {now_up} < {uptime}: restarted");
+            compat_load::mariadb(ip, "INSERT INTO moved.t VALUES (1001, 'after the move')")?;
+            compat_load::mariadb(ip, "DELETE FROM moved.t WHERE id = 1001")?;
+            Ok(())
+        }
         Before::Nginx { body, workers } => {
             let (body, workers) = (&*body, &*workers);
             let (_, now) = http_get(ip, 80, "/")?;
@@ -418,7 +536,29 @@ pub fn short_reason(message: &str) -> String {
     }
 }
 
-/// Runs one application through a same-node and a cross-node move.
+/// The client `app` keeps working during a move of the Pod at `ip`; `None` for the
+/// app+sidecar pair, whose client is its own sidecar (checked by [`verify`]).
+fn start_client(app: &App, ip: &str) -> Option<compat_load::Running> {
+    match app.image {
+        "postgres" => Some(compat_load::pgbench(ip, 8)),
+        "memcached" => Some(compat_load::kv_writer(compat_load::Kv::Memcached, ip)),
+        "redis" => Some(compat_load::kv_writer(compat_load::Kv::Redis, ip)),
+        "mariadb" => Some(compat_load::mariadb_writer(ip)),
+        "nginx" => Some(compat_load::download(ip)),
+        _ => None,
+    }
+}
+
+/// A node of the cluster other than `here`.
+fn other_node(c: &Cluster, here: &str) -> Option<String> {
+    c.nodes.iter().map(|n| n.name.clone()).find(|n| n != here)
+}
+
+/// How long a client works before the move starts.
+const CLIENT_LEAD: Duration = Duration::from_millis(1500);
+
+/// Runs one application through a same-node and a cross-node move, its client working
+/// through each.
 async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
     c.apply(&mpod_yaml(app))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
@@ -431,18 +571,25 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
     let (version, mut before) = prepare(app, &pod_ip(&pod)).await?;
     let mut rows = Vec::new();
     let here = node_of(&pod);
-    let there = c
-        .nodes
-        .iter()
-        .map(|n| n.name.clone())
-        .find(|n| *n != here)
-        .unwrap_or_else(|| here.clone());
+    let there = other_node(c, &here).unwrap_or_else(|| here.clone());
     for (i, (mv, to)) in [("same node", here), ("across nodes", there)]
         .into_iter()
         .enumerate()
     {
         let name = format!("{}-{}", kube_name(app), i + 1);
+        // Across nodes the Pod keeps its address and its clients their connections; a
+        // same-node move gives it a new address (two Pods of one node cannot share one).
+        let client = (mv == "across nodes")
+            .then(|| start_client(app, &pod_ip(&pod)))
+            .flatten();
+        if client.is_some() {
+            tokio::time::sleep(CLIENT_LEAD).await;
+        }
         let st = c.migrate(&name, &pod.name_any(), &to, 90).await?;
+        let seen = match client {
+            Some(r) => Some(tokio::task::spawn_blocking(move || r.finish()).await??),
+            None => None,
+        };
         let report = st.report.clone().unwrap_or_default();
         let mut row = Row {
             app: app.name.into(),
@@ -453,7 +600,18 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
             frozen_ms: report.frozen_ms,
             filesystem_bytes: report.filesystem_bytes,
             filesystem_ms: report.filesystem_ms,
+            client: if app.image == "testapp" {
+                "its sidecar, over a Unix socket".into()
+            } else {
+                "—".into()
+            },
+            client_errors: 0,
+            data: "passed: the checks after the move".into(),
+            kept: "—".into(),
         };
+        if let Some(seen) = &seen {
+            record_client(&mut row, seen);
+        }
         if st.phase != Some(MigrationPhase::Succeeded) {
             let message = st
                 .message
@@ -466,18 +624,41 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         }
         let next = st.target_pod.clone().context("no target pod")?;
         pod = crate::wait::ready_pod(&pods, &next, Duration::from_secs(30)).await?;
-        match verify(&pod_ip(&pod), &mut before).await {
-            Ok(()) => {}
-            Err(e) => {
-                row.outcome = format!("failing: {e}");
-                rows.push(row);
-                break;
-            }
+        let checked = verify(&pod_ip(&pod), &mut before).await;
+        if let (Err(e), None) = (&checked, &seen) {
+            row.client_errors = 1;
+            row.data = format!("failed: {e}");
+        }
+        let failed = match (checked, seen.map(|s| s.data)) {
+            (Err(e), _) => Some(format!("failing: {e}")),
+            (Ok(()), Some(Err(lost))) => Some(format!("failing: {lost}")),
+            _ => None,
+        };
+        if let Some(outcome) = failed {
+            row.outcome = outcome;
+            rows.push(row);
+            break;
         }
         rows.push(row);
     }
     c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
     Ok(rows)
+}
+
+/// Writes what `seen` saw into `row`'s client columns.
+fn record_client(row: &mut Row, seen: &Seen) {
+    row.client = seen.client.clone();
+    row.client_errors = seen.errors;
+    row.data = match &seen.data {
+        Ok(m) => format!("passed: {m}"),
+        Err(m) => format!("failed: {m}"),
+    };
+    row.kept = match seen.kept {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "—",
+    }
+    .into();
 }
 
 /// Runs every application; a setup failure of one is its row, not the end of the suite.
@@ -492,15 +673,24 @@ pub async fn run(c: &Cluster) -> anyhow::Result<Vec<Row>> {
         let got = run_app(c, app).await;
         match got {
             Ok(r) => rows.extend(r),
-            Err(e) => rows.push(Row {
-                app: app.name.into(),
-                version: "?".into(),
-                mv: "same node".into(),
-                checked: app.checks.into(),
-                outcome: format!("failing: {e:#}"),
-                frozen_ms: 0,
-                filesystem_bytes: 0,
-                filesystem_ms: 0,
+            Err(e) => rows.push({
+                // What the application said, for whoever reads the failed run.
+                let logs = c.kubectl(&["logs", "--tail", "20", &format!("{}-0", kube_name(app))]);
+                println!("{} failed to set up: {e:#}; its log: {logs:?}", app.name);
+                Row {
+                    app: app.name.into(),
+                    version: "?".into(),
+                    mv: "same node".into(),
+                    checked: app.checks.into(),
+                    outcome: format!("failing: {e:#}"),
+                    frozen_ms: 0,
+                    filesystem_bytes: 0,
+                    filesystem_ms: 0,
+                    client: "—".into(),
+                    client_errors: 0,
+                    data: "—".into(),
+                    kept: "—".into(),
+                }
             }),
         }
         for r in rows.iter().filter(|r| r.app == app.name) {
@@ -510,20 +700,76 @@ pub async fn run(c: &Cluster) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// MariaDB as Debian configures it (InnoDB on io_uring, which CRIU cannot dump): CRIU's
+/// preflight refuses the move before anything freezes, naming io_uring in the Migration's
+/// status, while a writer keeps writing over one connection without an error. Returns
+/// the Migration's message.
+pub async fn preflight_refusal(c: &Cluster) -> anyhow::Result<String> {
+    let app = App {
+        name: "uring",
+        image: "mariadb",
+        port: 3306,
+        args: &[],
+        checks: "",
+    };
+    c.apply(&mpod_yaml(&app))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let pod = crate::wait::ready_pod(&pods, "uring-0", Duration::from_secs(90)).await?;
+    let ip = pod_ip(&pod);
+    until("mariadb ready", Duration::from_secs(60), async || {
+        compat_load::mariadb(&ip, "SELECT 1").ok()
+    })
+    .await?;
+    let here = node_of(&pod);
+    let there = other_node(c, &here).context("a second node")?;
+    let writer = compat_load::mariadb_writer(&ip);
+    tokio::time::sleep(CLIENT_LEAD).await;
+    let st = c.migrate("uring-1", "uring-0", &there, 60).await?;
+    let seen = tokio::task::spawn_blocking(move || writer.finish()).await??;
+    let message = st.message.clone().unwrap_or_default();
+    anyhow::ensure!(
+        st.phase == Some(MigrationPhase::Failed) && st.reason.as_deref() == Some("NotMigratable"),
+        "the move was not refused as not migratable: {st:?}"
+    );
+    anyhow::ensure!(
+        message.contains("preflight") && message.contains("io_uring"),
+        "the refusal does not name io_uring: {message}"
+    );
+    anyhow::ensure!(
+        st.frozen_ms.unwrap_or(0) == 0,
+        "the Pod froze for the move: {st:?}"
+    );
+    anyhow::ensure!(
+        seen.errors == 0 && seen.data.is_ok() && seen.acknowledged > 0,
+        "the writer was disturbed: {seen:?}"
+    );
+    let now = pods.get("uring-0").await?;
+    anyhow::ensure!(
+        node_of(&now) == here && crate::wait::is_ready(&now),
+        "the Pod did not stay where it ran"
+    );
+    c.kubectl(&["delete", "migratingpod", "uring", "--wait=false"])?;
+    Ok(message)
+}
+
 /// The README table of a run.
 pub fn table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| Application | Version | Move | What was checked | Outcome | Frozen ms | File-system state carried |\n|---|---|---|---|---|---|---|\n",
+        "| Application | Version | Move | Outcome | Frozen ms | Client during the move | Client errors | Data check | Connections kept | Also checked | File-system state carried |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} KiB in {} ms |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} KiB in {} ms |\n",
             r.app,
             r.version,
             r.mv,
-            r.checked,
             r.outcome.replace('|', "/").replace('\n', " "),
             r.frozen_ms,
+            r.client,
+            r.client_errors,
+            r.data.replace('|', "/"),
+            r.kept,
+            r.checked,
             r.filesystem_bytes / 1024,
             r.filesystem_ms
         ));
@@ -562,7 +808,7 @@ pub fn readme_outcomes(readme: &str) -> Vec<[String; 4]> {
                 cells.get(1)?.clone(),
                 major(cells.get(2)?).to_owned(),
                 cells.get(3)?.clone(),
-                verdict(cells.get(5)?).to_owned(),
+                verdict(cells.get(4)?).to_owned(),
             ])
         })
         .collect()
@@ -608,6 +854,10 @@ mod tests {
             frozen_ms: 250,
             filesystem_bytes: 30722,
             filesystem_ms: 5,
+            client: "a download".into(),
+            client_errors: 0,
+            data: "passed: unchanged".into(),
+            kept: "yes".into(),
         }];
         let readme = format!("# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n");
         let new = with_table(&readme, &table(&rows)).expect("test setup");

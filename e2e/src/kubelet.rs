@@ -46,6 +46,8 @@ pub struct KubeletConfig {
     pub runtime_request_timeout: RuntimeRequestTimeout,
     /// The runtime's name and version for the Node's status (`containerd://1.6.20`).
     pub runtime_version: String,
+    /// The user-namespace ranges of the node's `hostUsers: false` Pods.
+    pub user_namespaces: crate::kubelet_pod::UserNamespaces,
 }
 
 /// How long kubelet waits on one CRI call (`--runtime-request-timeout`, 2 minutes by
@@ -512,7 +514,7 @@ impl PodWorker {
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.clone(),
-                uid,
+                uid: uid.clone(),
                 namespace: ns,
                 attempt: self.sandbox_attempt,
             }),
@@ -527,7 +529,15 @@ impl PodWorker {
             annotations,
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(crate::kubelet_pod::namespaces(&spec)),
+                    // A `hostUsers: false` Pod gets its own user namespace and id range.
+                    namespace_options: Some(cri::NamespaceOption {
+                        userns_options: (spec.host_users == Some(false)).then(|| {
+                            crate::kubelet_pod::user_namespace(
+                                self.cfg.user_namespaces.allocate(&uid),
+                            )
+                        }),
+                        ..crate::kubelet_pod::namespaces(&spec)
+                    }),
                     privileged: crate::kubelet_pod::any_privileged(&spec),
                     ..Default::default()
                 }),
@@ -538,6 +548,26 @@ impl PodWorker {
         let handler = self.handler(pod).await?;
         let mut cri = self.cri.clone();
         let mut rt = cri.runtime.clone();
+        // As kubelet: a Pod in its own user namespace only on a runtime handler that says
+        // it supports them (containerd 1.6 says nothing and would run it in the node's).
+        if spec.host_users == Some(false) {
+            let status = self
+                .cfg
+                .runtime_request_timeout
+                .within(
+                    "Status",
+                    Duration::ZERO,
+                    rt.status(cri::StatusRequest { verbose: false }),
+                )
+                .await?;
+            let supported = status.runtime_handlers.iter().any(|h| {
+                h.name == handler && h.features.as_ref().is_some_and(|f| f.user_namespaces)
+            });
+            anyhow::ensure!(
+                supported,
+                "the runtime handler {handler:?} does not support user namespaces (spec.hostUsers: false)"
+            );
+        }
         let id = self
             .cfg
             .runtime_request_timeout
@@ -665,6 +695,16 @@ impl PodWorker {
                 security_context: Some(crate::kubelet_pod::security_context(
                     &pod.spec.clone().unwrap_or_default(),
                     c,
+                    self.sandbox.as_ref().and_then(|(_, sb, _)| {
+                        sb.linux
+                            .as_ref()?
+                            .security_context
+                            .as_ref()?
+                            .namespace_options
+                            .as_ref()?
+                            .userns_options
+                            .clone()
+                    }),
                 )),
             }),
             ..Default::default()
@@ -895,6 +935,7 @@ impl PodWorker {
         }
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         crate::kubelet_volumes::tear_down(&self.cfg.volumes, &uid);
+        self.cfg.user_namespaces.release(&uid);
         Ok(())
     }
 }

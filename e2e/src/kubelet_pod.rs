@@ -34,6 +34,52 @@ pub fn namespaces(spec: &PodSpec) -> cri::NamespaceOption {
     ns
 }
 
+/// The size of the user-namespace range each Pod gets: 65536 ids, container ids 0–65535,
+/// as kubelet maps a `hostUsers: false` Pod.
+pub const USERNS_LENGTH: u32 = 65536;
+
+/// The node's user-namespace ranges, by Pod uid: kubelet's allocator of `hostUsers: false`
+/// Pods. Range `n` (from 1) maps container ids 0–65535 to host ids `n × 65536` onwards;
+/// a Pod keeps its range until its sandbox is gone.
+#[derive(Debug, Clone, Default)]
+pub struct UserNamespaces(
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>,
+);
+
+impl UserNamespaces {
+    /// The first host id of Pod `uid`'s range (the one it holds, or the lowest free one).
+    pub fn allocate(&self, uid: &str) -> u32 {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = held.get(uid) {
+            return slot * USERNS_LENGTH;
+        }
+        let used: std::collections::BTreeSet<u32> = held.values().copied().collect();
+        let slot = (1..).find(|s| !used.contains(s)).unwrap_or(1);
+        held.insert(uid.to_owned(), slot);
+        slot * USERNS_LENGTH
+    }
+
+    /// Gives Pod `uid`'s range back.
+    pub fn release(&self, uid: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+}
+
+/// The CRI user-namespace option of a Pod whose range starts at host id `host_id`: one
+/// Pod-wide namespace mapping container ids 0–65535 (uids and gids alike).
+pub fn user_namespace(host_id: u32) -> cri::UserNamespace {
+    let map = vec![cri::IdMapping {
+        host_id,
+        container_id: 0,
+        length: USERNS_LENGTH,
+    }];
+    cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        uids: map.clone(),
+        gids: map,
+    }
+}
+
 /// Whether any container of the Pod is privileged (its sandbox must be too).
 pub fn any_privileged(spec: &PodSpec) -> bool {
     spec.init_containers
@@ -45,11 +91,20 @@ pub fn any_privileged(spec: &PodSpec) -> bool {
 
 /// A container's CRI security context: namespaces, `privileged`, user and group (the
 /// container's settings over the Pod's).
-pub fn security_context(spec: &PodSpec, c: &Container) -> cri::LinuxContainerSecurityContext {
+/// `userns` is the Pod's user namespace (a `hostUsers: false` Pod's), the same as its
+/// sandbox's.
+pub fn security_context(
+    spec: &PodSpec,
+    c: &Container,
+    userns: Option<cri::UserNamespace>,
+) -> cri::LinuxContainerSecurityContext {
     let sc = c.security_context.clone().unwrap_or_default();
     let psc = spec.security_context.clone().unwrap_or_default();
     cri::LinuxContainerSecurityContext {
-        namespace_options: Some(namespaces(spec)),
+        namespace_options: Some(cri::NamespaceOption {
+            userns_options: userns,
+            ..namespaces(spec)
+        }),
         privileged: sc.privileged == Some(true),
         run_as_user: sc
             .run_as_user
@@ -324,9 +379,9 @@ mod tests {
         assert_eq!(ns.pid, cri::NamespaceMode::Node as i32);
         assert_eq!(ns.ipc, cri::NamespaceMode::Pod as i32);
         assert!(any_privileged(&spec));
-        let a = security_context(&spec, &spec.containers[0]);
+        let a = security_context(&spec, &spec.containers[0], None);
         assert!(a.privileged);
         assert_eq!(a.run_as_user.map(|u| u.value), Some(1000));
-        assert!(!security_context(&spec, &spec.containers[1]).privileged);
+        assert!(!security_context(&spec, &spec.containers[1], None).privileged);
     }
 }

@@ -13,6 +13,7 @@ pub mod bench_raw;
 pub mod clock;
 pub mod cluster;
 pub mod compat;
+pub mod compat_load;
 pub mod containerd;
 pub mod cri;
 pub mod daemon;

@@ -1,6 +1,8 @@
-//! The compatibility suite (`podmig_e2e::compat`): PostgreSQL, memcached and nginx moved
-//! on the local two-node cluster, same node then across nodes, through `Migration`s. The
-//! README's table must say what this run found (`make compat-table` rewrites it).
+//! The compatibility suite (`podmig_e2e::compat`): PostgreSQL, MariaDB, Redis, memcached,
+//! nginx and an app with its sidecar moved on the local two-node cluster, same node then
+//! across nodes (each with its own client working through the move), through
+//! `Migration`s; and MariaDB on io_uring refused by CRIU's preflight before it freezes.
+//! The README's table must say what this run found (`make compat-table` rewrites it).
 
 use podmig_e2e::{cluster::Cluster, compat};
 
@@ -10,6 +12,9 @@ async fn real_applications_move_as_the_readme_table_says() -> anyhow::Result<()>
     c.install_crds()?;
     let (_ctl, _) = c.start_controller("compat")?;
     let rows = compat::run(&c).await?;
+    // What cannot move says why before anything freezes.
+    let refused = compat::preflight_refusal(&c).await?;
+    println!("podmig-compat preflight: {refused}");
     let table = compat::table(&rows);
     println!("{table}");
     let readme_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");

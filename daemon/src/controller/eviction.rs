@@ -180,6 +180,9 @@ pub fn decide(
             "it does not run with the {RUNTIME_HANDLER} RuntimeClass (spec.runtimeClassName)"
         ));
     }
+    if let Some(why) = super::pod::unmovable_spec(pod.spec.as_ref()) {
+        return cannot(why.into());
+    }
     if !is_ready(pod) {
         return cannot("it is not running and Ready, so there is no state to carry".into());
     }

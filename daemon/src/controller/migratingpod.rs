@@ -84,8 +84,9 @@ fn condition(
     }
 }
 
-/// Volumes that keep a deleted Pod from moving to a node the scheduler picks: node-local
-/// ones and claims that attach to one node or Pod. Such a Pod is replaced when deleted.
+/// What keeps a deleted Pod from moving to a node the scheduler picks: node-local volumes,
+/// claims that attach to one node or Pod, its own user namespace. Such a Pod is replaced
+/// when deleted.
 fn unmovable_volumes(
     spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
     annotations: &BTreeMap<String, String>,
@@ -93,6 +94,7 @@ fn unmovable_volumes(
 ) -> Vec<String> {
     let mut v = super::pod::node_local_volumes(spec, annotations, local);
     v.extend(super::pod::single_node_volumes(spec, local).0);
+    v.extend(super::pod::unmovable_spec(spec).map(str::to_owned));
     v
 }
 
@@ -804,7 +806,7 @@ impl<'a> Deciding<'a> {
             (
                 "NotMigratable",
                 format!(
-                    "{} has node-local volumes and is replaced, not moved: {}",
+                    "{} cannot move and is replaced, not moved: {}",
                     p.name_any(),
                     unmovable_volumes(p.spec.as_ref(), p.annotations(), self.local).join(", ")
                 ),
@@ -1051,6 +1053,24 @@ mod tests {
         );
         assert_eq!(
             everywhere.metadata.finalizers,
+            Some(vec![MIGRATE_FINALIZER.to_owned()])
+        );
+    }
+
+    #[test]
+    fn a_pod_in_its_own_user_namespace_gets_no_migrate_finalizer() {
+        let mpod = |host_users: bool| -> MigratingPod {
+            serde_json::from_value(json!({"apiVersion": "podmig.dev/v1alpha1", "kind": "MigratingPod",
+                "metadata": {"name": "x", "namespace": "ns", "uid": "mp"},
+                "spec": {"template": {"spec": {"hostUsers": host_users, "containers": [{"name": "app"}]}}}}))
+            .expect("mpod")
+        };
+        let none = LocalClaims::NONE;
+        let own_userns = pod_from_template(&mpod(false), 0, None, &none);
+        assert_eq!(own_userns.metadata.finalizers, None);
+        let host_userns = pod_from_template(&mpod(true), 0, None, &none);
+        assert_eq!(
+            host_userns.metadata.finalizers,
             Some(vec![MIGRATE_FINALIZER.to_owned()])
         );
     }

@@ -232,6 +232,12 @@ fn start(
         ));
     };
     check_volumes(o, pod)?;
+    if let Some(why) = super::pod::unmovable_spec(pod.spec.as_ref()) {
+        return Err(Hold::Fail(
+            "NotMigratable",
+            format!("Pod {pod_name:?} cannot move: {why}"),
+        ));
+    }
     check_pod_state(m, pod, now)?;
     check_nodes(o)?;
     if let Some(claim) = claim(o, pod)? {
@@ -252,6 +258,17 @@ fn start(
         return Err(Hold::Queued(position, message));
     }
     Ok(create_target(o, pod, owner, now, status))
+}
+
+/// The reason of a move the target reported failed: `NotMigratable` when the source
+/// refused it before anything froze (its daemon answered with that reason, which the
+/// target's error ends with: CRIU's preflight), else `RestoreFailed`.
+fn failure_reason(error: &str) -> &'static str {
+    if error.ends_with("(NotMigratable)") {
+        "NotMigratable"
+    } else {
+        "RestoreFailed"
+    }
 }
 
 /// Seconds since the Migration was made (very many when unknown).
@@ -473,7 +490,7 @@ fn follow(o: &Observed<'_>, now: Timestamp, status: &mut MigrationStatus) -> Vec
         let why = report
             .and_then(|r| r.error)
             .unwrap_or_else(|| "the target failed to restore".into());
-        ("RestoreFailed", "MigrationFailed", why)
+        (failure_reason(&why), "MigrationFailed", why)
     } else if (now - started).get_seconds() > i64::from(timeout) {
         let why = format!("not done within {timeout}s; rolled back: {pod_name} keeps running");
         ("Timeout", "MigrationTimedOut", why)
@@ -771,6 +788,49 @@ mod tests {
             now(),
         );
         assert_ne!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    }
+
+    #[test]
+    fn a_source_s_refusal_before_the_freeze_is_not_migratable() {
+        assert_eq!(
+            failure_reason(
+                "the daemon at 10.0.0.10 answered 422: preflight: container \"app\" cannot be checkpointed: CRIU: … (NotMigratable)"
+            ),
+            "NotMigratable"
+        );
+        assert_eq!(
+            failure_reason("restore of container app failed"),
+            "RestoreFailed"
+        );
+    }
+
+    #[test]
+    fn a_pod_in_its_own_user_namespace_is_refused_before_anything_freezes() {
+        let nodes = [node("n1", false), node("n2", false)];
+        let own = owner();
+        let ready =
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]});
+        let userns = pod(
+            "x-0",
+            json!({"spec": {"hostUsers": false, "containers": [{"name": "app"}], "nodeName": "n1"},
+                "status": ready}),
+        );
+        let m = mig("m", "x-0", json!({"targetNode": "n2"}));
+        let (actions, st) = decide(
+            &observe(&m, Some(&userns), Some(&own), None, &nodes, &[]),
+            now(),
+        );
+        assert_eq!(st.phase, Some(MigrationPhase::Failed), "{st:?}");
+        assert_eq!(st.reason.as_deref(), Some("NotMigratable"));
+        let msg = st.message.clone().unwrap_or_default();
+        assert!(
+            msg.contains("hostUsers: false") && msg.contains("2651"),
+            "{msg}"
+        );
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::CreatePod(_))),
+            "{actions:?}"
+        );
     }
 
     #[test]

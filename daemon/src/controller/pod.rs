@@ -51,6 +51,17 @@ pub fn single_node_volumes(
     (names, per_pod)
 }
 
+/// Why a Pod in its own user namespace (`hostUsers: false`) cannot move: CRIU 4.2
+/// restores processes only into a user namespace it creates itself, never into the target
+/// Pod's, whose network namespace the restore must join (checkpoint-restore/criu issue
+/// 2651; containerd's sandbox owns both). Found before anything freezes.
+pub const USERNS_UNMOVABLE: &str = "it runs in its own user namespace (hostUsers: false), and CRIU 4.2 cannot restore processes into the target Pod's user namespace (checkpoint-restore/criu issue 2651); with hostUsers left true it can move";
+
+/// What in a Pod's spec no move can carry, if anything (see [`USERNS_UNMOVABLE`]).
+pub fn unmovable_spec(spec: Option<&k8s_openapi::api::core::v1::PodSpec>) -> Option<&'static str> {
+    (spec?.host_users == Some(false)).then_some(USERNS_UNMOVABLE)
+}
+
 /// The volumes that tie a Pod to its node — `hostPath` volumes and claims of node-local
 /// PersistentVolumes (`claims`) — unless its `podmig.dev/volumes-on-every-node`
 /// annotation names them: such a Pod cannot move, its data would stay behind. Each as

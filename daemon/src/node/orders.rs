@@ -180,6 +180,9 @@ pub enum MoveError {
     /// The dump failed (CRIU's reason); the containers keep running.
     #[error("checkpoint failed: {0}")]
     Checkpoint(String),
+    /// CRIU's preflight found what it cannot dump; nothing froze for the move.
+    #[error("{0}")]
+    NotCheckpointable(String),
     /// The dump would not fit the node's checkpoint budget or free space.
     #[error(transparent)]
     NoRoom(#[from] NoRoom),

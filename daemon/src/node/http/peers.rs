@@ -214,7 +214,10 @@ pub(super) async fn handover<E: CheckpointEngine>(
             let (status, reason) = match &e {
                 MoveError::NotRunning { .. }
                 | MoveError::NothingRuns(_)
-                | MoveError::NotLazy(_) => (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable"),
+                | MoveError::NotLazy(_)
+                | MoveError::NotCheckpointable(_) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "NotMigratable")
+                }
                 MoveError::Busy(_) | MoveError::Claimed(_) => {
                     (StatusCode::CONFLICT, "AlreadyMigrating")
                 }

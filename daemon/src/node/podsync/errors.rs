@@ -190,6 +190,14 @@ pub enum DumpError {
     /// The Pod's address could not be held for the target (refused before the freeze).
     #[error("cannot keep the Pod's address: {0}")]
     Hold(#[from] super::address::HoldError),
+    /// CRIU's preflight found what it cannot dump (refused before the freeze).
+    #[error("preflight: container {container:?} cannot be checkpointed: {reason}")]
+    Preflight {
+        /// The container.
+        container: String,
+        /// CRIU's reason.
+        reason: String,
+    },
 }
 
 /// A lazy move's pages stopped coming after the target resumed.

@@ -101,11 +101,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let dumped = match self.freeze_and_dump(&order, &mut claimed) {
             Ok(d) => d,
             Err(reason) => {
+                let preflight = matches!(reason, DumpError::Preflight { .. });
                 let reason = reason.to_string();
                 claimed
                     .mv
                     .finish(&self.node, MovePhase::Failed, Some(reason.clone()));
-                let _ = prepared.send(Err(MoveError::Checkpoint(reason)));
+                let _ = prepared.send(Err(if preflight {
+                    MoveError::NotCheckpointable(reason)
+                } else {
+                    MoveError::Checkpoint(reason)
+                }));
                 self.reconsider_parked();
                 return;
             }
@@ -268,6 +273,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
         c: &mut Claimed,
     ) -> Result<Dumped, DumpError> {
         let id = &order.migration;
+        if let Err(reason) = self.preflight(c) {
+            // Nothing froze for the move: every claimed container runs on as before.
+            for (_, name, _) in &c.jobs {
+                let _ = self.moves.keep_running(name);
+            }
+            tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
+            return Err(reason);
+        }
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
@@ -329,6 +342,35 @@ impl<E: CheckpointEngine> PodWorker<E> {
             bytes,
             streamed,
         })
+    }
+
+    /// CRIU's preflight of each claimed container (see
+    /// [`CheckpointEngine::preflight`]): the first one CRIU cannot dump ends the move
+    /// before anything freezes for it. A preflight that cannot run at all does not: the
+    /// dump then says what it says.
+    fn preflight(&self, c: &Claimed) -> Result<(), DumpError> {
+        for (cid, name, dir) in &c.jobs {
+            // The checkpoint's own directory, which the journal already names: a daemon
+            // killed meanwhile leaves nothing its recovery does not clean up.
+            let started = std::time::Instant::now();
+            let found = self.node.engine.preflight(cid, dir);
+            let ms = started.elapsed().as_millis() as u64;
+            self.node.metrics.phase_ms("preflight", ms);
+            tracing::info!(pod_uid = %self.uid, container = %name, preflight_ms = ms, "preflight done");
+            match found {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    return Err(DumpError::Preflight {
+                        container: name.clone(),
+                        reason,
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(pod_uid = %self.uid, container = %name, %error, "preflight did not run");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A move that keeps the Pod's address: the containers are frozen first, then the
