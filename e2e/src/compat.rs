@@ -536,6 +536,21 @@ pub fn short_reason(message: &str) -> String {
     }
 }
 
+/// Starts `app`'s MigratingPod and waits for its first Pod to serve: the Pod, the app's
+/// version and the state its moves must keep.
+async fn set_up(c: &Cluster, app: &App) -> anyhow::Result<(Pod, String, Before)> {
+    c.apply(&mpod_yaml(app))?;
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    let pod = crate::wait::ready_pod(
+        &pods,
+        &format!("{}-0", kube_name(app)),
+        Duration::from_secs(90),
+    )
+    .await?;
+    let (version, before) = prepare(app, &pod_ip(&pod)).await?;
+    Ok((pod, version, before))
+}
+
 /// The client `app` keeps working during a move of the Pod at `ip`; `None` for the
 /// app+sidecar pair, whose client is its own sidecar (checked by [`verify`]).
 fn start_client(app: &App, ip: &str) -> Option<compat_load::Running> {
@@ -560,15 +575,37 @@ const CLIENT_LEAD: Duration = Duration::from_millis(1500);
 /// Runs one application through a same-node and a cross-node move, its client working
 /// through each.
 async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
-    c.apply(&mpod_yaml(app))?;
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let mut pod = crate::wait::ready_pod(
-        &pods,
-        &format!("{}-0", kube_name(app)),
-        Duration::from_secs(90),
-    )
-    .await?;
-    let (version, mut before) = prepare(app, &pod_ip(&pod)).await?;
+    let (mut pod, version, mut before) = match set_up(c, app).await {
+        Ok(ready) => ready,
+        Err(e) => {
+            // Once more from a fresh Pod: this is about the test's environment, not a move
+            // (none happened yet); what went wrong stays in the output.
+            let logs = c.kubectl(&["logs", "--tail", "20", &format!("{}-0", kube_name(app))]);
+            println!(
+                "{} failed to set up, trying once more: {e:#}; its log: {logs:?}",
+                app.name
+            );
+            c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
+            let mpods: Api<podmig_api::v1alpha1::MigratingPod> =
+                Api::default_namespaced(c.client.clone());
+            let labels = format!("app={}", kube_name(app));
+            until(
+                "it and its Pods gone",
+                Duration::from_secs(60),
+                async || {
+                    let left = pods
+                        .list(&kube::api::ListParams::default().labels(&labels))
+                        .await
+                        .ok()?;
+                    let mpod = mpods.get_opt(&kube_name(app)).await.ok()?;
+                    (left.items.is_empty() && mpod.is_none()).then_some(())
+                },
+            )
+            .await?;
+            set_up(c, app).await?
+        }
+    };
     let mut rows = Vec::new();
     let here = node_of(&pod);
     let there = other_node(c, &here).unwrap_or_else(|| here.clone());
@@ -676,7 +713,7 @@ pub async fn run(c: &Cluster) -> anyhow::Result<Vec<Row>> {
             Err(e) => rows.push({
                 // What the application said, for whoever reads the failed run.
                 let logs = c.kubectl(&["logs", "--tail", "20", &format!("{}-0", kube_name(app))]);
-                println!("{} failed to set up: {e:#}; its log: {logs:?}", app.name);
+                println!("{} failed: {e:#}; its log: {logs:?}", app.name);
                 Row {
                     app: app.name.into(),
                     version: "?".into(),
