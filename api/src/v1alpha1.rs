@@ -257,6 +257,10 @@ pub struct MigrationRecord {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigrationReport {
+    /// CRIU's preflight on the source before the freeze, ms (its dump stopped at the first
+    /// task's memory: what CRIU cannot dump is refused before anything freezes).
+    #[serde(default)]
+    pub preflight_ms: u64,
     /// Dump of the source, ms.
     #[serde(default)]
     pub checkpoint_ms: u64,

@@ -457,8 +457,9 @@ pub fn describe(m: &Migration, events: &[Event]) -> String {
         field(
             "Figures",
             format!(
-                "frozen {} ms; checkpoint {} ms, transfer {} ms, restore {} ms; {} moved ({} streamed)",
+                "frozen {} ms; preflight {} ms (before the freeze), checkpoint {} ms, transfer {} ms, restore {} ms; {} moved ({} streamed)",
                 r.frozen_ms,
+                r.preflight_ms,
                 r.checkpoint_ms,
                 r.transfer_ms,
                 r.restore_ms,

@@ -64,6 +64,16 @@ async fn moves_between_a_containerd_1_node_and_a_containerd_2_node_keep_the_coun
             Some(MigrationPhase::Succeeded),
             "{from} -> {to} ({strategy}): {st:?}\n{logs}"
         );
+        // The daemons' figures may land just after the target turned Ready.
+        let report =
+            podmig_e2e::wait::until("the move's figures", Duration::from_secs(30), async || {
+                migs.get(&format!("up-{i}")).await.ok()?.status?.report
+            })
+            .await?;
+        assert!(
+            report.preflight_ms > 0 && report.frozen_ms > 0,
+            "the source ran CRIU's preflight before the freeze: {report:?}"
+        );
         let moved = ready_pod(
             &pods,
             &format!("upgrade-{}", i + 1),

@@ -143,6 +143,8 @@ pub struct Prepared {
     pub images: Vec<(String, PathBuf)>,
     /// When the source was frozen.
     pub frozen_at: Instant,
+    /// CRIU's preflight before the freeze.
+    pub preflight_ms: u64,
     /// Dump time.
     pub checkpoint_ms: u64,
     /// Bytes of images.

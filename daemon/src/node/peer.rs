@@ -22,6 +22,8 @@ use super::transfer::{Receiver, TransferError};
 
 /// Response header: milliseconds the source spent dumping.
 pub const HEADER_CHECKPOINT_MS: &str = "x-podmig-checkpoint-ms";
+/// Response header: milliseconds of CRIU's preflight on the source, before the freeze.
+pub const HEADER_PREFLIGHT_MS: &str = "x-podmig-preflight-ms";
 /// Response header: milliseconds since the source was frozen, when the headers left it.
 pub const HEADER_FROZEN_MS: &str = "x-podmig-frozen-ms";
 /// Answer header of a handover: `lazy` when the memory pages were left out (the target
@@ -140,6 +142,8 @@ pub struct Fetched {
     pub dirs: Vec<(String, PathBuf)>,
     /// Bytes of images.
     pub bytes: u64,
+    /// Milliseconds of the source's preflight.
+    pub preflight_ms: u64,
     /// Milliseconds the source's dump took.
     pub checkpoint_ms: u64,
     /// Milliseconds the stream took, from the answer's headers to its end.
@@ -276,6 +280,7 @@ impl PeerClient {
                 .unwrap_or(0)
         };
         let checkpoint_ms = header_ms(HEADER_CHECKPOINT_MS);
+        let preflight_ms = header_ms(HEADER_PREFLIGHT_MS);
         let frozen_at = std::time::Instant::now()
             .checked_sub(Duration::from_millis(header_ms(HEADER_FROZEN_MS)))
             .unwrap_or_else(std::time::Instant::now);
@@ -350,6 +355,7 @@ impl PeerClient {
                 bytes: got.bytes,
                 streamed: got.streamed,
                 choice,
+                preflight_ms,
                 checkpoint_ms,
                 transfer_ms: started.elapsed().as_millis() as u64,
                 frozen_at,

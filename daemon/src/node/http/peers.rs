@@ -27,7 +27,10 @@ use tokio::sync::oneshot;
 use crate::node::{
     auth::{Attributes, Caller},
     migration::{Delivered, Verdict},
-    peer::{HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS, HEADER_STRATEGY, PAGES_PROTOCOL},
+    peer::{
+        HEADER_CHECKPOINT_MS, HEADER_FROZEN_MS, HEADER_PREFLIGHT_MS, HEADER_STRATEGY,
+        PAGES_PROTOCOL,
+    },
     podsync::PodUpdate,
     podsync::{MigrateOrder, MoveError, TargetRef},
     transfer::send_images,
@@ -268,6 +271,10 @@ pub(super) async fn handover<E: CheckpointEngine>(
             (
                 header::HeaderName::from_static(HEADER_CHECKPOINT_MS),
                 prepared.checkpoint_ms.to_string(),
+            ),
+            (
+                header::HeaderName::from_static(HEADER_PREFLIGHT_MS),
+                prepared.preflight_ms.to_string(),
             ),
             (
                 header::HeaderName::from_static(HEADER_FROZEN_MS),

@@ -74,6 +74,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             others,
             frozen_at: Some(prepared.frozen_at),
             report: MigrationReport {
+                preflight_ms: prepared.preflight_ms,
                 checkpoint_ms: prepared.checkpoint_ms,
                 bytes: prepared.bytes,
                 ..Default::default()
@@ -117,6 +118,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
             others,
             frozen_at: Some(f.frozen_at),
             report: MigrationReport {
+                preflight_ms: f.preflight_ms,
                 checkpoint_ms: f.checkpoint_ms,
                 transfer_ms: f.transfer_ms,
                 bytes: f.bytes + streamed_bytes,

@@ -75,6 +75,7 @@ impl Claimed {
 struct Dumped {
     images: Vec<(String, PathBuf)>,
     frozen_at: Instant,
+    preflight_ms: u64,
     checkpoint_ms: u64,
     bytes: u64,
     streamed: Vec<(String, StreamFigures)>,
@@ -273,14 +274,17 @@ impl<E: CheckpointEngine> PodWorker<E> {
         c: &mut Claimed,
     ) -> Result<Dumped, DumpError> {
         let id = &order.migration;
-        if let Err(reason) = self.preflight(c) {
-            // Nothing froze for the move: every claimed container runs on as before.
-            for (_, name, _) in &c.jobs {
-                let _ = self.moves.keep_running(name);
+        let preflight_ms = match self.preflight(c) {
+            Ok(ms) => ms,
+            Err(reason) => {
+                // Nothing froze for the move: every claimed container runs on as before.
+                for (_, name, _) in &c.jobs {
+                    let _ = self.moves.keep_running(name);
+                }
+                tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
+                return Err(reason);
             }
-            tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
-            return Err(reason);
-        }
+        };
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
@@ -338,6 +342,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         Ok(Dumped {
             images: dumped.into_iter().map(|(n, d, _)| (n, d)).collect(),
             frozen_at,
+            preflight_ms,
             checkpoint_ms,
             bytes,
             streamed,
@@ -347,14 +352,16 @@ impl<E: CheckpointEngine> PodWorker<E> {
     /// CRIU's preflight of each claimed container (see
     /// [`CheckpointEngine::preflight`]): the first one CRIU cannot dump ends the move
     /// before anything freezes for it. A preflight that cannot run at all does not: the
-    /// dump then says what it says.
-    fn preflight(&self, c: &Claimed) -> Result<(), DumpError> {
+    /// dump then says what it says. Returns how long the preflights took, ms.
+    fn preflight(&self, c: &Claimed) -> Result<u64, DumpError> {
+        let mut total = 0;
         for (cid, name, dir) in &c.jobs {
             // The checkpoint's own directory, which the journal already names: a daemon
             // killed meanwhile leaves nothing its recovery does not clean up.
             let started = std::time::Instant::now();
             let found = self.node.engine.preflight(cid, dir);
             let ms = started.elapsed().as_millis() as u64;
+            total += ms;
             self.node.metrics.phase_ms("preflight", ms);
             tracing::info!(pod_uid = %self.uid, container = %name, preflight_ms = ms, "preflight done");
             match found {
@@ -370,7 +377,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 }
             }
         }
-        Ok(())
+        Ok(total)
     }
 
     /// A move that keeps the Pod's address: the containers are frozen first, then the
@@ -451,6 +458,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         }
         c.mv.advance(&self.node, journal::Step::Dumped);
         c.mv.figures(&self.node, |r| {
+            r.preflight_ms = d.preflight_ms;
             r.checkpoint_ms = d.checkpoint_ms;
             r.bytes = d.bytes;
         });
@@ -463,6 +471,7 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let sent = prepared.send(Ok(Prepared {
             images: d.images.clone(),
             frozen_at: d.frozen_at,
+            preflight_ms: d.preflight_ms,
             checkpoint_ms: d.checkpoint_ms,
             bytes: d.bytes,
             lazy: c.lazy,
