@@ -274,31 +274,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
         c: &mut Claimed,
     ) -> Result<Dumped, DumpError> {
         let id = &order.migration;
-        let preflight_ms = match self.preflight(c) {
-            Ok(ms) => ms,
-            Err(reason) => {
-                // Nothing froze for the move: every claimed container runs on as before.
-                for (_, name, _) in &c.jobs {
-                    let _ = self.moves.keep_running(name);
-                }
-                tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
-                return Err(reason);
-            }
-        };
+        let preflight_ms = self
+            .preflight(c)
+            .map_err(|reason| self.refused_before_the_freeze(id, c, reason))?;
         let streams = if c.lazy || !order.stream_pages || c.memory < STREAM_MIN_BYTES {
             Vec::new()
         } else {
-            match self.open_page_streams(&c.jobs, order) {
-                Ok(streams) => streams,
-                Err(reason) => {
-                    // Nothing froze: every claimed container runs on as before.
-                    for (_, name, _) in &c.jobs {
-                        let _ = self.moves.keep_running(name);
-                    }
-                    tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
-                    return Err(reason);
-                }
-            }
+            self.open_page_streams(&c.jobs, order)
+                .map_err(|reason| self.refused_before_the_freeze(id, c, reason))?
         };
         if let Some(asked) = &order.kept_ip
             && let Err(reason) = self.freeze_and_hold(asked, c)
@@ -347,6 +330,15 @@ impl<E: CheckpointEngine> PodWorker<E> {
             bytes,
             streamed,
         })
+    }
+
+    /// A move refused before anything froze: every claimed container runs on as before.
+    fn refused_before_the_freeze(&mut self, id: &str, c: &Claimed, reason: DumpError) -> DumpError {
+        for (_, name, _) in &c.jobs {
+            let _ = self.moves.keep_running(name);
+        }
+        tracing::warn!(pod_uid = %self.uid, migration = %id, %reason, "move refused before the freeze");
+        reason
     }
 
     /// CRIU's preflight of each claimed container (see
