@@ -283,6 +283,54 @@ pub fn release(owner: &str) -> Result<usize, KeepIpError> {
     Ok(owned.len())
 }
 
+/// The rules of an `iptables -S FORWARD` listing that hold `ip` for an owner other than
+/// `owner`, each as its specification (without `-A`, the comment unquoted).
+fn others_holds<'a>(listed: &'a str, ip: Ipv4Addr, owner: &str) -> Vec<Vec<&'a str>> {
+    let prefix = format!("{HOLD_TAG}:{ip}:");
+    listed
+        .lines()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .map(|rest| {
+            rest.split_whitespace()
+                .map(|w| w.trim_matches('"'))
+                .collect::<Vec<&str>>()
+        })
+        .filter(|words| {
+            words.iter().any(|w| {
+                w.strip_prefix(&prefix)
+                    .is_some_and(|other| !other.is_empty() && other != owner)
+            })
+        })
+        .collect()
+}
+
+/// A target takes `ip` on this node: holds of the same address that another sandbox of
+/// this node set when the address left it (a move that committed; its copy is gone or
+/// going) would drop the new Pod's traffic on the same bridge until that sandbox's
+/// removal released them. They go now. Returns how many rules went.
+pub fn release_others(ip: Ipv4Addr, owner: &str) -> Result<usize, KeepIpError> {
+    let listed = run("iptables", &["-w", "-S", "FORWARD"])?;
+    let stale = others_holds(&listed, ip, owner);
+    for words in &stale {
+        let mut args = vec!["-w", "-D"];
+        args.extend(words);
+        run("iptables", &args)?;
+    }
+    Ok(stale.len())
+}
+
+/// Forgets this node's neighbour entry of `ip` on `dev`: an address that comes back to a
+/// node it left may still be cached there with the link-layer address of the Pod that had
+/// it before (its sandbox gone or going), and frames to it would be lost until the entry
+/// aged out (tens of seconds); the next packet resolves the address afresh.
+pub fn forget_neighbour(ip: Ipv4Addr, dev: &str) -> Result<(), KeepIpError> {
+    run(
+        "ip",
+        &["neigh", "flush", "to", &format!("{ip}/32"), "dev", dev],
+    )
+    .map(drop)
+}
+
 /// Routes `ip` to `dev` on this node without announcing it (the target before its restore).
 pub fn route_here(ip: Ipv4Addr, dev: &str) -> Result<(), KeepIpError> {
     run("ip", &["route", "replace", &format!("{ip}/32"), "dev", dev]).map(drop)
@@ -338,6 +386,19 @@ mod tests {
             device_of_route("local 10.1.2.1 dev lo src 10.1.2.1 uid 0"),
             None
         );
+    }
+
+    #[test]
+    fn another_sandboxs_holds_of_the_address_are_found_and_no_others() {
+        let listed = "-P FORWARD ACCEPT\n-A FORWARD -d 10.1.1.5/32 -o cni0 -m comment --comment \"podmig-hold:10.1.1.5:old\" -j DROP\n-A FORWARD -s 10.1.1.5/32 -i cni0 -m comment --comment podmig-hold:10.1.1.5:old -j DROP\n-A FORWARD -d 10.1.1.5/32 -o cni0 -m comment --comment podmig-hold:10.1.1.5:new -j DROP\n-A FORWARD -d 10.1.1.50/32 -o cni0 -m comment --comment podmig-hold:10.1.1.50:old -j DROP\n";
+        let stale = others_holds(listed, Ipv4Addr::new(10, 1, 1, 5), "new");
+        assert_eq!(stale.len(), 2, "{stale:?}");
+        assert!(
+            stale
+                .iter()
+                .all(|w| w.contains(&"podmig-hold:10.1.1.5:old"))
+        );
+        assert!(others_holds(listed, Ipv4Addr::new(10, 1, 1, 6), "new").is_empty());
     }
 
     #[test]

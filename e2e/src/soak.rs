@@ -295,7 +295,21 @@ pub async fn run(
             c.criu_helpers().is_empty().then_some(())
         })
         .await
-        .map_err(|e| context(format!("{e}: pids {:?}", c.criu_helpers())))?;
+        .map_err(|e| {
+            // Which helper, and what the daemons did: a leftover is found by the next run.
+            let helpers: Vec<String> = c
+                .criu_helpers()
+                .iter()
+                .map(|pid| {
+                    let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    format!(
+                        "{pid}: {}",
+                        String::from_utf8_lossy(&argv).replace('\0', " ")
+                    )
+                })
+                .collect();
+            context(format!("{e}: {helpers:?}\n{}", c.daemon_log_tails(40)))
+        })?;
         until(
             "one network namespace per app",
             Duration::from_secs(60),

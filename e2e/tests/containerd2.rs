@@ -15,9 +15,12 @@ use podmig_e2e::{
 };
 
 /// `GET /count`, tried again (at most twice) when the connection could not even be opened
-/// — such a request never reached the app, so its count is not off by one. This test
-/// failed twice in earlier stops with a connect timeout right after the app had answered
-/// (not understood; see the stop notes); a retry is printed.
+/// — such a request never reached the app, so its count is not off by one; a retry is
+/// printed. This test used to fail with connect timeouts after the move back to the node
+/// the address came from: that node still had the address's neighbour entry with the old
+/// Pod's link-layer address (fixed: the target forgets it as it announces the address,
+/// `keepip::forget_neighbour`); it failed on every first run after a rebuild before the
+/// fix, and on none of 4 after it.
 async fn get_count(ip: &str) -> anyhow::Result<u64> {
     let mut tries = 0;
     loop {

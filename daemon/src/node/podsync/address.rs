@@ -112,7 +112,19 @@ impl<E: CheckpointEngine> PodWorker<E> {
         let Some(k) = &self.kept_ip else {
             return;
         };
+        // The address may come back to a node it left: the holds its old sandbox set here
+        // would drop the new Pod's traffic until that sandbox is removed.
+        match keepip::release_others(k.ip, &k.sandbox) {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(pod_uid = %self.uid, ip = %k.ip, rules = n, "released the holds a moved-away copy left on the address")
+            }
+            Err(error) => {
+                tracing::warn!(pod_uid = %self.uid, ip = %k.ip, %error, "cannot release old holds of the address")
+            }
+        }
         let done = keepip::hold_resets(k.ip, &k.dev, &k.sandbox)
+            .and_then(|()| keepip::forget_neighbour(k.ip, &k.dev))
             .and_then(|()| keepip::announce(k.ip, &k.dev));
         match done {
             Ok(()) => {

@@ -272,7 +272,14 @@ impl<E: CheckpointEngine> PodWorker<E> {
             id.to_owned(),
             container_id.to_owned(),
         );
-        let (engine, flag, waiting) = (self.node.engine.clone(), broke.clone(), pages.clone());
+        // The tunnel holds the lazy-pages daemon weakly: it lives as long as the restore
+        // that needs it (a restore that never comes, or is given up, takes it along) and not
+        // as long as the tunnel waits for it to connect.
+        let (engine, flag, waiting) = (
+            self.node.engine.clone(),
+            broke.clone(),
+            Arc::downgrade(&pages),
+        );
         let images = dir.to_path_buf();
         self.node.start_async(async move {
             let on_break = || {
@@ -287,7 +294,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                     } else {
                         tracing::warn!(migration = %id, %error, pids = ?killed,
                             "the page source broke during the restore: stopped the restore, so the container never runs on missing memory");
-                        waiting.kill();
+                        if let Some(w) = waiting.upgrade() {
+                            w.kill();
+                        }
                     }
                 }
             };
@@ -295,7 +304,9 @@ impl<E: CheckpointEngine> PodWorker<E> {
                 Ok(end) => tracing::info!(migration = %id, ?end, "page tunnel ended"),
                 Err(error) => {
                     tracing::warn!(migration = %id, %error, "page tunnel failed");
-                    waiting.kill();
+                    if let Some(w) = waiting.upgrade() {
+                        w.kill();
+                    }
                 }
             }
         });
