@@ -4,7 +4,7 @@
 CARGO ?= cargo
 SETUP := scripts/setup
 
-.PHONY: setup build test lint fuzz soak demo bench bench-engine bench-cluster testapp-bin crds clean compat-table image kubectl-plugin
+.PHONY: setup build test lint fuzz soak demo bench bench-engine bench-cluster testapp-bin crds clean compat-table compat-repeat image kubectl-plugin
 
 setup:
 	@$(SETUP) --check || $(SETUP)
@@ -69,6 +69,12 @@ image: setup
 # Rewrites the README's compatibility table from a run of the compatibility suite.
 compat-table: setup build
 	PODMIG_WRITE_README=1 $(CARGO) test -p podmig-e2e --test compat -- --nocapture
+
+# MariaDB across nodes 20 times in a row, its writer working through each move
+# (`make test` runs 4).
+compat-repeat: setup build
+	PODMIG_REPEAT_MOVES=$${PODMIG_REPEAT_MOVES:-20} $(CARGO) test -p podmig-e2e --test compat -- \
+	  --nocapture mariadb_moves_across_nodes_again_and_again
 
 # Regenerate the committed CRDs from the types in api/.
 crds:

@@ -109,6 +109,9 @@ pub struct Runc {
     pub binary: PathBuf,
     /// runc's `--root`.
     pub root: PathBuf,
+    /// Where the CRIU log of a failed dump, lazy dump or preflight is kept (root-only), so
+    /// that the next rare failure says which run it was; `None`: not kept.
+    pub failed_logs: Option<PathBuf>,
 }
 
 impl Runc {
@@ -117,7 +120,20 @@ impl Runc {
         Self {
             binary: PathBuf::from("runc"),
             root: root.into(),
+            failed_logs: None,
         }
+    }
+
+    /// Keeps the CRIU log at `log` of the failed `run` of container `id` (see
+    /// [`Runc::failed_logs`]); the note to add to the error: where it was kept.
+    fn keep_failed_log(&self, log: &Path, run: &str, id: &str) -> Option<String> {
+        let dir = self.failed_logs.as_deref()?;
+        let kept = crate::criu_log::keep_failed(dir, log, run, id)?;
+        tracing::warn!(container_id = id, run, log = %kept.display(), "CRIU run failed; its log is kept");
+        Some(format!(
+            "CRIU's log of this {run} is kept at {}",
+            kept.display()
+        ))
     }
 
     fn command(&self) -> Command {
@@ -324,9 +340,13 @@ impl CheckpointEngine for Runc {
             )),
             Err(e) => {
                 // Nothing was handed over: the container runs on.
+                let note = self.keep_failed_log(&dir.join("dump.log"), "lazy-dump", id);
                 let _ = std::fs::remove_dir_all(dir);
                 let _ = freezer.thaw();
-                Err(e)
+                Err(match note {
+                    Some(n) => e.noting(&n),
+                    None => e,
+                })
             }
         }
     }
@@ -379,14 +399,19 @@ impl CheckpointEngine for Runc {
         let log = scratch.join("dump.log");
         let out = run(cmd, None);
         let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let refused = match out {
+            Ok(_) => None,
+            Err(_) if text.contains(PREFLIGHT_REACHED) => None,
+            Err(e) => {
+                let why = preflight_reason(&text).unwrap_or_else(|| e.to_string());
+                Some(match self.keep_failed_log(&log, "preflight", id) {
+                    Some(note) => format!("{why}\n{note}"),
+                    None => why,
+                })
+            }
+        };
         let _ = std::fs::remove_dir_all(scratch);
-        match out {
-            Ok(_) => Ok(None),
-            Err(_) if text.contains(PREFLIGHT_REACHED) => Ok(None),
-            Err(e) => Ok(Some(
-                preflight_reason(&text).unwrap_or_else(|| e.to_string()),
-            )),
-        }
+        Ok(refused)
     }
 
     fn checkpoint(&self, id: &str, opts: &CheckpointOptions) -> Result<CheckpointReport> {
@@ -428,7 +453,7 @@ impl CheckpointEngine for Runc {
         // The writable layer is captured while the tasks are still stopped.
         let log = dir.join("dump.log");
         let dumped = match &opts.stream_pages {
-            Some(net) => net.run(cmd, Some(log)),
+            Some(net) => net.run(cmd, Some(log.clone())),
             None => run(cmd, Some(&log)),
         };
         let result = dumped.and_then(|_| self.capture_filesystem(id, dir));
@@ -455,8 +480,12 @@ impl CheckpointEngine for Runc {
         let filesystem = match result {
             Ok(fs) => fs,
             Err(e) => {
+                let note = self.keep_failed_log(&log, "dump", id);
                 let _ = std::fs::remove_dir_all(dir);
-                return Err(e);
+                return Err(match note {
+                    Some(n) => e.noting(&n),
+                    None => e,
+                });
             }
         };
         Ok(CheckpointReport {
@@ -517,6 +546,7 @@ mod tests {
         let engine = Runc {
             binary: PathBuf::from("false"),
             root: tmp.path().into(),
+            failed_logs: None,
         };
         let image_path = tmp.path().join("img");
         let err = engine

@@ -84,6 +84,27 @@ pub enum Error {
 }
 
 impl Error {
+    /// The same error with `note` added to what it says (e.g. where the failed run's CRIU
+    /// log was kept); errors that carry no command output stay as they are.
+    pub fn noting(self, note: &str) -> Self {
+        match self {
+            Error::CommandFailed {
+                command,
+                status,
+                stdout,
+                stderr,
+            } => Error::CommandFailed {
+                command,
+                status,
+                stdout,
+                stderr: format!("{stderr}\n{note}"),
+            },
+            Error::CheckpointFailed(m) => Error::CheckpointFailed(format!("{m}\n{note}")),
+            Error::RestoreFailed(m) => Error::RestoreFailed(format!("{m}\n{note}")),
+            other => other,
+        }
+    }
+
     /// Short stable label for failure counters.
     pub fn metric_label(&self) -> &'static str {
         match self {

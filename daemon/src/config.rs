@@ -36,6 +36,10 @@ pub struct NodeConfig {
     /// free space of the checkpoint directory) is refused before anything is frozen.
     #[arg(long, env = "PODMIG_CHECKPOINT_BUDGET_MIB", default_value_t = 16_384)]
     pub checkpoint_budget_mib: u64,
+    /// How long the CRIU log of a failed dump, lazy dump or preflight is kept (root-only,
+    /// in `<state-dir>/criu-failed`), hours; the Migration's message names the file.
+    #[arg(long, env = "PODMIG_FAILED_LOG_RETENTION_HOURS", default_value_t = 24)]
+    pub failed_log_retention_hours: u64,
     /// Bandwidth cap of each move leaving this node, MiB/s (its page streams and its image
     /// stream; lazy pages are not capped: the application waits for them); 0: none.
     #[arg(long, env = "PODMIG_MOVE_BANDWIDTH_MIBPS", default_value_t = 0)]

@@ -56,6 +56,12 @@ fn poll_all(
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The silence since each Pod's last answer counts to the end of the run; a Pod
+        // that never answered was silent all along.
+        for (name, (at, _)) in &last {
+            let entry = out.entry(name.clone()).or_insert((Duration::ZERO, false));
+            entry.0 = entry.0.max(at.elapsed());
+        }
         out
     })
 }
@@ -104,7 +110,10 @@ async fn podmig_drain(
     for m in done {
         let frozen = Duration::from_millis(m.status.and_then(|s| s.frozen_ms).unwrap_or(0));
         let name = m.spec.pod_name.trim_end_matches("-0").to_owned();
-        let (gap, restarted) = gaps.get(&name).copied().unwrap_or_default();
+        let (gap, restarted) = gaps
+            .get(&name)
+            .copied()
+            .ok_or_else(|| anyhow::anyhow!("no figures for {name}"))?;
         out.push((frozen, gap, restarted));
     }
     tokio::task::block_in_place(|| drop(c));

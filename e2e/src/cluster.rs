@@ -779,8 +779,26 @@ impl Cluster {
         to: &str,
         timeout_seconds: u32,
     ) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+        self.migrate_with(name, pod, to, timeout_seconds, "").await
+    }
+
+    /// [`Cluster::migrate`] with more of the Migration's spec (`extra`: YAML flow-mapping
+    /// entries such as `strategy: lazy, maxDowntimeMs: 1`; empty for none).
+    pub async fn migrate_with(
+        &self,
+        name: &str,
+        pod: &str,
+        to: &str,
+        timeout_seconds: u32,
+        extra: &str,
+    ) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+        let extra = if extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {extra}")
+        };
         self.apply(&format!(
-            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: {timeout_seconds}}}\n"
+            "apiVersion: podmig.dev/v1alpha1\nkind: Migration\nmetadata: {{name: {name}}}\nspec: {{podName: {pod}, targetNode: {to}, timeoutSeconds: {timeout_seconds}{extra}}}\n"
         ))?;
         let migs: kube::Api<podmig_api::v1alpha1::Migration> =
             kube::Api::default_namespaced(self.client.clone());

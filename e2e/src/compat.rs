@@ -572,6 +572,152 @@ fn other_node(c: &Cluster, here: &str) -> Option<String> {
 /// How long a client works before the move starts.
 const CLIENT_LEAD: Duration = Duration::from_millis(1500);
 
+/// Moves `app`'s Pod `pod` to node `to` with Migration `name` (`mv`: "same node" or
+/// "across nodes"; across nodes its client works through the move) and checks it after:
+/// the table row, and the moved Pod when the move succeeded and every check passed.
+#[allow(clippy::too_many_arguments)]
+async fn move_once(
+    c: &Cluster,
+    app: &App,
+    pod: &Pod,
+    before: &mut Before,
+    version: &str,
+    mv: &str,
+    to: &str,
+    name: &str,
+    spec: &str,
+) -> anyhow::Result<(Row, Option<Pod>)> {
+    let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
+    // Across nodes the Pod keeps its address and its clients their connections; a
+    // same-node move gives it a new address (two Pods of one node cannot share one).
+    let client = (mv == "across nodes")
+        .then(|| start_client(app, &pod_ip(pod)))
+        .flatten();
+    if client.is_some() {
+        tokio::time::sleep(CLIENT_LEAD).await;
+    }
+    let mut st = c.migrate_with(name, &pod.name_any(), to, 90, spec).await?;
+    if st.phase == Some(MigrationPhase::Succeeded) && st.report.is_none() {
+        // The move's figures are recorded just after its phase: wait for them, or the row
+        // would say 0 ms frozen for a move that froze.
+        let migs: Api<podmig_api::v1alpha1::Migration> = Api::default_namespaced(c.client.clone());
+        st = crate::wait::until("the move's report", Duration::from_secs(30), async || {
+            migs.get(name)
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.report.is_some())
+        })
+        .await?;
+    }
+    let seen = match client {
+        Some(r) => Some(tokio::task::spawn_blocking(move || r.finish()).await??),
+        None => None,
+    };
+    let report = st.report.clone().unwrap_or_default();
+    let mut row = Row {
+        app: app.name.into(),
+        version: version.to_owned(),
+        mv: mv.into(),
+        checked: app.checks.into(),
+        outcome: "ok".into(),
+        frozen_ms: report.frozen_ms,
+        filesystem_bytes: report.filesystem_bytes,
+        filesystem_ms: report.filesystem_ms,
+        client: if app.image == "testapp" {
+            "its sidecar, over a Unix socket".into()
+        } else {
+            "—".into()
+        },
+        client_errors: 0,
+        data: "passed: the checks after the move".into(),
+        kept: "—".into(),
+    };
+    if let Some(seen) = &seen {
+        record_client(&mut row, seen);
+    }
+    if st.phase != Some(MigrationPhase::Succeeded) {
+        let message = st
+            .message
+            .clone()
+            .unwrap_or_else(|| format!("{:?}", st.phase));
+        row.outcome = format!("failing: {}", short_reason(&message));
+        row.frozen_ms = 0;
+        return Ok((row, None));
+    }
+    let next = st.target_pod.clone().context("no target pod")?;
+    let moved = crate::wait::ready_pod(&pods, &next, Duration::from_secs(30)).await?;
+    let checked = verify(&pod_ip(&moved), before).await;
+    if let (Err(e), None) = (&checked, &seen) {
+        row.client_errors = 1;
+        row.data = format!("failed: {e}");
+    }
+    let failed = match (checked, seen.map(|s| s.data)) {
+        (Err(e), _) => Some(format!("failing: {e}")),
+        (Ok(()), Some(Err(lost))) => Some(format!("failing: {lost}")),
+        _ => None,
+    };
+    Ok(match failed {
+        Some(outcome) => {
+            row.outcome = outcome;
+            (row, None)
+        }
+        None => (row, Some(moved)),
+    })
+}
+
+/// Moves application `name` (one of the suite's) across nodes `moves` times in a row, back
+/// and forth, its client working through each move and its data checked after each; one
+/// row per move, stopping at the first that did not pass. The moves take turns: `full`,
+/// `lazy`, then `auto` with a 1 ms budget (it chooses lazy), as users' moves would.
+pub async fn repeat_across(c: &Cluster, name: &str, moves: usize) -> anyhow::Result<Vec<Row>> {
+    let app = APPS
+        .iter()
+        .find(|a| a.name == name)
+        .with_context(|| format!("no application {name} in the suite"))?;
+    if app.image != "testapp" {
+        for n in &c.nodes {
+            tokio::task::block_in_place(|| n.containerd.import(app.image))?;
+        }
+    }
+    let (mut pod, version, mut before) = set_up(c, app).await?;
+    let mut rows = Vec::new();
+    for i in 0..moves {
+        let to = other_node(c, &node_of(&pod)).context("a second node")?;
+        let mname = format!("{}-r{}", kube_name(app), i + 1);
+        let spec = [
+            "strategy: full",
+            "strategy: lazy",
+            "strategy: auto, maxDowntimeMs: 1",
+        ][i % 3];
+        let (row, moved) = move_once(
+            c,
+            app,
+            &pod,
+            &mut before,
+            &version,
+            "across nodes",
+            &to,
+            &mname,
+            spec,
+        )
+        .await?;
+        println!(
+            "podmig-repeat {} move {} ({spec}): {}",
+            app.name,
+            i + 1,
+            row.line()
+        );
+        rows.push(row);
+        match moved {
+            Some(p) => pod = p,
+            None => break,
+        }
+    }
+    c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
+    Ok(rows)
+}
+
 /// Runs one application through a same-node and a cross-node move, its client working
 /// through each.
 async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
@@ -614,69 +760,13 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
         .enumerate()
     {
         let name = format!("{}-{}", kube_name(app), i + 1);
-        // Across nodes the Pod keeps its address and its clients their connections; a
-        // same-node move gives it a new address (two Pods of one node cannot share one).
-        let client = (mv == "across nodes")
-            .then(|| start_client(app, &pod_ip(&pod)))
-            .flatten();
-        if client.is_some() {
-            tokio::time::sleep(CLIENT_LEAD).await;
-        }
-        let st = c.migrate(&name, &pod.name_any(), &to, 90).await?;
-        let seen = match client {
-            Some(r) => Some(tokio::task::spawn_blocking(move || r.finish()).await??),
-            None => None,
-        };
-        let report = st.report.clone().unwrap_or_default();
-        let mut row = Row {
-            app: app.name.into(),
-            version: version.clone(),
-            mv: mv.into(),
-            checked: app.checks.into(),
-            outcome: "ok".into(),
-            frozen_ms: report.frozen_ms,
-            filesystem_bytes: report.filesystem_bytes,
-            filesystem_ms: report.filesystem_ms,
-            client: if app.image == "testapp" {
-                "its sidecar, over a Unix socket".into()
-            } else {
-                "—".into()
-            },
-            client_errors: 0,
-            data: "passed: the checks after the move".into(),
-            kept: "—".into(),
-        };
-        if let Some(seen) = &seen {
-            record_client(&mut row, seen);
-        }
-        if st.phase != Some(MigrationPhase::Succeeded) {
-            let message = st
-                .message
-                .clone()
-                .unwrap_or_else(|| format!("{:?}", st.phase));
-            row.outcome = format!("failing: {}", short_reason(&message));
-            row.frozen_ms = 0;
-            rows.push(row);
-            break;
-        }
-        let next = st.target_pod.clone().context("no target pod")?;
-        pod = crate::wait::ready_pod(&pods, &next, Duration::from_secs(30)).await?;
-        let checked = verify(&pod_ip(&pod), &mut before).await;
-        if let (Err(e), None) = (&checked, &seen) {
-            row.client_errors = 1;
-            row.data = format!("failed: {e}");
-        }
-        let failed = match (checked, seen.map(|s| s.data)) {
-            (Err(e), _) => Some(format!("failing: {e}")),
-            (Ok(()), Some(Err(lost))) => Some(format!("failing: {lost}")),
-            _ => None,
-        };
-        if let Some(outcome) = failed {
-            row.outcome = outcome;
-            rows.push(row);
-            break;
-        }
+        let (row, moved) =
+            move_once(c, app, &pod, &mut before, &version, mv, &to, &name, "").await?;
         rows.push(row);
+        match moved {
+            Some(p) => pod = p,
+            None => break,
+        }
     }
     c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
     Ok(rows)
@@ -828,8 +918,42 @@ pub fn verdict(outcome: &str) -> &str {
     if outcome == "ok" { "ok" } else { "failing" }
 }
 
-/// The (application, major version, move, ok/failing) cells of the table in `readme`.
-pub fn readme_outcomes(readme: &str) -> Vec<[String; 4]> {
+/// What of a table row must stay as the README says, cell by cell: application, major
+/// version, move, ok/failing, the client, its errors, whether the data check passed, the
+/// connections kept, what else was checked. The frozen time and the bytes carried vary
+/// from run to run; so do the counts inside the data check.
+pub fn comparable(cells: &[&str]) -> Option<[String; 9]> {
+    let data = cells.get(7)?;
+    Some([
+        (*cells.first()?).to_owned(),
+        major(cells.get(1)?).to_owned(),
+        (*cells.get(2)?).to_owned(),
+        verdict(cells.get(3)?).to_owned(),
+        (*cells.get(5)?).to_owned(),
+        (*cells.get(6)?).to_owned(),
+        data.split(':').next().unwrap_or(data).to_owned(),
+        (*cells.get(8)?).to_owned(),
+        (*cells.get(9)?).to_owned(),
+    ])
+}
+
+impl Row {
+    /// [`comparable`] of this row as [`table`] writes it.
+    pub fn comparable(&self) -> Option<[String; 9]> {
+        let line = table(std::slice::from_ref(self));
+        let row = line.lines().nth(2)?;
+        comparable(&cells_of(row))
+    }
+}
+
+/// The cells of a Markdown table row, without the outer bars.
+fn cells_of(line: &str) -> Vec<&str> {
+    let inner = line.trim().trim_start_matches('|').trim_end_matches('|');
+    inner.split('|').map(str::trim).collect()
+}
+
+/// [`comparable`] of each row of the table in `readme`.
+pub fn readme_outcomes(readme: &str) -> Vec<[String; 9]> {
     let Some(start) = readme.find(TABLE_START) else {
         return vec![];
     };
@@ -839,15 +963,7 @@ pub fn readme_outcomes(readme: &str) -> Vec<[String; 4]> {
     readme[start..end]
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| Application"))
-        .filter_map(|l| {
-            let cells: Vec<String> = l.split('|').map(|c| c.trim().to_owned()).collect();
-            Some([
-                cells.get(1)?.clone(),
-                major(cells.get(2)?).to_owned(),
-                cells.get(3)?.clone(),
-                verdict(cells.get(4)?).to_owned(),
-            ])
-        })
+        .filter_map(|l| comparable(&cells_of(l)))
         .collect()
 }
 
@@ -899,9 +1015,26 @@ mod tests {
         let readme = format!("# x\n{TABLE_START}\nold\n{TABLE_END}\nrest\n");
         let new = with_table(&readme, &table(&rows)).expect("test setup");
         assert!(new.ends_with(&format!("{TABLE_END}\nrest\n")) && !new.contains("old"));
-        assert_eq!(
-            readme_outcomes(&new),
-            vec![["nginx", "1", "same node", "ok"].map(String::from)]
-        );
+        let expected = [
+            "nginx",
+            "1",
+            "same node",
+            "ok",
+            "a download",
+            "0",
+            "passed",
+            "yes",
+            "same content",
+        ]
+        .map(String::from);
+        assert_eq!(readme_outcomes(&new), vec![expected.clone()]);
+        assert_eq!(rows[0].comparable(), Some(expected));
+        // A run whose client saw an error, or whose connection was not kept, differs.
+        let mut worse = rows[0].clone();
+        worse.client_errors = 1;
+        assert_ne!(worse.comparable(), rows[0].comparable());
+        worse.client_errors = 0;
+        worse.kept = "no".into();
+        assert_ne!(worse.comparable(), rows[0].comparable());
     }
 }

@@ -324,7 +324,11 @@ pub fn mariadb_writer(ip: &str) -> Running {
         let mut output = BufReader::new(child.stdout.take().context("no stdout")?);
         let mut acked = Vec::new();
         let mut errors = 0;
-        let mut n = 0u64;
+        // Numbers go on from an earlier writer's (a Pod moved again and again).
+        let mut n: u64 = mariadb(&ip, "SELECT COALESCE(MAX(n) + 1, 0) FROM podmig.writes")?
+            .trim()
+            .parse()
+            .context("the next row number")?;
         while !stop.load(Ordering::SeqCst) {
             let mut answer = String::new();
             let sent = writeln!(input, "INSERT INTO writes VALUES ({n}); SELECT {n};");
@@ -354,7 +358,9 @@ pub fn mariadb_writer(ip: &str) -> Running {
             acknowledged: acked.len() as u64,
             errors,
             kept: Some(errors == 0 && status.success()),
-            data: if missing.is_empty() {
+            data: if acked.is_empty() {
+                Err("no row was acknowledged".to_owned())
+            } else if missing.is_empty() {
                 Ok(format!("all {} committed rows present", acked.len()))
             } else {
                 Err(format!(

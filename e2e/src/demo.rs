@@ -33,12 +33,18 @@ pub struct DemoResult {
     pub count_before: u64,
     /// Its count right after, on the other node.
     pub count_after: u64,
+    /// Answers the Service's poller got between the two reads: each was counted too.
+    pub answers_between: u64,
 }
 
 impl DemoResult {
-    /// The app moved and kept counting.
+    /// The app moved and kept counting: every request it answered between the two reads
+    /// is in its count (a copy started afresh would have counted only those after its
+    /// start).
     pub fn ok(&self) -> bool {
-        !self.to.is_empty() && self.from != self.to && self.count_after > self.count_before
+        !self.to.is_empty()
+            && self.from != self.to
+            && self.count_after > self.count_before + self.answers_between
     }
 
     /// The last line `make demo` prints.
@@ -128,6 +134,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let held = crate::testapp::HeldStream::open(&cluster_ip, 80)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let count_before = get_count_at(&cluster_ip, 80).await?;
+    let read_before = Instant::now();
     say(format!(
         "GET {cluster_ip}/count -> {count_before}, GET {cluster_ip}/stream held open; kubectl drain {from} --ignore-daemonsets"
     ));
@@ -151,6 +158,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let p1 = crate::wait::ready_pod(&pods, &record.target_pod, Duration::from_secs(30)).await?;
     let to = node_of(&p1);
     let ip1 = pod_ip(&p1).unwrap_or_default();
+    let asked_after = Instant::now();
     let count_after = get_count_at(&cluster_ip, 80).await?;
     let moved = Instant::now();
     let connection_kept = until("ticks after the move", Duration::from_secs(5), async || {
@@ -159,9 +167,15 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     .await
     .is_ok();
     let connection_gap_ms = held.longest_gap().as_millis() as u64;
+    let stopped_at = Instant::now();
     let _ = stop.send(());
     let answers = poller.await.unwrap_or_default();
-    let service_downtime_ms = longest_gap(&answers, drain_started).as_millis() as u64;
+    let service_downtime_ms =
+        longest_gap_until(&answers, drain_started, stopped_at).as_millis() as u64;
+    let answers_between = answers
+        .iter()
+        .filter(|t| **t > read_before && **t < asked_after)
+        .count() as u64;
     let frozen_ms = record.report.as_ref().map_or(0, |r| r.frozen_ms);
     say(format!(
         "{} runs on {to} at {ip1}: GET {cluster_ip}/count -> {count_after}; through the Service the app did not answer for {service_downtime_ms} ms at most ({frozen_ms} ms frozen); the held connection {} (longest pause {connection_gap_ms} ms)",
@@ -188,6 +202,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
         frozen_ms,
         count_before,
         count_after,
+        answers_between,
     })
 }
 
@@ -242,18 +257,44 @@ pub async fn poll(
 
 /// The longest time without an answer after `from`.
 pub fn longest_gap(answers: &[Instant], from: Instant) -> Duration {
+    longest_gap_until(answers, from, Instant::now())
+}
+
+/// [`longest_gap`] up to `end`: the silence after the last answer counts (a client that
+/// got no answer at all until `end` waited all of it).
+pub fn longest_gap_until(answers: &[Instant], from: Instant, end: Instant) -> Duration {
     let mut last = from;
     let mut longest = Duration::ZERO;
-    for &t in answers.iter().filter(|t| **t >= from) {
+    for &t in answers.iter().filter(|t| **t >= from && **t <= end) {
         longest = longest.max(t - last);
         last = t;
     }
-    longest
+    longest.max(end.saturating_duration_since(last))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_below_what_the_service_answered_meanwhile_is_state_lost() {
+        let r = |after: u64| DemoResult {
+            from: "node-0".into(),
+            to: "node-1".into(),
+            service_downtime_ms: 300,
+            connection_kept: true,
+            connection_gap_ms: 300,
+            frozen_ms: 200,
+            count_before: 25,
+            count_after: after,
+            answers_between: 40,
+        };
+        // The poller's 40 answers after the read of 25 were all counted: 66 at least.
+        assert!(r(66).ok());
+        // A copy started afresh that answered them would say 41 (> 25, yet lost).
+        assert!(!r(41).ok());
+        assert!(!r(65).ok());
+    }
 
     #[test]
     fn gap_and_line() {
@@ -270,6 +311,7 @@ mod tests {
             frozen_ms: 200,
             count_before: 10,
             count_after: 11,
+            answers_between: 0,
         };
         assert!(r.ok());
         assert_eq!(

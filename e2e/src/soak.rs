@@ -69,6 +69,15 @@ impl Fault {
             Fault::ApiServerDown => "API server down 1-4 s",
         }
     }
+
+    /// Whether a move must succeed despite this fault: the control, the controller
+    /// restarted (the daemons carry the move; the new leader picks up its record), the
+    /// source node cut off for a few seconds (fencing: the source waits, then settles
+    /// from the target's record). A killed daemon or containerd, or the API server gone,
+    /// may end a move `Failed` with the source resumed — never with two copies.
+    pub fn must_succeed(self) -> bool {
+        matches!(self, Fault::None | Fault::Controller | Fault::LinkCut)
+    }
 }
 
 /// A small deterministic generator (xorshift64*): a soak is replayed from its seed.
@@ -110,47 +119,88 @@ fn mpod_yaml(name: &str, mib: u32) -> String {
     )
 }
 
-/// The one Pod of app `name` (label `app`) that answers, and its count; an error naming
-/// who answered when none or more than one does within `within`.
+/// The one copy of an app that answers, as [`the_one_copy`] found it.
+#[derive(Debug)]
+pub struct OneCopy {
+    /// A Pod at whose address the copy answered (one of them, when Pods share a kept
+    /// address).
+    pub pod: Pod,
+    /// Its count, as its last answer said.
+    pub count: u64,
+    /// How many `GET /count` the search sent to that address, the last included: a copy
+    /// started afresh there could count at most this far.
+    pub polls: u64,
+}
+
+/// The one copy of app `name` (Pods labelled `app`) that answers, and its count. Fails at
+/// once when two addresses answer in the same look (two copies run: never allowed), and
+/// when none answers within `within`. Pods that share an address (a kept address: the
+/// new Pod and its frozen source) are asked once per look, so one copy is never taken for
+/// two.
 pub async fn the_one_copy(
     pods: &Api<Pod>,
     name: &str,
     within: Duration,
-) -> anyhow::Result<(Pod, u64)> {
-    let seen = std::sync::Mutex::new(String::new());
-    until("exactly one copy answers", within, async || {
-        let list = pods
+) -> anyhow::Result<OneCopy> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut polls: std::collections::HashMap<String, u64> = Default::default();
+    let mut last = String::new();
+    loop {
+        if let Ok(list) = pods
             .list(&ListParams::default().labels(&format!("app={name}")))
             .await
-            .ok()?;
-        let mut answers = Vec::new();
-        for p in list
-            .items
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
         {
-            if let Ok(n) = get_count(&pod_ip(&p)).await {
-                answers.push((p, n));
+            let mut by_ip: Vec<(String, Vec<Pod>)> = Vec::new();
+            for p in list
+                .items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+            {
+                let ip = pod_ip(&p);
+                if ip.is_empty() {
+                    continue;
+                }
+                match by_ip.iter_mut().find(|(i, _)| *i == ip) {
+                    Some((_, group)) => group.push(p),
+                    None => by_ip.push((ip, vec![p])),
+                }
             }
-        }
-        if let Ok(mut s) = seen.lock() {
-            *s = format!(
+            let mut answers = Vec::new();
+            for (ip, group) in by_ip {
+                *polls.entry(ip.clone()).or_default() += 1;
+                if let Ok(n) = get_count(&ip).await {
+                    answers.push((ip, group, n));
+                }
+            }
+            last = format!(
                 "answering: {:?}",
                 answers
                     .iter()
-                    .map(|(p, n)| (p.name_any(), node_of(p), *n))
+                    .map(|(ip, g, n)| (
+                        ip.clone(),
+                        g.iter()
+                            .map(|p| (p.name_any(), node_of(p)))
+                            .collect::<Vec<_>>(),
+                        *n
+                    ))
                     .collect::<Vec<_>>()
             );
+            if answers.len() > 1 {
+                anyhow::bail!("two copies of {name} answered at once: {last}");
+            }
+            if let Some((ip, mut group, count)) = answers.pop() {
+                return Ok(OneCopy {
+                    pod: group.remove(0),
+                    count,
+                    polls: polls.get(&ip).copied().unwrap_or(1),
+                });
+            }
         }
-        (answers.len() == 1).then(|| answers.remove(0))
-    })
-    .await
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "{e}; last look {}",
-            seen.lock().map(|s| s.clone()).unwrap_or_default()
-        )
-    })
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("no copy of {name} answered within {within:?}; last look {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn checkpoint_files(c: &Cluster) -> Vec<std::path::PathBuf> {
@@ -205,7 +255,9 @@ pub async fn run(
         let fault = Fault::ALL[(first_fault + i) % Fault::ALL.len()];
         let at_ms = rng.below(if mib > 64 { 2500 } else { 1000 });
         let strategy = ["full", "lazy"][rng.below(2) as usize];
-        let (pod, before) = the_one_copy(&pods, &name, Duration::from_secs(60)).await?;
+        let OneCopy {
+            pod, count: before, ..
+        } = the_one_copy(&pods, &name, Duration::from_secs(60)).await?;
         let src = c
             .nodes
             .iter()
@@ -257,7 +309,14 @@ pub async fn run(
             (MigrationPhase::Failed, Some(r)) => format!("Failed ({r})"),
             (p, _) => format!("{p:?}"),
         };
-        let (_, after) = the_one_copy(&pods, &name, Duration::from_secs(90))
+        if fault.must_succeed() && phase != MigrationPhase::Succeeded {
+            return Err(context(format!(
+                "a move must survive this fault, it ended {end}: {:?}\n{}",
+                st.message,
+                c.daemon_log_tails(30)
+            )));
+        }
+        let OneCopy { count: after, .. } = the_one_copy(&pods, &name, Duration::from_secs(90))
             .await
             .map_err(|e| {
                 let all = tokio::task::block_in_place(|| {

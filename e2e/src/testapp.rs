@@ -24,6 +24,18 @@ pub async fn get_count_at(ip: &str, port: u16) -> anyhow::Result<u64> {
         .with_context(|| format!("bad count {body:?}"))
 }
 
+/// Sends `GET /count` until the app's count is at least `n`; returns the count reached. A
+/// count raised well above the polls a test makes afterwards tells a copy that kept its
+/// state from one started afresh (which counts from 1).
+pub async fn raise_count(ip: &str, n: u64) -> anyhow::Result<u64> {
+    loop {
+        let c = get_count(ip).await?;
+        if c >= n {
+            return Ok(c);
+        }
+    }
+}
+
 /// `GET path` on `port`: the body.
 pub async fn get_at(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
     let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect((ip, port)))
@@ -175,13 +187,20 @@ impl HeldStream {
             .collect()
     }
 
-    /// The longest time between two ticks.
+    /// The longest time without a tick: between two ticks, or from the last tick until
+    /// now (a connection that went silent has not paused for less than that).
     pub fn longest_gap(&self) -> Duration {
+        let now = std::time::Instant::now();
         let l = self.lines.lock().expect("lock");
-        l.windows(2)
+        let between = l
+            .windows(2)
             .map(|w| w[1].0.saturating_duration_since(w[0].0))
             .max()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let trailing = l
+            .last()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t.0));
+        between.max(trailing)
     }
 
     /// How and when the connection ended, once it did.

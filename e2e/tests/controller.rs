@@ -363,6 +363,29 @@ async fn bad_input_gets_conditions_and_reasons_and_one_leader_acts() -> anyhow::
         .and_then(|s| s.holder_identity)
         .unwrap_or_default();
     assert!(holder == "a" || holder == "b", "{holder}");
+    // Only the leader acted: it recorded each Migration's progress (within its
+    // `reconcile_migration` span); the standby's log has no line of either reconcile
+    // (`reconcile_migration`, `sync_mpod`) — nothing was reconciled twice.
+    let log_of = |who: &str| {
+        std::fs::read_to_string(c.dir.join(format!("controller-{who}.log"))).unwrap_or_default()
+    };
+    let standby_name = if holder == "a" { "b" } else { "a" };
+    let (led, stood_by) = (log_of(&holder), log_of(standby_name));
+    assert!(
+        led.contains("reconcile_migration") && led.contains("migration progressed"),
+        "the leader's log shows its work:\n{led}"
+    );
+    assert!(
+        [
+            "reconcile_migration",
+            "sync_mpod",
+            "reconciling",
+            "migration progressed"
+        ]
+        .iter()
+        .all(|w| !stood_by.contains(w)),
+        "the standby acted:\n{stood_by}"
+    );
 
     // SIGTERM: the leader stops its controllers and hands the Lease on; the standby leads
     // at its next attempt (2 s), not after the Lease's 15 s.

@@ -247,6 +247,9 @@ async fn refused_and_runs(c: &Cluster, pod: &str, named: &[&str]) -> anyhow::Res
         .expect("other node");
     let st = c.migrate(&format!("move-{pod}"), pod, &other, 60).await?;
     assert_eq!(st.reason.as_deref(), Some("NotMigratable"), "{st:?}");
+    // Refused before anything froze: no frozen time recorded, none at all or zero.
+    let frozen = st.report.as_ref().map_or(0, |r| r.frozen_ms);
+    assert_eq!(frozen, 0, "nothing froze before the refusal: {st:?}");
     let msg = st.message.unwrap_or_default();
     for n in named {
         assert!(msg.contains(n), "{n:?} not in {msg}");
@@ -390,6 +393,13 @@ async fn the_charts_rbac_is_enough_for_cross_node_moves() -> anyhow::Result<()> 
         text.ends_with("\n200"),
         "{text}\ndenied: {:?}",
         api.denials()
+    );
+    // `?wait=true` answers 200 for a move that ended either way: the body says how.
+    let body: serde_json::Value = serde_json::from_str(text.trim_end_matches("\n200").trim())
+        .map_err(|e| anyhow::anyhow!("the answer is not JSON ({e}): {text}"))?;
+    assert_eq!(
+        body["phase"], "Succeeded",
+        "the move back succeeded: {body}"
     );
     // The migrator may ask for moves, never act as a peer daemon: its hand-over and its
     // verdict are refused; only the node daemons' ServiceAccount holds nodes/handover.

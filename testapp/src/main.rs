@@ -9,6 +9,11 @@
 //! - exits 0 on SIGTERM after printing `received SIGTERM` (graceful stop is observable),
 //! - with `--hold-open PATH` (repeatable), creates PATH and keeps it open (a file in the
 //!   container's writable layer or a volume: CRIU cannot restore the app where it is missing).
+//! - with `--reserve-gib N`, reserves N GiB of address space as JVMs, Go's runtime and
+//!   databases do, the way MariaDB maps its 8 TiB (`PROT_NONE`, private, anonymous, no
+//!   `MAP_NORESERVE`: not charged while inaccessible), and makes
+//!   `--reserve-commit-mib M` (default 8) MiB in its middle writable and touches every page
+//!   of those; they count in `GET /checksum`.
 //!
 //! - with `--unix-listen PATH`, answers each connection to the Unix socket PATH with its
 //!   heartbeat sequence; with `--unix-peer PATH`, asks that socket every 50 ms and serves
@@ -59,8 +64,15 @@ fn main() {
     for (i, page) in ballast.chunks_mut(PAGE).enumerate() {
         page[0] = (i % 251) as u8 + 1;
     }
-    let checksum = memory_checksum(&ballast);
-    let ballast = Arc::new(ballast);
+    let reserved = match reservation(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("testapp: {e}");
+            std::process::exit(64);
+        }
+    };
+    let memory = Arc::new(Memory { ballast, reserved });
+    let checksum = memory.checksum();
 
     let listener = match TcpListener::bind(("0.0.0.0", port)) {
         Ok(l) => l,
@@ -100,10 +112,10 @@ fn main() {
     let heartbeat = Arc::new(AtomicU64::new(0));
     let peer = Arc::new(PeerStats::default());
     {
-        let (count, peer, ballast) = (count.clone(), peer.clone(), ballast.clone());
+        let (count, peer, memory) = (count.clone(), peer.clone(), memory.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                serve(stream, &count, &peer, &ballast);
+                serve(stream, &count, &peer, &memory);
             }
         });
     }
@@ -142,7 +154,7 @@ fn main() {
         let _ = writeln!(stdout.lock(), "heartbeat seq={seq}");
         #[allow(clippy::disallowed_methods)] // a plain synchronous program
         std::thread::sleep(Duration::from_millis(10));
-        std::hint::black_box(&ballast);
+        std::hint::black_box(&memory);
     }
 }
 
@@ -184,7 +196,77 @@ fn memory_checksum(ballast: &[u8]) -> u64 {
     ballast.iter().step_by(PAGE).map(|&b| u64::from(b)).sum()
 }
 
-fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats, ballast: &[u8]) {
+/// The memory a move must carry: the ballast and the touched part of a reservation.
+struct Memory {
+    ballast: Vec<u8>,
+    reserved: &'static [u8],
+}
+
+impl Memory {
+    /// Both parts' [`memory_checksum`]s added (reads every page: faults a lazy move's in).
+    fn checksum(&self) -> u64 {
+        memory_checksum(&self.ballast) + memory_checksum(self.reserved)
+    }
+}
+
+/// `--reserve-gib N [--reserve-commit-mib M]`: N GiB of address space reserved
+/// (`PROT_NONE`, never backed) with M MiB in its middle made writable and
+/// every page of those written; the written part is returned (empty without the flag).
+fn reservation(args: &[String]) -> Result<&'static [u8], String> {
+    let Some(gib) = arg(args, "--reserve-gib") else {
+        return Ok(&[]);
+    };
+    let gib: usize = gib.parse().map_err(|e| format!("--reserve-gib: {e}"))?;
+    let commit_mib: usize = arg(args, "--reserve-commit-mib")
+        .map(|v| v.parse().map_err(|e| format!("--reserve-commit-mib: {e}")))
+        .transpose()?
+        .unwrap_or(8);
+    let len = gib.checked_mul(1 << 30).ok_or("--reserve-gib: too large")?;
+    let commit = commit_mib << 20;
+    if commit > len / 2 {
+        return Err("--reserve-commit-mib must be under half the reservation".to_owned());
+    }
+    let committed = map_reservation(len, len / 2, commit)?;
+    for (i, page) in committed.chunks_mut(PAGE).enumerate() {
+        page[0] = (i % 241) as u8 + 3;
+    }
+    Ok(committed)
+}
+
+/// Maps `len` bytes `PROT_NONE` (private, anonymous; as MariaDB does, without
+/// `MAP_NORESERVE`) and makes `commit` bytes from `offset`
+/// readable and writable; the mapping lives as long as the process.
+#[allow(unsafe_code)] // the one raw mmap of the test app
+fn map_reservation(len: usize, offset: usize, commit: usize) -> Result<&'static mut [u8], String> {
+    // SAFETY: a fresh anonymous mapping owned by nobody else; only the range made
+    // writable is turned into a slice, and the mapping is never unmapped.
+    unsafe {
+        let base = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if base == libc::MAP_FAILED {
+            return Err(format!(
+                "--reserve-gib: mmap of {len} bytes: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let start = base.cast::<u8>().add(offset);
+        if libc::mprotect(start.cast(), commit, libc::PROT_READ | libc::PROT_WRITE) != 0 {
+            return Err(format!(
+                "--reserve-commit-mib: mprotect: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(std::slice::from_raw_parts_mut(start, commit))
+    }
+}
+
+fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats, memory: &Memory) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
     let mut reader = BufReader::new(&stream);
     let mut request_line = String::new();
@@ -203,7 +285,7 @@ fn serve(stream: TcpStream, count: &AtomicU64, peer: &PeerStats, ballast: &[u8])
         ),
         Some("/healthz") => ("200 OK", "ok\n".to_owned()),
         // Reads every page of the ballast now (after a lazy move: faults them all in).
-        Some("/checksum") => ("200 OK", format!("{}\n", memory_checksum(ballast))),
+        Some("/checksum") => ("200 OK", format!("{}\n", memory.checksum())),
         Some("/peer") => (
             "200 OK",
             format!(

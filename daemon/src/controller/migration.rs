@@ -260,12 +260,15 @@ fn start(
     Ok(create_target(o, pod, owner, now, status))
 }
 
-/// The reason of a move the target reported failed: `NotMigratable` when the source
-/// refused it before anything froze (its daemon answered with that reason, which the
-/// target's error ends with: CRIU's preflight), else `RestoreFailed`.
+/// The reason of a move the target reported failed, from the source's answer its error
+/// ends with: `NotMigratable` when the source refused it before anything froze (CRIU's
+/// preflight), `CheckpointFailed` when CRIU could not dump the source (the source runs
+/// on; the message names the run and its kept log), else `RestoreFailed`.
 fn failure_reason(error: &str) -> &'static str {
     if error.ends_with("(NotMigratable)") {
         "NotMigratable"
+    } else if error.ends_with("(CheckpointFailed)") {
+        "CheckpointFailed"
     } else {
         "RestoreFailed"
     }
@@ -801,6 +804,12 @@ mod tests {
         assert_eq!(
             failure_reason("restore of container app failed"),
             "RestoreFailed"
+        );
+        assert_eq!(
+            failure_reason(
+                "the daemon at 10.0.0.10 answered 500: checkpoint failed: the lazy dump did not get ready: … page-pipe: create_page_pipe: Can't allocate 34360081360 bytes\nCRIU's log of this lazy-dump is kept at /var/lib/podmig/criu-failed/1-lazy-dump-x.log (CheckpointFailed)"
+            ),
+            "CheckpointFailed"
         );
     }
 

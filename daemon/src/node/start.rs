@@ -57,10 +57,23 @@ async fn kube_client(
 pub async fn run(cfg: NodeConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     podmig_cri_ext::engine::create_private_dir(&cfg.checkpoint_dir)?;
+    let failed_logs = cfg.state_dir.join("criu-failed");
     let engine = Runc {
         binary: cfg.runc_binary.clone(),
         root: cfg.runc_root.clone(),
+        failed_logs: Some(failed_logs.clone()),
     };
+    let retention = Duration::from_secs(cfg.failed_log_retention_hours.saturating_mul(3600));
+    tokio::spawn(async move {
+        loop {
+            let dir = failed_logs.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                podmig_cri_ext::criu_log::sweep_failed(&dir, retention)
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+    });
     let settings = Settings {
         node_name: cfg.node_name.clone().unwrap_or_default(),
         runc_root: cfg.runc_root.clone(),
