@@ -320,6 +320,14 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
         (422, "NotMigratable".into()),
         "{b}"
     );
+    // A waiting request may not hold its connection (and the daemon's polling) for ever.
+    let forever = format!(
+        "{{\"targetNode\": \"{}\", \"timeoutSeconds\": 4000000000}}",
+        c.nodes[dst].name
+    );
+    let (code, b) = post_migrate(&c, src, &format!("{uid}?wait=true"), Some(&admin), &forever)?;
+    assert_eq!((code, error_reason(&b)), (400, "BadRequest".into()), "{b}");
+    assert!(b.contains("timeoutSeconds 4000000000"), "{b}");
     let (code, b) = curl(&c, src, "GET", "/healthz", None, None)?;
     assert_eq!((code, b.as_str()), (200, "ok"));
     assert_eq!(get_count(&src_ip).await?, 4, "nothing moved or restarted");
@@ -450,6 +458,64 @@ async fn curl_migrate_moves_a_pod_to_the_other_node_with_its_state() -> anyhow::
     )
     .await?;
     assert_eq!(get_count(&ip(&p2)).await?, 6, "moved back with its count");
+
+    // A request waiting on a move whose Migration is deleted ends then (410), not at its
+    // timeout (an hour here).
+    let p2_node = index_of(&c, &node_of(&p2));
+    let (uid2, p2_name) = (p2.uid().unwrap_or_default(), p2.name_any());
+    let away = format!(
+        "{{\"targetNode\": \"{}\", \"timeoutSeconds\": 3600}}",
+        c.nodes[1 - p2_node].name
+    );
+    let asked = std::time::Instant::now();
+    let waiting = {
+        let admin2 = admin.clone();
+        let url = format!("{}/migrate/{uid2}?wait=true", c.daemon_url(p2_node));
+        let ca = c.daemon_ca();
+        std::thread::spawn(move || {
+            std::process::Command::new("curl")
+                .args(["--noproxy", "*", "-sS", "--max-time", "120", "-X", "POST"])
+                .arg("--cacert")
+                .arg(ca)
+                .args(["-w", "\n%{http_code}"])
+                .arg("-H")
+                .arg(format!("Authorization: Bearer {admin2}"))
+                .args(["-H", "Content-Type: application/json", "--data", &away])
+                .arg(url)
+                .output()
+        })
+    };
+    let doomed = until(
+        "the waited-for Migration",
+        Duration::from_secs(20),
+        async || {
+            migs.list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|m| m.spec.pod_name == p2_name)
+                .map(|m| m.name_any())
+        },
+    )
+    .await?;
+    migs.delete(&doomed, &Default::default()).await?;
+    let out = tokio::task::spawn_blocking(move || waiting.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the curl thread panicked"))??;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the wait ended only after {took:?}: {text}"
+    );
+    assert!(
+        text.ends_with("\n410") && text.contains("MigrationDeleted"),
+        "the waiting request was told its Migration is gone: {text}"
+    );
+    // Whatever the deletion left of that move: exactly one copy runs, counting on.
+    let one = podmig_e2e::soak::the_one_copy(&pods, "counter", Duration::from_secs(60)).await?;
+    assert!(one.count > 6, "{one:?}");
     Ok(())
 }
 

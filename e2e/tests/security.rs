@@ -284,6 +284,19 @@ async fn peer_endpoints_answer_only_the_daemon_of_the_moves_target_node() -> any
     assert!(!can_i(&c, &migrate, "mallory", &[])?);
     assert!(!can_i(&c, &handover, "mallory", &[])?);
     assert!(can_i(&c, &handover, &node, &["system:nodes"])?);
+    // A migrator asks for moves; it creates no MigratingPod (whose template the controller
+    // would turn into a Pod the migrator could never create) and no Migration, in any
+    // namespace; it reads them.
+    for ns in ["default", "podmig-system", "kube-system"] {
+        for what in ["migratingpods.podmig.dev", "migrations.podmig.dev"] {
+            assert!(
+                !can_i(&c, &["create", what, "-n", ns], "sched", &[])?,
+                "a migrator may create {what} in {ns}"
+            );
+            assert!(can_i(&c, &["list", what, "-n", ns], "sched", &[])?);
+        }
+        assert!(!can_i(&c, &["create", "pods", "-n", ns], "sched", &[])?);
+    }
 
     // A hand-over to a made-up target: 403 for everyone, nothing frozen.
     let fake = format!(

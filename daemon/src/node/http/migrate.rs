@@ -74,6 +74,7 @@ pub(super) async fn migrate<E: CheckpointEngine>(
     };
     let user = s.auth.check(token.as_deref(), &attrs).await?.name;
     let body: MigrateRequest = parse_json(&raw?)?;
+    check_timeout(body.timeout_seconds)?;
     let pod = pod.ok_or_else(|| pod_not_found(&s, &uid))?;
     match body.strategy.unwrap_or_default() {
         Strategy::Precopy => {
@@ -180,7 +181,16 @@ pub(super) async fn migrate<E: CheckpointEngine>(
     let bound = Duration::from_secs(u64::from(created.spec.timeout_seconds) + 30);
     let started = Instant::now();
     loop {
-        if let Ok(Some(m)) = migrations.get_opt(&mig_name).await
+        let got = migrations.get_opt(&mig_name).await;
+        if let Ok(None) = got {
+            // Deleted while the caller waited: nothing left to wait for.
+            return Err(Failure::new(
+                StatusCode::GONE,
+                "MigrationDeleted",
+                format!("Migration {mig_name:?} was deleted before its move ended"),
+            ));
+        }
+        if let Ok(Some(m)) = got
             && let Some(st) = m.status
         {
             answer.phase = st.phase;
@@ -203,6 +213,24 @@ pub(super) async fn migrate<E: CheckpointEngine>(
             return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The longest move a request over HTTP may ask for, seconds: a `?wait=true` request holds
+/// its connection, and this daemon polls the API server for it, that long at most.
+pub const MAX_TIMEOUT_SECONDS: u32 = 3600;
+
+/// Refuses a `timeoutSeconds` over [`MAX_TIMEOUT_SECONDS`] with a clear 400.
+fn check_timeout(timeout_seconds: Option<u32>) -> Result<(), Failure> {
+    match timeout_seconds {
+        Some(t) if t > MAX_TIMEOUT_SECONDS => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!(
+                "timeoutSeconds {t} is more than a move asked for over HTTP may take ({MAX_TIMEOUT_SECONDS}); create a Migration for a longer one"
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -288,4 +316,23 @@ pub(super) fn pod_not_found<E>(s: &AppState<E>, uid: &str) -> Failure {
             s.node.settings.node_name
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_past_an_hour_is_refused_with_its_reason() {
+        assert!(check_timeout(None).is_ok());
+        assert!(check_timeout(Some(MAX_TIMEOUT_SECONDS)).is_ok());
+        let refused = check_timeout(Some(4_000_000_000)).expect_err("refused");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused.reason, "BadRequest");
+        assert!(
+            refused.message.contains("timeoutSeconds 4000000000"),
+            "{}",
+            refused.message
+        );
+    }
 }
