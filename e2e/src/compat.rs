@@ -601,14 +601,7 @@ async fn move_once(
         // The move's figures are recorded just after its phase: wait for them, or the row
         // would say 0 ms frozen for a move that froze.
         let migs: Api<podmig_api::v1alpha1::Migration> = Api::default_namespaced(c.client.clone());
-        st = crate::wait::until("the move's report", Duration::from_secs(30), async || {
-            migs.get(name)
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.report.is_some())
-        })
-        .await?;
+        st = crate::wait::migration_report(&migs, name, Duration::from_secs(30)).await?;
     }
     let seen = match client {
         Some(r) => Some(tokio::task::spawn_blocking(move || r.finish()).await??),
@@ -680,34 +673,60 @@ pub async fn repeat_across(c: &Cluster, name: &str, moves: usize) -> anyhow::Res
             tokio::task::block_in_place(|| n.containerd.import(app.image))?;
         }
     }
-    let (mut pod, version, mut before) = set_up(c, app).await?;
+    let (pod, version, before) = set_up(c, app).await?;
+    let steps: Vec<Step> = (0..moves)
+        .map(|i| Step {
+            mv: "across nodes",
+            name: format!("{}-r{}", kube_name(app), i + 1),
+            spec: [
+                "strategy: full",
+                "strategy: lazy",
+                "strategy: auto, maxDowntimeMs: 1",
+            ][i % 3],
+        })
+        .collect();
+    move_in_turn(c, app, pod, before, &version, &steps).await
+}
+
+/// One move of [`move_in_turn`]: "same node" or "across nodes" (from wherever the Pod is
+/// then), the Migration's name and the rest of its spec.
+struct Step {
+    mv: &'static str,
+    name: String,
+    spec: &'static str,
+}
+
+/// Moves `app`'s Pod `pod` through `steps` in turn with [`move_once`], stopping at the
+/// first that did not pass; deletes the app after. One row per move made.
+async fn move_in_turn(
+    c: &Cluster,
+    app: &App,
+    mut pod: Pod,
+    mut before: Before,
+    version: &str,
+    steps: &[Step],
+) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for i in 0..moves {
-        let to = other_node(c, &node_of(&pod)).context("a second node")?;
-        let mname = format!("{}-r{}", kube_name(app), i + 1);
-        let spec = [
-            "strategy: full",
-            "strategy: lazy",
-            "strategy: auto, maxDowntimeMs: 1",
-        ][i % 3];
+    for step in steps {
+        let here = node_of(&pod);
+        let to = if step.mv == "same node" {
+            here
+        } else {
+            other_node(c, &here).unwrap_or(here)
+        };
         let (row, moved) = move_once(
             c,
             app,
             &pod,
             &mut before,
-            &version,
-            "across nodes",
+            version,
+            step.mv,
             &to,
-            &mname,
-            spec,
+            &step.name,
+            step.spec,
         )
         .await?;
-        println!(
-            "podmig-repeat {} move {} ({spec}): {}",
-            app.name,
-            i + 1,
-            row.line()
-        );
+        println!("podmig-move {} ({}): {}", step.name, step.spec, row.line());
         rows.push(row);
         match moved {
             Some(p) => pod = p,
@@ -722,7 +741,7 @@ pub async fn repeat_across(c: &Cluster, name: &str, moves: usize) -> anyhow::Res
 /// through each.
 async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
     let pods: Api<Pod> = Api::default_namespaced(c.client.clone());
-    let (mut pod, version, mut before) = match set_up(c, app).await {
+    let (pod, version, before) = match set_up(c, app).await {
         Ok(ready) => ready,
         Err(e) => {
             // Once more from a fresh Pod: this is about the test's environment, not a move
@@ -752,24 +771,16 @@ async fn run_app(c: &Cluster, app: &App) -> anyhow::Result<Vec<Row>> {
             set_up(c, app).await?
         }
     };
-    let mut rows = Vec::new();
-    let here = node_of(&pod);
-    let there = other_node(c, &here).unwrap_or_else(|| here.clone());
-    for (i, (mv, to)) in [("same node", here), ("across nodes", there)]
+    let steps = ["same node", "across nodes"]
         .into_iter()
         .enumerate()
-    {
-        let name = format!("{}-{}", kube_name(app), i + 1);
-        let (row, moved) =
-            move_once(c, app, &pod, &mut before, &version, mv, &to, &name, "").await?;
-        rows.push(row);
-        match moved {
-            Some(p) => pod = p,
-            None => break,
-        }
-    }
-    c.kubectl(&["delete", "migratingpod", &kube_name(app), "--wait=false"])?;
-    Ok(rows)
+        .map(|(i, mv)| Step {
+            mv,
+            name: format!("{}-{}", kube_name(app), i + 1),
+            spec: "",
+        })
+        .collect::<Vec<_>>();
+    move_in_turn(c, app, pod, before, &version, &steps).await
 }
 
 /// Writes what `seen` saw into `row`'s client columns.

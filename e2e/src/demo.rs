@@ -301,7 +301,20 @@ mod tests {
         let t = Instant::now();
         let at = |ms: u64| t + Duration::from_millis(ms);
         let answers = [at(0), at(20), at(40), at(600), at(620)];
-        assert_eq!(longest_gap(&answers, at(30)), Duration::from_millis(560));
+        assert_eq!(
+            longest_gap_until(&answers, at(30), at(640)),
+            Duration::from_millis(560)
+        );
+        // Silence after the last answer, up to the end of the run, counts too.
+        assert_eq!(
+            longest_gap_until(&answers, at(30), at(1620)),
+            Duration::from_millis(1000)
+        );
+        // No answer at all: the whole time.
+        assert_eq!(
+            longest_gap_until(&[], at(30), at(530)),
+            Duration::from_millis(500)
+        );
         let r = DemoResult {
             from: "node-0".into(),
             to: "node-1".into(),

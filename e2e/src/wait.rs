@@ -86,6 +86,24 @@ pub async fn migration_ended(
     .await
 }
 
+/// Migration `name`'s status once it carries the move's figures (`report`), which the
+/// controller records just after a successful move's phase: read earlier, a status would
+/// say 0 ms frozen for a move that froze.
+pub async fn migration_report(
+    migs: &kube::Api<podmig_api::v1alpha1::Migration>,
+    name: &str,
+    within: Duration,
+) -> anyhow::Result<podmig_api::v1alpha1::MigrationStatus> {
+    until("the move's report", within, async || {
+        migs.get(name)
+            .await
+            .ok()?
+            .status
+            .filter(|s| s.report.is_some())
+    })
+    .await
+}
+
 /// A Pod's address (empty until it has one).
 pub fn pod_ip(p: &k8s_openapi::api::core::v1::Pod) -> String {
     p.status

@@ -312,14 +312,7 @@ async fn auto_move(
         "{st:?}\n{}",
         logs(c)
     );
-    let st = until("the move's report", Duration::from_secs(30), async || {
-        migs.get(name)
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.report.is_some())
-    })
-    .await?;
+    let st = podmig_e2e::wait::migration_report(&migs, name, Duration::from_secs(30)).await?;
     let p1 = ready(pods, &format!("{name}-1"), Duration::from_secs(30)).await?;
     let moved = get_at(&ip(&p1), 8080, "/checksum").await?;
     Ok((st, checksum, moved))
@@ -414,14 +407,7 @@ async fn an_app_with_a_huge_address_reservation_moves_full_lazy_and_auto() -> an
             "{strategy}: {st:?}\n{}",
             logs(&c)
         );
-        let st = until("the move's report", Duration::from_secs(30), async || {
-            migs.get(&name)
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.report.is_some())
-        })
-        .await?;
+        let st = podmig_e2e::wait::migration_report(&migs, &name, Duration::from_secs(30)).await?;
         let report = st.report.unwrap_or_default();
         eprintln!("8 TiB reservation, {strategy}: {report:?}");
         // A move asked for in full records no strategy of its own; lazy ones record theirs.
