@@ -17,6 +17,10 @@ use kube::api::PostParams;
 /// How long a decision is reused.
 const CACHE_TTL: Duration = Duration::from_secs(30);
 
+/// How many decisions are kept at most: random tokens from anyone who reaches the port
+/// cannot grow the cache (and each check's walk of it) without bound.
+const CACHE_MAX: usize = 4096;
+
 /// What a request does, in RBAC terms.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Attributes {
@@ -77,8 +81,48 @@ pub struct Caller {
     pub node: Option<String>,
 }
 
-/// A decision by (token digest, attributes), with when it was taken.
-type DecisionCache = HashMap<(Vec<u8>, Attributes), (Instant, Result<Caller, AuthError>)>;
+/// The key of a decision: the token's digest and what it asked.
+type DecisionKey = (Vec<u8>, Attributes);
+
+/// Decisions by (token digest, attributes), with when each was taken: reused for
+/// [`CACHE_TTL`], at most `max` of them (the oldest goes first when full).
+#[derive(Debug)]
+struct DecisionCache {
+    map: HashMap<DecisionKey, (Instant, Result<Caller, AuthError>)>,
+    max: usize,
+}
+
+impl Default for DecisionCache {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            max: CACHE_MAX,
+        }
+    }
+}
+
+impl DecisionCache {
+    /// A decision taken less than [`CACHE_TTL`] ago; expired ones are dropped.
+    fn get(&mut self, key: &DecisionKey) -> Option<Result<Caller, AuthError>> {
+        self.map.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        self.map.get(key).map(|(_, d)| d.clone())
+    }
+
+    /// Keeps `decision`, making room by dropping the oldest one when full.
+    fn put(&mut self, key: DecisionKey, decision: Result<Caller, AuthError>) {
+        if self.map.len() >= self.max && !self.map.contains_key(&key) {
+            let oldest = self
+                .map
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.map.remove(&k);
+            }
+        }
+        self.map.insert(key, (Instant::now(), decision));
+    }
+}
 
 /// Checks callers against the API server.
 pub struct Authorizer {
@@ -109,22 +153,20 @@ impl Authorizer {
                 .to_vec(),
             attrs.clone(),
         );
+        if let Some(d) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
         {
-            let mut cache = self
-                .cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
-            if let Some((_, d)) = cache.get(&key) {
-                return d.clone();
-            }
+            return d;
         }
         let decision = self.ask(token, attrs).await;
         if !matches!(decision, Err(AuthError::Unavailable { .. })) {
             self.cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(key, (Instant::now(), decision.clone()));
+                .put(key, decision.clone());
         }
         decision
     }
@@ -206,5 +248,56 @@ impl Authorizer {
                     .unwrap_or_default(),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> DecisionKey {
+        (
+            vec![n],
+            Attributes {
+                verb: "create",
+                group: "",
+                resource: "pods",
+                subresource: "migrate",
+                namespace: "default".into(),
+                name: "p".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn random_tokens_cannot_grow_the_cache_past_its_bound() {
+        let mut cache = DecisionCache {
+            map: HashMap::new(),
+            max: 3,
+        };
+        let no = |n: u8| {
+            Err(AuthError::Unauthenticated {
+                reason: format!("token {n}"),
+            })
+        };
+        for n in 0..10u8 {
+            cache.put(key(n), no(n));
+            #[allow(clippy::disallowed_methods)] // distinct instants for "oldest"
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(cache.map.len(), 3);
+        // The newest stay; the oldest went first.
+        assert_eq!(cache.get(&key(9)), Some(no(9)));
+        assert_eq!(cache.get(&key(7)), Some(no(7)));
+        assert_eq!(cache.get(&key(0)), None);
+        // A known key is replaced in place, dropping nothing.
+        let ok = Ok(Caller {
+            name: "alice".into(),
+            node: None,
+        });
+        cache.put(key(9), ok.clone());
+        assert_eq!(cache.map.len(), 3);
+        assert_eq!(cache.get(&key(9)), Some(ok));
+        assert_eq!(cache.get(&key(8)), Some(no(8)));
     }
 }
