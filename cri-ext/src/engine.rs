@@ -124,6 +124,15 @@ impl Runc {
         }
     }
 
+    /// `e` with where the CRIU log at `log` of the failed `run` of container `id` was kept
+    /// (see [`Runc::failed_logs`]), or `e` as it is when none was kept.
+    fn with_kept_log(&self, e: Error, log: &Path, run: &str, id: &str) -> Error {
+        match self.keep_failed_log(log, run, id) {
+            Some(note) => e.noting(&note),
+            None => e,
+        }
+    }
+
     /// Keeps the CRIU log at `log` of the failed `run` of container `id` (see
     /// [`Runc::failed_logs`]); the note to add to the error: where it was kept.
     fn keep_failed_log(&self, log: &Path, run: &str, id: &str) -> Option<String> {
@@ -340,13 +349,10 @@ impl CheckpointEngine for Runc {
             )),
             Err(e) => {
                 // Nothing was handed over: the container runs on.
-                let note = self.keep_failed_log(&dir.join("dump.log"), "lazy-dump", id);
+                let e = self.with_kept_log(e, &dir.join("dump.log"), "lazy-dump", id);
                 let _ = std::fs::remove_dir_all(dir);
                 let _ = freezer.thaw();
-                Err(match note {
-                    Some(n) => e.noting(&n),
-                    None => e,
-                })
+                Err(e)
             }
         }
     }
@@ -480,12 +486,9 @@ impl CheckpointEngine for Runc {
         let filesystem = match result {
             Ok(fs) => fs,
             Err(e) => {
-                let note = self.keep_failed_log(&log, "dump", id);
+                let e = self.with_kept_log(e, &log, "dump", id);
                 let _ = std::fs::remove_dir_all(dir);
-                return Err(match note {
-                    Some(n) => e.noting(&n),
-                    None => e,
-                });
+                return Err(e);
             }
         };
         Ok(CheckpointReport {

@@ -106,7 +106,7 @@ async fn once(c: &Cluster, mem: u64, run: usize, keep: bool) -> anyhow::Result<C
     Ok(ConnSample {
         frozen: Duration::from_millis(st.frozen_ms.unwrap_or(0)),
         held_gap,
-        service_wait: crate::demo::longest_gap_until(&answers, from, stopped_at),
+        service_wait: crate::demo::longest_gap(&answers, from, stopped_at),
         kept,
     })
 }

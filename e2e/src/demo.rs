@@ -170,8 +170,7 @@ pub async fn run() -> anyhow::Result<DemoResult> {
     let stopped_at = Instant::now();
     let _ = stop.send(());
     let answers = poller.await.unwrap_or_default();
-    let service_downtime_ms =
-        longest_gap_until(&answers, drain_started, stopped_at).as_millis() as u64;
+    let service_downtime_ms = longest_gap(&answers, drain_started, stopped_at).as_millis() as u64;
     let answers_between = answers
         .iter()
         .filter(|t| **t > read_before && **t < asked_after)
@@ -255,14 +254,9 @@ pub async fn poll(
     }
 }
 
-/// The longest time without an answer after `from`.
-pub fn longest_gap(answers: &[Instant], from: Instant) -> Duration {
-    longest_gap_until(answers, from, Instant::now())
-}
-
-/// [`longest_gap`] up to `end`: the silence after the last answer counts (a client that
-/// got no answer at all until `end` waited all of it).
-pub fn longest_gap_until(answers: &[Instant], from: Instant, end: Instant) -> Duration {
+/// The longest time without an answer from `from` to `end`: the silence after the last
+/// answer counts (a client that got no answer at all until `end` waited all of it).
+pub fn longest_gap(answers: &[Instant], from: Instant, end: Instant) -> Duration {
     let mut last = from;
     let mut longest = Duration::ZERO;
     for &t in answers.iter().filter(|t| **t >= from && **t <= end) {
@@ -302,17 +296,17 @@ mod tests {
         let at = |ms: u64| t + Duration::from_millis(ms);
         let answers = [at(0), at(20), at(40), at(600), at(620)];
         assert_eq!(
-            longest_gap_until(&answers, at(30), at(640)),
+            longest_gap(&answers, at(30), at(640)),
             Duration::from_millis(560)
         );
         // Silence after the last answer, up to the end of the run, counts too.
         assert_eq!(
-            longest_gap_until(&answers, at(30), at(1620)),
+            longest_gap(&answers, at(30), at(1620)),
             Duration::from_millis(1000)
         );
         // No answer at all: the whole time.
         assert_eq!(
-            longest_gap_until(&[], at(30), at(530)),
+            longest_gap(&[], at(30), at(530)),
             Duration::from_millis(500)
         );
         let r = DemoResult {

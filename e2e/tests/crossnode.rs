@@ -1797,6 +1797,7 @@ async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_termin
         async || (held.ticks_since(moved) >= 3).then_some(()),
     )
     .await?;
+    let stopped_at = std::time::Instant::now();
     let _ = stop.send(());
     let (answers, unanswered) = poller.await?;
     watcher.abort();
@@ -1821,7 +1822,7 @@ async fn a_drain_behind_a_service_answers_every_client_and_its_slice_says_termin
         seen.contains(&("web-1".to_owned(), true, true, false)),
         "{seen:?}"
     );
-    let gap = podmig_e2e::demo::longest_gap(&answers, drained);
+    let gap = podmig_e2e::demo::longest_gap(&answers, drained, stopped_at);
     let mpods: Api<podmig_api::v1alpha1::MigratingPod> = Api::default_namespaced(c.client.clone());
     let frozen = mpods
         .get("web")

@@ -144,6 +144,7 @@ async fn kubectl_drain_through_the_eviction_webhook_moves_a_migratingpod_that_se
     // when the Pod was gone, and kubectl never had to retry after a 429.
     assert!(!err.contains("will retry"), "{err}");
     let p1 = ready(&pods, "web-1", Duration::from_secs(30)).await?;
+    let stopped_at = Instant::now();
     let _ = stop.send(());
     let (answers, unanswered) = poller.await?;
     sampler.abort();
@@ -194,9 +195,18 @@ async fn kubectl_drain_through_the_eviction_webhook_moves_a_migratingpod_that_se
     eprintln!(
         "drain through the webhook: {drained_in:?}, {} answers, longest wait {:?}, frozen {frozen} ms",
         answers.len(),
-        podmig_e2e::demo::longest_gap(&answers, started)
+        podmig_e2e::demo::longest_gap(&answers, started, stopped_at)
     );
     Ok(())
+}
+
+/// The API server's refusal of an eviction of Pod `name` (`why` says why one is expected;
+/// an eviction let through, or another kind of error, fails the test).
+async fn refused_eviction(api: &Api<Pod>, name: &str, why: &str) -> kube::core::Status {
+    match api.evict(name, &EvictParams::default()).await {
+        Err(kube::Error::Api(s)) => *s,
+        other => panic!("{why}: {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,13 +225,7 @@ async fn an_api_eviction_of_an_annotated_bare_pod_is_answered_429_and_the_pod_mo
     let before = get_count(&ip(&p0)).await?;
 
     let evicting: Api<Pod> = Api::default_namespaced(no_retry_client(&c).await?);
-    let refused = evicting
-        .evict("cache", &EvictParams::default())
-        .await
-        .expect_err("the eviction waits for the move");
-    let kube::Error::Api(s) = refused else {
-        panic!("unexpected {refused}")
-    };
+    let s = refused_eviction(&evicting, "cache", "the eviction waits for the move").await;
     assert_eq!(s.code, 429, "{s:?}");
     assert!(
         s.message.contains("podmig moves Pod cache to node")
@@ -238,13 +242,12 @@ async fn an_api_eviction_of_an_annotated_bare_pod_is_answered_429_and_the_pod_mo
         .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()))
         .expect("the first refusal names its Migration")
         .to_owned();
-    let again = evicting
-        .evict("cache", &EvictParams::default())
-        .await
-        .expect_err("a second eviction while the Pod moves is refused");
-    let kube::Error::Api(again) = again else {
-        panic!("unexpected {again}")
-    };
+    let again = refused_eviction(
+        &evicting,
+        "cache",
+        "a second eviction while the Pod moves is refused",
+    )
+    .await;
     assert_eq!(again.code, 429, "{again:?}");
     assert!(
         again.message.contains(&format!("Migration {migration}")),
